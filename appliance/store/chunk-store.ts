@@ -1,0 +1,59 @@
+/**
+ * Content-addressed blob storage (chunks, index pages, roots) in pack files.
+ *
+ * Contract (every implementation passes test/store/chunk-store.contract.ts):
+ * - Blobs are addressed by SHA-256 of their plain bytes. `ZERO_DIGEST` is
+ *   never stored: `put` of an all-zero payload is refused (E_STORE_IO) — the
+ *   caller records ZERO instead.
+ * - `openWriter()` gives a writer owned by one ingest. `put` verifies nothing
+ *   (the caller verified the digest) but de-duplicates against the index and
+ *   every open writer, and returns whether it stored new bytes. A blob put in
+ *   a writer is readable through `get` only after `flush()` resolved;
+ *   `flush()` makes every blob put so far durable (pack fsync + rename +
+ *   directory fsync + index rows) and returns the number of bytes written.
+ * - `abort()` drops the unflushed pack (its temp file is removed).
+ * - `get(digest)` returns the plain bytes, re-hashed: corruption is
+ *   E_STORE_CORRUPT naming pack and digest; a missing blob is E_NOT_FOUND.
+ * - `has(digest)` is true only for durable blobs.
+ */
+export type BlobType = 1 | 2 | 3; // 1 chunk, 2 index page, 3 index root
+
+export const BLOB_CHUNK: BlobType = 1;
+export const BLOB_PAGE: BlobType = 2;
+export const BLOB_ROOT: BlobType = 3;
+
+export const ZERO_DIGEST: Buffer = Buffer.alloc(32);
+
+export interface PutResult {
+  stored: boolean;
+  storedBytes: number;
+}
+
+export interface BlobWriter {
+  /**
+   * Store a blob. `compressed`, when given, is a zstd frame of `plain` that
+   * the caller already has (the agent's); otherwise the writer compresses.
+   */
+  put(type: BlobType, digest: Buffer, plain: Buffer, compressed?: Buffer): Promise<PutResult>;
+  flush(): Promise<number>;
+  abort(): Promise<void>;
+}
+
+export interface BlobLocation {
+  pack: string;
+  offset: number;
+  storedLength: number;
+  plainLength: number;
+  type: BlobType;
+  codec: number;
+}
+
+export interface ChunkStore {
+  openWriter(): BlobWriter;
+  get(digest: Buffer): Promise<Buffer>;
+  has(digest: Buffer): boolean;
+  locate(digest: Buffer): BlobLocation | undefined;
+  /** Every durable blob digest of a type (for verify/GC). */
+  stats(): { packs: number; blobs: number; bytes: number };
+  close(): Promise<void>;
+}
