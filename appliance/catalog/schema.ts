@@ -1,0 +1,49 @@
+/**
+ * Catalog schema. Plain, portable SQL (no SQLite-only types or functions in
+ * queries) so the same statements can later run against a shared PostgreSQL
+ * catalog. Migrations are append-only; `user_version` records the last one.
+ */
+export const MIGRATIONS: string[] = [
+  `CREATE TABLE agents (
+     id INTEGER PRIMARY KEY,
+     name TEXT NOT NULL UNIQUE,
+     token_hash TEXT NOT NULL,
+     created_at TEXT NOT NULL
+   );
+   CREATE TABLE volumes (
+     id INTEGER PRIMARY KEY,
+     agent_id INTEGER NOT NULL REFERENCES agents(id),
+     name TEXT NOT NULL,
+     size INTEGER NOT NULL,
+     chunk_size INTEGER NOT NULL,
+     UNIQUE (agent_id, name)
+   );
+   CREATE TABLE jobs (
+     id TEXT PRIMARY KEY,
+     agent_id INTEGER NOT NULL REFERENCES agents(id),
+     volume_id INTEGER REFERENCES volumes(id),
+     volume_name TEXT NOT NULL,
+     kind TEXT NOT NULL,
+     state TEXT NOT NULL,
+     created_at TEXT NOT NULL,
+     ended_at TEXT,
+     image_id TEXT,
+     error_code TEXT,
+     error_message TEXT,
+     stats_json TEXT
+   );
+   CREATE TABLE images (
+     id TEXT PRIMARY KEY,
+     volume_id INTEGER NOT NULL REFERENCES volumes(id),
+     job_id TEXT,
+     kind TEXT NOT NULL,
+     basis_image_id TEXT,
+     root_digest TEXT NOT NULL,
+     volume_size INTEGER NOT NULL,
+     chunk_size INTEGER NOT NULL,
+     created_at TEXT NOT NULL,
+     stats_json TEXT
+   );
+   CREATE INDEX images_by_volume ON images(volume_id, created_at);
+   CREATE INDEX jobs_by_created ON jobs(created_at);`,
+];

@@ -1,0 +1,75 @@
+import { EventEmitter } from 'node:events';
+import type { JobProgress, JobResult, TransferStats } from '../../proto/messages.js';
+import type { Ingest } from './ingest.js';
+
+/**
+ * A job between RunJob and its end, in memory. The catalog row is the
+ * durable record; this holds what only matters while the job runs: the
+ * ingest, the session currently carrying it, and who is waiting.
+ *
+ * States: dispatched → transferring → committed (image visible, waiting for
+ * the agent's JobResult) → done; or failed at any point.
+ */
+export type ActiveState = 'dispatched' | 'transferring' | 'committed' | 'done' | 'failed';
+
+export interface JobOutcome {
+  ok: boolean;
+  jobId: string;
+  imageId?: string;
+  errorCode?: string;
+  errorMessage?: string;
+  stats?: Partial<TransferStats> & Record<string, unknown>;
+}
+
+export class ActiveJob extends EventEmitter {
+  state: ActiveState = 'dispatched';
+  ingest: Ingest | null = null;
+  basisAccepted = false;
+  basisImageId: string | null = null;
+  imageId: string | null = null;
+  volumeId: number | null = null;
+  sessionId: string;
+  /** Serializes the job's frames: batches, end and result run one after another. */
+  chain: Promise<void> = Promise.resolve();
+  graceTimer: NodeJS.Timeout | null = null;
+  lastActivity = Date.now();
+  readonly done: Promise<JobOutcome>;
+  private resolveDone!: (o: JobOutcome) => void;
+
+  constructor(
+    readonly id: string,
+    readonly agent: string,
+    readonly agentId: number,
+    readonly volume: string,
+    readonly requestedMode: 'full' | 'incremental',
+    sessionId: string,
+  ) {
+    super();
+    this.sessionId = sessionId;
+    this.done = new Promise((r) => (this.resolveDone = r));
+  }
+
+  progress(p: JobProgress): void {
+    this.lastActivity = Date.now();
+    this.emit('progress', p);
+  }
+
+  settle(outcome: JobOutcome): void {
+    if (this.state === 'done' || this.state === 'failed') return;
+    this.state = outcome.ok ? 'done' : 'failed';
+    if (this.graceTimer) clearTimeout(this.graceTimer);
+    this.graceTimer = null;
+    this.resolveDone(outcome);
+  }
+
+  get finished(): boolean {
+    return this.state === 'done' || this.state === 'failed';
+  }
+}
+
+export function outcomeFromResult(r: JobResult): JobOutcome {
+  return {
+    ok: r.ok, jobId: r.jobId, imageId: r.imageId || undefined, errorCode: r.errorCode || undefined,
+    errorMessage: r.errorMessage || undefined, stats: r.stats ? { ...r.stats } : undefined,
+  };
+}

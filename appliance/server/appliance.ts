@@ -1,0 +1,131 @@
+import { mkdirSync, readFileSync, rmSync, writeFileSync, openSync, closeSync } from 'node:fs';
+import { join } from 'node:path';
+import type { Logger } from 'pino';
+import { BlocksnapError } from '../../proto/errors.js';
+import { WsTransportServer } from '../../proto/ws-transport.js';
+import { Catalog } from '../catalog/catalog.js';
+import { FsChunkStore } from '../store/fs-chunk-store.js';
+import { listManifests, readManifest } from '../store/manifest.js';
+import { AgentSession } from './agent-session.js';
+import { ControlServer } from './control-server.js';
+import { JobRouter } from './job-router.js';
+
+export interface ApplianceOptions {
+  dataDir: string;
+  logger: Logger;
+  maxFrameBytes?: number;
+  windowBytes?: number;
+  resumeGraceMs?: number;
+  authTimeoutMs?: number;
+  flushEveryBytes?: number;
+}
+
+/**
+ * The appliance process: one data directory (catalog + store), a WebSocket
+ * endpoint for agents and a control socket for the CLI. Only one process
+ * may own a data directory (a pid lock); at start it rolls the catalog
+ * forward from the manifests and fails jobs a previous process left running.
+ */
+export class Appliance {
+  private ws: WsTransportServer | null = null;
+  private control: ControlServer | null = null;
+
+  private constructor(
+    readonly opts: ApplianceOptions,
+    readonly catalog: Catalog,
+    readonly store: FsChunkStore,
+    readonly router: JobRouter,
+    private readonly releaseLock: () => void,
+  ) {}
+
+  static async open(opts: ApplianceOptions): Promise<Appliance> {
+    mkdirSync(opts.dataDir, { recursive: true });
+    const releaseLock = takeLock(join(opts.dataDir, 'appliance.pid'));
+    try {
+      const catalog = Catalog.open(join(opts.dataDir, 'catalog.sqlite'));
+      const storeDir = join(opts.dataDir, 'store');
+      const store = await FsChunkStore.open(storeDir, { logger: opts.logger });
+      const rolled = await rollForward(catalog, storeDir, false);
+      const failed = catalog.failInterruptedJobs();
+      if (rolled || failed) opts.logger.info({ rolledForward: rolled, interruptedJobs: failed }, 'recovered from previous run');
+      const router = new JobRouter(catalog, store, {
+        storeDir,
+        resumeGraceMs: opts.resumeGraceMs ?? 10 * 60_000,
+        windowBytes: opts.windowBytes ?? 32 << 20,
+        flushEveryBytes: opts.flushEveryBytes,
+      }, opts.logger);
+      return new Appliance(opts, catalog, store, router, releaseLock);
+    } catch (e) {
+      releaseLock();
+      throw e;
+    }
+  }
+
+  async listen(host: string, port: number): Promise<{ url: string; port: number }> {
+    const limits = {
+      maxFrameBytes: this.opts.maxFrameBytes ?? 8 << 20,
+      windowBytes: this.opts.windowBytes ?? 32 << 20,
+      authTimeoutMs: this.opts.authTimeoutMs ?? 10_000,
+    };
+    this.ws = await WsTransportServer.listen({ host, port, maxFrameBytes: limits.maxFrameBytes }, (t) => {
+      new AgentSession(t, this.router, this.opts.logger, limits);
+    });
+    this.control = await ControlServer.listen(join(this.opts.dataDir, 'control.sock'), this, this.opts.logger);
+    this.opts.logger.info({ url: this.ws.url }, 'appliance listening');
+    return { url: this.ws.url, port: this.ws.port };
+  }
+
+  async close(): Promise<void> {
+    await this.router.shutdown();
+    await this.control?.close();
+    await this.ws?.close();
+    // Let aborted ingests remove their temp packs before the store closes.
+    await Promise.all(this.router.activeJobs().map((j) => j.chain));
+    await this.store.close();
+    this.catalog.close();
+    this.releaseLock();
+  }
+}
+
+/** Inserts a catalog row for every manifest that lacks one (DESIGN.md §5 step 4). */
+export async function rollForward(catalog: Catalog, storeDir: string, createAgents: boolean): Promise<number> {
+  const have = catalog.imageIds();
+  let n = 0;
+  for (const id of await listManifests(storeDir)) {
+    if (have.has(id)) continue;
+    const m = await readManifest(storeDir, id);
+    catalog.insertImage({
+      id: m.imageId, agent: m.agent, volume: m.volume, jobId: m.jobId, kind: m.kind, basisImageId: m.basisImageId,
+      rootDigest: m.rootDigest, volumeSize: m.volumeSize, chunkSize: m.chunkSize, createdAt: m.createdAt, stats: m.stats,
+    }, { createAgent: createAgents });
+    n++;
+  }
+  return n;
+}
+
+/** A pid file taken with O_EXCL; a stale one (dead pid) is replaced. */
+function takeLock(file: string): () => void {
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      const fd = openSync(file, 'wx', 0o644);
+      writeFileSync(fd, String(process.pid));
+      closeSync(fd);
+      return () => rmSync(file, { force: true });
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw new BlocksnapError('E_STORE_IO', `cannot create ${file}`, { cause: e });
+      const pid = Number(readFileSync(file, 'utf8').trim());
+      if (pid > 0 && pidAlive(pid)) throw new BlocksnapError('E_BUSY', `data directory is in use by appliance pid ${pid}`);
+      rmSync(file, { force: true });
+    }
+  }
+  throw new BlocksnapError('E_BUSY', `cannot take the lock ${file}`);
+}
+
+export function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}

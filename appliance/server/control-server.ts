@@ -1,0 +1,88 @@
+import { chmodSync, rmSync } from 'node:fs';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { Logger } from 'pino';
+import { BlocksnapError, toBlocksnapError } from '../../proto/errors.js';
+import type { Appliance } from './appliance.js';
+
+/**
+ * The CLI's way into a running appliance: HTTP over a Unix socket in the
+ * data directory, mode 0600, so only the appliance's own user can trigger
+ * jobs. Long requests (backup) answer NDJSON events as they happen.
+ *
+ *   GET  /v1/agents                 connected agents and their volumes
+ *   POST /v1/backup {agent, volume, full}   → started, progress*, result
+ *   POST /v1/cancel {jobId}
+ */
+export class ControlServer {
+  private constructor(private readonly http: Server, private readonly path: string) {}
+
+  static async listen(path: string, app: Appliance, log: Logger): Promise<ControlServer> {
+    rmSync(path, { force: true }); // we hold the data directory's lock: a leftover socket is stale
+    const http = createServer((req, res) => {
+      handle(app, req, res).catch((e) => {
+        const err = toBlocksnapError(e);
+        log.warn({ err: err.code, message: err.message }, 'control request failed');
+        if (!res.headersSent) res.writeHead(err.code === 'E_NOT_FOUND' || err.code === 'E_UNKNOWN_VOLUME' ? 404 : 400, { 'content-type': 'application/json' });
+        res.end(JSON.stringify({ event: 'error', code: err.code, message: err.message }) + '\n');
+      });
+    });
+    await new Promise<void>((resolve, reject) => {
+      http.once('error', reject);
+      http.listen(path, () => resolve());
+    });
+    chmodSync(path, 0o600);
+    return new ControlServer(http, path);
+  }
+
+  async close(): Promise<void> {
+    this.http.closeAllConnections();
+    await new Promise<void>((resolve) => this.http.close(() => resolve()));
+    rmSync(this.path, { force: true });
+  }
+}
+
+async function readJson(req: IncomingMessage): Promise<Record<string, unknown>> {
+  let size = 0;
+  const parts: Buffer[] = [];
+  for await (const c of req) {
+    size += (c as Buffer).length;
+    if (size > 64 * 1024) throw new BlocksnapError('E_USAGE', 'request body too large');
+    parts.push(c as Buffer);
+  }
+  try {
+    const v = JSON.parse(Buffer.concat(parts).toString('utf8') || '{}');
+    if (typeof v !== 'object' || v === null) throw new Error('not an object');
+    return v;
+  } catch (e) {
+    throw new BlocksnapError('E_USAGE', 'request body is not a JSON object', { cause: e });
+  }
+}
+
+async function handle(app: Appliance, req: IncomingMessage, res: ServerResponse): Promise<void> {
+  const url = req.url ?? '';
+  if (req.method === 'GET' && url === '/v1/agents') {
+    res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(app.router.connectedAgents()));
+    return;
+  }
+  if (req.method === 'POST' && url === '/v1/cancel') {
+    const body = await readJson(req);
+    app.router.cancelJob(String(body.jobId ?? ''), 'cancelled by operator');
+    res.writeHead(200, { 'content-type': 'application/json' }).end('{"ok":true}\n');
+    return;
+  }
+  if (req.method === 'POST' && url === '/v1/backup') {
+    const body = await readJson(req);
+    const job = app.router.startJob(String(body.agent ?? ''), String(body.volume ?? ''), body.full ? 'full' : 'incremental');
+    res.writeHead(200, { 'content-type': 'application/x-ndjson' });
+    const write = (o: unknown) => res.write(JSON.stringify(o) + '\n');
+    write({ event: 'started', jobId: job.id });
+    const onProgress = (p: unknown) => write({ event: 'progress', ...(p as object) });
+    job.on('progress', onProgress);
+    // The CLI going away does not cancel the job: backups outlive terminals.
+    const outcome = await job.done;
+    job.off('progress', onProgress);
+    res.end(JSON.stringify({ event: 'result', ...outcome }) + '\n');
+    return;
+  }
+  throw new BlocksnapError('E_NOT_FOUND', `no such control endpoint ${req.method} ${url}`);
+}

@@ -1,0 +1,182 @@
+import { createHash } from 'node:crypto';
+import type { Logger } from 'pino';
+import { BlocksnapError } from '../../proto/errors.js';
+import { BLOB_CHUNK, ZERO_DIGEST, type BlobWriter, type ChunkStore } from '../store/chunk-store.js';
+import { ImageIndexBuilder } from '../store/image-index.js';
+import { zstdDecompress } from '../store/zstd.js';
+
+/**
+ * The appliance side of one volume transfer: checks every chunk, stores it,
+ * and patches the image map. One Ingest per job; it owns its BlobWriter and
+ * its ImageIndexBuilder (DESIGN.md §4.3), so jobs never share an open pack.
+ *
+ * `durableNext` is the resume point we promise the agent: every chunk below
+ * it that the agent sent is in a flushed pack. Because chunks arrive in
+ * increasing index order, that watermark is a single number.
+ */
+export interface IngestChunk {
+  index: number;
+  digest: Uint8Array;
+  zero: boolean;
+  data: Uint8Array;
+  plainLength: number;
+}
+
+export interface IngestParams {
+  jobId: string;
+  volumeSize: number;
+  chunkSize: number;
+  mode: 'full' | 'incremental';
+  basisRootDigest?: Buffer;
+  /** Flush (make durable and advance durableNext) after this many stored bytes. */
+  flushEveryBytes?: number;
+}
+
+export interface IngestStats {
+  chunksReceived: number;
+  chunksZero: number;
+  chunksStored: number;
+  bytesReceived: number;
+  bytesStored: number;
+  pagesWritten: number;
+  pagesShared: number;
+}
+
+export class Ingest {
+  readonly chunkCount: number;
+  private readonly writer: BlobWriter;
+  private readonly builder: ImageIndexBuilder;
+  private nextIndex = 0;
+  private durable = 0;
+  private lastSeq = 0;
+  private unflushedBytes = 0;
+  private closed = false;
+  readonly stats: IngestStats = {
+    chunksReceived: 0, chunksZero: 0, chunksStored: 0, bytesReceived: 0, bytesStored: 0, pagesWritten: 0, pagesShared: 0,
+  };
+
+  constructor(
+    private readonly store: ChunkStore,
+    readonly params: IngestParams,
+    private readonly log: Logger,
+  ) {
+    if (!Number.isSafeInteger(params.volumeSize) || params.volumeSize <= 0) {
+      throw new BlocksnapError('E_PROTOCOL', `invalid volume size ${params.volumeSize}`);
+    }
+    const cs = params.chunkSize;
+    if (!Number.isInteger(cs) || cs < 4096 || cs > 4 * 1024 * 1024 || (cs & (cs - 1)) !== 0) {
+      throw new BlocksnapError('E_PROTOCOL', `invalid chunk size ${cs}: a power of two from 4 KiB to 4 MiB`);
+    }
+    this.chunkCount = Math.ceil(params.volumeSize / cs);
+    this.writer = store.openWriter();
+    this.builder = new ImageIndexBuilder({
+      store,
+      writer: this.writer,
+      volumeSize: params.volumeSize,
+      chunkSize: cs,
+      basis: params.mode === 'incremental' && params.basisRootDigest ? { rootDigest: params.basisRootDigest } : undefined,
+    });
+  }
+
+  get durableNext(): number {
+    return this.durable;
+  }
+
+  get seq(): number {
+    return this.lastSeq;
+  }
+
+  /** Checks and stores one batch. Any error leaves the ingest unusable: the caller aborts the job. */
+  async addBatch(seq: number, chunks: IngestChunk[]): Promise<void> {
+    this.assertOpen();
+    if (seq !== this.lastSeq + 1) {
+      throw new BlocksnapError('E_PROTOCOL', `job ${this.params.jobId}: batch seq ${seq}, expected ${this.lastSeq + 1}`);
+    }
+    for (const c of chunks) await this.addChunk(c);
+    this.lastSeq = seq;
+    if (this.unflushedBytes >= (this.params.flushEveryBytes ?? 64 * 1024 * 1024)) await this.flush();
+  }
+
+  private async addChunk(c: IngestChunk): Promise<void> {
+    const { index } = c;
+    if (!Number.isSafeInteger(index) || index < this.nextIndex) {
+      throw new BlocksnapError('E_CHUNK_RANGE', `chunk ${index} out of order (next allowed ${this.nextIndex})`);
+    }
+    if (index >= this.chunkCount) {
+      throw new BlocksnapError('E_CHUNK_RANGE', `chunk ${index} beyond the volume (${this.chunkCount} chunks)`);
+    }
+    const expected = Math.min(this.params.chunkSize, this.params.volumeSize - index * this.params.chunkSize);
+    if (c.plainLength !== expected) {
+      throw new BlocksnapError('E_BAD_CHUNK', `chunk ${index}: plain length ${c.plainLength}, expected ${expected}`);
+    }
+    this.stats.chunksReceived++;
+    this.stats.bytesReceived += c.data.length;
+    let digest: Buffer = ZERO_DIGEST;
+    if (c.zero) {
+      if (c.data.length !== 0) throw new BlocksnapError('E_BAD_CHUNK', `chunk ${index}: zero chunk carries data`);
+      this.stats.chunksZero++;
+    } else {
+      if (c.digest.length !== 32) throw new BlocksnapError('E_BAD_CHUNK', `chunk ${index}: digest is ${c.digest.length} bytes`);
+      const data = Buffer.from(c.data.buffer, c.data.byteOffset, c.data.byteLength);
+      const plain = zstdDecompress(data, expected);
+      const actual = createHash('sha256').update(plain).digest();
+      if (!actual.equals(c.digest)) {
+        throw new BlocksnapError('E_DIGEST_MISMATCH', `chunk ${index}: data does not match its digest`);
+      }
+      if (isZero(plain)) {
+        // An agent may send a zero chunk as data; it is stored as ZERO like any other.
+        this.stats.chunksZero++;
+      } else {
+        digest = actual;
+        const r = await this.writer.put(BLOB_CHUNK, digest, plain, data.length < plain.length ? data : undefined);
+        if (r.stored) {
+          this.stats.chunksStored++;
+          this.stats.bytesStored += r.storedBytes;
+          this.unflushedBytes += r.storedBytes;
+        }
+      }
+    }
+    await this.builder.set(index, digest);
+    this.nextIndex = index + 1;
+  }
+
+  /** Makes everything received so far durable and advances durableNext. */
+  async flush(): Promise<void> {
+    this.assertOpen();
+    await this.writer.flush();
+    this.unflushedBytes = 0;
+    this.durable = this.nextIndex;
+  }
+
+  /** Seals the map: every page and the root are durable when this resolves. */
+  async finish(nextIndex: number): Promise<{ rootDigest: Buffer }> {
+    this.assertOpen();
+    if (nextIndex !== this.chunkCount) {
+      throw new BlocksnapError('E_PROTOCOL', `job ${this.params.jobId}: volume ended at chunk ${nextIndex} of ${this.chunkCount}`);
+    }
+    const r = await this.builder.finish();
+    this.stats.pagesWritten = r.pagesWritten;
+    this.stats.pagesShared = r.pagesShared;
+    await this.writer.flush();
+    this.durable = this.chunkCount;
+    this.closed = true;
+    return { rootDigest: r.rootDigest };
+  }
+
+  async abort(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.writer.abort().catch((e) => this.log.warn({ err: e, job: this.params.jobId }, 'ingest abort failed'));
+  }
+
+  private assertOpen(): void {
+    if (this.closed) throw new BlocksnapError('E_PROTOCOL', `job ${this.params.jobId}: transfer already closed`);
+  }
+}
+
+const ZEROS = Buffer.alloc(4 * 1024 * 1024);
+
+function isZero(b: Buffer): boolean {
+  // memcmp against a static zero buffer: the cheapest zero test in Node.
+  return b.equals(ZEROS.subarray(0, b.length));
+}
