@@ -51,12 +51,25 @@ export class Ingest {
   private lastSeq = 0;
   private unflushedBytes = 0;
   private closed = false;
+  private seqJumpAllowed = false;
   readonly stats: IngestStats = {
     chunksReceived: 0, chunksZero: 0, chunksStored: 0, bytesReceived: 0, bytesStored: 0, pagesWritten: 0, pagesShared: 0,
   };
 
-  constructor(
-    private readonly store: ChunkStore,
+  /** Opens an ingest; a basis that cannot be loaded or does not fit fails here, before any chunk is accepted. */
+  static async open(store: ChunkStore, params: IngestParams, log: Logger): Promise<Ingest> {
+    const ingest = new Ingest(store, params, log);
+    try {
+      await ingest.builder.ready();
+    } catch (e) {
+      await ingest.abort();
+      throw e;
+    }
+    return ingest;
+  }
+
+  private constructor(
+    store: ChunkStore,
     readonly params: IngestParams,
     private readonly log: Logger,
   ) {
@@ -89,7 +102,10 @@ export class Ingest {
   /** Checks and stores one batch. Any error leaves the ingest unusable: the caller aborts the job. */
   async addBatch(seq: number, chunks: IngestChunk[]): Promise<void> {
     this.assertOpen();
-    if (seq !== this.lastSeq + 1) {
+    if (this.seqJumpAllowed && seq > this.lastSeq) {
+      // First batch after a resume: the agent numbers on from what it sent, we from what we processed.
+      this.seqJumpAllowed = false;
+    } else if (seq !== this.lastSeq + 1) {
       throw new BlocksnapError('E_PROTOCOL', `job ${this.params.jobId}: batch seq ${seq}, expected ${this.lastSeq + 1}`);
     }
     for (const c of chunks) await this.addChunk(c);
@@ -138,6 +154,11 @@ export class Ingest {
     }
     await this.builder.set(index, digest);
     this.nextIndex = index + 1;
+  }
+
+  /** A resumed transfer restarts at durableNext; its first batch may skip seq numbers lost with the connection. */
+  resumed(): void {
+    this.seqJumpAllowed = true;
   }
 
   /** Makes everything received so far durable and advances durableNext. */

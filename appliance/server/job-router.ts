@@ -157,6 +157,7 @@ export class JobRouter {
       if (!job.ingest) throw new BlocksnapError('E_PROTOCOL', `job ${job.id} has no transfer to resume`);
       if (job.state !== 'transferring') throw new BlocksnapError('E_PROTOCOL', `job ${job.id} cannot resume in state ${job.state}`);
       await job.ingest.flush();
+      job.ingest.resumed();
       this.log.info({ job: job.id, resumeFrom: job.ingest.durableNext }, 'transfer resumed');
       s.send(envelope('volumeReady', { jobId: job.id, basisAccepted: job.basisAccepted, resumeFrom: job.ingest.durableNext, reason: '' }));
       return;
@@ -174,7 +175,7 @@ export class JobRouter {
     }
     const mode = job.basisAccepted ? 'incremental' : 'full';
     job.basisImageId = job.basisAccepted ? last!.id : null;
-    job.ingest = new Ingest(this.store, {
+    job.ingest = await Ingest.open(this.store, {
       jobId: job.id, volumeSize: b.volumeSize, chunkSize: b.chunkSize, mode,
       basisRootDigest: job.basisAccepted ? Buffer.from(last!.rootDigest, 'hex') : undefined,
       flushEveryBytes: this.opts.flushEveryBytes,

@@ -7,10 +7,14 @@
  *   caller records ZERO instead.
  * - `openWriter()` gives a writer owned by one ingest. `put` verifies nothing
  *   (the caller verified the digest) but de-duplicates against the index and
- *   every open writer, and returns whether it stored new bytes. A blob put in
- *   a writer is readable through `get` only after `flush()` resolved;
- *   `flush()` makes every blob put so far durable (pack fsync + rename +
- *   directory fsync + index rows) and returns the number of bytes written.
+ *   every open writer, and returns whether it stored new bytes (a blob
+ *   de-duplicated against another writer's unflushed pack is durable after
+ *   this writer's flush even if that other writer aborts). A blob put in
+ *   a writer is readable through `get` once its pack is durable: a pack that
+ *   reached the target size is sealed on its own, the rest when `flush()`
+ *   resolved. `flush()` makes every blob put so far durable (pack fsync +
+ *   rename + directory fsync + index rows) and returns the number of pack
+ *   bytes made durable since the previous flush.
  * - `abort()` drops the unflushed pack (its temp file is removed).
  * - `get(digest)` returns the plain bytes, re-hashed: corruption is
  *   E_STORE_CORRUPT naming pack and digest; a missing blob is E_NOT_FOUND.
@@ -53,7 +57,7 @@ export interface ChunkStore {
   get(digest: Buffer): Promise<Buffer>;
   has(digest: Buffer): boolean;
   locate(digest: Buffer): BlobLocation | undefined;
-  /** Every durable blob digest of a type (for verify/GC). */
+  /** Durable packs, blobs and pack bytes (from the index). */
   stats(): { packs: number; blobs: number; bytes: number };
   close(): Promise<void>;
 }

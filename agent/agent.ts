@@ -1,0 +1,190 @@
+import { randomBytes } from 'node:crypto';
+import { stat } from 'node:fs/promises';
+import type { Logger } from 'pino';
+import { BlocksnapError, toBlocksnapError } from '../proto/errors.js';
+import { envelope, type Envelope, type RunJob, type VolumeInfo } from '../proto/messages.js';
+import type { Transport } from '../proto/transport.js';
+import { connectWs } from '../proto/ws-transport.js';
+import type { AgentConfig } from './config.js';
+import { digestMapPath, JobRunner } from './job-runner.js';
+import type { SnapshotProvider } from './snapshot/snapshot-provider.js';
+import { DigestMap } from './state/digest-map.js';
+
+export const AGENT_VERSION = '0.1.0';
+
+/**
+ * The agent process: dials the appliance, authenticates, announces its
+ * volumes and runs the jobs the appliance sends. The connection is redialled
+ * with backoff when it drops; running jobs survive and resume on the new
+ * connection. At start, it releases what an earlier (killed) run left:
+ * snapshots and a filesystem left frozen.
+ */
+export class Agent {
+  private transport: Transport | null = null;
+  private readonly runners = new Map<string, JobRunner>();
+  private connectedWaiters: (() => void)[] = [];
+  private stopped = false;
+  private loop: Promise<void> | null = null;
+  private wake: (() => void) | null = null;
+  /** Fatal session error (bad credential): the agent stops instead of hammering the appliance. */
+  fatal: BlocksnapError | null = null;
+
+  constructor(
+    readonly config: AgentConfig,
+    private readonly provider: SnapshotProvider,
+    private readonly log: Logger,
+    private readonly hooks: { onFatal?: (e: BlocksnapError) => void } = {},
+  ) {}
+
+  async start(): Promise<void> {
+    const released = await this.provider.cleanupStale();
+    if (released.length) this.log.warn({ released }, 'released resources left by an earlier run');
+    this.loop = this.connectLoop();
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    this.wake?.();
+    this.transport?.close();
+    for (const r of this.runners.values()) r.disconnected();
+    await this.loop;
+    await Promise.allSettled([...this.running]);
+  }
+
+  private readonly running = new Set<Promise<unknown>>();
+
+  get connected(): boolean {
+    return this.transport !== null;
+  }
+
+  private async connectLoop(): Promise<void> {
+    let delay = 200;
+    while (!this.stopped) {
+      try {
+        const t = await connectWs(this.config.appliance);
+        const closed = new Promise<BlocksnapError | undefined>((resolve) => t.onClose(resolve));
+        await this.handshake(t);
+        delay = 200;
+        const err = await closed;
+        this.transport = null;
+        for (const r of this.runners.values()) r.disconnected();
+        if (!this.stopped) this.log.warn({ err: err?.code, message: err?.message }, 'connection to appliance closed');
+      } catch (e) {
+        const err = toBlocksnapError(e);
+        if (err.code === 'E_AUTH' || err.code === 'E_PROTOCOL') {
+          this.fatal = err;
+          this.log.error({ code: err.code, message: err.message }, 'appliance refused this agent; stopping');
+          this.hooks.onFatal?.(err);
+          return;
+        }
+        this.log.warn({ code: err.code, message: err.message, retryMs: delay }, 'cannot reach appliance');
+      }
+      if (this.stopped) break;
+      await new Promise<void>((r) => {
+        this.wake = r;
+        setTimeout(r, delay).unref();
+      });
+      delay = Math.min(delay * 2, this.config.reconnectMaxMs);
+    }
+  }
+
+  private async handshake(t: Transport): Promise<void> {
+    const volumes: VolumeInfo[] = [];
+    for (const v of this.config.volumes) {
+      const size = await volumeSize(v.image ?? v.device);
+      const map = await DigestMap.readIfValid(digestMapPath(this.config.stateDir, v.name));
+      volumes.push({ name: v.name, size, chunkSize: v.chunkSize, lastImageId: map?.imageId ?? '' });
+    }
+    const welcome = new Promise<void>((resolve, reject) => {
+      t.onMessage((env) => {
+        if (env.kind === 'welcome') {
+          this.transport = t;
+          this.log.info({ session: env.welcome.sessionId }, 'connected to appliance');
+          for (const w of this.connectedWaiters.splice(0)) w();
+          resolve();
+        } else if (env.kind === 'error' && !env.error.jobId && !this.transport) {
+          reject(new BlocksnapError(env.error.code === 'E_AUTH' ? 'E_AUTH' : 'E_PROTOCOL', `appliance: ${env.error.message}`));
+        } else {
+          this.onEnvelope(env);
+        }
+      });
+      t.onClose((err) => reject(err ?? new BlocksnapError('E_DISCONNECTED', 'closed during handshake')));
+    });
+    await t.send(envelope('hello', {
+      agent: this.config.agent, token: this.config.token, protocolVersion: 1, agentVersion: AGENT_VERSION, volumes,
+    }));
+    await welcome;
+  }
+
+  private onEnvelope(env: Envelope): void {
+    switch (env.kind) {
+      case 'runJob':
+        return this.startJob(env.runJob);
+      case 'ping':
+        void this.send(envelope('pong', env.ping)).catch(() => undefined);
+        return;
+      case 'ack':
+      case 'volumeReady':
+      case 'committed':
+      case 'cancelJob':
+      case 'error': {
+        const jobId = (env as any)[env.kind].jobId as string;
+        const r = this.runners.get(jobId);
+        if (r) r.deliver(env);
+        else if (env.kind === 'error') this.log.warn({ code: env.error.code, message: env.error.message }, 'appliance error');
+        return;
+      }
+      default:
+        this.log.warn({ kind: env.kind }, 'unexpected frame from appliance');
+    }
+  }
+
+  private startJob(job: RunJob): void {
+    const volume = this.config.volumes.find((v) => v.name === job.volume);
+    const refuse = (code: BlocksnapError['code'], message: string) =>
+      void this.send(envelope('jobResult', { jobId: job.jobId, ok: false, imageId: '', errorCode: code, errorMessage: message })).catch(() => undefined);
+    if (!volume) return refuse('E_UNKNOWN_VOLUME', `no volume ${job.volume} on agent ${this.config.agent}`);
+    for (const r of this.runners.values()) {
+      if (!r.released && r.volumeName === job.volume) return refuse('E_BUSY', `a job is already running on ${job.volume}`);
+    }
+    const runner = new JobRunner({
+      stateDir: this.config.stateDir, provider: this.provider, log: this.log, windowBytes: this.config.windowBytes,
+      batchBytes: this.config.batchBytes, workers: this.config.workers, send: (e) => this.send(e),
+      waitConnected: (ms) => this.waitConnected(ms), resumeTimeoutMs: 5 * 60_000, replyTimeoutMs: 60_000,
+    }, job, volume);
+    this.runners.set(job.jobId, runner);
+    const p = runner.run().finally(() => {
+      this.runners.delete(job.jobId);
+      this.running.delete(p);
+    });
+    this.running.add(p);
+  }
+
+  send(env: Envelope): Promise<void> {
+    if (!this.transport) return Promise.reject(new BlocksnapError('E_DISCONNECTED', 'not connected to the appliance'));
+    return this.transport.send(env);
+  }
+
+  waitConnected(timeoutMs: number): Promise<void> {
+    if (this.transport) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new BlocksnapError('E_TIMEOUT', `appliance not reachable within ${timeoutMs} ms`)), timeoutMs);
+      this.connectedWaiters.push(() => {
+        clearTimeout(timer);
+        resolve();
+      });
+    });
+  }
+}
+
+async function volumeSize(path: string): Promise<number> {
+  const s = await stat(path);
+  if (s.isFile()) return s.size;
+  const { FileBlockDevice } = await import('./blockdev/file-block-device.js');
+  const d = await FileBlockDevice.open(path);
+  const size = d.size;
+  await d.close();
+  return size;
+}
+
+export const newInstanceId = () => randomBytes(8).toString('hex');

@@ -1,0 +1,82 @@
+#!/usr/bin/env node
+import { parseArgs } from 'node:util';
+import { BlocksnapError, toBlocksnapError } from '../proto/errors.js';
+import { createLogger } from '../proto/log.js';
+import { Agent } from './agent.js';
+import { loadAgentConfig } from './config.js';
+import { ReflinkSnapshotProvider } from './snapshot/reflink-snapshot-provider.js';
+
+const HELP = `blocksnap-agent — tracks, snapshots and streams PostgreSQL volumes to a blocksnap appliance
+
+Usage: blocksnap-agent <command> --config FILE [options]
+
+Commands:
+  run        connect to the appliance and run the jobs it sends (until SIGINT/SIGTERM)
+  cleanup    release snapshots and frozen filesystems an earlier (killed) run left, then exit
+  volumes    list the configured volumes and their last committed image [--json]
+
+Options:
+  --config FILE   agent configuration (JSON; see README "Agent configuration")
+  --json          machine-readable output
+  --help          show this help
+
+Logs are JSON on stderr (level: BLOCKSNAP_LOG=debug|info|warn).`;
+
+async function main(argv: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: { config: { type: 'string' }, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } },
+  });
+  const cmd = positionals[0];
+  if (values.help || !cmd) {
+    process.stdout.write(HELP + '\n');
+    return values.help ? 0 : 2;
+  }
+  if (!values.config) throw new BlocksnapError('E_USAGE', 'missing --config FILE (see --help)');
+  const config = loadAgentConfig(values.config);
+  const log = createLogger('blocksnap-agent').child({ agent: config.agent });
+  const provider = new ReflinkSnapshotProvider({ stateDir: config.stateDir, logger: log, volumes: config.volumes });
+  switch (cmd) {
+    case 'run': {
+      let fatal: BlocksnapError | null = null;
+      let stopNow: () => void = () => undefined;
+      const stopped = new Promise<void>((res) => (stopNow = res));
+      const agent = new Agent(config, provider, log, { onFatal: (e) => ((fatal = e), stopNow()) });
+      await agent.start();
+      process.once('SIGINT', stopNow);
+      process.once('SIGTERM', stopNow);
+      await stopped;
+      await agent.stop();
+      if (fatal) throw fatal;
+      return 0;
+    }
+    case 'cleanup': {
+      const released = await provider.cleanupStale();
+      process.stdout.write((values.json ? JSON.stringify({ released }) : released.map((r) => `released ${r}`).join('\n') || 'nothing to release') + '\n');
+      return 0;
+    }
+    case 'volumes': {
+      const { DigestMap } = await import('./state/digest-map.js');
+      const { digestMapPath } = await import('./job-runner.js');
+      const rows = [];
+      for (const v of config.volumes) {
+        const map = await DigestMap.readIfValid(digestMapPath(config.stateDir, v.name));
+        rows.push({ ...v, lastImageId: map?.imageId ?? null });
+      }
+      process.stdout.write((values.json ? JSON.stringify(rows, null, 2) : rows.map((r) => `${r.name}\t${r.device}\t${r.mountpoint}\t${r.lastImageId ?? '-'}`).join('\n')) + '\n');
+      return 0;
+    }
+    default:
+      throw new BlocksnapError('E_USAGE', `unknown command ${cmd} (see --help)`);
+  }
+}
+
+main(process.argv.slice(2)).then(
+  (code) => process.exit(code),
+  (e) => {
+    const err = toBlocksnapError(e);
+    process.stderr.write(`blocksnap-agent: ${err.code}: ${err.message}\n`);
+    process.exit(err.code === 'E_USAGE' ? 2 : 1);
+  },
+);

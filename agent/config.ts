@@ -1,0 +1,82 @@
+import { readFileSync } from 'node:fs';
+import { BlocksnapError } from '../proto/errors.js';
+import type { VolumeSpec } from './snapshot/snapshot-provider.js';
+
+/**
+ * Agent configuration file (JSON). Example:
+ *   { "appliance": "ws://10.0.0.5:7700/v1/agent", "agent": "db1",
+ *     "tokenFile": "/etc/blocksnap/token", "stateDir": "/var/lib/blocksnap",
+ *     "volumes": [{ "name": "pgdata", "device": "/dev/loop3",
+ *                   "image": "/pool/pgdata.img", "mountpoint": "/srv/pg",
+ *                   "chunkSize": 65536 }] }
+ */
+export interface AgentConfig {
+  appliance: string;
+  agent: string;
+  token: string;
+  stateDir: string;
+  volumes: VolumeSpec[];
+  /** Unacknowledged batch bytes in flight (flow control). */
+  windowBytes: number;
+  /** Target payload bytes per ChunkBatch frame. */
+  batchBytes: number;
+  workers: number;
+  reconnectMaxMs: number;
+}
+
+const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
+
+export function loadAgentConfig(file: string): AgentConfig {
+  let raw: any;
+  try {
+    raw = JSON.parse(readFileSync(file, 'utf8'));
+  } catch (e) {
+    throw new BlocksnapError('E_CONFIG', `cannot read agent config ${file}: ${(e as Error).message}`, { cause: e });
+  }
+  return parseAgentConfig(raw, file);
+}
+
+export function parseAgentConfig(raw: any, source = 'config'): AgentConfig {
+  const bad = (m: string) => new BlocksnapError('E_CONFIG', `${source}: ${m}`);
+  if (typeof raw !== 'object' || raw === null) throw bad('not a JSON object');
+  if (typeof raw.appliance !== 'string' || !/^wss?:\/\//.test(raw.appliance)) throw bad('"appliance" must be a ws:// or wss:// URL');
+  if (typeof raw.agent !== 'string' || !NAME_RE.test(raw.agent)) throw bad('"agent" must be a name of letters, digits, . _ -');
+  let token = raw.token;
+  if (token === undefined && typeof raw.tokenFile === 'string') {
+    try {
+      token = readFileSync(raw.tokenFile, 'utf8').trim();
+    } catch (e) {
+      throw new BlocksnapError('E_CONFIG', `${source}: cannot read tokenFile ${raw.tokenFile}`, { cause: e });
+    }
+  }
+  if (typeof token !== 'string' || token.length === 0) throw bad('"token" or "tokenFile" is required');
+  if (typeof raw.stateDir !== 'string' || !raw.stateDir.startsWith('/')) throw bad('"stateDir" must be an absolute path');
+  if (!Array.isArray(raw.volumes)) throw bad('"volumes" must be an array');
+  const names = new Set<string>();
+  const volumes: VolumeSpec[] = raw.volumes.map((v: any, i: number) => {
+    if (typeof v?.name !== 'string' || !NAME_RE.test(v.name)) throw bad(`volumes[${i}].name is invalid`);
+    if (names.has(v.name)) throw bad(`volume ${v.name} is listed twice`);
+    names.add(v.name);
+    for (const k of ['device', 'mountpoint'] as const) {
+      if (typeof v[k] !== 'string' || !v[k].startsWith('/')) throw bad(`volumes[${i}].${k} must be an absolute path`);
+    }
+    if (v.image !== undefined && (typeof v.image !== 'string' || !v.image.startsWith('/'))) throw bad(`volumes[${i}].image must be an absolute path`);
+    const cs = v.chunkSize ?? 65536;
+    if (!Number.isInteger(cs) || cs < 4096 || cs > 4 << 20 || (cs & (cs - 1)) !== 0) {
+      throw bad(`volumes[${i}].chunkSize must be a power of two from 4096 to 4194304`);
+    }
+    return { name: v.name, device: v.device, image: v.image, mountpoint: v.mountpoint, chunkSize: cs };
+  });
+  const num = (k: string, d: number, min: number) => {
+    const x = raw[k] ?? d;
+    if (!Number.isInteger(x) || x < min) throw bad(`"${k}" must be an integer ≥ ${min}`);
+    return x;
+  };
+  return {
+    appliance: raw.appliance, agent: raw.agent, token, stateDir: raw.stateDir, volumes,
+    windowBytes: num('windowBytes', 32 << 20, 1 << 20),
+    batchBytes: num('batchBytes', 2 << 20, 64 << 10),
+    workers: num('workers', 2, 1),
+    reconnectMaxMs: num('reconnectMaxMs', 10_000, 100),
+  };
+}

@@ -1,0 +1,304 @@
+/**
+ * Snapshots of file-backed volumes by reflink: freeze the volume's
+ * filesystem, FICLONE its image file inside the (reflink-capable) pool,
+ * thaw. The clone lands as `<dir of image>/.blocksnap/.<id>.snap.tmp` and is
+ * renamed to `<volume>@<tag>.snap` only once complete and thawed, so a `.snap`
+ * file is always a whole snapshot; a kill leaves at worst a `.tmp` and a
+ * freeze marker (see reflink-state.ts) that `cleanupStale` consumes.
+ */
+import { constants } from 'node:fs';
+import { copyFile, mkdir, open, readdir, rename, rm, stat } from 'node:fs/promises';
+import path from 'node:path';
+import { BlocksnapError, isBlocksnapError, toBlocksnapError } from '../../proto/errors.js';
+import { createLogger, type Logger } from '../../proto/log.js';
+import { assertMountpoint, findMount, freezeFilesystem, thawFilesystem } from './fsfreeze.js';
+import {
+  freezeMarkerPath,
+  fsyncDir,
+  readFreezeMarkers,
+  readVolumeRegistry,
+  removeStateFile,
+  writeFreezeMarker,
+  writeVolumeRegistry,
+  type FreezeMarker,
+} from './reflink-state.js';
+import type { Snapshot, SnapshotProvider, VolumeSpec } from './snapshot-provider.js';
+
+const VOLUME_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+const TAG = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$/;
+const SNAP_DIR = '.blocksnap';
+
+export interface ReflinkSnapshotProviderOptions {
+  stateDir: string;
+  logger?: Logger;
+  /** Volumes whose snapshot directories `list`/`cleanupStale` scan (besides those in the state registry). */
+  volumes?: VolumeSpec[];
+  freezeTimeoutMs?: number;
+}
+
+export interface CreateSnapshotOptions {
+  /** Runs while the filesystem is frozen, before the clone (e.g. a change-tracker cut). */
+  whileFrozen?: (volume: VolumeSpec) => Promise<void>;
+}
+
+export interface StaleReport {
+  frozen: Array<{ file: string; marker: FreezeMarker }>;
+  snapshots: Snapshot[];
+  temps: string[];
+}
+
+export function snapshotDirOf(image: string): string {
+  return path.join(path.dirname(path.resolve(image)), SNAP_DIR);
+}
+
+export class ReflinkSnapshotProvider implements SnapshotProvider {
+  readonly kind = 'reflink';
+  private readonly stateDir: string;
+  private readonly log: Logger;
+  private readonly configured = new Map<string, string>();
+  private readonly inFlight = new Set<string>();
+  private readonly freezeTimeoutMs: number | undefined;
+
+  constructor(opts: ReflinkSnapshotProviderOptions) {
+    this.stateDir = path.resolve(opts.stateDir);
+    this.log = opts.logger ?? createLogger('reflink-snapshot');
+    this.freezeTimeoutMs = opts.freezeTimeoutMs;
+    for (const v of opts.volumes ?? []) {
+      if (v.image && VOLUME_NAME.test(v.name)) this.configured.set(v.name, snapshotDirOf(v.image));
+    }
+  }
+
+  async create(volume: VolumeSpec, tag: string, opts: CreateSnapshotOptions = {}): Promise<Snapshot> {
+    if (!VOLUME_NAME.test(volume.name)) throw new BlocksnapError('E_CONFIG', `invalid volume name ${JSON.stringify(volume.name)}`);
+    if (!TAG.test(tag)) throw new BlocksnapError('E_CONFIG', `invalid snapshot tag ${JSON.stringify(tag)}`);
+    if (!volume.image) throw new BlocksnapError('E_CONFIG', `volume ${volume.name} has no image file: the reflink provider needs one`);
+    if (this.inFlight.has(volume.name)) throw new BlocksnapError('E_BUSY', `a snapshot of ${volume.name} is already being taken`);
+    this.inFlight.add(volume.name);
+    try {
+      return await this.createLocked(volume, volume.image, tag, opts);
+    } finally {
+      this.inFlight.delete(volume.name);
+    }
+  }
+
+  private async createLocked(volume: VolumeSpec, imageArg: string, tag: string, opts: CreateSnapshotOptions): Promise<Snapshot> {
+    const started = performance.now();
+    const image = path.resolve(imageArg);
+    const id = `${volume.name}@${tag}`;
+    try {
+      if (!(await stat(image)).isFile()) throw new Error('not a regular file');
+    } catch (e) {
+      throw new BlocksnapError('E_SNAPSHOT', `image ${image} of volume ${volume.name} is unusable`, { cause: e });
+    }
+    await assertMountpoint(volume.mountpoint);
+    const dir = snapshotDirOf(image);
+    await mkdir(dir, { recursive: true, mode: 0o700 }).catch((e: unknown) => {
+      throw new BlocksnapError('E_SNAPSHOT', `cannot create snapshot directory ${dir}`, { cause: e });
+    });
+    await this.remember(volume.name, dir);
+    const dest = path.join(dir, `${id}.snap`);
+    const tmp = path.join(dir, `.${id}.snap.tmp`);
+    if (await exists(dest)) throw new BlocksnapError('E_SNAPSHOT', `snapshot ${id} already exists at ${dest}`);
+    await rm(tmp, { force: true });
+
+    const marker = await writeFreezeMarker(this.stateDir, {
+      volume: volume.name,
+      mountpoint: volume.mountpoint,
+      device: volume.device,
+      snapshotTemp: tmp,
+      pid: process.pid,
+      createdAt: new Date().toISOString(),
+    });
+    let frozenAt = 0;
+    let thawedAt = 0;
+    let failure: unknown;
+    let mayBeFrozen = true;
+    try {
+      try {
+        await freezeFilesystem(volume.mountpoint, { timeoutMs: this.freezeTimeoutMs });
+      } catch (e) {
+        // E_BUSY: someone else holds the freeze, thawing would break theirs;
+        // E_CONFIG: the mount vanished before fsfreeze ran, nothing was frozen.
+        if (isBlocksnapError(e, 'E_BUSY') || isBlocksnapError(e, 'E_CONFIG')) mayBeFrozen = false;
+        throw e;
+      }
+      frozenAt = performance.now();
+      if (opts.whileFrozen) await opts.whileFrozen(volume);
+      await copyFile(image, tmp, constants.COPYFILE_FICLONE_FORCE);
+    } catch (e) {
+      failure = e;
+    } finally {
+      if (mayBeFrozen) {
+        const thawError = await this.thawWithRetry(volume.mountpoint);
+        thawedAt = performance.now();
+        if (thawError) {
+          await rm(tmp, { force: true });
+          // The marker stays: the next cleanupStale (agent start) thaws.
+          throw new BlocksnapError('E_SNAPSHOT', `cannot thaw ${volume.mountpoint} after snapshot ${id}; it may still be frozen`, {
+            cause: failure ? new AggregateError([thawError, failure]) : thawError,
+          });
+        }
+      }
+    }
+    const freezeSeconds = frozenAt ? (thawedAt - frozenAt) / 1000 : 0;
+    if (failure) {
+      await rm(tmp, { force: true });
+      await removeStateFile(marker);
+      this.log.warn({ volume: volume.name, tag, freezeSeconds, err: failure }, 'snapshot failed; filesystem thawed');
+      if (isBlocksnapError(failure)) throw failure;
+      throw new BlocksnapError('E_SNAPSHOT', `cannot clone ${image} to ${tmp}: ${(failure as Error).message}`, { cause: failure });
+    }
+    try {
+      const fh = await open(tmp, 'r');
+      try {
+        await fh.sync();
+      } finally {
+        await fh.close();
+      }
+      await rename(tmp, dest);
+      await fsyncDir(dir);
+    } catch (e) {
+      await rm(tmp, { force: true });
+      throw new BlocksnapError('E_SNAPSHOT', `cannot publish snapshot ${id}`, { cause: e });
+    } finally {
+      await removeStateFile(marker);
+    }
+    const snapshotSeconds = (performance.now() - started) / 1000;
+    this.log.info({ volume: volume.name, tag, path: dest, freezeSeconds, snapshotSeconds }, 'snapshot created');
+    return { id, volume: volume.name, path: dest, createdAt: new Date(), freezeSeconds, snapshotSeconds };
+  }
+
+  private async thawWithRetry(mountpoint: string): Promise<unknown> {
+    let last: unknown;
+    for (let attempt = 0; attempt < 3; attempt++) {
+      try {
+        await thawFilesystem(mountpoint, { ignoreNotFrozen: true });
+        return undefined;
+      } catch (e) {
+        last = e;
+        await new Promise((r) => setTimeout(r, 100 * (attempt + 1)));
+      }
+    }
+    return last;
+  }
+
+  async remove(snapshot: Snapshot): Promise<void> {
+    // Only ever delete a file this provider named: <...>/.blocksnap/<id>.snap.
+    if (path.basename(snapshot.path) !== `${snapshot.id}.snap` || path.basename(path.dirname(snapshot.path)) !== SNAP_DIR) {
+      throw new BlocksnapError('E_SNAPSHOT', `${snapshot.path} is not a reflink snapshot of ${snapshot.id}`);
+    }
+    try {
+      await rm(snapshot.path, { force: true });
+      await fsyncDir(path.dirname(snapshot.path)).catch(() => undefined);
+    } catch (e) {
+      throw new BlocksnapError('E_SNAPSHOT', `cannot remove snapshot ${snapshot.id}`, { cause: e });
+    }
+  }
+
+  async list(): Promise<Snapshot[]> {
+    return (await this.scan()).snapshots;
+  }
+
+  /** What `cleanupStale(keep)` would release, without touching anything. */
+  async inspectStale(keep: Set<string> = new Set()): Promise<StaleReport> {
+    const { snapshots, temps } = await this.scan();
+    const frozen = (await readFreezeMarkers(this.stateDir)).filter(({ marker }) => !this.inFlight.has(marker.volume));
+    return { frozen, snapshots: snapshots.filter((s) => !keep.has(s.id) && !this.inFlight.has(s.volume)), temps };
+  }
+
+  async cleanupStale(keep: Set<string> = new Set()): Promise<string[]> {
+    const report = await this.inspectStale(keep);
+    const released: string[] = [];
+    const errors: unknown[] = [];
+    for (const { file, marker } of report.frozen) {
+      try {
+        if (await findMount(marker.mountpoint)) {
+          const outcome = await thawFilesystem(marker.mountpoint, { ignoreNotFrozen: true });
+          if (outcome === 'thawed') released.push(`thawed:${marker.mountpoint}`);
+          this.log.warn({ volume: marker.volume, mountpoint: marker.mountpoint, outcome }, 'stale freeze marker: thaw');
+        }
+        if (marker.snapshotTemp && path.basename(path.dirname(marker.snapshotTemp)) === SNAP_DIR) {
+          await rm(marker.snapshotTemp, { force: true });
+        }
+        await removeStateFile(file);
+        released.push(`marker:${marker.volume}`);
+      } catch (e) {
+        errors.push(toBlocksnapError(e, 'E_SNAPSHOT'));
+      }
+    }
+    for (const t of report.temps) {
+      await rm(t, { force: true }).then(
+        () => released.push(`temp:${t}`),
+        (e: unknown) => errors.push(e),
+      );
+    }
+    for (const s of report.snapshots) {
+      await this.remove(s).then(
+        () => released.push(`snapshot:${s.id}`),
+        (e: unknown) => errors.push(e),
+      );
+    }
+    if (released.length) this.log.info({ released }, 'released stale snapshot state');
+    if (errors.length) {
+      throw new BlocksnapError('E_SNAPSHOT', `cleanup of stale snapshots failed ${errors.length} time(s)`, {
+        cause: new AggregateError(errors),
+      });
+    }
+    return released;
+  }
+
+  private async remember(volume: string, dir: string): Promise<void> {
+    const registry = await readVolumeRegistry(this.stateDir);
+    if (registry.get(volume) === dir) return;
+    registry.set(volume, dir);
+    await writeVolumeRegistry(this.stateDir, registry);
+  }
+
+  private async knownVolumes(): Promise<Map<string, Set<string>>> {
+    const byVolume = new Map<string, Set<string>>();
+    const add = (v: string, d: string) => byVolume.set(v, (byVolume.get(v) ?? new Set()).add(d));
+    for (const [v, d] of this.configured) add(v, d);
+    for (const [v, d] of await readVolumeRegistry(this.stateDir)) if (VOLUME_NAME.test(v)) add(v, d);
+    return byVolume;
+  }
+
+  private async scan(): Promise<{ snapshots: Snapshot[]; temps: string[] }> {
+    const snapshots: Snapshot[] = [];
+    const temps: string[] = [];
+    for (const [volume, dirs] of await this.knownVolumes()) {
+      for (const dir of dirs) {
+        let names: string[];
+        try {
+          names = await readdir(dir);
+        } catch (e) {
+          if ((e as NodeJS.ErrnoException).code === 'ENOENT') continue;
+          throw new BlocksnapError('E_SNAPSHOT', `cannot list ${dir}`, { cause: e });
+        }
+        for (const name of names.sort()) {
+          if (name.startsWith(`.${volume}@`) && name.endsWith('.snap.tmp')) {
+            if (!this.inFlight.has(volume)) temps.push(path.join(dir, name));
+            continue;
+          }
+          if (!name.startsWith(`${volume}@`) || !name.endsWith('.snap')) continue;
+          const id = name.slice(0, -'.snap'.length);
+          if (!TAG.test(id.slice(volume.length + 1))) continue;
+          const file = path.join(dir, name);
+          const st = await stat(file).catch(() => undefined);
+          if (!st) continue;
+          const createdAt = st.birthtimeMs > 0 ? st.birthtime : st.mtime;
+          snapshots.push({ id, volume, path: file, createdAt, freezeSeconds: 0, snapshotSeconds: 0 });
+        }
+      }
+    }
+    return { snapshots, temps };
+  }
+}
+
+async function exists(p: string): Promise<boolean> {
+  return stat(p).then(
+    () => true,
+    () => false,
+  );
+}
+
+export { freezeMarkerPath };

@@ -1,0 +1,38 @@
+import { constants } from 'node:fs';
+import { copyFile, mkdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Snapshot, SnapshotProvider, VolumeSpec } from '../snapshot/snapshot-provider.js';
+
+/**
+ * Wraps a real SnapshotProvider and keeps a reflink clone of every snapshot
+ * just before it is removed, so a test can compare an exported image with
+ * the exact snapshot it came from. The clones are the test's to delete.
+ */
+export class KeepingSnapshotProvider implements SnapshotProvider {
+  readonly kind: string;
+  readonly kept = new Map<string, string>();
+
+  constructor(private readonly inner: SnapshotProvider, private readonly keepDir: string) {
+    this.kind = inner.kind;
+  }
+
+  create(volume: VolumeSpec, tag: string): Promise<Snapshot> {
+    return this.inner.create(volume, tag);
+  }
+
+  async remove(snapshot: Snapshot): Promise<void> {
+    await mkdir(this.keepDir, { recursive: true });
+    const dest = join(this.keepDir, `${snapshot.id.replace(/[^A-Za-z0-9._-]/g, '_')}.img`);
+    await copyFile(snapshot.path, dest, constants.COPYFILE_FICLONE);
+    this.kept.set(snapshot.id, dest);
+    return this.inner.remove(snapshot);
+  }
+
+  list(): Promise<Snapshot[]> {
+    return this.inner.list();
+  }
+
+  cleanupStale(keep?: Set<string>): Promise<string[]> {
+    return this.inner.cleanupStale(keep);
+  }
+}

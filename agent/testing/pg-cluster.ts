@@ -1,0 +1,258 @@
+/**
+ * A real PostgreSQL cluster for tests: initdb (with data checksums) into a
+ * directory on a test volume, a postmaster on a free TCP port of 127.0.0.1
+ * with its Unix socket and log in a private run directory, pgbench load.
+ * Server commands run as the `postgres` OS user; clients connect over TCP.
+ * The postmaster is recorded (data dir, then PID and start time) in a ledger
+ * so a killed run's cluster is stopped by `cleanupLeftovers`, by PID only.
+ */
+import { chown, mkdir, mkdtemp, readFile, realpath } from 'node:fs/promises';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { execa, type Options as ExecaOptions } from 'execa';
+import pg from 'pg';
+import { BlocksnapError } from '../../proto/errors.js';
+import { isRunning, releaseResources, stopPostmasterByPid } from './cleanup.js';
+import { Ledger, processStartTime } from './ledger.js';
+
+export interface PgClusterOptions {
+  /** Data directory (created, owned by the OS user); its parents must be traversable by that user. */
+  dataDir: string;
+  /** Unix socket and server log; default a fresh temp dir, removed by `destroy`. */
+  runDir?: string;
+  /** Server binaries: initdb, pg_ctl, postgres. */
+  binDir?: string;
+  /** Client binaries (pgbench): the 15 clients also serve other server versions. */
+  clientBinDir?: string;
+  osUser?: string;
+  /** Fixed port; default a free one (retried if another process takes it first). */
+  port?: number;
+  /** Extra server settings passed as `-c name=value`. */
+  settings?: Record<string, string>;
+  ledgerDir?: string;
+}
+
+export interface PgbenchResult {
+  tps: number;
+  transactions: number;
+  output: string;
+}
+
+const PG15 = '/usr/lib/postgresql/15/bin';
+
+async function osUserIds(user: string): Promise<{ uid: number; gid: number }> {
+  const line = (await readFile('/etc/passwd', 'utf8')).split('\n').find((l) => l.startsWith(`${user}:`));
+  const [, , uid, gid] = line?.split(':') ?? [];
+  if (!uid || !gid) throw new BlocksnapError('E_PG', `no OS user ${user} in /etc/passwd`);
+  return { uid: Number(uid), gid: Number(gid) };
+}
+
+async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const port = (srv.address() as net.AddressInfo).port;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+export class PgCluster {
+  readonly dataDir: string;
+  readonly binDir: string;
+  readonly clientBinDir: string;
+  private readonly osUser: string;
+  private readonly settings: Record<string, string>;
+  private runDirOpt: string | undefined;
+  private ledger: Ledger | undefined;
+  private postmasterIndex: number | undefined;
+  private _port: number | undefined;
+  private _pid: number | undefined;
+  private startTime: string | null = null;
+
+  constructor(private readonly opts: PgClusterOptions) {
+    this.dataDir = path.resolve(opts.dataDir);
+    this.binDir = opts.binDir ?? PG15;
+    this.clientBinDir = opts.clientBinDir ?? PG15;
+    this.osUser = opts.osUser ?? 'postgres';
+    this.settings = opts.settings ?? {};
+    this.runDirOpt = opts.runDir && path.resolve(opts.runDir);
+    this._port = opts.port;
+  }
+
+  get port(): number {
+    if (this._port === undefined) throw new BlocksnapError('E_PG', 'cluster not started');
+    return this._port;
+  }
+
+  /** PID of the running postmaster, if started. */
+  get pid(): number | undefined {
+    return this._pid;
+  }
+
+  get runDir(): string | undefined {
+    return this.runDirOpt;
+  }
+
+  get logFile(): string | undefined {
+    return this.runDirOpt && path.join(this.runDirOpt, 'postgres.log');
+  }
+
+  private async getLedger(): Promise<Ledger> {
+    this.ledger ??= await Ledger.create('pg-cluster', this.opts.ledgerDir);
+    return this.ledger;
+  }
+
+  private async asOsUser(file: string, args: string[], extra: ExecaOptions = {}) {
+    const { uid, gid } = await osUserIds(this.osUser);
+    return execa(file, args, {
+      uid,
+      gid,
+      cwd: '/',
+      // The harness's own PG* variables must not leak into the server tools.
+      extendEnv: false,
+      env: { PATH: process.env.PATH ?? '/usr/bin:/bin', LC_ALL: 'C', LANG: 'C', TZ: 'UTC' },
+      reject: false,
+      stdin: 'ignore',
+      timeout: 180_000,
+      ...extra,
+    });
+  }
+
+  private async ensureRunDir(): Promise<string> {
+    if (!this.runDirOpt) {
+      const dir = await realpath(await mkdtemp(path.join(os.tmpdir(), 'blocksnap-pg-')));
+      await (await this.getLedger()).add({ kind: 'dir', path: dir });
+      this.runDirOpt = dir;
+    } else {
+      await mkdir(this.runDirOpt, { recursive: true });
+    }
+    const { uid, gid } = await osUserIds(this.osUser);
+    await chown(this.runDirOpt, uid, gid);
+    return this.runDirOpt;
+  }
+
+  async initdb(): Promise<void> {
+    await mkdir(this.dataDir, { recursive: true, mode: 0o700 });
+    const { uid, gid } = await osUserIds(this.osUser);
+    await chown(this.dataDir, uid, gid);
+    const args = ['-D', this.dataDir, '-U', 'postgres', '-A', 'trust', '--data-checksums', '-E', 'UTF8', '--locale=C'];
+    const r = await this.asOsUser(path.join(this.binDir, 'initdb'), args);
+    if (r.exitCode !== 0) {
+      throw new BlocksnapError('E_PG', `initdb ${this.dataDir} failed: ${String(r.stderr || r.shortMessage).trim()}`, { cause: r });
+    }
+  }
+
+  async start(): Promise<void> {
+    if (this._pid !== undefined && (await isRunning(this._pid, this.startTime))) return;
+    const runDir = await this.ensureRunDir();
+    const ledger = await this.getLedger();
+    this.postmasterIndex ??= await ledger.add({ kind: 'postmaster', dataDir: this.dataDir, pid: null, startTime: null });
+    const fixedPort = this.opts.port !== undefined;
+    for (let attempt = 1; ; attempt++) {
+      const port = this.opts.port ?? (await freePort());
+      const settings = { listen_addresses: '127.0.0.1', ...this.settings };
+      const serverOpts = [`-p ${port}`, `-k '${runDir}'`, ...Object.entries(settings).map(([k, v]) => `-c ${k}='${v}'`)].join(' ');
+      const r = await this.asOsUser(path.join(this.binDir, 'pg_ctl'), ['start', '-D', this.dataDir, '-l', this.logFile!, '-w', '-t', '120', '-o', serverOpts]);
+      if (r.exitCode === 0) {
+        this._port = port;
+        break;
+      }
+      const log = await readFile(this.logFile!, 'utf8').catch(() => '');
+      const portTaken = /could not bind|address already in use|could not create any TCP\/IP sockets/i.test(log);
+      if (fixedPort || !portTaken || attempt >= 3) {
+        await this.stop().catch(() => undefined);
+        throw new BlocksnapError('E_PG', `pg_ctl start ${this.dataDir} failed: ${String(r.stderr).trim()}\n${log.slice(-2000)}`, { cause: r });
+      }
+    }
+    const pid = await this.readPidFile();
+    if (pid === undefined) throw new BlocksnapError('E_PG', `started ${this.dataDir} but postmaster.pid is unreadable`);
+    this._pid = pid;
+    this.startTime = await processStartTime(pid);
+    await ledger.update(this.postmasterIndex, { pid, startTime: this.startTime });
+  }
+
+  private async readPidFile(): Promise<number | undefined> {
+    try {
+      const first = (await readFile(path.join(this.dataDir, 'postmaster.pid'), 'utf8')).split('\n')[0]!.trim();
+      return /^\d+$/.test(first) ? Number(first) : undefined;
+    } catch {
+      return undefined;
+    }
+  }
+
+  /**
+   * Fast shutdown with pg_ctl; if that fails, signals the recorded postmaster
+   * PID (and only it). Idempotent; also after a failed start.
+   */
+  async stop(): Promise<void> {
+    const pid = this._pid ?? (await this.readPidFile());
+    if (pid === undefined) return;
+    const startTime = this._pid === pid ? this.startTime : null;
+    if (await isRunning(pid, startTime)) {
+      const r = await this.asOsUser(path.join(this.binDir, 'pg_ctl'), ['stop', '-D', this.dataDir, '-m', 'fast', '-w', '-t', '60'], { timeout: 90_000 });
+      if (r.exitCode !== 0 || (await isRunning(pid, startTime))) {
+        await stopPostmasterByPid(pid, startTime, this.dataDir, 5_000);
+      }
+    }
+    this._pid = undefined;
+    this.startTime = null;
+  }
+
+  /** Stops the server and releases the run directory and the ledger. */
+  async destroy(): Promise<void> {
+    await this.stop();
+    if (!this.ledger) return;
+    const actions = await releaseResources(this.ledger.path, this.ledger.resources);
+    const failed = actions.filter((a) => a.outcome === 'failed');
+    if (failed.length) throw new BlocksnapError('E_PG', `cannot release ${failed.map((a) => `${a.target}: ${a.detail}`).join('; ')}`);
+    await this.ledger.delete();
+    this.ledger = undefined;
+    this.postmasterIndex = undefined;
+  }
+
+  connectionConfig(database = 'postgres'): pg.ClientConfig {
+    return { host: '127.0.0.1', port: this.port, user: 'postgres', database, connectionTimeoutMillis: 10_000 };
+  }
+
+  async query<R extends pg.QueryResultRow = Record<string, unknown>>(sql: string, params?: unknown[], database?: string): Promise<R[]> {
+    const client = new pg.Client(this.connectionConfig(database));
+    try {
+      await client.connect();
+      return (await client.query<R>(sql, params)).rows;
+    } catch (e) {
+      throw new BlocksnapError('E_PG', `query on port ${this._port} failed: ${(e as Error).message}`, { cause: e });
+    } finally {
+      await client.end().catch(() => undefined);
+    }
+  }
+
+  private async pgbenchRun(args: string[]) {
+    const r = await execa(path.join(this.clientBinDir, 'pgbench'), ['-h', '127.0.0.1', '-p', String(this.port), '-U', 'postgres', ...args, 'postgres'], {
+      reject: false,
+      stdin: 'ignore',
+      timeout: 600_000,
+      extendEnv: false,
+      env: { PATH: process.env.PATH ?? '/usr/bin:/bin', LC_ALL: 'C' },
+    });
+    if (r.exitCode !== 0) {
+      throw new BlocksnapError('E_PG', `pgbench ${args.join(' ')} failed: ${String(r.stderr || r.shortMessage).trim()}`, { cause: r });
+    }
+    return `${String(r.stdout)}\n${String(r.stderr)}`;
+  }
+
+  async pgbenchInit(scale: number): Promise<void> {
+    await this.pgbenchRun(['-i', '-q', '-s', String(scale)]);
+  }
+
+  async pgbench(opts: { transactions: number; clients: number; jobs?: number }): Promise<PgbenchResult> {
+    const jobs = opts.jobs ?? Math.min(opts.clients, 2);
+    const output = await this.pgbenchRun(['-n', '-t', String(opts.transactions), '-c', String(opts.clients), '-j', String(jobs)]);
+    const tps = /tps = ([\d.]+)/.exec(output);
+    const done = /number of transactions actually processed: (\d+)/.exec(output);
+    if (!tps || !done) throw new BlocksnapError('E_PG', `unexpected pgbench output:\n${output}`);
+    return { tps: Number(tps[1]), transactions: Number(done[1]), output };
+  }
+}

@@ -1,0 +1,278 @@
+#!/usr/bin/env node
+import { existsSync, readFileSync } from 'node:fs';
+import { request } from 'node:http';
+import { join, resolve } from 'node:path';
+import { parseArgs } from 'node:util';
+import { BlocksnapError, toBlocksnapError } from '../proto/errors.js';
+import { createLogger } from '../proto/log.js';
+import { Catalog } from './catalog/catalog.js';
+import { exportImage } from './ops/export-image.js';
+import { verifyImage } from './ops/verify-image.js';
+import { Appliance, pidAlive, rollForward } from './server/appliance.js';
+import { FsChunkStore } from './store/fs-chunk-store.js';
+import { progressBar } from './progress.js';
+
+const HELP = `blocksnap-appliance — stores block-level PostgreSQL backups as virtual full images
+
+Usage: blocksnap-appliance <command> [options]
+
+Commands:
+  serve --listen HOST:PORT            run the appliance (agents dial ws://HOST:PORT/v1/agent)
+  agents add NAME                     register an agent; prints its token once
+  agents rotate NAME                  issue a new token (the old one stops working)
+  agents list [--json]                registered agents
+  images list [--agent A] [--volume V] [--json]
+  images show IMAGE [--json]
+  jobs list [--limit N] [--json]
+  backup AGENT VOLUME [--full] [--json]   run a backup on a connected agent and wait
+  verify [IMAGE] [--json]             re-read and re-hash every chunk (all images if none given)
+  export IMAGE --to FILE              write the image as a raw (sparse) file
+  catalog rebuild                     recreate the catalog's images from the store's manifests
+  store reindex                       rebuild the blob index from the pack files
+
+Common options:
+  --data DIR     appliance data directory (default: $BLOCKSNAP_DATA or /var/lib/blocksnap)
+  --help         show this help
+
+Exit status: 0 success, 1 failure, 2 usage error. Logs are JSON on stderr.`;
+
+const log = createLogger('blocksnap-appliance');
+
+async function main(argv: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: {
+      data: { type: 'string' }, listen: { type: 'string' }, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' },
+      full: { type: 'boolean' }, to: { type: 'string' }, agent: { type: 'string' }, volume: { type: 'string' },
+      limit: { type: 'string' },
+    },
+  });
+  const [cmd, sub, ...rest] = positionals;
+  if (values.help || !cmd) {
+    process.stdout.write(HELP + '\n');
+    return values.help ? 0 : 2;
+  }
+  const dataDir = resolve(values.data ?? process.env.BLOCKSNAP_DATA ?? '/var/lib/blocksnap');
+  const out = (human: string, json: unknown) => process.stdout.write((values.json ? JSON.stringify(json, null, 2) : human) + '\n');
+  const withCatalog = <T>(fn: (c: Catalog) => T): T => {
+    const c = Catalog.open(join(dataDir, 'catalog.sqlite'));
+    try {
+      return fn(c);
+    } finally {
+      c.close();
+    }
+  };
+
+  switch (cmd) {
+    case 'serve': {
+      const [host, port] = parseListen(values.listen ?? '127.0.0.1:7700');
+      const app = await Appliance.open({ dataDir, logger: log });
+      const addr = await app.listen(host, port);
+      process.stdout.write(JSON.stringify({ event: 'listening', url: addr.url, port: addr.port, pid: process.pid }) + '\n');
+      await new Promise<void>((res) => {
+        const stop = () => res();
+        process.once('SIGINT', stop);
+        process.once('SIGTERM', stop);
+      });
+      await app.close();
+      return 0;
+    }
+    case 'agents': {
+      if (sub === 'add' || sub === 'rotate') {
+        const name = need(rest[0], 'agent name');
+        const token = withCatalog((c) => (sub === 'add' ? c.addAgent(name) : c.rotateToken(name)));
+        out(token, { agent: name, token });
+        return 0;
+      }
+      if (sub === 'list') {
+        const agents = withCatalog((c) => c.listAgents());
+        out(agents.map((a) => `${a.name}\t${a.createdAt}`).join('\n') || '(no agents)', agents);
+        return 0;
+      }
+      throw usage('agents add|rotate|list');
+    }
+    case 'images': {
+      if (sub === 'list') {
+        const imgs = withCatalog((c) => c.listImages({ agent: values.agent, volume: values.volume }));
+        out(
+          imgs.map((i) => [i.id, i.agent, i.volume, i.kind, fmtBytes(i.volumeSize), i.createdAt].join('\t')).join('\n') || '(no images)',
+          imgs,
+        );
+        return 0;
+      }
+      if (sub === 'show') {
+        const id = need(rest[0], 'image id');
+        const img = withCatalog((c) => c.image(id));
+        if (!img) throw new BlocksnapError('E_NOT_FOUND', `no image ${id}`);
+        out(Object.entries(img).map(([k, v]) => `${k}: ${typeof v === 'object' ? JSON.stringify(v) : v}`).join('\n'), img);
+        return 0;
+      }
+      throw usage('images list|show');
+    }
+    case 'jobs': {
+      if (sub !== 'list') throw usage('jobs list');
+      const jobs = withCatalog((c) => c.listJobs(Number(values.limit ?? 100)));
+      out(
+        jobs.map((j) => [j.id, j.agent, j.volumeName, j.kind, j.state, j.imageId ?? '', j.errorCode ?? ''].join('\t')).join('\n') || '(no jobs)',
+        jobs,
+      );
+      return 0;
+    }
+    case 'backup': {
+      const agent = need(sub, 'agent');
+      const volume = need(rest[0], 'volume');
+      const result = await controlBackup(dataDir, { agent, volume, full: !!values.full }, !values.json);
+      out(
+        result.ok ? `ok ${result.jobId} image ${result.imageId}` : `FAILED ${result.jobId}: ${result.errorCode} ${result.errorMessage}`,
+        result,
+      );
+      return result.ok ? 0 : 1;
+    }
+    case 'verify':
+    case 'export': {
+      if (appliancePid(dataDir)) {
+        throw new BlocksnapError('E_BUSY', `the appliance is running on ${dataDir}; stop it first (${cmd} opens the store itself)`);
+      }
+      const store = await FsChunkStore.open(join(dataDir, 'store'), { logger: log });
+      try {
+        const images = withCatalog((c) => (sub ? [c.image(sub)] : c.listImages()));
+        if (cmd === 'export') {
+          const img = images[0];
+          if (!img) throw new BlocksnapError('E_NOT_FOUND', `no image ${sub ?? '(none given)'}`);
+          const to = resolve(need(values.to, '--to FILE'));
+          const bar = progressBar('export');
+          const r = await exportImage(store, img.rootDigest, to, (d, t) => bar.update(d, t));
+          bar.stop();
+          out(`exported ${img.id} to ${to}: ${r.chunksWritten} chunks, ${fmtBytes(r.bytesWritten)} written, ${r.seconds.toFixed(2)} s`, r);
+          return 0;
+        }
+        let ok = true;
+        const reports = [];
+        for (const img of images) {
+          if (!img) throw new BlocksnapError('E_NOT_FOUND', `no image ${sub}`);
+          const bar = progressBar(`verify ${img.id}`);
+          const r = await verifyImage(store, join(dataDir, 'store'), img.id, img.rootDigest, (d, t) => bar.update(d, t));
+          bar.stop();
+          reports.push(r);
+          ok &&= r.ok;
+          if (!values.json) {
+            process.stdout.write(`${r.ok ? 'ok' : 'BAD'} ${img.id}: ${r.chunksChecked} chunks re-hashed, ${r.bad.length} bad\n`);
+            for (const b of r.bad) process.stdout.write(`  chunk ${b.index} ${b.digest}: ${b.code} ${b.message}\n`);
+          }
+        }
+        if (values.json) out('', reports);
+        return ok ? 0 : 1;
+      } finally {
+        await store.close();
+      }
+    }
+    case 'catalog': {
+      if (sub !== 'rebuild') throw usage('catalog rebuild');
+      if (appliancePid(dataDir)) throw new BlocksnapError('E_BUSY', 'stop the appliance before rebuilding its catalog');
+      const n = await withCatalogAsync(dataDir, (c) => rollForward(c, join(dataDir, 'store'), true));
+      out(`catalog rebuilt: ${n} image(s) added from manifests`, { added: n });
+      return 0;
+    }
+    case 'store': {
+      if (sub !== 'reindex') throw usage('store reindex');
+      if (appliancePid(dataDir)) throw new BlocksnapError('E_BUSY', 'stop the appliance before reindexing its store');
+      const store = await FsChunkStore.open(join(dataDir, 'store'), { logger: log });
+      try {
+        const r = await store.reindex();
+        out(`reindexed ${r.packs} packs, ${r.blobs} blobs`, r);
+      } finally {
+        await store.close();
+      }
+      return 0;
+    }
+    default:
+      throw usage(`unknown command ${cmd}`);
+  }
+}
+
+async function withCatalogAsync<T>(dataDir: string, fn: (c: Catalog) => Promise<T>): Promise<T> {
+  const c = Catalog.open(join(dataDir, 'catalog.sqlite'));
+  try {
+    return await fn(c);
+  } finally {
+    c.close();
+  }
+}
+
+function appliancePid(dataDir: string): number | null {
+  const f = join(dataDir, 'appliance.pid');
+  if (!existsSync(f)) return null;
+  const pid = Number(readFileSync(f, 'utf8').trim());
+  return pid > 0 && pidAlive(pid) ? pid : null;
+}
+
+/** Asks the running appliance to run a backup; streams its progress. */
+function controlBackup(dataDir: string, body: object, showProgress: boolean): Promise<any> {
+  const socketPath = join(dataDir, 'control.sock');
+  if (!appliancePid(dataDir) || !existsSync(socketPath)) {
+    return Promise.reject(new BlocksnapError('E_NOT_FOUND', `no appliance is running on ${dataDir}`));
+  }
+  return new Promise((resolvePromise, reject) => {
+    const req = request({ socketPath, path: '/v1/backup', method: 'POST', headers: { 'content-type': 'application/json' } }, (res) => {
+      const bar = showProgress ? progressBar('backup') : null;
+      let buf = '';
+      let result: any = null;
+      res.setEncoding('utf8');
+      res.on('data', (d: string) => {
+        buf += d;
+        let nl;
+        while ((nl = buf.indexOf('\n')) >= 0) {
+          const line = buf.slice(0, nl);
+          buf = buf.slice(nl + 1);
+          if (!line) continue;
+          const ev = JSON.parse(line);
+          if (ev.event === 'progress') bar?.update(ev.chunksDone, ev.chunksTotal);
+          else if (ev.event === 'result') result = ev;
+          else if (ev.event === 'error') result = { ok: false, jobId: '', errorCode: ev.code, errorMessage: ev.message };
+        }
+      });
+      res.on('end', () => {
+        bar?.stop();
+        if (result) resolvePromise(result);
+        else reject(new BlocksnapError('E_DISCONNECTED', 'appliance closed the control connection without a result'));
+      });
+    });
+    req.on('error', (e) => reject(new BlocksnapError('E_DISCONNECTED', `control socket: ${e.message}`, { cause: e })));
+    req.end(JSON.stringify(body));
+  });
+}
+
+function parseListen(s: string): [string, number] {
+  const m = /^(.+):(\d+)$/.exec(s);
+  if (!m) throw usage(`--listen wants HOST:PORT, got ${s}`);
+  return [m[1]!, Number(m[2])];
+}
+
+function need<T>(v: T | undefined, what: string): T {
+  if (v === undefined || v === '') throw usage(`missing ${what}`);
+  return v;
+}
+
+function usage(m: string): BlocksnapError {
+  return new BlocksnapError('E_USAGE', `${m} (see --help)`);
+}
+
+export function fmtBytes(n: number): string {
+  const u = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let i = 0;
+  while (n >= 1024 && i < u.length - 1) {
+    n /= 1024;
+    i++;
+  }
+  return `${n.toFixed(i ? 1 : 0)} ${u[i]}`;
+}
+
+main(process.argv.slice(2)).then(
+  (code) => process.exit(code),
+  (e) => {
+    const err = toBlocksnapError(e);
+    process.stderr.write(`blocksnap-appliance: ${err.code}: ${err.message}\n`);
+    process.exit(err.code === 'E_USAGE' ? 2 : 1);
+  },
+);

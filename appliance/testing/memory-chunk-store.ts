@@ -1,0 +1,169 @@
+/**
+ * In-memory ChunkStore for tests of code built on the store (image index,
+ * ingest). It keeps the contract of chunk-store.ts that callers can observe:
+ * all-zero payloads and the ZERO digest are refused, puts de-duplicate against
+ * durable blobs and every open writer, blobs become visible to get/has only
+ * after their writer's flush, abort drops what was not flushed, and get
+ * re-hashes so a test can simulate corruption with `corruptForTest`.
+ */
+import { createHash } from 'node:crypto';
+import { BlocksnapError } from '../../proto/errors.js';
+import {
+  ZERO_DIGEST,
+  type BlobLocation,
+  type BlobType,
+  type BlobWriter,
+  type ChunkStore,
+  type PutResult,
+} from '../store/chunk-store.js';
+
+interface StoredBlob {
+  plain: Buffer;
+  location: BlobLocation;
+}
+
+interface PendingBlob {
+  type: BlobType;
+  plain: Buffer;
+  storedLength: number;
+}
+
+function isAllZero(buf: Buffer): boolean {
+  // Compare in slices against a shared zero buffer: cheap and allocation-free.
+  for (let off = 0; off < buf.length; off += ZERO_BLOCK.length) {
+    const end = Math.min(buf.length, off + ZERO_BLOCK.length);
+    if (!buf.subarray(off, end).equals(ZERO_BLOCK.subarray(0, end - off))) return false;
+  }
+  return true;
+}
+const ZERO_BLOCK = Buffer.alloc(64 * 1024);
+
+export class MemoryChunkStore implements ChunkStore {
+  private readonly durable = new Map<string, StoredBlob>();
+  private readonly writers = new Set<MemoryBlobWriter>();
+  private packSeq = 0;
+  private bytes = 0;
+  private closed = false;
+
+  openWriter(): BlobWriter {
+    this.checkOpen();
+    const w = new MemoryBlobWriter(this);
+    this.writers.add(w);
+    return w;
+  }
+
+  async get(digest: Buffer): Promise<Buffer> {
+    this.checkOpen();
+    const hex = digest.toString('hex');
+    const blob = this.durable.get(hex);
+    if (!blob) throw new BlocksnapError('E_NOT_FOUND', `blob ${hex} not found`);
+    const actual = createHash('sha256').update(blob.plain).digest();
+    if (!actual.equals(digest)) {
+      throw new BlocksnapError('E_STORE_CORRUPT', `blob ${hex} in pack ${blob.location.pack} fails its digest`);
+    }
+    return Buffer.from(blob.plain);
+  }
+
+  has(digest: Buffer): boolean {
+    return this.durable.has(digest.toString('hex'));
+  }
+
+  locate(digest: Buffer): BlobLocation | undefined {
+    const blob = this.durable.get(digest.toString('hex'));
+    return blob ? { ...blob.location } : undefined;
+  }
+
+  stats(): { packs: number; blobs: number; bytes: number } {
+    return { packs: this.packSeq, blobs: this.durable.size, bytes: this.bytes };
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+  }
+
+  /** Flip one byte of a durable blob so the next get fails its re-hash. */
+  corruptForTest(digest: Buffer, byteOffset = 0): void {
+    const blob = this.durable.get(digest.toString('hex'));
+    if (!blob) throw new BlocksnapError('E_NOT_FOUND', `blob ${digest.toString('hex')} not found`);
+    blob.plain[byteOffset] ^= 0xff;
+  }
+
+  /** @internal used by MemoryBlobWriter */
+  isKnown(hex: string): boolean {
+    if (this.durable.has(hex)) return true;
+    for (const w of this.writers) if (w.hasPending(hex)) return true;
+    return false;
+  }
+
+  /** @internal */
+  commit(pending: Map<string, PendingBlob>): number {
+    if (pending.size === 0) return 0;
+    const pack = `mem-${(++this.packSeq).toString().padStart(8, '0')}`;
+    let offset = 16;
+    let written = 0;
+    for (const [hex, p] of pending) {
+      if (this.durable.has(hex)) continue; // another writer flushed it first
+      this.durable.set(hex, {
+        plain: p.plain,
+        location: { pack, offset, storedLength: p.storedLength, plainLength: p.plain.length, type: p.type, codec: 0 },
+      });
+      offset += p.storedLength;
+      written += p.storedLength;
+    }
+    this.bytes += written;
+    return written;
+  }
+
+  /** @internal */
+  release(w: MemoryBlobWriter): void {
+    this.writers.delete(w);
+  }
+
+  /** @internal */
+  checkOpen(): void {
+    if (this.closed) throw new BlocksnapError('E_STORE_IO', 'chunk store is closed');
+  }
+}
+
+class MemoryBlobWriter implements BlobWriter {
+  private pending = new Map<string, PendingBlob>();
+  private done = false;
+
+  constructor(private readonly store: MemoryChunkStore) {}
+
+  hasPending(hex: string): boolean {
+    return this.pending.has(hex);
+  }
+
+  async put(type: BlobType, digest: Buffer, plain: Buffer, compressed?: Buffer): Promise<PutResult> {
+    this.checkUsable();
+    if (digest.length !== 32) throw new BlocksnapError('E_STORE_IO', `digest is ${digest.length} bytes`);
+    if (digest.equals(ZERO_DIGEST) || isAllZero(plain)) {
+      throw new BlocksnapError('E_STORE_IO', 'refusing to store an all-zero blob: record ZERO instead');
+    }
+    const hex = digest.toString('hex');
+    if (this.store.isKnown(hex)) return { stored: false, storedBytes: 0 };
+    const storedLength = compressed ? compressed.length : plain.length;
+    // Copy: the caller may reuse its buffer once put resolved.
+    this.pending.set(hex, { type, plain: Buffer.from(plain), storedLength });
+    return { stored: true, storedBytes: storedLength };
+  }
+
+  async flush(): Promise<number> {
+    this.checkUsable();
+    const written = this.store.commit(this.pending);
+    this.pending = new Map();
+    return written;
+  }
+
+  async abort(): Promise<void> {
+    this.pending = new Map();
+    this.done = true;
+    this.store.release(this);
+  }
+
+  private checkUsable(): void {
+    this.store.checkOpen();
+    if (this.done) throw new BlocksnapError('E_STORE_IO', 'blob writer was aborted');
+  }
+}

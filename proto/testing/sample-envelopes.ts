@@ -1,0 +1,67 @@
+import { createHash } from 'node:crypto';
+import { envelope, JobMode, type Chunk, type Envelope, type TransferStats } from '../messages.js';
+
+/**
+ * One envelope of every kind with every field set to a non-default value
+ * (so a field the codec dropped would show), for round-trip and transport
+ * tests. Deterministic: the same call returns equal envelopes.
+ */
+
+export function sampleStats(): TransferStats {
+  return {
+    chunksTotal: 65536, chunksRead: 65000, chunksSent: 1200, chunksZero: 536, bytesRead: 4259840000,
+    bytesSent: 2 ** 40 + 7, bytesStored: 123456789, chunksStored: 1100, freezeSeconds: 0.0125,
+    snapshotSeconds: 0.25, readSeconds: 12.5, changeSource: 'digest-compare', fallbackReason: 'tracker gap',
+  };
+}
+
+/** A chunk of `plainLength` pseudo-random bytes whose digest is real. */
+export function sampleChunk(index: number, plainLength = 65536, dataBytes = plainLength): Chunk {
+  const data = Buffer.alloc(dataBytes);
+  for (let i = 0; i + 4 <= dataBytes; i += 4) data.writeUInt32LE((Math.imul(index + 1, 2654435761) ^ i) >>> 0, i);
+  return { index, digest: createHash('sha256').update(data).digest(), zero: false, data, plainLength };
+}
+
+export function sampleBatch(jobId: string, seq: number, count: number, chunkBytes = 65536): Envelope {
+  const chunks = Array.from({ length: count }, (_, i) => sampleChunk(i * 2 + 1, chunkBytes));
+  return envelope('chunkBatch', { jobId, seq, chunks });
+}
+
+export function sampleEnvelopes(): Envelope[] {
+  return [
+    envelope('hello', {
+      agent: 'db1', token: 's3cret-token', protocolVersion: 1, agentVersion: '0.1.0',
+      volumes: [
+        { name: 'pgdata', size: 4 * 2 ** 30, chunkSize: 65536, lastImageId: 'img-abc' },
+        { name: 'pgwal', size: 2 ** 52 + 3, chunkSize: 4096, lastImageId: '' },
+      ],
+    }),
+    envelope('welcome', { sessionId: 'sess-1', maxFrameBytes: 8 << 20, windowBytes: 32 << 20 }),
+    envelope('runJob', { jobId: 'job-1', volume: 'pgdata', mode: JobMode.INCREMENTAL }),
+    envelope('cancelJob', { jobId: 'job-1', reason: 'operator asked' }),
+    envelope('beginVolume', {
+      jobId: 'job-1', volume: 'pgdata', volumeSize: 4 * 2 ** 30, chunkSize: 65536,
+      basisImageId: 'img-abc', mode: JobMode.INCREMENTAL, resume: true,
+    }),
+    envelope('volumeReady', { jobId: 'job-1', basisAccepted: true, resumeFrom: 4097, reason: 'resumed' }),
+    envelope('chunkBatch', {
+      jobId: 'job-1', seq: 2 ** 33,
+      chunks: [
+        sampleChunk(3, 65536, 1000),
+        { index: 4, digest: Buffer.alloc(0), zero: true, data: Buffer.alloc(0), plainLength: 65536 },
+        sampleChunk(2 ** 40, 4096),
+      ],
+    }),
+    envelope('ack', { jobId: 'job-1', seq: 17, durableNext: Number.MAX_SAFE_INTEGER }),
+    envelope('endVolume', { jobId: 'job-1', nextIndex: 65536, stats: sampleStats() }),
+    envelope('committed', { jobId: 'job-1', imageId: 'img-def', stats: sampleStats() }),
+    envelope('jobProgress', { jobId: 'job-1', chunksDone: 100, chunksTotal: 65536, bytesSent: 6553600, phase: 'reading' }),
+    envelope('jobResult', {
+      jobId: 'job-1', ok: false, imageId: 'img-x', errorCode: 'E_CANCELLED', errorMessage: 'cancelled by operator',
+      stats: sampleStats(),
+    }),
+    envelope('error', { jobId: 'job-1', code: 'E_BAD_CHUNK', message: 'digest mismatch at chunk 5 — ü' }),
+    envelope('ping', { nonce: 2 ** 50 + 1 }),
+    envelope('pong', { nonce: 42 }),
+  ];
+}

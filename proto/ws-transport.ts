@@ -1,0 +1,202 @@
+import { createServer, type IncomingMessage, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { WebSocket, WebSocketServer, type RawData } from 'ws';
+import { BlocksnapError, toBlocksnapError } from './errors.js';
+import { decodeSingleFrame, DEFAULT_MAX_FRAME_BYTES, encodeFrame, FRAME_HEADER_BYTES } from './codec.js';
+import type { Envelope } from './messages.js';
+import { CloseCode, closeCodeFor, closeReason, disconnected, TransportBase, type Transport } from './transport.js';
+
+/**
+ * Transport over a `ws` WebSocket (DESIGN.md §4.1): one binary message = one
+ * frame. A text message or a bad frame closes with 1008, a message over the
+ * limit with 1009 (ws enforces `maxPayload` before buffering it).
+ */
+
+export const AGENT_PATH = '/v1/agent';
+
+export interface WsTransportOptions {
+  /** Largest envelope accepted or sent (default 8 MiB). */
+  maxFrameBytes?: number;
+}
+
+/** Options a `WebSocketServer` serving transports must be created with. */
+export function wsServerOptions(maxFrameBytes = DEFAULT_MAX_FRAME_BYTES): { maxPayload: number; perMessageDeflate: false } {
+  // Chunk data is already zstd-compressed: deflate would only burn CPU.
+  return { maxPayload: maxFrameBytes + FRAME_HEADER_BYTES, perMessageDeflate: false };
+}
+
+class WsTransport extends TransportBase {
+  private failure: BlocksnapError | undefined;
+
+  constructor(
+    private readonly ws: WebSocket,
+    readonly remote: string,
+    private readonly maxFrameBytes: number,
+  ) {
+    super();
+    ws.on('message', (data, isBinary) => this.received(data, isBinary));
+    ws.on('error', (err) => this.socketError(err));
+    ws.on('close', (code, reason) => this.socketClosed(code, reason.toString()));
+  }
+
+  get bufferedAmount(): number {
+    return this.ws.bufferedAmount;
+  }
+
+  send(env: Envelope): Promise<void> {
+    if (this.closing || this.ws.readyState !== WebSocket.OPEN) return Promise.reject(disconnected(this.remote));
+    let frame: Buffer;
+    try {
+      frame = encodeFrame(env, this.maxFrameBytes);
+    } catch (e) {
+      return Promise.reject(toBlocksnapError(e));
+    }
+    return new Promise((resolve, reject) => {
+      this.ws.send(frame, { binary: true, compress: false }, (err) => (err ? reject(disconnected(this.remote, err)) : resolve()));
+    });
+  }
+
+  close(code: number = CloseCode.NORMAL, reason = ''): void {
+    if (this.closing) return;
+    this.closing = true;
+    this.ws.close(code, reason);
+  }
+
+  protected abort(err: BlocksnapError): void {
+    this.fail(err, CloseCode.INTERNAL_ERROR);
+  }
+
+  private fail(err: BlocksnapError, code: number): void {
+    this.failure ??= err;
+    if (this.closing) return;
+    this.closing = true;
+    this.ws.close(code, closeReason(err));
+  }
+
+  private received(data: RawData, isBinary: boolean): void {
+    if (this.closing) return;
+    if (!isBinary) {
+      this.fail(new BlocksnapError('E_FRAME_MALFORMED', `text message from ${this.remote}`), CloseCode.POLICY_VIOLATION);
+      return;
+    }
+    let env: Envelope;
+    try {
+      env = decodeSingleFrame(rawToBuffer(data), this.maxFrameBytes);
+    } catch (e) {
+      const err = toBlocksnapError(e, 'E_FRAME_MALFORMED');
+      this.fail(err, closeCodeFor(err));
+      return;
+    }
+    this.deliver(env);
+  }
+
+  private socketError(err: Error & { code?: string }): void {
+    // ws reports invalid WebSocket frames here, then closes the socket itself.
+    if (err.code === 'WS_ERR_UNSUPPORTED_MESSAGE_LENGTH') {
+      this.failure ??= new BlocksnapError('E_FRAME_TOO_LARGE', `message from ${this.remote} exceeds the ${this.maxFrameBytes} byte frame limit`, { cause: err });
+    } else if (err.code?.startsWith('WS_ERR_')) {
+      this.failure ??= new BlocksnapError('E_FRAME_MALFORMED', `invalid WebSocket frame from ${this.remote}: ${err.message}`, { cause: err });
+    } else {
+      this.failure ??= new BlocksnapError('E_DISCONNECTED', `connection to ${this.remote} failed: ${err.message}`, { cause: err });
+    }
+  }
+
+  private socketClosed(code: number, reason: string): void {
+    const byUs = this.closing;
+    this.closing = true;
+    if (this.failure) return this.finish(this.failure);
+    if (byUs || code === CloseCode.NORMAL) return this.finish();
+    this.finish(new BlocksnapError('E_DISCONNECTED', `connection closed by ${this.remote}: ${code}${reason ? ` ${reason}` : ''}`));
+  }
+}
+
+function rawToBuffer(data: RawData): Buffer {
+  if (Buffer.isBuffer(data)) return data;
+  return Array.isArray(data) ? Buffer.concat(data) : Buffer.from(data); // ArrayBuffer: a view, no copy
+}
+
+/** Wraps a socket a `WebSocketServer` (created with wsServerOptions) accepted. */
+export function wrapServerSocket(ws: WebSocket, req: IncomingMessage, opts: WsTransportOptions = {}): Transport {
+  const remote = `${req.socket.remoteAddress}:${req.socket.remotePort}`;
+  return new WsTransport(ws, remote, opts.maxFrameBytes ?? DEFAULT_MAX_FRAME_BYTES);
+}
+
+/** Dials an appliance; rejects with E_DISCONNECTED if the handshake fails. */
+export function connectWs(
+  url: string,
+  opts: WsTransportOptions & { headers?: Record<string, string>; handshakeTimeoutMs?: number } = {},
+): Promise<Transport> {
+  const maxFrameBytes = opts.maxFrameBytes ?? DEFAULT_MAX_FRAME_BYTES;
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(url, {
+      ...wsServerOptions(maxFrameBytes),
+      headers: opts.headers,
+      handshakeTimeout: opts.handshakeTimeoutMs ?? 10_000,
+    });
+    // Listeners are attached before 'open' so no early message is lost.
+    const transport = new WsTransport(ws, new URL(url).host, maxFrameBytes);
+    ws.once('open', () => resolve(transport));
+    ws.once('error', (err) => reject(new BlocksnapError('E_DISCONNECTED', `cannot connect to ${url}: ${err.message}`, { cause: err })));
+  });
+}
+
+/**
+ * A listening WebSocket endpoint (own HTTP server, or an existing one given
+ * as `server`) that hands every accepted connection over as a Transport.
+ */
+export class WsTransportServer {
+  private readonly transports = new Set<WebSocket>();
+
+  private constructor(
+    private readonly http: Server,
+    private readonly ownsHttp: boolean,
+    private readonly wss: WebSocketServer,
+    private readonly path: string,
+  ) {}
+
+  static async listen(
+    opts: WsTransportOptions & { host?: string; port?: number; path?: string; server?: Server },
+    onTransport: (t: Transport, req: IncomingMessage) => void,
+  ): Promise<WsTransportServer> {
+    const path = opts.path ?? AGENT_PATH;
+    const http = opts.server ?? createServer((_req, res) => res.writeHead(426).end());
+    const wss = new WebSocketServer({ server: http, path, ...wsServerOptions(opts.maxFrameBytes) });
+    const srv = new WsTransportServer(http, !opts.server, wss, path);
+    wss.on('connection', (ws, req) => {
+      srv.transports.add(ws);
+      ws.once('close', () => srv.transports.delete(ws));
+      onTransport(wrapServerSocket(ws, req, opts), req);
+    });
+    if (!opts.server) {
+      await new Promise<void>((resolve, reject) => {
+        http.once('error', reject);
+        http.listen(opts.port ?? 0, opts.host ?? '127.0.0.1', () => resolve());
+      });
+    }
+    return srv;
+  }
+
+  get port(): number {
+    return (this.http.address() as AddressInfo).port;
+  }
+
+  get url(): string {
+    const a = this.http.address() as AddressInfo;
+    const host = a.family === 'IPv6' ? `[${a.address}]` : a.address;
+    return `ws://${host}:${a.port}${this.path}`;
+  }
+
+  /** Closes every connection (1001), then stops listening. */
+  async close(graceMs = 2000): Promise<void> {
+    for (const ws of this.transports) ws.close(CloseCode.GOING_AWAY, 'server shutting down');
+    const timer = setTimeout(() => this.transports.forEach((ws) => ws.terminate()), graceMs);
+    timer.unref();
+    try {
+      // ws calls back once every client connection is gone.
+      await new Promise<void>((resolve) => this.wss.close(() => resolve()));
+      if (this.ownsHttp) await new Promise<void>((resolve) => this.http.close(() => resolve()));
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+}

@@ -1,0 +1,64 @@
+import { describe, expect, it } from 'vitest';
+import { decodeSingleFrame, encodeFrame, validateEnvelope } from '../../proto/codec.js';
+import { emptyTransferStats, envelope, JobMode, type Chunk, type Envelope } from '../../proto/messages.js';
+import { sampleChunk, sampleEnvelopes } from '../../proto/testing/sample-envelopes.js';
+
+const code = (c: string) => expect.objectContaining({ code: c });
+const batch = (chunks: Chunk[]) => envelope('chunkBatch', { jobId: 'job-1', seq: 1, chunks });
+const zeroChunk = (index: number, digest: Uint8Array = Buffer.alloc(0)): Chunk => ({
+  index, digest, zero: true, data: Buffer.alloc(0), plainLength: 65536,
+});
+
+describe('validateEnvelope', () => {
+  it.each(sampleEnvelopes().map((e) => [e.kind, e] as const))('accepts the sample %s, also after a round trip', (_k, env) => {
+    expect(() => validateEnvelope(env)).not.toThrow();
+    expect(() => validateEnvelope(decodeSingleFrame(encodeFrame(env)))).not.toThrow();
+  });
+
+  it('accepts zero chunks with an empty or ZERO digest', () => {
+    expect(() => validateEnvelope(batch([zeroChunk(1), zeroChunk(2, Buffer.alloc(32))]))).not.toThrow();
+  });
+
+  it.each<[string, Chunk[]]>([
+    ['a 31-byte digest', [{ ...sampleChunk(1), digest: Buffer.alloc(31, 1) }]],
+    ['a 33-byte digest', [{ ...sampleChunk(1), digest: Buffer.alloc(33, 1) }]],
+    ['a ZERO digest on data', [{ ...sampleChunk(1), digest: Buffer.alloc(32) }]],
+    ['no data on a non-zero chunk', [{ ...sampleChunk(1), data: Buffer.alloc(0) }]],
+    ['data on a zero chunk', [{ ...zeroChunk(1), data: Buffer.from([1]) }]],
+    ['a non-ZERO digest on a zero chunk', [zeroChunk(1, Buffer.alloc(32, 7))]],
+    ['plainLength 0', [{ ...sampleChunk(1), plainLength: 0 }]],
+    ['plainLength above 4 MiB', [{ ...sampleChunk(1), plainLength: 4 * 1024 * 1024 + 1 }]],
+    ['repeated index', [sampleChunk(5), sampleChunk(5)]],
+    ['decreasing index', [sampleChunk(5), sampleChunk(4)]],
+  ])('rejects a chunk with %s as E_BAD_CHUNK', (_n, chunks) => {
+    expect(() => validateEnvelope(batch(chunks))).toThrow(code('E_BAD_CHUNK'));
+  });
+
+  const begin = {
+    jobId: 'job-1', volume: 'pgdata', volumeSize: 1 << 30, chunkSize: 65536, basisImageId: '', mode: JobMode.FULL, resume: false,
+  };
+  it.each<[string, Envelope]>([
+    ['an empty batch', batch([])],
+    ['a batch without job id', envelope('chunkBatch', { jobId: '', seq: 1, chunks: [sampleChunk(1)] })],
+    ['a hello without agent', envelope('hello', { agent: '', token: 't', protocolVersion: 1, agentVersion: '', volumes: [] })],
+    ['a 257-character agent name', envelope('hello', { agent: 'a'.repeat(257), token: 't', protocolVersion: 1, agentVersion: '', volumes: [] })],
+    ['a control character in an id', envelope('runJob', { jobId: 'job\n1', volume: 'v', mode: JobMode.FULL })],
+    ['mode UNSPECIFIED', envelope('runJob', { jobId: 'job-1', volume: 'v', mode: JobMode.UNSPECIFIED })],
+    ['an unknown mode', envelope('runJob', { jobId: 'job-1', volume: 'v', mode: 7 as JobMode })],
+    ['chunk size not a power of two', envelope('beginVolume', { ...begin, chunkSize: 65535 })],
+    ['chunk size 2 KiB', envelope('beginVolume', { ...begin, chunkSize: 2048 })],
+    ['chunk size 8 MiB', envelope('beginVolume', { ...begin, chunkSize: 8 << 20 })],
+    ['volume size 0', envelope('beginVolume', { ...begin, volumeSize: 0 })],
+    ['an incremental without basis', envelope('beginVolume', { ...begin, mode: JobMode.INCREMENTAL })],
+    ['an error without code', envelope('error', { jobId: '', code: '', message: 'x' })],
+    ['an error code of the wrong shape', envelope('error', { jobId: '', code: 'bad code', message: 'x' })],
+    ['a 4097-character error message', envelope('error', { jobId: '', code: 'E_X', message: 'x'.repeat(4097) })],
+    ['a failed job result without code', envelope('jobResult', { jobId: 'j', ok: false, imageId: '', errorCode: '', errorMessage: '' })],
+    ['an ok job result without image', envelope('jobResult', { jobId: 'j', ok: true, imageId: '', errorCode: '', errorMessage: '' })],
+    ['negative freeze seconds', envelope('endVolume', { jobId: 'j', nextIndex: 1, stats: { ...emptyTransferStats(), freezeSeconds: -1 } })],
+    ['NaN read seconds', envelope('committed', { jobId: 'j', imageId: 'img-1', stats: { ...emptyTransferStats(), readSeconds: NaN } })],
+    ['a welcome without window', envelope('welcome', { sessionId: 's', maxFrameBytes: 1 << 20, windowBytes: 0 })],
+  ])('rejects %s as E_PROTOCOL', (_n, env) => {
+    expect(() => validateEnvelope(env)).toThrow(code('E_PROTOCOL'));
+  });
+});
