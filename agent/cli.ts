@@ -5,6 +5,7 @@ import { createLogger } from '../proto/log.js';
 import { Agent } from './agent.js';
 import { loadAgentConfig } from './config.js';
 import { ReflinkSnapshotProvider } from './snapshot/reflink-snapshot-provider.js';
+import { RetainingSnapshotProvider } from './snapshot/retaining-provider.js';
 
 const HELP = `blocksnap-agent — tracks, snapshots and streams PostgreSQL volumes to a blocksnap appliance
 
@@ -36,7 +37,8 @@ async function main(argv: string[]): Promise<number> {
   if (!values.config) throw new BlocksnapError('E_USAGE', 'missing --config FILE (see --help)');
   const config = loadAgentConfig(values.config);
   const log = createLogger('blocksnap-agent').child({ agent: config.agent });
-  const provider = new ReflinkSnapshotProvider({ stateDir: config.stateDir, logger: log, volumes: config.volumes });
+  const reflink = new ReflinkSnapshotProvider({ stateDir: config.stateDir, logger: log, volumes: config.volumes });
+  const provider = config.retainSnapshotsDir ? new RetainingSnapshotProvider(reflink, config.retainSnapshotsDir) : reflink;
   switch (cmd) {
     case 'run': {
       let fatal: BlocksnapError | null = null;

@@ -22,6 +22,8 @@ export interface AgentConfig {
   batchBytes: number;
   workers: number;
   reconnectMaxMs: number;
+  /** Keep a reflink clone of every snapshot here before removing it (audits, demo, tests). */
+  retainSnapshotsDir?: string;
 }
 
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
@@ -78,5 +80,12 @@ export function parseAgentConfig(raw: any, source = 'config'): AgentConfig {
     batchBytes: num('batchBytes', 2 << 20, 64 << 10),
     workers: num('workers', 2, 1),
     reconnectMaxMs: num('reconnectMaxMs', 10_000, 100),
+    retainSnapshotsDir: optionalAbs(raw.retainSnapshotsDir, 'retainSnapshotsDir', bad),
   };
+}
+
+function optionalAbs(v: unknown, key: string, bad: (m: string) => BlocksnapError): string | undefined {
+  if (v === undefined) return undefined;
+  if (typeof v !== 'string' || !v.startsWith('/')) throw bad(`"${key}" must be an absolute path`);
+  return v;
 }

@@ -86,8 +86,14 @@ async function main(argv: string[]): Promise<number> {
         return 0;
       }
       if (sub === 'list') {
-        const agents = withCatalog((c) => c.listAgents());
-        out(agents.map((a) => `${a.name}\t${a.createdAt}`).join('\n') || '(no agents)', agents);
+        const connected = new Map<string, string[]>();
+        if (appliancePid(dataDir)) {
+          for (const c of await controlGet(dataDir, '/v1/agents')) connected.set(c.agent, c.volumes);
+        }
+        const agents = withCatalog((c) => c.listAgents()).map((a) => ({
+          ...a, connected: connected.has(a.name), volumes: connected.get(a.name) ?? [],
+        }));
+        out(agents.map((a) => `${a.name}\t${a.connected ? 'connected' : 'offline'}\t${a.volumes.join(',')}\t${a.createdAt}`).join('\n') || '(no agents)', agents);
         return 0;
       }
       throw usage('agents add|rotate|list');
@@ -122,7 +128,8 @@ async function main(argv: string[]): Promise<number> {
     case 'backup': {
       const agent = need(sub, 'agent');
       const volume = need(rest[0], 'volume');
-      const result = await controlBackup(dataDir, { agent, volume, full: !!values.full }, !values.json);
+      const ev = await control(dataDir, '/v1/backup', { agent, volume, full: !!values.full }, values.json ? null : 'backup');
+      const result = ev.event === 'error' ? { ok: false, jobId: '', errorCode: ev.code, errorMessage: ev.message } : ev;
       out(
         result.ok ? `ok ${result.jobId} image ${result.imageId}` : `FAILED ${result.jobId}: ${result.errorCode} ${result.errorMessage}`,
         result,
@@ -131,41 +138,44 @@ async function main(argv: string[]): Promise<number> {
     }
     case 'verify':
     case 'export': {
+      const imageId = sub;
+      const to = cmd === 'export' ? resolve(need(values.to, '--to FILE')) : undefined;
+      if (cmd === 'export') need(imageId, 'image id');
+      let result: any;
       if (appliancePid(dataDir)) {
-        throw new BlocksnapError('E_BUSY', `the appliance is running on ${dataDir}; stop it first (${cmd} opens the store itself)`);
-      }
-      const store = await FsChunkStore.open(join(dataDir, 'store'), { logger: log });
-      try {
-        const images = withCatalog((c) => (sub ? [c.image(sub)] : c.listImages()));
-        if (cmd === 'export') {
-          const img = images[0];
-          if (!img) throw new BlocksnapError('E_NOT_FOUND', `no image ${sub ?? '(none given)'}`);
-          const to = resolve(need(values.to, '--to FILE'));
-          const bar = progressBar('export');
-          const r = await exportImage(store, img.rootDigest, to, (d, t) => bar.update(d, t));
-          bar.stop();
-          out(`exported ${img.id} to ${to}: ${r.chunksWritten} chunks, ${fmtBytes(r.bytesWritten)} written, ${r.seconds.toFixed(2)} s`, r);
-          return 0;
-        }
-        let ok = true;
-        const reports = [];
-        for (const img of images) {
-          if (!img) throw new BlocksnapError('E_NOT_FOUND', `no image ${sub}`);
-          const bar = progressBar(`verify ${img.id}`);
-          const r = await verifyImage(store, join(dataDir, 'store'), img.id, img.rootDigest, (d, t) => bar.update(d, t));
-          bar.stop();
-          reports.push(r);
-          ok &&= r.ok;
-          if (!values.json) {
-            process.stdout.write(`${r.ok ? 'ok' : 'BAD'} ${img.id}: ${r.chunksChecked} chunks re-hashed, ${r.bad.length} bad\n`);
-            for (const b of r.bad) process.stdout.write(`  chunk ${b.index} ${b.digest}: ${b.code} ${b.message}\n`);
+        // The running appliance owns the store: ask it to do the work.
+        result = await control(dataDir, `/v1/${cmd}`, { imageId, to }, !values.json ? cmd : null);
+        if (result.event === 'error') throw new BlocksnapError(result.code, result.message);
+      } else {
+        const store = await FsChunkStore.open(join(dataDir, 'store'), { logger: log });
+        try {
+          const images = withCatalog((c) => (imageId ? [c.image(imageId)] : c.listImages()));
+          if (images.some((i) => !i) || images.length === 0) throw new BlocksnapError('E_NOT_FOUND', `no image ${imageId ?? '(none)'}`);
+          const bar = values.json ? null : progressBar(cmd);
+          const onProgress = (d: number, t: number) => bar?.update(d, t);
+          if (cmd === 'export') {
+            result = { ok: true, ...(await exportImage(store, images[0]!.rootDigest, to!, onProgress)) };
+          } else {
+            const reports = [];
+            for (const img of images) reports.push(await verifyImage(store, join(dataDir, 'store'), img!.id, img!.rootDigest, onProgress));
+            result = { ok: reports.every((r) => r.ok), reports };
           }
+          bar?.stop();
+        } finally {
+          await store.close();
         }
-        if (values.json) out('', reports);
-        return ok ? 0 : 1;
-      } finally {
-        await store.close();
       }
+      if (values.json) {
+        out('', cmd === 'export' ? result : result.reports);
+      } else if (cmd === 'export') {
+        out(`exported ${imageId} to ${to}: ${result.chunksWritten} chunks, ${fmtBytes(result.bytesWritten)} written, ${result.seconds.toFixed(2)} s`, result);
+      } else {
+        for (const r of result.reports) {
+          process.stdout.write(`${r.ok ? 'ok' : 'BAD'} ${r.imageId}: ${r.chunksChecked} chunks re-hashed, ${r.bad.length} bad\n`);
+          for (const b of r.bad) process.stdout.write(`  chunk ${b.index} ${b.digest}: ${b.code} ${b.message}\n`);
+        }
+      }
+      return result.ok ? 0 : 1;
     }
     case 'catalog': {
       if (sub !== 'rebuild') throw usage('catalog rebuild');
@@ -207,15 +217,34 @@ function appliancePid(dataDir: string): number | null {
   return pid > 0 && pidAlive(pid) ? pid : null;
 }
 
-/** Asks the running appliance to run a backup; streams its progress. */
-function controlBackup(dataDir: string, body: object, showProgress: boolean): Promise<any> {
+function controlGet(dataDir: string, path: string): Promise<any> {
+  return new Promise((resolvePromise, reject) => {
+    const req = request({ socketPath: join(dataDir, 'control.sock'), path, method: 'GET' }, (res) => {
+      let body = '';
+      res.setEncoding('utf8');
+      res.on('data', (d: string) => (body += d));
+      res.on('end', () => {
+        try {
+          resolvePromise(JSON.parse(body));
+        } catch (e) {
+          reject(new BlocksnapError('E_PROTOCOL', 'control socket answered garbage', { cause: e }));
+        }
+      });
+    });
+    req.on('error', (e) => reject(new BlocksnapError('E_DISCONNECTED', `control socket: ${e.message}`, { cause: e })));
+    req.end();
+  });
+}
+
+/** A request to the running appliance's control socket; shows its progress events; resolves with the final event. */
+function control(dataDir: string, path: string, body: object, progressLabel: string | null): Promise<any> {
   const socketPath = join(dataDir, 'control.sock');
   if (!appliancePid(dataDir) || !existsSync(socketPath)) {
     return Promise.reject(new BlocksnapError('E_NOT_FOUND', `no appliance is running on ${dataDir}`));
   }
   return new Promise((resolvePromise, reject) => {
-    const req = request({ socketPath, path: '/v1/backup', method: 'POST', headers: { 'content-type': 'application/json' } }, (res) => {
-      const bar = showProgress ? progressBar('backup') : null;
+    const req = request({ socketPath, path, method: 'POST', headers: { 'content-type': 'application/json' } }, (res) => {
+      const bar = progressLabel ? progressBar(progressLabel) : null;
       let buf = '';
       let result: any = null;
       res.setEncoding('utf8');
@@ -228,8 +257,7 @@ function controlBackup(dataDir: string, body: object, showProgress: boolean): Pr
           if (!line) continue;
           const ev = JSON.parse(line);
           if (ev.event === 'progress') bar?.update(ev.chunksDone, ev.chunksTotal);
-          else if (ev.event === 'result') result = ev;
-          else if (ev.event === 'error') result = { ok: false, jobId: '', errorCode: ev.code, errorMessage: ev.message };
+          else if (ev.event === 'result' || ev.event === 'error') result = ev;
         }
       });
       res.on('end', () => {

@@ -29,6 +29,7 @@ import type { Envelope } from './messages.js';
  *   the peer closed abnormally or the connection dropped, E_INTERNAL for a
  *   throwing listener. A listener registered after the close is still called.
  * - `close(code = 1000, reason = '')` is idempotent; sends fail from then on.
+ *   A code a WebSocket may not send becomes 1011; the reason is cut to 123 bytes.
  * - `bufferedAmount`: bytes accepted by `send` not yet written to the socket.
  * - `remote`: the peer, for logs ("127.0.0.1:40312").
  */
@@ -55,11 +56,20 @@ export function closeCodeFor(err: BlocksnapError): number {
   return err.code === 'E_FRAME_TOO_LARGE' ? CloseCode.MESSAGE_TOO_BIG : CloseCode.POLICY_VIOLATION;
 }
 
-/** A close reason within the 123 bytes a WebSocket close frame allows. */
-export function closeReason(err: BlocksnapError): string {
-  let reason = `${err.code}: ${err.message}`;
+/** `reason` cut to the 123 bytes a WebSocket close frame allows. */
+export function fitCloseReason(reason: string): string {
   while (Buffer.byteLength(reason) > 123) reason = reason.slice(0, -1);
   return reason;
+}
+
+/** The close reason for a failure: "<code>: <message>", so the peer's log names it. */
+export function closeReason(err: BlocksnapError): string {
+  return fitCloseReason(`${err.code}: ${err.message}`);
+}
+
+/** Codes a WebSocket endpoint may send: 1000–1003, 1007–1014, 3000–4999. */
+export function isSendableCloseCode(code: number): boolean {
+  return (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1014) || (code >= 3000 && code <= 4999);
 }
 
 export function disconnected(remote: string, cause?: unknown): BlocksnapError {
@@ -100,7 +110,7 @@ export abstract class TransportBase implements Transport {
 
   protected deliver(env: Envelope): void {
     if (this.closing) return;
-    if (true) {
+    if (this.messageListeners.length > 0 && this.pending.length === 0 && !this.closed) {
       this.dispatch(env);
     } else {
       this.pending.push(env);

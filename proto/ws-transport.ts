@@ -4,7 +4,7 @@ import { WebSocket, WebSocketServer, type RawData } from 'ws';
 import { BlocksnapError, toBlocksnapError } from './errors.js';
 import { decodeSingleFrame, DEFAULT_MAX_FRAME_BYTES, encodeFrame, FRAME_HEADER_BYTES } from './codec.js';
 import type { Envelope } from './messages.js';
-import { CloseCode, closeCodeFor, closeReason, disconnected, TransportBase, type Transport } from './transport.js';
+import { CloseCode, closeCodeFor, closeReason, disconnected, fitCloseReason, isSendableCloseCode, TransportBase, type Transport } from './transport.js';
 
 /**
  * Transport over a `ws` WebSocket (DESIGN.md §4.1): one binary message = one
@@ -59,6 +59,8 @@ class WsTransport extends TransportBase {
   close(code: number = CloseCode.NORMAL, reason = ''): void {
     if (this.closing) return;
     this.closing = true;
+    if (!isSendableCloseCode(code)) code = CloseCode.INTERNAL_ERROR;
+    reason = fitCloseReason(reason);
     this.ws.close(code, reason);
   }
 

@@ -21,8 +21,10 @@
  * - `data` is one zstd frame (level `compressionLevel`, default 1) holding
  *   the plain bytes. `data` and `digest` are views into buffers shared by the
  *   chunks of one task (≤ opts.taskChunks chunks): copy what you keep long.
- * - Memory is bounded: at most `workers * inFlightPerWorker` tasks are read
- *   ahead of the consumer; nothing more is read until the consumer pulls.
+ * - Memory is bounded: at most `workers * inFlightPerWorker` tasks (default
+ *   2 × 4 tasks of 4 MiB) are read ahead of the consumer; nothing more is
+ *   read until the consumer pulls. stats.chunksConsidered grows as tasks are
+ *   handed out, so it is final only once the iterator is done.
  * - Errors come out of the iterator: E_DEVICE for the device (cannot open,
  *   read error, data ends before volumeSize) after every chunk before the
  *   failing task; E_CANCELLED when `signal` aborts; E_INTERNAL if a worker
@@ -77,7 +79,11 @@ export interface ReadOptions {
   signal?: AbortSignal;
   /** Chunks per task; default: 4 MiB worth, at least 1. */
   taskChunks?: number;
-  /** Tasks in flight per worker (read ahead of the consumer), default 2. */
+  /**
+   * Tasks in flight per worker (read ahead of the consumer), default 4: a
+   * worker idles when the head task is late on another worker and the window
+   * is full; 4 × 4 MiB absorbs a descheduled thread on a busy 2-core host.
+   */
   inFlightPerWorker?: number;
 }
 
@@ -96,6 +102,8 @@ function validatePlan(plan: ReadPlan): number {
   const n = Math.ceil(size / cs);
   if (!Number.isInteger(startIndex) || startIndex < 0 || startIndex > n) throw usage(`startIndex ${startIndex} outside 0..${n}`);
   if (plan.mode !== 'full' && plan.mode !== 'incremental') throw usage(`bad mode ${String(plan.mode)}`);
+  const level = plan.compressionLevel ?? 1;
+  if (!Number.isInteger(level) || level < -7 || level > 22) throw usage(`compressionLevel ${level} outside -7..22`);
   if (plan.select && plan.select.length < Math.ceil(n / 32)) throw usage(`select has ${plan.select.length} words, need ${Math.ceil(n / 32)}`);
   if (plan.basisDigests) {
     if (plan.mode === 'full') throw usage('basisDigests given for a full: a skipped chunk would read as zero');
@@ -138,7 +146,7 @@ export function readChunks(plan: ReadPlan, opts: ReadOptions = {}): ChunkStream 
   const chunkCount = validatePlan(plan);
   const workers = opts.workers ?? 2;
   const taskChunks = opts.taskChunks ?? Math.max(1, Math.floor((4 << 20) / plan.chunkSize));
-  const perWorker = opts.inFlightPerWorker ?? 2;
+  const perWorker = opts.inFlightPerWorker ?? 4;
   for (const [name, v, max] of [['workers', workers, 64], ['taskChunks', taskChunks, 1 << 16], ['inFlightPerWorker', perWorker, 64]] as const) {
     if (!Number.isInteger(v) || v < 1 || v > max) throw new BlocksnapError('E_USAGE', `readChunks: ${name} must be an integer in 1..${max}, got ${v}`);
   }
@@ -166,6 +174,7 @@ export function readChunks(plan: ReadPlan, opts: ReadOptions = {}): ChunkStream 
         throw new BlocksnapError('E_DEVICE', `cannot open ${plan.path}: ${(e as Error).message}`, { cause: e });
       }
       signal?.addEventListener('abort', onAbort, { once: true });
+      if (signal?.aborted) throw cancelled();
       pool = new WorkerPool(workers, {
         fd: fh.fd, path: plan.path, volumeSize: plan.volumeSize, chunkSize: plan.chunkSize,
         taskChunks, level: plan.compressionLevel ?? 1, mode: plan.mode,

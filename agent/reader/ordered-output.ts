@@ -30,15 +30,6 @@ export class OrderedOutput<T> {
     w?.reject(error);
   }
 
-  get failed(): boolean {
-    return this.failure !== undefined;
-  }
-
-  /** Number of results received and not yet taken. */
-  get pending(): number {
-    return this.ready.size;
-  }
-
   take(seq: number): Promise<T> {
     if (this.failure) return Promise.reject(this.failure.error);
     if (this.waiter) return Promise.reject(new Error('OrderedOutput: concurrent take'));

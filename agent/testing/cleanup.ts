@@ -62,7 +62,7 @@ async function postmasterPid(r: Extract<LedgerResource, { kind: 'postmaster' }>)
 }
 
 /** True if `pid` is a postgres process that runs in `dataDir` (a postmaster chdirs into its data directory). */
-async function isPostmasterOf(pid: number, startTime: string | null, dataDir: string): Promise<boolean> {
+export async function isPostmasterOf(pid: number, startTime: string | null, dataDir: string): Promise<boolean> {
   if (!(await isRunning(pid, startTime))) return false;
   try {
     const comm = (await readFile(`/proc/${pid}/comm`, 'utf8')).trim();

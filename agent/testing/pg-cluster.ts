@@ -13,7 +13,7 @@ import path from 'node:path';
 import { execa, type Options as ExecaOptions } from 'execa';
 import pg from 'pg';
 import { BlocksnapError } from '../../proto/errors.js';
-import { isRunning, releaseResources, stopPostmasterByPid } from './cleanup.js';
+import { isPostmasterOf, isRunning, releaseResources, stopPostmasterByPid } from './cleanup.js';
 import { Ledger, processStartTime } from './ledger.js';
 
 export interface PgClusterOptions {
@@ -191,7 +191,9 @@ export class PgCluster {
     const pid = this._pid ?? (await this.readPidFile());
     if (pid === undefined) return;
     const startTime = this._pid === pid ? this.startTime : null;
-    if (await isRunning(pid, startTime)) {
+    // A copied data directory carries the pid file of the cluster it was
+    // copied from: pg_ctl would signal *that* postmaster. Only ours is stopped.
+    if (await isPostmasterOf(pid, startTime, this.dataDir)) {
       const r = await this.asOsUser(path.join(this.binDir, 'pg_ctl'), ['stop', '-D', this.dataDir, '-m', 'fast', '-w', '-t', '60'], { timeout: 90_000 });
       if (r.exitCode !== 0 || (await isRunning(pid, startTime))) {
         await stopPostmasterByPid(pid, startTime, this.dataDir, 5_000);

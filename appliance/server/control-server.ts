@@ -2,6 +2,9 @@ import { chmodSync, rmSync } from 'node:fs';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { Logger } from 'pino';
 import { BlocksnapError, toBlocksnapError } from '../../proto/errors.js';
+import { join } from 'node:path';
+import { exportImage } from '../ops/export-image.js';
+import { verifyImage } from '../ops/verify-image.js';
 import type { Appliance } from './appliance.js';
 
 /**
@@ -12,6 +15,8 @@ import type { Appliance } from './appliance.js';
  *   GET  /v1/agents                 connected agents and their volumes
  *   POST /v1/backup {agent, volume, full}   → started, progress*, result
  *   POST /v1/cancel {jobId}
+ *   POST /v1/export {imageId, to}          → progress*, result
+ *   POST /v1/verify {imageId?}             → progress*, result {ok, reports}
  */
 export class ControlServer {
   private constructor(private readonly http: Server, private readonly path: string) {}
@@ -82,6 +87,25 @@ async function handle(app: Appliance, req: IncomingMessage, res: ServerResponse)
     const outcome = await job.done;
     job.off('progress', onProgress);
     res.end(JSON.stringify({ event: 'result', ...outcome }) + '\n');
+    return;
+  }
+  if (req.method === 'POST' && (url === '/v1/export' || url === '/v1/verify')) {
+    const body = await readJson(req);
+    const imageId = body.imageId === undefined ? undefined : String(body.imageId);
+    const images = imageId ? [app.catalog.image(imageId)] : app.catalog.listImages();
+    if (images.some((i) => !i) || images.length === 0) throw new BlocksnapError('E_NOT_FOUND', `no image ${imageId ?? '(none)'}`);
+    res.writeHead(200, { 'content-type': 'application/x-ndjson' });
+    const write = (o: unknown) => res.write(JSON.stringify(o) + '\n');
+    const progress = (done: number, total: number) => write({ event: 'progress', chunksDone: done, chunksTotal: total });
+    if (url === '/v1/export') {
+      if (typeof body.to !== 'string' || !body.to.startsWith('/')) throw new BlocksnapError('E_USAGE', '"to" must be an absolute path');
+      const r = await exportImage(app.store, images[0]!.rootDigest, body.to, progress);
+      res.end(JSON.stringify({ event: 'result', ok: true, ...r }) + '\n');
+    } else {
+      const reports = [];
+      for (const img of images) reports.push(await verifyImage(app.store, join(app.opts.dataDir, 'store'), img!.id, img!.rootDigest, progress));
+      res.end(JSON.stringify({ event: 'result', ok: reports.every((r) => r.ok), reports }) + '\n');
+    }
     return;
   }
   throw new BlocksnapError('E_NOT_FOUND', `no such control endpoint ${req.method} ${url}`);

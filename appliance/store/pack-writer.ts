@@ -138,6 +138,7 @@ export class PackWriter {
     });
     this.hash.update(trailer).update(footer);
     const tail = Buffer.concat([this.staging.subarray(0, this.staged), trailer, footer]);
+    if (this.staging.length === this.bufferSize) recycle(this.staging);
     const size = this.end + trailer.length + footer.length;
     this.track(writeAll(this.fd, tail, this.stagedAt));
     this.staged = 0;
@@ -178,18 +179,19 @@ export class PackWriter {
 
   private sendStaging(nextSize: number): Promise<void> | undefined {
     if (this.staged === 0) {
-      if (this.staging.length < nextSize) this.staging = takeBuffer(nextSize);
+      if (this.staging.length < nextSize) this.staging = Buffer.allocUnsafe(nextSize); // an oversized blob
       return undefined;
     }
     const full = this.staging;
-    const p = this.track(writeAll(this.fd, full.subarray(0, this.staged), this.stagedAt).then(() => recycle(full)));
+    const reuse = full.length === this.bufferSize;
+    const p = this.track(writeAll(this.fd, full.subarray(0, this.staged), this.stagedAt).then(() => reuse && recycle(full)));
     this.stagedAt += this.staged;
-    this.staging = takeBuffer(nextSize);
+    this.staging = nextSize === this.bufferSize ? takeBuffer(nextSize) : Buffer.allocUnsafe(nextSize);
     this.staged = 0;
     return p;
   }
 
-  private track(w: Promise<void>): Promise<void> {
+  private track(w: Promise<unknown>): Promise<void> {
     const p = w.then(
       () => {
         this.inflight.delete(p);
@@ -220,8 +222,10 @@ export class PackWriter {
 
 const RESOLVED: Promise<void> = Promise.resolve();
 
-// Staging buffers are recycled once written: allocating a fresh 1 MiB per
-// MiB stored showed up as page faults and GC time on the ingest path.
+// Staging buffers of the configured size are recycled once written:
+// allocating a fresh 1 MiB per MiB stored showed up as page faults and GC
+// time on the ingest path. Oversized buffers (a blob larger than the staging
+// size) are left to the GC so the pool stays a handful of fixed sizes.
 const spareBuffers = new Map<number, Buffer[]>();
 const MAX_SPARE_PER_SIZE = 8;
 

@@ -1,7 +1,7 @@
 import { BlocksnapError, toBlocksnapError } from '../errors.js';
 import { decodeSingleFrame, DEFAULT_MAX_FRAME_BYTES, encodeFrame } from '../codec.js';
 import type { Envelope } from '../messages.js';
-import { CloseCode, closeCodeFor, closeReason, disconnected, TransportBase, type Transport } from '../transport.js';
+import { CloseCode, closeCodeFor, closeReason, disconnected, fitCloseReason, isSendableCloseCode, TransportBase, type Transport } from '../transport.js';
 
 /**
  * Two connected in-process Transport ends for unit tests of the layers above
@@ -59,6 +59,8 @@ class MemoryEnd extends TransportBase implements MemoryTransport {
   close(code: number = CloseCode.NORMAL, reason = ''): void {
     if (this.closing) return;
     this.closing = true;
+    if (!isSendableCloseCode(code)) code = CloseCode.INTERNAL_ERROR;
+    reason = fitCloseReason(reason);
     setImmediate(() => {
       this.peer.peerClosed(code, reason);
       this.finish(this.failure);
@@ -105,10 +107,11 @@ class MemoryEnd extends TransportBase implements MemoryTransport {
   }
 }
 
-export function memoryTransportPair(opts: { maxFrameBytes?: number } = {}): [MemoryTransport, MemoryTransport] {
-  const max = opts.maxFrameBytes ?? DEFAULT_MAX_FRAME_BYTES;
-  const a = new MemoryEnd('memory:b', max);
-  const b = new MemoryEnd('memory:a', max);
+/** `maxFrameBytes`: one limit for both ends, or `[a, b]` to give each end its own. */
+export function memoryTransportPair(opts: { maxFrameBytes?: number | [number, number] } = {}): [MemoryTransport, MemoryTransport] {
+  const [maxA, maxB] = Array.isArray(opts.maxFrameBytes) ? opts.maxFrameBytes : [opts.maxFrameBytes, opts.maxFrameBytes];
+  const a = new MemoryEnd('memory:b', maxA ?? DEFAULT_MAX_FRAME_BYTES);
+  const b = new MemoryEnd('memory:a', maxB ?? DEFAULT_MAX_FRAME_BYTES);
   a.peer = b;
   b.peer = a;
   return [a, b];

@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { envelope, JobMode, type Chunk, type Envelope, type TransferStats } from '../messages.js';
+import { envelope, JobMode, type Chunk, type Envelope, type EnvelopeOf, type TransferStats } from '../messages.js';
 
 /**
  * One envelope of every kind with every field set to a non-default value
@@ -22,7 +22,7 @@ export function sampleChunk(index: number, plainLength = 65536, dataBytes = plai
   return { index, digest: createHash('sha256').update(data).digest(), zero: false, data, plainLength };
 }
 
-export function sampleBatch(jobId: string, seq: number, count: number, chunkBytes = 65536): Envelope {
+export function sampleBatch(jobId: string, seq: number, count: number, chunkBytes = 65536): EnvelopeOf<'chunkBatch'> {
   const chunks = Array.from({ length: count }, (_, i) => sampleChunk(i * 2 + 1, chunkBytes));
   return envelope('chunkBatch', { jobId, seq, chunks });
 }

@@ -9,6 +9,7 @@ import { pathToFileURL } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { decompress } from 'zstd-napi';
 import { readChunks, type ReadChunk, type ReadPlan } from '../../agent/reader/chunk-reader.js';
+import { OrderedOutput } from '../../agent/reader/ordered-output.js';
 import { liveReaderWorkers } from '../../agent/reader/worker-pool.js';
 import { chunkContent, writeChunk, writeTestImage, type ImageInfo } from '../../agent/testing/random-image.js';
 import { isBlocksnapError } from '../../proto/errors.js';
@@ -289,5 +290,31 @@ describe('abort and early exit', () => {
     });
     expect(code).toBe(0);
     expect(stdout.trim()).toBe(how === 'abort' ? 'ended E_CANCELLED' : 'ended abandoned');
+  });
+});
+
+describe('OrderedOutput', () => {
+  it('hands out results strictly in sequence whatever the arrival order', async () => {
+    const out = new OrderedOutput<string>();
+    out.put(2, 'c');
+    const first = out.take(0);
+    out.put(1, 'b');
+    out.put(0, 'a');
+    expect(await first).toBe('a');
+    expect(await out.take(1)).toBe('b');
+    expect(await out.take(2)).toBe('c');
+  });
+
+  it('delivers a task error in its place and a global failure at once', async () => {
+    const out = new OrderedOutput<string>();
+    out.putError(1, new Error('task 1'));
+    out.put(0, 'a');
+    expect(await out.take(0)).toBe('a');
+    await expect(out.take(1)).rejects.toThrow('task 1');
+    const waiting = out.take(2);
+    out.fail(new Error('gone'));
+    out.put(2, 'late');
+    await expect(waiting).rejects.toThrow('gone');
+    await expect(out.take(3)).rejects.toThrow('gone');
   });
 });

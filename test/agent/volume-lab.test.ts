@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process';
-import { mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -112,6 +112,16 @@ describe('PgCluster on a lab volume', () => {
     expect(Number(accounts!.n)).toBe(100_000);
     expect(await pg.query('SHOW data_checksums')).toEqual([{ data_checksums: 'on' }]);
     expect(await pg.query<{ setting: string }>("SELECT setting FROM pg_settings WHERE name = 'data_directory'")).toEqual([{ setting: pg.dataDir }]);
+
+    // A copy of a live data directory carries the live postmaster's pid file:
+    // stopping the copy's (never started) cluster must not touch the original.
+    const copy = path.join(lab.volumeMount, 'copied-pgdata');
+    await mkdir(copy);
+    for (const f of ['PG_VERSION', 'postmaster.pid']) await copyFile(path.join(pg.dataDir, f), path.join(copy, f));
+    await execa('chown', ['-R', 'postgres:postgres', copy]);
+    await new PgCluster({ dataDir: copy, ledgerDir: path.join(tmp, 'ledgers-3') }).stop();
+    expect(await isRunning(pid, null)).toBe(true);
+    expect(await pg.query('SELECT 1 AS one')).toEqual([{ one: 1 }]);
 
     await pg.stop();
     expect(await isRunning(pid, null)).toBe(false);

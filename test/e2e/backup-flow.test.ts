@@ -5,7 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Agent } from '../../agent/agent.js';
 import { parseAgentConfig } from '../../agent/config.js';
 import { ReflinkSnapshotProvider } from '../../agent/snapshot/reflink-snapshot-provider.js';
-import { KeepingSnapshotProvider } from '../../agent/testing/keeping-provider.js';
+import { RetainingSnapshotProvider } from '../../agent/snapshot/retaining-provider.js';
 import { attachLoop, detachLoop } from '../../agent/testing/loop.js';
 import { PgCluster } from '../../agent/testing/pg-cluster.js';
 import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
@@ -26,7 +26,7 @@ describe('backup flow: full + incremental of a live PostgreSQL volume', () => {
   let pg: PgCluster;
   let appl: ApplianceHarness;
   let agent: Agent;
-  let keeper: KeepingSnapshotProvider;
+  let keeper: RetainingSnapshotProvider;
   const cleanups: (() => Promise<unknown>)[] = [];
 
   beforeAll(async () => {
@@ -42,7 +42,7 @@ describe('backup flow: full + incremental of a live PostgreSQL volume', () => {
       appliance: appl.url, agent: 'db1', token: appl.tokens.db1, stateDir, volumes: [lab.volume],
     });
     const log = createLogger('test-agent', process.env.BLOCKSNAP_LOG ?? 'warn');
-    keeper = new KeepingSnapshotProvider(new ReflinkSnapshotProvider({ stateDir, logger: log, volumes: [lab.volume] }), join(lab.poolMount, 'kept'));
+    keeper = new RetainingSnapshotProvider(new ReflinkSnapshotProvider({ stateDir, logger: log, volumes: [lab.volume] }), join(lab.poolMount, 'kept'));
     agent = new Agent(config, keeper, log);
     await agent.start();
     await agent.waitConnected(10_000);

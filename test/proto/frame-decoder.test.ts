@@ -158,7 +158,7 @@ describe('encodeFrame', () => {
       if (single.kind !== 'chunkBatch' || streamed[0]?.kind !== 'chunkBatch') throw new Error('wrong kind');
       expect(single.chunkBatch.chunks).toHaveLength(64);
       expect(single.chunkBatch.chunks[63]!.data.buffer).toBe(frame.buffer); // aliases the frame
-      expect(Buffer.compare(streamed[0].chunkBatch.chunks[40]!.data, (env as { chunkBatch: { chunks: { data: Buffer }[] } }).chunkBatch.chunks[40]!.data)).toBe(0);
+      expect(Buffer.compare(streamed[0].chunkBatch.chunks[40]!.data, env.chunkBatch.chunks[40]!.data)).toBe(0);
     }
     console.log(`4 MiB batch: encode ${times.encode.toFixed(2)} ms, decode single ${times.single.toFixed(2)} ms, decode stream ${times.stream.toFixed(2)} ms`);
     // Generous bounds for a shared 2-core machine; a copy per field or a

@@ -1,4 +1,5 @@
 import { afterEach, describe, expect, it } from 'vitest';
+import { DEFAULT_MAX_FRAME_BYTES } from '../../proto/codec.js';
 import type { BlocksnapError } from '../../proto/errors.js';
 import { envelope, type Envelope } from '../../proto/messages.js';
 import type { Transport } from '../../proto/transport.js';
@@ -27,22 +28,9 @@ async function wsPair({ maxA, maxB }: Limits = {}): Promise<Pair> {
   }
 }
 
-async function memoryPair({ maxA, maxB }: Limits = {}): Promise<Pair> {
-  // The pair shares one limit; when the test wants different ones, give each end its own.
-  if (maxA !== maxB) {
-    const [a] = memoryTransportPair({ maxFrameBytes: maxA });
-    const [, b] = memoryTransportPair({ maxFrameBytes: maxB });
-    wire(a, b);
-    return { a, b, cleanup: async () => (a.close(), b.close()) };
-  }
-  const [a, b] = memoryTransportPair({ maxFrameBytes: maxA });
+async function memoryPair({ maxA = DEFAULT_MAX_FRAME_BYTES, maxB = DEFAULT_MAX_FRAME_BYTES }: Limits = {}): Promise<Pair> {
+  const [a, b] = memoryTransportPair({ maxFrameBytes: [maxA, maxB] });
   return { a, b, cleanup: async () => (a.close(), b.close()) };
-}
-
-/** Re-pairs two ends from different pairs (test-only access to the private field). */
-function wire(a: Transport, b: Transport): void {
-  (a as unknown as { peer: Transport }).peer = b;
-  (b as unknown as { peer: Transport }).peer = a;
 }
 
 function plain(v: unknown): unknown {
@@ -115,6 +103,13 @@ describe.each([
     const err = await cb;
     expect(err).toMatchObject({ code: 'E_DISCONNECTED' });
     expect(err!.message).toMatch(/4000 going to lunch/);
+  });
+
+  it('close() with a code a WebSocket may not send falls back to 1011 and cuts a long reason', async () => {
+    const { a, b } = await open();
+    const cb = closed(b);
+    expect(() => a.close(1006, 'x'.repeat(300))).not.toThrow();
+    expect((await cb)!.message).toMatch(/1011 x{100,123}$/);
   });
 
   it('delivers everything sent before a close ahead of the peer onClose', async () => {

@@ -1,14 +1,17 @@
 import { constants } from 'node:fs';
 import { copyFile, mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
-import type { Snapshot, SnapshotProvider, VolumeSpec } from '../snapshot/snapshot-provider.js';
+import type { Snapshot, SnapshotProvider, VolumeSpec } from './snapshot-provider.js';
 
 /**
- * Wraps a real SnapshotProvider and keeps a reflink clone of every snapshot
- * just before it is removed, so a test can compare an exported image with
- * the exact snapshot it came from. The clones are the test's to delete.
+ * Wraps a SnapshotProvider and keeps a reflink clone of every snapshot just
+ * before it is removed (agent config `retainSnapshotsDir`), so an operator or
+ * a test can compare an exported image with the exact snapshot it came from.
+ * Retained clones are not tracked: whoever asked for them deletes them.
+ * The clone is a reflink (FICLONE), so it costs no space until the volume
+ * diverges; on a filesystem without reflink it is a full copy.
  */
-export class KeepingSnapshotProvider implements SnapshotProvider {
+export class RetainingSnapshotProvider implements SnapshotProvider {
   readonly kind: string;
   readonly kept = new Map<string, string>();
 

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what blocksnap's demo, tests and benchmarks need on a fresh Debian
+# machine (root required: loop devices, mounts, fsfreeze, tracefs), then
+# installs npm dependencies (only when the lock file changed) and builds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "blocksnap: run as root (it attaches loop devices, mounts and freezes filesystems)" >&2
+  exit 1
+fi
+
+pkgs=()
+command -v mkfs.xfs >/dev/null || pkgs+=(xfsprogs)
+command -v mkfs.ext4 >/dev/null || pkgs+=(e2fsprogs)
+command -v losetup >/dev/null || pkgs+=(mount)
+command -v fsfreeze >/dev/null || pkgs+=(util-linux)
+command -v blkdiscard >/dev/null || pkgs+=(util-linux)
+command -v cmp >/dev/null || pkgs+=(diffutils)
+[ -x /usr/lib/postgresql/15/bin/postgres ] || pkgs+=(postgresql-15)
+if [ ${#pkgs[@]} -gt 0 ]; then
+  echo "blocksnap: installing ${pkgs[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+fi
+
+mountpoint -q /sys/kernel/tracing || mount -t tracefs none /sys/kernel/tracing 2>/dev/null || true
+
+if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ] \
+   || ! node -e "require('better-sqlite3'); require('zstd-napi')" 2>/dev/null; then
+  npm ci --no-audit --no-fund
+fi
+npm run build --silent
