@@ -22,7 +22,7 @@ export const AGENT_VERSION = '0.1.0';
 export class Agent {
   private transport: Transport | null = null;
   private readonly runners = new Map<string, JobRunner>();
-  private connectedWaiters: (() => void)[] = [];
+  private connectedWaiters: { resolve: () => void; reject: (e: BlocksnapError) => void }[] = [];
   private stopped = false;
   private loop: Promise<void> | null = null;
   private wake: (() => void) | null = null;
@@ -46,12 +46,16 @@ export class Agent {
     this.stopped = true;
     this.wake?.();
     this.transport?.close();
-    for (const r of this.runners.values()) r.disconnected();
+    for (const r of this.runners.values()) r.cancel('agent stopping');
+    const stopping = new BlocksnapError('E_CANCELLED', 'agent stopping');
+    for (const w of this.connectedWaiters.splice(0)) w.reject(stopping);
     await this.loop;
     await Promise.allSettled([...this.running]);
   }
 
   private readonly running = new Set<Promise<unknown>>();
+  /** Tells the appliance that jobs of an earlier process of this agent will never resume. */
+  private readonly instanceId = newInstanceId();
 
   get connected(): boolean {
     return this.transport !== null;
@@ -100,7 +104,7 @@ export class Agent {
         if (env.kind === 'welcome') {
           this.transport = t;
           this.log.info({ session: env.welcome.sessionId }, 'connected to appliance');
-          for (const w of this.connectedWaiters.splice(0)) w();
+          for (const w of this.connectedWaiters.splice(0)) w.resolve();
           resolve();
         } else if (env.kind === 'error' && !env.error.jobId && !this.transport) {
           reject(new BlocksnapError(env.error.code === 'E_AUTH' ? 'E_AUTH' : 'E_PROTOCOL', `appliance: ${env.error.message}`));
@@ -111,7 +115,7 @@ export class Agent {
       t.onClose((err) => reject(err ?? new BlocksnapError('E_DISCONNECTED', 'closed during handshake')));
     });
     await t.send(envelope('hello', {
-      agent: this.config.agent, token: this.config.token, protocolVersion: 1, agentVersion: AGENT_VERSION, volumes,
+      agent: this.config.agent, token: this.config.token, protocolVersion: 1, agentVersion: AGENT_VERSION, volumes, instanceId: this.instanceId,
     }));
     await welcome;
   }
@@ -167,12 +171,23 @@ export class Agent {
 
   waitConnected(timeoutMs: number): Promise<void> {
     if (this.transport) return Promise.resolve();
+    if (this.stopped) return Promise.reject(new BlocksnapError('E_CANCELLED', 'agent stopping'));
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new BlocksnapError('E_TIMEOUT', `appliance not reachable within ${timeoutMs} ms`)), timeoutMs);
-      this.connectedWaiters.push(() => {
-        clearTimeout(timer);
-        resolve();
-      });
+      const w = {
+        resolve: () => {
+          clearTimeout(timer);
+          resolve();
+        },
+        reject: (e: BlocksnapError) => {
+          clearTimeout(timer);
+          reject(e);
+        },
+      };
+      const timer = setTimeout(() => {
+        this.connectedWaiters = this.connectedWaiters.filter((x) => x !== w);
+        reject(new BlocksnapError('E_TIMEOUT', `appliance not reachable within ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.connectedWaiters.push(w);
     });
   }
 }

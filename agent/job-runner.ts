@@ -87,6 +87,11 @@ export class JobRunner {
     }
   }
 
+  /** Ends the job from this side (agent stopping): the snapshot is released, the appliance told if reachable. */
+  cancel(reason: string): void {
+    this.end(new BlocksnapError('E_CANCELLED', reason));
+  }
+
   /** The connection dropped: wake every waiter; the job itself goes on. */
   disconnected(): void {
     const err = new BlocksnapError('E_DISCONNECTED', 'connection to the appliance lost');
@@ -205,6 +210,7 @@ export class JobRunner {
         if (this.fatal || !isBlocksnapError(e, 'E_DISCONNECTED')) throw e;
         log.warn('connection lost during transfer; waiting to resume');
         await this.deps.waitConnected(this.deps.resumeTimeoutMs);
+        if (this.fatal) throw this.fatal;
         this.window.reset();
         await this.deps.send(envelope('beginVolume', { ...begin, resume: true }));
         ready = await this.expect('volumeReady');

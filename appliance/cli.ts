@@ -260,10 +260,11 @@ function control(dataDir: string, path: string, body: object, progressLabel: str
           else if (ev.event === 'result' || ev.event === 'error') result = ev;
         }
       });
-      res.on('end', () => {
+      // 'close' also fires when the appliance dies mid-response ('end' then never comes).
+      res.on('close', () => {
         bar?.stop();
         if (result) resolvePromise(result);
-        else reject(new BlocksnapError('E_DISCONNECTED', 'appliance closed the control connection without a result'));
+        else reject(new BlocksnapError('E_DISCONNECTED', 'the appliance went away before the result (see its log)'));
       });
     });
     req.on('error', (e) => reject(new BlocksnapError('E_DISCONNECTED', `control socket: ${e.message}`, { cause: e })));

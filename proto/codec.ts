@@ -155,6 +155,7 @@ export function validateEnvelope(env: Envelope): void {
       id(m.agent, 'hello.agent', true);
       text(m.token, 'hello.token', MAX_TOKEN);
       id(m.agentVersion, 'hello.agentVersion', false);
+      id(m.instanceId, 'hello.instanceId', false);
       if (m.volumes.length > MAX_VOLUMES) fail(`hello.volumes has ${m.volumes.length} entries (max ${MAX_VOLUMES})`);
       m.volumes.forEach((v, i) => {
         id(v.name, `hello.volumes[${i}].name`, true);

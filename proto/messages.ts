@@ -24,6 +24,8 @@ export type JobMode = (typeof JobMode)[keyof typeof JobMode];
 export interface VolumeInfo { name: string; size: number; chunkSize: number; lastImageId: string }
 export interface Hello {
   agent: string; token: string; protocolVersion: number; agentVersion: string; volumes: VolumeInfo[];
+  /** Random per agent process; a new value means the agent restarted and its old jobs are gone. */
+  instanceId: string;
 }
 export interface Welcome { sessionId: string; maxFrameBytes: number; windowBytes: number }
 export interface RunJob { jobId: string; volume: string; mode: JobMode }

@@ -26,8 +26,13 @@ export class RetainingSnapshotProvider implements SnapshotProvider {
   async remove(snapshot: Snapshot): Promise<void> {
     await mkdir(this.keepDir, { recursive: true });
     const dest = join(this.keepDir, `${snapshot.id.replace(/[^A-Za-z0-9._-]/g, '_')}.img`);
-    await copyFile(snapshot.path, dest, constants.COPYFILE_FICLONE);
-    this.kept.set(snapshot.id, dest);
+    try {
+      await copyFile(snapshot.path, dest, constants.COPYFILE_FICLONE);
+      this.kept.set(snapshot.id, dest);
+    } catch (e) {
+      // Nothing to retain if the snapshot is already gone; removal stays idempotent.
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+    }
     return this.inner.remove(snapshot);
   }
 

@@ -1,6 +1,6 @@
 import { closeSync, openSync, writeSync } from 'node:fs';
 import { Worker } from 'node:worker_threads';
-import { BlocksnapError } from '../../proto/errors.js';
+import { BlocksnapError, toBlocksnapError } from '../../proto/errors.js';
 
 /**
  * Reads a tracing instance's `trace_pipe` without ever blocking the main
@@ -95,7 +95,7 @@ export class TracePipeReader {
 
   /** Starts a reader; resolves once trace_pipe is open. */
   static async open(instanceDir: string, events: TracePipeReaderEvents): Promise<TracePipeReader> {
-    let reader!: TracePipeReader;
+    let reader: TracePipeReader | undefined;
     await new Promise<void>((resolve, reject) => {
       let settled = false;
       reader = new TracePipeReader(instanceDir, events, (err) => {
@@ -106,11 +106,11 @@ export class TracePipeReader {
       });
       reader.hold();
     }).catch(async (e) => {
-      await reader.close();
-      throw e;
+      await reader?.close();
+      throw toBlocksnapError(e, 'E_TRACKER');
     });
-    reader.release();
-    return reader;
+    reader!.release();
+    return reader!;
   }
 
   /** Writes a line into the instance's buffer (a barrier token). */

@@ -166,3 +166,32 @@ export async function readLossCounters(instanceDir: string): Promise<LossCounter
   }
   return out;
 }
+
+const BIO_EVENT = 'events/block/block_bio_queue';
+
+/**
+ * Sets up a fresh instance: per-CPU buffer size, a clock that is monotonic
+ * across CPUs (the drain barrier relies on trace_pipe's timestamp order),
+ * and the event filter, read back to be sure the kernel took it as written.
+ */
+export async function configureInstance(dir: string, opts: { bufferSizeKb: number; filter: string }): Promise<void> {
+  await writeTracefs(path.join(dir, 'buffer_size_kb'), String(opts.bufferSizeKb));
+  await writeTracefs(path.join(dir, 'trace_clock'), 'mono').catch(() => writeTracefs(path.join(dir, 'trace_clock'), 'global'));
+  const filterFile = path.join(dir, BIO_EVENT, 'filter');
+  await writeTracefs(filterFile, opts.filter);
+  const applied = (await fsp.readFile(filterFile, 'utf8')).trim();
+  if (applied !== opts.filter) throw new BlocksnapError('E_TRACKER', `event filter not applied: read back "${applied}"`);
+}
+
+export async function setEventEnabled(dir: string, on: boolean): Promise<void> {
+  await writeTracefs(path.join(dir, BIO_EVENT, 'enable'), on ? '1' : '0');
+  if (on) await writeTracefs(path.join(dir, 'tracing_on'), '1');
+}
+
+async function writeTracefs(file: string, value: string): Promise<void> {
+  try {
+    await fsp.writeFile(file, value);
+  } catch (e) {
+    throw new BlocksnapError('E_TRACKER', `cannot write "${value}" to ${file}: ${(e as Error).message}`, { cause: e });
+  }
+}

@@ -3,14 +3,17 @@ import path from 'node:path';
 import { BlocksnapError, toBlocksnapError } from '../../proto/errors.js';
 import type { Logger } from '../../proto/log.js';
 import { kernelDev, readBlockDeviceInfo, readIoCounters, type BlockDeviceInfo } from './device-identity.js';
-import { Generations } from './generations.js';
+import { Generations, identityMismatch } from './generations.js';
 import { TracePipeReader } from './trace-pipe-reader.js';
-import { Rwbs, TraceLineParser, type TraceSink } from './trace-line-parser.js';
+import { bioSink } from './bio-sink.js';
+import { TraceLineParser } from './trace-line-parser.js';
 import {
+  configureInstance,
   formatInstanceName,
   processStartTime,
   readLossCounters,
   removeInstance,
+  setEventEnabled,
   tracefsRoot,
   type LossCounters,
 } from './tracefs-instance.js';
@@ -102,6 +105,7 @@ export class TracefsTracker implements Tracker {
   private chunkSize = 0;
   private lossBase: LossCounters | null = null;
   private timer: NodeJS.Timeout | null = null;
+  private lossCheck: Promise<void> = Promise.resolve();
   private readonly waiters = new Map<string, () => void>();
   private barrierSeq = 0;
   private readerDead = false;
@@ -109,7 +113,12 @@ export class TracefsTracker implements Tracker {
   private readonly opts: Required<Omit<TracefsTrackerOptions, 'root' | 'log'>> & TracefsTrackerOptions;
 
   constructor(opts: TracefsTrackerOptions = {}) {
-    this.opts = { bufferSizeKb: 4096, statsIntervalMs: 1000, barrierTimeoutMs: 30_000, ...opts };
+    this.opts = {
+      ...opts,
+      bufferSizeKb: opts.bufferSizeKb ?? 4096,
+      statsIntervalMs: opts.statsIntervalMs ?? 1000,
+      barrierTimeoutMs: opts.barrierTimeoutMs ?? 30_000,
+    };
   }
 
   get phase(): TrackerPhase {
@@ -249,22 +258,11 @@ export class TracefsTracker implements Tracker {
 
   /** A resize or a re-attach under us means the bitmap describes another device. */
   private async checkDevice(): Promise<void> {
-    const was = this.dev!.identity;
-    let now;
-    try {
-      now = (await readBlockDeviceInfo(this.device)).identity;
-    } catch (e) {
-      this.gens!.invalidate(`device ${this.device} is gone: ${(e as Error).message}`);
-      return;
-    }
-    if (now.major !== was.major || now.minor !== was.minor || now.diskseq !== was.diskseq) {
-      this.gens!.invalidate(
-        `device ${this.device} was replaced: ${was.major}:${was.minor} diskseq ${was.diskseq} is now ` +
-          `${now.major}:${now.minor} diskseq ${now.diskseq}`,
-      );
-    } else if (now.size !== was.size) {
-      this.gens!.invalidate(`device ${this.device} was resized from ${was.size} to ${now.size} bytes`);
-    }
+    const why = await readBlockDeviceInfo(this.device).then(
+      (now) => identityMismatch(this.dev!.identity, now.identity),
+      (e: Error) => `device ${this.device} is gone: ${e.message}`,
+    );
+    if (why !== null) this.gens!.invalidate(`while tracking ${this.device}: ${why}`);
   }
 
   private async barrier(): Promise<void> {
@@ -289,7 +287,14 @@ export class TracefsTracker implements Tracker {
     }
   }
 
-  private async checkLosses(): Promise<void> {
+  /** Serialised: the timer and a drain must not both move the baseline. */
+  private checkLosses(): Promise<void> {
+    const run = this.lossCheck.then(() => this.compareLosses());
+    this.lossCheck = run.catch(() => {});
+    return run;
+  }
+
+  private async compareLosses(): Promise<void> {
     if (!this.lossBase || !this.gens) return;
     const now = await readLossCounters(this.dir);
     const base = this.lossBase;
@@ -303,14 +308,11 @@ export class TracefsTracker implements Tracker {
   }
 
   private async configure(dev: BlockDeviceInfo): Promise<void> {
-    const ev = path.join(this.dir, 'events/block/block_bio_queue');
-    await writeTracefs(path.join(this.dir, 'buffer_size_kb'), String(this.opts.bufferSizeKb));
-    await writeTracefs(path.join(this.dir, 'trace_clock'), 'mono');
-    const filter = `dev == ${kernelDev(dev.traceMajor, dev.traceMinor)} && !(rwbs ~ "R*")`;
-    await writeTracefs(path.join(ev, 'filter'), filter);
-    const applied = (await fsp.readFile(path.join(ev, 'filter'), 'utf8')).trim();
-    if (applied !== filter) throw new BlocksnapError('E_TRACKER', `event filter not applied: read back "${applied}"`);
-    const parser = new TraceLineParser(this.sink(dev));
+    await configureInstance(this.dir, {
+      bufferSizeKb: this.opts.bufferSizeKb,
+      filter: `dev == ${kernelDev(dev.traceMajor, dev.traceMinor)} && !(rwbs ~ "R*")`,
+    });
+    const parser = new TraceLineParser(bioSink(dev, this.gens!, (text) => this.waiters.get(text)?.()));
     this.reader = await TracePipeReader.open(this.dir, {
       data: (bytes) => parser.push(bytes),
       failed: (message) => {
@@ -318,34 +320,7 @@ export class TracefsTracker implements Tracker {
         this.gens?.invalidate(`trace_pipe reader failed: ${message}`);
       },
     });
-    await writeTracefs(path.join(ev, 'enable'), '1');
-    await writeTracefs(path.join(this.dir, 'tracing_on'), '1');
-  }
-
-  private sink(dev: BlockDeviceInfo): TraceSink {
-    const gens = this.gens!;
-    const { traceMajor, traceMinor, startSector } = dev;
-    const sectors = dev.identity.size / 512;
-    return {
-      bio: (major, minor, rwbs, sector, count) => {
-        if (major !== traceMajor || minor !== traceMinor || (rwbs & Rwbs.LEADING_R) !== 0) return;
-        if (count === 0) {
-          if ((rwbs & Rwbs.N) !== 0) gens.invalidate(`zero-length content-changing op at sector ${sector}`);
-          return;
-        }
-        if (startSector === 0) {
-          gens.recordSectors(sector, count);
-          return;
-        }
-        // A partition: the record is in disk sectors; keep the part inside us.
-        const from = Math.max(sector, startSector);
-        const to = Math.min(sector + count, startSector + sectors);
-        if (to > from) gens.recordSectors(from - startSector, to - from);
-      },
-      lost: (cpu, count) => gens.invalidate(`trace_pipe reported ${count < 0 ? 'an unknown number of' : count} lost events on CPU ${cpu}`),
-      marker: (text) => this.waiters.get(text)?.(),
-      malformed: (line) => gens.invalidate(`unparseable trace line: ${line.slice(0, 120)}`),
-    };
+    await setEventEnabled(this.dir, true);
   }
 
   /** Disables the event, stops the reader, removes the instance. Collects every failure. */
@@ -353,7 +328,7 @@ export class TracefsTracker implements Tracker {
     if (this.timer) clearInterval(this.timer);
     this.timer = null;
     const errors: unknown[] = [];
-    await writeTracefs(path.join(this.dir, 'events/block/block_bio_queue/enable'), '0').catch((e) => errors.push(e));
+    await setEventEnabled(this.dir, false).catch((e) => errors.push(e));
     if (this.reader) await this.reader.close().catch((e) => errors.push(e));
     this.reader = null;
     await removeInstance(this.root, this.name).catch((e) => errors.push(e));
@@ -364,13 +339,5 @@ export class TracefsTracker implements Tracker {
     if (this._phase === 'stopped' || this.stopping) throw new BlocksnapError('E_TRACKER', 'tracker is stopped');
     if (!this.gens) throw new BlocksnapError('E_TRACKER', 'tracker not started');
     return this.gens;
-  }
-}
-
-async function writeTracefs(file: string, value: string): Promise<void> {
-  try {
-    await fsp.writeFile(file, value);
-  } catch (e) {
-    throw new BlocksnapError('E_TRACKER', `cannot write "${value}" to ${file}: ${(e as Error).message}`, { cause: e });
   }
 }

@@ -29,6 +29,10 @@ export class ActiveJob extends EventEmitter {
   imageId: string | null = null;
   volumeId: number | null = null;
   sessionId: string;
+  /** The agent process (Hello.instanceId) that runs the job. */
+  instanceId = '';
+  /** Times the transfer resumed after a dropped connection. */
+  resumes = 0;
   /** Serializes the job's frames: batches, end and result run one after another. */
   chain: Promise<void> = Promise.resolve();
   graceTimer: NodeJS.Timeout | null = null;

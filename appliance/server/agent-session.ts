@@ -1,7 +1,8 @@
 import { randomBytes } from 'node:crypto';
 import type { Logger } from 'pino';
 import { BlocksnapError, toBlocksnapError } from '../../proto/errors.js';
-import { envelope, type Envelope, type Hello, type VolumeInfo } from '../../proto/messages.js';
+import { validateEnvelope } from '../../proto/codec.js';
+import { envelope, messageOf, type Envelope, type Hello, type VolumeInfo } from '../../proto/messages.js';
 import type { Transport } from '../../proto/transport.js';
 import { CloseCode } from '../../proto/transport.js';
 import type { AgentRow } from '../catalog/catalog.js';
@@ -21,6 +22,7 @@ export class AgentSession {
   readonly id = 'ses-' + randomBytes(6).toString('hex');
   state: 'auth' | 'ready' | 'closed' = 'auth';
   agent: AgentRow | null = null;
+  instanceId = '';
   volumes = new Map<string, VolumeInfo>();
   private readonly authTimer: NodeJS.Timeout;
 
@@ -60,10 +62,25 @@ export class AgentSession {
     if (this.state === 'closed') return;
     if (this.state === 'auth') {
       if (env.kind !== 'hello') return this.refuse('E_PROTOCOL', `expected hello, got ${env.kind}`);
+      try {
+        validateEnvelope(env);
+      } catch (e) {
+        const err = toBlocksnapError(e, 'E_PROTOCOL');
+        return this.refuse(err.code, err.message);
+      }
       return this.onHello(env.hello);
     }
     if (env.kind === 'ping') return this.send(envelope('pong', env.ping));
     if (env.kind === 'hello') return this.refuse('E_PROTOCOL', 'hello sent twice');
+    try {
+      validateEnvelope(env);
+    } catch (e) {
+      // A malformed job frame aborts that job only; anything else ends the session.
+      const err = toBlocksnapError(e, 'E_PROTOCOL');
+      const jobId = (messageOf(env) as { jobId?: unknown }).jobId;
+      if (typeof jobId === 'string' && jobId && this.router.failOwnJob(this, jobId, err)) return;
+      return this.refuse(err.code, err.message);
+    }
     try {
       this.router.onAgentFrame(this, env);
     } catch (e) {
@@ -88,6 +105,7 @@ export class AgentSession {
       this.volumes.set(v.name, v);
     }
     this.agent = agent;
+    this.instanceId = h.instanceId;
     this.state = 'ready';
     for (const v of this.volumes.values()) this.router.catalog.upsertVolume(agent.id, v.name, v.size, v.chunkSize);
     this.send(envelope('welcome', { sessionId: this.id, maxFrameBytes: this.limits.maxFrameBytes, windowBytes: this.limits.windowBytes }));

@@ -50,6 +50,12 @@ export class JobRouter {
     // One live connection per agent: a reconnect replaces the old socket.
     if (old && old !== s) old.refuse('E_PROTOCOL', 'replaced by a newer connection of the same agent');
     this.sessions.set(name, s);
+    // A new agent process cannot resume what the old one was doing: end those jobs now, not after the grace period.
+    for (const job of this.jobs.values()) {
+      if (job.agent === name && !job.finished && job.instanceId !== s.instanceId) {
+        this.fail(job, new BlocksnapError('E_DISCONNECTED', 'the agent restarted during the job'), false);
+      }
+    }
   }
 
   sessionClosed(s: AgentSession, err?: BlocksnapError): void {
@@ -86,6 +92,7 @@ export class JobRouter {
     }
     const row = this.catalog.createJob(s.agent!.id, volume, mode);
     const job = new ActiveJob(row.id, agentName, s.agent!.id, volume, mode, s.id);
+    job.instanceId = s.instanceId;
     this.jobs.set(job.id, job);
     this.catalog.setJobState(job.id, 'running');
     s.send(envelope('runJob', { jobId: job.id, volume, mode: mode === 'full' ? JobMode.FULL : JobMode.INCREMENTAL }));
@@ -129,6 +136,14 @@ export class JobRouter {
     }
   }
 
+  /** Fails a job of this session's agent because of a bad frame; false if it is not theirs. */
+  failOwnJob(s: AgentSession, jobId: string, err: BlocksnapError): boolean {
+    const job = this.jobs.get(jobId);
+    if (!job || job.agent !== s.agent!.name || job.finished) return false;
+    this.fail(job, err);
+    return true;
+  }
+
   /** The job if it belongs to this session's agent; otherwise answers E_UNKNOWN_JOB and touches nothing. */
   private ownJob(s: AgentSession, jobId: string): ActiveJob | undefined {
     const job = this.jobs.get(jobId);
@@ -158,6 +173,7 @@ export class JobRouter {
       if (job.state !== 'transferring') throw new BlocksnapError('E_PROTOCOL', `job ${job.id} cannot resume in state ${job.state}`);
       await job.ingest.flush();
       job.ingest.resumed();
+      job.resumes++;
       this.log.info({ job: job.id, resumeFrom: job.ingest.durableNext }, 'transfer resumed');
       s.send(envelope('volumeReady', { jobId: job.id, basisAccepted: job.basisAccepted, resumeFrom: job.ingest.durableNext, reason: '' }));
       return;
@@ -202,7 +218,7 @@ export class JobRouter {
     const stats: ManifestStats = {
       chunksTotal: ingest.chunkCount, chunksReceived: st.chunksReceived, chunksZero: st.chunksZero,
       chunksStored: st.chunksStored, bytesReceived: st.bytesReceived, bytesStored: st.bytesStored,
-      pagesWritten: st.pagesWritten, pagesShared: st.pagesShared,
+      pagesWritten: st.pagesWritten, pagesShared: st.pagesShared, resumes: job.resumes,
       chunksRead: agentStats?.chunksRead ?? 0, bytesRead: agentStats?.bytesRead ?? 0,
       freezeSeconds: agentStats?.freezeSeconds ?? 0,
     };

@@ -30,7 +30,7 @@ export function sampleBatch(jobId: string, seq: number, count: number, chunkByte
 export function sampleEnvelopes(): Envelope[] {
   return [
     envelope('hello', {
-      agent: 'db1', token: 's3cret-token', protocolVersion: 1, agentVersion: '0.1.0',
+      agent: 'db1', token: 's3cret-token', protocolVersion: 1, agentVersion: '0.1.0', instanceId: '0123456789abcdef',
       volumes: [
         { name: 'pgdata', size: 4 * 2 ** 30, chunkSize: 65536, lastImageId: 'img-abc' },
         { name: 'pgwal', size: 2 ** 52 + 3, chunkSize: 4096, lastImageId: '' },

@@ -29,6 +29,21 @@ describe('MemoryTracker specifics', () => {
     await t.stop();
   });
 
+  it('invalidates on a write beyond the tracked size', async () => {
+    const dev = new FakeBlockDevice('/dev/fake3', SIZE);
+    const t = new MemoryTracker([dev]);
+    await t.start({ device: dev.path, chunkSize: 65536, generation: 1 });
+    await t.prepareSwitch();
+    await t.completeSwitch();
+    dev.write(SIZE - 512, 1024);
+    expect(t.validity()).toEqual({
+      valid: false,
+      reason: `write at byte ${SIZE - 512} + 1024 is beyond the tracked size ${SIZE}`,
+    });
+    const g = (await t.stop()).bitmap;
+    expect([...g.indexes()]).toEqual([SIZE / 65536 - 1]);
+  });
+
   it('does not see writes after stop, but the device counters do', async () => {
     const dev = new FakeBlockDevice('/dev/fake2', SIZE);
     const t = new MemoryTracker([dev]);

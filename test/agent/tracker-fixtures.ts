@@ -10,7 +10,7 @@ import path from 'node:path';
 import { execa } from 'execa';
 import { releaseResources } from '../../agent/testing/cleanup.js';
 import { Ledger } from '../../agent/testing/ledger.js';
-import { attachLoop } from '../../agent/testing/loop.js';
+import { attachLoop, loopBackingFile } from '../../agent/testing/loop.js';
 import { parseInstanceName, removeInstance, tracefsRoot } from '../../agent/tracker/tracefs-instance.js';
 
 export interface LoopRig {
@@ -25,7 +25,12 @@ export async function createLoopRig(size: number, opts: { mbr?: { start: number;
   const ledger = await Ledger.create('tracker-test');
   const dir = await realpath(await mkdtemp(path.join(os.tmpdir(), 'blocksnap-tracker-')));
   await ledger.add({ kind: 'dir', path: dir });
+  let partitioned: { device: string; image: string } | null = null;
   const release = async () => {
+    // Partitions added with partx outlive the detach: delete them first, on our device only.
+    if (partitioned && (await loopBackingFile(partitioned.device)) === partitioned.image) {
+      await execa('partx', ['-d', partitioned.device], { reject: false, stdin: 'ignore' });
+    }
     const actions = await releaseResources(ledger.path, ledger.resources);
     const bad = actions.filter((a) => a.outcome === 'failed' || a.outcome === 'skipped');
     if (bad.length > 0) throw new Error(`cannot release: ${JSON.stringify(bad)}`);
@@ -41,18 +46,18 @@ export async function createLoopRig(size: number, opts: { mbr?: { start: number;
       await fh.close();
     }
     const idx = await ledger.add({ kind: 'loop', backingFile: image, device: null });
-    const device = opts.mbr ? await attachPartitioned(image) : await attachLoop(image);
+    const device = await attachLoop(image);
     await ledger.update(idx, { device });
+    if (opts.mbr) {
+      partitioned = { device, image };
+      // This kernel has no partition-table parsers: partx adds the partition through BLKPG.
+      await execa('partx', ['-a', device], { stdin: 'ignore' });
+    }
     return { dir, image, device, ledger, release };
   } catch (e) {
     await release().catch(() => {});
     throw e;
   }
-}
-
-async function attachPartitioned(image: string): Promise<string> {
-  const r = await execa('losetup', ['--find', '--show', '--partscan', image], { stdin: 'ignore' });
-  return r.stdout.trim();
 }
 
 /** A classic MBR with one Linux partition (LBA only). */

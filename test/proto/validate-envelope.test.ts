@@ -40,8 +40,8 @@ describe('validateEnvelope', () => {
   it.each<[string, Envelope]>([
     ['an empty batch', batch([])],
     ['a batch without job id', envelope('chunkBatch', { jobId: '', seq: 1, chunks: [sampleChunk(1)] })],
-    ['a hello without agent', envelope('hello', { agent: '', token: 't', protocolVersion: 1, agentVersion: '', volumes: [] })],
-    ['a 257-character agent name', envelope('hello', { agent: 'a'.repeat(257), token: 't', protocolVersion: 1, agentVersion: '', volumes: [] })],
+    ['a hello without agent', envelope('hello', { agent: '', token: 't', protocolVersion: 1, agentVersion: '', volumes: [], instanceId: '' })],
+    ['a 257-character agent name', envelope('hello', { agent: 'a'.repeat(257), token: 't', protocolVersion: 1, agentVersion: '', volumes: [], instanceId: '' })],
     ['a control character in an id', envelope('runJob', { jobId: 'job\n1', volume: 'v', mode: JobMode.FULL })],
     ['mode UNSPECIFIED', envelope('runJob', { jobId: 'job-1', volume: 'v', mode: JobMode.UNSPECIFIED })],
     ['an unknown mode', envelope('runJob', { jobId: 'job-1', volume: 'v', mode: 7 as JobMode })],

@@ -1,0 +1,176 @@
+import { execa } from 'execa';
+import { existsSync, statSync } from 'node:fs';
+import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Agent } from '../../agent/agent.js';
+import { parseAgentConfig } from '../../agent/config.js';
+import { ReflinkSnapshotProvider } from '../../agent/snapshot/reflink-snapshot-provider.js';
+import { RetainingSnapshotProvider } from '../../agent/snapshot/retaining-provider.js';
+import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
+import { exportImage } from '../../appliance/ops/export-image.js';
+import { startAppliance } from '../../appliance/testing/appliance-harness.js';
+import { applianceCmd, spawnAgent, spawnAppliance } from '../../appliance/testing/processes.js';
+import { TcpProxy } from '../../appliance/testing/tcp-proxy.js';
+import { createLogger } from '../../proto/log.js';
+
+/**
+ * Failures in the middle of a transfer, on real loop devices: a dropped
+ * connection (the agent resumes from the appliance's durable point), kill -9
+ * of the appliance (no image, the next backup works), kill -9 of the agent
+ * (its restart removes the snapshot; the appliance ends the job at once).
+ * The volume holds 384 MiB of random data so a transfer lasts long enough
+ * to be interrupted.
+ */
+const log = createLogger('test', process.env.BLOCKSNAP_LOG ?? 'warn');
+
+describe('crashes and dropped connections during a transfer', () => {
+  let lab: VolumeLab;
+  let retained: string;
+  const cleanups: (() => Promise<unknown>)[] = [];
+
+  beforeAll(async () => {
+    lab = await createVolumeLab({ volumeSize: 1024 ** 3, poolSize: 4 * 1024 ** 3, name: 'vol' });
+    await execa('dd', ['if=/dev/urandom', `of=${join(lab.volumeMount, 'random.bin')}`, 'bs=1M', 'count=384', 'status=none']);
+    await execa('sync');
+    retained = join(lab.poolMount, 'retained');
+  });
+
+  afterAll(async () => {
+    for (const c of cleanups.reverse()) await c().catch((e) => console.error('cleanup', e));
+    await lab?.destroy();
+  });
+
+  async function agentConfig(url: string, token: string, tag: string) {
+    const stateDir = await mkdtemp(join(lab.root, `state-${tag}-`));
+    return parseAgentConfig({ appliance: url, agent: 'db1', token, stateDir, volumes: [lab.volume], retainSnapshotsDir: retained });
+  }
+
+  async function inProcessAgent(url: string, token: string, tag: string) {
+    const config = await agentConfig(url, token, tag);
+    const provider = new RetainingSnapshotProvider(new ReflinkSnapshotProvider({ stateDir: config.stateDir, logger: log, volumes: [lab.volume] }), retained);
+    const agent = new Agent(config, provider, log);
+    await agent.start();
+    cleanups.push(() => agent.stop());
+    await agent.waitConnected(10_000);
+    return agent;
+  }
+
+  async function expectIdentical(store: Parameters<typeof exportImage>[0], rootDigest: string, jobId: string) {
+    const out = join(lab.poolMount, `${jobId}.raw`);
+    await exportImage(store, rootDigest, out);
+    const cmp = await execa('cmp', [out, join(retained, `vol_${jobId}.img`)], { reject: false });
+    await rm(out, { force: true });
+    expect(cmp.exitCode, cmp.stdout).toBe(0);
+  }
+
+  async function snapFiles(): Promise<string[]> {
+    const dir = join(lab.poolMount, '.blocksnap');
+    return existsSync(dir) ? (await readdir(dir)).filter((f) => f.includes('.snap')) : [];
+  }
+
+  it('resumes after a dropped connection from the durable point, and the image is identical to its snapshot', async () => {
+    const appl = await startAppliance(['db1'], { flushEveryBytes: 16 << 20 });
+    cleanups.push(() => appl.close());
+    const port = Number(new URL(appl.url).port);
+    const proxy = await TcpProxy.start(port);
+    cleanups.push(() => proxy.close());
+    await inProcessAgent(`ws://127.0.0.1:${proxy.port}/v1/agent`, appl.tokens.db1!, 'resume');
+
+    const job = appl.app.router.startJob('db1', 'vol', 'full');
+    let dropped = false;
+    job.on('progress', () => {
+      if (!dropped) {
+        dropped = true;
+        proxy.dropAll();
+      }
+    });
+    const outcome = await job.done;
+    expect(outcome, JSON.stringify(outcome)).toMatchObject({ ok: true });
+    expect(dropped).toBe(true);
+    const img = appl.app.catalog.image(outcome.imageId!)!;
+    expect(img.stats?.resumes).toBeGreaterThanOrEqual(1);
+    // Resumed, not restarted: far less than the volume was received twice.
+    expect(Number(img.stats?.bytesReceived)).toBeLessThan(1.6 * 384 * 1024 * 1024);
+    await expectIdentical(appl.app.store, img.rootDigest, job.id);
+    expect(await snapFiles()).toEqual([]);
+  });
+
+  it('kill -9 of the appliance mid-ingest leaves no image, and the next backup works', async () => {
+    const dataDir = join(await mkdtemp(join(lab.root, 'appl-')), 'data');
+    await mkdir(dataDir);
+    const add = await applianceCmd(dataDir, ['agents', 'add', 'db1', '--json']);
+    expect(add.exitCode, add.stderr).toBe(0);
+    let appl = await spawnAppliance(dataDir);
+    cleanups.push(() => appl.stop());
+    const agent = await inProcessAgent(appl.url, add.json.token, 'kill-appliance');
+
+    const backup = applianceCmd(dataDir, ['backup', 'db1', 'vol', '--full', '--json']);
+    // Kill it while a pack is being written (a temp pack of at least 2 MiB exists).
+    const tmp = join(dataDir, 'store', 'tmp');
+    let halfPack = false;
+    for (let i = 0; i < 2000 && !halfPack; i++) {
+      halfPack = existsSync(tmp) && (await readdir(tmp)).some((f) => statSync(join(tmp, f), { throwIfNoEntry: false })?.size! >= 2 << 20);
+      if (!halfPack) await sleep(5);
+    }
+    await appl.kill9();
+    expect(halfPack).toBe(true);
+    const first = await backup;
+    expect(first.exitCode, first.stdout + first.stderr).not.toBe(0);
+
+    appl = await spawnAppliance(dataDir, { port: appl.port });
+    cleanups.push(() => appl.stop());
+    const images = await applianceCmd(dataDir, ['images', 'list', '--json']);
+    expect(images.json).toEqual([]);
+    const jobs = await applianceCmd(dataDir, ['jobs', 'list', '--json']);
+    expect(jobs.json[0]).toMatchObject({ state: 'failed', errorCode: 'E_INTERRUPTED' });
+    expect(await readdir(join(dataDir, 'store', 'tmp'))).toEqual([]);
+
+    await agent.waitConnected(15_000);
+    let second;
+    for (let i = 0; i < 50; i++) {
+      // The agent's interrupted runner gives up once the new appliance says the job is unknown.
+      second = await applianceCmd(dataDir, ['backup', 'db1', 'vol', '--full', '--json']);
+      if (second.json?.errorCode !== 'E_BUSY' && second.json?.errorCode !== 'E_NOT_FOUND') break;
+      await sleep(200);
+    }
+    expect(second!.json, second!.stderr).toMatchObject({ ok: true });
+    const verify = await applianceCmd(dataDir, ['verify', second!.json.imageId]);
+    expect(verify.exitCode, verify.stdout + verify.stderr).toBe(0);
+    expect(await snapFiles()).toEqual([]);
+  });
+
+  it('kill -9 of the agent mid-transfer: its restart removes the snapshot and the appliance ends the job', async () => {
+    const appl = await startAppliance(['db1']);
+    cleanups.push(() => appl.close());
+    const config = await agentConfig(appl.url, appl.tokens.db1!, 'kill-agent');
+    const configFile = join(config.stateDir, 'agent.json');
+    await writeFile(configFile, JSON.stringify(config));
+    let agent = spawnAgent(configFile, join(config.stateDir, 'agent.log'));
+    cleanups.push(() => agent.stop());
+    for (let i = 0; i < 100 && appl.app.router.connectedAgents().length === 0; i++) await sleep(100);
+
+    const job = appl.app.router.startJob('db1', 'vol', 'full');
+    await new Promise<void>((resolve) => job.once('progress', () => resolve()));
+    await agent.kill9();
+    expect((await snapFiles()).length).toBe(1);
+
+    agent = spawnAgent(configFile, join(config.stateDir, 'agent.log'));
+    cleanups.push(() => agent.stop());
+    const outcome = await job.done;
+    expect(outcome).toMatchObject({ ok: false, errorCode: 'E_DISCONNECTED' });
+    expect(appl.app.catalog.listImages()).toEqual([]);
+    // The restarted agent released the snapshot its killed predecessor left.
+    for (let i = 0; i < 100 && (await snapFiles()).length > 0; i++) await sleep(100);
+    expect(await snapFiles()).toEqual([]);
+
+    const next = appl.app.router.startJob('db1', 'vol', 'full');
+    const ok = await next.done;
+    expect(ok, JSON.stringify(ok)).toMatchObject({ ok: true });
+    await expectIdentical(appl.app.store, appl.app.catalog.image(ok.imageId!)!.rootDigest, next.id);
+  });
+});
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
