@@ -31,6 +31,8 @@ export class ActiveJob extends EventEmitter {
   sessionId: string;
   /** The agent process (Hello.instanceId) that runs the job. */
   instanceId = '';
+  /** Chunk bytes received but not yet processed (flow-control policing). */
+  queuedBytes = 0;
   /** Times the transfer resumed after a dropped connection. */
   resumes = 0;
   /** Serializes the job's frames: batches, end and result run one after another. */

@@ -37,9 +37,9 @@ export class AgentSession {
     transport.onMessage((env) => this.onEnvelope(env));
     transport.onClose((err) => {
       clearTimeout(this.authTimer);
-      const was = this.state;
       this.state = 'closed';
-      if (was === 'ready') this.router.sessionClosed(this, err);
+      // `agent` is set only once the session was ready: its jobs must learn the connection is gone.
+      if (this.agent) this.router.sessionClosed(this, err);
       this.log.info({ session: this.id, agent: this.agent?.name, remote: transport.remote, err: err?.code }, 'agent disconnected');
     });
   }

@@ -14,6 +14,9 @@ import { zstdDecompress } from '../store/zstd.js';
  * it that the agent sent is in a flushed pack. Because chunks arrive in
  * increasing index order, that watermark is a single number.
  */
+/** 2^30 chunks: 64 TiB at 64 KiB chunks, a 32 MiB root. */
+export const MAX_CHUNKS = 2 ** 30;
+
 export interface IngestChunk {
   index: number;
   digest: Uint8Array;
@@ -81,6 +84,10 @@ export class Ingest {
       throw new BlocksnapError('E_PROTOCOL', `invalid chunk size ${cs}: a power of two from 4 KiB to 4 MiB`);
     }
     this.chunkCount = Math.ceil(params.volumeSize / cs);
+    if (this.chunkCount > MAX_CHUNKS) {
+      // The map's root grows with the chunk count: bound what one frame can make us allocate.
+      throw new BlocksnapError('E_PROTOCOL', `volume of ${params.volumeSize} bytes has ${this.chunkCount} chunks (max ${MAX_CHUNKS})`);
+    }
     this.writer = store.openWriter();
     this.builder = new ImageIndexBuilder({
       store,
@@ -134,7 +141,12 @@ export class Ingest {
     } else {
       if (c.digest.length !== 32) throw new BlocksnapError('E_BAD_CHUNK', `chunk ${index}: digest is ${c.digest.length} bytes`);
       const data = Buffer.from(c.data.buffer, c.data.byteOffset, c.data.byteLength);
-      const plain = zstdDecompress(data, expected);
+      let plain: Buffer;
+      try {
+        plain = zstdDecompress(data, expected);
+      } catch (e) {
+        throw new BlocksnapError('E_BAD_CHUNK', `chunk ${index}: ${(e as Error).message}`, { cause: e });
+      }
       const actual = createHash('sha256').update(plain).digest();
       if (!actual.equals(c.digest)) {
         throw new BlocksnapError('E_DIGEST_MISMATCH', `chunk ${index}: data does not match its digest`);

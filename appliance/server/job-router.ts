@@ -14,7 +14,7 @@ export interface RouterOptions {
   storeDir: string;
   /** How long a job waits for its agent to reconnect and resume. */
   resumeGraceMs: number;
-  /** Unacknowledged batch bytes an agent may have in flight per job (policed ×2). */
+  /** Unacknowledged batch bytes an agent may have in flight per job (policed: 2× + one frame). */
   windowBytes: number;
   flushEveryBytes?: number;
 }
@@ -111,8 +111,26 @@ export class JobRouter {
     switch (env.kind) {
       case 'beginVolume':
         return this.onJobFrame(s, env.beginVolume.jobId, (job) => this.beginVolume(s, job, env.beginVolume));
-      case 'chunkBatch':
-        return this.onJobFrame(s, env.chunkBatch.jobId, (job) => this.chunkBatch(s, job, env.chunkBatch));
+      case 'chunkBatch': {
+        const b = env.chunkBatch;
+        const job = this.jobs.get(b.jobId);
+        let bytes = 0;
+        for (const c of b.chunks) bytes += c.data.length;
+        if (job && job.agent === s.agent!.name && !job.finished) {
+          job.queuedBytes += bytes;
+          // An agent that ignores Acks would queue frames without bound; the window is its promise.
+          if (job.queuedBytes > 2 * this.opts.windowBytes + (8 << 20)) {
+            return this.fail(job, new BlocksnapError('E_PROTOCOL', `job ${job.id}: ${job.queuedBytes} bytes in flight, window is ${this.opts.windowBytes}`));
+          }
+        }
+        return this.onJobFrame(s, b.jobId, async (j) => {
+          try {
+            await this.chunkBatch(s, j, b);
+          } finally {
+            j.queuedBytes -= bytes;
+          }
+        });
+      }
       case 'endVolume':
         return this.onJobFrame(s, env.endVolume.jobId, (job) => this.endVolume(s, job, env.endVolume));
       case 'jobResult':

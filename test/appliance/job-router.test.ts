@@ -232,14 +232,12 @@ describe('failed jobs and results', () => {
 });
 
 describe('a connection the appliance refuses while it carries a job', () => {
-  // AgentSession.refuse() marks the session closed before the socket closes, so
-  // the close handler skips router.sessionClosed(): the job gets no resume grace
-  // timer and never ends, the volume stays busy, and the dead session stays listed.
-  const bug = 'agent-session.ts refuse() skips router.sessionClosed()';
-  it.fails.each([
+  // Regression: refuse() used to mark the session closed before the socket
+  // closed, so the job got no resume grace timer and the volume stayed busy.
+  it.each([
     ['a second Hello', (a: ScriptedAgent) => a.sendHello('db1', h.tokens.db1!, [vol()])],
     ['a message only the appliance may send', (a: ScriptedAgent) => a.send(envelope('runJob', { jobId: 'job-x', volume: 'pgdata', mode: JobMode.FULL }))],
-  ])(`%s: the job ends after the resume grace, nothing visible, the volume is free (known bug: ${bug})`, async (_n, offend) => {
+  ])(`%s: the job ends after the resume grace, nothing visible, the volume is free `, async (_n, offend) => {
     const a = await login('db1');
     const job = await transferring(a, 'db1', vol());
     try {
@@ -255,7 +253,7 @@ describe('a connection the appliance refuses while it carries a job', () => {
       await goodBackup(b, 'db1', vol());
       await othersKeepWorking();
     } finally {
-      // While the bug lives, end the stuck job so later tests find the volume free.
+      // If the job were stuck (the old bug), end it so later tests find the volume free.
       if (!job.finished) h.app.router.cancelJob(job.id, 'test cleanup');
       await job.chain;
     }

@@ -1,0 +1,197 @@
+/**
+ * blocksnap benchmark (`npm run bench`; not a test). Two parts:
+ *
+ *  A. End to end, real processes: pgbench scale 50 on a 4 GiB file-backed
+ *     volume; full backups, then incrementals after 2 000 and 20 000
+ *     transactions; next to `dd iflag=direct` of the same volume (the
+ *     physical read limit). Wall time, bytes read / sent / stored, MB/s.
+ *  B. Commit cost of an incremental of the same 3 000 chunks on a 4 GiB and
+ *     on a 1 TiB sparse volume (the appliance's ingest + index + manifest
+ *     path, in process, on a real store): should not grow with volume size.
+ *
+ * Every figure is the median of BENCH_RUNS runs (default 3). Results go to
+ * stdout as a table and to .bench/results.json.
+ */
+import { execa } from 'execa';
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { PgCluster } from '../agent/testing/pg-cluster.js';
+import { createVolumeLab, type VolumeLab } from '../agent/testing/volume-lab.js';
+import { applianceCmd, spawnAgent, spawnAppliance, type ApplianceProcess, type Daemon } from '../appliance/testing/processes.js';
+import { Ingest } from '../appliance/server/ingest.js';
+import { FsChunkStore } from '../appliance/store/fs-chunk-store.js';
+import { buildManifest, newImageId, writeManifest } from '../appliance/store/manifest.js';
+import { zstdCompress } from '../appliance/store/zstd.js';
+import { createLogger } from '../proto/log.js';
+
+const RUNS = Number(process.env.BENCH_RUNS ?? 3);
+const SCALE = Number(process.env.BENCH_SCALE ?? 50);
+const GiB = 1024 ** 3;
+const MB = 1e6;
+const log = createLogger('bench', 'warn');
+
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+};
+const say = (m: string) => process.stdout.write(m + '\n');
+
+interface BackupRun { seconds: number; bytesRead: number; bytesSent: number; bytesStored: number; chunksRead: number; chunksSent: number; nonzeroBytes: number }
+
+async function partA(): Promise<Record<string, unknown>> {
+  let lab: VolumeLab | undefined;
+  let pg: PgCluster | undefined;
+  let appliance: ApplianceProcess | undefined;
+  let agent: Daemon | undefined;
+  try {
+    lab = await createVolumeLab({ volumeSize: 4 * GiB, poolSize: 16 * GiB, name: 'pgdata' });
+    pg = new PgCluster({ dataDir: join(lab.volumeMount, 'pg'), settings: { max_wal_size: '2GB' } });
+    await pg.initdb();
+    await pg.start();
+    say(`A: pgbench -i -s ${SCALE} on a 4 GiB volume`);
+    await pg.pgbenchInit(SCALE);
+    await pg.query('checkpoint');
+
+    const dd: number[] = [];
+    for (let i = 0; i < RUNS; i++) {
+      const t = performance.now();
+      await execa('dd', [`if=${lab.volumeDevice}`, 'of=/dev/null', 'bs=4M', 'iflag=direct', 'status=none']);
+      dd.push((4 * GiB) / MB / ((performance.now() - t) / 1000));
+    }
+    say(`A: dd iflag=direct of the volume: median ${median(dd).toFixed(0)} MB/s`);
+
+    const dataDir = join(lab.root, 'appliance', 'data');
+    await mkdir(dataDir, { recursive: true });
+    const add = await applianceCmd(dataDir, ['agents', 'add', 'db1', '--json']);
+    appliance = await spawnAppliance(dataDir, { logFile: join(lab.root, 'appliance.log') });
+    const configFile = join(lab.root, 'agent.json');
+    await writeFile(configFile, JSON.stringify({
+      appliance: appliance.url, agent: 'db1', token: add.json.token, stateDir: join(lab.root, 'agent-state'), volumes: [lab.volume],
+    }));
+    agent = spawnAgent(configFile, join(lab.root, 'agent.log'));
+    for (let i = 0; i < 100; i++) {
+      const r = await applianceCmd(dataDir, ['agents', 'list', '--json']);
+      if (r.json?.some((a: any) => a.connected)) break;
+      await new Promise((res) => setTimeout(res, 200));
+    }
+
+    const backup = async (full: boolean): Promise<BackupRun> => {
+      const t = performance.now();
+      const r = await applianceCmd(dataDir, ['backup', 'db1', 'pgdata', ...(full ? ['--full'] : []), '--json']);
+      const seconds = (performance.now() - t) / 1000;
+      if (!r.json?.ok) throw new Error(`backup failed: ${r.stdout} ${r.stderr}`);
+      const s = r.json.stats;
+      return {
+        seconds, bytesRead: s.bytesRead, bytesSent: s.bytesSent, bytesStored: s.bytesStored, chunksRead: s.chunksRead,
+        chunksSent: s.chunksSent, nonzeroBytes: (s.chunksRead - s.chunksZero) * 65536,
+      };
+    };
+    const fulls: BackupRun[] = [];
+    for (let i = 0; i < RUNS; i++) fulls.push(await backup(true));
+    const inc = async (tx: number) => {
+      const runs: BackupRun[] = [];
+      for (let i = 0; i < RUNS; i++) {
+        await pg!.pgbench({ transactions: Math.ceil(tx / 4), clients: 4 });
+        runs.push(await backup(false));
+      }
+      return runs;
+    };
+    const inc2k = await inc(2000);
+    const inc20k = await inc(20000);
+    const row = (name: string, rs: BackupRun[]) => ({
+      name,
+      seconds: median(rs.map((r) => r.seconds)),
+      mbRead: median(rs.map((r) => r.bytesRead)) / MB,
+      mbAllocated: median(rs.map((r) => r.nonzeroBytes)) / MB,
+      mbSent: median(rs.map((r) => r.bytesSent)) / MB,
+      mbStored: median(rs.map((r) => r.bytesStored)) / MB,
+      chunksSent: median(rs.map((r) => r.chunksSent)),
+      readMBps: median(rs.map((r) => r.bytesRead / MB / r.seconds)),
+      allocatedMBps: median(rs.map((r) => r.nonzeroBytes / MB / r.seconds)),
+    });
+    return { ddMBps: median(dd), ddRuns: dd, rows: [row('full', fulls), row('incremental after 2 000 tx', inc2k), row('incremental after 20 000 tx', inc20k)] };
+  } finally {
+    await agent?.stop().catch(() => undefined);
+    await appliance?.stop().catch(() => undefined);
+    await pg?.destroy().catch(() => undefined);
+    await lab?.destroy().catch((e) => say(`lab cleanup failed: ${e}`));
+  }
+}
+
+/** The appliance's cost of committing an incremental of `changed` chunks onto a basis. */
+async function commitCost(volumeSize: number, changed: Buffer[], indexes: number[]): Promise<number[]> {
+  const dir = await mkdtemp(join(tmpdir(), 'bsn-bench-'));
+  try {
+    const store = await FsChunkStore.open(join(dir, 'store'));
+    const cs = 65536;
+    // Basis: a full of a sparse volume with the same chunks set (pages exist where we patch).
+    const base = await Ingest.open(store, { jobId: 'basis', volumeSize, chunkSize: cs, mode: 'full' }, log);
+    const frames = changed.map((c) => zstdCompress(c));
+    await base.addBatch(1, indexes.map((index, i) => chunk(index, changed[i]!, frames[i]!)));
+    let { rootDigest } = await base.finish(Math.ceil(volumeSize / cs));
+    const times: number[] = [];
+    for (let run = 0; run < RUNS + 1; run++) {
+      // New content for the same slots every run, so every chunk is really stored.
+      const data = changed.map(() => randomBytes(cs));
+      const zs = data.map((d) => zstdCompress(d));
+      const t = performance.now();
+      const ing = await Ingest.open(store, { jobId: `inc${run}`, volumeSize, chunkSize: cs, mode: 'incremental', basisRootDigest: rootDigest }, log);
+      for (let b = 0; b < indexes.length; b += 64) {
+        await ing.addBatch(b / 64 + 1, indexes.slice(b, b + 64).map((index, i) => chunk(index, data[b + i]!, zs[b + i]!)));
+      }
+      ({ rootDigest } = await ing.finish(Math.ceil(volumeSize / cs)));
+      const m = buildManifest({
+        imageId: newImageId(), agent: 'bench', volume: 'v', volumeSize, chunkSize: cs, kind: 'incremental', basisImageId: null,
+        jobId: `inc${run}`, rootDigest: rootDigest.toString('hex'), stats: {},
+      });
+      await writeManifest(join(dir, 'store'), m);
+      if (run > 0) times.push((performance.now() - t) / 1000); // run 0 warms caches
+    }
+    await store.close();
+    return times;
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+function chunk(index: number, plain: Buffer, frame: Buffer) {
+  return { index, digest: createHash('sha256').update(plain).digest(), zero: false, data: frame, plainLength: plain.length };
+}
+
+async function partB(): Promise<Record<string, unknown>> {
+  const n = 3000;
+  // Spread the chunks over the first 4 GiB (65 536 slots) so both volumes patch the same pages.
+  const idx = new Set<number>();
+  while (idx.size < n) idx.add(Math.floor(Math.random() * 65536));
+  const indexes = [...idx].sort((a, b) => a - b);
+  const changed = indexes.map(() => randomBytes(65536));
+  say(`B: commit of an incremental of ${n} chunks on 4 GiB and 1 TiB sparse volumes`);
+  const small = await commitCost(4 * GiB, changed, indexes);
+  const large = await commitCost(1024 * GiB, changed, indexes);
+  return { chunks: n, seconds4GiB: median(small), seconds1TiB: median(large), ratio: median(large) / median(small), runs4GiB: small, runs1TiB: large };
+}
+
+async function main(): Promise<void> {
+  const started = new Date().toISOString();
+  const b = await partB();
+  say(`B: 4 GiB ${(b.seconds4GiB as number).toFixed(3)} s, 1 TiB ${(b.seconds1TiB as number).toFixed(3)} s, ratio ${(b.ratio as number).toFixed(2)}`);
+  const a = process.env.BENCH_SKIP_E2E ? null : await partA();
+  if (a) {
+    say(`\nA: dd iflag=direct of the 4 GiB volume: ${(a.ddMBps as number).toFixed(0)} MB/s (median of ${RUNS})`);
+    say('| backup | s | MB read | MB allocated | MB sent | MB stored | chunks sent | read MB/s | allocated MB/s |');
+    say('|---|---|---|---|---|---|---|---|---|');
+    for (const r of a.rows as any[]) {
+      say(`| ${r.name} | ${r.seconds.toFixed(2)} | ${r.mbRead.toFixed(0)} | ${r.mbAllocated.toFixed(0)} | ${r.mbSent.toFixed(1)} | ${r.mbStored.toFixed(1)} | ${r.chunksSent} | ${r.readMBps.toFixed(0)} | ${r.allocatedMBps.toFixed(0)} |`);
+    }
+  }
+  await mkdir('.bench', { recursive: true });
+  await writeFile(join('.bench', 'results.json'), JSON.stringify({ started, runs: RUNS, scale: SCALE, commitCost: b, endToEnd: a }, null, 2));
+}
+
+main().then(() => process.exit(0), (e) => {
+  process.stderr.write(`bench: ${e?.stack ?? e}\n`);
+  process.exit(1);
+});
