@@ -9,6 +9,9 @@ import type { AgentConfig } from './config.js';
 import { digestMapPath, JobRunner } from './job-runner.js';
 import type { SnapshotProvider } from './snapshot/snapshot-provider.js';
 import { DigestMap } from './state/digest-map.js';
+import { cleanupStaleInstances } from './tracker/tracefs-instance.js';
+import { TracefsTracker } from './tracker/tracefs-tracker.js';
+import { VolumeTracking } from './tracking/volume-tracking.js';
 
 export const AGENT_VERSION = '0.1.0';
 
@@ -39,7 +42,28 @@ export class Agent {
   async start(): Promise<void> {
     const released = await this.provider.cleanupStale();
     if (released.length) this.log.warn({ released }, 'released resources left by an earlier run');
+    if (this.config.tracking === 'tracefs') await this.startTracking();
     this.loop = this.connectLoop();
+  }
+
+  /**
+   * Starts a kernel write tracker per volume. A volume whose tracker cannot
+   * start is backed up by digest comparison (slower, never wrong); the job
+   * results say why.
+   */
+  private async startTracking(): Promise<void> {
+    const stale = await cleanupStaleInstances().catch((e) => {
+      this.log.warn({ err: e }, 'cannot sweep stale tracing instances');
+      return [] as string[];
+    });
+    if (stale.length) this.log.warn({ instances: stale }, 'removed tracing instances left by an earlier run');
+    for (const v of this.config.volumes) {
+      try {
+        this.tracking.set(v.name, await VolumeTracking.open(v, this.config.stateDir, new TracefsTracker({ log: this.log }), this.log));
+      } catch (e) {
+        this.log.error({ volume: v.name, err: toBlocksnapError(e, 'E_TRACKER') }, 'cannot track volume; incrementals will compare digests');
+      }
+    }
   }
 
   async stop(): Promise<void> {
@@ -51,9 +75,15 @@ export class Agent {
     for (const w of this.connectedWaiters.splice(0)) w.reject(stopping);
     await this.loop;
     await Promise.allSettled([...this.running]);
+    // A clean stop saves each bitmap with the clean-shutdown flag: the next start may trust it.
+    for (const [name, t] of this.tracking) {
+      await t.close().catch((e) => this.log.error({ volume: name, err: e }, 'tracker stop failed'));
+    }
+    this.tracking.clear();
   }
 
   private readonly running = new Set<Promise<unknown>>();
+  private readonly tracking = new Map<string, VolumeTracking>();
   /** Tells the appliance that jobs of an earlier process of this agent will never resume. */
   private readonly instanceId = newInstanceId();
 
@@ -155,6 +185,7 @@ export class Agent {
       stateDir: this.config.stateDir, provider: this.provider, log: this.log, windowBytes: this.config.windowBytes,
       batchBytes: this.config.batchBytes, workers: this.config.workers, send: (e) => this.send(e),
       waitConnected: (ms) => this.waitConnected(ms), resumeTimeoutMs: 5 * 60_000, replyTimeoutMs: 60_000,
+      tracking: this.tracking.get(volume.name),
     }, job, volume);
     this.runners.set(job.jobId, runner);
     const p = runner.run().finally(() => {

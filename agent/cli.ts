@@ -6,6 +6,7 @@ import { Agent } from './agent.js';
 import { loadAgentConfig } from './config.js';
 import { ReflinkSnapshotProvider } from './snapshot/reflink-snapshot-provider.js';
 import { RetainingSnapshotProvider } from './snapshot/retaining-provider.js';
+import { cleanupStaleInstances } from './tracker/tracefs-instance.js';
 
 const HELP = `blocksnap-agent — tracks, snapshots and streams PostgreSQL volumes to a blocksnap appliance
 
@@ -13,7 +14,7 @@ Usage: blocksnap-agent <command> --config FILE [options]
 
 Commands:
   run        connect to the appliance and run the jobs it sends (until SIGINT/SIGTERM)
-  cleanup    release snapshots and frozen filesystems an earlier (killed) run left, then exit
+  cleanup    release snapshots, frozen filesystems and tracing instances an earlier (killed) run left
   volumes    list the configured volumes and their last committed image [--json]
 
 Options:
@@ -55,6 +56,7 @@ async function main(argv: string[]): Promise<number> {
     }
     case 'cleanup': {
       const released = await provider.cleanupStale();
+      released.push(...(await cleanupStaleInstances()).map((i) => `tracing instance ${i}`));
       process.stdout.write((values.json ? JSON.stringify({ released }) : released.map((r) => `released ${r}`).join('\n') || 'nothing to release') + '\n');
       return 0;
     }

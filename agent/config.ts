@@ -22,6 +22,8 @@ export interface AgentConfig {
   batchBytes: number;
   workers: number;
   reconnectMaxMs: number;
+  /** Changed-block tracking: 'tracefs' (kernel block tracepoints) or 'off' (incrementals compare digests). */
+  tracking: 'tracefs' | 'off';
   /** Keep a reflink clone of every snapshot here before removing it (audits, demo, tests). */
   retainSnapshotsDir?: string;
 }
@@ -81,11 +83,18 @@ export function parseAgentConfig(raw: any, source = 'config'): AgentConfig {
     workers: num('workers', 2, 1),
     reconnectMaxMs: num('reconnectMaxMs', 10_000, 100),
     retainSnapshotsDir: optionalAbs(raw.retainSnapshotsDir, 'retainSnapshotsDir', bad),
+    tracking: trackingOf(raw.tracking, bad),
   };
 }
 
 function optionalAbs(v: unknown, key: string, bad: (m: string) => BlocksnapError): string | undefined {
   if (v === undefined) return undefined;
   if (typeof v !== 'string' || !v.startsWith('/')) throw bad(`"${key}" must be an absolute path`);
+  return v;
+}
+
+function trackingOf(v: unknown, bad: (m: string) => BlocksnapError): 'tracefs' | 'off' {
+  if (v === undefined) return 'tracefs';
+  if (v !== 'tracefs' && v !== 'off') throw bad('"tracking" must be "tracefs" or "off"');
   return v;
 }

@@ -10,6 +10,8 @@ import { readChunks } from './reader/chunk-reader.js';
 import type { Snapshot, SnapshotProvider, VolumeSpec } from './snapshot/snapshot-provider.js';
 import { DigestMap } from './state/digest-map.js';
 import { FlowWindow } from './flow-window.js';
+import { dataRanges, holeChunks } from './blockdev/allocation-map.js';
+import type { SwitchResult, VolumeTracking } from './tracking/volume-tracking.js';
 
 export interface RunnerDeps {
   stateDir: string;
@@ -24,6 +26,8 @@ export interface RunnerDeps {
   waitConnected(timeoutMs: number): Promise<void>;
   resumeTimeoutMs: number;
   replyTimeoutMs: number;
+  /** Changed-block tracking of the job's volume, if it is tracked. */
+  tracking?: VolumeTracking;
 }
 
 export function digestMapPath(stateDir: string, volume: string): string {
@@ -47,9 +51,13 @@ export class JobRunner {
   private readonly abort = new AbortController();
   private readonly window: FlowWindow;
   private stats: TransferStats = emptyTransferStats();
+  /** The tracker generation closed at this job's snapshot. */
+  private switched: SwitchResult | null = null;
   /** Set once the runner holds nothing of its volume any more (snapshot released). */
   released = false;
   private lastProgress = 0;
+  /** Chunk indexes that really changed (audit only). */
+  private emitted: Set<number> | null = null;
 
   constructor(
     private readonly deps: RunnerDeps,
@@ -133,11 +141,29 @@ export class JobRunner {
     let snapshot: Snapshot | null = null;
     let outcome: { ok: boolean; imageId?: string; error?: BlocksnapError; stats: TransferStats };
     try {
-      snapshot = await this.deps.provider.create(this.volume, this.jobId);
+      const tracking = this.deps.tracking;
+      // prepareSwitch before the freeze, completeSwitch after the snapshot: a
+      // write racing the snapshot lands in both generations (DESIGN.md §7.2).
+      if (tracking) await tracking.prepare();
+      try {
+        snapshot = await this.deps.provider.create(this.volume, this.jobId);
+      } catch (e) {
+        if (tracking) await tracking.abort().catch((err) => log.error({ err }, 'tracker abortSwitch failed'));
+        throw e;
+      }
+      if (tracking) {
+        try {
+          this.switched = await tracking.complete();
+        } catch (e) {
+          // The job can still run by digest comparison; the tracker invalidated itself or will say why.
+          log.error({ err: e }, 'tracker switch failed');
+        }
+      }
       this.stats.freezeSeconds = snapshot.freezeSeconds;
       this.stats.snapshotSeconds = snapshot.snapshotSeconds;
       log.info({ freezeSeconds: snapshot.freezeSeconds, snapshotSeconds: snapshot.snapshotSeconds }, 'snapshot taken');
       const committed = await this.transfer(snapshot, log);
+      await this.deps.tracking?.committed(committed.imageId).catch((e) => log.error({ err: e }, 'cannot record the tracker basis'));
       this.stats = { ...this.stats, bytesStored: committed.stats?.bytesStored ?? 0, chunksStored: committed.stats?.chunksStored ?? 0 };
       log.info({ image: committed.imageId, ...this.stats }, 'job committed');
       outcome = { ok: true, imageId: committed.imageId, stats: this.stats };
@@ -145,6 +171,8 @@ export class JobRunner {
       const err = this.fatal ?? toBlocksnapError(e);
       log.warn({ code: err.code, message: err.message }, 'job failed');
       outcome = { ok: false, error: err, stats: this.stats };
+      // Changes the failed job saw must count again for the next one.
+      if (this.switched) await this.deps.tracking?.failed(this.switched).catch((e) => log.error({ err: e }, 'tracker absorb failed'));
     }
     this.abort.abort();
     if (snapshot) {
@@ -193,6 +221,9 @@ export class JobRunner {
     }
     const mode = basis ? 'incremental' : 'full';
     this.stats.changeSource = basis ? 'digest-compare' : 'full';
+    const plan = this.selection(basis);
+    const ranges = await dataRanges(snapshot.path).catch(() => null);
+    const holes = ranges ? holeChunks(ranges, volumeSize, chunkSize) : undefined;
     log.info({ mode, basis: basis?.imageId, fallback: this.stats.fallbackReason || undefined }, 'transfer starting');
     const next = basis ? basis.copy() : DigestMap.create({ volumeSize, chunkSize, imageId: 'pending' });
     this.stats.chunksTotal = next.chunkCount;
@@ -200,7 +231,8 @@ export class JobRunner {
     let seq = 0;
     for (;;) {
       try {
-        seq = await this.stream(snapshot.path, volumeSize, chunkSize, mode, basis, next, ready.resumeFrom, seq);
+        seq = await this.stream(snapshot.path, volumeSize, chunkSize, mode, basis, next, ready.resumeFrom, seq, plan.select, holes);
+        if (plan.audit) this.finishAudit(plan.audit);
         await this.deps.send(envelope('endVolume', { jobId: this.jobId, nextIndex: next.chunkCount, stats: this.stats }));
         const committed = await this.expect('committed', this.deps.replyTimeoutMs * 4);
         next.setImageId(committed.imageId);
@@ -222,10 +254,10 @@ export class JobRunner {
   /** Reads from `from` and sends batches; returns the last seq used. */
   private async stream(
     path: string, volumeSize: number, chunkSize: number, mode: 'full' | 'incremental',
-    basis: DigestMap | null, next: DigestMap, from: number, seq: number,
+    basis: DigestMap | null, next: DigestMap, from: number, seq: number, select: Uint32Array | undefined, holes: Uint32Array | undefined,
   ): Promise<number> {
     const stream = readChunks(
-      { path, volumeSize, chunkSize, startIndex: from, mode, basisDigests: basis ? basis.bytes() : undefined },
+      { path, volumeSize, chunkSize, startIndex: from, mode, basisDigests: basis ? basis.bytes() : undefined, select, holes },
       { workers: this.deps.workers, signal: this.abort.signal },
     );
     const started = performance.now();
@@ -242,6 +274,7 @@ export class JobRunner {
     };
     for await (const c of stream) {
       next.set(c.index, c.digest);
+      this.emitted?.add(c.index);
       const data = c.data ?? EMPTY;
       batch.push({ index: c.index, digest: c.zero ? EMPTY : c.digest, zero: c.zero, data, plainLength: c.plainLength });
       batchBytes += data.length + 64;
@@ -252,6 +285,60 @@ export class JobRunner {
     const st = stream.stats();
     this.accumulate(st, base, performance.now() - started);
     return seq;
+  }
+
+  /**
+   * Which chunks to read. With a valid tracker generation relative to the
+   * same basis, only the marked chunks (changeSource 'tracker'); otherwise
+   * all of them, compared by digest, with the reason recorded. An audit
+   * reads all of them and afterwards proves the bitmap covered every change.
+   */
+  private selection(basis: DigestMap | null): { select?: Uint32Array; audit?: { bitmap: Uint32Array } } {
+    const sw = this.switched;
+    if (!basis) return {};
+    if (!this.deps.tracking) {
+      this.stats.fallbackReason ||= 'volume is not tracked';
+      return {};
+    }
+    if (!sw) {
+      this.stats.fallbackReason ||= 'tracker switch failed';
+      return {};
+    }
+    this.stats.trackedChunks = sw.closed.bitmap.count();
+    if (!sw.closed.validity.valid) {
+      this.stats.fallbackReason = `tracker: ${sw.closed.validity.reason}`;
+      return {};
+    }
+    if (sw.basisImageId !== basis.imageId) {
+      this.stats.fallbackReason = `tracker bitmap is relative to ${sw.basisImageId ?? 'no image'}, basis is ${basis.imageId}`;
+      return {};
+    }
+    if (this.job.audit) {
+      this.emitted = new Set();
+      this.stats.changeSource = 'digest-compare (audit)';
+      return { audit: { bitmap: sw.closed.bitmap.words } };
+    }
+    this.stats.changeSource = 'tracker';
+    return { select: sw.closed.bitmap.words };
+  }
+
+  private finishAudit(audit: { bitmap: Uint32Array }): void {
+    const marked = (i: number) => ((audit.bitmap[i >>> 5]! >>> (i & 31)) & 1) === 1;
+    let missed = 0;
+    const missedSample: number[] = [];
+    for (const i of this.emitted!) {
+      if (!marked(i)) {
+        missed++;
+        if (missedSample.length < 20) missedSample.push(i);
+      }
+    }
+    this.stats.audited = true;
+    this.stats.auditChanged = this.emitted!.size;
+    this.stats.auditMissed = missed;
+    this.stats.auditExtra = this.stats.trackedChunks - (this.emitted!.size - missed);
+    const log = this.deps.log.child({ job: this.jobId, volume: this.volume.name });
+    if (missed > 0) log.error({ missed, missedSample, changed: this.emitted!.size }, 'AUDIT FAILED: the tracker missed changed chunks');
+    else log.info({ changed: this.emitted!.size, tracked: this.stats.trackedChunks, extra: this.stats.auditExtra }, 'audit passed: 0 missed');
   }
 
   private accumulate(st: ReturnType<ReturnType<typeof readChunks>['stats']>, base: TransferStats, ms: number): void {

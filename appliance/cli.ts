@@ -17,14 +17,18 @@ const HELP = `blocksnap-appliance — stores block-level PostgreSQL backups as v
 Usage: blocksnap-appliance <command> [options]
 
 Commands:
-  serve --listen HOST:PORT            run the appliance (agents dial ws://HOST:PORT/v1/agent)
+  serve --listen HOST:PORT [--audit-every N]
+                                      run the appliance (agents dial ws://HOST:PORT/v1/agent);
+                                      audit the tracker every N incrementals (default 10, 0 = off)
   agents add NAME                     register an agent; prints its token once
   agents rotate NAME                  issue a new token (the old one stops working)
   agents list [--json]                registered agents
   images list [--agent A] [--volume V] [--json]
   images show IMAGE [--json]
   jobs list [--limit N] [--json]
-  backup AGENT VOLUME [--full] [--json]   run a backup on a connected agent and wait
+  backup AGENT VOLUME [--full] [--audit] [--json]
+                                      run a backup on a connected agent and wait; --audit also
+                                      proves the agent's change tracker (0 missed chunks expected)
   verify [IMAGE] [--json]             re-read and re-hash every chunk (all images if none given)
   export IMAGE --to FILE              write the image as a raw (sparse) file
   catalog rebuild                     recreate the catalog's images from the store's manifests
@@ -44,7 +48,7 @@ async function main(argv: string[]): Promise<number> {
     allowPositionals: true,
     options: {
       data: { type: 'string' }, listen: { type: 'string' }, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' },
-      full: { type: 'boolean' }, to: { type: 'string' }, agent: { type: 'string' }, volume: { type: 'string' },
+      full: { type: 'boolean' }, audit: { type: 'boolean' }, to: { type: 'string' }, 'audit-every': { type: 'string' }, agent: { type: 'string' }, volume: { type: 'string' },
       limit: { type: 'string' },
     },
   });
@@ -67,7 +71,9 @@ async function main(argv: string[]): Promise<number> {
   switch (cmd) {
     case 'serve': {
       const [host, port] = parseListen(values.listen ?? '127.0.0.1:7700');
-      const app = await Appliance.open({ dataDir, logger: log });
+      const auditEvery = values['audit-every'] === undefined ? undefined : Number(values['audit-every']);
+      if (auditEvery !== undefined && !(Number.isInteger(auditEvery) && auditEvery >= 0)) throw usage('--audit-every wants an integer ≥ 0');
+      const app = await Appliance.open({ dataDir, logger: log, auditEvery });
       const addr = await app.listen(host, port);
       process.stdout.write(JSON.stringify({ event: 'listening', url: addr.url, port: addr.port, pid: process.pid }) + '\n');
       await new Promise<void>((res) => {
@@ -128,7 +134,7 @@ async function main(argv: string[]): Promise<number> {
     case 'backup': {
       const agent = need(sub, 'agent');
       const volume = need(rest[0], 'volume');
-      const ev = await control(dataDir, '/v1/backup', { agent, volume, full: !!values.full }, values.json ? null : 'backup');
+      const ev = await control(dataDir, '/v1/backup', { agent, volume, full: !!values.full, ...(values.audit ? { audit: true } : {}) }, values.json ? null : 'backup');
       const result = ev.event === 'error' ? { ok: false, jobId: '', errorCode: ev.code, errorMessage: ev.message } : ev;
       out(
         result.ok ? `ok ${result.jobId} image ${result.imageId}` : `FAILED ${result.jobId}: ${result.errorCode} ${result.errorMessage}`,

@@ -28,7 +28,7 @@ export interface Hello {
   instanceId: string;
 }
 export interface Welcome { sessionId: string; maxFrameBytes: number; windowBytes: number }
-export interface RunJob { jobId: string; volume: string; mode: JobMode }
+export interface RunJob { jobId: string; volume: string; mode: JobMode; audit: boolean }
 export interface CancelJob { jobId: string; reason: string }
 export interface BeginVolume {
   jobId: string; volume: string; volumeSize: number; chunkSize: number;
@@ -43,6 +43,7 @@ export interface TransferStats {
   bytesRead: number; bytesSent: number; bytesStored: number; chunksStored: number;
   freezeSeconds: number; snapshotSeconds: number; readSeconds: number;
   changeSource: string; fallbackReason: string;
+  trackedChunks: number; audited: boolean; auditChanged: number; auditMissed: number; auditExtra: number;
 }
 export interface EndVolume { jobId: string; nextIndex: number; stats?: TransferStats }
 export interface Committed { jobId: string; imageId: string; stats?: TransferStats }
@@ -95,6 +96,7 @@ export function emptyTransferStats(): TransferStats {
     chunksTotal: 0, chunksRead: 0, chunksSent: 0, chunksZero: 0, bytesRead: 0, bytesSent: 0,
     bytesStored: 0, chunksStored: 0, freezeSeconds: 0, snapshotSeconds: 0, readSeconds: 0,
     changeSource: '', fallbackReason: '',
+    trackedChunks: 0, audited: false, auditChanged: 0, auditMissed: 0, auditExtra: 0,
   };
 }
 

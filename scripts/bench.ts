@@ -132,6 +132,7 @@ async function commitCost(volumeSize: number, changed: Buffer[], indexes: number
     const frames = changed.map((c) => zstdCompress(c));
     await base.addBatch(1, indexes.map((index, i) => chunk(index, changed[i]!, frames[i]!)));
     let { rootDigest } = await base.finish(Math.ceil(volumeSize / cs));
+    let basisImageId = newImageId();
     const times: number[] = [];
     for (let run = 0; run < RUNS + 1; run++) {
       // New content for the same slots every run, so every chunk is really stored.
@@ -144,10 +145,11 @@ async function commitCost(volumeSize: number, changed: Buffer[], indexes: number
       }
       ({ rootDigest } = await ing.finish(Math.ceil(volumeSize / cs)));
       const m = buildManifest({
-        imageId: newImageId(), agent: 'bench', volume: 'v', volumeSize, chunkSize: cs, kind: 'incremental', basisImageId: null,
-        jobId: `inc${run}`, rootDigest: rootDigest.toString('hex'), stats: {},
+        imageId: newImageId(new Date(Date.now() + run * 1000)), agent: 'bench', volume: 'v', volumeSize, chunkSize: cs, kind: 'incremental',
+        basisImageId, jobId: `inc${run}`, rootDigest: rootDigest.toString('hex'), stats: {},
       });
       await writeManifest(join(dir, 'store'), m);
+      basisImageId = m.imageId;
       if (run > 0) times.push((performance.now() - t) / 1000); // run 0 warms caches
     }
     await store.close();

@@ -136,9 +136,12 @@ export interface Quiescer {
 const LABEL_RE = /^[\x20-\x7e]{1,200}$/;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-/** E_PG (or the given code) with the server's SQLSTATE and message. */
+/**
+ * A BlocksnapError with `what` in front; a server error keeps its SQLSTATE in
+ * the message, a statement timeout (57014) becomes E_TIMEOUT.
+ */
 export function pgError(what: string, e: unknown, code: ErrorCode = 'E_PG'): BlocksnapError {
-  if (isBlocksnapError(e)) return e;
+  if (isBlocksnapError(e)) return new BlocksnapError(e.code, `${what}: ${e.message}`, { cause: e });
   const err = e as { message?: string; code?: string };
   if (err?.code === '57014') code = 'E_TIMEOUT';
   const state = typeof err?.code === 'string' && /^[0-9A-Z]{5}$/.test(err.code) ? ` [${err.code}]` : '';
@@ -212,7 +215,7 @@ export class PgQuiescer implements Quiescer {
         return this.info;
       } catch (e) {
         await client.end().catch(() => undefined);
-        throw pgError(`${this.where}: cannot check version and role`, e);
+        throw isBlocksnapError(e) ? e : pgError(`${this.where}: cannot check version and role`, e);
       }
     });
   }
@@ -266,15 +269,13 @@ export class PgQuiescer implements Quiescer {
           stop = (await this.query(sql.stopBackup, params, this.opts.stopTimeoutMs ?? 600_000)).rows[0];
           this.held.backup = null;
           backupSeconds = (performance.now() - this.run.backupT0) / 1000;
-          timeline = await this.timelineAt(stop!.lsn);
-        } else if (role === 'standby' && sql.standbyTimeline) {
-          timeline = Number((await this.query(sql.standbyTimeline)).rows[0].timeline);
         }
         if (this.held.paused) {
-          await this.query(sql.replayResume);
+          await this.query(sql.replayResume!);
           this.held.paused = false;
           pausedSeconds = (performance.now() - this.run.pauseT0) / 1000;
         }
+        timeline = await this.timelineAt(stop?.lsn ?? null);
       } catch (e) {
         const report = await this.release('unquiesce failed');
         const err = pgError(`${this.where}: unquiesce failed`, e);
@@ -324,7 +325,7 @@ export class PgQuiescer implements Quiescer {
       // backup ending the session undoes it; an exclusive one is checked by label.
       if (!sql.exclusive) await this.dropSession();
       else if (await this.exclusiveLabelIsOurs(this.client).catch(() => false)) this.held.backup = 'exclusive';
-      throw pgError(`${this.where}: backup start did not complete`, e);
+      throw pgError('backup start did not complete', e);
     }
     this.held.backup = sql.exclusive ? 'exclusive' : 'session';
     this.run.startLsn = lsn;
@@ -337,7 +338,7 @@ export class PgQuiescer implements Quiescer {
   private async refuseForeignPause(): Promise<void> {
     const state = (await this.query(this.sql!.replayPauseState!)).rows[0].state as string;
     if (state !== 'not paused') {
-      throw new BlocksnapError('E_BUSY', `${this.where}: replay is already paused (${state}) by someone else; blocksnap would resume it afterwards, so it refuses`);
+      throw new BlocksnapError('E_BUSY', `replay is already paused (${state}) by someone else; blocksnap would resume it afterwards, so it refuses`);
     }
   }
 
@@ -351,26 +352,26 @@ export class PgQuiescer implements Quiescer {
     const deadline = performance.now() + timeoutMs;
     let last: { state: string; lsn: string | null } | null = null;
     for (;;) {
-      if (this.aborting) throw new BlocksnapError('E_CANCELLED', `${this.where}: quiesce aborted while waiting for replay to pause`);
+      if (this.aborting) throw new BlocksnapError('E_CANCELLED', 'aborted while waiting for replay to pause');
       const state = (await this.query(sql.replayPauseState!)).rows[0].state as string;
       const lsn = (await this.query(sql.replayLsn)).rows[0].lsn as string | null;
       const prev = last;
       last = { state, lsn };
-      if (state === 'not paused') throw new BlocksnapError('E_PG', `${this.where}: replay was resumed (or the server promoted) while waiting for the pause`);
+      if (state === 'not paused') throw new BlocksnapError('E_PG', 'replay was resumed (or the server promoted) while waiting for the pause');
       // ≤ 13 only shows the request: paused once the replay position holds still
       // across a poll (at most the record being applied still completes).
       if (sql.pauseConfirmation === 'state' ? state === 'paused' : prev?.state === 'pause requested' && prev.lsn === lsn) break;
       if (performance.now() > deadline) {
-        throw new BlocksnapError('E_TIMEOUT', `${this.where}: replay did not pause within ${timeoutMs} ms (state ${state}, replay at ${lsn ?? 'none'})`);
+        throw new BlocksnapError('E_TIMEOUT', `replay did not pause within ${timeoutMs} ms (state ${state}, replay at ${lsn ?? 'none'})`);
       }
       await sleep(poll);
     }
     this.run.replayLsn = last.lsn;
   }
 
-  private async timelineAt(lsn: string): Promise<number | null> {
+  private async timelineAt(lsn: string | null): Promise<number | null> {
     const sql = this.sql!;
-    if (this.info!.role === 'primary') return timelineOfWalFile((await this.query(sql.walFileName, [lsn])).rows[0].walfile);
+    if (this.info!.role === 'primary' && lsn) return timelineOfWalFile((await this.query(sql.walFileName, [lsn])).rows[0].walfile);
     return sql.standbyTimeline ? Number((await this.query(sql.standbyTimeline)).rows[0].timeline) : null;
   }
 
@@ -437,7 +438,7 @@ export class PgQuiescer implements Quiescer {
   // ---- session plumbing --------------------------------------------------
 
   private async query(text: string, params: unknown[] = [], timeoutMs = 30_000): Promise<pg.QueryResult> {
-    if (!this.client || this.broken) throw new BlocksnapError('E_PG', `${this.where}: the session is gone${this.broken ? `: ${this.broken.message}` : ''}`);
+    if (!this.client || this.broken) throw new BlocksnapError('E_PG', `the session is gone${this.broken ? `: ${this.broken.message}` : ''}`);
     if (this.timeoutMs !== timeoutMs) {
       await this.client.query(`SET statement_timeout = ${Math.floor(timeoutMs)}`);
       this.timeoutMs = timeoutMs;
@@ -448,7 +449,7 @@ export class PgQuiescer implements Quiescer {
       return await this.client.query({ text, values: params, query_timeout: timeoutMs + 10_000 } as pg.QueryConfig);
     } catch (e) {
       if ((e as Error).message?.includes('Query read timeout')) await this.dropSession();
-      throw pgError(`${this.where}: ${text}`, e);
+      throw pgError(text, e);
     } finally {
       this.inflight = false;
     }
@@ -511,7 +512,7 @@ export class PgQuiescer implements Quiescer {
     const file = quiesceStatePath(this.opts.stateDir, this.opts.connection, this.opts.stateKey);
     const existing = await readQuiesceState(file);
     if (existing) {
-      throw new BlocksnapError('E_BUSY', `${this.where}: a quiesce from ${existing.createdAt} (agent pid ${existing.agentPid}) is still recorded in ${file}; PgQuiescer.releaseStale() clears it`);
+      throw new BlocksnapError('E_BUSY', `a quiesce from ${existing.createdAt} (agent pid ${existing.agentPid}) is still recorded in ${file}; PgQuiescer.releaseStale() clears it`);
     }
     const t = targetOf(this.opts.connection);
     await writeQuiesceState(file, {

@@ -8,6 +8,10 @@
  * - Considered chunks: indexes >= `startIndex` whose bit is set in `select`
  *   (bit i = `select[i >>> 5] >>> (i & 31) & 1`; absent = all). Chunks not
  *   considered are never read (stats.bytesRead counts only considered ones).
+ * - `holes` (same bit layout): chunks known to be all zero without reading
+ *   (they lie in holes of a sparse snapshot, see blockdev/allocation-map.ts).
+ *   A considered hole chunk is handled exactly like a zero chunk that was
+ *   read (counted in chunksZero, not chunksRead), but no byte is read.
  * - `digest` is SHA-256 of the plain bytes; an all-zero chunk has digest ZERO
  *   (32 zero bytes) and is never hashed or compressed.
  * - mode 'full': zero chunks are not emitted (for a full, not sent = zero);
@@ -34,7 +38,7 @@
  */
 import { open, type FileHandle } from 'node:fs/promises';
 import { BlocksnapError } from '../../proto/errors.js';
-import type { ReadTask, TaskResult } from './chunk-worker.js';
+import { SELECT_HOLE, type ReadTask, type TaskResult } from './chunk-worker.js';
 import { OrderedOutput } from './ordered-output.js';
 import { WorkerPool } from './worker-pool.js';
 
@@ -44,6 +48,7 @@ export interface ReadPlan {
   chunkSize: number;
   startIndex: number;
   select?: Uint32Array;
+  holes?: Uint32Array;
   basisDigests?: Buffer;
   mode: 'full' | 'incremental';
   compressionLevel?: number;
@@ -105,6 +110,7 @@ function validatePlan(plan: ReadPlan): number {
   const level = plan.compressionLevel ?? 1;
   if (!Number.isInteger(level) || level < -7 || level > 22) throw usage(`compressionLevel ${level} outside -7..22`);
   if (plan.select && plan.select.length < Math.ceil(n / 32)) throw usage(`select has ${plan.select.length} words, need ${Math.ceil(n / 32)}`);
+  if (plan.holes && plan.holes.length < Math.ceil(n / 32)) throw usage(`holes has ${plan.holes.length} words, need ${Math.ceil(n / 32)}`);
   if (plan.basisDigests) {
     if (plan.mode === 'full') throw usage('basisDigests given for a full: a skipped chunk would read as zero');
     if (plan.basisDigests.length !== n * 32) throw usage(`basisDigests has ${plan.basisDigests.length} bytes, need ${n * 32}`);
@@ -123,18 +129,23 @@ function* taskSource(plan: ReadPlan, n: number, taskChunks: number): Generator<{
     const count = end - first;
     let select: Uint8Array | undefined;
     let considered = count;
-    if (plan.select) {
+    let holes = 0;
+    if (plan.select || plan.holes) {
       select = new Uint8Array(count);
       considered = 0;
       for (let i = first; i < end; i++) {
-        const bit = (plan.select[i >>> 5]! >>> (i & 31)) & 1;
-        select[i - first] = bit;
-        considered += bit;
+        let v = plan.select ? (plan.select[i >>> 5]! >>> (i & 31)) & 1 : 1;
+        if (v && plan.holes && ((plan.holes[i >>> 5]! >>> (i & 31)) & 1)) {
+          v = SELECT_HOLE;
+          holes++;
+        }
+        select[i - first] = v;
+        considered += v ? 1 : 0;
       }
     }
     if (considered > 0) {
       const task: Omit<ReadTask, 'seq'> = { first, count };
-      if (select && considered < count) task.select = select;
+      if (select && (considered < count || holes > 0)) task.select = select;
       if (plan.basisDigests) task.basis = new Uint8Array(plan.basisDigests.subarray(first * 32, end * 32));
       yield { task, considered };
     }

@@ -29,7 +29,7 @@ export interface ReadTask {
   seq: number;
   first: number;
   count: number;
-  /** One byte per chunk of the range, 1 = read it; absent = read all. */
+  /** One byte per chunk of the range: 0 skip, 1 read, SELECT_HOLE known zero (not read); absent = read all. */
   select?: Uint8Array;
   /** count*32 basis digest bytes; absent = no comparison. */
   basis?: Uint8Array;
@@ -54,6 +54,9 @@ export interface TaskFailure {
   seq: number;
   failure: { code: 'E_DEVICE' | 'E_INTERNAL'; message: string; errno?: string };
 }
+
+/** `select` value of a chunk that lies in a hole of the file: zero without reading. */
+export const SELECT_HOLE = 2;
 
 class ShortRead extends Error {}
 
@@ -91,10 +94,26 @@ function run(cfg: WorkerConfig): void {
   function processTask(t: ReadTask): TaskResult {
     let emitted = 0, outOff = 0, chunksRead = 0, chunksZero = 0, chunksUnchanged = 0, bytesRead = 0;
     let r = 0;
+    /** The zero-chunk path, shared by chunks read as zero and chunks known to lie in holes. */
+    function zeroChunk(k: number): void {
+      chunksZero++;
+      if (cfg.mode === 'full') return;
+      const dOff = emitted * 32;
+      digestScratch.fill(0, dOff, dOff + 32);
+      if (t.basis && digestScratch.compare(t.basis, k * 32, k * 32 + 32, dOff, dOff + 32) === 0) {
+        chunksUnchanged++;
+        return;
+      }
+      relScratch[emitted] = k;
+      lenScratch[emitted] = 0;
+      emitted++;
+    }
     while (r < t.count) {
-      if (t.select && t.select[r] === 0) { r++; continue; }
+      const sel = t.select ? t.select[r] : 1;
+      if (sel === 0) { r++; continue; }
+      if (sel === SELECT_HOLE) { zeroChunk(r); r++; continue; }
       let runEnd = r + 1;
-      while (runEnd < t.count && (!t.select || t.select[runEnd] !== 0)) runEnd++;
+      while (runEnd < t.count && (!t.select || t.select[runEnd] === 1)) runEnd++;
       const runStart = (t.first + r) * chunkSize;
       const runBytes = Math.min((t.first + runEnd) * chunkSize, volumeSize) - runStart;
       readFully(runBytes, runStart);
@@ -104,24 +123,18 @@ function run(cfg: WorkerConfig): void {
         const len = Math.min(chunkSize, runBytes - off);
         const view = buf.subarray(off, off + len);
         chunksRead++;
-        const isZero = zero.compare(view, 0, len, 0, len) === 0;
-        const dOff = emitted * 32;
-        if (isZero) {
-          chunksZero++;
-          if (cfg.mode === 'full') continue;
-          digestScratch.fill(0, dOff, dOff + 32);
-        } else {
-          createHash('sha256').update(view).digest().copy(digestScratch, dOff);
+        if (zero.compare(view, 0, len, 0, len) === 0) {
+          zeroChunk(k);
+          continue;
         }
+        const dOff = emitted * 32;
+        createHash('sha256').update(view).digest().copy(digestScratch, dOff);
         if (t.basis && digestScratch.compare(t.basis, k * 32, k * 32 + 32, dOff, dOff + 32) === 0) {
           chunksUnchanged++;
           continue;
         }
-        let clen = 0;
-        if (!isZero) {
-          clen = cctx.compress(scratch.subarray(outOff, outOff + bound), view, cfg.level);
-          outOff += clen;
-        }
+        const clen = cctx.compress(scratch.subarray(outOff, outOff + bound), view, cfg.level);
+        outOff += clen;
         relScratch[emitted] = k;
         lenScratch[emitted] = clen;
         emitted++;

@@ -107,6 +107,21 @@ export class Generations {
     this.next = null;
   }
 
+  /**
+   * Folds a closed generation whose image was never committed back into the
+   * open one, so the open generation again covers every change since the
+   * last committed image's snapshot. An invalid closed generation makes the
+   * open one invalid too: its bits cannot be vouched for.
+   */
+  absorb(closed: ClosedGeneration): void {
+    if (this.next) throw new BlocksnapError('E_TRACKER', 'absorb during a switch');
+    if (closed.generation >= this.open.number) {
+      throw new BlocksnapError('E_TRACKER', `absorb of generation ${closed.generation} into older generation ${this.open.number}`);
+    }
+    this.open.bitmap.unionWith(closed.bitmap);
+    if (!closed.validity.valid) this.invalidate(`generation ${closed.generation}, not committed, was invalid: ${closed.validity.reason}`);
+  }
+
   /** A copy of the open generation. */
   snapshot(): ClosedGeneration {
     return { generation: this.open.number, bitmap: this.open.bitmap.clone(), validity: this.open.validity };

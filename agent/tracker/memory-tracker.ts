@@ -111,6 +111,10 @@ export class MemoryTracker implements Tracker {
     return closed;
   }
 
+  absorb(closed: ClosedGeneration): void {
+    this.live().absorb(closed);
+  }
+
   async abortSwitch(): Promise<void> {
     this.live().abortSwitch();
     this._phase = 'tracking';

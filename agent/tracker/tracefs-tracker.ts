@@ -192,6 +192,10 @@ export class TracefsTracker implements Tracker {
     return closed;
   }
 
+  absorb(closed: ClosedGeneration): void {
+    this.live().absorb(closed);
+  }
+
   async abortSwitch(): Promise<void> {
     this.live().abortSwitch();
     this._phase = 'tracking';

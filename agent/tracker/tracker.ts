@@ -39,8 +39,9 @@ import type { ChangeBitmap } from './change-bitmap.js';
  * - prepareSwitch twice, completeSwitch/abortSwitch without prepareSwitch, or
  *   any call after stop throws E_TRACKER.
  * - The caller keeps a closed generation's bitmap until the image built from
- *   it is committed; if that job fails, it unions the bitmap into the next
- *   closed generation (their validity combines: both must be valid).
+ *   it is committed; if that job fails, `absorb(closed)` unions it back into
+ *   the open generation (validity combines: both must be valid), so the open
+ *   generation always covers every change since the last committed image.
  * - `validity()` is the open generation's current validity (cheap, no I/O).
  *   `invalidate(reason)` makes the open generation(s) invalid; the first
  *   reason wins (later ones are logged by the implementation, not kept).
@@ -136,6 +137,8 @@ export interface Tracker {
   prepareSwitch(): Promise<void>;
   completeSwitch(): Promise<ClosedGeneration>;
   abortSwitch(): Promise<void>;
+  /** Unions a closed generation whose image was not committed back into the open one (see Generations.absorb). */
+  absorb(closed: ClosedGeneration): void;
   validity(): Validity;
   invalidate(reason: string): void;
   checkpoint(): Promise<TrackerCheckpoint>;

@@ -18,6 +18,7 @@ export interface ApplianceOptions {
   resumeGraceMs?: number;
   authTimeoutMs?: number;
   flushEveryBytes?: number;
+  auditEvery?: number;
 }
 
 /**
@@ -53,6 +54,7 @@ export class Appliance {
         resumeGraceMs: opts.resumeGraceMs ?? 10 * 60_000,
         windowBytes: opts.windowBytes ?? 32 << 20,
         flushEveryBytes: opts.flushEveryBytes,
+        auditEvery: opts.auditEvery ?? 10,
       }, opts.logger);
       return new Appliance(opts, catalog, store, router, releaseLock);
     } catch (e) {

@@ -13,7 +13,7 @@ import type { Appliance } from './appliance.js';
  * jobs. Long requests (backup) answer NDJSON events as they happen.
  *
  *   GET  /v1/agents                 connected agents and their volumes
- *   POST /v1/backup {agent, volume, full}   → started, progress*, result
+ *   POST /v1/backup {agent, volume, full, audit?}   → started, progress*, result
  *   POST /v1/cancel {jobId}
  *   POST /v1/export {imageId, to}          → progress*, result
  *   POST /v1/verify {imageId?}             → progress*, result {ok, reports}
@@ -77,7 +77,8 @@ async function handle(app: Appliance, req: IncomingMessage, res: ServerResponse)
   }
   if (req.method === 'POST' && url === '/v1/backup') {
     const body = await readJson(req);
-    const job = app.router.startJob(String(body.agent ?? ''), String(body.volume ?? ''), body.full ? 'full' : 'incremental');
+    const job = app.router.startJob(String(body.agent ?? ''), String(body.volume ?? ''), body.full ? 'full' : 'incremental',
+      body.audit === undefined ? {} : { audit: !!body.audit });
     res.writeHead(200, { 'content-type': 'application/x-ndjson' });
     const write = (o: unknown) => res.write(JSON.stringify(o) + '\n');
     write({ event: 'started', jobId: job.id });

@@ -17,6 +17,8 @@ export interface RouterOptions {
   /** Unacknowledged batch bytes an agent may have in flight per job (policed: 2× + one frame). */
   windowBytes: number;
   flushEveryBytes?: number;
+  /** Audit the change tracker every N incrementals of a volume (0 = only on request). */
+  auditEvery?: number;
 }
 
 /**
@@ -80,8 +82,12 @@ export class JobRouter {
     }
   }
 
-  /** Starts a backup on a connected agent. */
-  startJob(agentName: string, volume: string, mode: 'full' | 'incremental'): ActiveJob {
+  /**
+   * Starts a backup on a connected agent. An audit (asked for, or due every
+   * `auditEvery` incrementals of the volume) also proves the agent's change
+   * tracker against a full comparison.
+   */
+  startJob(agentName: string, volume: string, mode: 'full' | 'incremental', opts: { audit?: boolean } = {}): ActiveJob {
     const s = this.sessions.get(agentName);
     if (!s) throw new BlocksnapError('E_NOT_FOUND', `agent ${agentName} is not connected`);
     if (!s.volumes.has(volume)) throw new BlocksnapError('E_UNKNOWN_VOLUME', `agent ${agentName} has no volume ${volume}`);
@@ -95,9 +101,23 @@ export class JobRouter {
     job.instanceId = s.instanceId;
     this.jobs.set(job.id, job);
     this.catalog.setJobState(job.id, 'running');
-    s.send(envelope('runJob', { jobId: job.id, volume, mode: mode === 'full' ? JobMode.FULL : JobMode.INCREMENTAL }));
-    this.log.info({ job: job.id, agent: agentName, volume, mode }, 'job dispatched');
+    const audit = opts.audit ?? (mode === 'incremental' && this.auditDue(agentName, volume));
+    s.send(envelope('runJob', { jobId: job.id, volume, mode: mode === 'full' ? JobMode.FULL : JobMode.INCREMENTAL, audit }));
+    this.log.info({ job: job.id, agent: agentName, volume, mode, audit }, 'job dispatched');
     return job;
+  }
+
+  /** True when `auditEvery` committed incrementals of the volume ran since its last audit. */
+  private auditDue(agent: string, volume: string): boolean {
+    const every = this.opts.auditEvery ?? 0;
+    if (every <= 0) return false;
+    let since = 0;
+    for (const j of this.catalog.listJobs(10_000)) {
+      if (j.agent !== agent || j.volumeName !== volume || j.state !== 'committed') continue;
+      if (j.stats?.audited) break;
+      if (j.kind === 'incremental') since++;
+    }
+    return since >= every;
   }
 
   cancelJob(jobId: string, reason: string): void {

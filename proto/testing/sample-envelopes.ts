@@ -12,6 +12,7 @@ export function sampleStats(): TransferStats {
     chunksTotal: 65536, chunksRead: 65000, chunksSent: 1200, chunksZero: 536, bytesRead: 4259840000,
     bytesSent: 2 ** 40 + 7, bytesStored: 123456789, chunksStored: 1100, freezeSeconds: 0.0125,
     snapshotSeconds: 0.25, readSeconds: 12.5, changeSource: 'digest-compare', fallbackReason: 'tracker gap',
+    trackedChunks: 1250, audited: true, auditChanged: 1190, auditMissed: 3, auditExtra: 63,
   };
 }
 
@@ -37,7 +38,7 @@ export function sampleEnvelopes(): Envelope[] {
       ],
     }),
     envelope('welcome', { sessionId: 'sess-1', maxFrameBytes: 8 << 20, windowBytes: 32 << 20 }),
-    envelope('runJob', { jobId: 'job-1', volume: 'pgdata', mode: JobMode.INCREMENTAL }),
+    envelope('runJob', { jobId: 'job-1', volume: 'pgdata', mode: JobMode.INCREMENTAL, audit: true }),
     envelope('cancelJob', { jobId: 'job-1', reason: 'operator asked' }),
     envelope('beginVolume', {
       jobId: 'job-1', volume: 'pgdata', volumeSize: 4 * 2 ** 30, chunkSize: 65536,

@@ -117,6 +117,28 @@ export function trackerContract(name: string, makeRig: () => Promise<ContractRig
       expect([...g.bitmap.indexes()]).toEqual([5, 6, 7]);
     });
 
+    it('absorbs a closed generation whose image was not committed: bits unioned, validity combined', async () => {
+      await t.start({ device: rig.device, chunkSize: C, generation: 1 });
+      await cut(t);
+      await rig.write(3 * C, 4096);
+      const failed = await cut(t); // its job failed: the image was never committed
+      await rig.write(8 * C, 4096);
+      t.absorb(failed);
+      const g = await cut(t);
+      expect(g.validity).toEqual({ valid: true });
+      expect([...g.bitmap.indexes()]).toEqual([3, 8]);
+      // An invalid generation taints the one it is absorbed into.
+      await rig.write(9 * C, 4096);
+      t.invalidate('test: lost events');
+      const bad = await cut(t);
+      expect(bad.validity.valid).toBe(false);
+      t.absorb(bad);
+      const after = await cut(t);
+      expect(after.validity.valid).toBe(false);
+      expect([...after.bitmap.indexes()]).toEqual([9]);
+      await expectTrackerError(() => t.absorb({ ...after, generation: t.generation })); // must be older than the open one
+    });
+
     it('resumes from an initial bitmap of the same device, and refuses one of another size', async () => {
       await t.start({ device: rig.device, chunkSize: C, generation: 4 });
       const identity = t.startInfo.identity;

@@ -236,7 +236,7 @@ describe('a connection the appliance refuses while it carries a job', () => {
   // closed, so the job got no resume grace timer and the volume stayed busy.
   it.each([
     ['a second Hello', (a: ScriptedAgent) => a.sendHello('db1', h.tokens.db1!, [vol()])],
-    ['a message only the appliance may send', (a: ScriptedAgent) => a.send(envelope('runJob', { jobId: 'job-x', volume: 'pgdata', mode: JobMode.FULL }))],
+    ['a message only the appliance may send', (a: ScriptedAgent) => a.send(envelope('runJob', { jobId: 'job-x', volume: 'pgdata', mode: JobMode.FULL, audit: false }))],
   ])(`%s: the job ends after the resume grace, nothing visible, the volume is free `, async (_n, offend) => {
     const a = await login('db1');
     const job = await transferring(a, 'db1', vol());

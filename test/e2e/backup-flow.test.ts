@@ -93,6 +93,9 @@ describe('backup flow: full + incremental of a live PostgreSQL volume', () => {
     expect(incImg.basisImageId).toBe(full.imageId);
     const stats = appl.app.catalog.job(inc.jobId)!.stats as Record<string, number>;
     expect(stats.chunksSent).toBeGreaterThan(0);
+    // The kernel tracker chose what to read: far less than the volume.
+    expect(stats.changeSource).toBe('tracker');
+    expect(stats.chunksRead).toBeLessThan(stats.chunksTotal / 4);
     // Only what changed travels: a few % of the volume after 300 transactions.
     expect(stats.chunksSent).toBeLessThan(stats.chunksTotal / 4);
     expect(stats.pagesShared).toBeGreaterThanOrEqual(0);
@@ -118,6 +121,20 @@ describe('backup flow: full + incremental of a live PostgreSQL volume', () => {
     const sum = Number((await restored.query<{ n: string }>('select sum(abalance)::text as n from pgbench_accounts'))[0]!.n);
     expect(sum).toBe(before);
     await restored.stop();
+  });
+
+  it('audits the tracker against a full comparison after more work: 0 missed chunks', async () => {
+    await pg.pgbench({ transactions: 200, clients: 2 });
+    await pg.query('vacuum full pgbench_history');
+    await pg.query('checkpoint');
+    const a = appl.app.router.startJob('db1', 'pgdata', 'incremental', { audit: true });
+    const outcome = await a.done;
+    expect(outcome, JSON.stringify(outcome)).toMatchObject({ ok: true });
+    const st = appl.app.catalog.job(a.id)!.stats as Record<string, unknown>;
+    expect(st.audited).toBe(true);
+    expect(st.auditChanged).toBeGreaterThan(0);
+    expect(st.auditMissed).toBe(0);
+    await exportAndCompare(outcome.imageId!, a.id);
   });
 
   it('refuses a stale basis and turns the job into a full', async () => {

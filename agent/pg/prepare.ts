@@ -1,0 +1,205 @@
+/**
+ * Makes a restored or exported data directory startable as of an image:
+ * PostgreSQL replays from the checkpoint named in the image's backup label to
+ * the image's stop LSN, then promotes — or, as a standby, keeps following a
+ * primary.
+ *
+ * What it writes (owned by the data directory's owner, mode 0600, each file
+ * temp + fsync + rename, then the directory fsync'ed):
+ *   backup_label      the label the stop call returned (required: without it
+ *                     PostgreSQL would crash-recover from the checkpoint in
+ *                     pg_control, which for a copy not taken at one instant is
+ *                     the wrong one — pages copied before it would be trusted)
+ *   tablespace_map    only when the backup had tablespaces; a stale one is removed
+ *   recovery config   ≤ 11: recovery.conf (rewritten whole; standby_mode there);
+ *                     12+: recovery.signal or standby.signal, and the settings
+ *                     in postgresql.auto.conf (read last, so they win over
+ *                     postgresql.conf). Every recovery_target*, restore_command,
+ *                     primary_conninfo and primary_slot_name line the source
+ *                     carried is dropped first: two targets make 12+ refuse to
+ *                     start, and the source standby's slot belongs to it.
+ * Settings, primary (promote):
+ *   recovery_target_lsn = stop LSN (10+), recovery_target_action = 'promote'
+ *   (9.5+): the copy ends at the image's point in time even if the archive
+ *   holds more WAL, and a target that cannot be reached (WAL missing) is an
+ *   error instead of a silent early end (14+; consistency at backup end is
+ *   enforced by the label on every version).
+ *   recovery_target_timeline = the stop timeline (the default 'latest' could
+ *   follow a timeline forked after the image).
+ *   restore_command = the given one, else '/bin/false': archive recovery
+ *   demands one, and a failing one means "use pg_wal only".
+ * Settings, standby: primary_conninfo, restore_command if given,
+ *   recovery_target_timeline = 'latest', no target (a target would stop it).
+ * archive_mode = 'off' in postgresql.auto.conf (9.4+) unless keepArchiving: a
+ *   restored copy promoted to a new timeline must not push its history file
+ *   into the source's archive, where the source's own PITR would follow it.
+ * postmaster.pid is removed, after checking no postmaster runs on the directory.
+ */
+import { randomBytes } from 'node:crypto';
+import { open, readFile, readlink, rename, rm, stat } from 'node:fs/promises';
+import path from 'node:path';
+import { BlocksnapError } from '../../proto/errors.js';
+import { majorOf, parseLsn, pgSqlFor } from './sql-table.js';
+
+export interface PrepareOptions {
+  /** backup_label contents from the image (unquiesce's labelFile). */
+  labelFile: string;
+  spcmapFile?: string | null;
+  stopLsn: string;
+  timeline?: number | null;
+  /** server_version_num of the server the image was taken from. */
+  version: number;
+  asStandby?: boolean;
+  /** libpq conninfo of the primary to follow (standby). */
+  primaryConninfo?: string;
+  /** Fetches archived WAL, `%f`/`%p` as in PostgreSQL. */
+  restoreCommand?: string;
+  /** Leave archive_mode as the source had it. Default false. */
+  keepArchiving?: boolean;
+}
+
+export interface PrepareResult {
+  written: string[];
+  removed: string[];
+  configFile: string;
+  settings: Record<string, string>;
+}
+
+const RECOVERY_KEYS = /^(recovery_target\w*|restore_command|primary_conninfo|primary_slot_name|standby_mode)$/i;
+
+/** A value as postgresql.conf quotes it (the GUC lexer takes backslash escapes). */
+export function quoteConf(v: string): string {
+  if (/[\n\r\0]/.test(v)) throw new BlocksnapError('E_USAGE', `configuration value contains a line break: ${JSON.stringify(v)}`);
+  return `'${v.replace(/\\/g, '\\\\').replace(/'/g, "''")}'`;
+}
+
+async function writeOwned(file: string, data: string, owner: { uid: number; gid: number }): Promise<void> {
+  const tmp = `${file}.${randomBytes(4).toString('hex')}.tmp`;
+  const fh = await open(tmp, 'wx', 0o600);
+  try {
+    await fh.writeFile(data);
+    await fh.chown(owner.uid, owner.gid);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  await rename(tmp, file);
+}
+
+async function removeIfPresent(file: string, removed: string[]): Promise<void> {
+  try {
+    await rm(file);
+    removed.push(path.basename(file));
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw new BlocksnapError('E_STORE_IO', `cannot remove ${file}`, { cause: e });
+  }
+}
+
+/** Refuses a directory a live postmaster runs on: its pid file is the only thing keeping a second one out. */
+async function assertNoPostmaster(dir: string): Promise<void> {
+  const first = await readFile(path.join(dir, 'postmaster.pid'), 'utf8').then((t) => t.split('\n')[0]!.trim(), () => '');
+  if (!/^\d+$/.test(first)) return;
+  const cwd = await readlink(`/proc/${first}/cwd`).catch(() => null);
+  if (cwd && path.resolve(cwd) === path.resolve(dir)) {
+    throw new BlocksnapError('E_BUSY', `a postmaster (pid ${first}) is running on ${dir}`);
+  }
+}
+
+function checkLabel(label: string, stopLsn: string): void {
+  const m = /^START WAL LOCATION: ([0-9A-F]+\/[0-9A-F]+) /.exec(label);
+  if (!m) throw new BlocksnapError('E_FORMAT', 'the backup label does not start with "START WAL LOCATION: <lsn> "');
+  if (parseLsn(stopLsn) < parseLsn(m[1]!)) {
+    throw new BlocksnapError('E_FORMAT', `stop LSN ${stopLsn} is before the label's start ${m[1]}: label and stop point are from different backups`);
+  }
+}
+
+export async function prepareDataDir(dir: string, o: PrepareOptions): Promise<PrepareResult> {
+  const sql = pgSqlFor(o.version);
+  const major = majorOf(o.version);
+  const pgVersion = await readFile(path.join(dir, 'PG_VERSION'), 'utf8').then((t) => t.trim(), () => null);
+  if (pgVersion === null) throw new BlocksnapError('E_PG', `${dir} is not a PostgreSQL data directory (no PG_VERSION)`);
+  if (pgVersion !== major) throw new BlocksnapError('E_PG', `${dir} is a PostgreSQL ${pgVersion} data directory, but the image is from ${major}`);
+  checkLabel(o.labelFile, o.stopLsn);
+  if (o.asStandby && !o.primaryConninfo && !o.restoreCommand) {
+    throw new BlocksnapError('E_USAGE', 'a standby needs a primary conninfo or a restore command to get WAL from');
+  }
+  await assertNoPostmaster(dir);
+  const st = await stat(dir);
+  const owner = { uid: st.uid, gid: st.gid };
+  const written: string[] = [];
+  const removed: string[] = [];
+  const put = async (name: string, data: string) => {
+    await writeOwned(path.join(dir, name), data, owner);
+    written.push(name);
+  };
+
+  await removeIfPresent(path.join(dir, 'postmaster.pid'), removed);
+  await put('backup_label', o.labelFile);
+  if (o.spcmapFile) await put('tablespace_map', o.spcmapFile);
+  else await removeIfPresent(path.join(dir, 'tablespace_map'), removed);
+  for (const f of ['recovery.conf', 'recovery.signal', 'standby.signal']) await removeIfPresent(path.join(dir, f), removed);
+
+  const settings: Record<string, string> = {};
+  if (o.asStandby) {
+    if (!sql.recovery.signalFiles) settings.standby_mode = 'on';
+    if (o.primaryConninfo) settings.primary_conninfo = o.primaryConninfo;
+    if (o.restoreCommand) settings.restore_command = o.restoreCommand;
+    settings.recovery_target_timeline = 'latest';
+  } else {
+    settings.restore_command = o.restoreCommand ?? '/bin/false';
+    if (sql.recovery.targetLsn) {
+      settings.recovery_target_lsn = o.stopLsn;
+      if (sql.recovery.targetAction) settings.recovery_target_action = 'promote';
+    }
+    if (o.timeline) settings.recovery_target_timeline = String(o.timeline);
+  }
+  const lines = Object.entries(settings).map(([k, v]) => `${k} = ${quoteConf(v)}`);
+  const header = `# written by blocksnap prepare: recovery to ${o.asStandby ? 'follow a primary' : `stop LSN ${o.stopLsn}`}\n`;
+  const archiveOff = !o.keepArchiving && o.version >= 90400;
+
+  let configFile: string;
+  if (sql.recovery.signalFiles) {
+    configFile = 'postgresql.auto.conf';
+    if (archiveOff) {
+      settings.archive_mode = 'off';
+      lines.push(`archive_mode = 'off'`);
+    }
+    await rewriteAutoConf(dir, header, lines, put);
+    await put(o.asStandby ? 'standby.signal' : 'recovery.signal', '');
+  } else {
+    configFile = 'recovery.conf';
+    await put('recovery.conf', header + lines.join('\n') + '\n');
+    if (archiveOff) {
+      settings.archive_mode = 'off';
+      await rewriteAutoConf(dir, '', [`archive_mode = 'off'`], put);
+    }
+  }
+  await fsyncDir(dir);
+  return { written, removed, configFile, settings };
+}
+
+/** Keeps every line of postgresql.auto.conf except recovery settings and the ones we set, then appends ours. */
+async function rewriteAutoConf(dir: string, header: string, lines: string[], put: (name: string, data: string) => Promise<void>): Promise<void> {
+  const file = path.join(dir, 'postgresql.auto.conf');
+  const old = await readFile(file, 'utf8').catch((e: NodeJS.ErrnoException) => {
+    if (e.code === 'ENOENT') return '';
+    throw new BlocksnapError('E_STORE_IO', `cannot read ${file}`, { cause: e });
+  });
+  const ours = new Set(lines.map((l) => l.split(' ')[0]!.toLowerCase()));
+  const kept = old.split('\n').filter((l) => {
+    const key = /^\s*([A-Za-z_][\w.]*)\s*(=|\s)/.exec(l)?.[1];
+    return !(key && (RECOVERY_KEYS.test(key) || ours.has(key.toLowerCase()))) && !l.startsWith('# written by blocksnap prepare');
+  });
+  while (kept.length && kept[kept.length - 1] === '') kept.pop();
+  const base = kept.length ? `${kept.join('\n')}\n` : '# Do not edit this file manually!\n# It will be overwritten by the ALTER SYSTEM command.\n';
+  await put('postgresql.auto.conf', base + header + lines.join('\n') + '\n');
+}
+
+async function fsyncDir(dir: string): Promise<void> {
+  const fh = await open(dir, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
