@@ -19,11 +19,17 @@
  *                     carried is dropped first: two targets make 12+ refuse to
  *                     start, and the source standby's slot belongs to it.
  * Settings, primary (promote):
- *   recovery_target_lsn = stop LSN (10+), recovery_target_action = 'promote'
- *   (9.5+): the copy ends at the image's point in time even if the archive
- *   holds more WAL, and a target that cannot be reached (WAL missing) is an
- *   error instead of a silent early end (14+; consistency at backup end is
- *   enforced by the label on every version).
+ *   recovery_target = 'immediate' (9.4+) and promote there (9.5+
+ *   recovery_target_action = 'promote', 9.4 pause_at_recovery_target =
+ *   false; both default to pausing): recovery ends exactly where the backup
+ *   became consistent — the image's stop point — even if the archive holds
+ *   more WAL. Not recovery_target_lsn = stop LSN: a target LSN is "reached"
+ *   only by reading a record at or after it, so an image whose WAL ends right
+ *   at its stop point (a standby image of an idle primary) is refused by 14+
+ *   with "recovery ended before configured recovery target was reached"
+ *   (seen on 15). A restore that lacks the WAL up to the stop point still
+ *   fails, with "WAL ends before end of online backup". ≤ 9.3 have no target:
+ *   they replay all the WAL they find.
  *   recovery_target_timeline = the stop timeline (the default 'latest' could
  *   follow a timeline forked after the image).
  *   restore_command = the given one, else '/bin/false': archive recovery
@@ -65,7 +71,7 @@ export interface PrepareResult {
   settings: Record<string, string>;
 }
 
-const RECOVERY_KEYS = /^(recovery_target\w*|restore_command|primary_conninfo|primary_slot_name|standby_mode)$/i;
+const RECOVERY_KEYS = /^(recovery_target\w*|pause_at_recovery_target|restore_command|primary_conninfo|primary_slot_name|standby_mode)$/i;
 
 /** A value as postgresql.conf quotes it (the GUC lexer takes backslash escapes). */
 export function quoteConf(v: string): string {
@@ -147,14 +153,12 @@ export async function prepareDataDir(dir: string, o: PrepareOptions): Promise<Pr
     settings.recovery_target_timeline = 'latest';
   } else {
     settings.restore_command = o.restoreCommand ?? '/bin/false';
-    if (sql.recovery.targetLsn) {
-      settings.recovery_target_lsn = o.stopLsn;
-      if (sql.recovery.targetAction) settings.recovery_target_action = 'promote';
-    }
+    if (sql.recovery.targetImmediate) settings.recovery_target = 'immediate';
+    if (sql.recovery.promoteAtTarget) settings[sql.recovery.promoteAtTarget[0]] = sql.recovery.promoteAtTarget[1];
     if (o.timeline) settings.recovery_target_timeline = String(o.timeline);
   }
   const lines = Object.entries(settings).map(([k, v]) => `${k} = ${quoteConf(v)}`);
-  const header = `# written by blocksnap prepare: recovery to ${o.asStandby ? 'follow a primary' : `stop LSN ${o.stopLsn}`}\n`;
+  const header = `# written by blocksnap prepare: ${o.asStandby ? 'a standby of the image' : `recovery to the image's stop point ${o.stopLsn}`}\n`;
   const archiveOff = !o.keepArchiving && o.version >= 90400;
 
   let configFile: string;

@@ -36,10 +36,10 @@ export interface RecoveryStyle {
   /** Where recovery settings go: recovery.conf (≤ 11) or postgresql.auto.conf with signal files (12+). */
   configFile: 'recovery.conf' | 'postgresql.auto.conf';
   signalFiles: boolean;
-  /** recovery_target_lsn exists (10+). */
-  targetLsn: boolean;
-  /** recovery_target_action exists (9.5+). */
-  targetAction: boolean;
+  /** recovery_target = 'immediate' exists (9.4+): end recovery where the backup became consistent. */
+  targetImmediate: boolean;
+  /** The setting that promotes at the target instead of pausing there (both default to pausing). */
+  promoteAtTarget: readonly [name: string, value: string] | null;
 }
 
 export interface PgSqlRow {
@@ -123,7 +123,9 @@ const NON_EXCLUSIVE = {
 } as const;
 const SETUP = ['SET statement_timeout = 0'] as const;
 const SETUP_14 = ['SET statement_timeout = 0', 'SET idle_session_timeout = 0'] as const;
-const RECOVERY_CONF_NO_LSN = { configFile: 'recovery.conf', signalFiles: false, targetLsn: false, targetAction: false } as const;
+const RECOVERY_CONF_NO_TARGET = { configFile: 'recovery.conf', signalFiles: false, targetImmediate: false, promoteAtTarget: null } as const;
+const RECOVERY_CONF = { configFile: 'recovery.conf', signalFiles: false, targetImmediate: true, promoteAtTarget: ['recovery_target_action', 'promote'] } as const;
+const RECOVERY_SIGNALS = { configFile: 'postgresql.auto.conf', signalFiles: true, targetImmediate: true, promoteAtTarget: ['recovery_target_action', 'promote'] } as const;
 
 export const PG_SQL_TABLE: readonly PgSqlRow[] = [
   {
@@ -135,16 +137,26 @@ export const PG_SQL_TABLE: readonly PgSqlRow[] = [
     readSpcmapFile: null, backupOnStandby: false, ...XLOG_NAMES, standbyTimeline: null,
     // Replay pause arrived in 9.1: a 9.0 standby cannot be quiesced.
     replayPause: null, replayResume: null, replayPauseState: null, pauseConfirmation: null,
-    systemIdentifier: null, walDir: 'pg_xlog', recovery: RECOVERY_CONF_NO_LSN, sessionSetup: SETUP,
+    systemIdentifier: null, walDir: 'pg_xlog', recovery: RECOVERY_CONF_NO_TARGET, sessionSetup: SETUP,
   },
   {
-    since: 90100, range: '9.1–9.4', exclusive: true,
+    since: 90100, range: '9.1–9.3', exclusive: true,
     startBackup: 'SELECT pg_start_backup($1, $2)::text AS lsn',
     stopBackup: EXCLUSIVE_STOP, stopTakesWaitForArchive: false,
     labelFrom: 'data-directory', readLabelFile: "SELECT pg_read_file('backup_label') AS labelfile",
     // No tablespace_map before 9.5: the pg_tblspc symlinks travel inside the snapshot.
     readSpcmapFile: null, backupOnStandby: false, ...XLOG_NAMES, standbyTimeline: null, ...XLOG_PAUSE,
-    systemIdentifier: null, walDir: 'pg_xlog', recovery: RECOVERY_CONF_NO_LSN, sessionSetup: SETUP,
+    systemIdentifier: null, walDir: 'pg_xlog', recovery: RECOVERY_CONF_NO_TARGET, sessionSetup: SETUP,
+  },
+  {
+    since: 90400, range: '9.4', exclusive: true,
+    startBackup: 'SELECT pg_start_backup($1, $2)::text AS lsn',
+    stopBackup: EXCLUSIVE_STOP, stopTakesWaitForArchive: false,
+    labelFrom: 'data-directory', readLabelFile: "SELECT pg_read_file('backup_label') AS labelfile",
+    readSpcmapFile: null, backupOnStandby: false, ...XLOG_NAMES, standbyTimeline: null, ...XLOG_PAUSE,
+    systemIdentifier: null, walDir: 'pg_xlog',
+    recovery: { configFile: 'recovery.conf', signalFiles: false, targetImmediate: true, promoteAtTarget: ['pause_at_recovery_target', 'false'] },
+    sessionSetup: SETUP,
   },
   {
     since: 90500, range: '9.5', exclusive: true,
@@ -155,7 +167,7 @@ export const PG_SQL_TABLE: readonly PgSqlRow[] = [
     readSpcmapFile: "SELECT pg_read_file('tablespace_map', 0, 1048576, true) AS spcmapfile",
     backupOnStandby: false, ...XLOG_NAMES, standbyTimeline: null, ...XLOG_PAUSE,
     systemIdentifier: null, walDir: 'pg_xlog',
-    recovery: { configFile: 'recovery.conf', signalFiles: false, targetLsn: false, targetAction: true }, sessionSetup: SETUP,
+    recovery: RECOVERY_CONF, sessionSetup: SETUP,
   },
   {
     since: 90600, range: '9.6', ...NON_EXCLUSIVE,
@@ -163,7 +175,7 @@ export const PG_SQL_TABLE: readonly PgSqlRow[] = [
     // 9.6's non-exclusive stop has no wait_for_archive argument (it always waits on a primary with archiving).
     stopBackup: 'SELECT lsn::text AS lsn, labelfile, spcmapfile FROM pg_stop_backup(false)', stopTakesWaitForArchive: false,
     ...XLOG_NAMES, ...XLOG_PAUSE, walDir: 'pg_xlog',
-    recovery: { configFile: 'recovery.conf', signalFiles: false, targetLsn: false, targetAction: true }, sessionSetup: SETUP,
+    recovery: RECOVERY_CONF, sessionSetup: SETUP,
   },
   {
     since: 100000, range: '10–11', ...NON_EXCLUSIVE,
@@ -171,28 +183,28 @@ export const PG_SQL_TABLE: readonly PgSqlRow[] = [
     stopBackup: 'SELECT lsn::text AS lsn, labelfile, spcmapfile FROM pg_stop_backup(false, $1)', stopTakesWaitForArchive: true,
     ...WAL_NAMES, ...WAL_PAUSE_FLAG, walDir: 'pg_wal',
     // recovery.conf until 11, signal files + ordinary GUCs from 12.
-    recovery: { configFile: 'recovery.conf', signalFiles: false, targetLsn: true, targetAction: true }, sessionSetup: SETUP,
+    recovery: RECOVERY_CONF, sessionSetup: SETUP,
   },
   {
     since: 120000, range: '12–13', ...NON_EXCLUSIVE,
     startBackup: 'SELECT pg_start_backup($1, $2, false)::text AS lsn',
     stopBackup: 'SELECT lsn::text AS lsn, labelfile, spcmapfile FROM pg_stop_backup(false, $1)', stopTakesWaitForArchive: true,
     ...WAL_NAMES, ...WAL_PAUSE_FLAG, walDir: 'pg_wal',
-    recovery: { configFile: 'postgresql.auto.conf', signalFiles: true, targetLsn: true, targetAction: true }, sessionSetup: SETUP,
+    recovery: RECOVERY_SIGNALS, sessionSetup: SETUP,
   },
   {
     since: 140000, range: '14', ...NON_EXCLUSIVE,
     startBackup: 'SELECT pg_start_backup($1, $2, false)::text AS lsn',
     stopBackup: 'SELECT lsn::text AS lsn, labelfile, spcmapfile FROM pg_stop_backup(false, $1)', stopTakesWaitForArchive: true,
     ...WAL_NAMES, ...WAL_PAUSE_STATE, walDir: 'pg_wal',
-    recovery: { configFile: 'postgresql.auto.conf', signalFiles: true, targetLsn: true, targetAction: true }, sessionSetup: SETUP_14,
+    recovery: RECOVERY_SIGNALS, sessionSetup: SETUP_14,
   },
   {
     since: 150000, range: '15+', ...NON_EXCLUSIVE,
     startBackup: 'SELECT pg_backup_start($1, $2)::text AS lsn',
     stopBackup: 'SELECT lsn::text AS lsn, labelfile, spcmapfile FROM pg_backup_stop($1)', stopTakesWaitForArchive: true,
     ...WAL_NAMES, ...WAL_PAUSE_STATE, walDir: 'pg_wal',
-    recovery: { configFile: 'postgresql.auto.conf', signalFiles: true, targetLsn: true, targetAction: true }, sessionSetup: SETUP_14,
+    recovery: RECOVERY_SIGNALS, sessionSetup: SETUP_14,
   },
 ];
 

@@ -10,7 +10,7 @@ type Expect = {
   start: string; stop: string; waitArg: boolean; exclusive: boolean; label: string | null; spcmap: string | null;
   onStandby: boolean; walfile: string; current: string; replay: string; receive: string;
   pause: string | null; resume: string | null; state: string | null; confirm: string | null; tli: string | null;
-  walDir: string; conf: string; targetLsn: boolean; targetAction: boolean; setup: string[];
+  walDir: string; conf: string; immediate: boolean; promote: [string, string] | null; setup: string[];
 };
 
 const xlog = {
@@ -57,42 +57,46 @@ const setup14 = ['SET statement_timeout = 0', 'SET idle_session_timeout = 0'];
 const EXPECTED: Record<string, Expect> = {
   '9.0': {
     ...exclusive, ...xlog, label: "SELECT pg_read_file('backup_label', 0, 1048576) AS labelfile", spcmap: null,
-    pause: null, resume: null, state: null, confirm: null, conf: 'recovery.conf', targetLsn: false, targetAction: false, setup,
+    pause: null, resume: null, state: null, confirm: null, conf: 'recovery.conf', immediate: false, promote: null, setup,
   },
-  ...Object.fromEntries(['9.1', '9.2', '9.3', '9.4'].map((m) => [m, {
+  ...Object.fromEntries(['9.1', '9.2', '9.3'].map((m) => [m, {
     ...exclusive, ...xlog, ...xlogPause, label: "SELECT pg_read_file('backup_label') AS labelfile", spcmap: null,
-    conf: 'recovery.conf', targetLsn: false, targetAction: false, setup,
+    conf: 'recovery.conf', immediate: false, promote: null, setup,
   }])),
+  '9.4': {
+    ...exclusive, ...xlog, ...xlogPause, label: "SELECT pg_read_file('backup_label') AS labelfile", spcmap: null,
+    conf: 'recovery.conf', immediate: true, promote: ['pause_at_recovery_target', 'false'], setup,
+  },
   '9.5': {
     ...exclusive, ...xlog, ...xlogPause, label: "SELECT pg_read_file('backup_label') AS labelfile",
     spcmap: "SELECT pg_read_file('tablespace_map', 0, 1048576, true) AS spcmapfile",
-    conf: 'recovery.conf', targetLsn: false, targetAction: true, setup,
+    conf: 'recovery.conf', immediate: true, promote: ['recovery_target_action', 'promote'], setup,
   },
   '9.6': {
     ...nonExclusive96to14, ...xlog, ...xlogPause,
     stop: 'SELECT lsn::text AS lsn, labelfile, spcmapfile FROM pg_stop_backup(false)', waitArg: false,
-    conf: 'recovery.conf', targetLsn: false, targetAction: true, setup,
+    conf: 'recovery.conf', immediate: true, promote: ['recovery_target_action', 'promote'], setup,
   },
   ...Object.fromEntries(['10', '11'].map((m) => [m, {
     ...nonExclusive96to14, ...wal, ...walPause13,
     stop: 'SELECT lsn::text AS lsn, labelfile, spcmapfile FROM pg_stop_backup(false, $1)', waitArg: true,
-    conf: 'recovery.conf', targetLsn: true, targetAction: true, setup,
+    conf: 'recovery.conf', immediate: true, promote: ['recovery_target_action', 'promote'], setup,
   }])),
   ...Object.fromEntries(['12', '13'].map((m) => [m, {
     ...nonExclusive96to14, ...wal, ...walPause13,
     stop: 'SELECT lsn::text AS lsn, labelfile, spcmapfile FROM pg_stop_backup(false, $1)', waitArg: true,
-    conf: 'postgresql.auto.conf', targetLsn: true, targetAction: true, setup,
+    conf: 'postgresql.auto.conf', immediate: true, promote: ['recovery_target_action', 'promote'], setup,
   }])),
   '14': {
     ...nonExclusive96to14, ...wal, ...walPause14,
     stop: 'SELECT lsn::text AS lsn, labelfile, spcmapfile FROM pg_stop_backup(false, $1)', waitArg: true,
-    conf: 'postgresql.auto.conf', targetLsn: true, targetAction: true, setup: setup14,
+    conf: 'postgresql.auto.conf', immediate: true, promote: ['recovery_target_action', 'promote'], setup: setup14,
   },
   ...Object.fromEntries(['15', '16', '17', '18'].map((m) => [m, {
     ...wal, ...walPause14, start: 'SELECT pg_backup_start($1, $2)::text AS lsn',
     stop: 'SELECT lsn::text AS lsn, labelfile, spcmapfile FROM pg_backup_stop($1)', waitArg: true,
     exclusive: false, label: null, spcmap: null, onStandby: true, tli: 'SELECT timeline_id AS timeline FROM pg_control_checkpoint()',
-    conf: 'postgresql.auto.conf', targetLsn: true, targetAction: true, setup: setup14,
+    conf: 'postgresql.auto.conf', immediate: true, promote: ['recovery_target_action', 'promote'], setup: setup14,
   }])),
 };
 
@@ -135,8 +139,8 @@ describe('pgSqlFor: one row per server version', () => {
         expect(r.walDir).toBe(e.walDir);
         expect(r.recovery.configFile).toBe(e.conf);
         expect(r.recovery.signalFiles).toBe(e.conf === 'postgresql.auto.conf');
-        expect(r.recovery.targetLsn).toBe(e.targetLsn);
-        expect(r.recovery.targetAction).toBe(e.targetAction);
+        expect(r.recovery.targetImmediate).toBe(e.immediate);
+        expect(r.recovery.promoteAtTarget).toEqual(e.promote);
         expect([...r.sessionSetup]).toEqual(e.setup);
       });
     }
