@@ -25,6 +25,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdir, open, readFile, readdir, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
+import { fsyncDir } from '../../proto/durable-file.js';
 
 export const FREEZE_MARKER_FORMAT = 'blocksnap-freeze-marker';
 export const VOLUME_REGISTRY_FORMAT = 'blocksnap-reflink-volumes';
@@ -83,14 +84,6 @@ export async function readFreezeMarkers(stateDir: string): Promise<Array<{ file:
   return out;
 }
 
-export async function fsyncDir(dir: string): Promise<void> {
-  const fh = await open(dir, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
 
 async function writeFileDurably(file: string, data: string): Promise<void> {
   const tmp = `${file}.${randomBytes(4).toString('hex')}.tmp`;
@@ -134,3 +127,5 @@ export async function writeVolumeRegistry(stateDir: string, volumes: Map<string,
   const body = { format: VOLUME_REGISTRY_FORMAT, version: 1, volumes: Object.fromEntries([...volumes].sort()) };
   await writeFileDurably(registryPath(stateDir), JSON.stringify(body, null, 2) + '\n');
 }
+
+export { fsyncDir };

@@ -24,6 +24,7 @@ import { constants as bufferConstants } from 'node:buffer';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { BlocksnapError, isBlocksnapError } from '../../proto/errors.js';
+import { fsyncDir } from '../../proto/durable-file.js';
 
 export const DMAP_MAGIC: Buffer = Buffer.from('BSNDMAP\0', 'latin1');
 export const DMAP_VERSION = 1;
@@ -248,11 +249,3 @@ async function writeFully(fh: fs.FileHandle, buf: Buffer, position: number): Pro
   }
 }
 
-async function fsyncDir(dir: string): Promise<void> {
-  const fh = await fs.open(dir, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}

@@ -26,6 +26,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdir, open, readFile, readdir, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
+import { fsyncDir } from '../../proto/durable-file.js';
 
 export const LEDGER_FORMAT = 'blocksnap-test-ledger';
 export const LEDGER_VERSION = 1;
@@ -100,14 +101,6 @@ export async function writeFileDurably(file: string, data: string): Promise<void
   await fsyncDir(path.dirname(file));
 }
 
-export async function fsyncDir(dir: string): Promise<void> {
-  const fh = await open(dir, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
 
 export async function readLedger(file: string): Promise<LedgerFile> {
   let parsed: unknown;
@@ -193,3 +186,5 @@ export class Ledger {
     return next;
   }
 }
+
+export { fsyncDir };

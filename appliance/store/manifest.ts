@@ -24,6 +24,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
 import { imageGeometry } from './image-root.js';
+import { fsyncDir } from '../../proto/durable-file.js';
 
 export const MANIFEST_FORMAT = 'blocksnap-manifest';
 export const MANIFEST_VERSION = 1;
@@ -183,14 +184,6 @@ export function manifestPath(storeDir: string, imageId: string): string {
   return path.join(manifestsDir(storeDir), `${imageId}.json`);
 }
 
-async function fsyncDir(dir: string): Promise<void> {
-  const fh = await fs.open(dir, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
 
 /** mkdir -p, making a new directory's own entry durable too. */
 async function ensureDir(dir: string): Promise<void> {

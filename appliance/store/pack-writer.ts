@@ -27,6 +27,7 @@ import {
   type Codec,
   type TrailerEntry,
 } from './pack-format.js';
+import { fsyncDir } from '../../proto/durable-file.js';
 
 const pwrite = promisify(write);
 const pfsync = promisify(fsync);
@@ -50,15 +51,6 @@ async function writeAll(fd: number, buf: Buffer, pos: number): Promise<void> {
   }
 }
 
-/** fsync a directory so a rename or create inside it is durable. */
-export async function fsyncDir(dir: string): Promise<void> {
-  const fh = await open(dir, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
 
 function ioError(what: string, path: string, e: unknown): BlocksnapError {
   return new BlocksnapError('E_STORE_IO', `${what} ${path}: ${(e as Error).message}`, { cause: e });
@@ -238,3 +230,5 @@ function recycle(buf: Buffer): void {
   if (!list) spareBuffers.set(buf.length, (list = []));
   if (list.length < MAX_SPARE_PER_SIZE) list.push(buf);
 }
+
+export { fsyncDir };
