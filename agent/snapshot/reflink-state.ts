@@ -25,7 +25,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdir, open, readFile, readdir, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
-import { fsyncDir } from '../../proto/durable-file.js';
+import { fsyncDir, writeFileDurably as writeDurably } from '../../proto/durable-file.js';
 
 export const FREEZE_MARKER_FORMAT = 'blocksnap-freeze-marker';
 export const VOLUME_REGISTRY_FORMAT = 'blocksnap-reflink-volumes';
@@ -85,17 +85,8 @@ export async function readFreezeMarkers(stateDir: string): Promise<Array<{ file:
 }
 
 
-async function writeFileDurably(file: string, data: string): Promise<void> {
-  const tmp = `${file}.${randomBytes(4).toString('hex')}.tmp`;
-  const fh = await open(tmp, 'w', 0o600);
-  try {
-    await fh.writeFile(data);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-  await rename(tmp, file);
-  await fsyncDir(path.dirname(file));
+function writeFileDurably(file: string, data: string): Promise<void> {
+  return writeDurably(file, Buffer.from(data), 0o600);
 }
 
 function registryPath(stateDir: string): string {

@@ -26,7 +26,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdir, open, readFile, readdir, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
-import { fsyncDir } from '../../proto/durable-file.js';
+import { fsyncDir, writeFileDurably as writeDurably } from '../../proto/durable-file.js';
 
 export const LEDGER_FORMAT = 'blocksnap-test-ledger';
 export const LEDGER_VERSION = 1;
@@ -88,17 +88,8 @@ export async function isOwnerAlive(owner: LedgerOwner): Promise<boolean> {
   return isSameProcess(owner.pid, owner.startTime);
 }
 
-export async function writeFileDurably(file: string, data: string): Promise<void> {
-  const tmp = `${file}.${randomBytes(4).toString('hex')}.tmp`;
-  const fh = await open(tmp, 'w', 0o644);
-  try {
-    await fh.writeFile(data);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-  await rename(tmp, file);
-  await fsyncDir(path.dirname(file));
+export function writeFileDurably(file: string, data: string): Promise<void> {
+  return writeDurably(file, Buffer.from(data), 0o644);
 }
 
 
