@@ -37,11 +37,11 @@
  * Written only when a server-wide hold is about to be taken; removed once
  * everything is released. A record present at quiesce time means E_BUSY.
  */
-import { randomBytes } from 'node:crypto';
-import { mkdir, open, readFile, rename, rm } from 'node:fs/promises';
+import { readFile, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import pg from 'pg';
+import { fsyncDir, writeFileDurably } from '../../proto/durable-file.js';
 import { BlocksnapError, isBlocksnapError, type ErrorCode } from '../../proto/errors.js';
 import type { Logger } from '../../proto/log.js';
 import { DETECT_SQL, majorOf, pgSqlFor, timelineOfWalFile, type PgSqlRow } from './sql-table.js';
@@ -138,18 +138,18 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /**
  * A BlocksnapError with `what` in front; a server error keeps its SQLSTATE in
- * the message, a statement timeout (57014) becomes E_TIMEOUT.
+ * the message, a statement timeout becomes E_TIMEOUT.
  */
-export function pgError(what: string, e: unknown, code: ErrorCode = 'E_PG'): BlocksnapError {
+function pgError(what: string, e: unknown, code: ErrorCode = 'E_PG'): BlocksnapError {
   if (isBlocksnapError(e)) return new BlocksnapError(e.code, `${what}: ${e.message}`, { cause: e });
   const err = e as { message?: string; code?: string };
-  if (err?.code === '57014') code = 'E_TIMEOUT';
+  if (err?.code === '57014' && /statement timeout/.test(err.message ?? '')) code = 'E_TIMEOUT';
   const state = typeof err?.code === 'string' && /^[0-9A-Z]{5}$/.test(err.code) ? ` [${err.code}]` : '';
   const auth = err?.code === '28P01' || err?.code === '28000' ? ' (authentication failed: check user and password)' : '';
   return new BlocksnapError(code, `${what}: ${err?.message ?? String(e)}${state}${auth}`, { cause: e });
 }
 
-export async function openSession(config: pg.ClientConfig, onError: (e: Error) => void): Promise<pg.Client> {
+async function openSession(config: pg.ClientConfig, onError: (e: Error) => void): Promise<pg.Client> {
   const t = targetOf(config);
   const client = new pg.Client({ application_name: 'blocksnap-quiesce', connectionTimeoutMillis: 10_000, keepAlive: true, ...config });
   client.on('error', onError);
@@ -241,7 +241,7 @@ export class PgQuiescer implements Quiescer {
         return { role, version: this.info.version, exclusive: backup && sql.exclusive, backup, startLsn: this.run.startLsn, replayLsn: this.run.replayLsn, seconds: (performance.now() - t0) / 1000 };
       } catch (e) {
         const report = await this.release('quiesce failed');
-        const err = pgError(`${this.where}: quiesce failed`, e);
+        const err = this.aborting ? new BlocksnapError('E_CANCELLED', `${this.where}: quiesce aborted`, { cause: e }) : pgError(`${this.where}: quiesce failed`, e);
         if (report.failed.length) err.message += `; and could not release: ${report.failed.join('; ')}`;
         throw err;
       }
@@ -404,7 +404,7 @@ export class PgQuiescer implements Quiescer {
       if (report.failed.length === before) this.held.paused = false;
     }
     if (!this.held.backup && !this.held.paused) await this.forget().catch((e) => report.failed.push(`remove state record: ${(e as Error).message}`));
-    if (this.state === 'quiescing' || this.state === 'quiesced') this.state = this.client && !this.broken ? 'connected' : 'closed';
+    if (this.state === 'quiescing' || this.state === 'quiesced' || this.state === 'expired') this.state = this.client && !this.broken ? 'connected' : 'closed';
     if (report.released.length || report.failed.length) this.opts.logger?.warn({ reason, ...report }, 'released PostgreSQL quiesce');
     return report;
   }
@@ -439,12 +439,12 @@ export class PgQuiescer implements Quiescer {
 
   private async query(text: string, params: unknown[] = [], timeoutMs = 30_000): Promise<pg.QueryResult> {
     if (!this.client || this.broken) throw new BlocksnapError('E_PG', `the session is gone${this.broken ? `: ${this.broken.message}` : ''}`);
-    if (this.timeoutMs !== timeoutMs) {
-      await this.client.query(`SET statement_timeout = ${Math.floor(timeoutMs)}`);
-      this.timeoutMs = timeoutMs;
-    }
     this.inflight = true;
     try {
+      if (this.timeoutMs !== timeoutMs) {
+        await this.client.query(`SET statement_timeout = ${Math.floor(timeoutMs)}`);
+        this.timeoutMs = timeoutMs;
+      }
       // The server enforces the limit; the client-side one only covers a dead connection.
       return await this.client.query({ text, values: params, query_timeout: timeoutMs + 10_000 } as pg.QueryConfig);
     } catch (e) {
@@ -639,27 +639,8 @@ export async function readQuiesceState(file: string): Promise<QuiesceState | und
   return r as QuiesceState;
 }
 
-async function fsyncDir(dir: string): Promise<void> {
-  const fh = await open(dir, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
-
 export async function writeQuiesceState(file: string, r: QuiesceState): Promise<void> {
-  await mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
-  const tmp = `${file}.${randomBytes(4).toString('hex')}.tmp`;
-  const fh = await open(tmp, 'wx', 0o600);
-  try {
-    await fh.writeFile(encodeQuiesceState(r));
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-  await rename(tmp, file);
-  await fsyncDir(path.dirname(file));
+  await writeFileDurably(file, Buffer.from(encodeQuiesceState(r)));
 }
 
 export async function deleteQuiesceState(file: string): Promise<void> {

@@ -20,7 +20,7 @@
  *
  * `BLOCKSNAP_PG_VERSIONS=15,18` limits the result to those majors.
  */
-import { access, chmod, chown, constants, cp, mkdir, readFile, readdir, rm, stat, symlink, writeFile } from 'node:fs/promises';
+import { access, chmod, chown, constants, cp, mkdir, readFile, readdir, rm, symlink, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -180,13 +180,6 @@ export async function findPgServers(opts: FindPgServersOptions = {}): Promise<Pg
 
 /** The Debian 15 client tools (pg_basebackup, pg_checksums, pgbench) serve every server version here. */
 export const PG15_CLIENT_BIN = '/usr/lib/postgresql/15/bin';
-
-/** True if `dir` is a PostgreSQL data directory whose PG_VERSION is `major`. */
-export async function dataDirMajor(dir: string): Promise<string | undefined> {
-  const st = await stat(path.join(dir, 'PG_VERSION')).catch(() => undefined);
-  if (!st?.isFile()) return undefined;
-  return (await readFile(path.join(dir, 'PG_VERSION'), 'utf8')).trim();
-}
 
 /** Ensures a path's owner is the OS user (used for dirs tests create for clusters). */
 export async function chownTo(p: string, user = 'postgres'): Promise<void> {

@@ -12,7 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { prepareDataDir } from '../../agent/pg/prepare.js';
-import { PgQuiescer, quiesceStatePath, type PgQuiescerOptions } from '../../agent/pg/quiescer.js';
+import { encodeQuiesceState, PgQuiescer, quiesceStatePath, readQuiesceState, type PgQuiescerOptions, type QuiesceState } from '../../agent/pg/quiescer.js';
 import { isLsn, parseLsn, timelineOfWalFile, walFileName } from '../../agent/pg/sql-table.js';
 import { chownTo, findPgServers, PG15_CLIENT_BIN, type PgServerBuild } from '../../agent/pg/version-lab.js';
 import { PgCluster } from '../../agent/testing/pg-cluster.js';
@@ -134,6 +134,36 @@ async function newStandby(b: PgServerBuild, primary: PgCluster, settings: Record
   await s.start();
   return s;
 }
+
+describe('quiesce record (STATE/pg-quiesce/<key>.json)', () => {
+  const rec: QuiesceState = {
+    format: 'blocksnap-pg-quiesce', version: 1, label: 'job-1', createdAt: '2026-01-02T03:04:05.006Z', agentPid: 42, agentStartTime: '777',
+    server: { host: '10.0.0.5', port: 5433, database: 'postgres', user: 'backup', systemIdentifier: '7300000000000000001', version: 150010, role: 'standby' },
+    exclusiveBackup: false, replayPaused: true,
+  };
+
+  it('is pinned byte by byte, whatever the key order of the object given', async () => {
+    const reversed = <T extends object>(o: T) => Object.fromEntries(Object.entries(o).reverse()) as T;
+    const shuffled = { ...reversed(rec), server: reversed(rec.server) };
+    expect(encodeQuiesceState(shuffled)).toBe(
+      '{\n  "format": "blocksnap-pg-quiesce",\n  "version": 1,\n  "label": "job-1",\n  "createdAt": "2026-01-02T03:04:05.006Z",\n' +
+        '  "agentPid": 42,\n  "agentStartTime": "777",\n  "server": {\n    "host": "10.0.0.5",\n    "port": 5433,\n    "database": "postgres",\n' +
+        '    "user": "backup",\n    "systemIdentifier": "7300000000000000001",\n    "version": 150010,\n    "role": "standby"\n  },\n' +
+        '  "exclusiveBackup": false,\n  "replayPaused": true\n}\n',
+    );
+    const file = path.join(root, 'rec.json');
+    await writeFile(file, encodeQuiesceState(rec));
+    expect(await readQuiesceState(file)).toEqual(rec);
+    await writeFile(file, JSON.stringify({ ...rec, version: 2 }));
+    expect(isBlocksnapError(await rejection(readQuiesceState(file)), 'E_FORMAT')).toBe(true);
+    expect(await readQuiesceState(path.join(root, 'absent.json'))).toBeUndefined();
+  });
+
+  it('is named after the server, or the key given', () => {
+    expect(quiesceStatePath('/s', { host: '/var/run/postgresql', port: 5432 })).toBe('/s/pg-quiesce/_var_run_postgresql-5432.json');
+    expect(quiesceStatePath('/s', { host: 'db1', port: 5432 }, 'main pg')).toBe('/s/pg-quiesce/main_pg.json');
+  });
+});
 
 describe('unreachable server', () => {
   it('connect fails with a clear E_PG', async () => {
@@ -266,7 +296,7 @@ describe.runIf(pg15)('primary, PostgreSQL 15: bad input and the watchdog', () =>
     await q.close();
   });
 
-  it('a backup start that blocks (spread checkpoint) times out: E_TIMEOUT, session gone, next start works', async () => {
+  it('a backup start that blocks (spread checkpoint): E_TIMEOUT, or E_CANCELLED by abort; session gone; next start works', async () => {
     await c.query("ALTER SYSTEM SET checkpoint_timeout = '1h'");
     await c.query('ALTER SYSTEM SET checkpoint_completion_target = 0.9');
     await c.query('SELECT pg_reload_conf()');
@@ -282,6 +312,18 @@ describe.runIf(pg15)('primary, PostgreSQL 15: bad input and the watchdog', () =>
       expect(Date.now() - t0).toBeLessThan(10_000);
       expect(await settledSessions(c, appName)).toBe(0);
       await q.close();
+      // Same blocked start, cut short by abort (a cancelled job) instead of the timeout.
+      const qa = quiescer(c, 'primary');
+      await qa.connect();
+      const pending = rejection(qa.quiesce({ label: `bsq-cancel-${seq++}`, fast: false }));
+      await sleep(500);
+      const t1 = Date.now();
+      await qa.abort('job cancelled');
+      const ea = await pending;
+      expect(isBlocksnapError(ea, 'E_CANCELLED'), ea.message).toBe(true);
+      expect(Date.now() - t1).toBeLessThan(5000);
+      expect(await settledSessions(c, (qa as any).opts.connection.application_name)).toBe(0);
+      await qa.close();
       const q2 = quiescer(c, 'primary');
       await q2.connect();
       await q2.quiesce({ label: `bsq-after-slow-${seq++}`, fast: true });
@@ -389,7 +431,7 @@ describe.each(builds.filter((b) => STANDBY_MAJORS.includes(b.major)))('standby, 
     await q.close();
   });
 
-  it.runIf(major >= 14)('replay that never pauses: E_TIMEOUT, then resumed', async () => {
+  it.runIf(major >= 14)('replay that never pauses: E_TIMEOUT (or E_CANCELLED by abort), then resumed', async () => {
     await caughtUp();
     const reader = new (await import('pg')).default.Client(s.connectionConfig());
     await reader.connect();
@@ -402,6 +444,13 @@ describe.each(builds.filter((b) => STANDBY_MAJORS.includes(b.major)))('standby, 
       const e = await rejection(q.quiesce({ label: `bsq-stuck-${seq++}`, fast: true }));
       expect(isBlocksnapError(e, 'E_TIMEOUT')).toBe(true);
       expect(e.message).toMatch(/replay did not pause within 1500 ms \(state pause requested/);
+      expect(await pauseState(s, major)).toBe('not paused');
+      // The same wait, cut short by abort.
+      const pending = rejection(q.quiesce({ label: `bsq-stuck-${seq++}`, fast: true }));
+      await sleep(500);
+      await q.abort('job cancelled');
+      const ea = await pending;
+      expect(isBlocksnapError(ea, 'E_CANCELLED'), ea.message).toBe(true);
       expect(await pauseState(s, major)).toBe('not paused');
       await q.close();
     } finally {
