@@ -12,6 +12,9 @@ import { DigestMap } from './state/digest-map.js';
 import { cleanupStaleInstances } from './tracker/tracefs-instance.js';
 import { TracefsTracker } from './tracker/tracefs-tracker.js';
 import { VolumeTracking } from './tracking/volume-tracking.js';
+import { connectionOf } from './capture.js';
+import { PgQuiescer } from './pg/quiescer.js';
+import { join } from 'node:path';
 
 export const AGENT_VERSION = '0.1.0';
 
@@ -42,8 +45,20 @@ export class Agent {
   async start(): Promise<void> {
     const released = await this.provider.cleanupStale();
     if (released.length) this.log.warn({ released }, 'released resources left by an earlier run');
+    if (this.config.postgres) await this.releasePostgres();
     if (this.config.tracking === 'tracefs') await this.startTracking();
     this.loop = this.connectLoop();
+  }
+
+  /** Resumes replay / stops an exclusive backup that a killed earlier run left held. */
+  private async releasePostgres(): Promise<void> {
+    try {
+      const r = await PgQuiescer.releaseStale({ stateDir: join(this.config.stateDir, 'pg'), connection: connectionOf(this.config.postgres!), logger: this.log });
+      if (r.found) this.log.warn({ actions: r.actions }, 'released what an earlier run left held in PostgreSQL');
+    } catch (e) {
+      // Not fatal for the agent: jobs refuse to quiesce while a stale record exists (E_BUSY) and say why.
+      this.log.error({ err: toBlocksnapError(e, 'E_PG') }, 'cannot release stale PostgreSQL state');
+    }
   }
 
   /**
@@ -59,7 +74,7 @@ export class Agent {
     if (stale.length) this.log.warn({ instances: stale }, 'removed tracing instances left by an earlier run');
     for (const v of this.config.volumes) {
       try {
-        this.tracking.set(v.name, await VolumeTracking.open(v, this.config.stateDir, new TracefsTracker({ log: this.log }), this.log));
+        this.tracking.set(v.name, await VolumeTracking.open(v, this.config.stateDir, new TracefsTracker({ log: this.log, bufferSizeKb: this.config.trackerBufferKb }), this.log));
       } catch (e) {
         this.log.error({ volume: v.name, err: toBlocksnapError(e, 'E_TRACKER') }, 'cannot track volume; incrementals will compare digests');
       }
@@ -185,7 +200,7 @@ export class Agent {
       stateDir: this.config.stateDir, provider: this.provider, log: this.log, windowBytes: this.config.windowBytes,
       batchBytes: this.config.batchBytes, workers: this.config.workers, send: (e) => this.send(e),
       waitConnected: (ms) => this.waitConnected(ms), resumeTimeoutMs: 5 * 60_000, replyTimeoutMs: 60_000,
-      tracking: this.tracking.get(volume.name),
+      tracking: this.tracking.get(volume.name), postgres: this.config.postgres,
     }, job, volume);
     this.runners.set(job.jobId, runner);
     const p = runner.run().finally(() => {

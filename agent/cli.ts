@@ -4,18 +4,23 @@ import { BlocksnapError, toBlocksnapError } from '../proto/errors.js';
 import { createLogger } from '../proto/log.js';
 import { Agent } from './agent.js';
 import { loadAgentConfig } from './config.js';
+import { prepareFromExport } from './pg/prepare-from-export.js';
 import { ReflinkSnapshotProvider } from './snapshot/reflink-snapshot-provider.js';
 import { RetainingSnapshotProvider } from './snapshot/retaining-provider.js';
 import { cleanupStaleInstances } from './tracker/tracefs-instance.js';
 
 const HELP = `blocksnap-agent — tracks, snapshots and streams PostgreSQL volumes to a blocksnap appliance
 
-Usage: blocksnap-agent <command> --config FILE [options]
+Usage: blocksnap-agent <command> [--config FILE] [options]
 
 Commands:
   run        connect to the appliance and run the jobs it sends (until SIGINT/SIGTERM)
   cleanup    release snapshots, frozen filesystems and tracing instances an earlier (killed) run left
   volumes    list the configured volumes and their last committed image [--json]
+  prepare DATADIR --image FILE [--as-standby --primary-conninfo CONNINFO] [--restore-command CMD]
+             make the data directory of a mounted exported image startable: backup_label and
+             tablespace_map from the image, its WAL up to the stop LSN, recovery settings
+             (no --config needed)
 
 Options:
   --config FILE   agent configuration (JSON; see README "Agent configuration")
@@ -28,12 +33,24 @@ async function main(argv: string[]): Promise<number> {
   const { values, positionals } = parseArgs({
     args: argv,
     allowPositionals: true,
-    options: { config: { type: 'string' }, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } },
+    options: {
+      config: { type: 'string' }, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' }, image: { type: 'string' },
+      'as-standby': { type: 'boolean' }, 'primary-conninfo': { type: 'string' }, 'restore-command': { type: 'string' },
+    },
   });
   const cmd = positionals[0];
   if (values.help || !cmd) {
     process.stdout.write(HELP + '\n');
     return values.help ? 0 : 2;
+  }
+  if (cmd === 'prepare') {
+    const dir = positionals[1];
+    if (!dir || !values.image) throw new BlocksnapError('E_USAGE', 'prepare DATADIR --image FILE (see --help)');
+    const r = await prepareFromExport(dir, values.image, {
+      asStandby: values['as-standby'], primaryConninfo: values['primary-conninfo'], restoreCommand: values['restore-command'],
+    });
+    process.stdout.write((values.json ? JSON.stringify(r, null, 2) : `prepared ${dir} from image ${r.imageId}: wrote ${r.written.join(', ')}; WAL ${r.walCopied.length} segment(s)`) + '\n');
+    return 0;
   }
   if (!values.config) throw new BlocksnapError('E_USAGE', 'missing --config FILE (see --help)');
   const config = loadAgentConfig(values.config);

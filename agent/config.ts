@@ -24,8 +24,29 @@ export interface AgentConfig {
   reconnectMaxMs: number;
   /** Changed-block tracking: 'tracefs' (kernel block tracepoints) or 'off' (incrementals compare digests). */
   tracking: 'tracefs' | 'off';
+  /** Per-CPU ring buffer of each tracing instance, KiB (default: the tracker's). Tests shrink it to force lost events. */
+  trackerBufferKb?: number;
+  /** The PostgreSQL server whose data lives on the volumes: quiesced around every snapshot. Absent = crash-consistent images. */
+  postgres?: PostgresConfig;
   /** Keep a reflink clone of every snapshot here before removing it (audits, demo, tests). */
   retainSnapshotsDir?: string;
+}
+
+export interface PostgresConfig {
+  host: string;
+  port: number;
+  user: string;
+  password?: string;
+  database: string;
+  /** What the server must be; a server that is not is an error (E_PG), nothing is held. */
+  role: 'primary' | 'standby' | 'auto';
+  /** Immediate checkpoint at backup start (default true). */
+  fast: boolean;
+  /** The data directory as this host sees it (to read WAL after the stop); default: asked from the server. */
+  dataDirectory?: string;
+  /** Limits: replay pause, and the watchdog that releases everything if a job hangs. */
+  pauseTimeoutMs: number;
+  watchdogSeconds: number;
 }
 
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
@@ -84,6 +105,8 @@ export function parseAgentConfig(raw: any, source = 'config'): AgentConfig {
     reconnectMaxMs: num('reconnectMaxMs', 10_000, 100),
     retainSnapshotsDir: optionalAbs(raw.retainSnapshotsDir, 'retainSnapshotsDir', bad),
     tracking: trackingOf(raw.tracking, bad),
+    ...(raw.postgres === undefined ? {} : { postgres: postgresOf(raw.postgres, bad) }),
+    ...(raw.trackerBufferKb === undefined ? {} : { trackerBufferKb: num('trackerBufferKb', 0, 1) }),
   };
 }
 
@@ -97,4 +120,30 @@ function trackingOf(v: unknown, bad: (m: string) => BlocksnapError): 'tracefs' |
   if (v === undefined) return 'tracefs';
   if (v !== 'tracefs' && v !== 'off') throw bad('"tracking" must be "tracefs" or "off"');
   return v;
+}
+
+function postgresOf(v: any, bad: (m: string) => BlocksnapError): PostgresConfig {
+  if (typeof v !== 'object' || v === null) throw bad('"postgres" must be an object');
+  const str = (k: string, d?: string) => {
+    const x = v[k] ?? d;
+    if (typeof x !== 'string' || x === '') throw bad(`"postgres.${k}" must be a non-empty string`);
+    return x;
+  };
+  const int = (k: string, d: number, min: number, max: number) => {
+    const x = v[k] ?? d;
+    if (!Number.isInteger(x) || x < min || x > max) throw bad(`"postgres.${k}" must be an integer in ${min}..${max}`);
+    return x;
+  };
+  const role = v.role ?? 'auto';
+  if (!['primary', 'standby', 'auto'].includes(role)) throw bad('"postgres.role" must be primary, standby or auto');
+  if (v.dataDirectory !== undefined && (typeof v.dataDirectory !== 'string' || !v.dataDirectory.startsWith('/'))) {
+    throw bad('"postgres.dataDirectory" must be an absolute path');
+  }
+  return {
+    host: str('host', '127.0.0.1'), port: int('port', 5432, 1, 65535), user: str('user', 'postgres'),
+    ...(v.password === undefined ? {} : { password: str('password') }),
+    database: str('database', 'postgres'), role, fast: v.fast === undefined ? true : !!v.fast,
+    ...(v.dataDirectory ? { dataDirectory: v.dataDirectory } : {}),
+    pauseTimeoutMs: int('pauseTimeoutMs', 30_000, 100, 3_600_000), watchdogSeconds: int('watchdogSeconds', 600, 5, 86_400),
+  };
 }

@@ -10,6 +10,10 @@ import { readChunks } from './reader/chunk-reader.js';
 import type { Snapshot, SnapshotProvider, VolumeSpec } from './snapshot/snapshot-provider.js';
 import { DigestMap } from './state/digest-map.js';
 import { FlowWindow } from './flow-window.js';
+import { capture, type CaptureResult } from './capture.js';
+import type { PostgresConfig } from './config.js';
+import { zstdCompress } from '../proto/zstd.js';
+import { createHash } from 'node:crypto';
 import { dataRanges, holeChunks } from './blockdev/allocation-map.js';
 import type { SwitchResult, VolumeTracking } from './tracking/volume-tracking.js';
 
@@ -28,6 +32,8 @@ export interface RunnerDeps {
   replyTimeoutMs: number;
   /** Changed-block tracking of the job's volume, if it is tracked. */
   tracking?: VolumeTracking;
+  /** The PostgreSQL server to quiesce around the snapshot. */
+  postgres?: PostgresConfig;
 }
 
 export function digestMapPath(stateDir: string, volume: string): string {
@@ -51,6 +57,8 @@ export class JobRunner {
   private readonly abort = new AbortController();
   private readonly window: FlowWindow;
   private stats: TransferStats = emptyTransferStats();
+  /** What PostgreSQL's quiesce window returned, and the WAL to send. */
+  private pg: CaptureResult['pg'] = null;
   /** The tracker generation closed at this job's snapshot. */
   private switched: SwitchResult | null = null;
   /** Set once the runner holds nothing of its volume any more (snapshot released). */
@@ -141,24 +149,13 @@ export class JobRunner {
     let snapshot: Snapshot | null = null;
     let outcome: { ok: boolean; imageId?: string; error?: BlocksnapError; stats: TransferStats };
     try {
-      const tracking = this.deps.tracking;
-      // prepareSwitch before the freeze, completeSwitch after the snapshot: a
-      // write racing the snapshot lands in both generations (DESIGN.md §7.2).
-      if (tracking) await tracking.prepare();
-      try {
-        snapshot = await this.deps.provider.create(this.volume, this.jobId);
-      } catch (e) {
-        if (tracking) await tracking.abort().catch((err) => log.error({ err }, 'tracker abortSwitch failed'));
-        throw e;
-      }
-      if (tracking) {
-        try {
-          this.switched = await tracking.complete();
-        } catch (e) {
-          // The job can still run by digest comparison; the tracker invalidated itself or will say why.
-          log.error({ err: e }, 'tracker switch failed');
-        }
-      }
+      const cap = await capture({
+        jobId: this.jobId, volume: this.volume, provider: this.deps.provider, tracking: this.deps.tracking,
+        postgres: this.deps.postgres, stateDir: this.deps.stateDir, log,
+      });
+      snapshot = cap.snapshot;
+      this.switched = cap.switched;
+      this.pg = cap.pg;
       this.stats.freezeSeconds = snapshot.freezeSeconds;
       this.stats.snapshotSeconds = snapshot.snapshotSeconds;
       log.info({ freezeSeconds: snapshot.freezeSeconds, snapshotSeconds: snapshot.snapshotSeconds }, 'snapshot taken');
@@ -233,6 +230,7 @@ export class JobRunner {
       try {
         seq = await this.stream(snapshot.path, volumeSize, chunkSize, mode, basis, next, ready.resumeFrom, seq, plan.select, holes);
         if (plan.audit) this.finishAudit(plan.audit);
+        await this.sendPg();
         await this.deps.send(envelope('endVolume', { jobId: this.jobId, nextIndex: next.chunkCount, stats: this.stats }));
         const committed = await this.expect('committed', this.deps.replyTimeoutMs * 4);
         next.setImageId(committed.imageId);
@@ -285,6 +283,29 @@ export class JobRunner {
     const st = stream.stats();
     this.accumulate(st, base, performance.now() - started);
     return seq;
+  }
+
+  /** The quiesce window's result and the WAL a primary image needs (after the chunks, before EndVolume). */
+  private async sendPg(): Promise<void> {
+    const pg = this.pg;
+    if (!pg) return;
+    const i = pg.info;
+    await this.deps.send(envelope('pgBackupInfo', {
+      jobId: this.jobId, labelFile: i.labelFile ?? '', spcmapFile: i.spcmapFile ?? '', startLsn: i.startLsn ?? '',
+      stopLsn: i.stopLsn ?? '', timeline: i.timeline ?? 0, replayLsn: i.replayLsn ?? '', exclusive: i.exclusive,
+      serverVersion: i.version, role: i.role, pausedSeconds: i.pausedSeconds, backupSeconds: i.backupSeconds,
+      walSegmentSize: pg.walSegmentSize,
+    }));
+    const PIECE = 4 << 20;
+    for (const seg of pg.wal) {
+      for (let off = 0; off < seg.data.length; off += PIECE) {
+        const plain = seg.data.subarray(off, Math.min(seg.data.length, off + PIECE));
+        await this.deps.send(envelope('walPiece', {
+          jobId: this.jobId, fileName: seg.name, offset: off, data: zstdCompress(plain), plainLength: plain.length,
+          digest: createHash('sha256').update(plain).digest(), fileSize: seg.data.length,
+        }));
+      }
+    }
   }
 
   /**

@@ -7,6 +7,8 @@ import { BlocksnapError, toBlocksnapError } from '../proto/errors.js';
 import { createLogger } from '../proto/log.js';
 import { Catalog } from './catalog/catalog.js';
 import { exportImage } from './ops/export-image.js';
+import { exportPgSidecar } from './ops/export-pg.js';
+import type { PgImageInfo } from './store/pg-image-info.js';
 import { verifyImage } from './ops/verify-image.js';
 import { Appliance, pidAlive, rollForward } from './server/appliance.js';
 import { FsChunkStore } from './store/fs-chunk-store.js';
@@ -30,7 +32,8 @@ Commands:
                                       run a backup on a connected agent and wait; --audit also
                                       proves the agent's change tracker (0 missed chunks expected)
   verify [IMAGE] [--json]             re-read and re-hash every chunk (all images if none given)
-  export IMAGE --to FILE              write the image as a raw (sparse) file
+  export IMAGE --to FILE              write the image as a raw (sparse) file; for a PostgreSQL
+                                      image also FILE.blocksnap.json (label, LSNs) and FILE.wal/
   catalog rebuild                     recreate the catalog's images from the store's manifests
   store reindex                       rebuild the blob index from the pack files
 
@@ -161,6 +164,7 @@ async function main(argv: string[]): Promise<number> {
           const onProgress = (d: number, t: number) => bar?.update(d, t);
           if (cmd === 'export') {
             result = { ok: true, ...(await exportImage(store, images[0]!.rootDigest, to!, onProgress)) };
+            if (images[0]!.pg) await exportPgSidecar(store, images[0]!.id, images[0]!.pg as unknown as PgImageInfo, to!);
           } else {
             const reports = [];
             for (const img of images) reports.push(await verifyImage(store, join(dataDir, 'store'), img!.id, img!.rootDigest, onProgress));

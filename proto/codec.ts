@@ -234,6 +234,32 @@ export function validateEnvelope(env: Envelope): void {
     case 'ping':
     case 'pong':
       return;
+    case 'pgBackupInfo': {
+      const m = env.pgBackupInfo;
+      id(m.jobId, 'pgBackupInfo.jobId', true);
+      // A label is a few hundred bytes; a tablespace map one line per tablespace.
+      if (m.labelFile.length > 65536) fail('pgBackupInfo.labelFile is longer than 64 KiB');
+      if (m.spcmapFile.length > 1 << 20) fail('pgBackupInfo.spcmapFile is longer than 1 MiB');
+      for (const [k, v] of [['startLsn', m.startLsn], ['stopLsn', m.stopLsn], ['replayLsn', m.replayLsn]] as const) {
+        if (v !== '' && !/^[0-9A-F]{1,8}\/[0-9A-F]{1,8}$/.test(v)) fail(`pgBackupInfo.${k} is not an LSN`);
+      }
+      if (m.role !== 'primary' && m.role !== 'standby') fail('pgBackupInfo.role must be primary or standby');
+      const seg = m.walSegmentSize;
+      if (seg !== 0 && (seg < 1 << 20 || seg > 1 << 30 || (seg & (seg - 1)) !== 0)) fail('pgBackupInfo.walSegmentSize is not a power of two in 1 MiB..1 GiB');
+      for (const [k, v] of [['pausedSeconds', m.pausedSeconds], ['backupSeconds', m.backupSeconds]] as const) {
+        if (!Number.isFinite(v) || v < 0) fail(`pgBackupInfo.${k} must be a finite number ≥ 0`);
+      }
+      return;
+    }
+    case 'walPiece': {
+      const m = env.walPiece;
+      id(m.jobId, 'walPiece.jobId', true);
+      if (!/^[0-9A-F]{24}$/.test(m.fileName)) fail('walPiece.fileName is not a WAL segment name');
+      if (m.digest.length !== DIGEST_BYTES) fail(`walPiece.digest must be ${DIGEST_BYTES} bytes`);
+      if (m.plainLength < 1 || m.plainLength > MAX_CHUNK) fail('walPiece.plainLength must be 1..4 MiB');
+      if (m.fileSize < 1 || m.fileSize > 1 << 30 || m.offset + m.plainLength > m.fileSize) fail('walPiece range outside the file');
+      return;
+    }
   }
 }
 

@@ -54,13 +54,21 @@ export interface JobResult {
 /** The wire `Error` message (named so it does not shadow the global Error). */
 export interface ErrorMessage { jobId: string; code: string; message: string }
 export interface Ping { nonce: number }
+export interface PgBackupInfo {
+  jobId: string; labelFile: string; spcmapFile: string; startLsn: string; stopLsn: string; timeline: number;
+  replayLsn: string; exclusive: boolean; serverVersion: number; role: string; pausedSeconds: number;
+  backupSeconds: number; walSegmentSize: number;
+}
+export interface WalPiece {
+  jobId: string; fileName: string; offset: number; data: Uint8Array; plainLength: number; digest: Uint8Array; fileSize: number;
+}
 
 /** Envelope oneof member name → message type. */
 export interface MessageMap {
   hello: Hello; welcome: Welcome; runJob: RunJob; cancelJob: CancelJob;
   beginVolume: BeginVolume; volumeReady: VolumeReady; chunkBatch: ChunkBatch; ack: Ack;
   endVolume: EndVolume; committed: Committed; jobProgress: JobProgress; jobResult: JobResult;
-  error: ErrorMessage; ping: Ping; pong: Ping;
+  error: ErrorMessage; ping: Ping; pong: Ping; pgBackupInfo: PgBackupInfo; walPiece: WalPiece;
 }
 export type EnvelopeKind = keyof MessageMap;
 export type Envelope =
@@ -78,7 +86,9 @@ export type Envelope =
   | { kind: 'jobResult'; jobResult: JobResult }
   | { kind: 'error'; error: ErrorMessage }
   | { kind: 'ping'; ping: Ping }
-  | { kind: 'pong'; pong: Ping };
+  | { kind: 'pong'; pong: Ping }
+  | { kind: 'pgBackupInfo'; pgBackupInfo: PgBackupInfo }
+  | { kind: 'walPiece'; walPiece: WalPiece };
 export type EnvelopeOf<K extends EnvelopeKind> = Extract<Envelope, { kind: K }>;
 
 /** Builds an envelope without repeating the kind: `envelope('ack', {...})`. */

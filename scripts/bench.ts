@@ -23,7 +23,7 @@ import { applianceCmd, spawnAgent, spawnAppliance, type ApplianceProcess, type D
 import { Ingest } from '../appliance/server/ingest.js';
 import { FsChunkStore } from '../appliance/store/fs-chunk-store.js';
 import { buildManifest, newImageId, writeManifest } from '../appliance/store/manifest.js';
-import { zstdCompress } from '../appliance/store/zstd.js';
+import { zstdCompress } from '../proto/zstd.js';
 import { createLogger } from '../proto/log.js';
 
 const RUNS = Number(process.env.BENCH_RUNS ?? 3);

@@ -24,11 +24,14 @@ export interface ImageRow {
   id: string; volumeId: number; agent: string; volume: string; jobId: string | null; kind: string;
   basisImageId: string | null; rootDigest: string; volumeSize: number; chunkSize: number;
   createdAt: string; stats: Record<string, unknown> | null;
+  /** PostgreSQL label, LSNs and WAL of an app-consistent image (PgImageInfo), null if crash-consistent. */
+  pg: Record<string, unknown> | null;
 }
 export interface NewImage {
   id: string; agent: string; volume: string; jobId: string | null; kind: string;
   basisImageId: string | null; rootDigest: string; volumeSize: number; chunkSize: number;
   createdAt: string; stats?: Record<string, unknown> | null;
+  pg?: object | null;
 }
 
 const now = () => new Date().toISOString();
@@ -206,11 +209,11 @@ export class Catalog {
       if (!vol) vol = this.upsertVolume(agent.id, img.volume, img.volumeSize, img.chunkSize);
       this.db
         .prepare(
-          `INSERT INTO images (id, volume_id, job_id, kind, basis_image_id, root_digest, volume_size, chunk_size, created_at, stats_json)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING`,
+          `INSERT INTO images (id, volume_id, job_id, kind, basis_image_id, root_digest, volume_size, chunk_size, created_at, stats_json, pg_json)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING`,
         )
         .run(img.id, vol.id, img.jobId, img.kind, img.basisImageId, img.rootDigest, img.volumeSize, img.chunkSize,
-          img.createdAt, img.stats ? JSON.stringify(img.stats) : null);
+          img.createdAt, img.stats ? JSON.stringify(img.stats) : null, img.pg ? JSON.stringify(img.pg) : null);
     })();
   }
 
@@ -253,5 +256,6 @@ function imageRow(r: any): ImageRow {
     id: r.id, volumeId: r.volume_id, agent: r.agent, volume: r.volume, jobId: r.job_id, kind: r.kind,
     basisImageId: r.basis_image_id, rootDigest: r.root_digest, volumeSize: r.volume_size, chunkSize: r.chunk_size,
     createdAt: r.created_at, stats: r.stats_json ? JSON.parse(r.stats_json) : null,
+    pg: r.pg_json ? JSON.parse(r.pg_json) : null,
   };
 }

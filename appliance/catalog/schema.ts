@@ -46,4 +46,6 @@ export const MIGRATIONS: string[] = [
    );
    CREATE INDEX images_by_volume ON images(volume_id, created_at);
    CREATE INDEX jobs_by_created ON jobs(created_at);`,
+  // 2: the PostgreSQL part of app-consistent images (label, LSNs, WAL pieces).
+  `ALTER TABLE images ADD COLUMN pg_json TEXT;`,
 ];

@@ -1,5 +1,7 @@
 import { EventEmitter } from 'node:events';
 import type { JobProgress, JobResult, TransferStats } from '../../proto/messages.js';
+import type { PgBackupInfo } from '../../proto/messages.js';
+import type { WalPieceRef } from '../store/pg-image-info.js';
 import type { Ingest } from './ingest.js';
 
 /**
@@ -31,6 +33,10 @@ export class ActiveJob extends EventEmitter {
   sessionId: string;
   /** The agent process (Hello.instanceId) that runs the job. */
   instanceId = '';
+  /** What the agent's quiesce window returned (app-consistent images). */
+  pg: PgBackupInfo | null = null;
+  /** WAL pieces received: file name → size and pieces by offset. */
+  wal = new Map<string, { size: number; pieces: Map<number, WalPieceRef> }>();
   /** Chunk bytes received but not yet processed (flow-control policing). */
   queuedBytes = 0;
   /** Times the transfer resumed after a dropped connection. */

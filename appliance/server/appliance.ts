@@ -99,6 +99,7 @@ export async function rollForward(catalog: Catalog, storeDir: string, createAgen
     catalog.insertImage({
       id: m.imageId, agent: m.agent, volume: m.volume, jobId: m.jobId, kind: m.kind, basisImageId: m.basisImageId,
       rootDigest: m.rootDigest, volumeSize: m.volumeSize, chunkSize: m.chunkSize, createdAt: m.createdAt, stats: m.stats,
+      pg: m.pg ?? null,
     }, { createAgent: createAgents });
     n++;
   }

@@ -4,6 +4,8 @@ import type { Logger } from 'pino';
 import { BlocksnapError, toBlocksnapError } from '../../proto/errors.js';
 import { join } from 'node:path';
 import { exportImage } from '../ops/export-image.js';
+import { exportPgSidecar } from '../ops/export-pg.js';
+import type { PgImageInfo } from '../store/pg-image-info.js';
 import { verifyImage } from '../ops/verify-image.js';
 import type { Appliance } from './appliance.js';
 
@@ -101,6 +103,7 @@ async function handle(app: Appliance, req: IncomingMessage, res: ServerResponse)
     if (url === '/v1/export') {
       if (typeof body.to !== 'string' || !body.to.startsWith('/')) throw new BlocksnapError('E_USAGE', '"to" must be an absolute path');
       const r = await exportImage(app.store, images[0]!.rootDigest, body.to, progress);
+      if (images[0]!.pg) await exportPgSidecar(app.store, images[0]!.id, images[0]!.pg as unknown as PgImageInfo, body.to);
       res.end(JSON.stringify({ event: 'result', ok: true, ...r }) + '\n');
     } else {
       const reports = [];

@@ -3,7 +3,7 @@ import type { Logger } from 'pino';
 import { BlocksnapError } from '../../proto/errors.js';
 import { BLOB_CHUNK, ZERO_DIGEST, type BlobWriter, type ChunkStore } from '../store/chunk-store.js';
 import { ImageIndexBuilder } from '../store/image-index.js';
-import { zstdDecompress } from '../store/zstd.js';
+import { zstdDecompress } from '../../proto/zstd.js';
 
 /**
  * The appliance side of one volume transfer: checks every chunk, stores it,
@@ -166,6 +166,30 @@ export class Ingest {
     }
     await this.builder.set(index, digest);
     this.nextIndex = index + 1;
+  }
+
+  /**
+   * Stores a blob that belongs to the image but not to its chunk map (a WAL
+   * piece): verified like a chunk, durable with the image at finish().
+   */
+  async putExtra(what: string, digest: Uint8Array, data: Uint8Array, plainLength: number): Promise<{ zero: boolean }> {
+    this.assertOpen();
+    const frame = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+    let plain: Buffer;
+    try {
+      plain = zstdDecompress(frame, plainLength);
+    } catch (e) {
+      throw new BlocksnapError('E_BAD_CHUNK', `${what}: ${(e as Error).message}`, { cause: e });
+    }
+    const actual = createHash('sha256').update(plain).digest();
+    if (!actual.equals(digest)) throw new BlocksnapError('E_DIGEST_MISMATCH', `${what}: data does not match its digest`);
+    if (isZero(plain)) return { zero: true }; // the store never holds zeros; the caller records ZERO
+    const r = await this.writer.put(BLOB_CHUNK, actual, plain, frame.length < plain.length ? frame : undefined);
+    if (r.stored) {
+      this.stats.bytesStored += r.storedBytes;
+      this.unflushedBytes += r.storedBytes;
+    }
+    return { zero: false };
   }
 
   /** A resumed transfer restarts at durableNext; its first batch may skip seq numbers lost with the connection. */

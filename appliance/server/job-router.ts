@@ -2,10 +2,12 @@ import type { Logger } from 'pino';
 import { BlocksnapError, toBlocksnapError } from '../../proto/errors.js';
 import {
   emptyTransferStats, envelope, JobMode, type BeginVolume, type ChunkBatch, type EndVolume, type Envelope, type JobResult, type TransferStats,
+  type WalPiece,
 } from '../../proto/messages.js';
 import type { Catalog } from '../catalog/catalog.js';
-import type { ChunkStore } from '../store/chunk-store.js';
+import { ZERO_DIGEST, type ChunkStore } from '../store/chunk-store.js';
 import { buildManifest, newImageId, writeManifest, type ManifestStats } from '../store/manifest.js';
+import type { PgImageInfo } from '../store/pg-image-info.js';
 import { ActiveJob, outcomeFromResult, type JobOutcome } from './active-job.js';
 import type { AgentSession } from './agent-session.js';
 import { Ingest } from './ingest.js';
@@ -153,6 +155,13 @@ export class JobRouter {
       }
       case 'endVolume':
         return this.onJobFrame(s, env.endVolume.jobId, (job) => this.endVolume(s, job, env.endVolume));
+      case 'pgBackupInfo':
+        return this.onJobFrame(s, env.pgBackupInfo.jobId, async (job) => {
+          if (job.state !== 'transferring') throw new BlocksnapError('E_PROTOCOL', `job ${job.id}: pg info before begin`);
+          job.pg = env.pgBackupInfo;
+        });
+      case 'walPiece':
+        return this.onJobFrame(s, env.walPiece.jobId, (job) => this.walPiece(job, env.walPiece));
       case 'jobResult':
         return this.onJobFrame(s, env.jobResult.jobId, async (job) => this.jobResult(job, env.jobResult));
       case 'jobProgress': {
@@ -247,6 +256,36 @@ export class JobRouter {
     s.send(envelope('ack', { jobId: job.id, seq: b.seq, durableNext: job.ingest.durableNext }));
   }
 
+  private async walPiece(job: ActiveJob, w: WalPiece): Promise<void> {
+    if (!job.ingest || job.state !== 'transferring' || !job.pg) {
+      throw new BlocksnapError('E_PROTOCOL', `job ${job.id}: WAL before the PostgreSQL backup info`);
+    }
+    let file = job.wal.get(w.fileName);
+    if (!file) {
+      if (job.wal.size >= 64) throw new BlocksnapError('E_PROTOCOL', `job ${job.id}: more than 64 WAL files`);
+      file = { size: w.fileSize, pieces: new Map() };
+      job.wal.set(w.fileName, file);
+    }
+    if (file.size !== w.fileSize) throw new BlocksnapError('E_PROTOCOL', `WAL ${w.fileName}: size changed`);
+    const { zero } = await job.ingest.putExtra(`WAL ${w.fileName}@${w.offset}`, w.digest, w.data, w.plainLength);
+    const digest = (zero ? ZERO_DIGEST : Buffer.from(w.digest)).toString('hex');
+    file.pieces.set(w.offset, { offset: w.offset, length: w.plainLength, digest });
+  }
+
+  /** The manifest's `pg` section; validatePgInfo (via the manifest) checks the pieces cover every file. */
+  private pgInfo(job: ActiveJob): PgImageInfo | undefined {
+    const p = job.pg;
+    if (!p) return undefined;
+    const wal = [...job.wal.entries()].sort(([a], [b]) => a.localeCompare(b)).map(([name, f]) => ({
+      name, size: f.size, pieces: [...f.pieces.values()].sort((a, b) => a.offset - b.offset),
+    }));
+    return {
+      labelFile: p.labelFile, spcmapFile: p.spcmapFile, startLsn: p.startLsn, stopLsn: p.stopLsn, timeline: p.timeline,
+      replayLsn: p.replayLsn, exclusive: p.exclusive, serverVersion: p.serverVersion, role: p.role as 'primary' | 'standby',
+      pausedSeconds: p.pausedSeconds, backupSeconds: p.backupSeconds, walSegmentSize: p.walSegmentSize, wal,
+    };
+  }
+
   private async endVolume(s: AgentSession, job: ActiveJob, e: EndVolume): Promise<void> {
     if (!job.ingest || job.state !== 'transferring') throw new BlocksnapError('E_PROTOCOL', `job ${job.id}: end before begin`);
     const ingest = job.ingest;
@@ -263,12 +302,13 @@ export class JobRouter {
     const m = buildManifest({
       imageId: newImageId(), agent: job.agent, volume: job.volume, volumeSize: ingest.params.volumeSize,
       chunkSize: ingest.params.chunkSize, kind: ingest.params.mode, basisImageId: job.basisImageId,
-      jobId: job.id, rootDigest: rootDigest.toString('hex'), stats,
+      jobId: job.id, rootDigest: rootDigest.toString('hex'), stats, pg: this.pgInfo(job),
     });
     await writeManifest(this.opts.storeDir, m); // the commit point
     this.catalog.insertImage({
       id: m.imageId, agent: m.agent, volume: m.volume, jobId: job.id, kind: m.kind, basisImageId: m.basisImageId,
       rootDigest: m.rootDigest, volumeSize: m.volumeSize, chunkSize: m.chunkSize, createdAt: m.createdAt, stats,
+      pg: m.pg ?? null,
     });
     job.imageId = m.imageId;
     job.state = 'committed';

@@ -15,7 +15,7 @@ import { ZERO_DIGEST, type BlobLocation, type BlobType, type BlobWriter, type Ch
 import { CODEC_NONE, CODEC_ZSTD, type Codec } from './pack-format.js';
 import { PackReaderCache } from './pack-reader.js';
 import { DEFAULT_WRITE_BUFFER, PackWriter } from './pack-writer.js';
-import { DEFAULT_ZSTD_LEVEL, zstdCompress, zstdDeclaredSize } from './zstd.js';
+import { DEFAULT_ZSTD_LEVEL, zstdCompress, zstdDeclaredSize } from '../../proto/zstd.js';
 
 export const DEFAULT_TARGET_PACK_SIZE = 32 * 1024 * 1024;
 export const DEFAULT_READ_HANDLES = 32;

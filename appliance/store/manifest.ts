@@ -24,6 +24,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
 import { imageGeometry } from './image-root.js';
+import { validatePgInfo, type PgImageInfo } from './pg-image-info.js';
 import { fsyncDir } from '../../proto/durable-file.js';
 
 export const MANIFEST_FORMAT = 'blocksnap-manifest';
@@ -46,6 +47,8 @@ export interface Manifest {
   jobId: string;
   rootDigest: string;
   stats: ManifestStats;
+  /** PostgreSQL label, LSNs and WAL of an app-consistent image; absent for crash-consistent ones. */
+  pg?: PgImageInfo;
   checksum: string;
 }
 
@@ -94,8 +97,9 @@ export function manifestChecksum(m: Manifest): string {
 export function validateManifest(v: unknown): Manifest {
   if (v === null || typeof v !== 'object' || Array.isArray(v)) throw bad('not a JSON object');
   const m = v as Record<string, unknown>;
-  const keys = Object.keys(m).sort();
+  const keys = Object.keys(m).filter((k) => k !== 'pg').sort();
   if (keys.join() !== KEYS.join()) throw bad(`fields [${keys.join(', ')}] are not the version 1 fields`);
+  if ('pg' in m) validatePgInfo(m.pg);
   if (m.format !== MANIFEST_FORMAT) throw bad(`format ${String(m.format)}`);
   if (m.version !== MANIFEST_VERSION) throw bad(`unsupported version ${String(m.version)}`);
   if (!isValidImageId(m.imageId)) throw bad(`invalid image id ${String(m.imageId)}`);
@@ -147,6 +151,7 @@ export function buildManifest(fields: ManifestFields): Manifest {
     jobId: fields.jobId,
     rootDigest: fields.rootDigest,
     stats: { ...fields.stats },
+    ...(fields.pg ? { pg: fields.pg } : {}),
     checksum: '',
   };
   validateManifest(m);

@@ -21,7 +21,7 @@ import {
   TRAILER_ENTRY_SIZE,
   type TrailerEntry,
 } from './pack-format.js';
-import { zstdDecompress } from './zstd.js';
+import { zstdDecompress } from '../../proto/zstd.js';
 
 export interface StoredBlobRef {
   offset: number;

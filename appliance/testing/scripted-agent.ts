@@ -18,7 +18,7 @@ import {
 import { exportImage } from '../ops/export-image.js';
 import { PROTOCOL_VERSION } from '../server/agent-session.js';
 import { listManifests, readManifest } from '../store/manifest.js';
-import { zstdCompress } from '../store/zstd.js';
+import { zstdCompress } from '../../proto/zstd.js';
 import type { ApplianceHarness } from './appliance-harness.js';
 
 /** A volume held in memory: what the fake agent "snapshots". */

@@ -64,5 +64,14 @@ export function sampleEnvelopes(): Envelope[] {
     envelope('error', { jobId: 'job-1', code: 'E_BAD_CHUNK', message: 'digest mismatch at chunk 5 — ü' }),
     envelope('ping', { nonce: 2 ** 50 + 1 }),
     envelope('pong', { nonce: 42 }),
+    envelope('pgBackupInfo', {
+      jobId: 'job-1', labelFile: 'START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n', spcmapFile: '16384 /srv/ts1\n',
+      startLsn: '0/2000028', stopLsn: '0/2000138', timeline: 1, replayLsn: '0/2000100', exclusive: true, serverVersion: 150010,
+      role: 'standby', pausedSeconds: 0.25, backupSeconds: 1.5, walSegmentSize: 16 << 20,
+    }),
+    envelope('walPiece', {
+      jobId: 'job-1', fileName: '000000010000000000000002', offset: 4 << 20, data: Buffer.from([1, 2, 3]), plainLength: 4 << 20,
+      digest: Buffer.alloc(32, 7), fileSize: 16 << 20,
+    }),
   ];
 }

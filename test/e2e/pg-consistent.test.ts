@@ -1,0 +1,152 @@
+import { execa } from 'execa';
+import { mkdir, readdir, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import pg from 'pg';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Agent } from '../../agent/agent.js';
+import { parseAgentConfig } from '../../agent/config.js';
+import { prepareFromExport } from '../../agent/pg/prepare-from-export.js';
+import { ReflinkSnapshotProvider } from '../../agent/snapshot/reflink-snapshot-provider.js';
+import { attachLoop, detachLoop } from '../../agent/testing/loop.js';
+import { PgCluster } from '../../agent/testing/pg-cluster.js';
+import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
+import { exportImage } from '../../appliance/ops/export-image.js';
+import { exportPgSidecar } from '../../appliance/ops/export-pg.js';
+import type { PgImageInfo } from '../../appliance/store/pg-image-info.js';
+import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
+import { createLogger } from '../../proto/log.js';
+
+/**
+ * An application-consistent image of a PRIMARY through the whole product:
+ * the agent holds one session with pg_backup_start across the snapshot, the
+ * label, LSNs and the WAL up to the stop LSN travel with the image, and
+ * `prepare` makes the exported image start: it reaches consistency, its
+ * checksums are clean, and every id a ticker had committed before the
+ * backup started is there, with no gap.
+ */
+const log = createLogger('test', process.env.BLOCKSNAP_LOG ?? 'warn');
+
+describe('application-consistent image of a primary (PostgreSQL 15)', () => {
+  let lab: VolumeLab;
+  let pgc: PgCluster;
+  let appl: ApplianceHarness;
+  let agent: Agent;
+  const cleanups: (() => Promise<unknown>)[] = [];
+
+  beforeAll(async () => {
+    lab = await createVolumeLab({ volumeSize: 512 << 20, poolSize: 2 * 1024 ** 3, name: 'pgdata' });
+    pgc = new PgCluster({ dataDir: join(lab.volumeMount, 'pg') });
+    await pgc.initdb();
+    await pgc.start();
+    await pgc.query('create table ticks (id int primary key)');
+    appl = await startAppliance(['db1']);
+    const stateDir = join(lab.root, 'agent-state');
+    await mkdir(stateDir, { recursive: true });
+    const config = parseAgentConfig({
+      appliance: appl.url, agent: 'db1', token: appl.tokens.db1, stateDir, volumes: [lab.volume],
+      postgres: { host: '127.0.0.1', port: pgc.port, user: 'postgres', role: 'primary' },
+    });
+    agent = new Agent(config, new ReflinkSnapshotProvider({ stateDir, logger: log, volumes: [lab.volume] }), log);
+    await agent.start();
+    await agent.waitConnected(10_000);
+  });
+
+  afterAll(async () => {
+    for (const c of cleanups.reverse()) await c().catch((e) => console.error('cleanup', e));
+    await agent?.stop();
+    await appl?.close();
+    await pgc?.destroy();
+    await lab?.destroy();
+  });
+
+  it('carries label, LSNs and WAL; the exported image starts with every acknowledged id', async () => {
+    // One session ticks ids, each committed before the next.
+    const ticker = new pg.Client({ host: '127.0.0.1', port: pgc.port, user: 'postgres', database: 'postgres' });
+    await ticker.connect();
+    let next = 1;
+    let stop = false;
+    const ticking = (async () => {
+      while (!stop) await ticker.query('insert into ticks values ($1)', [next++]);
+    })();
+    await new Promise((r) => setTimeout(r, 300));
+    const ackedBefore = next - 1;
+    const job = appl.app.router.startJob('db1', 'pgdata', 'full');
+    const outcome = await job.done;
+    stop = true;
+    await ticking;
+    await ticker.end();
+    expect(outcome, JSON.stringify(outcome)).toMatchObject({ ok: true });
+    expect(ackedBefore).toBeGreaterThan(10);
+
+    // No backup is left in progress on the server.
+    const running = await pgc.query<{ n: string }>(`select count(*)::text as n from pg_stat_activity where backend_type = 'client backend' and application_name like 'blocksnap%'`);
+    expect(running[0]!.n).toBe('0');
+
+    const img = appl.app.catalog.image(outcome.imageId!)!;
+    const info = img.pg as unknown as PgImageInfo;
+    expect(info.role).toBe('primary');
+    expect(info.labelFile).toMatch(/^START WAL LOCATION: /);
+    expect(info.labelFile).toContain(`LABEL: blocksnap ${job.id}`);
+    expect(info.stopLsn).toMatch(/^[0-9A-F]+\/[0-9A-F]+$/);
+    expect(info.wal.length).toBeGreaterThan(0);
+
+    const out = join(lab.poolMount, 'export.raw');
+    cleanups.push(() => rm(out, { force: true }));
+    cleanups.push(() => rm(`${out}.wal`, { recursive: true, force: true }));
+    await exportImage(appl.app.store, img.rootDigest, out);
+    await exportPgSidecar(appl.app.store, img.id, info, out);
+    expect((await readdir(`${out}.wal`)).sort()).toEqual(info.wal.map((w) => w.name).sort());
+
+    const dev = await attachLoop(out);
+    cleanups.push(() => detachLoop(dev));
+    const mnt = join(lab.root, 'restored');
+    await mkdir(mnt, { recursive: true });
+    await execa('mount', ['-t', 'ext4', '-o', 'noatime', dev, mnt]);
+    cleanups.push(() => execa('umount', [mnt]));
+    const prep = await prepareFromExport(join(mnt, 'pg'), out);
+    expect(prep.written).toContain('backup_label');
+    expect(prep.walCopied.length).toBe(info.wal.length);
+
+    const restored = new PgCluster({ dataDir: join(mnt, 'pg') });
+    cleanups.push(() => restored.destroy());
+    await restored.start();
+    for (let i = 0; i < 100; i++) {
+      const r = await restored.query<{ r: boolean }>('select pg_is_in_recovery() as r');
+      if (!r[0]!.r) break;
+      await new Promise((res) => setTimeout(res, 100));
+    }
+    expect((await restored.query<{ r: boolean }>('select pg_is_in_recovery() as r'))[0]!.r).toBe(false);
+    const ids = await restored.query<{ min: number; max: number; n: string }>('select min(id) as min, max(id) as max, count(*)::text as n from ticks');
+    expect(ids[0]!.min).toBe(1);
+    expect(ids[0]!.max).toBeGreaterThanOrEqual(ackedBefore);
+    expect(Number(ids[0]!.n)).toBe(ids[0]!.max); // contiguous: no gap
+    await restored.stop();
+    const check = await execa('/usr/lib/postgresql/15/bin/pg_checksums', ['--check', '-D', join(mnt, 'pg')], { reject: false, uid: 101 } as any);
+    expect(check.exitCode, String(check.stderr) + String(check.stdout)).toBe(0);
+  });
+
+  it('refuses a primary that is not where the volume is, and holds nothing', async () => {
+    await mkdir(join(lab.root, 'elsewhere'), { mode: 0o755 });
+    const other = new PgCluster({ dataDir: join(lab.root, 'elsewhere', 'pg') });
+    cleanups.push(() => other.destroy());
+    await other.initdb();
+    await other.start();
+    const stateDir = join(lab.root, 'agent-state-2');
+    const cfg = parseAgentConfig({
+      appliance: appl.url, agent: 'db1', token: appl.tokens.db1, stateDir, volumes: [lab.volume],
+      postgres: { host: '127.0.0.1', port: other.port, user: 'postgres', role: 'primary' },
+    });
+    await agent.stop(); // one connection per agent name
+    const a2 = new Agent(cfg, new ReflinkSnapshotProvider({ stateDir, logger: log, volumes: [lab.volume] }), log);
+    await a2.start();
+    cleanups.push(() => a2.stop());
+    await a2.waitConnected(10_000);
+    const job = appl.app.router.startJob('db1', 'pgdata', 'full');
+    const outcome = await job.done;
+    expect(outcome).toMatchObject({ ok: false, errorCode: 'E_CONFIG' });
+    expect(outcome.errorMessage).toMatch(/not on volume pgdata/);
+    const held = await other.query<{ n: string }>(`select count(*)::text as n from pg_stat_activity where application_name like 'blocksnap%'`);
+    expect(held[0]!.n).toBe('0');
+    expect(await readdir(join(lab.poolMount, '.blocksnap')).catch(() => [])).toEqual([]);
+  });
+});
