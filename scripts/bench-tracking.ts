@@ -11,7 +11,10 @@
  *     (auditChanged) over the same interval; ratio tracked/changed.
  *     Before it, after the same workload, a plain incremental (tracker-
  *     driven): wall time, bytes read and sent, index pages written.
- *     W = 2 000 and 20 000 at 64 KiB chunks, W = 2 000 at 4 KiB chunks.
+ *     W = 2 000 and 20 000 at 64 KiB chunks, W = 2 000 at 4 KiB chunks; and
+ *     once more at 64 KiB / 2 000 with `sync -f` of the volume right before
+ *     each job: the freeze then flushes little, and what it flushes is what
+ *     the tracker counts in both generations around a snapshot.
  *  3. Cost of the chunk size: bitmap memory (chunkCount / 8 bytes per
  *     generation), image index (ceil(chunkCount / 1024) pages of 32 KiB).
  *
@@ -19,6 +22,7 @@
  * BENCH_CHUNK_SIZES ("65536,4096"), BENCH_TX ("2000,20000"; the other chunk
  * sizes run only the first). Writes .bench/tracking.json.
  */
+import { execa } from 'execa';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { loadavg as osLoadavg } from 'node:os';
 import { join } from 'node:path';
@@ -50,7 +54,7 @@ interface JobRow {
   chunkSize: number; transactions: number; kind: 'tracker' | 'audit';
   seconds: number; changeSource: string; fallbackReason: string;
   chunksRead: number; bytesRead: number; chunksSent: number; bytesSent: number; bytesStored: number; pagesWritten: number;
-  trackedChunks: number; auditChanged?: number; auditMissed?: number; auditExtra?: number; ratio?: number;
+  trackedChunks: number; presync?: boolean; auditChanged?: number; auditMissed?: number; auditExtra?: number; ratio?: number;
 }
 
 async function tpsOverhead(lab: VolumeLab, pg: PgCluster) {
@@ -132,6 +136,20 @@ async function chunkSizeRun(lab: VolumeLab, pg: PgCluster, chunkSize: number, wo
           (r.kind === 'audit' ? `, changed ${r.auditChanged}, missed ${r.auditMissed}, ratio ${r.ratio!.toFixed(3)}` : `, source ${r.changeSource}`));
       }
     }
+    if (chunkSize === 65536) {
+      // Same interval, but the filesystem synced just before each snapshot: what
+      // the freeze then flushes (and the tracker counts in both generations) shrinks.
+      const tx = workloads[0]!;
+      const syncfs = () => execa('sync', ['-f', lab.volumeMount]);
+      await pg.pgbench({ transactions: Math.ceil(tx / CLIENTS), clients: CLIENTS });
+      await syncfs();
+      rows.push({ ...row(tx, 'tracker', await job('incremental', false)), presync: true });
+      await pg.pgbench({ transactions: Math.ceil(tx / CLIENTS), clients: CLIENTS });
+      await syncfs();
+      rows.push({ ...row(tx, 'audit', await job('incremental', true)), presync: true });
+      const r = rows.at(-1)!;
+      say(`  ${tx} tx audit, syncfs before each snapshot: tracked ${r.trackedChunks}, changed ${r.auditChanged}, ratio ${r.ratio!.toFixed(3)}`);
+    }
     const chunkCount = Math.ceil(VOLUME / chunkSize);
     const pages = Math.ceil(chunkCount / 1024);
     return {
@@ -166,7 +184,7 @@ async function main(): Promise<void> {
     say('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|');
     for (const s of sizes) {
       for (const r of s.rows) {
-        say(`| ${r.chunkSize / 1024} KiB | ${r.transactions} | ${r.kind === 'audit' ? 'audited (reads all)' : 'tracker-driven'} | ${r.seconds.toFixed(2)} | ${r.changeSource} | ${r.chunksRead} | ${mib(r.bytesRead).toFixed(1)} | ${r.chunksSent} | ${mib(r.bytesSent).toFixed(1)} | ${r.pagesWritten} | ${r.trackedChunks} | ${r.auditChanged ?? ''} | ${r.auditMissed ?? ''} | ${r.ratio?.toFixed(3) ?? ''} |`);
+        say(`| ${r.chunkSize / 1024} KiB | ${r.transactions} | ${r.kind === 'audit' ? 'audited (reads all)' : 'tracker-driven'}${r.presync ? ', syncfs first' : ''} | ${r.seconds.toFixed(2)} | ${r.changeSource} | ${r.chunksRead} | ${mib(r.bytesRead).toFixed(1)} | ${r.chunksSent} | ${mib(r.bytesSent).toFixed(1)} | ${r.pagesWritten} | ${r.trackedChunks} | ${r.auditChanged ?? ''} | ${r.auditMissed ?? ''} | ${r.ratio?.toFixed(3) ?? ''} |`);
       }
     }
     say('\n| chunk | chunks | bitmap per generation | index pages (full image) | index size | root | full s |');
