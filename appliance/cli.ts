@@ -5,7 +5,7 @@ import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { BlocksnapError, toBlocksnapError } from '../proto/errors.js';
 import { createLogger } from '../proto/log.js';
-import { Catalog } from './catalog/catalog.js';
+import { Catalog, type ImageRow } from './catalog/catalog.js';
 import { exportImage } from './ops/export-image.js';
 import { exportPgSidecar } from './ops/export-pg.js';
 import type { PgImageInfo } from './store/pg-image-info.js';
@@ -120,7 +120,7 @@ async function main(argv: string[]): Promise<number> {
         const id = need(rest[0], 'image id');
         const img = withCatalog((c) => c.image(id));
         if (!img) throw new BlocksnapError('E_NOT_FOUND', `no image ${id}`);
-        out(Object.entries(img).map(([k, v]) => `${k}: ${typeof v === 'object' ? JSON.stringify(v) : v}`).join('\n'), img);
+        out(showImage(img), img);
         return 0;
       }
       throw usage('images list|show');
@@ -295,6 +295,27 @@ function need<T>(v: T | undefined, what: string): T {
 
 function usage(m: string): BlocksnapError {
   return new BlocksnapError('E_USAGE', `${m} (see --help)`);
+}
+
+function showImage(img: ImageRow): string {
+  const lines = [
+    `image:       ${img.id}`, `agent:       ${img.agent}`, `volume:      ${img.volume} (${fmtBytes(img.volumeSize)}, chunks of ${fmtBytes(img.chunkSize)})`,
+    `kind:        ${img.kind}${img.basisImageId ? ` of ${img.basisImageId}` : ''}`, `created:     ${img.createdAt}`, `job:         ${img.jobId ?? '-'}`,
+    `root:        ${img.rootDigest}`,
+  ];
+  const st = img.stats ?? {};
+  lines.push(`transfer:    ${st.chunksReceived ?? '?'} chunks received, ${st.chunksStored ?? '?'} new, ${fmtBytes(Number(st.bytesStored ?? 0))} stored, frozen ${(Number(st.freezeSeconds ?? 0) * 1000).toFixed(0)} ms`);
+  const pg = img.pg as any;
+  if (!pg) {
+    lines.push('postgres:    none recorded (crash-consistent image)');
+  } else {
+    lines.push(`postgres:    ${pg.role}, server_version_num ${pg.serverVersion}, ${pg.exclusive ? 'exclusive backup (label inside the image)' : 'non-exclusive backup'}`);
+    lines.push(`  start LSN ${pg.startLsn || '-'}  stop LSN ${pg.stopLsn || '-'}  timeline ${pg.timeline}${pg.replayLsn ? `  replay LSN ${pg.replayLsn}` : ''}`);
+    lines.push(`  paused ${Number(pg.pausedSeconds).toFixed(3)} s, backup ${Number(pg.backupSeconds).toFixed(3)} s, WAL ${pg.wal.map((w: any) => w.name).join(' ') || 'none'}`);
+    if (pg.labelFile) lines.push('  backup_label:', ...String(pg.labelFile).trimEnd().split('\n').map((l: string) => `    ${l}`));
+    if (pg.spcmapFile) lines.push('  tablespace_map:', ...String(pg.spcmapFile).trimEnd().split('\n').map((l: string) => `    ${l}`));
+  }
+  return lines.join('\n');
 }
 
 export function fmtBytes(n: number): string {
