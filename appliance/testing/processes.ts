@@ -68,8 +68,11 @@ export interface ApplianceProcess extends Daemon {
 }
 
 /** `blocksnap-appliance serve` on 127.0.0.1 (port 0 = any free port); resolves when it listens. */
-export async function spawnAppliance(dataDir: string, opts: { port?: number; logFile?: string; env?: NodeJS.ProcessEnv } = {}): Promise<ApplianceProcess> {
-  const d = daemon(applianceCli(), ['serve', '--data', dataDir, '--listen', `127.0.0.1:${opts.port ?? 0}`],
+export async function spawnAppliance(
+  dataDir: string,
+  opts: { port?: number; logFile?: string; env?: NodeJS.ProcessEnv; args?: string[] } = {},
+): Promise<ApplianceProcess> {
+  const d = daemon(applianceCli(), ['serve', '--data', dataDir, '--listen', `127.0.0.1:${opts.port ?? 0}`, ...(opts.args ?? [])],
     opts.logFile ?? join(dataDir, '..', 'appliance.log'), opts.env);
   const rl = createInterface({ input: d.child.stdout! });
   const first = await new Promise<string>((resolve, reject) => {
