@@ -125,6 +125,10 @@ async function releaseOne(r: LedgerResource, dryRun: boolean): Promise<{ target:
         return { target: r.target, outcome: 'skipped', detail: `mounted from ${entry.source}, not ${r.source}` };
       }
       if (dryRun) return { target: r.target, outcome: 'would-release' };
+      // A test may have attached and mounted a file that lives on this mount (an
+      // exported image) and died before releasing it: release those first, or
+      // the unmount fails with EBUSY.
+      await releaseNestedUnder(r.target);
       await unmount(r.target, entry.fstype);
       return { target: r.target, outcome: 'released' };
     }
@@ -148,6 +152,20 @@ async function releaseOne(r: LedgerResource, dryRun: boolean): Promise<{ target:
       await rm(exists, { recursive: true, force: true });
       return { target: r.path, outcome: 'released' };
     }
+  }
+}
+
+/** Unmounts mounts strictly below `dir`, and detaches (after unmounting) loop devices backed by files below it. */
+async function releaseNestedUnder(dir: string): Promise<void> {
+  const prefix = dir.endsWith('/') ? dir : dir + '/';
+  const nested = (await readMountTable()).filter((m) => m.mountPoint.startsWith(prefix)).sort((a, b) => b.mountPoint.length - a.mountPoint.length);
+  for (const m of nested) await unmount(m.mountPoint, m.fstype);
+  const loops = await execa('losetup', ['--list', '--noheadings', '--output', 'NAME,BACK-FILE'], { reject: false });
+  for (const line of String(loops.stdout).split('\n')) {
+    const [dev, back] = line.trim().split(/\s+/, 2);
+    if (!dev || !back?.startsWith(prefix)) continue;
+    for (const m of await readMountTable()) if (m.source === dev) await unmount(m.mountPoint, m.fstype);
+    await detachLoop(dev, { backingFile: back });
   }
 }
 

@@ -75,6 +75,23 @@ describe('createVolumeLab', () => {
     await lab.destroy();
   });
 
+  it('also releases an image file from its pool that a dead test attached and mounted elsewhere', async () => {
+    const ledgerDir = path.join(tmp, 'ledgers-nested');
+    const lab = await createVolumeLab({ poolSize: 512 * MiB, volumeSize: 64 * MiB, ledgerDir });
+    teardown.push(() => lab.destroy());
+    // What an e2e test does with an export: a file on the pool, attached, mounted outside the pool.
+    const img = path.join(lab.poolMount, 'export.raw');
+    await copyFile(lab.volumeImage, img);
+    const dev = String((await execa('losetup', ['-f', '--show', img])).stdout).trim();
+    const mnt = path.join(lab.root, 'restored');
+    await mkdir(mnt);
+    await execa('mount', ['-o', 'ro,noload', dev, mnt]);
+    expect(await findMount(mnt)).toBeTruthy();
+    await lab.destroy();
+    expect(await leftoversUnder(lab.root)).toEqual([]);
+    expect(String((await execa('losetup', ['-a'])).stdout)).not.toContain(img);
+  });
+
   it('releases what it had already created when a later step fails', async () => {
     const ledgerDir = path.join(tmp, 'ledgers-2');
     const root = path.join(tmp, 'failing-lab');
