@@ -235,7 +235,10 @@ export class PgQuiescer implements Quiescer {
         if (role === 'standby') await this.refuseForeignPause();
         await this.record({ exclusiveBackup: backup && sql.exclusive, replayPaused: role === 'standby' });
         if (backup) await this.startBackup(opts.fast ?? true);
-        if (role === 'standby') await this.pauseReplay();
+        if (role === 'standby') {
+          await this.pauseReplay();
+          await this.pinMinRecoveryPoint();
+        }
         this.state = 'quiesced';
         this.armWatchdog();
         return { role, version: this.info.version, exclusive: backup && sql.exclusive, backup, startLsn: this.run.startLsn, replayLsn: this.run.replayLsn, seconds: (performance.now() - t0) / 1000 };
@@ -367,6 +370,26 @@ export class PgQuiescer implements Quiescer {
       await sleep(poll);
     }
     this.run.replayLsn = last.lsn;
+  }
+
+  /**
+   * A restored standby image stops at the minRecoveryPoint in its
+   * pg_control, which may lag the paused replay position: commits replayed
+   * in between would be missing. A CHECKPOINT on a standby is a restartpoint;
+   * one that finds nothing new to do is skipped, and a skipped restartpoint
+   * moves minRecoveryPoint to the replay position and writes pg_control. The
+   * first CHECKPOINT may do real work (a checkpoint record was replayed since
+   * the last restartpoint), the second is then always skipped. Without the
+   * privilege (superuser or pg_checkpoint) the image is still consistent,
+   * only possibly older than `replayLsn`: that is logged, not fatal.
+   */
+  private async pinMinRecoveryPoint(): Promise<void> {
+    try {
+      await this.query('CHECKPOINT');
+      await this.query('CHECKPOINT');
+    } catch (e) {
+      this.opts.logger?.warn({ err: (e as Error).message }, 'CHECKPOINT on the standby failed: the image may stop before the paused replay position');
+    }
   }
 
   private async timelineAt(lsn: string | null): Promise<number | null> {
