@@ -8,6 +8,8 @@ import { prepareFromExport } from './pg/prepare-from-export.js';
 import { ReflinkSnapshotProvider } from './snapshot/reflink-snapshot-provider.js';
 import { RetainingSnapshotProvider } from './snapshot/retaining-provider.js';
 import { cleanupStaleInstances } from './tracker/tracefs-instance.js';
+import type { AuditResult } from './audit-run.js';
+import { callAgent, type AgentStatus } from './control-server.js';
 
 const HELP = `blocksnap-agent — tracks, snapshots and streams PostgreSQL volumes to a blocksnap appliance
 
@@ -17,6 +19,12 @@ Commands:
   run        connect to the appliance and run the jobs it sends (until SIGINT/SIGTERM)
   cleanup    release snapshots, frozen filesystems and tracing instances an earlier (killed) run left
   volumes    list the configured volumes and their last committed image [--json]
+  status     ask the running agent: connection, busy volumes, tracker validity [--json]
+  audit VOLUME
+             ask the running agent to snapshot VOLUME and check its change tracker against a
+             full comparison with the last committed image (no image is made; PostgreSQL is not
+             quiesced). Exit 0: 0 missed chunks; 1: missed chunks (the tracker is then
+             invalidated) or an error; 3: not audited (tracker invalid or not tracked, says why)
   prepare DATADIR --image FILE [--as-standby --primary-conninfo CONNINFO] [--restore-command CMD]
              make the data directory of a mounted exported image startable: backup_label and
              tablespace_map from the image, its WAL up to the stop LSN, recovery settings
@@ -54,6 +62,12 @@ async function main(argv: string[]): Promise<number> {
   }
   if (!values.config) throw new BlocksnapError('E_USAGE', 'missing --config FILE (see --help)');
   const config = loadAgentConfig(values.config);
+  if (cmd === 'status') return printStatus(await callAgent<AgentStatus>(config.stateDir, 'GET', '/v1/status'), !!values.json);
+  if (cmd === 'audit') {
+    const volume = positionals[1];
+    if (!volume) throw new BlocksnapError('E_USAGE', 'audit VOLUME --config FILE (see --help)');
+    return printAudit(await callAgent<AuditResult>(config.stateDir, 'POST', '/v1/audit', { volume }), !!values.json);
+  }
   const log = createLogger('blocksnap-agent').child({ agent: config.agent });
   const reflink = new ReflinkSnapshotProvider({ stateDir: config.stateDir, logger: log, volumes: config.volumes });
   const provider = config.retainSnapshotsDir ? new RetainingSnapshotProvider(reflink, config.retainSnapshotsDir) : reflink;
@@ -91,6 +105,40 @@ async function main(argv: string[]): Promise<number> {
     default:
       throw new BlocksnapError('E_USAGE', `unknown command ${cmd} (see --help)`);
   }
+}
+
+function printStatus(s: AgentStatus, json: boolean): number {
+  if (json) {
+    process.stdout.write(JSON.stringify(s, null, 2) + '\n');
+    return 0;
+  }
+  const lines = [`agent ${s.agent} (pid ${s.pid}, ${s.version}): ${s.connected ? 'connected to the appliance' : 'NOT connected to the appliance'}; tracking ${s.trackingMode}`];
+  for (const v of s.volumes) {
+    const t = v.tracking;
+    const tracker = !t ? 'not tracked' : t.validity.valid ? `tracker valid (generation ${t.generation}, basis ${t.basisImageId ?? 'none'})` : `tracker INVALID: ${t.validity.reason}`;
+    lines.push(`${v.name}\t${v.device}\t${v.mountpoint}\t${tracker}${v.busy ? `\tbusy: ${v.busy}` : ''}`);
+  }
+  process.stdout.write(lines.join('\n') + '\n');
+  return 0;
+}
+
+function printAudit(r: AuditResult, json: boolean): number {
+  const code = !r.valid ? 3 : r.missed > 0 ? 1 : 0;
+  if (json) {
+    process.stdout.write(JSON.stringify(r, null, 2) + '\n');
+    return code;
+  }
+  let text: string;
+  if (!r.valid) text = `${r.volume}: not audited: ${r.reason}`;
+  else {
+    const facts = `${r.changed} changed, ${r.tracked} tracked (${r.extra} extra) since ${r.basisImageId}; read ${(r.bytesRead / 2 ** 20).toFixed(1)} MiB in ${r.seconds.toFixed(1)} s`;
+    text = r.missed === 0
+      ? `${r.volume}: audit passed: 0 missed; ${facts}`
+      : `${r.volume}: AUDIT FAILED: ${r.missed} changed chunks were not tracked (first: ${r.missedSample.join(', ')}); ${facts}. ` +
+        'The tracker was invalidated: the next incremental compares digests.';
+  }
+  process.stdout.write(text + '\n');
+  return code;
 }
 
 main(process.argv.slice(2)).then(
