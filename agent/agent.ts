@@ -1,12 +1,12 @@
 import { randomBytes } from 'node:crypto';
 import { stat } from 'node:fs/promises';
 import type { Logger } from 'pino';
-import { BlocksnapError, toBlocksnapError } from '../proto/errors.js';
+import { BlocksnapError, isBlocksnapError, toBlocksnapError } from '../proto/errors.js';
 import { envelope, type Envelope, type RunJob, type VolumeInfo } from '../proto/messages.js';
 import type { Transport } from '../proto/transport.js';
 import { connectWs } from '../proto/ws-transport.js';
 import type { AgentConfig } from './config.js';
-import { digestMapPath, JobRunner } from './job-runner.js';
+import { digestMapPath, JobRunner, type JobTarget } from './job-runner.js';
 import type { SnapshotProvider } from './snapshot/snapshot-provider.js';
 import { DigestMap } from './state/digest-map.js';
 import { cleanupStaleInstances } from './tracker/tracefs-instance.js';
@@ -15,6 +15,8 @@ import { VolumeTracking } from './tracking/volume-tracking.js';
 import { connectionOf } from './capture.js';
 import { PgQuiescer } from './pg/quiescer.js';
 import { join } from 'node:path';
+import { runAudit, type AuditResult } from './audit-run.js';
+import { AgentControlServer, type AgentStatus, type ControlledAgent } from './control-server.js';
 
 export const AGENT_VERSION = '0.1.0';
 
@@ -25,7 +27,7 @@ export const AGENT_VERSION = '0.1.0';
  * connection. At start, it releases what an earlier (killed) run left:
  * snapshots and a filesystem left frozen.
  */
-export class Agent {
+export class Agent implements ControlledAgent {
   private transport: Transport | null = null;
   private readonly runners = new Map<string, JobRunner>();
   private connectedWaiters: { resolve: () => void; reject: (e: BlocksnapError) => void }[] = [];
@@ -43,10 +45,22 @@ export class Agent {
   ) {}
 
   async start(): Promise<void> {
-    const released = await this.provider.cleanupStale();
-    if (released.length) this.log.warn({ released }, 'released resources left by an earlier run');
-    if (this.config.postgres) await this.releasePostgres();
-    if (this.config.tracking === 'tracefs') await this.startTracking();
+    // First: a live agent on the same state directory answers there (E_BUSY) before anything of its is released.
+    this.control = await AgentControlServer.listen(this.config.stateDir, this, this.log).catch((e) => {
+      if (isBlocksnapError(e, 'E_BUSY')) throw e;
+      this.log.error({ err: e }, 'no control socket: `blocksnap-agent audit/status` cannot reach this agent');
+      return null;
+    });
+    try {
+      const released = await this.provider.cleanupStale();
+      if (released.length) this.log.warn({ released }, 'released resources left by an earlier run');
+      if (this.config.postgres) await this.releasePostgres();
+      if (this.config.tracking === 'tracefs') await this.startTracking();
+    } catch (e) {
+      await this.control?.close();
+      this.control = null;
+      throw e;
+    }
     this.loop = this.connectLoop();
   }
 
@@ -83,6 +97,9 @@ export class Agent {
 
   async stop(): Promise<void> {
     this.stopped = true;
+    await this.control?.close();
+    this.control = null;
+    for (const a of this.audits.values()) a.abort(new BlocksnapError('E_CANCELLED', 'agent stopping'));
     this.wake?.();
     this.transport?.close();
     for (const r of this.runners.values()) r.cancel('agent stopping');
@@ -99,6 +116,9 @@ export class Agent {
 
   private readonly running = new Set<Promise<unknown>>();
   private readonly tracking = new Map<string, VolumeTracking>();
+  private control: AgentControlServer | null = null;
+  /** Volumes held by an audit (control socket), with its cancel switch. */
+  private readonly audits = new Map<string, AbortController>();
   /** Tells the appliance that jobs of an earlier process of this agent will never resume. */
   private readonly instanceId = newInstanceId();
 
@@ -161,6 +181,7 @@ export class Agent {
     });
     await t.send(envelope('hello', {
       agent: this.config.agent, token: this.config.token, protocolVersion: 1, agentVersion: AGENT_VERSION, volumes, instanceId: this.instanceId,
+      groups: this.config.groups.map((g) => ({ name: g.name, volumes: [...g.volumes] })),
     }));
     await welcome;
   }
@@ -189,25 +210,90 @@ export class Agent {
   }
 
   private startJob(job: RunJob): void {
-    const volume = this.config.volumes.find((v) => v.name === job.volume);
     const refuse = (code: BlocksnapError['code'], message: string) =>
       void this.send(envelope('jobResult', { jobId: job.jobId, ok: false, imageId: '', errorCode: code, errorMessage: message })).catch(() => undefined);
-    if (!volume) return refuse('E_UNKNOWN_VOLUME', `no volume ${job.volume} on agent ${this.config.agent}`);
-    for (const r of this.runners.values()) {
-      if (!r.released && r.volumeName === job.volume) return refuse('E_BUSY', `a job is already running on ${job.volume}`);
+    let target: JobTarget;
+    try {
+      target = this.targetOf(job.volume);
+    } catch (e) {
+      const err = toBlocksnapError(e);
+      return refuse(err.code, err.message);
+    }
+    for (const v of target.volumes) {
+      const holder = this.holderOf(v.name);
+      if (holder) return refuse('E_BUSY', `${v.name} is busy: ${holder} is running on it`);
     }
     const runner = new JobRunner({
       stateDir: this.config.stateDir, provider: this.provider, log: this.log, windowBytes: this.config.windowBytes,
       batchBytes: this.config.batchBytes, workers: this.config.workers, send: (e) => this.send(e),
       waitConnected: (ms) => this.waitConnected(ms), resumeTimeoutMs: 5 * 60_000, replyTimeoutMs: 60_000,
-      tracking: this.tracking.get(volume.name), postgres: this.config.postgres,
-    }, job, volume);
+      trackingOf: (name) => this.tracking.get(name), postgres: this.config.postgres,
+    }, job, target);
     this.runners.set(job.jobId, runner);
     const p = runner.run().finally(() => {
       this.runners.delete(job.jobId);
       this.running.delete(p);
     });
     this.running.add(p);
+  }
+
+  /**
+   * What a job name means: a group (all its members, one image set) or a
+   * lone volume. A member of a group alone is refused: its image would not
+   * be consistent with the other members' (DESIGN.md §4.4).
+   */
+  private targetOf(name: string): JobTarget {
+    const group = this.config.groups.find((g) => g.name === name);
+    if (group) {
+      return { group: group.name, volumes: group.volumes.map((n) => this.config.volumes.find((v) => v.name === n)!) };
+    }
+    const volume = this.config.volumes.find((v) => v.name === name);
+    if (!volume) throw new BlocksnapError('E_UNKNOWN_VOLUME', `no volume or group ${name} on agent ${this.config.agent}`);
+    const owner = this.config.groups.find((g) => g.volumes.includes(name));
+    if (owner) throw new BlocksnapError('E_USAGE', `volume ${name} is a member of consistency group ${owner.name}: back up group ${owner.name} instead`);
+    return { volumes: [volume] };
+  }
+
+  /** What holds a volume exclusively now (DESIGN.md §4.3), or null. */
+  private holderOf(volume: string): string | null {
+    if (this.audits.has(volume)) return 'an audit';
+    for (const r of this.runners.values()) if (!r.released && r.volumeNames.includes(volume)) return `job ${r.jobId}`;
+    return null;
+  }
+
+  /** Audits the volume's tracker against a full comparison (audit-run.ts); holds the volume meanwhile. */
+  async auditVolume(name: string, signal?: AbortSignal): Promise<AuditResult> {
+    const volume = this.config.volumes.find((v) => v.name === name);
+    if (!volume) throw new BlocksnapError('E_UNKNOWN_VOLUME', `no volume ${name} on agent ${this.config.agent} (configured: ${this.config.volumes.map((v) => v.name).join(', ') || 'none'})`);
+    if (this.stopped) throw new BlocksnapError('E_CANCELLED', 'agent stopping');
+    if (!this.loop) throw new BlocksnapError('E_BUSY', 'agent is still starting');
+    const holder = this.holderOf(name);
+    if (holder) throw new BlocksnapError('E_BUSY', `${name} is busy: ${holder} is running on it`);
+    const abort = new AbortController();
+    signal?.addEventListener('abort', () => abort.abort(signal.reason), { once: true });
+    this.audits.set(name, abort);
+    const p = runAudit({
+      volume, stateDir: this.config.stateDir, provider: this.provider, tracking: this.tracking.get(name),
+      workers: this.config.workers, log: this.log, signal: abort.signal,
+    }).finally(() => {
+      this.audits.delete(name);
+      this.running.delete(p);
+    });
+    this.running.add(p);
+    return p;
+  }
+
+  status(): AgentStatus {
+    return {
+      agent: this.config.agent, version: AGENT_VERSION, pid: process.pid, connected: this.connected, trackingMode: this.config.tracking,
+      volumes: this.config.volumes.map((v) => {
+        const t = this.tracking.get(v.name);
+        return {
+          name: v.name, device: v.device, mountpoint: v.mountpoint, chunkSize: v.chunkSize, busy: this.holderOf(v.name),
+          tracking: t ? { validity: t.validity(), generation: t.tracker.generation, basisImageId: t.basisImageId } : null,
+        };
+      }),
+    };
   }
 
   send(env: Envelope): Promise<void> {

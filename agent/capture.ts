@@ -9,7 +9,8 @@ import type { Snapshot, SnapshotProvider, VolumeSpec } from './snapshot/snapshot
 import type { SwitchResult, VolumeTracking } from './tracking/volume-tracking.js';
 
 /**
- * The capture window of one job (DESIGN.md §8), in this order:
+ * The capture window of one job (DESIGN.md §8; a consistency group: §4.4,
+ * every member at one instant inside the same quiesce), in this order:
  *   quiesce PostgreSQL (backup start on a primary, replay pause on a standby)
  *   → tracker prepareSwitch → freeze, clone, thaw → tracker completeSwitch
  *   → unquiesce (backup stop: label, LSNs) → on a primary, read the WAL up
@@ -34,17 +35,50 @@ export interface CaptureOptions {
   log: Logger;
 }
 
+/** One member of a consistency group: its volume and its tracker, if tracked. */
+export interface CaptureMember {
+  volume: VolumeSpec;
+  tracking?: VolumeTracking;
+}
+
+export interface GroupCaptureOptions extends Omit<CaptureOptions, 'volume' | 'tracking'> {
+  members: CaptureMember[];
+  /** The group's name, for messages ("" for a lone volume). */
+  group?: string;
+}
+
+export interface GroupCaptureResult {
+  /** Same order as the options' members. */
+  members: Array<{ snapshot: Snapshot; switched: SwitchResult | null }>;
+  pg: CaptureResult['pg'];
+}
+
+/** A lone volume: a group of one. */
 export async function capture(o: CaptureOptions): Promise<CaptureResult> {
-  const { log, tracking } = o;
+  const r = await captureGroup({ ...o, members: [{ volume: o.volume, tracking: o.tracking }] });
+  return { snapshot: r.members[0]!.snapshot, switched: r.members[0]!.switched, pg: r.pg };
+}
+
+/**
+ * The capture window of a consistency group (DESIGN.md §4.4, §8): one
+ * quiesce, prepareSwitch on every tracked member, ONE snapshot of all
+ * members at one instant (provider.createGroup), completeSwitch on each,
+ * one unquiesce. A group of one uses `provider.create`.
+ */
+export async function captureGroup(o: GroupCaptureOptions): Promise<GroupCaptureResult> {
+  const { log, members } = o;
   let quiescer: PgQuiescer | null = null;
   let facts: Awaited<ReturnType<typeof walFacts>> | null = null;
-  let snapshot: Snapshot | null = null;
-  let switched: SwitchResult | null = null;
+  let snapshots: Snapshot[] = [];
+  const switched: Array<SwitchResult | null> = members.map(() => null);
   try {
+    if (members.length > 1 && !o.provider.createGroup) {
+      throw new BlocksnapError('E_CONFIG', `the ${o.provider.kind} snapshot provider cannot snapshot group ${o.group ?? ''} at one instant`);
+    }
     if (o.postgres) {
       const connection = connectionOf(o.postgres);
       facts = await walFacts(connection, o.postgres.dataDirectory);
-      await assertOnVolume(facts.dataDirectory, facts.walDir, o.volume);
+      await assertOnVolumes(facts.dataDirectory, facts.walDir, members.map((m) => m.volume), o.group);
       quiescer = new PgQuiescer({
         connection, role: o.postgres.role, stateDir: join(o.stateDir, 'pg'), pauseTimeoutMs: o.postgres.pauseTimeoutMs,
         watchdogSeconds: o.postgres.watchdogSeconds, logger: log,
@@ -55,19 +89,27 @@ export async function capture(o: CaptureOptions): Promise<CaptureResult> {
     }
     // prepareSwitch before the freeze, completeSwitch after the snapshot: a
     // write racing the snapshot lands in both generations (DESIGN.md §7.2).
-    if (tracking) await tracking.prepare();
+    const prepared: VolumeTracking[] = [];
     try {
-      snapshot = await o.provider.create(o.volume, o.jobId);
+      for (const m of members) {
+        if (!m.tracking) continue;
+        await m.tracking.prepare();
+        prepared.push(m.tracking);
+      }
+      snapshots = members.length === 1
+        ? [await o.provider.create(members[0]!.volume, o.jobId)]
+        : await o.provider.createGroup!(members.map((m) => m.volume), o.jobId);
     } catch (e) {
-      if (tracking) await tracking.abort().catch((err) => log.error({ err }, 'tracker abortSwitch failed'));
+      for (const t of prepared) await t.abort().catch((err) => log.error({ err }, 'tracker abortSwitch failed'));
       throw e;
     }
-    if (tracking) {
+    for (const [i, m] of members.entries()) {
+      if (!m.tracking) continue;
       try {
-        switched = await tracking.complete();
+        switched[i] = await m.tracking.complete();
       } catch (e) {
         // The job can still run by digest comparison; the tracker says why in its validity.
-        log.error({ err: e }, 'tracker switch failed');
+        log.error({ err: e, volume: m.volume.name }, 'tracker switch failed');
       }
     }
     let pg: CaptureResult['pg'] = null;
@@ -80,10 +122,12 @@ export async function capture(o: CaptureOptions): Promise<CaptureResult> {
       pg = { info, wal, walSegmentSize: facts!.segmentSize };
       log.info({ stopLsn: info.stopLsn, timeline: info.timeline, pausedSeconds: info.pausedSeconds, backupSeconds: info.backupSeconds, walSegments: wal.length }, 'PostgreSQL released');
     }
-    return { snapshot, switched, pg };
+    return { members: snapshots.map((snapshot, i) => ({ snapshot, switched: switched[i]! })), pg };
   } catch (e) {
-    if (snapshot) await o.provider.remove(snapshot).catch((err) => log.error({ err }, 'snapshot removal failed'));
-    if (switched) await tracking?.failed(switched).catch((err) => log.error({ err }, 'tracker absorb failed'));
+    for (const snapshot of snapshots) await o.provider.remove(snapshot).catch((err) => log.error({ err }, 'snapshot removal failed'));
+    for (const [i, sw] of switched.entries()) {
+      if (sw) await members[i]!.tracking?.failed(sw).catch((err) => log.error({ err }, 'tracker absorb failed'));
+    }
     throw e;
   } finally {
     if (quiescer) {
@@ -97,9 +141,12 @@ export function connectionOf(p: PostgresConfig) {
   return { host: p.host, port: p.port, user: p.user, password: p.password, database: p.database };
 }
 
-/** The data directory and its WAL must live on the snapshotted volume, or the image is not the database. */
-async function assertOnVolume(dataDir: string, walDir: string, volume: VolumeSpec): Promise<void> {
-  const mnt = await realpath(volume.mountpoint);
+/**
+ * The data directory and its WAL must each live on a snapshotted volume (a
+ * member of the group), or the image set is not the database.
+ */
+async function assertOnVolumes(dataDir: string, walDir: string, volumes: VolumeSpec[], group?: string): Promise<void> {
+  const mounts = await Promise.all(volumes.map(async (v) => ({ v, mnt: await realpath(v.mountpoint) })));
   for (const [what, p] of [['data directory', dataDir], ['WAL directory', walDir]] as const) {
     let real: string;
     try {
@@ -107,8 +154,11 @@ async function assertOnVolume(dataDir: string, walDir: string, volume: VolumeSpe
     } catch (e) {
       throw new BlocksnapError('E_CONFIG', `PostgreSQL ${what} ${p} is not visible on this host`, { cause: e });
     }
-    if (real !== mnt && !real.startsWith(mnt + sep)) {
-      throw new BlocksnapError('E_CONFIG', `PostgreSQL ${what} ${real} is not on volume ${volume.name} (${mnt}); consistency groups across volumes are not supported yet`);
+    if (!mounts.some(({ mnt }) => real === mnt || real.startsWith(mnt + sep))) {
+      const where = volumes.length === 1
+        ? `volume ${volumes[0]!.name} (${mounts[0]!.mnt}); put it on the volume or back up a consistency group holding both`
+        : `any volume of group ${group ?? ''} (${mounts.map(({ v, mnt }) => `${v.name}: ${mnt}`).join(', ')})`;
+      throw new BlocksnapError('E_CONFIG', `PostgreSQL ${what} ${real} is not on ${where}`);
     }
   }
 }

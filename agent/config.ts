@@ -16,6 +16,12 @@ export interface AgentConfig {
   token: string;
   stateDir: string;
   volumes: VolumeSpec[];
+  /**
+   * Consistency groups (DESIGN.md §4.4): each is snapshotted at one instant
+   * and committed as one image set. A volume is in at most one group; a
+   * group name may not be a volume name (jobs name either).
+   */
+  groups: VolumeGroup[];
   /** Unacknowledged batch bytes in flight (flow control). */
   windowBytes: number;
   /** Target payload bytes per ChunkBatch frame. */
@@ -30,6 +36,11 @@ export interface AgentConfig {
   postgres?: PostgresConfig;
   /** Keep a reflink clone of every snapshot here before removing it (audits, demo, tests). */
   retainSnapshotsDir?: string;
+}
+
+export interface VolumeGroup {
+  name: string;
+  volumes: string[];
 }
 
 export interface PostgresConfig {
@@ -92,13 +103,14 @@ export function parseAgentConfig(raw: any, source = 'config'): AgentConfig {
     }
     return { name: v.name, device: v.device, image: v.image, mountpoint: v.mountpoint, chunkSize: cs };
   });
+  const groups = groupsOf(raw.groups, names, bad);
   const num = (k: string, d: number, min: number) => {
     const x = raw[k] ?? d;
     if (!Number.isInteger(x) || x < min) throw bad(`"${k}" must be an integer ≥ ${min}`);
     return x;
   };
   return {
-    appliance: raw.appliance, agent: raw.agent, token, stateDir: raw.stateDir, volumes,
+    appliance: raw.appliance, agent: raw.agent, token, stateDir: raw.stateDir, volumes, groups,
     windowBytes: num('windowBytes', 32 << 20, 1 << 20),
     batchBytes: num('batchBytes', 2 << 20, 64 << 10),
     workers: num('workers', 2, 1),
@@ -108,6 +120,27 @@ export function parseAgentConfig(raw: any, source = 'config'): AgentConfig {
     ...(raw.postgres === undefined ? {} : { postgres: postgresOf(raw.postgres, bad) }),
     ...(raw.trackerBufferKb === undefined ? {} : { trackerBufferKb: num('trackerBufferKb', 0, 1) }),
   };
+}
+
+function groupsOf(v: unknown, volumes: Set<string>, bad: (m: string) => BlocksnapError): VolumeGroup[] {
+  if (v === undefined) return [];
+  if (!Array.isArray(v)) throw bad('"groups" must be an array');
+  const member = new Map<string, string>();
+  const names = new Set<string>();
+  return v.map((g: any, i: number) => {
+    if (typeof g?.name !== 'string' || !NAME_RE.test(g.name)) throw bad(`groups[${i}].name is invalid`);
+    if (volumes.has(g.name)) throw bad(`group ${g.name} has the name of a volume: jobs name either, so the names must differ`);
+    if (names.has(g.name)) throw bad(`group ${g.name} is listed twice`);
+    names.add(g.name);
+    if (!Array.isArray(g.volumes) || g.volumes.length === 0 || g.volumes.length > 64) throw bad(`groups[${i}].volumes must list 1..64 volumes`);
+    for (const m of g.volumes) {
+      if (typeof m !== 'string' || !volumes.has(m)) throw bad(`group ${g.name}: ${JSON.stringify(m)} is not a configured volume`);
+      const other = member.get(m);
+      if (other) throw bad(`volume ${m} is in groups ${other} and ${g.name}: a volume is in at most one group`);
+      member.set(m, g.name);
+    }
+    return { name: g.name, volumes: [...g.volumes] };
+  });
 }
 
 function optionalAbs(v: unknown, key: string, bad: (m: string) => BlocksnapError): string | undefined {

@@ -10,7 +10,7 @@ import { readChunks } from './reader/chunk-reader.js';
 import type { Snapshot, SnapshotProvider, VolumeSpec } from './snapshot/snapshot-provider.js';
 import { DigestMap } from './state/digest-map.js';
 import { FlowWindow } from './flow-window.js';
-import { capture, type CaptureResult } from './capture.js';
+import { captureGroup, type CaptureResult } from './capture.js';
 import type { PostgresConfig } from './config.js';
 import { zstdCompress } from '../proto/zstd.js';
 import { createHash } from 'node:crypto';
@@ -30,8 +30,8 @@ export interface RunnerDeps {
   waitConnected(timeoutMs: number): Promise<void>;
   resumeTimeoutMs: number;
   replyTimeoutMs: number;
-  /** Changed-block tracking of the job's volume, if it is tracked. */
-  tracking?: VolumeTracking;
+  /** Changed-block tracking of a volume of the job, if it is tracked. */
+  trackingOf?: (volume: string) => VolumeTracking | undefined;
   /** The PostgreSQL server to quiesce around the snapshot. */
   postgres?: PostgresConfig;
 }
@@ -42,12 +42,38 @@ export function digestMapPath(stateDir: string, volume: string): string {
 
 type Waiter = { kind: EnvelopeKind; resolve: (m: any) => void; reject: (e: BlocksnapError) => void; timer: NodeJS.Timeout };
 
+/** What the job holds and learns of one volume (a lone volume, or a member of a group). */
+interface MemberRun {
+  volume: VolumeSpec;
+  tracking?: VolumeTracking;
+  snapshot: Snapshot | null;
+  /** The tracker generation closed at this job's snapshot. */
+  switched: SwitchResult | null;
+  stats: TransferStats;
+  /** Chunk indexes that really changed (audit only). */
+  emitted: Set<number> | null;
+  /** The digest map to save once the appliance confirms the commit. */
+  next: DigestMap | null;
+  imageId: string | null;
+}
+
+/** The target of a job: a lone volume, or a consistency group (DESIGN.md §4.4). */
+export interface JobTarget {
+  volumes: VolumeSpec[];
+  /** Set for a group (even of one): its members are committed together by CommitSet. */
+  group?: string;
+}
+
 /**
  * Runs one backup job on the agent (DESIGN.md §4.2): snapshot, begin, stream
  * chunks under the flow window, end, wait for the commit, then save the new
  * digest map and drop the snapshot. The snapshot is removed whatever
  * happens. A dropped connection is not a failure: the runner waits for the
  * agent to reconnect and resumes from the appliance's durable point.
+ *
+ * A group job snapshots every member at one instant, then transfers the
+ * members one after another (BeginVolume … EndVolume each) and ends with
+ * CommitSet; the appliance commits all member images or none.
  */
 export class JobRunner {
   readonly jobId: string;
@@ -56,28 +82,34 @@ export class JobRunner {
   private fatal: BlocksnapError | null = null;
   private readonly abort = new AbortController();
   private readonly window: FlowWindow;
-  private stats: TransferStats = emptyTransferStats();
   /** What PostgreSQL's quiesce window returned, and the WAL to send. */
   private pg: CaptureResult['pg'] = null;
-  /** The tracker generation closed at this job's snapshot. */
-  private switched: SwitchResult | null = null;
-  /** Set once the runner holds nothing of its volume any more (snapshot released). */
+  /** Set once the runner holds nothing of its volumes any more (snapshots released). */
   released = false;
   private lastProgress = 0;
-  /** Chunk indexes that really changed (audit only). */
-  private emitted: Set<number> | null = null;
+  private readonly members: MemberRun[];
+  private readonly group: string | undefined;
+  /** Last batch seq sent: one sequence per job, across members. */
+  private seq = 0;
 
   constructor(
     private readonly deps: RunnerDeps,
     private readonly job: RunJob,
-    private readonly volume: VolumeSpec,
+    target: VolumeSpec | JobTarget,
   ) {
     this.jobId = job.jobId;
     this.window = new FlowWindow(deps.windowBytes);
+    const t: JobTarget = 'volumes' in target ? target : { volumes: [target] };
+    this.group = t.group;
+    this.members = t.volumes.map((volume) => ({
+      volume, tracking: deps.trackingOf?.(volume.name), snapshot: null, switched: null, stats: emptyTransferStats(),
+      emitted: null, next: null, imageId: null,
+    }));
   }
 
-  get volumeName(): string {
-    return this.volume.name;
+  /** The volumes this job holds exclusively. */
+  get volumeNames(): string[] {
+    return this.members.map((m) => m.volume.name);
   }
 
   /** Frames for this job from the connection. */
@@ -141,117 +173,179 @@ export class JobRunner {
 
   /**
    * Runs to the end and reports the result to the appliance (best effort).
-   * The snapshot is removed before the result is sent, so when the
+   * The snapshots are removed before the result is sent, so when the
    * appliance sees the job end, the agent holds nothing of it any more.
    */
   async run(): Promise<{ ok: boolean; imageId?: string; error?: BlocksnapError; stats: TransferStats }> {
-    const log = this.deps.log.child({ job: this.jobId, volume: this.volume.name });
-    let snapshot: Snapshot | null = null;
+    const log = this.deps.log.child({ job: this.jobId, volume: this.group ?? this.members[0]!.volume.name });
     let outcome: { ok: boolean; imageId?: string; error?: BlocksnapError; stats: TransferStats };
     try {
-      const cap = await capture({
-        jobId: this.jobId, volume: this.volume, provider: this.deps.provider, tracking: this.deps.tracking,
-        postgres: this.deps.postgres, stateDir: this.deps.stateDir, log,
+      const cap = await captureGroup({
+        jobId: this.jobId, members: this.members.map((m) => ({ volume: m.volume, tracking: m.tracking })), group: this.group,
+        provider: this.deps.provider, postgres: this.deps.postgres, stateDir: this.deps.stateDir, log,
       });
-      snapshot = cap.snapshot;
-      this.switched = cap.switched;
+      cap.members.forEach((c, i) => {
+        const m = this.members[i]!;
+        m.snapshot = c.snapshot;
+        m.switched = c.switched;
+        m.stats.freezeSeconds = c.snapshot.freezeSeconds;
+        m.stats.snapshotSeconds = c.snapshot.snapshotSeconds;
+      });
       this.pg = cap.pg;
-      this.stats.freezeSeconds = snapshot.freezeSeconds;
-      this.stats.snapshotSeconds = snapshot.snapshotSeconds;
-      log.info({ freezeSeconds: snapshot.freezeSeconds, snapshotSeconds: snapshot.snapshotSeconds }, 'snapshot taken');
-      const committed = await this.transfer(snapshot, log);
-      await this.deps.tracking?.committed(committed.imageId).catch((e) => log.error({ err: e }, 'cannot record the tracker basis'));
-      this.stats = { ...this.stats, bytesStored: committed.stats?.bytesStored ?? 0, chunksStored: committed.stats?.chunksStored ?? 0 };
-      log.info({ image: committed.imageId, ...this.stats }, 'job committed');
-      outcome = { ok: true, imageId: committed.imageId, stats: this.stats };
+      const first = cap.members[0]!.snapshot;
+      log.info({ freezeSeconds: first.freezeSeconds, snapshotSeconds: first.snapshotSeconds, volumes: this.volumeNames }, 'snapshot taken');
+      let committed: Committed | null = null;
+      for (const [i, m] of this.members.entries()) {
+        committed = await this.transfer(m, i === this.members.length - 1, log);
+      }
+      const imageOf = new Map((committed!.images ?? []).map((x) => [x.volume, x.imageId]));
+      for (const m of this.members) {
+        m.imageId = this.group ? imageOf.get(m.volume.name) ?? null : committed!.imageId;
+        if (!m.imageId) throw new BlocksnapError('E_PROTOCOL', `the appliance committed no image for member ${m.volume.name}`);
+      }
+      // Only now is every member durable on the appliance: save the digest maps, move the tracker bases.
+      for (const m of this.members) {
+        m.next!.setImageId(m.imageId!);
+        await m.next!.write(digestMapPath(this.deps.stateDir, m.volume.name));
+        await m.tracking?.committed(m.imageId!).catch((e) => log.error({ err: e, volume: m.volume.name }, 'cannot record the tracker basis'));
+      }
+      const stored = committed!.stats;
+      if (this.members.length === 1) {
+        this.members[0]!.stats = { ...this.members[0]!.stats, bytesStored: stored?.bytesStored ?? 0, chunksStored: stored?.chunksStored ?? 0 };
+      }
+      const stats = { ...this.jobStats(), ...(this.members.length > 1 ? { bytesStored: stored?.bytesStored ?? 0, chunksStored: stored?.chunksStored ?? 0 } : {}) };
+      log.info({ image: committed!.imageId, set: committed!.setId || undefined, ...stats }, 'job committed');
+      outcome = { ok: true, imageId: committed!.imageId, stats };
     } catch (e) {
       const err = this.fatal ?? toBlocksnapError(e);
       log.warn({ code: err.code, message: err.message }, 'job failed');
-      outcome = { ok: false, error: err, stats: this.stats };
+      outcome = { ok: false, error: err, stats: this.jobStats() };
       // Changes the failed job saw must count again for the next one.
-      if (this.switched) await this.deps.tracking?.failed(this.switched).catch((e) => log.error({ err: e }, 'tracker absorb failed'));
+      for (const m of this.members) {
+        if (m.switched) await m.tracking?.failed(m.switched).catch((e) => log.error({ err: e }, 'tracker absorb failed'));
+      }
     }
     this.abort.abort();
-    if (snapshot) {
-      await this.deps.provider.remove(snapshot).catch((e) => log.error({ err: e, snapshot: snapshot!.id }, 'snapshot removal failed'));
+    for (const m of this.members) {
+      const snapshot = m.snapshot;
+      if (snapshot) await this.deps.provider.remove(snapshot).catch((e) => log.error({ err: e, snapshot: snapshot.id }, 'snapshot removal failed'));
     }
     this.released = true;
     if (outcome.ok) {
-      await this.report({ jobId: this.jobId, ok: true, imageId: outcome.imageId!, errorCode: '', errorMessage: '', stats: this.stats });
+      await this.report({ jobId: this.jobId, ok: true, imageId: outcome.imageId!, errorCode: '', errorMessage: '', stats: outcome.stats });
     } else if (!this.fatal || outcome.error!.code === 'E_CANCELLED') {
       // The appliance already knows about errors it sent us.
       const err = outcome.error!;
-      await this.report({ jobId: this.jobId, ok: false, imageId: '', errorCode: err.code, errorMessage: err.message, stats: this.stats });
+      await this.report({ jobId: this.jobId, ok: false, imageId: '', errorCode: err.code, errorMessage: err.message, stats: outcome.stats });
     }
     return outcome;
+  }
+
+  /** The job's stats: a lone volume's own; a group's summed over members (times: the shared freeze, the summed read). */
+  private jobStats(): TransferStats {
+    if (this.members.length === 1) return this.members[0]!.stats;
+    const out = emptyTransferStats();
+    const sources = new Set<string>();
+    const reasons: string[] = [];
+    for (const m of this.members) {
+      const st = m.stats;
+      for (const k of ['chunksTotal', 'chunksRead', 'chunksSent', 'chunksZero', 'bytesRead', 'bytesSent', 'bytesStored', 'chunksStored',
+        'trackedChunks', 'auditChanged', 'auditMissed', 'auditExtra', 'readSeconds'] as const) out[k] += st[k];
+      out.freezeSeconds = Math.max(out.freezeSeconds, st.freezeSeconds);
+      out.snapshotSeconds = Math.max(out.snapshotSeconds, st.snapshotSeconds);
+      out.audited ||= st.audited;
+      if (st.changeSource) sources.add(st.changeSource);
+      if (st.fallbackReason) reasons.push(`${m.volume.name}: ${st.fallbackReason}`);
+    }
+    out.changeSource = [...sources].join(',').slice(0, 200);
+    out.fallbackReason = reasons.join('; ').slice(0, 4000);
+    return out;
   }
 
   private async report(result: MessageMap['jobResult']): Promise<void> {
     await this.deps.send(envelope('jobResult', result)).catch((e) => this.deps.log.warn({ err: e, job: this.jobId }, 'could not report job result'));
   }
 
-  private async transfer(snapshot: Snapshot, log: Logger): Promise<Committed> {
+  /**
+   * Transfers one member: BeginVolume, chunks, EndVolume. The last member
+   * also carries the PostgreSQL info and WAL, then (group) CommitSet, and
+   * waits for Committed, which it returns. A lost connection resumes the
+   * same member from the appliance's durable point.
+   */
+  private async transfer(m: MemberRun, last: boolean, log: Logger): Promise<Committed | null> {
+    const snapshot = m.snapshot!;
     const dev = await FileBlockDevice.open(snapshot.path);
     const volumeSize = dev.size;
     await dev.close();
-    const chunkSize = this.volume.chunkSize;
-    const mapFile = digestMapPath(this.deps.stateDir, this.volume.name);
+    const chunkSize = m.volume.chunkSize;
+    const mapFile = digestMapPath(this.deps.stateDir, m.volume.name);
     let basis: DigestMap | null = null;
     if (this.job.mode === JobMode.INCREMENTAL) {
       basis = await DigestMap.readIfValid(mapFile);
       if (basis && (basis.volumeSize !== volumeSize || basis.chunkSize !== chunkSize)) {
-        this.stats.fallbackReason = 'volume geometry changed since the last image';
+        m.stats.fallbackReason = 'volume geometry changed since the last image';
         basis = null;
       } else if (!basis) {
-        this.stats.fallbackReason = 'no valid local digest map';
+        m.stats.fallbackReason = 'no valid local digest map';
       }
     }
     const begin = {
-      jobId: this.jobId, volume: this.volume.name, volumeSize, chunkSize, basisImageId: basis?.imageId ?? '',
+      jobId: this.jobId, volume: m.volume.name, volumeSize, chunkSize, basisImageId: basis?.imageId ?? '',
       mode: basis ? JobMode.INCREMENTAL : JobMode.FULL, resume: false,
     };
     await this.deps.send(envelope('beginVolume', begin));
-    let ready: VolumeReady = await this.expect('volumeReady');
+    let ready: VolumeReady;
+    try {
+      ready = await this.expect('volumeReady');
+    } catch (e) {
+      if (this.fatal || !isBlocksnapError(e, 'E_DISCONNECTED')) throw e;
+      // The appliance may or may not have opened the member: a resume answers either way.
+      ready = await this.resume(begin, log);
+    }
     if (!ready.basisAccepted && basis) {
-      this.stats.fallbackReason = `appliance refused the basis: ${ready.reason}`;
+      m.stats.fallbackReason = `appliance refused the basis: ${ready.reason}`;
       basis = null;
     }
     const mode = basis ? 'incremental' : 'full';
-    this.stats.changeSource = basis ? 'digest-compare' : 'full';
-    const plan = this.selection(basis);
+    m.stats.changeSource = basis ? 'digest-compare' : 'full';
+    const plan = this.selection(m, basis);
     const ranges = await dataRanges(snapshot.path).catch(() => null);
     const holes = ranges ? holeChunks(ranges, volumeSize, chunkSize) : undefined;
-    log.info({ mode, basis: basis?.imageId, fallback: this.stats.fallbackReason || undefined }, 'transfer starting');
+    log.info({ volume: m.volume.name, mode, basis: basis?.imageId, fallback: m.stats.fallbackReason || undefined }, 'transfer starting');
     const next = basis ? basis.copy() : DigestMap.create({ volumeSize, chunkSize, imageId: 'pending' });
-    this.stats.chunksTotal = next.chunkCount;
+    m.next = next;
+    m.stats.chunksTotal = next.chunkCount;
 
-    let seq = 0;
     for (;;) {
       try {
-        seq = await this.stream(snapshot.path, volumeSize, chunkSize, mode, basis, next, ready.resumeFrom, seq, plan.select, holes);
-        if (plan.audit) this.finishAudit(plan.audit);
-        await this.sendPg();
-        await this.deps.send(envelope('endVolume', { jobId: this.jobId, nextIndex: next.chunkCount, stats: this.stats }));
-        const committed = await this.expect('committed', this.deps.replyTimeoutMs * 4);
-        next.setImageId(committed.imageId);
-        await next.write(mapFile);
-        return committed;
+        this.seq = await this.stream(m, snapshot.path, volumeSize, chunkSize, mode, basis, next, ready.resumeFrom, this.seq, plan.select, holes);
+        if (plan.audit) this.finishAudit(m, plan.audit);
+        if (last) await this.sendPg();
+        await this.deps.send(envelope('endVolume', { jobId: this.jobId, nextIndex: next.chunkCount, stats: m.stats }));
+        if (!last) return null;
+        if (this.group) await this.deps.send(envelope('commitSet', { jobId: this.jobId }));
+        return await this.expect('committed', this.deps.replyTimeoutMs * 4);
       } catch (e) {
         if (this.fatal || !isBlocksnapError(e, 'E_DISCONNECTED')) throw e;
-        log.warn('connection lost during transfer; waiting to resume');
-        await this.deps.waitConnected(this.deps.resumeTimeoutMs);
-        if (this.fatal) throw this.fatal;
-        this.window.reset();
-        await this.deps.send(envelope('beginVolume', { ...begin, resume: true }));
-        ready = await this.expect('volumeReady');
-        log.info({ resumeFrom: ready.resumeFrom, lastSeq: seq }, 'transfer resumed');
+        ready = await this.resume(begin, log);
       }
     }
   }
 
+  private async resume(begin: MessageMap['beginVolume'], log: Logger): Promise<VolumeReady> {
+    log.warn({ volume: begin.volume }, 'connection lost during transfer; waiting to resume');
+    await this.deps.waitConnected(this.deps.resumeTimeoutMs);
+    if (this.fatal) throw this.fatal;
+    this.window.reset();
+    await this.deps.send(envelope('beginVolume', { ...begin, resume: true }));
+    const ready = await this.expect('volumeReady');
+    log.info({ volume: begin.volume, resumeFrom: ready.resumeFrom, lastSeq: this.seq }, 'transfer resumed');
+    return ready;
+  }
+
   /** Reads from `from` and sends batches; returns the last seq used. */
   private async stream(
-    path: string, volumeSize: number, chunkSize: number, mode: 'full' | 'incremental',
+    m: MemberRun, path: string, volumeSize: number, chunkSize: number, mode: 'full' | 'incremental',
     basis: DigestMap | null, next: DigestMap, from: number, seq: number, select: Uint32Array | undefined, holes: Uint32Array | undefined,
   ): Promise<number> {
     const stream = readChunks(
@@ -259,7 +353,7 @@ export class JobRunner {
       { workers: this.deps.workers, signal: this.abort.signal },
     );
     const started = performance.now();
-    const base = { ...this.stats };
+    const base = { ...m.stats };
     let batch: Chunk[] = [];
     let batchBytes = 0;
     const flush = async () => {
@@ -272,16 +366,16 @@ export class JobRunner {
     };
     for await (const c of stream) {
       next.set(c.index, c.digest);
-      this.emitted?.add(c.index);
+      m.emitted?.add(c.index);
       const data = c.data ?? EMPTY;
       batch.push({ index: c.index, digest: c.zero ? EMPTY : c.digest, zero: c.zero, data, plainLength: c.plainLength });
       batchBytes += data.length + 64;
       if (batchBytes >= this.deps.batchBytes) await flush();
-      this.progress(c.index, stream.stats(), base);
+      this.progress(m, c.index, stream.stats(), base);
     }
     await flush();
     const st = stream.stats();
-    this.accumulate(st, base, performance.now() - started);
+    this.accumulate(m, st, base, performance.now() - started);
     return seq;
   }
 
@@ -314,70 +408,70 @@ export class JobRunner {
    * all of them, compared by digest, with the reason recorded. An audit
    * reads all of them and afterwards proves the bitmap covered every change.
    */
-  private selection(basis: DigestMap | null): { select?: Uint32Array; audit?: { bitmap: Uint32Array } } {
-    const sw = this.switched;
+  private selection(m: MemberRun, basis: DigestMap | null): { select?: Uint32Array; audit?: { bitmap: Uint32Array } } {
+    const sw = m.switched;
     if (!basis) return {};
-    if (!this.deps.tracking) {
-      this.stats.fallbackReason ||= 'volume is not tracked';
+    if (!m.tracking) {
+      m.stats.fallbackReason ||= 'volume is not tracked';
       return {};
     }
     if (!sw) {
-      this.stats.fallbackReason ||= 'tracker switch failed';
+      m.stats.fallbackReason ||= 'tracker switch failed';
       return {};
     }
-    this.stats.trackedChunks = sw.closed.bitmap.count();
+    m.stats.trackedChunks = sw.closed.bitmap.count();
     if (!sw.closed.validity.valid) {
-      this.stats.fallbackReason = `tracker: ${sw.closed.validity.reason}`;
+      m.stats.fallbackReason = `tracker: ${sw.closed.validity.reason}`;
       return {};
     }
     if (sw.basisImageId !== basis.imageId) {
-      this.stats.fallbackReason = `tracker bitmap is relative to ${sw.basisImageId ?? 'no image'}, basis is ${basis.imageId}`;
+      m.stats.fallbackReason = `tracker bitmap is relative to ${sw.basisImageId ?? 'no image'}, basis is ${basis.imageId}`;
       return {};
     }
     if (this.job.audit) {
-      this.emitted = new Set();
-      this.stats.changeSource = 'digest-compare (audit)';
+      m.emitted = new Set();
+      m.stats.changeSource = 'digest-compare (audit)';
       return { audit: { bitmap: sw.closed.bitmap.words } };
     }
-    this.stats.changeSource = 'tracker';
+    m.stats.changeSource = 'tracker';
     return { select: sw.closed.bitmap.words };
   }
 
-  private finishAudit(audit: { bitmap: Uint32Array }): void {
+  private finishAudit(m: MemberRun, audit: { bitmap: Uint32Array }): void {
     const marked = (i: number) => ((audit.bitmap[i >>> 5]! >>> (i & 31)) & 1) === 1;
     let missed = 0;
     const missedSample: number[] = [];
-    for (const i of this.emitted!) {
+    for (const i of m.emitted!) {
       if (!marked(i)) {
         missed++;
         if (missedSample.length < 20) missedSample.push(i);
       }
     }
-    this.stats.audited = true;
-    this.stats.auditChanged = this.emitted!.size;
-    this.stats.auditMissed = missed;
-    this.stats.auditExtra = this.stats.trackedChunks - (this.emitted!.size - missed);
-    const log = this.deps.log.child({ job: this.jobId, volume: this.volume.name });
-    if (missed > 0) log.error({ missed, missedSample, changed: this.emitted!.size }, 'AUDIT FAILED: the tracker missed changed chunks');
-    else log.info({ changed: this.emitted!.size, tracked: this.stats.trackedChunks, extra: this.stats.auditExtra }, 'audit passed: 0 missed');
+    m.stats.audited = true;
+    m.stats.auditChanged = m.emitted!.size;
+    m.stats.auditMissed = missed;
+    m.stats.auditExtra = m.stats.trackedChunks - (m.emitted!.size - missed);
+    const log = this.deps.log.child({ job: this.jobId, volume: m.volume.name });
+    if (missed > 0) log.error({ missed, missedSample, changed: m.emitted!.size }, 'AUDIT FAILED: the tracker missed changed chunks');
+    else log.info({ changed: m.emitted!.size, tracked: m.stats.trackedChunks, extra: m.stats.auditExtra }, 'audit passed: 0 missed');
   }
 
-  private accumulate(st: ReturnType<ReturnType<typeof readChunks>['stats']>, base: TransferStats, ms: number): void {
-    this.stats.chunksRead = base.chunksRead + st.chunksRead;
-    this.stats.chunksZero = base.chunksZero + st.chunksZero;
-    this.stats.chunksSent = base.chunksSent + st.chunksEmitted;
-    this.stats.bytesRead = base.bytesRead + st.bytesRead;
-    this.stats.bytesSent = base.bytesSent + st.bytesEmitted;
-    this.stats.readSeconds = base.readSeconds + ms / 1000;
+  private accumulate(m: MemberRun, st: ReturnType<ReturnType<typeof readChunks>['stats']>, base: TransferStats, ms: number): void {
+    m.stats.chunksRead = base.chunksRead + st.chunksRead;
+    m.stats.chunksZero = base.chunksZero + st.chunksZero;
+    m.stats.chunksSent = base.chunksSent + st.chunksEmitted;
+    m.stats.bytesRead = base.bytesRead + st.bytesRead;
+    m.stats.bytesSent = base.bytesSent + st.bytesEmitted;
+    m.stats.readSeconds = base.readSeconds + ms / 1000;
   }
 
-  private progress(index: number, st: ReturnType<ReturnType<typeof readChunks>['stats']>, base: TransferStats): void {
+  private progress(m: MemberRun, index: number, st: ReturnType<ReturnType<typeof readChunks>['stats']>, base: TransferStats): void {
     const now = Date.now();
     if (now - this.lastProgress < 500) return;
     this.lastProgress = now;
     this.deps
       .send(envelope('jobProgress', {
-        jobId: this.jobId, chunksDone: index + 1, chunksTotal: this.stats.chunksTotal,
+        jobId: this.jobId, chunksDone: index + 1, chunksTotal: m.stats.chunksTotal,
         bytesSent: base.bytesSent + st.bytesEmitted, phase: 'transfer',
       }))
       .catch(() => undefined);

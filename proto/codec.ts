@@ -162,6 +162,13 @@ export function validateEnvelope(env: Envelope): void {
         id(v.lastImageId, `hello.volumes[${i}].lastImageId`, false);
         if (v.chunkSize !== 0) chunkSize(v.chunkSize, `hello.volumes[${i}].chunkSize`);
       });
+      const groups = m.groups ?? [];
+      if (groups.length > MAX_VOLUMES) fail(`hello.groups has ${groups.length} entries (max ${MAX_VOLUMES})`);
+      groups.forEach((g, i) => {
+        id(g.name, `hello.groups[${i}].name`, true);
+        if (g.volumes.length === 0 || g.volumes.length > MAX_GROUP) fail(`hello.groups[${i}] must have 1..${MAX_GROUP} volumes`);
+        g.volumes.forEach((v, j) => id(v, `hello.groups[${i}].volumes[${j}]`, true));
+      });
       return;
     }
     case 'welcome':
@@ -207,6 +214,19 @@ export function validateEnvelope(env: Envelope): void {
       id(env.committed.jobId, 'committed.jobId', true);
       id(env.committed.imageId, 'committed.imageId', true);
       stats(env.committed.stats, 'committed.stats');
+    {
+      const images = env.committed.images ?? [];
+      id(env.committed.setId ?? '', 'committed.setId', false);
+      if (images.length > MAX_GROUP) fail(`committed.images has more than ${MAX_GROUP} entries`);
+      images.forEach((m, i) => {
+        id(m.volume, `committed.images[${i}].volume`, true);
+        id(m.imageId, `committed.images[${i}].imageId`, true);
+      });
+      if (images.length > 0 && !env.committed.setId) fail('committed: member images without a setId');
+      return;
+    }
+    case 'commitSet':
+      id(env.commitSet.jobId, 'commitSet.jobId', true);
       return;
     case 'jobProgress':
       id(env.jobProgress.jobId, 'jobProgress.jobId', true);
@@ -267,6 +287,8 @@ const MAX_ID = 256;
 const MAX_TEXT = 4096;
 const MAX_TOKEN = 1024;
 const MAX_VOLUMES = 1024;
+/** Members of one consistency group: each is frozen at once, so a handful, not hundreds. */
+const MAX_GROUP = 64;
 const MIN_CHUNK = 4096;
 const MAX_CHUNK = 4 * 1024 * 1024;
 const DIGEST_BYTES = 32;

@@ -22,10 +22,14 @@ export const JobMode = { UNSPECIFIED: 0, FULL: 1, INCREMENTAL: 2 } as const;
 export type JobMode = (typeof JobMode)[keyof typeof JobMode];
 
 export interface VolumeInfo { name: string; size: number; chunkSize: number; lastImageId: string }
+/** A consistency group: members snapshotted at one instant, committed as one image set. */
+export interface GroupInfo { name: string; volumes: string[] }
 export interface Hello {
   agent: string; token: string; protocolVersion: number; agentVersion: string; volumes: VolumeInfo[];
   /** Random per agent process; a new value means the agent restarted and its old jobs are gone. */
   instanceId: string;
+  /** Always an array after decoding; a sender may omit it (no groups). */
+  groups?: GroupInfo[];
 }
 export interface Welcome { sessionId: string; maxFrameBytes: number; windowBytes: number }
 export interface RunJob { jobId: string; volume: string; mode: JobMode; audit: boolean }
@@ -46,7 +50,13 @@ export interface TransferStats {
   trackedChunks: number; audited: boolean; auditChanged: number; auditMissed: number; auditExtra: number;
 }
 export interface EndVolume { jobId: string; nextIndex: number; stats?: TransferStats }
-export interface Committed { jobId: string; imageId: string; stats?: TransferStats }
+export interface MemberImage { volume: string; imageId: string }
+export interface Committed {
+  jobId: string; imageId: string; stats?: TransferStats;
+  /** Group jobs only: the image set and every member's image. Always present after decoding ("" and []); a sender may omit them. */
+  setId?: string; images?: MemberImage[];
+}
+export interface CommitSet { jobId: string }
 export interface JobProgress { jobId: string; chunksDone: number; chunksTotal: number; bytesSent: number; phase: string }
 export interface JobResult {
   jobId: string; ok: boolean; imageId: string; errorCode: string; errorMessage: string; stats?: TransferStats;
@@ -68,7 +78,7 @@ export interface MessageMap {
   hello: Hello; welcome: Welcome; runJob: RunJob; cancelJob: CancelJob;
   beginVolume: BeginVolume; volumeReady: VolumeReady; chunkBatch: ChunkBatch; ack: Ack;
   endVolume: EndVolume; committed: Committed; jobProgress: JobProgress; jobResult: JobResult;
-  error: ErrorMessage; ping: Ping; pong: Ping; pgBackupInfo: PgBackupInfo; walPiece: WalPiece;
+  error: ErrorMessage; ping: Ping; pong: Ping; pgBackupInfo: PgBackupInfo; walPiece: WalPiece; commitSet: CommitSet;
 }
 export type EnvelopeKind = keyof MessageMap;
 export type Envelope =
@@ -88,7 +98,8 @@ export type Envelope =
   | { kind: 'ping'; ping: Ping }
   | { kind: 'pong'; pong: Ping }
   | { kind: 'pgBackupInfo'; pgBackupInfo: PgBackupInfo }
-  | { kind: 'walPiece'; walPiece: WalPiece };
+  | { kind: 'walPiece'; walPiece: WalPiece }
+  | { kind: 'commitSet'; commitSet: CommitSet };
 export type EnvelopeOf<K extends EnvelopeKind> = Extract<Envelope, { kind: K }>;
 
 /** Builds an envelope without repeating the kind: `envelope('ack', {...})`. */

@@ -69,103 +69,154 @@ export class ReflinkSnapshotProvider implements SnapshotProvider {
   }
 
   async create(volume: VolumeSpec, tag: string, opts: CreateSnapshotOptions = {}): Promise<Snapshot> {
-    if (!VOLUME_NAME.test(volume.name)) throw new BlocksnapError('E_CONFIG', `invalid volume name ${JSON.stringify(volume.name)}`);
+    return (await this.createGroup([volume], tag, opts))[0]!;
+  }
+
+  /**
+   * Snapshots several volumes at one instant (a consistency group, DESIGN.md
+   * §4.4): a freeze marker per volume, freeze every filesystem, clone every
+   * image, thaw them all, then publish the clones. No write reaches any
+   * member between the first freeze and the last clone, so the clones are
+   * one crash-consistent state of the whole group. Same guarantees as
+   * `create`: on failure every filesystem frozen here is thawed and no clone
+   * is left; a kill leaves markers that `cleanupStale` consumes.
+   */
+  async createGroup(volumes: VolumeSpec[], tag: string, opts: CreateSnapshotOptions = {}): Promise<Snapshot[]> {
+    if (volumes.length === 0) throw new BlocksnapError('E_CONFIG', 'a snapshot group needs at least one volume');
     if (!TAG.test(tag)) throw new BlocksnapError('E_CONFIG', `invalid snapshot tag ${JSON.stringify(tag)}`);
-    if (!volume.image) throw new BlocksnapError('E_CONFIG', `volume ${volume.name} has no image file: the reflink provider needs one`);
-    if (this.inFlight.has(volume.name)) throw new BlocksnapError('E_BUSY', `a snapshot of ${volume.name} is already being taken`);
-    this.inFlight.add(volume.name);
+    const names = new Set<string>();
+    const mounts = new Set<string>();
+    for (const volume of volumes) {
+      if (!VOLUME_NAME.test(volume.name)) throw new BlocksnapError('E_CONFIG', `invalid volume name ${JSON.stringify(volume.name)}`);
+      if (!volume.image) throw new BlocksnapError('E_CONFIG', `volume ${volume.name} has no image file: the reflink provider needs one`);
+      // One filesystem frozen twice would wait on itself (fsfreeze -f answers EBUSY).
+      if (names.has(volume.name) || mounts.has(path.resolve(volume.mountpoint))) {
+        throw new BlocksnapError('E_CONFIG', `volume ${volume.name} appears twice in the group (by name or mountpoint)`);
+      }
+      names.add(volume.name);
+      mounts.add(path.resolve(volume.mountpoint));
+      if (this.inFlight.has(volume.name)) throw new BlocksnapError('E_BUSY', `a snapshot of ${volume.name} is already being taken`);
+    }
+    for (const v of volumes) this.inFlight.add(v.name);
     try {
-      return await this.createLocked(volume, volume.image, tag, opts);
+      return await this.createLocked(volumes, tag, opts);
     } finally {
-      this.inFlight.delete(volume.name);
+      for (const v of volumes) this.inFlight.delete(v.name);
     }
   }
 
-  private async createLocked(volume: VolumeSpec, imageArg: string, tag: string, opts: CreateSnapshotOptions): Promise<Snapshot> {
+  private async createLocked(volumes: VolumeSpec[], tag: string, opts: CreateSnapshotOptions): Promise<Snapshot[]> {
     const started = performance.now();
-    const image = path.resolve(imageArg);
-    const id = `${volume.name}@${tag}`;
-    try {
-      if (!(await stat(image)).isFile()) throw new Error('not a regular file');
-    } catch (e) {
-      throw new BlocksnapError('E_SNAPSHOT', `image ${image} of volume ${volume.name} is unusable`, { cause: e });
+    const items: Array<{ volume: VolumeSpec; image: string; id: string; dir: string; dest: string; tmp: string; marker?: string }> = [];
+    for (const volume of volumes) {
+      const image = path.resolve(volume.image!);
+      const id = `${volume.name}@${tag}`;
+      try {
+        if (!(await stat(image)).isFile()) throw new Error('not a regular file');
+      } catch (e) {
+        throw new BlocksnapError('E_SNAPSHOT', `image ${image} of volume ${volume.name} is unusable`, { cause: e });
+      }
+      await assertMountpoint(volume.mountpoint);
+      const dir = snapshotDirOf(image);
+      await mkdir(dir, { recursive: true, mode: 0o700 }).catch((e: unknown) => {
+        throw new BlocksnapError('E_SNAPSHOT', `cannot create snapshot directory ${dir}`, { cause: e });
+      });
+      await this.remember(volume.name, dir);
+      const dest = path.join(dir, `${id}.snap`);
+      const tmp = path.join(dir, `.${id}.snap.tmp`);
+      if (await exists(dest)) throw new BlocksnapError('E_SNAPSHOT', `snapshot ${id} already exists at ${dest}`);
+      await rm(tmp, { force: true });
+      items.push({ volume, image, id, dir, dest, tmp });
     }
-    await assertMountpoint(volume.mountpoint);
-    const dir = snapshotDirOf(image);
-    await mkdir(dir, { recursive: true, mode: 0o700 }).catch((e: unknown) => {
-      throw new BlocksnapError('E_SNAPSHOT', `cannot create snapshot directory ${dir}`, { cause: e });
-    });
-    await this.remember(volume.name, dir);
-    const dest = path.join(dir, `${id}.snap`);
-    const tmp = path.join(dir, `.${id}.snap.tmp`);
-    if (await exists(dest)) throw new BlocksnapError('E_SNAPSHOT', `snapshot ${id} already exists at ${dest}`);
-    await rm(tmp, { force: true });
-
-    const marker = await writeFreezeMarker(this.stateDir, {
-      volume: volume.name,
-      mountpoint: volume.mountpoint,
-      device: volume.device,
-      snapshotTemp: tmp,
-      pid: process.pid,
-      createdAt: new Date().toISOString(),
-    });
+    const dropMarkers = async () => {
+      for (const it of items) if (it.marker) await removeStateFile(it.marker);
+    };
+    // Every marker is durable before the first freeze: a kill anywhere in the window is found at the next start.
+    try {
+      for (const it of items) {
+        it.marker = await writeFreezeMarker(this.stateDir, {
+          volume: it.volume.name, mountpoint: it.volume.mountpoint, device: it.volume.device, snapshotTemp: it.tmp,
+          pid: process.pid, createdAt: new Date().toISOString(),
+        });
+      }
+    } catch (e) {
+      await dropMarkers().catch(() => undefined);
+      throw e;
+    }
+    const ids = items.map((it) => it.id).join(', ');
     let frozenAt = 0;
     let thawedAt = 0;
     let failure: unknown;
-    let mayBeFrozen = true;
+    const mayBeFrozen: typeof items = [];
     try {
-      try {
-        await freezeFilesystem(volume.mountpoint, { timeoutMs: this.freezeTimeoutMs });
-      } catch (e) {
-        // E_BUSY: someone else holds the freeze, thawing would break theirs;
-        // E_CONFIG: the mount vanished before fsfreeze ran, nothing was frozen.
-        if (isBlocksnapError(e, 'E_BUSY') || isBlocksnapError(e, 'E_CONFIG')) mayBeFrozen = false;
-        throw e;
+      for (const it of items) {
+        mayBeFrozen.push(it);
+        try {
+          await freezeFilesystem(it.volume.mountpoint, { timeoutMs: this.freezeTimeoutMs });
+        } catch (e) {
+          // E_BUSY: someone else holds the freeze, thawing would break theirs;
+          // E_CONFIG: the mount vanished before fsfreeze ran, nothing was frozen.
+          if (isBlocksnapError(e, 'E_BUSY') || isBlocksnapError(e, 'E_CONFIG')) mayBeFrozen.pop();
+          throw e;
+        }
+        frozenAt ||= performance.now();
       }
-      frozenAt = performance.now();
-      if (opts.whileFrozen) await opts.whileFrozen(volume);
-      await copyFile(image, tmp, constants.COPYFILE_FICLONE_FORCE);
+      if (opts.whileFrozen) for (const it of items) await opts.whileFrozen(it.volume);
+      for (const it of items) await copyFile(it.image, it.tmp, constants.COPYFILE_FICLONE_FORCE);
     } catch (e) {
       failure = e;
     } finally {
-      if (mayBeFrozen) {
-        const thawError = await this.thawWithRetry(volume.mountpoint);
-        thawedAt = performance.now();
+      const thawErrors: unknown[] = [];
+      const stillFrozen: string[] = [];
+      for (const it of mayBeFrozen.reverse()) {
+        const thawError = await this.thawWithRetry(it.volume.mountpoint);
         if (thawError) {
-          await rm(tmp, { force: true });
-          // The marker stays: the next cleanupStale (agent start) thaws.
-          throw new BlocksnapError('E_SNAPSHOT', `cannot thaw ${volume.mountpoint} after snapshot ${id}; it may still be frozen`, {
-            cause: failure ? new AggregateError([thawError, failure]) : thawError,
-          });
+          thawErrors.push(thawError);
+          stillFrozen.push(it.volume.mountpoint);
         }
+      }
+      thawedAt = performance.now();
+      if (thawErrors.length) {
+        for (const it of items) await rm(it.tmp, { force: true });
+        // The markers stay: the next cleanupStale (agent start) thaws.
+        throw new BlocksnapError('E_SNAPSHOT', `cannot thaw ${stillFrozen.join(', ')} after snapshot ${ids}; it may still be frozen`, {
+          cause: failure ? new AggregateError([...thawErrors, failure]) : thawErrors.length === 1 ? thawErrors[0] : new AggregateError(thawErrors),
+        });
       }
     }
     const freezeSeconds = frozenAt ? (thawedAt - frozenAt) / 1000 : 0;
     if (failure) {
-      await rm(tmp, { force: true });
-      await removeStateFile(marker);
-      this.log.warn({ volume: volume.name, tag, freezeSeconds, err: failure }, 'snapshot failed; filesystem thawed');
+      for (const it of items) await rm(it.tmp, { force: true });
+      await dropMarkers();
+      this.log.warn({ volumes: items.map((it) => it.volume.name), tag, freezeSeconds, err: failure }, 'snapshot failed; filesystem thawed');
       if (isBlocksnapError(failure)) throw failure;
-      throw new BlocksnapError('E_SNAPSHOT', `cannot clone ${image} to ${tmp}: ${(failure as Error).message}`, { cause: failure });
+      throw new BlocksnapError('E_SNAPSHOT', `cannot clone ${items.map((it) => it.image).join(', ')}: ${(failure as Error).message}`, { cause: failure });
     }
+    const published: string[] = [];
     try {
-      const fh = await open(tmp, 'r');
-      try {
-        await fh.sync();
-      } finally {
-        await fh.close();
+      for (const it of items) {
+        const fh = await open(it.tmp, 'r');
+        try {
+          await fh.sync();
+        } finally {
+          await fh.close();
+        }
+        await rename(it.tmp, it.dest);
+        published.push(it.dest);
+        await fsyncDir(it.dir);
       }
-      await rename(tmp, dest);
-      await fsyncDir(dir);
     } catch (e) {
-      await rm(tmp, { force: true });
-      throw new BlocksnapError('E_SNAPSHOT', `cannot publish snapshot ${id}`, { cause: e });
+      // A group is published whole or not at all.
+      for (const it of items) await rm(it.tmp, { force: true });
+      for (const d of published) await rm(d, { force: true });
+      throw new BlocksnapError('E_SNAPSHOT', `cannot publish snapshot ${ids}`, { cause: e });
     } finally {
-      await removeStateFile(marker);
+      await dropMarkers();
     }
     const snapshotSeconds = (performance.now() - started) / 1000;
-    this.log.info({ volume: volume.name, tag, path: dest, freezeSeconds, snapshotSeconds }, 'snapshot created');
-    return { id, volume: volume.name, path: dest, createdAt: new Date(), freezeSeconds, snapshotSeconds };
+    const createdAt = new Date();
+    this.log.info({ volumes: items.map((it) => it.volume.name), tag, paths: items.map((it) => it.dest), freezeSeconds, snapshotSeconds }, 'snapshot created');
+    return items.map((it) => ({ id: it.id, volume: it.volume.name, path: it.dest, createdAt, freezeSeconds, snapshotSeconds }));
   }
 
   private async thawWithRetry(mountpoint: string): Promise<unknown> {

@@ -1,6 +1,7 @@
 import { constants } from 'node:fs';
 import { copyFile, mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
+import { BlocksnapError } from '../../proto/errors.js';
 import type { Snapshot, SnapshotProvider, VolumeSpec } from './snapshot-provider.js';
 
 /**
@@ -21,6 +22,11 @@ export class RetainingSnapshotProvider implements SnapshotProvider {
 
   create(volume: VolumeSpec, tag: string): Promise<Snapshot> {
     return this.inner.create(volume, tag);
+  }
+
+  createGroup(volumes: VolumeSpec[], tag: string): Promise<Snapshot[]> {
+    if (!this.inner.createGroup) return Promise.reject(new BlocksnapError('E_CONFIG', `the ${this.kind} provider cannot snapshot a group at one instant`));
+    return this.inner.createGroup(volumes, tag);
   }
 
   async remove(snapshot: Snapshot): Promise<void> {

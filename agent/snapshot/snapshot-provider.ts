@@ -36,6 +36,12 @@ export interface Snapshot {
 export interface SnapshotProvider {
   readonly kind: string;
   create(volume: VolumeSpec, tag: string): Promise<Snapshot>;
+  /**
+   * Snapshots several volumes at one instant (a consistency group), with
+   * `create`'s contract for the whole set: all or nothing. Optional: a
+   * provider without it cannot back up groups of more than one volume.
+   */
+  createGroup?(volumes: VolumeSpec[], tag: string): Promise<Snapshot[]>;
   remove(snapshot: Snapshot): Promise<void>;
   list(): Promise<Snapshot[]>;
   cleanupStale(keep?: Set<string>): Promise<string[]>;

@@ -26,12 +26,15 @@ export interface ImageRow {
   createdAt: string; stats: Record<string, unknown> | null;
   /** PostgreSQL label, LSNs and WAL of an app-consistent image (PgImageInfo), null if crash-consistent. */
   pg: Record<string, unknown> | null;
+  /** The image set (consistency group) the image was committed in; null for a lone volume's image. */
+  setId: string | null;
 }
 export interface NewImage {
   id: string; agent: string; volume: string; jobId: string | null; kind: string;
   basisImageId: string | null; rootDigest: string; volumeSize: number; chunkSize: number;
   createdAt: string; stats?: Record<string, unknown> | null;
   pg?: object | null;
+  setId?: string | null;
 }
 
 const now = () => new Date().toISOString();
@@ -209,11 +212,18 @@ export class Catalog {
       if (!vol) vol = this.upsertVolume(agent.id, img.volume, img.volumeSize, img.chunkSize);
       this.db
         .prepare(
-          `INSERT INTO images (id, volume_id, job_id, kind, basis_image_id, root_digest, volume_size, chunk_size, created_at, stats_json, pg_json)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING`,
+          `INSERT INTO images (id, volume_id, job_id, kind, basis_image_id, root_digest, volume_size, chunk_size, created_at, stats_json, pg_json, set_id)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING`,
         )
         .run(img.id, vol.id, img.jobId, img.kind, img.basisImageId, img.rootDigest, img.volumeSize, img.chunkSize,
-          img.createdAt, img.stats ? JSON.stringify(img.stats) : null, img.pg ? JSON.stringify(img.pg) : null);
+          img.createdAt, img.stats ? JSON.stringify(img.stats) : null, img.pg ? JSON.stringify(img.pg) : null, img.setId ?? null);
+    })();
+  }
+
+  /** Every member image of a set in one transaction: the catalog never lists part of a set. */
+  insertImages(imgs: NewImage[], opts: { createAgent?: boolean } = {}): void {
+    this.db.transaction(() => {
+      for (const img of imgs) this.insertImage(img, opts);
     })();
   }
 
@@ -257,5 +267,6 @@ function imageRow(r: any): ImageRow {
     basisImageId: r.basis_image_id, rootDigest: r.root_digest, volumeSize: r.volume_size, chunkSize: r.chunk_size,
     createdAt: r.created_at, stats: r.stats_json ? JSON.parse(r.stats_json) : null,
     pg: r.pg_json ? JSON.parse(r.pg_json) : null,
+    setId: r.set_id ?? null,
   };
 }

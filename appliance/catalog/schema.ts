@@ -48,4 +48,6 @@ export const MIGRATIONS: string[] = [
    CREATE INDEX jobs_by_created ON jobs(created_at);`,
   // 2: the PostgreSQL part of app-consistent images (label, LSNs, WAL pieces).
   `ALTER TABLE images ADD COLUMN pg_json TEXT;`,
+  // 3: consistency groups: the image set an image was committed in (null for a lone volume).
+  `ALTER TABLE images ADD COLUMN set_id TEXT;`,
 ];

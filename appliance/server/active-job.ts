@@ -2,6 +2,7 @@ import { EventEmitter } from 'node:events';
 import type { JobProgress, JobResult, TransferStats } from '../../proto/messages.js';
 import type { PgBackupInfo } from '../../proto/messages.js';
 import type { WalPieceRef } from '../store/pg-image-info.js';
+import type { ManifestStats } from '../store/manifest.js';
 import type { Ingest } from './ingest.js';
 
 /**
@@ -23,13 +24,29 @@ export interface JobOutcome {
   stats?: Partial<TransferStats> & Record<string, unknown>;
 }
 
+/** One volume of a job: a lone volume, or a member of a consistency group. */
+export interface MemberTransfer {
+  volume: string;
+  ingest: Ingest;
+  volumeId: number;
+  basisAccepted: boolean;
+  basisImageId: string | null;
+  resumes: number;
+  /** Set at the member's EndVolume (group job): its map is durable, its manifest waits for CommitSet. */
+  ended: { rootDigest: Buffer; stats: ManifestStats; agentStats?: TransferStats } | null;
+}
+
 export class ActiveJob extends EventEmitter {
   state: ActiveState = 'dispatched';
-  ingest: Ingest | null = null;
-  basisAccepted = false;
-  basisImageId: string | null = null;
+  /** Member volume → its transfer, in the order they began. */
+  readonly transfers = new Map<string, MemberTransfer>();
+  /** The member whose chunks arrive now (the last one begun). */
+  current: MemberTransfer | null = null;
+  /** The first member's image for a group (job and JobResult refer to it); the image otherwise. */
   imageId: string | null = null;
-  volumeId: number | null = null;
+  /** A group job: the set and every member's image once committed. */
+  setId: string | null = null;
+  images: { volume: string; imageId: string }[] = [];
   sessionId: string;
   /** The agent process (Hello.instanceId) that runs the job. */
   instanceId = '';
@@ -39,8 +56,6 @@ export class ActiveJob extends EventEmitter {
   wal = new Map<string, { size: number; pieces: Map<number, WalPieceRef> }>();
   /** Chunk bytes received but not yet processed (flow-control policing). */
   queuedBytes = 0;
-  /** Times the transfer resumed after a dropped connection. */
-  resumes = 0;
   /** Serializes the job's frames: batches, end and result run one after another. */
   chain: Promise<void> = Promise.resolve();
   graceTimer: NodeJS.Timeout | null = null;
@@ -48,6 +63,11 @@ export class ActiveJob extends EventEmitter {
   readonly done: Promise<JobOutcome>;
   private resolveDone!: (o: JobOutcome) => void;
 
+  /**
+   * `volume` is what the job was asked for: a volume, or a group's name;
+   * `members` the volumes it transfers; `group` is true for a group (even of
+   * one), whose member images are committed together by CommitSet.
+   */
   constructor(
     readonly id: string,
     readonly agent: string,
@@ -55,10 +75,17 @@ export class ActiveJob extends EventEmitter {
     readonly volume: string,
     readonly requestedMode: 'full' | 'incremental',
     sessionId: string,
+    readonly members: string[] = [volume],
+    readonly group = false,
   ) {
     super();
     this.sessionId = sessionId;
     this.done = new Promise((r) => (this.resolveDone = r));
+  }
+
+  /** The ingest chunks go to now (the current member's), if any. */
+  get ingest(): Ingest | null {
+    return this.current?.ingest ?? null;
   }
 
   progress(p: JobProgress): void {

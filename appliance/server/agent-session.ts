@@ -24,6 +24,8 @@ export class AgentSession {
   agent: AgentRow | null = null;
   instanceId = '';
   volumes = new Map<string, VolumeInfo>();
+  /** Consistency groups the agent announced: name → member volumes (DESIGN.md §4.4). */
+  groups = new Map<string, string[]>();
   private readonly authTimer: NodeJS.Timeout;
 
   constructor(
@@ -103,6 +105,19 @@ export class AgentSession {
         return this.refuse('E_PROTOCOL', `invalid volume in inventory: ${JSON.stringify(v.name)}`);
       }
       this.volumes.set(v.name, v);
+    }
+    const memberOf = new Map<string, string>();
+    for (const g of h.groups ?? []) {
+      if (!NAME_RE.test(g.name) || this.volumes.has(g.name) || this.groups.has(g.name)) {
+        return this.refuse('E_PROTOCOL', `invalid group in inventory: ${JSON.stringify(g.name)} (a bad name, a volume's name, or listed twice)`);
+      }
+      for (const v of g.volumes) {
+        if (!this.volumes.has(v) || memberOf.has(v)) {
+          return this.refuse('E_PROTOCOL', `group ${g.name}: ${JSON.stringify(v)} is not a volume of the inventory, or is in two groups`);
+        }
+        memberOf.set(v, g.name);
+      }
+      this.groups.set(g.name, [...g.volumes]);
     }
     this.agent = agent;
     this.instanceId = h.instanceId;

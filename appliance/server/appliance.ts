@@ -5,7 +5,7 @@ import { BlocksnapError } from '../../proto/errors.js';
 import { WsTransportServer } from '../../proto/ws-transport.js';
 import { Catalog } from '../catalog/catalog.js';
 import { FsChunkStore } from '../store/fs-chunk-store.js';
-import { listManifests, readManifest } from '../store/manifest.js';
+import { listManifests, readManifest, removeManifest } from '../store/manifest.js';
 import { AgentSession } from './agent-session.js';
 import { ControlServer } from './control-server.js';
 import { JobRouter } from './job-router.js';
@@ -46,7 +46,7 @@ export class Appliance {
       const catalog = Catalog.open(join(opts.dataDir, 'catalog.sqlite'));
       const storeDir = join(opts.dataDir, 'store');
       const store = await FsChunkStore.open(storeDir, { logger: opts.logger });
-      const rolled = await rollForward(catalog, storeDir, false);
+      const rolled = await rollForward(catalog, storeDir, false, opts.logger);
       const failed = catalog.failInterruptedJobs();
       if (rolled || failed) opts.logger.info({ rolledForward: rolled, interruptedJobs: failed }, 'recovered from previous run');
       const router = new JobRouter(catalog, store, {
@@ -89,21 +89,35 @@ export class Appliance {
   }
 }
 
-/** Inserts a catalog row for every manifest that lacks one (DESIGN.md §5 step 4). */
-export async function rollForward(catalog: Catalog, storeDir: string, createAgents: boolean): Promise<number> {
+/**
+ * Inserts a catalog row for every manifest that lacks one (DESIGN.md §5 step
+ * 4). A manifest of an image set whose other members' manifests are not all
+ * in the store is the trace of a crash inside the set's commit: the set was
+ * never visible (its catalog rows come after all its manifests), so that
+ * manifest is deleted, never listed. Only manifests without a row are read:
+ * a set with rows was complete.
+ */
+export async function rollForward(catalog: Catalog, storeDir: string, createAgents: boolean, log?: Logger): Promise<number> {
   const have = catalog.imageIds();
-  let n = 0;
-  for (const id of await listManifests(storeDir)) {
+  const present = new Set(await listManifests(storeDir));
+  const rows: Parameters<Catalog['insertImage']>[0][] = [];
+  for (const id of present) {
     if (have.has(id)) continue;
     const m = await readManifest(storeDir, id);
-    catalog.insertImage({
+    if (m.set && !m.set.images.every((i) => present.has(i))) {
+      log?.warn({ image: id, set: m.set.id, missing: m.set.images.filter((i) => !present.has(i)) }, 'removing a manifest of an incomplete image set');
+      await removeManifest(storeDir, id);
+      continue;
+    }
+    rows.push({
       id: m.imageId, agent: m.agent, volume: m.volume, jobId: m.jobId, kind: m.kind, basisImageId: m.basisImageId,
       rootDigest: m.rootDigest, volumeSize: m.volumeSize, chunkSize: m.chunkSize, createdAt: m.createdAt, stats: m.stats,
-      pg: m.pg ?? null,
-    }, { createAgent: createAgents });
-    n++;
+      pg: m.pg ?? null, setId: m.set?.id ?? null,
+    });
   }
-  return n;
+  // One transaction: the members of a set appear together.
+  catalog.insertImages(rows, { createAgent: createAgents });
+  return rows.length;
 }
 
 /** A pid file taken with O_EXCL; a stale one (dead pid) is replaced. */

@@ -33,6 +33,8 @@ export interface IngestParams {
   basisRootDigest?: Buffer;
   /** Flush (make durable and advance durableNext) after this many stored bytes. */
   flushEveryBytes?: number;
+  /** The job's last batch seq before this volume (a later member of a group: one seq per job). */
+  startSeq?: number;
 }
 
 export interface IngestStats {
@@ -84,6 +86,7 @@ export class Ingest {
       throw new BlocksnapError('E_PROTOCOL', `invalid chunk size ${cs}: a power of two from 4 KiB to 4 MiB`);
     }
     this.chunkCount = Math.ceil(params.volumeSize / cs);
+    this.lastSeq = params.startSeq ?? 0;
     if (this.chunkCount > MAX_CHUNKS) {
       // The map's root grows with the chunk count: bound what one frame can make us allocate.
       throw new BlocksnapError('E_PROTOCOL', `volume of ${params.volumeSize} bytes has ${this.chunkCount} chunks (max ${MAX_CHUNKS})`);
@@ -104,6 +107,11 @@ export class Ingest {
 
   get seq(): number {
     return this.lastSeq;
+  }
+
+  /** True once finish() sealed the map (or abort() ran). */
+  get isClosed(): boolean {
+    return this.closed;
   }
 
   /** Checks and stores one batch. Any error leaves the ingest unusable: the caller aborts the job. */

@@ -6,7 +6,8 @@ import {
 } from '../../proto/messages.js';
 import type { Catalog } from '../catalog/catalog.js';
 import { ZERO_DIGEST, type ChunkStore } from '../store/chunk-store.js';
-import { buildManifest, newImageId, writeManifest, type ManifestStats } from '../store/manifest.js';
+import type { NewImage } from '../catalog/catalog.js';
+import { buildManifest, newImageId, newSetId, writeManifest, type Manifest, type ManifestStats } from '../store/manifest.js';
 import type { PgImageInfo } from '../store/pg-image-info.js';
 import { ActiveJob, outcomeFromResult, type JobOutcome } from './active-job.js';
 import type { AgentSession } from './agent-session.js';
@@ -73,7 +74,7 @@ export class JobRouter {
       }
       // Make what arrived durable so the agent can resume from there.
       job.chain = job.chain.then(async () => {
-        if (job.ingest && !job.finished) await job.ingest.flush();
+        if (job.ingest && !job.ingest.isClosed && !job.finished) await job.ingest.flush();
       }).catch((e) => this.fail(job, toBlocksnapError(e, 'E_STORE_IO')));
       this.log.warn({ job: job.id, err: err?.code }, 'agent connection lost during job; waiting for resume');
       job.graceTimer = setTimeout(
@@ -92,20 +93,30 @@ export class JobRouter {
   startJob(agentName: string, volume: string, mode: 'full' | 'incremental', opts: { audit?: boolean } = {}): ActiveJob {
     const s = this.sessions.get(agentName);
     if (!s) throw new BlocksnapError('E_NOT_FOUND', `agent ${agentName} is not connected`);
-    if (!s.volumes.has(volume)) throw new BlocksnapError('E_UNKNOWN_VOLUME', `agent ${agentName} has no volume ${volume}`);
+    // A group's name means all its members, one image set (DESIGN.md §4.4).
+    const groupMembers = s.groups.get(volume);
+    if (!groupMembers && !s.volumes.has(volume)) throw new BlocksnapError('E_UNKNOWN_VOLUME', `agent ${agentName} has no volume or group ${volume}`);
+    if (!groupMembers) {
+      for (const [g, members] of s.groups) {
+        if (members.includes(volume)) {
+          throw new BlocksnapError('E_USAGE', `volume ${volume} is a member of consistency group ${g}: back up group ${g} instead (a member alone is not consistent with the others)`);
+        }
+      }
+    }
+    const members = groupMembers ?? [volume];
     for (const j of this.jobs.values()) {
-      if (j.agent === agentName && j.volume === volume && !j.finished) {
-        throw new BlocksnapError('E_BUSY', `job ${j.id} is already running on ${agentName}/${volume}`);
+      if (j.agent === agentName && !j.finished && j.members.some((m) => members.includes(m))) {
+        throw new BlocksnapError('E_BUSY', `job ${j.id} is already running on ${agentName}/${j.volume}`);
       }
     }
     const row = this.catalog.createJob(s.agent!.id, volume, mode);
-    const job = new ActiveJob(row.id, agentName, s.agent!.id, volume, mode, s.id);
+    const job = new ActiveJob(row.id, agentName, s.agent!.id, volume, mode, s.id, [...members], !!groupMembers);
     job.instanceId = s.instanceId;
     this.jobs.set(job.id, job);
     this.catalog.setJobState(job.id, 'running');
     const audit = opts.audit ?? (mode === 'incremental' && this.auditDue(agentName, volume));
     s.send(envelope('runJob', { jobId: job.id, volume, mode: mode === 'full' ? JobMode.FULL : JobMode.INCREMENTAL, audit }));
-    this.log.info({ job: job.id, agent: agentName, volume, mode, audit }, 'job dispatched');
+    this.log.info({ job: job.id, agent: agentName, volume, members: job.group ? members : undefined, mode, audit }, 'job dispatched');
     return job;
   }
 
@@ -155,9 +166,12 @@ export class JobRouter {
       }
       case 'endVolume':
         return this.onJobFrame(s, env.endVolume.jobId, (job) => this.endVolume(s, job, env.endVolume));
+      case 'commitSet':
+        return this.onJobFrame(s, env.commitSet.jobId, (job) => this.commitSet(s, job));
       case 'pgBackupInfo':
         return this.onJobFrame(s, env.pgBackupInfo.jobId, async (job) => {
           if (job.state !== 'transferring') throw new BlocksnapError('E_PROTOCOL', `job ${job.id}: pg info before begin`);
+          if (job.current?.ended) return; // resent after a resume: what the ended member carried is final
           job.pg = env.pgBackupInfo;
         });
       case 'walPiece':
@@ -211,46 +225,64 @@ export class JobRouter {
   }
 
   private async beginVolume(s: AgentSession, job: ActiveJob, b: BeginVolume): Promise<void> {
-    if (b.volume !== job.volume) throw new BlocksnapError('E_PROTOCOL', `job ${job.id} is for volume ${job.volume}, not ${b.volume}`);
+    if (!job.members.includes(b.volume)) {
+      throw new BlocksnapError('E_PROTOCOL', `job ${job.id} is for ${job.group ? `group ${job.volume} (${job.members.join(', ')})` : `volume ${job.volume}`}, not ${b.volume}`);
+    }
+    if (job.state !== 'dispatched' && job.state !== 'transferring') throw new BlocksnapError('E_PROTOCOL', `job ${job.id} cannot ${b.resume ? 'resume' : 'begin a volume'} in state ${job.state}`);
     if (job.graceTimer) clearTimeout(job.graceTimer);
     job.graceTimer = null;
     job.sessionId = s.id;
-    if (b.resume) {
-      if (!job.ingest) throw new BlocksnapError('E_PROTOCOL', `job ${job.id} has no transfer to resume`);
-      if (job.state !== 'transferring') throw new BlocksnapError('E_PROTOCOL', `job ${job.id} cannot resume in state ${job.state}`);
-      await job.ingest.flush();
-      job.ingest.resumed();
-      job.resumes++;
-      this.log.info({ job: job.id, resumeFrom: job.ingest.durableNext }, 'transfer resumed');
-      s.send(envelope('volumeReady', { jobId: job.id, basisAccepted: job.basisAccepted, resumeFrom: job.ingest.durableNext, reason: '' }));
+    const t = job.transfers.get(b.volume);
+    if (b.resume && t) {
+      if (job.current !== t) throw new BlocksnapError('E_PROTOCOL', `job ${job.id}: ${b.volume} is not the volume being transferred`);
+      if (t.ended) {
+        // The member ended before the connection dropped: nothing more to receive.
+        s.send(envelope('volumeReady', { jobId: job.id, basisAccepted: t.basisAccepted, resumeFrom: t.ingest.chunkCount, reason: '' }));
+        return;
+      }
+      await t.ingest.flush();
+      t.ingest.resumed();
+      t.resumes++;
+      this.log.info({ job: job.id, volume: b.volume, resumeFrom: t.ingest.durableNext }, 'transfer resumed');
+      s.send(envelope('volumeReady', { jobId: job.id, basisAccepted: t.basisAccepted, resumeFrom: t.ingest.durableNext, reason: '' }));
       return;
     }
-    if (job.ingest) throw new BlocksnapError('E_PROTOCOL', `job ${job.id} already began its volume`);
-    const vol = this.catalog.upsertVolume(job.agentId, job.volume, b.volumeSize, b.chunkSize);
-    job.volumeId = vol.id;
+    if (t) throw new BlocksnapError('E_PROTOCOL', `job ${job.id} already began volume ${b.volume}`);
+    // A member begins after the previous one ended (one open ingest per job). A resume of a
+    // member never begun is its first begin whose VolumeReady the dropped connection lost.
+    if (job.current && !job.current.ended) {
+      throw new BlocksnapError('E_PROTOCOL', `job ${job.id}: ${b.resume ? 'resume' : 'begin'} of ${b.volume} while ${job.current.volume} has not ended`);
+    }
+    if (b.resume && !job.group) throw new BlocksnapError('E_PROTOCOL', `job ${job.id} has no transfer to resume`);
+    const vol = this.catalog.upsertVolume(job.agentId, b.volume, b.volumeSize, b.chunkSize);
     const last = this.catalog.lastImage(vol.id);
     let reason = '';
+    let basisAccepted = false;
     if (b.mode === JobMode.INCREMENTAL) {
       if (!last) reason = 'the volume has no image yet';
       else if (b.basisImageId !== last.id) reason = `basis ${b.basisImageId || '(none)'} is not the last image ${last.id}`;
       else if (last.volumeSize !== b.volumeSize || last.chunkSize !== b.chunkSize) reason = 'volume size or chunk size changed';
-      else job.basisAccepted = true;
+      else basisAccepted = true;
     }
-    const mode = job.basisAccepted ? 'incremental' : 'full';
-    job.basisImageId = job.basisAccepted ? last!.id : null;
-    job.ingest = await Ingest.open(this.store, {
+    const mode = basisAccepted ? 'incremental' : 'full';
+    const ingest = await Ingest.open(this.store, {
       jobId: job.id, volumeSize: b.volumeSize, chunkSize: b.chunkSize, mode,
-      basisRootDigest: job.basisAccepted ? Buffer.from(last!.rootDigest, 'hex') : undefined,
-      flushEveryBytes: this.opts.flushEveryBytes,
+      basisRootDigest: basisAccepted ? Buffer.from(last!.rootDigest, 'hex') : undefined,
+      flushEveryBytes: this.opts.flushEveryBytes, startSeq: job.current?.ingest.seq ?? 0,
     }, this.log);
+    if (b.resume) ingest.resumed();
+    const t2 = { volume: b.volume, ingest, volumeId: vol.id, basisAccepted, basisImageId: basisAccepted ? last!.id : null, resumes: 0, ended: null };
+    job.transfers.set(b.volume, t2);
+    job.current = t2;
     job.state = 'transferring';
-    this.catalog.setJobState(job.id, 'running', { volumeId: vol.id, kind: mode });
-    if (reason) this.log.info({ job: job.id, reason }, 'basis refused: the job becomes a full');
-    s.send(envelope('volumeReady', { jobId: job.id, basisAccepted: job.basisAccepted, resumeFrom: 0, reason }));
+    if (!job.group) this.catalog.setJobState(job.id, 'running', { volumeId: vol.id, kind: mode });
+    if (reason) this.log.info({ job: job.id, volume: b.volume, reason }, 'basis refused: the volume is sent as a full');
+    s.send(envelope('volumeReady', { jobId: job.id, basisAccepted, resumeFrom: 0, reason }));
   }
 
   private async chunkBatch(s: AgentSession, job: ActiveJob, b: ChunkBatch): Promise<void> {
     if (!job.ingest || job.state !== 'transferring') throw new BlocksnapError('E_PROTOCOL', `job ${job.id}: chunks before begin`);
+    if (job.current!.ended) throw new BlocksnapError('E_PROTOCOL', `job ${job.id}: chunks after ${job.current!.volume} ended`);
     if (b.seq <= job.ingest.seq) return; // a resent batch already processed before a reconnect
     await job.ingest.addBatch(b.seq, b.chunks);
     s.send(envelope('ack', { jobId: job.id, seq: b.seq, durableNext: job.ingest.durableNext }));
@@ -260,6 +292,7 @@ export class JobRouter {
     if (!job.ingest || job.state !== 'transferring' || !job.pg) {
       throw new BlocksnapError('E_PROTOCOL', `job ${job.id}: WAL before the PostgreSQL backup info`);
     }
+    if (job.current!.ended) return; // resent after a resume: every piece arrived before the member ended
     let file = job.wal.get(w.fileName);
     if (!file) {
       if (job.wal.size >= 64) throw new BlocksnapError('E_PROTOCOL', `job ${job.id}: more than 64 WAL files`);
@@ -287,29 +320,30 @@ export class JobRouter {
   }
 
   private async endVolume(s: AgentSession, job: ActiveJob, e: EndVolume): Promise<void> {
-    if (!job.ingest || job.state !== 'transferring') throw new BlocksnapError('E_PROTOCOL', `job ${job.id}: end before begin`);
-    const ingest = job.ingest;
+    const t = job.current;
+    if (!t || job.state !== 'transferring') throw new BlocksnapError('E_PROTOCOL', `job ${job.id}: end before begin`);
+    if (t.ended) return; // resent after a resume
+    const ingest = t.ingest;
     const { rootDigest } = await ingest.finish(e.nextIndex);
     const st = ingest.stats;
     const agentStats = e.stats;
     const stats: ManifestStats = {
       chunksTotal: ingest.chunkCount, chunksReceived: st.chunksReceived, chunksZero: st.chunksZero,
       chunksStored: st.chunksStored, bytesReceived: st.bytesReceived, bytesStored: st.bytesStored,
-      pagesWritten: st.pagesWritten, pagesShared: st.pagesShared, resumes: job.resumes,
+      pagesWritten: st.pagesWritten, pagesShared: st.pagesShared, resumes: t.resumes,
       chunksRead: agentStats?.chunksRead ?? 0, bytesRead: agentStats?.bytesRead ?? 0,
       freezeSeconds: agentStats?.freezeSeconds ?? 0,
     };
+    t.ended = { rootDigest, stats, agentStats };
+    // A group member's map is durable now; its manifest waits for CommitSet.
+    if (job.group) return;
     const m = buildManifest({
-      imageId: newImageId(), agent: job.agent, volume: job.volume, volumeSize: ingest.params.volumeSize,
-      chunkSize: ingest.params.chunkSize, kind: ingest.params.mode, basisImageId: job.basisImageId,
+      imageId: newImageId(), agent: job.agent, volume: t.volume, volumeSize: ingest.params.volumeSize,
+      chunkSize: ingest.params.chunkSize, kind: ingest.params.mode, basisImageId: t.basisImageId,
       jobId: job.id, rootDigest: rootDigest.toString('hex'), stats, pg: this.pgInfo(job),
     });
     await writeManifest(this.opts.storeDir, m); // the commit point
-    this.catalog.insertImage({
-      id: m.imageId, agent: m.agent, volume: m.volume, jobId: job.id, kind: m.kind, basisImageId: m.basisImageId,
-      rootDigest: m.rootDigest, volumeSize: m.volumeSize, chunkSize: m.chunkSize, createdAt: m.createdAt, stats,
-      pg: m.pg ?? null,
-    });
+    this.catalog.insertImage(newImageOf(m, stats));
     job.imageId = m.imageId;
     job.state = 'committed';
     this.catalog.finishJob(job.id, { state: 'committed', imageId: m.imageId, stats: { ...agentStats, ...stats } });
@@ -320,12 +354,75 @@ export class JobRouter {
     s.send(envelope('committed', { jobId: job.id, imageId: m.imageId, stats: wire }));
   }
 
+  /**
+   * Commits a group job's image set (DESIGN.md §5): every member ended (its
+   * map durable), then every member's manifest, each naming the whole set
+   * (the set is visible only when all exist: roll-forward deletes the rest
+   * after a crash), then all catalog rows in one transaction, then Committed.
+   */
+  private async commitSet(s: AgentSession, job: ActiveJob): Promise<void> {
+    if (!job.group) throw new BlocksnapError('E_PROTOCOL', `job ${job.id} is not a group job: it commits at EndVolume`);
+    if (job.state === 'committed') return this.sendCommitted(s, job); // resent after a resume
+    const open = job.members.filter((v) => !job.transfers.get(v)?.ended);
+    if (job.state !== 'transferring' || open.length) {
+      throw new BlocksnapError('E_PROTOCOL', `job ${job.id}: CommitSet before ${open.join(', ')} ended`);
+    }
+    const setId = newSetId();
+    const transfers = job.members.map((v) => job.transfers.get(v)!);
+    const ids = transfers.map(() => newImageId());
+    const set = { id: setId, images: ids };
+    const pg = this.pgInfo(job);
+    const manifests = transfers.map((t, i) => buildManifest({
+      imageId: ids[i], agent: job.agent, volume: t.volume, volumeSize: t.ingest.params.volumeSize,
+      chunkSize: t.ingest.params.chunkSize, kind: t.ingest.params.mode, basisImageId: t.basisImageId,
+      jobId: job.id, rootDigest: t.ended!.rootDigest.toString('hex'), stats: t.ended!.stats, pg, set,
+    }));
+    for (const m of manifests) await writeManifest(this.opts.storeDir, m); // the last rename is the commit point
+    this.catalog.insertImages(manifests.map((m, i) => newImageOf(m, transfers[i]!.ended!.stats)));
+    job.setId = setId;
+    job.images = manifests.map((m) => ({ volume: m.volume, imageId: m.imageId }));
+    job.imageId = ids[0]!;
+    job.state = 'committed';
+    const kind = transfers.every((t) => t.ingest.params.mode === 'incremental') ? 'incremental' : 'full';
+    this.catalog.setJobState(job.id, 'running', { kind });
+    this.catalog.finishJob(job.id, { state: 'committed', imageId: job.imageId, stats: { ...this.groupStats(job), setId, images: job.images } });
+    this.log.info({ job: job.id, set: setId, images: job.images }, 'image set committed');
+    this.sendCommitted(s, job);
+  }
+
+  private groupStats(job: ActiveJob): Record<string, number> {
+    const out: Record<string, number> = {};
+    for (const t of job.transfers.values()) {
+      for (const [k, v] of Object.entries(t.ended?.stats ?? {})) out[k] = k === 'freezeSeconds' ? Math.max(out[k] ?? 0, v) : (out[k] ?? 0) + v;
+    }
+    return out;
+  }
+
+  private sendCommitted(s: AgentSession, job: ActiveJob): void {
+    let agentStats: TransferStats | undefined;
+    let bytesStored = 0;
+    let chunksStored = 0;
+    for (const t of job.transfers.values()) {
+      agentStats ??= t.ended?.agentStats;
+      bytesStored += t.ingest.stats.bytesStored;
+      chunksStored += t.ingest.stats.chunksStored;
+    }
+    const wire: TransferStats = { ...(agentStats ?? emptyTransferStats()), bytesStored, chunksStored };
+    s.send(envelope('committed', { jobId: job.id, imageId: job.imageId!, stats: wire, setId: job.setId!, images: job.images }));
+  }
+
   private async jobResult(job: ActiveJob, r: JobResult): Promise<void> {
     if (r.ok) {
       if (job.state !== 'committed' || r.imageId !== job.imageId) {
         throw new BlocksnapError('E_PROTOCOL', `job ${job.id}: success reported for image ${r.imageId} that was not committed`);
       }
-      const merged = { ...this.catalog.job(job.id)?.stats, ...r.stats, bytesStored: job.ingest?.stats.bytesStored ?? 0, chunksStored: job.ingest?.stats.chunksStored ?? 0 };
+      let bytesStored = 0;
+      let chunksStored = 0;
+      for (const t of job.transfers.values()) {
+        bytesStored += t.ingest.stats.bytesStored;
+        chunksStored += t.ingest.stats.chunksStored;
+      }
+      const merged = { ...this.catalog.job(job.id)?.stats, ...r.stats, bytesStored, chunksStored };
       this.catalog.finishJob(job.id, { state: 'committed', imageId: job.imageId!, stats: merged });
       this.finish(job, { ...outcomeFromResult(r), stats: merged });
     } else {
@@ -349,9 +446,12 @@ export class JobRouter {
     }
     this.log.warn({ job: job.id, code: err.code, message: err.message }, 'job failed');
     if (tellAgent) this.sessionOf(job)?.send(envelope('error', { jobId: job.id, code: err.code, message: err.message }));
-    const ingest = job.ingest;
-    // After any frame still being processed, so the writer is not aborted mid-put.
-    if (ingest) job.chain = job.chain.then(() => ingest.abort()).catch(() => undefined);
+    // After any frame still being processed, so a writer is not aborted mid-put. An ended
+    // member's packs are durable but unreferenced: garbage, like any uncommitted job's.
+    const ingests = [...job.transfers.values()].map((t) => t.ingest);
+    if (ingests.length) job.chain = job.chain.then(async () => {
+      for (const i of ingests) await i.abort();
+    }).catch(() => undefined);
     const state = err.code === 'E_CANCELLED' ? 'cancelled' : 'failed';
     this.catalog.finishJob(job.id, { state, errorCode: err.code, errorMessage: err.message });
     this.finish(job, { ok: false, jobId: job.id, errorCode: err.code, errorMessage: err.message });
@@ -365,6 +465,14 @@ export class JobRouter {
   async shutdown(): Promise<void> {
     for (const job of this.jobs.values()) this.fail(job, new BlocksnapError('E_CANCELLED', 'appliance shutting down'));
   }
+}
+
+function newImageOf(m: Manifest, stats: ManifestStats): NewImage {
+  return {
+    id: m.imageId, agent: m.agent, volume: m.volume, jobId: m.jobId, kind: m.kind, basisImageId: m.basisImageId,
+    rootDigest: m.rootDigest, volumeSize: m.volumeSize, chunkSize: m.chunkSize, createdAt: m.createdAt, stats,
+    pg: m.pg ?? null, setId: m.set?.id ?? null,
+  };
 }
 
 function asCode(code: string): BlocksnapError['code'] {

@@ -10,8 +10,15 @@
  *   "volumeSize": 4294967296, "chunkSize": 65536,
  *   "kind": "full" | "incremental", "basisImageId": null | "img-…",
  *   "jobId": "job-…", "rootDigest": "hex", "stats": { "name": number, … },
+ *   "pg": { … },                                  // optional, app-consistent images
+ *   "set": { "id": "set-…", "images": ["img-…", …] },  // optional, consistency groups
  *   "checksum": "hex" }
  * ```
+ *
+ * `set` makes the image one member of an image set (a consistency group,
+ * DESIGN.md §4.4): `images` lists every member's image id, this one
+ * included. A set is visible only when every member's manifest exists;
+ * start-up roll-forward deletes the manifests of an incomplete set (§5).
  *
  * `checksum` = hex SHA-256 of the canonical JSON of the manifest with
  * checksum = "": object keys sorted by code unit, no whitespace, values as
@@ -49,7 +56,15 @@ export interface Manifest {
   stats: ManifestStats;
   /** PostgreSQL label, LSNs and WAL of an app-consistent image; absent for crash-consistent ones. */
   pg?: PgImageInfo;
+  /** The image set this image belongs to (consistency group); absent for a lone volume's image. */
+  set?: ImageSet;
   checksum: string;
+}
+
+export interface ImageSet {
+  id: string;
+  /** Every member's image id, this one included, in the group's order. */
+  images: string[];
 }
 
 export type ManifestFields = Omit<Manifest, 'format' | 'version' | 'checksum' | 'imageId' | 'createdAt'> & {
@@ -58,6 +73,8 @@ export type ManifestFields = Omit<Manifest, 'format' | 'version' | 'checksum' | 
 };
 
 const IMAGE_ID_RE = /^img-[0-9]{8}t[0-9]{6}z-[0-9a-f]{8}$/;
+const SET_ID_RE = /^set-[0-9]{8}t[0-9]{6}z-[0-9a-f]{8}$/;
+const MAX_SET_IMAGES = 64;
 const HEX_DIGEST_RE = /^[0-9a-f]{64}$/;
 const KEYS = [
   'agent', 'basisImageId', 'checksum', 'chunkSize', 'createdAt', 'format', 'imageId',
@@ -68,6 +85,26 @@ const KEYS = [
 export function newImageId(now: Date = new Date()): string {
   const stamp = now.toISOString().replace(/[-:]/g, '').replace(/\.\d{3}/, '').toLowerCase();
   return `img-${stamp}-${randomBytes(4).toString('hex')}`;
+}
+
+/** `set-<UTC yyyymmddThhmmssZ>-<8 hex random>`, like an image id. */
+export function newSetId(now: Date = new Date()): string {
+  return `set-${newImageId(now).slice('img-'.length)}`;
+}
+
+export function isValidSetId(id: unknown): id is string {
+  return typeof id === 'string' && SET_ID_RE.test(id);
+}
+
+function validateSet(v: unknown, imageId: unknown): void {
+  if (v === null || typeof v !== 'object' || Array.isArray(v)) throw bad('set must be an object');
+  const set = v as Record<string, unknown>;
+  if (Object.keys(set).sort().join() !== 'id,images') throw bad('set must have exactly id and images');
+  if (!isValidSetId(set.id)) throw bad(`invalid set id ${String(set.id)}`);
+  const images = set.images;
+  if (!Array.isArray(images) || images.length < 1 || images.length > MAX_SET_IMAGES) throw bad(`set.images must list 1..${MAX_SET_IMAGES} images`);
+  if (!images.every(isValidImageId) || new Set(images).size !== images.length) throw bad('set.images must be distinct valid image ids');
+  if (!images.includes(imageId as string)) throw bad('set.images does not list the image itself');
 }
 
 /** The only image ids ever used to build a path. */
@@ -97,9 +134,10 @@ export function manifestChecksum(m: Manifest): string {
 export function validateManifest(v: unknown): Manifest {
   if (v === null || typeof v !== 'object' || Array.isArray(v)) throw bad('not a JSON object');
   const m = v as Record<string, unknown>;
-  const keys = Object.keys(m).filter((k) => k !== 'pg').sort();
+  const keys = Object.keys(m).filter((k) => k !== 'pg' && k !== 'set').sort();
   if (keys.join() !== KEYS.join()) throw bad(`fields [${keys.join(', ')}] are not the version 1 fields`);
   if ('pg' in m) validatePgInfo(m.pg);
+  if ('set' in m) validateSet(m.set, m.imageId);
   if (m.format !== MANIFEST_FORMAT) throw bad(`format ${String(m.format)}`);
   if (m.version !== MANIFEST_VERSION) throw bad(`unsupported version ${String(m.version)}`);
   if (!isValidImageId(m.imageId)) throw bad(`invalid image id ${String(m.imageId)}`);
@@ -152,6 +190,7 @@ export function buildManifest(fields: ManifestFields): Manifest {
     rootDigest: fields.rootDigest,
     stats: { ...fields.stats },
     ...(fields.pg ? { pg: fields.pg } : {}),
+    ...(fields.set ? { set: { id: fields.set.id, images: [...fields.set.images] } } : {}),
     checksum: '',
   };
   validateManifest(m);
@@ -276,4 +315,19 @@ export async function listManifests(storeDir: string): Promise<string[]> {
     if (isValidImageId(id)) ids.push(id);
   }
   return ids.sort();
+}
+
+/**
+ * Removes the manifest of an image of an incomplete set (start-up roll-forward
+ * only, DESIGN.md §5): it was never visible, so this is garbage collection,
+ * not a change to a committed image. Durable when this resolves.
+ */
+export async function removeManifest(storeDir: string, imageId: string): Promise<void> {
+  const file = manifestPath(storeDir, imageId);
+  try {
+    await fs.rm(file, { force: true });
+    await fsyncDir(manifestsDir(storeDir));
+  } catch (e) {
+    throw ioError(`manifest ${imageId}: cannot remove`, e);
+  }
 }

@@ -36,6 +36,7 @@ export function sampleEnvelopes(): Envelope[] {
         { name: 'pgdata', size: 4 * 2 ** 30, chunkSize: 65536, lastImageId: 'img-abc' },
         { name: 'pgwal', size: 2 ** 52 + 3, chunkSize: 4096, lastImageId: '' },
       ],
+      groups: [{ name: 'pg', volumes: ['pgdata', 'pgwal'] }],
     }),
     envelope('welcome', { sessionId: 'sess-1', maxFrameBytes: 8 << 20, windowBytes: 32 << 20 }),
     envelope('runJob', { jobId: 'job-1', volume: 'pgdata', mode: JobMode.INCREMENTAL, audit: true }),
@@ -55,7 +56,10 @@ export function sampleEnvelopes(): Envelope[] {
     }),
     envelope('ack', { jobId: 'job-1', seq: 17, durableNext: Number.MAX_SAFE_INTEGER }),
     envelope('endVolume', { jobId: 'job-1', nextIndex: 65536, stats: sampleStats() }),
-    envelope('committed', { jobId: 'job-1', imageId: 'img-def', stats: sampleStats() }),
+    envelope('committed', {
+      jobId: 'job-1', imageId: 'img-def', stats: sampleStats(), setId: 'set-1',
+      images: [{ volume: 'pgdata', imageId: 'img-def' }, { volume: 'pgwal', imageId: 'img-fed' }],
+    }),
     envelope('jobProgress', { jobId: 'job-1', chunksDone: 100, chunksTotal: 65536, bytesSent: 6553600, phase: 'reading' }),
     envelope('jobResult', {
       jobId: 'job-1', ok: false, imageId: 'img-x', errorCode: 'E_CANCELLED', errorMessage: 'cancelled by operator',
@@ -73,5 +77,6 @@ export function sampleEnvelopes(): Envelope[] {
       jobId: 'job-1', fileName: '000000010000000000000002', offset: 4 << 20, data: Buffer.from([1, 2, 3]), plainLength: 4 << 20,
       digest: Buffer.alloc(32, 7), fileSize: 16 << 20,
     }),
+    envelope('commitSet', { jobId: 'job-1' }),
   ];
 }
