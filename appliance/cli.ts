@@ -301,6 +301,7 @@ function showImage(img: ImageRow): string {
   const lines = [
     `image:       ${img.id}`, `agent:       ${img.agent}`, `volume:      ${img.volume} (${fmtBytes(img.volumeSize)}, chunks of ${fmtBytes(img.chunkSize)})`,
     `kind:        ${img.kind}${img.basisImageId ? ` of ${img.basisImageId}` : ''}`, `created:     ${img.createdAt}`, `job:         ${img.jobId ?? '-'}`,
+    ...(img.setId ? [`set:         ${img.setId} (consistency group: restore all its members together)`] : []),
     `root:        ${img.rootDigest}`,
   ];
   const st = img.stats ?? {};

@@ -164,7 +164,8 @@ export class Ingest {
         this.stats.chunksZero++;
       } else {
         digest = actual;
-        const r = await this.writer.put(BLOB_CHUNK, digest, plain, data.length < plain.length ? data : undefined);
+        // The agent's frame is stored as is, or the plain bytes when it is no smaller: never compressed twice.
+        const r = await this.writer.put(BLOB_CHUNK, digest, plain, data);
         if (r.stored) {
           this.stats.chunksStored++;
           this.stats.bytesStored += r.storedBytes;
@@ -192,7 +193,7 @@ export class Ingest {
     const actual = createHash('sha256').update(plain).digest();
     if (!actual.equals(digest)) throw new BlocksnapError('E_DIGEST_MISMATCH', `${what}: data does not match its digest`);
     if (isZero(plain)) return { zero: true }; // the store never holds zeros; the caller records ZERO
-    const r = await this.writer.put(BLOB_CHUNK, actual, plain, frame.length < plain.length ? frame : undefined);
+    const r = await this.writer.put(BLOB_CHUNK, actual, plain, frame);
     if (r.stored) {
       this.stats.bytesStored += r.storedBytes;
       this.unflushedBytes += r.storedBytes;
