@@ -225,7 +225,7 @@ export class Agent implements ControlledAgent {
     }
     const runner = new JobRunner({
       stateDir: this.config.stateDir, provider: this.provider, log: this.log, windowBytes: this.config.windowBytes,
-      batchBytes: this.config.batchBytes, workers: this.config.workers, send: (e) => this.send(e),
+      batchBytes: this.config.batchBytes, workers: this.config.workers, compressionLevel: this.config.compressionLevel, send: (e) => this.send(e),
       waitConnected: (ms) => this.waitConnected(ms), resumeTimeoutMs: 5 * 60_000, replyTimeoutMs: 60_000,
       trackingOf: (name) => this.tracking.get(name), postgres: this.config.postgres,
     }, job, target);

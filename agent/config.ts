@@ -27,6 +27,8 @@ export interface AgentConfig {
   /** Target payload bytes per ChunkBatch frame. */
   batchBytes: number;
   workers: number;
+  /** zstd level for chunk data (-7..22; negative = zstd's fast levels). */
+  compressionLevel: number;
   reconnectMaxMs: number;
   /** Changed-block tracking: 'tracefs' (kernel block tracepoints) or 'off' (incrementals compare digests). */
   tracking: 'tracefs' | 'off';
@@ -114,6 +116,7 @@ export function parseAgentConfig(raw: any, source = 'config'): AgentConfig {
     windowBytes: num('windowBytes', 32 << 20, 1 << 20),
     batchBytes: num('batchBytes', 2 << 20, 64 << 10),
     workers: num('workers', 2, 1),
+    compressionLevel: level(raw.compressionLevel, bad),
     reconnectMaxMs: num('reconnectMaxMs', 10_000, 100),
     retainSnapshotsDir: optionalAbs(raw.retainSnapshotsDir, 'retainSnapshotsDir', bad),
     tracking: trackingOf(raw.tracking, bad),
@@ -179,4 +182,10 @@ function postgresOf(v: any, bad: (m: string) => BlocksnapError): PostgresConfig 
     ...(v.dataDirectory ? { dataDirectory: v.dataDirectory } : {}),
     pauseTimeoutMs: int('pauseTimeoutMs', 30_000, 100, 3_600_000), watchdogSeconds: int('watchdogSeconds', 600, 5, 86_400),
   };
+}
+
+function level(v: unknown, bad: (m: string) => BlocksnapError): number {
+  if (v === undefined) return 1;
+  if (!Number.isInteger(v) || (v as number) < -7 || (v as number) > 22) throw bad('"compressionLevel" must be an integer in -7..22');
+  return v as number;
 }

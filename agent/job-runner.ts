@@ -24,6 +24,8 @@ export interface RunnerDeps {
   windowBytes: number;
   batchBytes: number;
   workers: number;
+  /** zstd level of chunk data (default 1). */
+  compressionLevel?: number;
   /** Sends on the current connection; rejects E_DISCONNECTED when there is none. */
   send(env: Envelope): Promise<void>;
   /** Resolves when a (new) session is up; rejects after the timeout. */
@@ -349,7 +351,10 @@ export class JobRunner {
     basis: DigestMap | null, next: DigestMap, from: number, seq: number, select: Uint32Array | undefined, holes: Uint32Array | undefined,
   ): Promise<number> {
     const stream = readChunks(
-      { path, volumeSize, chunkSize, startIndex: from, mode, basisDigests: basis ? basis.bytes() : undefined, select, holes },
+      {
+        path, volumeSize, chunkSize, startIndex: from, mode, basisDigests: basis ? basis.bytes() : undefined, select, holes,
+        compressionLevel: this.deps.compressionLevel,
+      },
       { workers: this.deps.workers, signal: this.abort.signal },
     );
     const started = performance.now();

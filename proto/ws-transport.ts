@@ -134,6 +134,11 @@ export function connectWs(
       ...wsServerOptions(maxFrameBytes),
       headers: opts.headers,
       handshakeTimeout: opts.handshakeTimeoutMs ?? 10_000,
+      // An all-zero mask: RFC 6455 masking protects browser-originated frames
+      // from cache-poisoning proxies; the agent is no browser, and masking
+      // costs a pass over every byte on both sides (a second per GB here).
+      // ws skips masking and unmasking for a zero mask.
+      generateMask: () => {},
     });
     // Listeners are attached before 'open' so no early message is lost.
     const transport = new WsTransport(ws, new URL(url).host, maxFrameBytes);

@@ -55,10 +55,11 @@ export function zstdDeclaredSize(frames: Uint8Array): number | null {
 
 /**
  * Decompress `frames`, which must hold exactly `plainLength` plain bytes.
+ * With `scratch`, the result is a view into it, valid until its next use.
  * Throws E_FORMAT (with the zstd message as cause) for anything else; callers
  * re-raise it as E_BAD_CHUNK (ingest) or E_STORE_CORRUPT (store).
  */
-export function zstdDecompress(frames: Uint8Array, plainLength: number): Buffer {
+export function zstdDecompress(frames: Uint8Array, plainLength: number, scratch?: Buffer): Buffer {
   if (!Number.isSafeInteger(plainLength) || plainLength < 0 || plainLength > 0xffff_ffff) {
     throw new BlocksnapError('E_FORMAT', `invalid expected plain length ${plainLength}`);
   }
@@ -67,7 +68,9 @@ export function zstdDecompress(frames: Uint8Array, plainLength: number): Buffer 
     throw new BlocksnapError('E_FORMAT', `zstd frame declares ${declared} bytes, expected ${plainLength}`);
   }
   // One spare byte: if the decoder fills it, the data is longer than declared.
-  const out = Buffer.allocUnsafe(plainLength + 1);
+  // A caller on the hot path passes a scratch buffer (≥ plainLength + 1) it
+  // reuses, so a backup does not allocate (and garbage-collect) every chunk.
+  const out = scratch && scratch.length >= plainLength + 1 ? scratch.subarray(0, plainLength + 1) : Buffer.allocUnsafe(plainLength + 1);
   let n: number;
   try {
     n = dctx.decompress(out, frames);

@@ -57,6 +57,8 @@ export class Ingest {
   private unflushedBytes = 0;
   private closed = false;
   private seqJumpAllowed = false;
+  /** Decompression target reused for every chunk (the store copies what it keeps before put resolves). */
+  private readonly scratch: Buffer;
   readonly stats: IngestStats = {
     chunksReceived: 0, chunksZero: 0, chunksStored: 0, bytesReceived: 0, bytesStored: 0, pagesWritten: 0, pagesShared: 0,
   };
@@ -86,6 +88,7 @@ export class Ingest {
       throw new BlocksnapError('E_PROTOCOL', `invalid chunk size ${cs}: a power of two from 4 KiB to 4 MiB`);
     }
     this.chunkCount = Math.ceil(params.volumeSize / cs);
+    this.scratch = Buffer.allocUnsafe(cs + 1);
     this.lastSeq = params.startSeq ?? 0;
     if (this.chunkCount > MAX_CHUNKS) {
       // The map's root grows with the chunk count: bound what one frame can make us allocate.
@@ -151,7 +154,7 @@ export class Ingest {
       const data = Buffer.from(c.data.buffer, c.data.byteOffset, c.data.byteLength);
       let plain: Buffer;
       try {
-        plain = zstdDecompress(data, expected);
+        plain = zstdDecompress(data, expected, this.scratch);
       } catch (e) {
         throw new BlocksnapError('E_BAD_CHUNK', `chunk ${index}: ${(e as Error).message}`, { cause: e });
       }

@@ -346,7 +346,7 @@ export class JobRouter {
     this.catalog.insertImage(newImageOf(m, stats));
     job.imageId = m.imageId;
     job.state = 'committed';
-    this.catalog.finishJob(job.id, { state: 'committed', imageId: m.imageId, stats: { ...agentStats, ...stats } });
+    this.catalog.finishJob(job.id, { state: 'committed', imageId: m.imageId, stats: { ...agentStats, ...stats, ...pgWindows(job) } });
     this.log.info({ job: job.id, image: m.imageId, ...stats }, 'image committed');
     const wire: TransferStats = {
       ...(agentStats ?? emptyTransferStats()), bytesStored: st.bytesStored, chunksStored: st.chunksStored,
@@ -385,7 +385,7 @@ export class JobRouter {
     job.state = 'committed';
     const kind = transfers.every((t) => t.ingest.params.mode === 'incremental') ? 'incremental' : 'full';
     this.catalog.setJobState(job.id, 'running', { kind });
-    this.catalog.finishJob(job.id, { state: 'committed', imageId: job.imageId, stats: { ...this.groupStats(job), setId, images: job.images } });
+    this.catalog.finishJob(job.id, { state: 'committed', imageId: job.imageId, stats: { ...this.groupStats(job), ...pgWindows(job), setId, images: job.images } });
     this.log.info({ job: job.id, set: setId, images: job.images }, 'image set committed');
     this.sendCommitted(s, job);
   }
@@ -477,4 +477,10 @@ function newImageOf(m: Manifest, stats: ManifestStats): NewImage {
 
 function asCode(code: string): BlocksnapError['code'] {
   return (code && /^E_[A-Z_]+$/.test(code) ? code : 'E_INTERNAL') as BlocksnapError['code'];
+}
+
+/** The quiesce windows a job reports next to its freeze window (issue: measured and reported in the job result). */
+function pgWindows(job: ActiveJob): Record<string, number | string> {
+  const p = job.pg;
+  return p ? { pgRole: p.role, pgPausedSeconds: p.pausedSeconds, pgBackupSeconds: p.backupSeconds } : {};
 }

@@ -84,6 +84,11 @@ describe('application-consistent image of a primary (PostgreSQL 15)', () => {
 
     const img = appl.app.catalog.image(outcome.imageId!)!;
     const info = img.pg as unknown as PgImageInfo;
+    // The job result reports the quiesce window next to the freeze window.
+    const jobStats = appl.app.catalog.job(job.id)!.stats as Record<string, unknown>;
+    expect(jobStats.pgRole).toBe('primary');
+    expect(Number(jobStats.pgBackupSeconds)).toBeGreaterThan(0);
+    expect(Number(jobStats.freezeSeconds)).toBeGreaterThan(0);
     expect(info.role).toBe('primary');
     expect(info.labelFile).toMatch(/^START WAL LOCATION: /);
     expect(info.labelFile).toContain(`LABEL: blocksnap ${job.id}`);
