@@ -6,6 +6,7 @@ import type { Logger } from 'pino';
 import { BlocksnapError, ErrorCodes, toBlocksnapError, type ErrorCode } from '../proto/errors.js';
 import type { AuditResult } from './audit-run.js';
 import type { Validity } from './tracker/tracker.js';
+import { readJsonBody } from '../proto/http-json.js';
 
 /**
  * The agent CLI's way into the running agent, which alone holds the live
@@ -84,7 +85,7 @@ async function handle(agent: ControlledAgent, req: IncomingMessage, res: ServerR
   const url = req.url ?? '';
   if (req.method === 'GET' && url === '/v1/status') return json(res, agent.status());
   if (req.method === 'POST' && url === '/v1/audit') {
-    const body = await readJson(req);
+    const body = await readJsonBody(req);
     if (typeof body.volume !== 'string' || body.volume === '') throw new BlocksnapError('E_USAGE', '"volume" is required');
     const abort = new AbortController();
     res.once('close', () => {
@@ -106,22 +107,6 @@ function httpStatus(code: ErrorCode): number {
   return 500;
 }
 
-async function readJson(req: IncomingMessage): Promise<Record<string, unknown>> {
-  const parts: Buffer[] = [];
-  let size = 0;
-  for await (const c of req) {
-    size += (c as Buffer).length;
-    if (size > 64 * 1024) throw new BlocksnapError('E_USAGE', 'request body too large');
-    parts.push(c as Buffer);
-  }
-  try {
-    const v = JSON.parse(Buffer.concat(parts).toString('utf8') || '{}');
-    if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new Error('not an object');
-    return v;
-  } catch (e) {
-    throw new BlocksnapError('E_USAGE', 'request body is not a JSON object', { cause: e });
-  }
-}
 
 /** True if something accepts connections on the Unix socket `path`. */
 function answers(path: string): Promise<boolean> {

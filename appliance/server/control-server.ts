@@ -8,6 +8,7 @@ import { exportPgSidecar } from '../ops/export-pg.js';
 import type { PgImageInfo } from '../store/pg-image-info.js';
 import { verifyImage } from '../ops/verify-image.js';
 import type { Appliance } from './appliance.js';
+import { readJsonBody } from '../../proto/http-json.js';
 
 /**
  * The CLI's way into a running appliance: HTTP over a Unix socket in the
@@ -48,22 +49,6 @@ export class ControlServer {
   }
 }
 
-async function readJson(req: IncomingMessage): Promise<Record<string, unknown>> {
-  let size = 0;
-  const parts: Buffer[] = [];
-  for await (const c of req) {
-    size += (c as Buffer).length;
-    if (size > 64 * 1024) throw new BlocksnapError('E_USAGE', 'request body too large');
-    parts.push(c as Buffer);
-  }
-  try {
-    const v = JSON.parse(Buffer.concat(parts).toString('utf8') || '{}');
-    if (typeof v !== 'object' || v === null) throw new Error('not an object');
-    return v;
-  } catch (e) {
-    throw new BlocksnapError('E_USAGE', 'request body is not a JSON object', { cause: e });
-  }
-}
 
 async function handle(app: Appliance, req: IncomingMessage, res: ServerResponse): Promise<void> {
   const url = req.url ?? '';
@@ -72,13 +57,13 @@ async function handle(app: Appliance, req: IncomingMessage, res: ServerResponse)
     return;
   }
   if (req.method === 'POST' && url === '/v1/cancel') {
-    const body = await readJson(req);
+    const body = await readJsonBody(req);
     app.router.cancelJob(String(body.jobId ?? ''), 'cancelled by operator');
     res.writeHead(200, { 'content-type': 'application/json' }).end('{"ok":true}\n');
     return;
   }
   if (req.method === 'POST' && url === '/v1/backup') {
-    const body = await readJson(req);
+    const body = await readJsonBody(req);
     const job = app.router.startJob(String(body.agent ?? ''), String(body.volume ?? ''), body.full ? 'full' : 'incremental',
       body.audit === undefined ? {} : { audit: !!body.audit });
     res.writeHead(200, { 'content-type': 'application/x-ndjson' });
@@ -93,7 +78,7 @@ async function handle(app: Appliance, req: IncomingMessage, res: ServerResponse)
     return;
   }
   if (req.method === 'POST' && (url === '/v1/export' || url === '/v1/verify')) {
-    const body = await readJson(req);
+    const body = await readJsonBody(req);
     const imageId = body.imageId === undefined ? undefined : String(body.imageId);
     const images = imageId ? [app.catalog.image(imageId)] : app.catalog.listImages();
     if (images.some((i) => !i) || images.length === 0) throw new BlocksnapError('E_NOT_FOUND', `no image ${imageId ?? '(none)'}`);

