@@ -130,7 +130,7 @@ export class Agent implements ControlledAgent {
     let delay = 200;
     while (!this.stopped) {
       try {
-        const t = await connectWs(this.config.appliance);
+        const t = await connectWs(this.config.appliance, { ca: this.config.ca });
         const closed = new Promise<BlocksnapError | undefined>((resolve) => t.onClose(resolve));
         await this.handshake(t);
         delay = 200;

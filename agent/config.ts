@@ -12,6 +12,8 @@ import type { VolumeSpec } from './snapshot/snapshot-provider.js';
  */
 export interface AgentConfig {
   appliance: string;
+  /** PEM CA bundle that must sign the appliance's certificate (wss://); default: the system roots. */
+  ca?: Buffer;
   agent: string;
   token: string;
   stateDir: string;
@@ -112,7 +114,8 @@ export function parseAgentConfig(raw: any, source = 'config'): AgentConfig {
     return x;
   };
   return {
-    appliance: raw.appliance, agent: raw.agent, token, stateDir: raw.stateDir, volumes, groups,
+    appliance: raw.appliance, agent: raw.agent, token, stateDir: raw.stateDir, volumes,
+    ...(raw.caFile === undefined ? {} : { ca: readCa(raw.caFile, bad) }), groups,
     windowBytes: num('windowBytes', 32 << 20, 1 << 20),
     batchBytes: num('batchBytes', 2 << 20, 64 << 10),
     workers: num('workers', 2, 1),
@@ -188,4 +191,13 @@ function level(v: unknown, bad: (m: string) => BlocksnapError): number {
   if (v === undefined) return 1;
   if (!Number.isInteger(v) || (v as number) < -7 || (v as number) > 22) throw bad('"compressionLevel" must be an integer in -7..22');
   return v as number;
+}
+
+function readCa(file: unknown, bad: (m: string) => BlocksnapError): Buffer {
+  if (typeof file !== 'string' || !file.startsWith('/')) throw bad('"caFile" must be an absolute path');
+  try {
+    return readFileSync(file);
+  } catch (e) {
+    throw new BlocksnapError('E_CONFIG', `cannot read caFile ${file}: ${(e as Error).message}`, { cause: e });
+  }
 }

@@ -19,8 +19,9 @@ const HELP = `blocksnap-appliance — stores block-level PostgreSQL backups as v
 Usage: blocksnap-appliance <command> [options]
 
 Commands:
-  serve --listen HOST:PORT [--audit-every N]
-                                      run the appliance (agents dial ws://HOST:PORT/v1/agent);
+  serve --listen HOST:PORT [--audit-every N] [--tls-cert PEM --tls-key PEM]
+                                      run the appliance (agents dial ws://HOST:PORT/v1/agent,
+                                      or wss:// with a certificate: use TLS in production);
                                       audit the tracker every N incrementals (default 10, 0 = off)
   agents add NAME                     register an agent; prints its token once
   agents rotate NAME                  issue a new token (the old one stops working)
@@ -51,7 +52,7 @@ async function main(argv: string[]): Promise<number> {
     allowPositionals: true,
     options: {
       data: { type: 'string' }, listen: { type: 'string' }, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' },
-      full: { type: 'boolean' }, audit: { type: 'boolean' }, to: { type: 'string' }, 'audit-every': { type: 'string' }, agent: { type: 'string' }, volume: { type: 'string' },
+      full: { type: 'boolean' }, audit: { type: 'boolean' }, 'tls-cert': { type: 'string' }, 'tls-key': { type: 'string' }, to: { type: 'string' }, 'audit-every': { type: 'string' }, agent: { type: 'string' }, volume: { type: 'string' },
       limit: { type: 'string' },
     },
   });
@@ -76,7 +77,9 @@ async function main(argv: string[]): Promise<number> {
       const [host, port] = parseListen(values.listen ?? '127.0.0.1:7700');
       const auditEvery = values['audit-every'] === undefined ? undefined : Number(values['audit-every']);
       if (auditEvery !== undefined && !(Number.isInteger(auditEvery) && auditEvery >= 0)) throw usage('--audit-every wants an integer ≥ 0');
-      const app = await Appliance.open({ dataDir, logger: log, auditEvery });
+      if (!!values['tls-cert'] !== !!values['tls-key']) throw usage('--tls-cert and --tls-key go together');
+      const tls = values['tls-cert'] ? { cert: readFileSync(values['tls-cert']), key: readFileSync(values['tls-key']!) } : undefined;
+      const app = await Appliance.open({ dataDir, logger: log, auditEvery, tls });
       const addr = await app.listen(host, port);
       process.stdout.write(JSON.stringify({ event: 'listening', url: addr.url, port: addr.port, pid: process.pid }) + '\n');
       await new Promise<void>((res) => {

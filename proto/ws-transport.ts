@@ -5,6 +5,7 @@ import { BlocksnapError, toBlocksnapError } from './errors.js';
 import { decodeSingleFrame, DEFAULT_MAX_FRAME_BYTES, encodeFrame, FRAME_HEADER_BYTES } from './codec.js';
 import type { Envelope } from './messages.js';
 import { CloseCode, closeCodeFor, closeReason, disconnected, fitCloseReason, isSendableCloseCode, TransportBase, type Transport } from './transport.js';
+import { createServer as createHttpsServer } from 'node:https';
 
 /**
  * Transport over a `ws` WebSocket (DESIGN.md §4.1): one binary message = one
@@ -126,7 +127,7 @@ export function wrapServerSocket(ws: WebSocket, req: IncomingMessage, opts: WsTr
 /** Dials an appliance; rejects with E_DISCONNECTED if the handshake fails. */
 export function connectWs(
   url: string,
-  opts: WsTransportOptions & { headers?: Record<string, string>; handshakeTimeoutMs?: number } = {},
+  opts: WsTransportOptions & { headers?: Record<string, string>; handshakeTimeoutMs?: number; ca?: Buffer } = {},
 ): Promise<Transport> {
   const maxFrameBytes = opts.maxFrameBytes ?? DEFAULT_MAX_FRAME_BYTES;
   return new Promise((resolve, reject) => {
@@ -139,6 +140,8 @@ export function connectWs(
       // costs a pass over every byte on both sides (a second per GB here).
       // ws skips masking and unmasking for a zero mask.
       generateMask: () => {},
+      // wss://: the appliance's certificate must verify (against `ca` if given, else the system roots).
+      ...(opts.ca ? { ca: opts.ca } : {}),
     });
     // Listeners are attached before 'open' so no early message is lost.
     const transport = new WsTransport(ws, new URL(url).host, maxFrameBytes);
@@ -159,16 +162,18 @@ export class WsTransportServer {
     private readonly ownsHttp: boolean,
     private readonly wss: WebSocketServer,
     private readonly path: string,
+    private readonly scheme: 'ws' | 'wss' = 'ws',
   ) {}
 
   static async listen(
-    opts: WsTransportOptions & { host?: string; port?: number; path?: string; server?: Server },
+    opts: WsTransportOptions & { host?: string; port?: number; path?: string; server?: Server; tls?: { cert: Buffer; key: Buffer } },
     onTransport: (t: Transport, req: IncomingMessage) => void,
   ): Promise<WsTransportServer> {
     const path = opts.path ?? AGENT_PATH;
-    const http = opts.server ?? createServer((_req, res) => res.writeHead(426).end());
+    const upgradeOnly = (_req: IncomingMessage, res: import('node:http').ServerResponse) => res.writeHead(426).end();
+    const http = opts.server ?? (opts.tls ? createHttpsServer({ cert: opts.tls.cert, key: opts.tls.key }, upgradeOnly) : createServer(upgradeOnly));
     const wss = new WebSocketServer({ server: http, path, ...wsServerOptions(opts.maxFrameBytes) });
-    const srv = new WsTransportServer(http, !opts.server, wss, path);
+    const srv = new WsTransportServer(http, !opts.server, wss, path, opts.tls ? 'wss' : 'ws');
     wss.on('connection', (ws, req) => {
       srv.transports.add(ws);
       ws.once('close', () => srv.transports.delete(ws));
@@ -190,7 +195,7 @@ export class WsTransportServer {
   get url(): string {
     const a = this.http.address() as AddressInfo;
     const host = a.family === 'IPv6' ? `[${a.address}]` : a.address;
-    return `ws://${host}:${a.port}${this.path}`;
+    return `${this.scheme}://${host}:${a.port}${this.path}`;
   }
 
   /** Closes every connection (1001), then stops listening. */

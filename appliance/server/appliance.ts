@@ -19,6 +19,8 @@ export interface ApplianceOptions {
   authTimeoutMs?: number;
   flushEveryBytes?: number;
   auditEvery?: number;
+  /** Serve wss:// with this certificate and key (PEM). */
+  tls?: { cert: Buffer; key: Buffer };
 }
 
 /**
@@ -69,7 +71,7 @@ export class Appliance {
       windowBytes: this.opts.windowBytes ?? 32 << 20,
       authTimeoutMs: this.opts.authTimeoutMs ?? 10_000,
     };
-    this.ws = await WsTransportServer.listen({ host, port, maxFrameBytes: limits.maxFrameBytes }, (t) => {
+    this.ws = await WsTransportServer.listen({ host, port, maxFrameBytes: limits.maxFrameBytes, tls: this.opts.tls }, (t) => {
       new AgentSession(t, this.router, this.opts.logger, limits);
     });
     this.control = await ControlServer.listen(join(this.opts.dataDir, 'control.sock'), this, this.opts.logger);
