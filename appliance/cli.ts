@@ -29,6 +29,7 @@ Commands:
   images list [--agent A] [--volume V] [--json]
   images show IMAGE [--json]
   jobs list [--limit N] [--json]
+  jobs cancel JOB                     stop a running job (the agent releases its snapshot; no image)
   backup AGENT VOLUME [--full] [--audit] [--json]
                                       run a backup on a connected agent and wait; --audit also
                                       proves the agent's change tracker (0 missed chunks expected)
@@ -129,7 +130,14 @@ async function main(argv: string[]): Promise<number> {
       throw usage('images list|show');
     }
     case 'jobs': {
-      if (sub !== 'list') throw usage('jobs list');
+      if (sub === 'cancel') {
+        const jobId = need(rest[0], 'job id');
+        if (!appliancePid(dataDir)) throw new BlocksnapError('E_NOT_FOUND', `no appliance is running on ${dataDir}`);
+        const r = await controlPost(dataDir, '/v1/cancel', { jobId });
+        out(`cancelled ${jobId}`, r);
+        return 0;
+      }
+      if (sub !== 'list') throw usage('jobs list|cancel');
       const jobs = withCatalog((c) => c.listJobs(Number(values.limit ?? 100)));
       out(
         jobs.map((j) => [j.id, j.agent, j.volumeName, j.kind, j.state, j.imageId ?? '', j.errorCode ?? ''].join('\t')).join('\n') || '(no jobs)',
@@ -228,6 +236,29 @@ function appliancePid(dataDir: string): number | null {
   if (!existsSync(f)) return null;
   const pid = Number(readFileSync(f, 'utf8').trim());
   return pid > 0 && pidAlive(pid) ? pid : null;
+}
+
+/** A one-shot JSON request to the control socket; an error answer becomes a BlocksnapError. */
+function controlPost(dataDir: string, path: string, body: object): Promise<any> {
+  return new Promise((resolvePromise, reject) => {
+    const req = request({ socketPath: join(dataDir, 'control.sock'), path, method: 'POST', headers: { 'content-type': 'application/json' } }, (res) => {
+      let text = '';
+      res.setEncoding('utf8');
+      res.on('data', (d: string) => (text += d));
+      res.on('end', () => {
+        let v: any;
+        try {
+          v = JSON.parse(text);
+        } catch (e) {
+          return reject(new BlocksnapError('E_PROTOCOL', 'control socket answered garbage', { cause: e }));
+        }
+        if (v?.event === 'error') reject(new BlocksnapError(v.code, v.message));
+        else resolvePromise(v);
+      });
+    });
+    req.on('error', (e) => reject(new BlocksnapError('E_DISCONNECTED', `control socket: ${e.message}`, { cause: e })));
+    req.end(JSON.stringify(body));
+  });
 }
 
 function controlGet(dataDir: string, path: string): Promise<any> {

@@ -96,6 +96,40 @@ describe('crashes and dropped connections during a transfer', () => {
     expect(await snapFiles()).toEqual([]);
   });
 
+  it('an operator cancel mid-transfer ends the job, leaves no image and no snapshot; the next backup works', async () => {
+    const dataDir = join(await mkdtemp(join(lab.root, 'appl-')), 'data');
+    await mkdir(dataDir);
+    const add = await applianceCmd(dataDir, ['agents', 'add', 'db1', '--json']);
+    const appl = await spawnAppliance(dataDir);
+    cleanups.push(() => appl.stop());
+    await inProcessAgent(appl.url, add.json.token, 'cancel');
+    const backup = applianceCmd(dataDir, ['backup', 'db1', 'vol', '--full', '--json']);
+    let jobId = '';
+    for (let i = 0; i < 200 && !jobId; i++) {
+      const jobs = await applianceCmd(dataDir, ['jobs', 'list', '--json']);
+      jobId = jobs.json?.find((j: any) => j.state === 'running')?.id ?? '';
+      if (!jobId) await sleep(25);
+    }
+    expect(jobId).not.toBe('');
+    const c = await applianceCmd(dataDir, ['jobs', 'cancel', jobId, '--json']);
+    expect(c.exitCode, c.stderr).toBe(0);
+    const first = await backup;
+    expect(first.json).toMatchObject({ ok: false, errorCode: 'E_CANCELLED' });
+    const again = await applianceCmd(dataDir, ['jobs', 'cancel', jobId]);
+    expect(again.exitCode).toBe(1);
+    expect(again.stderr).toMatch(/E_UNKNOWN_JOB/);
+    expect((await applianceCmd(dataDir, ['images', 'list', '--json'])).json).toEqual([]);
+    for (let i = 0; i < 100 && (await snapFiles()).length > 0; i++) await sleep(50);
+    expect(await snapFiles()).toEqual([]);
+    let next;
+    for (let i = 0; i < 50; i++) {
+      next = await applianceCmd(dataDir, ['backup', 'db1', 'vol', '--full', '--json']);
+      if (next.json?.errorCode !== 'E_BUSY') break;
+      await sleep(100);
+    }
+    expect(next!.json, next!.stderr).toMatchObject({ ok: true });
+  });
+
   it('kill -9 of the appliance mid-ingest leaves no image, and the next backup works', async () => {
     const dataDir = join(await mkdtemp(join(lab.root, 'appl-')), 'data');
     await mkdir(dataDir);
