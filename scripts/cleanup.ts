@@ -15,12 +15,14 @@ import { createLogger } from '../proto/log.js';
 import { ReflinkSnapshotProvider } from '../agent/snapshot/reflink-snapshot-provider.js';
 import { cleanupLeftovers, type CleanupAction } from '../agent/testing/cleanup.js';
 import { defaultLedgerDir } from '../agent/testing/ledger.js';
+import { cleanupStaleInstances, listInstances, parseInstanceName, processStartTime, tracefsRoot } from '../agent/tracker/tracefs-instance.js';
 
 const HELP = `Usage: cleanup [--dry-run] [--ledger-dir DIR] [--state-dir DIR] [--json]
 
 Releases resources recorded by test runs whose process is gone: stops their
 postmasters (by PID), unmounts their mounts, detaches their loop devices and
-removes their temp directories. Resources of live runs are never touched.
+removes their temp directories, and removes blocksnap tracing instances
+whose owning process is gone. Resources of live runs are never touched.
 
   --dry-run         only report what would be released
   --ledger-dir DIR  where test ledgers are (default ${defaultLedgerDir()})
@@ -76,14 +78,32 @@ async function main(argv: string[]): Promise<number> {
       snapshots.push(`failed:${toBlocksnapError(e).message}`);
     }
   }
+  // Tracing instances of dead agents (or killed tests): names carry the owner's pid and start time.
+  const instances: string[] = [];
+  try {
+    const root = await tracefsRoot({ mount: false }).catch(() => null);
+    if (root && dryRun) {
+      for (const name of await listInstances(root)) {
+        const owner = parseInstanceName(name)!;
+        const start = await processStartTime(owner.pid);
+        if (start === null || start !== owner.startTime) instances.push(`would-remove:${name}`);
+      }
+    } else if (root) {
+      instances.push(...(await cleanupStaleInstances({ root })).map((n) => `removed:${n}`));
+    }
+  } catch (e) {
+    failures++;
+    instances.push(`failed:${toBlocksnapError(e).message}`);
+  }
   if (values.json) {
-    process.stdout.write(JSON.stringify({ dryRun, ...report, snapshots, failures }, null, 2) + '\n');
+    process.stdout.write(JSON.stringify({ dryRun, ...report, snapshots, instances, failures }, null, 2) + '\n');
   } else {
     const line = (a: CleanupAction) => `${a.outcome.padEnd(13)} ${a.kind.padEnd(10)} ${a.target}${a.detail ? `  (${a.detail})` : ''}`;
     for (const a of report.actions) process.stdout.write(line(a) + '\n');
     for (const l of report.live) process.stdout.write(`live          ledger     ${l.ledger} (pid ${l.pid})\n`);
     for (const s of snapshots) process.stdout.write(`snapshot      ${s}\n`);
-    if (!report.actions.length && !snapshots.length) process.stdout.write('nothing to clean up\n');
+    for (const i of instances) process.stdout.write(`tracing       ${i}\n`);
+    if (!report.actions.length && !snapshots.length && !instances.length) process.stdout.write('nothing to clean up\n');
   }
   return failures ? 1 : 0;
 }
