@@ -23,6 +23,8 @@ export interface WorkerConfig {
   taskChunks: number;
   level: number;
   mode: 'full' | 'incremental';
+  /** The fd was opened O_DIRECT: reads must use aligned buffers, offsets and lengths. */
+  direct: boolean;
 }
 
 export interface ReadTask {
@@ -55,6 +57,18 @@ export interface TaskFailure {
   failure: { code: 'E_DEVICE' | 'E_INTERNAL'; message: string; errno?: string };
 }
 
+/** O_DIRECT alignment of buffer, offset and length (covers 512- and 4096-byte devices). */
+export const DIRECT_ALIGN = 4096;
+
+/**
+ * Page-aligned memory for O_DIRECT reads: a WebAssembly.Memory is mapped
+ * whole pages (Node Buffers carry no alignment guarantee), 64 KiB a page.
+ */
+function alignedBuffer(bytes: number): Buffer {
+  const mem = new WebAssembly.Memory({ initial: Math.ceil(bytes / 65536) });
+  return Buffer.from(mem.buffer, 0, bytes);
+}
+
 /** `select` value of a chunk that lies in a hole of the file: zero without reading. */
 export const SELECT_HOLE = 2;
 
@@ -69,7 +83,7 @@ function exactCopy(src: Buffer, length: number): ArrayBuffer {
 
 function run(cfg: WorkerConfig): void {
   const { fd, chunkSize, volumeSize, taskChunks } = cfg;
-  const buf = Buffer.allocUnsafeSlow(taskChunks * chunkSize);
+  const buf = cfg.direct ? alignedBuffer(taskChunks * chunkSize) : Buffer.allocUnsafeSlow(taskChunks * chunkSize);
   const zero = Buffer.alloc(chunkSize);
   const bound = binding.compressBound(chunkSize);
   const scratch = Buffer.allocUnsafeSlow(bound * taskChunks);
@@ -80,8 +94,11 @@ function run(cfg: WorkerConfig): void {
 
   function readFully(length: number, position: number): void {
     let got = 0;
+    // O_DIRECT wants aligned lengths: ask for whole blocks; only the volume's
+    // short last block reads short (EOF), which ends the loop.
+    const want = cfg.direct ? Math.min(buf.length, Math.ceil(length / DIRECT_ALIGN) * DIRECT_ALIGN) : length;
     while (got < length) {
-      const n = readSync(fd, buf, got, length - got, position + got);
+      const n = readSync(fd, buf, got, want - got, position + got);
       if (n === 0) {
         throw new ShortRead(
           `${cfg.path}: data ends at byte ${position + got}, volume size is ${volumeSize}`,
