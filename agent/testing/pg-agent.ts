@@ -3,32 +3,45 @@ import type { Logger } from 'pino';
 import { Agent } from '../agent.js';
 import { parseAgentConfig } from '../config.js';
 import { ReflinkSnapshotProvider } from '../snapshot/reflink-snapshot-provider.js';
-import type { VolumeSpec } from '../snapshot/snapshot-provider.js';
+import { RetainingSnapshotProvider } from '../snapshot/retaining-provider.js';
+import type { SnapshotProvider, VolumeSpec } from '../snapshot/snapshot-provider.js';
 
 /**
- * Test helper: an in-process agent with one reflink volume and a
- * `postgres` section (raw, as in the JSON config: parseAgentConfig checks it
- * and fills the defaults), connected to the appliance at `url`. Stopped
- * again if it does not connect; the caller stops it otherwise.
+ * Test helper: an in-process agent with reflink volumes, connected to the
+ * appliance at `url`. `postgres` is the raw config section (parseAgentConfig
+ * checks it and fills defaults); `retainDir` keeps a reflink clone of every
+ * snapshot there (to compare exports with). Stopped again if it does not
+ * connect; the caller stops it otherwise.
  */
-export interface PgAgentOptions {
+export interface TestAgentOptions {
   url: string;
   name: string;
   token: string;
-  volume: VolumeSpec;
+  volumes: VolumeSpec[];
   stateDir: string;
-  postgres: Record<string, unknown>;
+  postgres?: Record<string, unknown>;
   tracking?: 'tracefs' | 'off';
+  retainDir?: string;
+  /** Further raw config fields (groups, caFile, …). */
+  extra?: Record<string, unknown>;
   log: Logger;
 }
 
-export async function startPgAgent(o: PgAgentOptions): Promise<Agent> {
+export interface TestAgent {
+  agent: Agent;
+  /** The provider the agent uses: a RetainingSnapshotProvider when `retainDir` was given. */
+  provider: SnapshotProvider;
+}
+
+export async function startTestAgent(o: TestAgentOptions): Promise<TestAgent> {
   await mkdir(o.stateDir, { recursive: true });
   const config = parseAgentConfig({
-    appliance: o.url, agent: o.name, token: o.token, stateDir: o.stateDir, volumes: [o.volume],
-    tracking: o.tracking ?? 'tracefs', postgres: o.postgres,
+    appliance: o.url, agent: o.name, token: o.token, stateDir: o.stateDir, volumes: o.volumes,
+    tracking: o.tracking ?? 'tracefs', ...(o.postgres ? { postgres: o.postgres } : {}), ...o.extra,
   });
-  const agent = new Agent(config, new ReflinkSnapshotProvider({ stateDir: o.stateDir, logger: o.log, volumes: [o.volume] }), o.log);
+  const reflink = new ReflinkSnapshotProvider({ stateDir: o.stateDir, logger: o.log, volumes: o.volumes });
+  const provider = o.retainDir ? new RetainingSnapshotProvider(reflink, o.retainDir) : reflink;
+  const agent = new Agent(config, provider, o.log);
   try {
     await agent.start();
     await agent.waitConnected(15_000);
@@ -36,5 +49,16 @@ export async function startPgAgent(o: PgAgentOptions): Promise<Agent> {
     await agent.stop().catch(() => undefined);
     throw e;
   }
-  return agent;
+  return { agent, provider };
+}
+
+/** One volume and a `postgres` section: the common case of the PostgreSQL tests. */
+export interface PgAgentOptions extends Omit<TestAgentOptions, 'volumes' | 'postgres'> {
+  volume: VolumeSpec;
+  postgres: Record<string, unknown>;
+}
+
+export async function startPgAgent(o: PgAgentOptions): Promise<Agent> {
+  const { volume, ...rest } = o;
+  return (await startTestAgent({ ...rest, volumes: [volume] })).agent;
 }

@@ -3,10 +3,9 @@ import { mkdir, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Agent } from '../../agent/agent.js';
-import { parseAgentConfig } from '../../agent/config.js';
+import type { Agent } from '../../agent/agent.js';
 import { prepareFromExport } from '../../agent/pg/prepare-from-export.js';
-import { ReflinkSnapshotProvider } from '../../agent/snapshot/reflink-snapshot-provider.js';
+import { startPgAgent } from '../../agent/testing/pg-agent.js';
 import { attachLoop, detachLoop } from '../../agent/testing/loop.js';
 import { PgCluster } from '../../agent/testing/pg-cluster.js';
 import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
@@ -40,15 +39,10 @@ describe('application-consistent image of a primary (PostgreSQL 15)', () => {
     await pgc.start();
     await pgc.query('create table ticks (id int primary key)');
     appl = await startAppliance(['db1']);
-    const stateDir = join(lab.root, 'agent-state');
-    await mkdir(stateDir, { recursive: true });
-    const config = parseAgentConfig({
-      appliance: appl.url, agent: 'db1', token: appl.tokens.db1, stateDir, volumes: [lab.volume],
-      postgres: { host: '127.0.0.1', port: pgc.port, user: 'postgres', role: 'primary' },
+    agent = await startPgAgent({
+      url: appl.url, name: 'db1', token: appl.tokens.db1!, volume: lab.volume, stateDir: join(lab.root, 'agent-state'),
+      postgres: { host: '127.0.0.1', port: pgc.port, user: 'postgres', role: 'primary' }, log,
     });
-    agent = new Agent(config, new ReflinkSnapshotProvider({ stateDir, logger: log, volumes: [lab.volume] }), log);
-    await agent.start();
-    await agent.waitConnected(10_000);
   });
 
   afterAll(async () => {
@@ -136,16 +130,12 @@ describe('application-consistent image of a primary (PostgreSQL 15)', () => {
     cleanups.push(() => other.destroy());
     await other.initdb();
     await other.start();
-    const stateDir = join(lab.root, 'agent-state-2');
-    const cfg = parseAgentConfig({
-      appliance: appl.url, agent: 'db1', token: appl.tokens.db1, stateDir, volumes: [lab.volume],
-      postgres: { host: '127.0.0.1', port: other.port, user: 'postgres', role: 'primary' },
-    });
     await agent.stop(); // one connection per agent name
-    const a2 = new Agent(cfg, new ReflinkSnapshotProvider({ stateDir, logger: log, volumes: [lab.volume] }), log);
-    await a2.start();
+    const a2 = await startPgAgent({
+      url: appl.url, name: 'db1', token: appl.tokens.db1!, volume: lab.volume, stateDir: join(lab.root, 'agent-state-2'),
+      postgres: { host: '127.0.0.1', port: other.port, user: 'postgres', role: 'primary' }, log,
+    });
     cleanups.push(() => a2.stop());
-    await a2.waitConnected(10_000);
     const job = appl.app.router.startJob('db1', 'pgdata', 'full');
     const outcome = await job.done;
     expect(outcome).toMatchObject({ ok: false, errorCode: 'E_CONFIG' });

@@ -1,10 +1,9 @@
-import { mkdir, rm } from 'node:fs/promises';
+import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Agent } from '../../agent/agent.js';
-import { parseAgentConfig } from '../../agent/config.js';
-import { ReflinkSnapshotProvider } from '../../agent/snapshot/reflink-snapshot-provider.js';
-import { RetainingSnapshotProvider } from '../../agent/snapshot/retaining-provider.js';
+import type { Agent } from '../../agent/agent.js';
+import type { RetainingSnapshotProvider } from '../../agent/snapshot/retaining-provider.js';
+import { startTestAgent } from '../../agent/testing/pg-agent.js';
 import { compareExportWithSnapshot } from '../../agent/testing/export-compare.js';
 import { PgCluster } from '../../agent/testing/pg-cluster.js';
 import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
@@ -39,15 +38,14 @@ describe('tracker: 0 missed chunks under PostgreSQL and filesystem workloads', (
     await pg.pgbenchInit(5);
     // No scheduled audits: this file decides which incremental is audited.
     appl = await startAppliance(['db1'], { auditEvery: 0 });
-    const stateDir = join(lab.root, 'agent-state');
-    await mkdir(stateDir, { recursive: true });
-    const config = parseAgentConfig({ appliance: appl.url, agent: 'db1', token: appl.tokens.db1, stateDir, volumes: [lab.volume] });
-    expect(config.tracking).toBe('tracefs');
     const log = createLogger('test-agent', process.env.BLOCKSNAP_LOG ?? 'warn');
-    keeper = new RetainingSnapshotProvider(new ReflinkSnapshotProvider({ stateDir, logger: log, volumes: [lab.volume] }), join(lab.poolMount, 'kept'));
-    agent = new Agent(config, keeper, log);
-    await agent.start();
-    await agent.waitConnected(10_000);
+    const t = await startTestAgent({
+      url: appl.url, name: 'db1', token: appl.tokens.db1!, volumes: [lab.volume], stateDir: join(lab.root, 'agent-state'),
+      retainDir: join(lab.poolMount, 'kept'), log,
+    });
+    expect(t.agent.config.tracking).toBe('tracefs');
+    agent = t.agent;
+    keeper = t.provider as RetainingSnapshotProvider;
   });
 
   afterAll(async () => {
