@@ -58,10 +58,10 @@ import type {
  *     than the marker and is read before it. A record overwritten or dropped
  *     instead shows in per_cpu stats or as [LOST N EVENTS]: invalid.
  * F3  One thread applies records in stream order to the generations open at
- *     that moment; prepareSwitch() opens G+1 synchronously on that thread, so
- *     every record read after prepareSwitch() was called goes into G and G+1.
+ *     that moment; prepareSwitch() drains, then opens G+1 synchronously on
+ *     that thread, so every record read after that goes into G and G+1.
  * A1  (the snapshot mechanism's duty) A write queued before prepareSwitch()
- *     was called has completed before S. fsfreeze (called after
+ *     resolved has completed before S. fsfreeze (called after
  *     prepareSwitch resolves) guarantees it for every write issued through
  *     the filesystem: freeze_super() waits for writers in progress and syncs;
  *     a dm suspend guarantees it for every bio.
@@ -70,7 +70,7 @@ import type {
  * completed before S(G) (F1: its record was committed before S(G) <
  * completeSwitch's marker), so it is read before the marker (F2) and
  * applied before G closes. Absent from S(G-1): by A1 W was queued after
- * prepareSwitch(G-1) was called, so it was applied after G opened (F3). So
+ * prepareSwitch(G-1) resolved, so it was applied after G opened (F3). So
  * W's chunks are in G. A write racing S(G) -- queued after prepareSwitch(G),
  * completed anywhere around S(G) -- is applied while both G and G+1 are
  * open, lands in both: a superset, never a gap. abortSwitch() drops G+1
@@ -179,7 +179,14 @@ export class TracefsTracker implements Tracker {
   }
 
   async prepareSwitch(): Promise<void> {
-    this.live().beginSwitch();
+    const gens = this.live();
+    if (gens.switching) throw new BlocksnapError('E_TRACKER', 'prepareSwitch called twice without completeSwitch');
+    // Drain first: records of writes completed before this call are applied
+    // to G alone, so G+1 does not start with their extra bits (fewer chunks
+    // read by the next incremental). A failed barrier only costs that
+    // precision: the records then land in both generations.
+    if (!this.readerDead) await this.barrier().catch(() => undefined);
+    gens.beginSwitch();
     this._phase = 'switching';
   }
 

@@ -89,7 +89,7 @@ export function trackerContract(name: string, makeRig: () => Promise<ContractRig
     it('puts a write racing the snapshot into both generations (superset, never a gap)', async () => {
       await t.start({ device: rig.device, chunkSize: C, generation: 1 });
       await cut(t);
-      await rig.write(1 * C, 4096); // before the switch: G only
+      await rig.write(1 * C, 4096); // before the switch: G (and G+1 if its record is read after prepareSwitch)
       await t.prepareSwitch();
       expect(t.phase).toBe('switching');
       expect(t.generation).toBe(2);
@@ -100,7 +100,14 @@ export function trackerContract(name: string, makeRig: () => Promise<ContractRig
       expect(g.generation).toBe(2);
       expect([...g.bitmap.indexes()]).toEqual([1, 2]);
       expect(g1.generation).toBe(3);
-      expect([...g1.bitmap.indexes()]).toEqual([2, 4]);
+      // G+1 must hold the racing write and the later one. It may also hold the
+      // write made just before prepareSwitch: the kernel tracker applies a
+      // record when it reads it, and one read after prepareSwitch lands in both
+      // generations — an allowed extra bit (a superset), never a gap.
+      const next = [...g1.bitmap.indexes()];
+      expect(next).toContain(2);
+      expect(next).toContain(4);
+      expect(next.filter((i) => i !== 1)).toEqual([2, 4]);
     });
 
     it('keeps everything in the open generation when a switch is aborted', async () => {
@@ -135,7 +142,8 @@ export function trackerContract(name: string, makeRig: () => Promise<ContractRig
       t.absorb(bad);
       const after = await cut(t);
       expect(after.validity.valid).toBe(false);
-      expect([...after.bitmap.indexes()]).toEqual([9]);
+      // 9, and maybe 8: the write before the previous cut may be read after its prepareSwitch (a superset).
+      expect([...after.bitmap.indexes()].filter((i) => i !== 8)).toEqual([9]);
       await expectTrackerError(() => t.absorb({ ...after, generation: t.generation })); // must be older than the open one
     });
 
