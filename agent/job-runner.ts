@@ -1,4 +1,6 @@
 import { join } from 'node:path';
+import { rm } from 'node:fs/promises';
+import { imageRootDigest } from '../proto/shared/image-root.js';
 import type { Logger } from 'pino';
 import { BlocksnapError, isBlocksnapError, toBlocksnapError } from '../proto/errors.js';
 import {
@@ -222,6 +224,15 @@ export class JobRunner {
       const err = this.fatal ?? toBlocksnapError(e);
       log.warn({ code: err.code, message: err.message }, 'job failed');
       outcome = { ok: false, error: err, stats: this.jobStats() };
+      if (err.code === 'E_INTEGRITY') {
+        // The appliance's image was not the one we read. Our digest map may be what is wrong (it
+        // must equal the basis image): forget it, so the next job is a full that proves itself.
+        for (const m of this.members) {
+          await rm(digestMapPath(this.deps.stateDir, m.volume.name), { force: true })
+            .catch((e) => log.error({ err: e, volume: m.volume.name }, 'cannot remove the digest map'));
+        }
+        log.error({ volumes: this.volumeNames }, 'image integrity check failed: local digest maps dropped, the next job is a full');
+      }
       // Changes the failed job saw must count again for the next one.
       for (const m of this.members) {
         if (m.switched) await m.tracking?.failed(m.switched).catch((e) => log.error({ err: e }, 'tracker absorb failed'));
@@ -323,7 +334,9 @@ export class JobRunner {
         this.seq = await this.stream(m, snapshot.path, volumeSize, chunkSize, mode, basis, next, ready.resumeFrom, this.seq, plan.select, holes);
         if (plan.audit) this.finishAudit(m, plan.audit);
         if (last) await this.sendPg();
-        await this.deps.send(envelope('endVolume', { jobId: this.jobId, nextIndex: next.chunkCount, stats: m.stats }));
+        // The root of the image we read: the appliance commits only if it built the same one.
+        const expectedRoot = imageRootDigest(volumeSize, chunkSize, next.bytes());
+        await this.deps.send(envelope('endVolume', { jobId: this.jobId, nextIndex: next.chunkCount, stats: m.stats, expectedRoot }));
         if (!last) return null;
         if (this.group) await this.deps.send(envelope('commitSet', { jobId: this.jobId }));
         return await this.expect('committed', this.deps.replyTimeoutMs * 4);

@@ -29,6 +29,8 @@ export const ErrorCodes = {
   E_USAGE: 'E_USAGE',
   E_TRACKER: 'E_TRACKER',
   E_PG: 'E_PG',
+  /** The image the appliance built is not the one the agent read (end-to-end root mismatch): nothing is committed. */
+  E_INTEGRITY: 'E_INTEGRITY',
 } as const;
 
 export type ErrorCode = keyof typeof ErrorCodes;

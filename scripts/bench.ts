@@ -25,6 +25,7 @@ import { FsChunkStore } from '../appliance/store/fs-chunk-store.js';
 import { buildManifest, newImageId, writeManifest } from '../appliance/store/manifest.js';
 import { zstdCompress } from '../proto/zstd.js';
 import { createLogger } from '../proto/log.js';
+import { imageRootDigest } from '../proto/shared/image-root.js';
 
 const RUNS = Number(process.env.BENCH_RUNS ?? 3);
 const SCALE = Number(process.env.BENCH_SCALE ?? 50);
@@ -137,19 +138,26 @@ async function commitCost(volumeSize: number, changed: Buffer[], indexes: number
     const base = await Ingest.open(store, { jobId: 'basis', volumeSize, chunkSize: cs, mode: 'full' }, log);
     const frames = changed.map((c) => zstdCompress(c));
     await base.addBatch(1, indexes.map((index, i) => chunk(index, changed[i]!, frames[i]!)));
-    let { rootDigest } = await base.finish(Math.ceil(volumeSize / cs));
+    // The agent's side of the end-to-end check: the full digest map and its root (not timed: the agent computes it).
+    const digests = Buffer.alloc(Math.ceil(volumeSize / cs) * 32);
+    const rootOf = (plain: Buffer[]) => {
+      indexes.forEach((index, i) => createHash('sha256').update(plain[i]!).digest().copy(digests, index * 32));
+      return imageRootDigest(volumeSize, cs, digests);
+    };
+    let { rootDigest } = await base.finish(Math.ceil(volumeSize / cs), rootOf(changed));
     let basisImageId = newImageId();
     const times: number[] = [];
     for (let run = 0; run < RUNS + 1; run++) {
       // New content for the same slots every run, so every chunk is really stored.
       const data = changed.map(() => randomBytes(cs));
       const zs = data.map((d) => zstdCompress(d));
+      const expectedRoot = rootOf(data);
       const t = performance.now();
       const ing = await Ingest.open(store, { jobId: `inc${run}`, volumeSize, chunkSize: cs, mode: 'incremental', basisRootDigest: rootDigest }, log);
       for (let b = 0; b < indexes.length; b += 64) {
         await ing.addBatch(b / 64 + 1, indexes.slice(b, b + 64).map((index, i) => chunk(index, data[b + i]!, zs[b + i]!)));
       }
-      ({ rootDigest } = await ing.finish(Math.ceil(volumeSize / cs)));
+      ({ rootDigest } = await ing.finish(Math.ceil(volumeSize / cs), expectedRoot));
       const m = buildManifest({
         imageId: newImageId(new Date(Date.now() + run * 1000)), agent: 'bench', volume: 'v', volumeSize, chunkSize: cs, kind: 'incremental',
         basisImageId, jobId: `inc${run}`, rootDigest: rootDigest.toString('hex'), stats: {},

@@ -217,13 +217,25 @@ export class Ingest {
     this.durable = this.nextIndex;
   }
 
-  /** Seals the map: every page and the root are durable when this resolves. */
-  async finish(nextIndex: number): Promise<{ rootDigest: Buffer }> {
+  /**
+   * Seals the map: every page and the root are durable when this resolves.
+   * The root the ingest built must be `expectedRoot`, the one the agent
+   * computed from what it read (basis map + every chunk it sent): a batch
+   * lost, duplicated or reordered anywhere between the agent's reader and
+   * our store, or an agent digest map that is not the basis, shows here as
+   * E_INTEGRITY, before anything is made durable or visible.
+   */
+  async finish(nextIndex: number, expectedRoot: Uint8Array): Promise<{ rootDigest: Buffer }> {
     this.assertOpen();
     if (nextIndex !== this.chunkCount) {
       throw new BlocksnapError('E_PROTOCOL', `job ${this.params.jobId}: volume ended at chunk ${nextIndex} of ${this.chunkCount}`);
     }
     const r = await this.builder.finish();
+    if (!r.rootDigest.equals(expectedRoot)) {
+      throw new BlocksnapError('E_INTEGRITY',
+        `job ${this.params.jobId}: the image built here (root ${r.rootDigest.toString('hex').slice(0, 16)}…) is not the image the agent read `
+        + `(root ${Buffer.from(expectedRoot).toString('hex').slice(0, 16) || '(none)'}…); nothing was committed`);
+    }
     this.stats.pagesWritten = r.pagesWritten;
     this.stats.pagesShared = r.pagesShared;
     await this.writer.flush();

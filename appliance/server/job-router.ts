@@ -283,7 +283,8 @@ export class JobRouter {
   private async chunkBatch(s: AgentSession, job: ActiveJob, b: ChunkBatch): Promise<void> {
     if (!job.ingest || job.state !== 'transferring') throw new BlocksnapError('E_PROTOCOL', `job ${job.id}: chunks before begin`);
     if (job.current!.ended) throw new BlocksnapError('E_PROTOCOL', `job ${job.id}: chunks after ${job.current!.volume} ended`);
-    if (b.seq <= job.ingest.seq) return; // a resent batch already processed before a reconnect
+    // Every batch is the next one (Ingest.addBatch): a duplicate or out-of-order batch aborts the job.
+    // Only the first batch after a declared resume may skip numbers (the ones lost with the connection).
     await job.ingest.addBatch(b.seq, b.chunks);
     s.send(envelope('ack', { jobId: job.id, seq: b.seq, durableNext: job.ingest.durableNext }));
   }
@@ -324,7 +325,7 @@ export class JobRouter {
     if (!t || job.state !== 'transferring') throw new BlocksnapError('E_PROTOCOL', `job ${job.id}: end before begin`);
     if (t.ended) return; // resent after a resume
     const ingest = t.ingest;
-    const { rootDigest } = await ingest.finish(e.nextIndex);
+    const { rootDigest } = await ingest.finish(e.nextIndex, e.expectedRoot);
     const st = ingest.stats;
     const agentStats = e.stats;
     const stats: ManifestStats = {

@@ -1,6 +1,6 @@
 /**
  * Virtual-full image map (DESIGN.md §3.3): pages of 1024 chunk digests under
- * a root (layout in image-root.ts). The builder clones the basis so an
+ * a root (layout in proto/shared/image-root.ts). The builder clones the basis so an
  * incremental costs O(changed pages) blob work plus one root; the reader walks
  * a committed image page by page.
  */
@@ -16,7 +16,7 @@ import {
   imageGeometry,
   type ImageGeometry,
   type ImageRoot,
-} from './image-root.js';
+} from '../../proto/shared/image-root.js';
 
 const ZERO_PAGE = Buffer.alloc(PAGE_BYTES);
 

@@ -30,7 +30,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
-import { imageGeometry } from './image-root.js';
+import { imageGeometry } from '../../proto/shared/image-root.js';
 import { validatePgInfo, type PgImageInfo } from './pg-image-info.js';
 import { fsyncDir } from '../../proto/durable-file.js';
 

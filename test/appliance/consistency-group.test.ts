@@ -46,7 +46,7 @@ async function sendMember(a: ScriptedAgent, jobId: string, v: TestVolume, seq: n
     await a.batch(jobId, indexes.slice(i, i + 4).map((n) => goodChunk(v, n)), ++seq);
     await a.next('ack', jobId);
   }
-  await a.end(jobId, chunkCountOf(v));
+  await a.end(jobId, chunkCountOf(v), v);
   return seq;
 }
 

@@ -2,7 +2,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { ActiveJob } from '../../appliance/server/active-job.js';
 import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
 import {
-  chunkCountOf, goodChunk, imageBytes, jobTrace, makeVolume, mutateVolume, plainOf, ScriptedAgent, type TestVolume,
+  chunkCountOf, expectedRootOf, goodChunk, imageBytes, jobTrace, makeVolume, mutateVolume, plainOf, ScriptedAgent, type TestVolume,
 } from '../../appliance/testing/scripted-agent.js';
 import { envelope, JobMode } from '../../proto/messages.js';
 
@@ -63,7 +63,7 @@ function jobFrames(jobId: string, v: TestVolume, seq: number) {
   return [
     envelope('beginVolume', { jobId, volume: v.name, volumeSize: v.size, chunkSize: v.chunkSize, basisImageId: '', mode: JobMode.FULL, resume: true }),
     envelope('chunkBatch', { jobId, seq, chunks: [goodChunk(v, 2), goodChunk(v, 3)] }),
-    envelope('endVolume', { jobId, nextIndex: chunkCountOf(v) }),
+    envelope('endVolume', { jobId, nextIndex: chunkCountOf(v), expectedRoot: expectedRootOf(v) }),
     envelope('jobProgress', { jobId, chunksDone: 1, chunksTotal: 11, bytesSent: 1, phase: 'reading' }),
     envelope('error', { jobId, code: 'E_SNAPSHOT', message: 'not my job' }),
     envelope('jobResult', { jobId, ok: false, imageId: '', errorCode: 'E_CANCELLED', errorMessage: 'not my job' }),
@@ -124,7 +124,7 @@ describe('job ids', () => {
     expect(a.inbox.filter((e) => e.kind === 'error'), 'db1 heard nothing of it').toEqual([]);
     await a.batch(job.id, [2, 3, 5, 6, 7, 8, 9, 10].map((i) => goodChunk(v, i)));
     await a.next('ack', job.id);
-    await a.end(job.id, chunkCountOf(v));
+    await a.end(job.id, chunkCountOf(v), v);
     const { imageId } = await a.next('committed', job.id);
     await a.result(job.id, true, imageId);
     expect(await job.done).toMatchObject({ ok: true, imageId });
@@ -141,7 +141,7 @@ describe('job ids', () => {
     expect(await db2.closed).toMatchObject({ code: 1008 });
     await a.batch(job.id, [2, 3, 5, 6, 7, 8, 9, 10].map((i) => goodChunk(v, i)));
     await a.next('ack', job.id);
-    await a.end(job.id, chunkCountOf(v));
+    await a.end(job.id, chunkCountOf(v), v);
     const { imageId } = await a.next('committed', job.id);
     await a.result(job.id, true, imageId);
     expect(await job.done).toMatchObject({ ok: true, imageId });

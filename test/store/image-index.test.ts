@@ -15,7 +15,7 @@ import {
   type PutResult,
 } from '../../appliance/store/chunk-store.js';
 import { ImageIndexBuilder, ImageIndexReader, type ImageIndexResult } from '../../appliance/store/image-index.js';
-import { PAGE_BYTES, SLOTS_PER_PAGE, encodeRoot, imageGeometry } from '../../appliance/store/image-root.js';
+import { PAGE_BYTES, SLOTS_PER_PAGE, encodeRoot, imageGeometry } from '../../proto/shared/image-root.js';
 import { MemoryChunkStore } from '../../appliance/testing/memory-chunk-store.js';
 
 /**

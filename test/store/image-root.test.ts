@@ -8,7 +8,7 @@ import {
   imageGeometry,
   rootPageDigest,
   type ImageRoot,
-} from '../../appliance/store/image-root.js';
+} from '../../proto/shared/image-root.js';
 
 function sample(): ImageRoot {
   // 2 full pages of 64 KiB chunks plus one 4 KiB chunk: a short last chunk

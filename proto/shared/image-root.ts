@@ -16,8 +16,15 @@
  *
  * A page is a blob of type 2: 1024 slots × 32-byte digest, slot s of page p
  * holding the digest of chunk p*1024+s; slots past the volume end are ZERO.
+ *
+ * This module lives in proto/shared because both sides compute the root: the
+ * appliance builds it page by page while it stores an image, the agent
+ * computes it from its full digest map and sends it with EndVolume, and the
+ * appliance commits only if the two are equal (DESIGN.md §4.2, "proven
+ * commits"). One encoder serves both, so they cannot drift apart.
  */
-import { BlocksnapError } from '../../proto/errors.js';
+import { createHash } from 'node:crypto';
+import { BlocksnapError } from '../errors.js';
 
 export const ROOT_MAGIC: Buffer = Buffer.from('BSNROOT\0', 'latin1');
 export const ROOT_VERSION = 1;
@@ -129,4 +136,42 @@ export function rootPageDigest(root: ImageRoot, p: number): Buffer {
     throw new BlocksnapError('E_CHUNK_RANGE', `page ${p} outside 0..${root.pageCount - 1}`);
   }
   return root.pages.subarray(p * DIGEST_BYTES, (p + 1) * DIGEST_BYTES);
+}
+
+/**
+ * SHA-256 of the root of the image whose chunk digests are `digests`
+ * (chunkCount × 32 bytes, ZERO for all-zero chunks): the digest the store
+ * addresses the root blob by. A page whose slots are all ZERO is ZERO, as in
+ * the store. Cost: one SHA-256 per non-zero page (16 K pages for 1 TiB at
+ * 64 KiB chunks, 512 MiB hashed).
+ */
+export function imageRootDigest(volumeSize: number, chunkSize: number, digests: Uint8Array): Buffer {
+  const g = imageGeometry(volumeSize, chunkSize);
+  if (digests.length !== g.chunkCount * DIGEST_BYTES) {
+    throw new BlocksnapError('E_PROTOCOL', `digest map is ${digests.length} bytes, expected ${g.chunkCount * DIGEST_BYTES}`);
+  }
+  const all = Buffer.from(digests.buffer, digests.byteOffset, digests.byteLength);
+  const pages = Buffer.alloc(g.pageCount * DIGEST_BYTES);
+  const page = Buffer.alloc(PAGE_BYTES);
+  for (let p = 0; p < g.pageCount; p++) {
+    const from = p * PAGE_BYTES;
+    const slots = all.subarray(from, Math.min(all.length, from + PAGE_BYTES));
+    // A short last page is ZERO past the volume end (the store pads it the same way).
+    if (isAllZero(slots)) continue;
+    let content: Buffer = slots;
+    if (slots.length < PAGE_BYTES) {
+      page.fill(0);
+      slots.copy(page);
+      content = page;
+    }
+    createHash('sha256').update(content).digest().copy(pages, p * DIGEST_BYTES);
+  }
+  const root = encodeRoot({ ...g, pages });
+  return createHash('sha256').update(root).digest();
+}
+
+const ZERO_PAGE_BYTES = Buffer.alloc(PAGE_BYTES);
+
+function isAllZero(b: Buffer): boolean {
+  return b.equals(ZERO_PAGE_BYTES.subarray(0, b.length));
 }
