@@ -2,7 +2,8 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { request } from 'node:http';
 import { join, resolve } from 'node:path';
-import { parseArgs } from 'node:util';
+import { Command, InvalidArgumentError } from 'commander';
+import { intOption, packageVersion, runCli, untilStopSignal } from '../proto/cli-exit.js';
 import { BlocksnapError, toBlocksnapError } from '../proto/errors.js';
 import { createLogger } from '../proto/log.js';
 import { Catalog, type ImageRow } from './catalog/catalog.js';
@@ -14,216 +15,267 @@ import { Appliance, pidAlive, rollForward } from './server/appliance.js';
 import { FsChunkStore } from './store/fs-chunk-store.js';
 import { progressBar } from './progress.js';
 
-const HELP = `blocksnap-appliance — stores block-level PostgreSQL backups as virtual full images
-
-Usage: blocksnap-appliance <command> [options]
-
-Commands:
-  serve --listen HOST:PORT [--audit-every N] [--tls-cert PEM --tls-key PEM]
-                                      run the appliance (agents dial ws://HOST:PORT/v1/agent,
-                                      or wss:// with a certificate: use TLS in production);
-                                      audit the tracker every N incrementals (default 10, 0 = off)
-  agents add NAME                     register an agent; prints its token once
-  agents rotate NAME                  issue a new token (the old one stops working)
-  agents list [--json]                registered agents
-  images list [--agent A] [--volume V] [--json]
-  images show IMAGE [--json]
-  jobs list [--limit N] [--json]
-  jobs cancel JOB                     stop a running job (the agent releases its snapshot; no image)
-  backup AGENT VOLUME [--full] [--audit] [--json]
-                                      run a backup on a connected agent and wait; --audit also
-                                      proves the agent's change tracker (0 missed chunks expected)
-  verify [IMAGE] [--json]             re-read and re-hash every chunk (all images if none given)
-  export IMAGE --to FILE              write the image as a raw (sparse) file; for a PostgreSQL
-                                      image also FILE.blocksnap.json (label, LSNs) and FILE.wal/
-  catalog rebuild                     recreate the catalog's images from the store's manifests
-  store reindex                       rebuild the blob index from the pack files
-
-Common options:
-  --data DIR     appliance data directory (default: $BLOCKSNAP_DATA or /var/lib/blocksnap)
-  --help         show this help
-
-Exit status: 0 success, 1 failure, 2 usage error. Logs are JSON on stderr.`;
+const EXIT_HELP = `
+Exit status: 0 success; 1 failure; 2 usage or configuration error (the message names the bad argument);
+75 busy (E_BUSY: the data directory or port is held by another process, or the volume has a job: try later).
+Logs are JSON on stderr. Signals (serve): SIGTERM/SIGINT stop gracefully (running jobs are failed and
+cleaned, exit 0); SIGHUP is logged and ignored (nothing to reload: every setting is a flag).`;
 
 const log = createLogger('blocksnap-appliance');
 
-async function main(argv: string[]): Promise<number> {
-  const { values, positionals } = parseArgs({
-    args: argv,
-    allowPositionals: true,
-    options: {
-      data: { type: 'string' }, listen: { type: 'string' }, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' },
-      full: { type: 'boolean' }, audit: { type: 'boolean' }, 'tls-cert': { type: 'string' }, 'tls-key': { type: 'string' }, to: { type: 'string' }, 'audit-every': { type: 'string' }, agent: { type: 'string' }, volume: { type: 'string' },
-      limit: { type: 'string' },
-    },
-  });
-  const [cmd, sub, ...rest] = positionals;
-  if (values.help || !cmd) {
-    process.stdout.write(HELP + '\n');
-    return values.help ? 0 : 2;
-  }
-  const dataDir = resolve(values.data ?? process.env.BLOCKSNAP_DATA ?? '/var/lib/blocksnap');
-  const out = (human: string, json: unknown) => process.stdout.write((values.json ? JSON.stringify(json, null, 2) : human) + '\n');
-  const withCatalog = <T>(fn: (c: Catalog) => T): T => {
-    const c = Catalog.open(join(dataDir, 'catalog.sqlite'));
-    try {
-      return fn(c);
-    } finally {
-      c.close();
-    }
+/** The command line; each action returns the exit status. */
+function program(setStatus: (s: number) => void): Command {
+  const p = new Command('blocksnap-appliance')
+    .description('stores block-level PostgreSQL backups as virtual full images')
+    .version(packageVersion(), '--version', 'print the version and exit')
+    .helpOption('-h, --help', 'show help (every command has its own)')
+    .option('--data <dir>', 'appliance data directory (default: $BLOCKSNAP_DATA or /var/lib/blocksnap)')
+    .exitOverride()
+    .configureOutput({ outputError: () => undefined })
+    .showSuggestionAfterError(true)
+    .addHelpText('after', EXIT_HELP);
+  const run = <A extends unknown[]>(fn: (...a: A) => Promise<number> | number) => async (...a: A) => setStatus(await fn(...a));
+  const ctx = (cmd: Command): Ctx => {
+    const o = cmd.optsWithGlobals<{ data?: string; json?: boolean }>();
+    const dataDir = resolve(o.data ?? process.env.BLOCKSNAP_DATA ?? '/var/lib/blocksnap');
+    return {
+      dataDir, json: !!o.json,
+      out: (human: string, json: unknown) => process.stdout.write((o.json ? JSON.stringify(json, null, 2) : human) + '\n'),
+      withCatalog: <T>(fn: (c: Catalog) => T): T => {
+        const c = openCatalog(dataDir);
+        try {
+          return fn(c);
+        } finally {
+          c.close();
+        }
+      },
+    };
   };
 
-  switch (cmd) {
-    case 'serve': {
-      const [host, port] = parseListen(values.listen ?? '127.0.0.1:7700');
-      const auditEvery = values['audit-every'] === undefined ? undefined : Number(values['audit-every']);
-      if (auditEvery !== undefined && !(Number.isInteger(auditEvery) && auditEvery >= 0)) throw usage('--audit-every wants an integer ≥ 0');
-      if (!!values['tls-cert'] !== !!values['tls-key']) throw usage('--tls-cert and --tls-key go together');
-      const tls = values['tls-cert'] ? { cert: readFileSync(values['tls-cert']), key: readFileSync(values['tls-key']!) } : undefined;
-      const app = await Appliance.open({ dataDir, logger: log, auditEvery, tls });
-      const addr = await app.listen(host, port);
-      process.stdout.write(JSON.stringify({ event: 'listening', url: addr.url, port: addr.port, pid: process.pid }) + '\n');
-      await new Promise<void>((res) => {
-        const stop = () => res();
-        process.once('SIGINT', stop);
-        process.once('SIGTERM', stop);
+  p.command('serve')
+    .description('run the appliance: agents dial ws://HOST:PORT/v1/agent, or wss:// with a certificate (use TLS in production)')
+    .option('--listen <host:port>', 'address to listen on (default 127.0.0.1:7700; port 0 = any free port)', parseListen)
+    .option('--audit-every <n>', 'audit the tracker every N incrementals (default 10, 0 = off)', intOption(0))
+    .option('--tls-cert <pem>', 'serve wss:// with this certificate (with --tls-key)')
+    .option('--tls-key <pem>', 'the certificate\'s private key')
+    .action(run(async (o: { listen?: [string, number]; auditEvery?: number; tlsCert?: string; tlsKey?: string }, cmd: Command) => {
+      const { dataDir } = ctx(cmd);
+      const stop = untilStopSignal(log); // first: a signal during the start must not kill the process mid-way
+      if (!!o.tlsCert !== !!o.tlsKey) throw usage('--tls-cert and --tls-key go together');
+      const tls = o.tlsCert ? { cert: readOption('--tls-cert', o.tlsCert), key: readOption('--tls-key', o.tlsKey!) } : undefined;
+      const [host, port] = o.listen ?? ['127.0.0.1', 7700];
+      const app = await Appliance.open({ dataDir, logger: log, auditEvery: o.auditEvery, tls });
+      const addr = await app.listen(host, port).catch(async (e) => {
+        await app.close(); // releases the data directory: nothing claims it after a failed start
+        throw listenError(e, `${host}:${port}`);
       });
+      process.stdout.write(JSON.stringify({ event: 'listening', url: addr.url, port: addr.port, pid: process.pid }) + '\n');
+      const signal = await stop;
+      log.info({ signal }, 'stopping: failing running jobs, closing connections');
       await app.close();
+      log.info({ signal }, 'stopped');
       return 0;
-    }
-    case 'agents': {
-      if (sub === 'add' || sub === 'rotate') {
-        const name = need(rest[0], 'agent name');
-        const token = withCatalog((c) => (sub === 'add' ? c.addAgent(name) : c.rotateToken(name)));
-        out(token, { agent: name, token });
-        return 0;
-      }
-      if (sub === 'list') {
-        const connected = new Map<string, string[]>();
-        if (appliancePid(dataDir)) {
-          for (const c of await controlGet(dataDir, '/v1/agents')) connected.set(c.agent, c.volumes);
-        }
-        const agents = withCatalog((c) => c.listAgents()).map((a) => ({
-          ...a, connected: connected.has(a.name), volumes: connected.get(a.name) ?? [],
-        }));
-        out(agents.map((a) => `${a.name}\t${a.connected ? 'connected' : 'offline'}\t${a.volumes.join(',')}\t${a.createdAt}`).join('\n') || '(no agents)', agents);
-        return 0;
-      }
-      throw usage('agents add|rotate|list');
-    }
-    case 'images': {
-      if (sub === 'list') {
-        const imgs = withCatalog((c) => c.listImages({ agent: values.agent, volume: values.volume }));
-        out(
-          imgs.map((i) => [i.id, i.agent, i.volume, i.kind, fmtBytes(i.volumeSize), i.createdAt].join('\t')).join('\n') || '(no images)',
-          imgs,
-        );
-        return 0;
-      }
-      if (sub === 'show') {
-        const id = need(rest[0], 'image id');
-        const img = withCatalog((c) => c.image(id));
-        if (!img) throw new BlocksnapError('E_NOT_FOUND', `no image ${id}`);
-        out(showImage(img), img);
-        return 0;
-      }
-      throw usage('images list|show');
-    }
-    case 'jobs': {
-      if (sub === 'cancel') {
-        const jobId = need(rest[0], 'job id');
-        if (!appliancePid(dataDir)) throw new BlocksnapError('E_NOT_FOUND', `no appliance is running on ${dataDir}`);
-        const r = await controlPost(dataDir, '/v1/cancel', { jobId });
-        out(`cancelled ${jobId}`, r);
-        return 0;
-      }
-      if (sub !== 'list') throw usage('jobs list|cancel');
-      const jobs = withCatalog((c) => c.listJobs(Number(values.limit ?? 100)));
-      out(
-        jobs.map((j) => [j.id, j.agent, j.volumeName, j.kind, j.state, j.imageId ?? '', j.errorCode ?? ''].join('\t')).join('\n') || '(no jobs)',
-        jobs,
-      );
+    }));
+
+  const agents = p.command('agents').description('register agents and their tokens');
+  agents.command('add <name>').description('register an agent; prints its token once').option('--json', 'machine-readable output')
+    .action(run((name: string, _o: unknown, cmd: Command) => {
+      const c = ctx(cmd);
+      const token = c.withCatalog((cat) => cat.addAgent(name));
+      c.out(token, { agent: name, token });
       return 0;
-    }
-    case 'backup': {
-      const agent = need(sub, 'agent');
-      const volume = need(rest[0], 'volume');
-      const ev = await control(dataDir, '/v1/backup', { agent, volume, full: !!values.full, ...(values.audit ? { audit: true } : {}) }, values.json ? null : 'backup');
+    }));
+  agents.command('rotate <name>').description('issue a new token (the old one stops working)').option('--json', 'machine-readable output')
+    .action(run((name: string, _o: unknown, cmd: Command) => {
+      const c = ctx(cmd);
+      const token = c.withCatalog((cat) => cat.rotateToken(name));
+      c.out(token, { agent: name, token });
+      return 0;
+    }));
+  agents.command('list').description('registered agents, and whether each is connected').option('--json', 'machine-readable output')
+    .action(run(async (_o: unknown, cmd: Command) => {
+      const c = ctx(cmd);
+      const connected = new Map<string, string[]>();
+      if (appliancePid(c.dataDir)) {
+        for (const a of await controlGet(c.dataDir, '/v1/agents')) connected.set(a.agent, a.volumes);
+      }
+      const rows = c.withCatalog((cat) => cat.listAgents()).map((a) => ({
+        ...a, connected: connected.has(a.name), volumes: connected.get(a.name) ?? [],
+      }));
+      c.out(rows.map((a) => `${a.name}\t${a.connected ? 'connected' : 'offline'}\t${a.volumes.join(',')}\t${a.createdAt}`).join('\n') || '(no agents)', rows);
+      return 0;
+    }));
+
+  const images = p.command('images').description('committed images');
+  images.command('list').description('images, oldest first').option('--agent <a>', 'only this agent\'s').option('--volume <v>', 'only this volume\'s')
+    .option('--json', 'machine-readable output')
+    .action(run((o: { agent?: string; volume?: string }, cmd: Command) => {
+      const c = ctx(cmd);
+      const imgs = c.withCatalog((cat) => cat.listImages({ agent: o.agent, volume: o.volume }));
+      c.out(imgs.map((i) => [i.id, i.agent, i.volume, i.kind, fmtBytes(i.volumeSize), i.createdAt].join('\t')).join('\n') || '(no images)', imgs);
+      return 0;
+    }));
+  images.command('show <image>').description('one image: transfer statistics, PostgreSQL label and LSNs').option('--json', 'machine-readable output')
+    .action(run((id: string, _o: unknown, cmd: Command) => {
+      const c = ctx(cmd);
+      const img = c.withCatalog((cat) => cat.image(id));
+      if (!img) throw new BlocksnapError('E_NOT_FOUND', `no image ${id}`);
+      c.out(showImage(img), img);
+      return 0;
+    }));
+
+  const jobs = p.command('jobs').description('backup jobs');
+  jobs.command('list').description('recent jobs, newest first').option('--limit <n>', 'at most N jobs', intOption(1), 100).option('--json', 'machine-readable output')
+    .action(run((o: { limit: number }, cmd: Command) => {
+      const c = ctx(cmd);
+      const rows = c.withCatalog((cat) => cat.listJobs(o.limit));
+      c.out(rows.map((j) => [j.id, j.agent, j.volumeName, j.kind, j.state, j.imageId ?? '', j.errorCode ?? ''].join('\t')).join('\n') || '(no jobs)', rows);
+      return 0;
+    }));
+  jobs.command('cancel <job>').description('stop a running job (the agent releases its snapshot; no image)').option('--json', 'machine-readable output')
+    .action(run(async (jobId: string, _o: unknown, cmd: Command) => {
+      const c = ctx(cmd);
+      if (!appliancePid(c.dataDir)) throw new BlocksnapError('E_NOT_FOUND', `no appliance is running on ${c.dataDir}`);
+      const r = await controlPost(c.dataDir, '/v1/cancel', { jobId });
+      c.out(`cancelled ${jobId}`, r);
+      return 0;
+    }));
+
+  p.command('backup <agent> <volume>')
+    .description('run a backup of a volume or consistency group on a connected agent and wait')
+    .option('--full', 'read every chunk (default: incremental against the last image)')
+    .option('--audit', 'also prove the agent\'s change tracker (0 missed chunks expected)')
+    .option('--json', 'machine-readable output')
+    .action(run(async (agent: string, volume: string, o: { full?: boolean; audit?: boolean }, cmd: Command) => {
+      const c = ctx(cmd);
+      const ev = await control(c.dataDir, '/v1/backup', { agent, volume, full: !!o.full, ...(o.audit ? { audit: true } : {}) }, c.json ? null : 'backup');
       const result = ev.event === 'error' ? { ok: false, jobId: '', errorCode: ev.code, errorMessage: ev.message } : ev;
-      out(
-        result.ok ? `ok ${result.jobId} image ${result.imageId}` : `FAILED ${result.jobId}: ${result.errorCode} ${result.errorMessage}`,
-        result,
-      );
+      c.out(result.ok ? `ok ${result.jobId} image ${result.imageId}${fallbackNote(result.stats)}` : `FAILED ${result.jobId}: ${result.errorCode} ${result.errorMessage}`, result);
       return result.ok ? 0 : 1;
-    }
-    case 'verify':
-    case 'export': {
-      const imageId = sub;
-      const to = cmd === 'export' ? resolve(need(values.to, '--to FILE')) : undefined;
-      if (cmd === 'export') need(imageId, 'image id');
-      let result: any;
-      if (appliancePid(dataDir)) {
-        // The running appliance owns the store: ask it to do the work.
-        result = await control(dataDir, `/v1/${cmd}`, { imageId, to }, !values.json ? cmd : null);
-        if (result.event === 'error') throw new BlocksnapError(result.code, result.message);
-      } else {
-        const store = await FsChunkStore.open(join(dataDir, 'store'), { logger: log });
-        try {
-          const images = withCatalog((c) => (imageId ? [c.image(imageId)] : c.listImages()));
-          if (images.some((i) => !i) || images.length === 0) throw new BlocksnapError('E_NOT_FOUND', `no image ${imageId ?? '(none)'}`);
-          const bar = values.json ? null : progressBar(cmd);
-          const onProgress = (d: number, t: number) => bar?.update(d, t);
-          if (cmd === 'export') {
-            result = { ok: true, ...(await exportImage(store, images[0]!.rootDigest, to!, onProgress)) };
-            if (images[0]!.pg) await exportPgSidecar(store, images[0]!.id, images[0]!.pg as unknown as PgImageInfo, to!);
-          } else {
-            const reports = [];
-            for (const img of images) reports.push(await verifyImage(store, join(dataDir, 'store'), img!.id, img!.rootDigest, onProgress));
-            result = { ok: reports.every((r) => r.ok), reports };
-          }
-          bar?.stop();
-        } finally {
-          await store.close();
-        }
-      }
-      if (values.json) {
-        out('', cmd === 'export' ? result : result.reports);
-      } else if (cmd === 'export') {
-        out(`exported ${imageId} to ${to}: ${result.chunksWritten} chunks, ${fmtBytes(result.bytesWritten)} written, ${result.seconds.toFixed(2)} s`, result);
-      } else {
-        for (const r of result.reports) {
-          process.stdout.write(`${r.ok ? 'ok' : 'BAD'} ${r.imageId}: ${r.chunksChecked} chunks re-hashed, ${r.bad.length} bad\n`);
-          for (const b of r.bad) process.stdout.write(`  chunk ${b.index} ${b.digest}: ${b.code} ${b.message}\n`);
-        }
-      }
-      return result.ok ? 0 : 1;
-    }
-    case 'catalog': {
-      if (sub !== 'rebuild') throw usage('catalog rebuild');
-      if (appliancePid(dataDir)) throw new BlocksnapError('E_BUSY', 'stop the appliance before rebuilding its catalog');
-      const n = await withCatalogAsync(dataDir, (c) => rollForward(c, join(dataDir, 'store'), true));
-      out(`catalog rebuilt: ${n} image(s) added from manifests`, { added: n });
+    }));
+
+  p.command('verify [image]').description('re-read and re-hash every chunk (all images if none given); exit 1 if any is bad')
+    .option('--json', 'machine-readable output')
+    .action(run((imageId: string | undefined, _o: unknown, cmd: Command) => verifyOrExport(ctx(cmd), 'verify', imageId, undefined)));
+  p.command('export <image>')
+    .description('write the image as a raw (sparse) file; for a PostgreSQL image also FILE.blocksnap.json (label, LSNs) and FILE.wal/')
+    .requiredOption('--to <file>', 'the file to write')
+    .option('--json', 'machine-readable output')
+    .action(run((imageId: string, o: { to: string }, cmd: Command) => verifyOrExport(ctx(cmd), 'export', imageId, resolve(o.to))));
+
+  p.command('catalog').description('the catalog database')
+    .command('rebuild').description('recreate the catalog\'s images from the store\'s manifests (appliance stopped)').option('--json', 'machine-readable output')
+    .action(run(async (_o: unknown, cmd: Command) => {
+      const c = ctx(cmd);
+      if (appliancePid(c.dataDir)) throw new BlocksnapError('E_BUSY', 'stop the appliance before rebuilding its catalog');
+      const n = await withCatalogAsync(c.dataDir, (cat) => rollForward(cat, join(c.dataDir, 'store'), true));
+      c.out(`catalog rebuilt: ${n} image(s) added from manifests`, { added: n });
       return 0;
-    }
-    case 'store': {
-      if (sub !== 'reindex') throw usage('store reindex');
-      if (appliancePid(dataDir)) throw new BlocksnapError('E_BUSY', 'stop the appliance before reindexing its store');
-      const store = await FsChunkStore.open(join(dataDir, 'store'), { logger: log });
+    }));
+  p.command('store').description('the chunk store')
+    .command('reindex').description('rebuild the blob index from the pack files (appliance stopped)').option('--json', 'machine-readable output')
+    .action(run(async (_o: unknown, cmd: Command) => {
+      const c = ctx(cmd);
+      if (appliancePid(c.dataDir)) throw new BlocksnapError('E_BUSY', 'stop the appliance before reindexing its store');
+      needDataDir(c.dataDir);
+      const store = await FsChunkStore.open(join(c.dataDir, 'store'), { logger: log });
       try {
         const r = await store.reindex();
-        out(`reindexed ${r.packs} packs, ${r.blobs} blobs`, r);
+        c.out(`reindexed ${r.packs} packs, ${r.blobs} blobs`, r);
       } finally {
         await store.close();
       }
       return 0;
+    }));
+  return p;
+}
+
+interface Ctx {
+  dataDir: string;
+  json: boolean;
+  out: (human: string, json: unknown) => void;
+  withCatalog: <T>(fn: (c: Catalog) => T) => T;
+}
+
+async function verifyOrExport(c: Ctx, cmd: 'verify' | 'export', imageId: string | undefined, to: string | undefined): Promise<number> {
+  const { dataDir } = c;
+  let result: any;
+  if (appliancePid(dataDir)) {
+    // The running appliance owns the store: ask it to do the work.
+    result = await control(dataDir, `/v1/${cmd}`, { imageId, to }, !c.json ? cmd : null);
+    if (result.event === 'error') throw new BlocksnapError(result.code, result.message);
+  } else {
+    needDataDir(dataDir);
+    const store = await FsChunkStore.open(join(dataDir, 'store'), { logger: log });
+    try {
+      const images = c.withCatalog((cat) => (imageId ? [cat.image(imageId)] : cat.listImages()));
+      if (images.some((i) => !i) || images.length === 0) throw new BlocksnapError('E_NOT_FOUND', `no image ${imageId ?? '(none)'}`);
+      const bar = c.json ? null : progressBar(cmd);
+      const onProgress = (d: number, t: number) => bar?.update(d, t);
+      if (cmd === 'export') {
+        result = { ok: true, ...(await exportImage(store, images[0]!.rootDigest, to!, onProgress)) };
+        if (images[0]!.pg) await exportPgSidecar(store, images[0]!.id, images[0]!.pg as unknown as PgImageInfo, to!);
+      } else {
+        const reports = [];
+        for (const img of images) reports.push(await verifyImage(store, join(dataDir, 'store'), img!.id, img!.rootDigest, onProgress));
+        result = { ok: reports.every((r) => r.ok), reports };
+      }
+      bar?.stop();
+    } finally {
+      await store.close();
     }
-    default:
-      throw usage(`unknown command ${cmd}`);
+  }
+  if (c.json) {
+    c.out('', cmd === 'export' ? result : result.reports);
+  } else if (cmd === 'export') {
+    c.out(`exported ${imageId} to ${to}: ${result.chunksWritten} chunks, ${fmtBytes(result.bytesWritten)} written, ${result.seconds.toFixed(2)} s`, result);
+  } else {
+    for (const r of result.reports) {
+      process.stdout.write(`${r.ok ? 'ok' : 'BAD'} ${r.imageId}: ${r.chunksChecked} chunks re-hashed, ${r.bad.length} bad\n`);
+      for (const b of r.bad) process.stdout.write(`  chunk ${b.index} ${b.digest}: ${b.code} ${b.message}\n`);
+    }
+  }
+  return result.ok ? 0 : 1;
+}
+
+/** The human `backup` line's tail: an incremental that compared digests instead of using the tracker says so and why. */
+export function fallbackNote(stats: { changeSource?: string; fallbackReason?: string } | undefined): string {
+  if (!stats?.fallbackReason) return '';
+  return `\nnote: changes found by ${stats.changeSource || 'digest-compare'}, not the tracker: ${stats.fallbackReason}`;
+}
+
+/** A catalog in an existing data directory; a missing one is a usage error with a hint, not "cannot open catalog". */
+function openCatalog(dataDir: string): Catalog {
+  needDataDir(dataDir);
+  return Catalog.open(join(dataDir, 'catalog.sqlite'));
+}
+
+function needDataDir(dataDir: string): void {
+  if (!existsSync(dataDir)) {
+    throw usage(`--data ${dataDir}: no such directory (the first \`blocksnap-appliance serve --data DIR\` creates it; or set BLOCKSNAP_DATA)`);
   }
 }
 
+function readOption(flag: string, file: string): Buffer {
+  try {
+    return readFileSync(file);
+  } catch (e) {
+    throw new BlocksnapError('E_USAGE', `${flag} ${file}: cannot read: ${(e as Error).message}`, { cause: e });
+  }
+}
+
+/** Why a listen failed, named by the --listen value: a busy port is E_BUSY (exit 75), a bad address a usage error. */
+function listenError(e: unknown, listen: string): BlocksnapError {
+  const errno = (e as NodeJS.ErrnoException)?.code;
+  if (errno === 'EADDRINUSE') return new BlocksnapError('E_BUSY', `--listen ${listen}: address already in use`, { cause: e });
+  if (errno === 'EADDRNOTAVAIL' || errno === 'EACCES' || errno === 'ENOTFOUND' || errno === 'EAI_AGAIN') {
+    return new BlocksnapError('E_USAGE', `--listen ${listen}: cannot listen: ${errno}`, { cause: e });
+  }
+  return toBlocksnapError(e);
+}
+
 async function withCatalogAsync<T>(dataDir: string, fn: (c: Catalog) => Promise<T>): Promise<T> {
-  const c = Catalog.open(join(dataDir, 'catalog.sqlite'));
+  const c = openCatalog(dataDir);
   try {
     return await fn(c);
   } finally {
@@ -318,13 +370,8 @@ function control(dataDir: string, path: string, body: object, progressLabel: str
 
 function parseListen(s: string): [string, number] {
   const m = /^(.+):(\d+)$/.exec(s);
-  if (!m) throw usage(`--listen wants HOST:PORT, got ${s}`);
-  return [m[1]!, Number(m[2])];
-}
-
-function need<T>(v: T | undefined, what: string): T {
-  if (v === undefined || v === '') throw usage(`missing ${what}`);
-  return v;
+  if (!m || Number(m[2]) > 65535) throw new InvalidArgumentError('wants HOST:PORT with a port in 0..65535');
+  return [m[1]!.replace(/^\[(.*)\]$/, '$1'), Number(m[2])];
 }
 
 function usage(m: string): BlocksnapError {
@@ -363,11 +410,8 @@ export function fmtBytes(n: number): string {
   return `${n.toFixed(i ? 1 : 0)} ${u[i]}`;
 }
 
-main(process.argv.slice(2)).then(
-  (code) => process.exit(code),
-  (e) => {
-    const err = toBlocksnapError(e);
-    process.stderr.write(`blocksnap-appliance: ${err.code}: ${err.message}\n`);
-    process.exit(err.code === 'E_USAGE' ? 2 : 1);
-  },
-);
+runCli('blocksnap-appliance', async () => {
+  let status = 0;
+  await program((s) => (status = s)).parseAsync(process.argv);
+  return status;
+});

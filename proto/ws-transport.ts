@@ -180,10 +180,18 @@ export class WsTransportServer {
       onTransport(wrapServerSocket(ws, req, opts), req);
     });
     if (!opts.server) {
+      // ws re-emits the HTTP server's 'error' (EADDRINUSE…) on the WebSocketServer: without a
+      // listener that is an uncaught exception; the listen promise below reports it instead.
+      const ignore = () => undefined;
+      wss.on('error', ignore);
       await new Promise<void>((resolve, reject) => {
         http.once('error', reject);
         http.listen(opts.port ?? 0, opts.host ?? '127.0.0.1', () => resolve());
+      }).catch((e) => {
+        wss.close();
+        throw e;
       });
+      wss.off('error', ignore);
     }
     return srv;
   }
