@@ -1,9 +1,11 @@
 #!/usr/bin/env node
-import { parseArgs } from 'node:util';
-import { BlocksnapError, toBlocksnapError } from '../proto/errors.js';
+import { Command } from 'commander';
+import type { Logger } from 'pino';
+import { packageVersion, runCli, untilStopSignal } from '../proto/cli-exit.js';
+import { BlocksnapError } from '../proto/errors.js';
 import { createLogger } from '../proto/log.js';
 import { Agent } from './agent.js';
-import { loadAgentConfig } from './config.js';
+import { loadAgentConfig, type AgentConfig } from './config.js';
 import { prepareFromExport } from './pg/prepare-from-export.js';
 import { ReflinkSnapshotProvider } from './snapshot/reflink-snapshot-provider.js';
 import { RetainingSnapshotProvider } from './snapshot/retaining-provider.js';
@@ -11,87 +13,72 @@ import { cleanupStaleInstances } from './tracker/tracefs-instance.js';
 import type { AuditResult } from './audit-run.js';
 import { callAgent, type AgentStatus } from './control-server.js';
 
-const HELP = `blocksnap-agent — tracks, snapshots and streams PostgreSQL volumes to a blocksnap appliance
+const AFTER_HELP = `
+Exit status: 0 success; 1 failure; 2 usage or configuration error (the message names the bad argument
+or the config key); 3 audit only: not audited (says why); 75 busy (E_BUSY: another agent runs on the
+state directory, or the volume is held by a job).
+Signals (run): SIGTERM/SIGINT stop gracefully (running jobs are cancelled: snapshots released, tracing
+instances removed, tracker state saved clean so the next incremental uses it; exit 0); SIGHUP is logged
+and ignored (restart to apply a changed configuration). Logs are JSON on stderr (BLOCKSNAP_LOG=debug|info|warn).`;
 
-Usage: blocksnap-agent <command> [--config FILE] [options]
+interface Globals {
+  config?: string;
+  json?: boolean;
+}
 
-Commands:
-  run        connect to the appliance and run the jobs it sends (until SIGINT/SIGTERM)
-  cleanup    release snapshots, frozen filesystems and tracing instances an earlier (killed) run left
-  volumes    list the configured volumes and their last committed image [--json]
-  status     ask the running agent: connection, busy volumes, tracker validity [--json]
-  audit VOLUME
-             ask the running agent to snapshot VOLUME and check its change tracker against a
-             full comparison with the last committed image (no image is made; PostgreSQL is not
-             quiesced). Exit 0: 0 missed chunks; 1: missed chunks (the tracker is then
-             invalidated) or an error; 3: not audited (tracker invalid or not tracked, says why)
-  prepare DATADIR --image FILE [--as-standby --primary-conninfo CONNINFO] [--restore-command CMD]
-             make the data directory of a mounted exported image startable: backup_label and
-             tablespace_map from the image, its WAL up to the stop LSN, recovery settings
-             (no --config needed)
+function program(setStatus: (s: number) => void): Command {
+  const p = new Command('blocksnap-agent')
+    .description('tracks, snapshots and streams PostgreSQL volumes to a blocksnap appliance')
+    .version(packageVersion(), '--version', 'print the version and exit')
+    .helpOption('-h, --help', 'show help (every command has its own)')
+    .option('--config <file>', 'agent configuration (JSON; see README "Agent configuration")')
+    .exitOverride()
+    .configureOutput({ outputError: () => undefined })
+    .configureHelp({ showGlobalOptions: true })
+    .showSuggestionAfterError(true)
+    .addHelpText('after', AFTER_HELP);
+  const run = <A extends unknown[]>(fn: (...a: A) => Promise<number> | number) => async (...a: A) => setStatus(await fn(...a));
+  const globals = (cmd: Command) => cmd.optsWithGlobals<Globals>();
+  const configOf = (cmd: Command) => {
+    const file = globals(cmd).config;
+    if (!file) throw new BlocksnapError('E_USAGE', `${cmd.name()}: missing --config FILE (see --help)`);
+    return loadAgentConfig(file);
+  };
+  const providerOf = (config: AgentConfig, log: Logger) => {
+    const reflink = new ReflinkSnapshotProvider({ stateDir: config.stateDir, logger: log, volumes: config.volumes });
+    return config.retainSnapshotsDir ? new RetainingSnapshotProvider(reflink, config.retainSnapshotsDir) : reflink;
+  };
 
-Options:
-  --config FILE   agent configuration (JSON; see README "Agent configuration")
-  --json          machine-readable output
-  --help          show this help
-
-Logs are JSON on stderr (level: BLOCKSNAP_LOG=debug|info|warn).`;
-
-async function main(argv: string[]): Promise<number> {
-  const { values, positionals } = parseArgs({
-    args: argv,
-    allowPositionals: true,
-    options: {
-      config: { type: 'string' }, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' }, image: { type: 'string' },
-      'as-standby': { type: 'boolean' }, 'primary-conninfo': { type: 'string' }, 'restore-command': { type: 'string' },
-    },
-  });
-  const cmd = positionals[0];
-  if (values.help || !cmd) {
-    process.stdout.write(HELP + '\n');
-    return values.help ? 0 : 2;
-  }
-  if (cmd === 'prepare') {
-    const dir = positionals[1];
-    if (!dir || !values.image) throw new BlocksnapError('E_USAGE', 'prepare DATADIR --image FILE (see --help)');
-    const r = await prepareFromExport(dir, values.image, {
-      asStandby: values['as-standby'], primaryConninfo: values['primary-conninfo'], restoreCommand: values['restore-command'],
-    });
-    process.stdout.write((values.json ? JSON.stringify(r, null, 2) : `prepared ${dir} from image ${r.imageId}: wrote ${r.written.join(', ')}; WAL ${r.walCopied.length} segment(s)`) + '\n');
-    return 0;
-  }
-  if (!values.config) throw new BlocksnapError('E_USAGE', 'missing --config FILE (see --help)');
-  const config = loadAgentConfig(values.config);
-  if (cmd === 'status') return printStatus(await callAgent<AgentStatus>(config.stateDir, 'GET', '/v1/status'), !!values.json);
-  if (cmd === 'audit') {
-    const volume = positionals[1];
-    if (!volume) throw new BlocksnapError('E_USAGE', 'audit VOLUME --config FILE (see --help)');
-    return printAudit(await callAgent<AuditResult>(config.stateDir, 'POST', '/v1/audit', { volume }), !!values.json);
-  }
-  const log = createLogger('blocksnap-agent').child({ agent: config.agent });
-  const reflink = new ReflinkSnapshotProvider({ stateDir: config.stateDir, logger: log, volumes: config.volumes });
-  const provider = config.retainSnapshotsDir ? new RetainingSnapshotProvider(reflink, config.retainSnapshotsDir) : reflink;
-  switch (cmd) {
-    case 'run': {
+  p.command('run').description('connect to the appliance and run the jobs it sends (until SIGTERM/SIGINT)')
+    .action(run(async (_o: unknown, cmd: Command) => {
+      const config = configOf(cmd);
+      const log = createLogger('blocksnap-agent').child({ agent: config.agent });
+      const stop = untilStopSignal(log); // before the start: a signal mid-start must not kill it half-way
       let fatal: BlocksnapError | null = null;
-      let stopNow: () => void = () => undefined;
-      const stopped = new Promise<void>((res) => (stopNow = res));
-      const agent = new Agent(config, provider, log, { onFatal: (e) => ((fatal = e), stopNow()) });
+      let onFatal: () => void = () => undefined;
+      const fatalSeen = new Promise<void>((res) => (onFatal = res));
+      const agent = new Agent(config, providerOf(config, log), log, { onFatal: (e) => ((fatal = e), onFatal()) });
       await agent.start();
-      process.once('SIGINT', stopNow);
-      process.once('SIGTERM', stopNow);
-      await stopped;
+      await Promise.race([stop, fatalSeen]);
       await agent.stop();
       if (fatal) throw fatal;
+      log.info('stopped');
       return 0;
-    }
-    case 'cleanup': {
-      const released = await provider.cleanupStale();
+    }));
+  p.command('cleanup').description('release snapshots, frozen filesystems and tracing instances an earlier (killed) run left')
+    .option('--json', 'machine-readable output')
+    .action(run(async (_o: unknown, cmd: Command) => {
+      const config = configOf(cmd);
+      const log = createLogger('blocksnap-agent').child({ agent: config.agent });
+      const released = await providerOf(config, log).cleanupStale();
       released.push(...(await cleanupStaleInstances()).map((i) => `tracing instance ${i}`));
-      process.stdout.write((values.json ? JSON.stringify({ released }) : released.map((r) => `released ${r}`).join('\n') || 'nothing to release') + '\n');
+      process.stdout.write((globals(cmd).json ? JSON.stringify({ released }) : released.map((r) => `released ${r}`).join('\n') || 'nothing to release') + '\n');
       return 0;
-    }
-    case 'volumes': {
+    }));
+  p.command('volumes').description('list the configured volumes and their last committed image')
+    .option('--json', 'machine-readable output')
+    .action(run(async (_o: unknown, cmd: Command) => {
+      const config = configOf(cmd);
       const { DigestMap } = await import('./state/digest-map.js');
       const { digestMapPath } = await import('./job-runner.js');
       const rows = [];
@@ -99,12 +86,38 @@ async function main(argv: string[]): Promise<number> {
         const map = await DigestMap.readIfValid(digestMapPath(config.stateDir, v.name));
         rows.push({ ...v, lastImageId: map?.imageId ?? null });
       }
-      process.stdout.write((values.json ? JSON.stringify(rows, null, 2) : rows.map((r) => `${r.name}\t${r.device}\t${r.mountpoint}\t${r.lastImageId ?? '-'}`).join('\n')) + '\n');
+      process.stdout.write((globals(cmd).json ? JSON.stringify(rows, null, 2) : rows.map((r) => `${r.name}\t${r.device}\t${r.mountpoint}\t${r.lastImageId ?? '-'}`).join('\n')) + '\n');
       return 0;
-    }
-    default:
-      throw new BlocksnapError('E_USAGE', `unknown command ${cmd} (see --help)`);
-  }
+    }));
+  p.command('status').description('ask the running agent: connection, busy volumes, tracker validity')
+    .option('--json', 'machine-readable output')
+    .action(run(async (_o: unknown, cmd: Command) => {
+      const config = configOf(cmd);
+      return printStatus(await callAgent<AgentStatus>(config.stateDir, 'GET', '/v1/status'), !!globals(cmd).json);
+    }));
+  p.command('audit <volume>')
+    .description('ask the running agent to snapshot VOLUME and check its change tracker against a full comparison with the last ' +
+      'committed image (no image is made; PostgreSQL is not quiesced). Exit 0: 0 missed chunks; 1: missed chunks (the tracker is ' +
+      'then invalidated) or an error; 3: not audited (tracker invalid or not tracked, says why)')
+    .option('--json', 'machine-readable output')
+    .action(run(async (volume: string, _o: unknown, cmd: Command) => {
+      const config = configOf(cmd);
+      return printAudit(await callAgent<AuditResult>(config.stateDir, 'POST', '/v1/audit', { volume }), !!globals(cmd).json);
+    }));
+  p.command('prepare <datadir>')
+    .description('make the data directory of a mounted exported image startable: backup_label and tablespace_map from the image, ' +
+      'its WAL up to the stop LSN, recovery settings (no --config needed)')
+    .requiredOption('--image <file>', 'the exported image file (its FILE.blocksnap.json and FILE.wal/ beside it)')
+    .option('--as-standby', 'start as a standby (with --primary-conninfo)')
+    .option('--primary-conninfo <conninfo>', 'the primary a standby streams from')
+    .option('--restore-command <cmd>', 'restore_command for WAL beyond the image')
+    .option('--json', 'machine-readable output')
+    .action(run(async (dir: string, o: { image: string; asStandby?: boolean; primaryConninfo?: string; restoreCommand?: string }, cmd: Command) => {
+      const r = await prepareFromExport(dir, o.image, { asStandby: o.asStandby, primaryConninfo: o.primaryConninfo, restoreCommand: o.restoreCommand });
+      process.stdout.write((globals(cmd).json ? JSON.stringify(r, null, 2) : `prepared ${dir} from image ${r.imageId}: wrote ${r.written.join(', ')}; WAL ${r.walCopied.length} segment(s)`) + '\n');
+      return 0;
+    }));
+  return p;
 }
 
 function printStatus(s: AgentStatus, json: boolean): number {
@@ -141,11 +154,8 @@ function printAudit(r: AuditResult, json: boolean): number {
   return code;
 }
 
-main(process.argv.slice(2)).then(
-  (code) => process.exit(code),
-  (e) => {
-    const err = toBlocksnapError(e);
-    process.stderr.write(`blocksnap-agent: ${err.code}: ${err.message}\n`);
-    process.exit(err.code === 'E_USAGE' ? 2 : 1);
-  },
-);
+runCli('blocksnap-agent', async () => {
+  let status = 0;
+  await program((s) => (status = s)).parseAsync(process.argv);
+  return status;
+});

@@ -7,9 +7,7 @@ import { intOption, packageVersion, runCli, untilStopSignal } from '../proto/cli
 import { BlocksnapError, toBlocksnapError } from '../proto/errors.js';
 import { createLogger } from '../proto/log.js';
 import { Catalog, type ImageRow } from './catalog/catalog.js';
-import { exportImage } from './ops/export-image.js';
-import { exportPgSidecar } from './ops/export-pg.js';
-import type { PgImageInfo } from './store/pg-image-info.js';
+import { exportImageTo } from './ops/export-image.js';
 import { verifyImage } from './ops/verify-image.js';
 import { Appliance, pidAlive, rollForward } from './server/appliance.js';
 import { FsChunkStore } from './store/fs-chunk-store.js';
@@ -32,6 +30,7 @@ function program(setStatus: (s: number) => void): Command {
     .option('--data <dir>', 'appliance data directory (default: $BLOCKSNAP_DATA or /var/lib/blocksnap)')
     .exitOverride()
     .configureOutput({ outputError: () => undefined })
+    .configureHelp({ showGlobalOptions: true })
     .showSuggestionAfterError(true)
     .addHelpText('after', EXIT_HELP);
   const run = <A extends unknown[]>(fn: (...a: A) => Promise<number> | number) => async (...a: A) => setStatus(await fn(...a));
@@ -159,9 +158,10 @@ function program(setStatus: (s: number) => void): Command {
     .action(run((imageId: string | undefined, _o: unknown, cmd: Command) => verifyOrExport(ctx(cmd), 'verify', imageId, undefined)));
   p.command('export <image>')
     .description('write the image as a raw (sparse) file; for a PostgreSQL image also FILE.blocksnap.json (label, LSNs) and FILE.wal/')
-    .requiredOption('--to <file>', 'the file to write')
+    .requiredOption('--to <file>', 'the file to write (refused if it exists, is a symlink, directory or device, or is inside the data directory)')
+    .option('--force', 'replace an existing regular file (and its blocksnap sidecar and WAL directory)')
     .option('--json', 'machine-readable output')
-    .action(run((imageId: string, o: { to: string }, cmd: Command) => verifyOrExport(ctx(cmd), 'export', imageId, resolve(o.to))));
+    .action(run((imageId: string, o: { to: string; force?: boolean }, cmd: Command) => verifyOrExport(ctx(cmd), 'export', imageId, resolve(o.to), !!o.force)));
 
   p.command('catalog').description('the catalog database')
     .command('rebuild').description('recreate the catalog\'s images from the store\'s manifests (appliance stopped)').option('--json', 'machine-readable output')
@@ -197,12 +197,12 @@ interface Ctx {
   withCatalog: <T>(fn: (c: Catalog) => T) => T;
 }
 
-async function verifyOrExport(c: Ctx, cmd: 'verify' | 'export', imageId: string | undefined, to: string | undefined): Promise<number> {
+async function verifyOrExport(c: Ctx, cmd: 'verify' | 'export', imageId: string | undefined, to: string | undefined, force = false): Promise<number> {
   const { dataDir } = c;
   let result: any;
   if (appliancePid(dataDir)) {
     // The running appliance owns the store: ask it to do the work.
-    result = await control(dataDir, `/v1/${cmd}`, { imageId, to }, !c.json ? cmd : null);
+    result = await control(dataDir, `/v1/${cmd}`, { imageId, to, force }, !c.json ? cmd : null);
     if (result.event === 'error') throw new BlocksnapError(result.code, result.message);
   } else {
     needDataDir(dataDir);
@@ -213,8 +213,7 @@ async function verifyOrExport(c: Ctx, cmd: 'verify' | 'export', imageId: string 
       const bar = c.json ? null : progressBar(cmd);
       const onProgress = (d: number, t: number) => bar?.update(d, t);
       if (cmd === 'export') {
-        result = { ok: true, ...(await exportImage(store, images[0]!.rootDigest, to!, onProgress)) };
-        if (images[0]!.pg) await exportPgSidecar(store, images[0]!.id, images[0]!.pg as unknown as PgImageInfo, to!);
+        result = { ok: true, ...(await exportImageTo(store, images[0]!, to!, { force, dataDir, onProgress })) };
       } else {
         const reports = [];
         for (const img of images) reports.push(await verifyImage(store, join(dataDir, 'store'), img!.id, img!.rootDigest, onProgress));
