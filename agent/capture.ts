@@ -6,12 +6,14 @@ import type { PostgresConfig } from './config.js';
 import { PgQuiescer, type UnquiesceResult } from './pg/quiescer.js';
 import { captureWal, walFacts, type WalSegment } from './pg/wal-capture.js';
 import type { Snapshot, SnapshotProvider, VolumeSpec } from './snapshot/snapshot-provider.js';
+import { checkTrackerBinding } from './snapshot/volume-identity.js';
 import type { SwitchResult, VolumeTracking } from './tracking/volume-tracking.js';
 
 /**
  * The capture window of one job (DESIGN.md §8; a consistency group: §4.4,
  * every member at one instant inside the same quiesce), in this order:
- *   quiesce PostgreSQL (backup start on a primary, replay pause on a standby)
+ *   prove each volume's identity (E_IDENTITY, nothing held yet)
+ *   → quiesce PostgreSQL (backup start on a primary, replay pause on a standby)
  *   → tracker prepareSwitch → freeze, clone, thaw → tracker completeSwitch
  *   → unquiesce (backup stop: label, LSNs) → on a primary, read the WAL up
  *   to the stop LSN.
@@ -74,6 +76,13 @@ export async function captureGroup(o: GroupCaptureOptions): Promise<GroupCapture
   try {
     if (members.length > 1 && !o.provider.createGroup) {
       throw new BlocksnapError('E_CONFIG', `the ${o.provider.kind} snapshot provider cannot snapshot group ${o.group ?? ''} at one instant`);
+    }
+    // Before anything is held: each member's device, image and mountpoint are
+    // one volume, and its tracker traces that device (DESIGN.md §7.4). A lie
+    // here would back up another file or miss writes without any error.
+    for (const m of members) {
+      const identity = await o.provider.proveIdentity(m.volume);
+      if (m.tracking) checkTrackerBinding(identity, m.tracking.tracker);
     }
     if (o.postgres) {
       const connection = connectionOf(o.postgres);

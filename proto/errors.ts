@@ -29,6 +29,8 @@ export const ErrorCodes = {
   E_USAGE: 'E_USAGE',
   E_TRACKER: 'E_TRACKER',
   E_PG: 'E_PG',
+  /** A volume's configured device, image and mountpoint are not one volume (agent/snapshot/volume-identity.ts). */
+  E_IDENTITY: 'E_IDENTITY',
   /** The image the appliance built is not the one the agent read (end-to-end root mismatch): nothing is committed. */
   E_INTEGRITY: 'E_INTEGRITY',
 } as const;

@@ -14,6 +14,8 @@ export interface MountEntry {
   fstype: string;
   source: string;
   options: string;
+  /** major:minor of the mounted filesystem's device as the kernel reports it (field 3 of mountinfo). */
+  device: string;
 }
 
 /** /proc/self/mountinfo escapes space, tab, newline and backslash as octal. */
@@ -36,6 +38,7 @@ export async function readMountTable(): Promise<MountEntry[]> {
       options: l[5] ?? '',
       fstype: r[0] ?? '',
       source: unescapeMountField(r[1] ?? ''),
+      device: l[2] ?? '',
     });
   }
   return entries;

@@ -23,6 +23,8 @@ import {
   type FreezeMarker,
 } from './reflink-state.js';
 import type { Snapshot, SnapshotProvider, VolumeSpec } from './snapshot-provider.js';
+import { proveLoopVolume } from './loop-volume-identity.js';
+import type { VolumeIdentity } from './volume-identity.js';
 
 const VOLUME_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const TAG = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$/;
@@ -66,6 +68,11 @@ export class ReflinkSnapshotProvider implements SnapshotProvider {
     for (const v of opts.volumes ?? []) {
       if (v.image && VOLUME_NAME.test(v.name)) this.configured.set(v.name, snapshotDirOf(v.image));
     }
+  }
+
+  /** Image file ↔ loop device ↔ mounted filesystem (loop-volume-identity.ts). */
+  proveIdentity(volume: VolumeSpec): Promise<VolumeIdentity> {
+    return proveLoopVolume(volume);
   }
 
   async create(volume: VolumeSpec, tag: string, opts: CreateSnapshotOptions = {}): Promise<Snapshot> {

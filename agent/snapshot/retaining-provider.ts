@@ -3,6 +3,7 @@ import { copyFile, mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
 import type { Snapshot, SnapshotProvider, VolumeSpec } from './snapshot-provider.js';
+import type { VolumeIdentity } from './volume-identity.js';
 
 /**
  * Wraps a SnapshotProvider and keeps a reflink clone of every snapshot just
@@ -18,6 +19,10 @@ export class RetainingSnapshotProvider implements SnapshotProvider {
 
   constructor(private readonly inner: SnapshotProvider, private readonly keepDir: string) {
     this.kind = inner.kind;
+  }
+
+  proveIdentity(volume: VolumeSpec): Promise<VolumeIdentity> {
+    return this.inner.proveIdentity(volume);
   }
 
   create(volume: VolumeSpec, tag: string): Promise<Snapshot> {

@@ -11,7 +11,13 @@
  * - `cleanupStale` removes every snapshot this provider created that is not
  *   in `keep` and thaws a filesystem left frozen by a killed process; it
  *   returns what it released. It is called at agent start.
+ * - `proveIdentity` (volume-identity.ts) proves the volume's device, backing
+ *   store and mountpoint are one volume, or rejects E_IDENTITY naming the
+ *   mismatch; it holds and changes nothing. Called at agent start and before
+ *   every job, before anything is quiesced or frozen.
  */
+import type { VolumeIdentityCheck } from './volume-identity.js';
+
 export interface VolumeSpec {
   name: string;
   /** The block device the filesystem lives on (loop device). */
@@ -33,7 +39,7 @@ export interface Snapshot {
   snapshotSeconds: number;
 }
 
-export interface SnapshotProvider {
+export interface SnapshotProvider extends VolumeIdentityCheck {
   readonly kind: string;
   create(volume: VolumeSpec, tag: string): Promise<Snapshot>;
   /**
