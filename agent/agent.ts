@@ -14,6 +14,7 @@ import { cleanupStaleInstances } from './tracker/tracefs-instance.js';
 import { TracefsTracker } from './tracker/tracefs-tracker.js';
 import { VolumeTracking } from './tracking/volume-tracking.js';
 import { connectionOf } from './capture.js';
+import { reconnectDelayMs } from './reconnect-backoff.js';
 import { PgQuiescer } from './pg/quiescer.js';
 import { join } from 'node:path';
 import { runAudit, type AuditResult } from './audit-run.js';
@@ -56,6 +57,7 @@ export class Agent implements ControlledAgent {
       const released = await this.provider.cleanupStale();
       if (released.length) this.log.warn({ released }, 'released resources left by an earlier run');
       if (this.config.postgres) await this.releasePostgres();
+      await this.volumeInfos(); // a missing image or device: E_CONFIG now (exit 2), not a redial loop
       // Refuse a configuration whose device, image and mountpoint are not one volume (DESIGN.md §7.4).
       await proveVolumes(this.provider, this.config.volumes);
       if (this.config.tracking === 'tracefs') await this.startTracking();
@@ -130,43 +132,57 @@ export class Agent implements ControlledAgent {
   }
 
   private async connectLoop(): Promise<void> {
-    let delay = 200;
+    let attempt = 0;
     while (!this.stopped) {
+      let t: Transport | null = null;
       try {
-        const t = await connectWs(this.config.appliance, { ca: this.config.ca });
-        const closed = new Promise<BlocksnapError | undefined>((resolve) => t.onClose(resolve));
-        await this.handshake(t);
-        delay = 200;
+        // Before dialling: an unreadable volume is a configuration error, not a network one.
+        const volumes = await this.volumeInfos();
+        t = await connectWs(this.config.appliance, { ca: this.config.ca });
+        const closed = new Promise<BlocksnapError | undefined>((resolve) => t!.onClose(resolve));
+        await this.handshake(t, volumes);
+        attempt = 0;
         const err = await closed;
         this.transport = null;
         for (const r of this.runners.values()) r.disconnected();
         if (!this.stopped) this.log.warn({ err: err?.code, message: err?.message }, 'connection to appliance closed');
       } catch (e) {
+        // A failed handshake closes its socket now, not when the appliance's auth timeout does.
+        t?.close();
         const err = toBlocksnapError(e);
-        if (err.code === 'E_AUTH' || err.code === 'E_PROTOCOL') {
+        if (err.code === 'E_AUTH' || err.code === 'E_PROTOCOL' || err.code === 'E_CONFIG') {
           this.fatal = err;
-          this.log.error({ code: err.code, message: err.message }, 'appliance refused this agent; stopping');
+          this.log.error({ code: err.code, message: err.message }, err.code === 'E_CONFIG' ? 'configuration error; stopping' : 'appliance refused this agent; stopping');
           this.hooks.onFatal?.(err);
           return;
         }
-        this.log.warn({ code: err.code, message: err.message, retryMs: delay }, 'cannot reach appliance');
+        this.log.warn({ code: err.code, message: err.message, attempt }, 'cannot reach appliance');
       }
       if (this.stopped) break;
+      const delay = reconnectDelayMs(attempt++, { baseMs: 200, maxMs: this.config.reconnectMaxMs });
+      this.log.debug({ retryMs: delay }, 'redialling');
       await new Promise<void>((r) => {
         this.wake = r;
         setTimeout(r, delay).unref();
       });
-      delay = Math.min(delay * 2, this.config.reconnectMaxMs);
     }
   }
 
-  private async handshake(t: Transport): Promise<void> {
+  /** What the Hello announces. A volume whose image or device cannot be opened is a configuration error (E_CONFIG). */
+  private async volumeInfos(): Promise<VolumeInfo[]> {
     const volumes: VolumeInfo[] = [];
     for (const v of this.config.volumes) {
-      const size = await volumeSize(v.image ?? v.device);
+      const path = v.image ?? v.device;
+      const size = await volumeSize(path).catch((e) => {
+        throw new BlocksnapError('E_CONFIG', `volume ${v.name}: ${v.image ? 'image' : 'device'} ${path}: ${(e as Error).message}`, { cause: e });
+      });
       const map = await DigestMap.readIfValid(digestMapPath(this.config.stateDir, v.name));
       volumes.push({ name: v.name, size, chunkSize: v.chunkSize, lastImageId: map?.imageId ?? '' });
     }
+    return volumes;
+  }
+
+  private async handshake(t: Transport, volumes: VolumeInfo[]): Promise<void> {
     const welcome = new Promise<void>((resolve, reject) => {
       t.onMessage((env) => {
         if (env.kind === 'welcome') {
