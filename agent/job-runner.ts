@@ -38,6 +38,8 @@ export interface RunnerDeps {
   trackingOf?: (volume: string) => VolumeTracking | undefined;
   /** The PostgreSQL server to quiesce around the snapshot. */
   postgres?: PostgresConfig;
+  /** How often the job tells the appliance it is alive (default 10 s; the appliance gives up after 5 min of silence). */
+  heartbeatMs?: number;
 }
 
 export function digestMapPath(stateDir: string, volume: string): string {
@@ -183,6 +185,13 @@ export class JobRunner {
   async run(): Promise<{ ok: boolean; imageId?: string; error?: BlocksnapError; stats: TransferStats }> {
     const log = this.deps.log.child({ job: this.jobId, volume: this.group ?? this.members[0]!.volume.name });
     let outcome: { ok: boolean; imageId?: string; error?: BlocksnapError; stats: TransferStats };
+    // Quiescing, snapshotting and releasing send nothing else: without a heartbeat the appliance
+    // could not tell a long checkpoint from an agent that went silent (its job idle timeout).
+    const heartbeat = setInterval(() => {
+      this.deps.send(envelope('jobProgress', { jobId: this.jobId, chunksDone: 0, chunksTotal: 0, bytesSent: 0, phase: 'heartbeat' }))
+        .catch(() => undefined);
+    }, this.deps.heartbeatMs ?? 10_000);
+    heartbeat.unref();
     try {
       const cap = await captureGroup({
         jobId: this.jobId, members: this.members.map((m) => ({ volume: m.volume, tracking: m.tracking })), group: this.group,
@@ -244,6 +253,7 @@ export class JobRunner {
       if (snapshot) await this.deps.provider.remove(snapshot).catch((e) => log.error({ err: e, snapshot: snapshot.id }, 'snapshot removal failed'));
     }
     this.released = true;
+    clearInterval(heartbeat);
     if (outcome.ok) {
       await this.report({ jobId: this.jobId, ok: true, imageId: outcome.imageId!, errorCode: '', errorMessage: '', stats: outcome.stats });
     } else if (!this.fatal || outcome.error!.code === 'E_CANCELLED') {

@@ -53,7 +53,7 @@ export class ActiveJob extends EventEmitter {
   /** What the agent's quiesce window returned (app-consistent images). */
   pg: PgBackupInfo | null = null;
   /** WAL pieces received: file name → size and pieces by offset. */
-  wal = new Map<string, { size: number; pieces: Map<number, WalPieceRef> }>();
+  wal = new Map<string, { size: number; pieces: Map<number, WalPieceRef>; sent: Map<number, string> }>();
   /** Chunk bytes received but not yet processed (flow-control policing). */
   queuedBytes = 0;
   /** Serializes the job's frames: batches, end and result run one after another. */

@@ -22,7 +22,23 @@ export interface RouterOptions {
   flushEveryBytes?: number;
   /** Audit the change tracker every N incrementals of a volume (0 = only on request). */
   auditEvery?: number;
+  /**
+   * A connected agent that sends nothing for a job this long (agents send a
+   * heartbeat every JOB_HEARTBEAT_MS, even while quiescing or snapshotting)
+   * has lost it: the job fails E_TIMEOUT and frees the volume. Default 5 min.
+   */
+  jobIdleTimeoutMs?: number;
 }
+
+/**
+ * What the router charges against a job's flow window for each chunk besides
+ * its data: the agent's FlowWindow reserves data + CHUNK_OVERHEAD per chunk,
+ * so a flood of zero chunks (no data) is bounded like any other batch.
+ */
+export const CHUNK_OVERHEAD = 64;
+/** WAL travels in pieces of this size (the last piece of a file may be shorter). */
+export const WAL_PIECE_BYTES = 4 << 20;
+const MAX_WAL_FILES = 64;
 
 /**
  * Routes job frames between agent sessions and ingests, and owns the
@@ -33,13 +49,33 @@ export interface RouterOptions {
 export class JobRouter {
   private readonly sessions = new Map<string, AgentSession>();
   private readonly jobs = new Map<string, ActiveJob>();
+  private readonly idleTimer: NodeJS.Timeout;
 
   constructor(
     readonly catalog: Catalog,
     private readonly store: ChunkStore,
     private readonly opts: RouterOptions,
     private readonly log: Logger,
-  ) {}
+  ) {
+    const idle = opts.jobIdleTimeoutMs ?? 5 * 60_000;
+    this.idleTimer = setInterval(() => this.expireIdleJobs(idle), Math.max(50, Math.min(5_000, idle / 4)));
+    this.idleTimer.unref();
+  }
+
+  /** Ends jobs whose connected agent went silent (a disconnected one has the resume grace timer instead). */
+  private expireIdleJobs(idleMs: number): void {
+    const now = Date.now();
+    for (const job of this.jobs.values()) {
+      if (job.finished || job.graceTimer || now - job.lastActivity < idleMs) continue;
+      if (job.state === 'committed') {
+        // The image is visible; only the agent's report never came.
+        this.log.warn({ job: job.id }, 'no job result from the agent; the committed image stands');
+        this.finish(job, { ok: true, jobId: job.id, imageId: job.imageId!, stats: { resultMissing: 1 } as any });
+        continue;
+      }
+      this.fail(job, new BlocksnapError('E_TIMEOUT', `job ${job.id}: nothing from the agent for ${Math.round((now - job.lastActivity) / 1000)} s`));
+    }
+  }
 
   connectedAgents(): { agent: string; session: string; volumes: string[] }[] {
     return [...this.sessions.values()].map((s) => ({ agent: s.agent!.name, session: s.id, volumes: [...s.volumes.keys()] }));
@@ -148,7 +184,7 @@ export class JobRouter {
         const b = env.chunkBatch;
         const job = this.jobs.get(b.jobId);
         let bytes = 0;
-        for (const c of b.chunks) bytes += c.data.length;
+        for (const c of b.chunks) bytes += c.data.length + CHUNK_OVERHEAD;
         if (job && job.agent === s.agent!.name && !job.finished) {
           job.queuedBytes += bytes;
           // An agent that ignores Acks would queue frames without bound; the window is its promise.
@@ -180,7 +216,10 @@ export class JobRouter {
         return this.onJobFrame(s, env.jobResult.jobId, async (job) => this.jobResult(job, env.jobResult));
       case 'jobProgress': {
         const job = this.ownJob(s, env.jobProgress.jobId);
-        if (job) job.progress(env.jobProgress);
+        if (!job) return;
+        job.lastActivity = Date.now();
+        // A heartbeat only says the agent still works on the job (quiesce, snapshot, release).
+        if (env.jobProgress.phase !== 'heartbeat') job.progress(env.jobProgress);
         return;
       }
       case 'error': {
@@ -296,11 +335,24 @@ export class JobRouter {
     if (job.current!.ended) return; // resent after a resume: every piece arrived before the member ended
     let file = job.wal.get(w.fileName);
     if (!file) {
-      if (job.wal.size >= 64) throw new BlocksnapError('E_PROTOCOL', `job ${job.id}: more than 64 WAL files`);
-      file = { size: w.fileSize, pieces: new Map() };
+      if (job.wal.size >= MAX_WAL_FILES) throw new BlocksnapError('E_PROTOCOL', `job ${job.id}: more than ${MAX_WAL_FILES} WAL files`);
+      file = { size: w.fileSize, pieces: new Map(), sent: new Map() };
       job.wal.set(w.fileName, file);
     }
     if (file.size !== w.fileSize) throw new BlocksnapError('E_PROTOCOL', `WAL ${w.fileName}: size changed`);
+    // Pieces have one fixed layout (offset k × 4 MiB, full length but the last), so a file has at
+    // most fileSize / 4 MiB of them and an agent cannot make us hold one entry per byte.
+    if (w.offset % WAL_PIECE_BYTES !== 0 || w.plainLength !== Math.min(WAL_PIECE_BYTES, w.fileSize - w.offset)) {
+      throw new BlocksnapError('E_PROTOCOL', `WAL ${w.fileName}: piece at ${w.offset} of ${w.plainLength} bytes is not a ${WAL_PIECE_BYTES}-byte piece`);
+    }
+    const wire = Buffer.from(w.digest).toString('hex');
+    const known = file.sent.get(w.offset);
+    if (known !== undefined) {
+      // Resent after a resume (the agent re-sends its pg info and WAL): the same piece is harmless, another is not.
+      if (known !== wire) throw new BlocksnapError('E_PROTOCOL', `WAL ${w.fileName}: piece at ${w.offset} changed`);
+      return;
+    }
+    file.sent.set(w.offset, wire);
     const { zero } = await job.ingest.putExtra(`WAL ${w.fileName}@${w.offset}`, w.digest, w.data, w.plainLength);
     const digest = (zero ? ZERO_DIGEST : Buffer.from(w.digest)).toString('hex');
     file.pieces.set(w.offset, { offset: w.offset, length: w.plainLength, digest });
@@ -464,6 +516,7 @@ export class JobRouter {
   }
 
   async shutdown(): Promise<void> {
+    clearInterval(this.idleTimer);
     for (const job of this.jobs.values()) this.fail(job, new BlocksnapError('E_CANCELLED', 'appliance shutting down'));
   }
 }

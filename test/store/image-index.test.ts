@@ -15,7 +15,7 @@ import {
   type PutResult,
 } from '../../appliance/store/chunk-store.js';
 import { ImageIndexBuilder, ImageIndexReader, type ImageIndexResult } from '../../appliance/store/image-index.js';
-import { PAGE_BYTES, SLOTS_PER_PAGE, encodeRoot, imageGeometry } from '../../proto/shared/image-root.js';
+import { PAGE_BYTES, SLOTS_PER_PAGE, encodeRoot, imageGeometry, imageRootDigest } from '../../proto/shared/image-root.js';
 import { MemoryChunkStore } from '../../appliance/testing/memory-chunk-store.js';
 
 /**
@@ -122,6 +122,8 @@ describe.each(factories)('image index on %s', (_name, makeStore) => {
     const { result, writer } = await build(store, vs, cs, patches);
     const expected = expectedFromModel(model, vs, cs);
     expect(result.rootDigest).toEqual(expected.rootDigest);
+    // The agent's side of the end-to-end check computes the same root from the full map alone.
+    expect(imageRootDigest(vs, cs, model)).toEqual(result.rootDigest);
     expect(result).toMatchObject({ chunkCount: n, pageCount: 4, pagesWritten: 2, pagesShared: 0, pagesZero: 2 });
     expect(writer.count(BLOB_PAGE)).toBe(2);
     expect(writer.count(BLOB_ROOT)).toBe(1);
@@ -241,6 +243,7 @@ describe.each(factories)('image index on %s', (_name, makeStore) => {
       const { result, writer } = await build(counting, vs, cs, sorted, basis);
       const expected = expectedFromModel(next, vs, cs);
       expect(result.rootDigest, `gen ${gen}`).toEqual(expected.rootDigest);
+      expect(imageRootDigest(vs, cs, next), `agent-side root, gen ${gen}`).toEqual(result.rootDigest);
       const written = changed.filter((p) => nonZeroNext.has(p));
       expect(writer.count(BLOB_PAGE), `gen ${gen}`).toBe(written.length);
       expect(result.pagesWritten).toBe(written.length);
