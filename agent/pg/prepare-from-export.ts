@@ -1,7 +1,7 @@
-import { chown, copyFile, readdir, readFile, stat } from 'node:fs/promises';
+import { chown, copyFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { BlocksnapError } from '../../proto/errors.js';
-import { prepareDataDir, type PrepareResult } from './prepare.js';
+import { checkDataDir, prepareDataDir, type PrepareOptions, type PrepareResult } from './prepare.js';
+import { checkSidecarAgainstData } from './sidecar-check.js';
 import { pgSqlFor } from './sql-table.js';
 
 /**
@@ -10,6 +10,10 @@ import { pgSqlFor } from './sql-table.js';
  * next to FILE (FILE.blocksnap.json: label, LSNs, timeline, version) and the
  * WAL in FILE.wal/ (copied into the data directory's WAL directory, over the
  * shorter copies the snapshot holds of the same segments).
+ *
+ * Nothing is written before every check has passed: the sidecar belongs to
+ * FILE and FILE is the data under DATADIR (sidecar-check.ts), the WAL is the
+ * image's, and prepareDataDir's own refusals (version, label, live postmaster).
  */
 export interface PrepareFromExportOptions {
   asStandby?: boolean;
@@ -18,31 +22,23 @@ export interface PrepareFromExportOptions {
 }
 
 export async function prepareFromExport(dataDir: string, imageFile: string, o: PrepareFromExportOptions = {}): Promise<PrepareResult & { walCopied: string[]; imageId: string }> {
-  let side: any;
-  try {
-    side = JSON.parse(await readFile(`${imageFile}.blocksnap.json`, 'utf8'));
-  } catch (e) {
-    throw new BlocksnapError('E_NOT_FOUND', `${imageFile}.blocksnap.json is missing or unreadable: export the image with blocksnap-appliance export (a crash-consistent image has none)`, { cause: e });
-  }
-  if (side?.format !== 'blocksnap-pg-sidecar' || side.version !== 1 || typeof side.pg !== 'object') {
-    throw new BlocksnapError('E_FORMAT', `${imageFile}.blocksnap.json is not a blocksnap PostgreSQL sidecar`);
-  }
-  const pg = side.pg;
-  const walCopied: string[] = [];
-  if (pg.walFiles?.length) {
-    const st = await stat(dataDir);
-    const walDir = join(dataDir, pgSqlFor(pg.serverVersion).walDir);
-    const have = new Set(await readdir(`${imageFile}.wal`));
-    for (const name of pg.walFiles as string[]) {
-      if (!/^[0-9A-F]{24}$/.test(name) || !have.has(name)) throw new BlocksnapError('E_NOT_FOUND', `WAL segment ${name} missing from ${imageFile}.wal`);
-      await copyFile(join(`${imageFile}.wal`, name), join(walDir, name));
-      await chown(join(walDir, name), st.uid, st.gid);
-      walCopied.push(name);
-    }
-  }
-  const r = await prepareDataDir(dataDir, {
+  const { sidecar, walFiles } = await checkSidecarAgainstData(dataDir, imageFile);
+  const pg = sidecar.pg;
+  const opts: PrepareOptions = {
     labelFile: pg.labelFile, spcmapFile: pg.spcmapFile || null, stopLsn: pg.stopLsn, timeline: pg.timeline || null,
     version: pg.serverVersion, asStandby: o.asStandby, primaryConninfo: o.primaryConninfo, restoreCommand: o.restoreCommand,
-  });
-  return { ...r, walCopied, imageId: side.imageId };
+  };
+  await checkDataDir(dataDir, opts);
+  const walCopied: string[] = [];
+  if (walFiles.length) {
+    const st = await stat(dataDir);
+    const walDir = join(dataDir, pgSqlFor(pg.serverVersion).walDir);
+    for (const w of walFiles) {
+      await copyFile(w.path, join(walDir, w.name));
+      await chown(join(walDir, w.name), st.uid, st.gid);
+      walCopied.push(w.name);
+    }
+  }
+  const r = await prepareDataDir(dataDir, opts);
+  return { ...r, walCopied, imageId: sidecar.imageId };
 }

@@ -124,8 +124,9 @@ function checkLabel(label: string, stopLsn: string): void {
   }
 }
 
-export async function prepareDataDir(dir: string, o: PrepareOptions): Promise<PrepareResult> {
-  const sql = pgSqlFor(o.version);
+/** Every refusal prepareDataDir makes, without writing anything: callers that write first (WAL) run it before. */
+export async function checkDataDir(dir: string, o: PrepareOptions): Promise<void> {
+  pgSqlFor(o.version);
   const major = majorOf(o.version);
   const pgVersion = await readFile(path.join(dir, 'PG_VERSION'), 'utf8').then((t) => t.trim(), () => null);
   if (pgVersion === null) throw new BlocksnapError('E_PG', `${dir} is not a PostgreSQL data directory (no PG_VERSION)`);
@@ -135,6 +136,11 @@ export async function prepareDataDir(dir: string, o: PrepareOptions): Promise<Pr
     throw new BlocksnapError('E_USAGE', 'a standby needs a primary conninfo or a restore command to get WAL from');
   }
   await assertNoPostmaster(dir);
+}
+
+export async function prepareDataDir(dir: string, o: PrepareOptions): Promise<PrepareResult> {
+  const sql = pgSqlFor(o.version);
+  await checkDataDir(dir, o);
   const st = await stat(dir);
   const owner = { uid: st.uid, gid: st.gid };
   const written: string[] = [];

@@ -1,8 +1,8 @@
 import { mkdir, readFile, realpath, rm, rmdir } from 'node:fs/promises';
 import path from 'node:path';
 import { execa } from 'execa';
-import { exportImage } from '../../appliance/ops/export-image.js';
-import { exportPgSidecar, sidecarPath, walDirPath } from '../../appliance/ops/export-pg.js';
+import { exportImageTo } from '../../appliance/ops/export-image.js';
+import { sidecarPath, walDirPath } from '../../appliance/ops/export-pg.js';
 import type { ChunkStore } from '../../appliance/store/chunk-store.js';
 import type { PgImageInfo } from '../../appliance/store/pg-image-info.js';
 import { BlocksnapError } from '../../proto/errors.js';
@@ -61,8 +61,7 @@ export async function restoreImage(o: RestoreImageOptions): Promise<RestoredImag
     undo.push(() => rm(file, { force: true }));
     undo.push(() => rm(sidecarPath(file), { force: true }));
     undo.push(() => rm(walDirPath(file), { recursive: true, force: true }));
-    await exportImage(o.store, o.rootDigest, file);
-    await exportPgSidecar(o.store, o.imageId, o.pg, file);
+    await exportImageTo(o.store, { id: o.imageId, rootDigest: o.rootDigest, pg: o.pg }, file);
     const dev = await attachLoop(file);
     const backing = await realpath(file);
     undo.push(() => detachLoop(dev, { backingFile: backing }));

@@ -3,9 +3,7 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import type { Logger } from 'pino';
 import { BlocksnapError, toBlocksnapError } from '../../proto/errors.js';
 import { join } from 'node:path';
-import { exportImage } from '../ops/export-image.js';
-import { exportPgSidecar } from '../ops/export-pg.js';
-import type { PgImageInfo } from '../store/pg-image-info.js';
+import { exportImageTo } from '../ops/export-image.js';
 import { verifyImage } from '../ops/verify-image.js';
 import type { Appliance } from './appliance.js';
 import { readJsonBody } from '../../proto/http-json.js';
@@ -18,7 +16,7 @@ import { readJsonBody } from '../../proto/http-json.js';
  *   GET  /v1/agents                 connected agents and their volumes
  *   POST /v1/backup {agent, volume, full, audit?}   → started, progress*, result
  *   POST /v1/cancel {jobId}
- *   POST /v1/export {imageId, to}          → progress*, result
+ *   POST /v1/export {imageId, to, force?}  → progress*, result
  *   POST /v1/verify {imageId?}             → progress*, result {ok, reports}
  */
 export class ControlServer {
@@ -87,8 +85,8 @@ async function handle(app: Appliance, req: IncomingMessage, res: ServerResponse)
     const progress = (done: number, total: number) => write({ event: 'progress', chunksDone: done, chunksTotal: total });
     if (url === '/v1/export') {
       if (typeof body.to !== 'string' || !body.to.startsWith('/')) throw new BlocksnapError('E_USAGE', '"to" must be an absolute path');
-      const r = await exportImage(app.store, images[0]!.rootDigest, body.to, progress);
-      if (images[0]!.pg) await exportPgSidecar(app.store, images[0]!.id, images[0]!.pg as unknown as PgImageInfo, body.to);
+      // Checked before a byte is written; the data directory is never a target.
+      const r = await exportImageTo(app.store, images[0]!, body.to, { force: body.force === true, dataDir: app.opts.dataDir, onProgress: progress });
       res.end(JSON.stringify({ event: 'result', ok: true, ...r }) + '\n');
     } else {
       const reports = [];

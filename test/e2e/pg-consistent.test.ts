@@ -9,8 +9,7 @@ import { startPgAgent } from '../../agent/testing/pg-agent.js';
 import { attachLoop, detachLoop } from '../../agent/testing/loop.js';
 import { PgCluster } from '../../agent/testing/pg-cluster.js';
 import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
-import { exportImage } from '../../appliance/ops/export-image.js';
-import { exportPgSidecar } from '../../appliance/ops/export-pg.js';
+import { exportImageTo } from '../../appliance/ops/export-image.js';
 import type { PgImageInfo } from '../../appliance/store/pg-image-info.js';
 import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
 import { createLogger } from '../../proto/log.js';
@@ -92,8 +91,7 @@ describe('application-consistent image of a primary (PostgreSQL 15)', () => {
     const out = join(lab.poolMount, 'export.raw');
     cleanups.push(() => rm(out, { force: true }));
     cleanups.push(() => rm(`${out}.wal`, { recursive: true, force: true }));
-    await exportImage(appl.app.store, img.rootDigest, out);
-    await exportPgSidecar(appl.app.store, img.id, info, out);
+    await exportImageTo(appl.app.store, { ...img, pg: info }, out);
     expect((await readdir(`${out}.wal`)).sort()).toEqual(info.wal.map((w) => w.name).sort());
 
     const dev = await attachLoop(out);
