@@ -1,4 +1,5 @@
 import { readFileSync } from 'node:fs';
+import { z } from 'zod';
 import { BlocksnapError } from '../proto/errors.js';
 import type { VolumeSpec } from './snapshot/snapshot-provider.js';
 
@@ -66,8 +67,62 @@ export interface PostgresConfig {
 
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
 
+// The file's schema: strict objects (an unknown key such as "volumez" or postgres.prot is an
+// error, not silently ignored), every default in one place. Cross-field rules follow below.
+const int = (min: number, max = Number.MAX_SAFE_INTEGER) => {
+  const error = max === Number.MAX_SAFE_INTEGER ? `must be an integer ≥ ${min}` : `must be an integer in ${min}..${max}`;
+  return z.number({ error }).int({ error }).min(min, { error }).max(max, { error });
+};
+const absPath = z.string({ error: 'must be an absolute path' }).startsWith('/', { error: 'must be an absolute path' });
+const name = z.string({ error: 'must be a name' }).regex(NAME_RE, { error: 'must be a name of letters, digits, . _ - (at most 63)' });
+const nonEmpty = z.string({ error: 'must be a non-empty string' }).min(1, { error: 'must be a non-empty string' });
+
+const volumeSchema = z.strictObject({
+  name,
+  device: absPath,
+  image: absPath.optional(),
+  mountpoint: absPath,
+  chunkSize: int(4096, 4 << 20).refine((n) => (n & (n - 1)) === 0, { error: 'must be a power of two from 4096 to 4194304' }).default(65536),
+});
+
+const postgresSchema = z.strictObject({
+  host: nonEmpty.default('127.0.0.1'),
+  port: int(1, 65535).default(5432),
+  user: nonEmpty.default('postgres'),
+  password: nonEmpty.optional(),
+  database: nonEmpty.default('postgres'),
+  role: z.enum(['primary', 'standby', 'auto'], { error: 'must be primary, standby or auto' }).default('auto'),
+  fast: z.boolean({ error: 'must be true or false' }).default(true),
+  dataDirectory: absPath.optional(),
+  pauseTimeoutMs: int(100, 3_600_000).default(30_000),
+  watchdogSeconds: int(5, 86_400).default(600),
+}, { error: 'must be an object' });
+
+const configSchema = z.strictObject({
+  appliance: z.string({ error: 'must be a ws:// or wss:// URL' }).regex(/^wss?:\/\//, { error: 'must be a ws:// or wss:// URL' }),
+  agent: name,
+  token: nonEmpty.optional(),
+  tokenFile: nonEmpty.optional(),
+  caFile: absPath.optional(),
+  stateDir: absPath,
+  volumes: z.array(volumeSchema, { error: 'must be an array of volumes' }),
+  groups: z.array(z.strictObject({
+    name,
+    volumes: z.array(z.string(), { error: 'must list 1..64 volumes' }).min(1, { error: 'must list 1..64 volumes' }).max(64, { error: 'must list 1..64 volumes' }),
+  }), { error: '"groups" must be an array' }).default([]),
+  windowBytes: int(1 << 20).default(32 << 20),
+  batchBytes: int(64 << 10).default(2 << 20),
+  workers: int(1).default(2),
+  compressionLevel: int(-7, 22).default(1),
+  reconnectMaxMs: int(100).default(10_000),
+  tracking: z.enum(['tracefs', 'off'], { error: 'must be "tracefs" or "off"' }).default('tracefs'),
+  trackerBufferKb: int(1).optional(),
+  postgres: postgresSchema.optional(),
+  retainSnapshotsDir: absPath.optional(),
+}, { error: 'not a JSON object' });
+
 export function loadAgentConfig(file: string): AgentConfig {
-  let raw: any;
+  let raw: unknown;
   try {
     raw = JSON.parse(readFileSync(file, 'utf8'));
   } catch (e) {
@@ -76,128 +131,83 @@ export function loadAgentConfig(file: string): AgentConfig {
   return parseAgentConfig(raw, file);
 }
 
-export function parseAgentConfig(raw: any, source = 'config'): AgentConfig {
-  const bad = (m: string) => new BlocksnapError('E_CONFIG', `${source}: ${m}`);
-  if (typeof raw !== 'object' || raw === null) throw bad('not a JSON object');
-  if (typeof raw.appliance !== 'string' || !/^wss?:\/\//.test(raw.appliance)) throw bad('"appliance" must be a ws:// or wss:// URL');
-  if (typeof raw.agent !== 'string' || !NAME_RE.test(raw.agent)) throw bad('"agent" must be a name of letters, digits, . _ -');
-  let token = raw.token;
-  if (token === undefined && typeof raw.tokenFile === 'string') {
+/** `a.b[2].c` */
+function pathOf(path: readonly PropertyKey[]): string {
+  return path.map((k, i) => (typeof k === 'number' ? `[${k}]` : `${i ? '.' : ''}${String(k)}`)).join('');
+}
+
+/** Every problem of the file, one per line, each named by its path (`postgres.prot: unrecognized key`). */
+function issuesOf(error: z.ZodError): string[] {
+  return error.issues.flatMap((i) => {
+    if (i.code === 'unrecognized_keys') return i.keys.map((k) => `${pathOf([...i.path, k])}: unrecognized key`);
+    return [i.path.length ? `${pathOf(i.path)}: ${i.message}` : i.message];
+  });
+}
+
+export function parseAgentConfig(raw: unknown, source = 'config'): AgentConfig {
+  const bad = (problems: string[]) => new BlocksnapError('E_CONFIG', problems.map((m) => `${source}: ${m}`).join('\n'));
+  const parsed = configSchema.safeParse(raw);
+  if (!parsed.success) throw bad(issuesOf(parsed.error));
+  const c = parsed.data;
+  const problems: string[] = [];
+  const names = new Set<string>();
+  c.volumes.forEach((v, i) => {
+    if (names.has(v.name)) problems.push(`volumes[${i}].name: volume ${v.name} is listed twice`);
+    names.add(v.name);
+  });
+  problems.push(...groupProblems(c.groups, names));
+  if (c.token === undefined && c.tokenFile === undefined) problems.push('"token" or "tokenFile" is required');
+  if (problems.length) throw bad(problems);
+  let token = c.token;
+  if (token === undefined) {
     try {
-      token = readFileSync(raw.tokenFile, 'utf8').trim();
+      token = readFileSync(c.tokenFile!, 'utf8').trim();
     } catch (e) {
-      throw new BlocksnapError('E_CONFIG', `${source}: cannot read tokenFile ${raw.tokenFile}`, { cause: e });
+      throw new BlocksnapError('E_CONFIG', `${source}: tokenFile: cannot read tokenFile ${c.tokenFile}: ${(e as Error).message}`, { cause: e });
+    }
+    if (!token) throw bad([`tokenFile: ${c.tokenFile} is empty`]);
+  }
+  let ca: Buffer | undefined;
+  if (c.caFile !== undefined) {
+    try {
+      ca = readFileSync(c.caFile);
+    } catch (e) {
+      throw new BlocksnapError('E_CONFIG', `${source}: caFile: cannot read caFile ${c.caFile}: ${(e as Error).message}`, { cause: e });
     }
   }
-  if (typeof token !== 'string' || token.length === 0) throw bad('"token" or "tokenFile" is required');
-  if (typeof raw.stateDir !== 'string' || !raw.stateDir.startsWith('/')) throw bad('"stateDir" must be an absolute path');
-  if (!Array.isArray(raw.volumes)) throw bad('"volumes" must be an array');
-  const names = new Set<string>();
-  const volumes: VolumeSpec[] = raw.volumes.map((v: any, i: number) => {
-    if (typeof v?.name !== 'string' || !NAME_RE.test(v.name)) throw bad(`volumes[${i}].name is invalid`);
-    if (names.has(v.name)) throw bad(`volume ${v.name} is listed twice`);
-    names.add(v.name);
-    for (const k of ['device', 'mountpoint'] as const) {
-      if (typeof v[k] !== 'string' || !v[k].startsWith('/')) throw bad(`volumes[${i}].${k} must be an absolute path`);
-    }
-    if (v.image !== undefined && (typeof v.image !== 'string' || !v.image.startsWith('/'))) throw bad(`volumes[${i}].image must be an absolute path`);
-    const cs = v.chunkSize ?? 65536;
-    if (!Number.isInteger(cs) || cs < 4096 || cs > 4 << 20 || (cs & (cs - 1)) !== 0) {
-      throw bad(`volumes[${i}].chunkSize must be a power of two from 4096 to 4194304`);
-    }
-    return { name: v.name, device: v.device, image: v.image, mountpoint: v.mountpoint, chunkSize: cs };
-  });
-  const groups = groupsOf(raw.groups, names, bad);
-  const num = (k: string, d: number, min: number) => {
-    const x = raw[k] ?? d;
-    if (!Number.isInteger(x) || x < min) throw bad(`"${k}" must be an integer ≥ ${min}`);
-    return x;
-  };
+  const volumes: VolumeSpec[] = c.volumes.map((v) => ({ name: v.name, device: v.device, image: v.image, mountpoint: v.mountpoint, chunkSize: v.chunkSize }));
+  const pg = c.postgres;
   return {
-    appliance: raw.appliance, agent: raw.agent, token, stateDir: raw.stateDir, volumes,
-    ...(raw.caFile === undefined ? {} : { ca: readCa(raw.caFile, bad) }), groups,
-    windowBytes: num('windowBytes', 32 << 20, 1 << 20),
-    batchBytes: num('batchBytes', 2 << 20, 64 << 10),
-    workers: num('workers', 2, 1),
-    compressionLevel: level(raw.compressionLevel, bad),
-    reconnectMaxMs: num('reconnectMaxMs', 10_000, 100),
-    retainSnapshotsDir: optionalAbs(raw.retainSnapshotsDir, 'retainSnapshotsDir', bad),
-    tracking: trackingOf(raw.tracking, bad),
-    ...(raw.postgres === undefined ? {} : { postgres: postgresOf(raw.postgres, bad) }),
-    ...(raw.trackerBufferKb === undefined ? {} : { trackerBufferKb: num('trackerBufferKb', 0, 1) }),
+    appliance: c.appliance, agent: c.agent, token, stateDir: c.stateDir, volumes,
+    ...(ca ? { ca } : {}), groups: c.groups.map((g) => ({ name: g.name, volumes: [...g.volumes] })),
+    windowBytes: c.windowBytes, batchBytes: c.batchBytes, workers: c.workers, compressionLevel: c.compressionLevel,
+    reconnectMaxMs: c.reconnectMaxMs, retainSnapshotsDir: c.retainSnapshotsDir, tracking: c.tracking,
+    ...(pg === undefined ? {} : {
+      postgres: {
+        host: pg.host, port: pg.port, user: pg.user, ...(pg.password === undefined ? {} : { password: pg.password }),
+        database: pg.database, role: pg.role, fast: pg.fast, ...(pg.dataDirectory ? { dataDirectory: pg.dataDirectory } : {}),
+        pauseTimeoutMs: pg.pauseTimeoutMs, watchdogSeconds: pg.watchdogSeconds,
+      },
+    }),
+    ...(c.trackerBufferKb === undefined ? {} : { trackerBufferKb: c.trackerBufferKb }),
   };
 }
 
-function groupsOf(v: unknown, volumes: Set<string>, bad: (m: string) => BlocksnapError): VolumeGroup[] {
-  if (v === undefined) return [];
-  if (!Array.isArray(v)) throw bad('"groups" must be an array');
+/** Consistency-group rules (DESIGN.md §4.4) the schema cannot say: membership and names. */
+function groupProblems(groups: { name: string; volumes: string[] }[], volumes: Set<string>): string[] {
+  const problems: string[] = [];
   const member = new Map<string, string>();
   const names = new Set<string>();
-  return v.map((g: any, i: number) => {
-    if (typeof g?.name !== 'string' || !NAME_RE.test(g.name)) throw bad(`groups[${i}].name is invalid`);
-    if (volumes.has(g.name)) throw bad(`group ${g.name} has the name of a volume: jobs name either, so the names must differ`);
-    if (names.has(g.name)) throw bad(`group ${g.name} is listed twice`);
+  groups.forEach((g, i) => {
+    if (volumes.has(g.name)) problems.push(`groups[${i}].name: group ${g.name} has the name of a volume: jobs name either, so the names must differ`);
+    if (names.has(g.name)) problems.push(`groups[${i}].name: group ${g.name} is listed twice`);
     names.add(g.name);
-    if (!Array.isArray(g.volumes) || g.volumes.length === 0 || g.volumes.length > 64) throw bad(`groups[${i}].volumes must list 1..64 volumes`);
-    for (const m of g.volumes) {
-      if (typeof m !== 'string' || !volumes.has(m)) throw bad(`group ${g.name}: ${JSON.stringify(m)} is not a configured volume`);
+    g.volumes.forEach((m, j) => {
+      if (!volumes.has(m)) return void problems.push(`groups[${i}].volumes[${j}]: group ${g.name}: ${JSON.stringify(m)} is not a configured volume`);
       const other = member.get(m);
-      if (other) throw bad(`volume ${m} is in groups ${other} and ${g.name}: a volume is in at most one group`);
+      if (other) problems.push(`groups[${i}].volumes[${j}]: volume ${m} is in groups ${other} and ${g.name}: a volume is in at most one group`);
       member.set(m, g.name);
-    }
-    return { name: g.name, volumes: [...g.volumes] };
+    });
   });
-}
-
-function optionalAbs(v: unknown, key: string, bad: (m: string) => BlocksnapError): string | undefined {
-  if (v === undefined) return undefined;
-  if (typeof v !== 'string' || !v.startsWith('/')) throw bad(`"${key}" must be an absolute path`);
-  return v;
-}
-
-function trackingOf(v: unknown, bad: (m: string) => BlocksnapError): 'tracefs' | 'off' {
-  if (v === undefined) return 'tracefs';
-  if (v !== 'tracefs' && v !== 'off') throw bad('"tracking" must be "tracefs" or "off"');
-  return v;
-}
-
-function postgresOf(v: any, bad: (m: string) => BlocksnapError): PostgresConfig {
-  if (typeof v !== 'object' || v === null) throw bad('"postgres" must be an object');
-  const str = (k: string, d?: string) => {
-    const x = v[k] ?? d;
-    if (typeof x !== 'string' || x === '') throw bad(`"postgres.${k}" must be a non-empty string`);
-    return x;
-  };
-  const int = (k: string, d: number, min: number, max: number) => {
-    const x = v[k] ?? d;
-    if (!Number.isInteger(x) || x < min || x > max) throw bad(`"postgres.${k}" must be an integer in ${min}..${max}`);
-    return x;
-  };
-  const role = v.role ?? 'auto';
-  if (!['primary', 'standby', 'auto'].includes(role)) throw bad('"postgres.role" must be primary, standby or auto');
-  if (v.dataDirectory !== undefined && (typeof v.dataDirectory !== 'string' || !v.dataDirectory.startsWith('/'))) {
-    throw bad('"postgres.dataDirectory" must be an absolute path');
-  }
-  return {
-    host: str('host', '127.0.0.1'), port: int('port', 5432, 1, 65535), user: str('user', 'postgres'),
-    ...(v.password === undefined ? {} : { password: str('password') }),
-    database: str('database', 'postgres'), role, fast: v.fast === undefined ? true : !!v.fast,
-    ...(v.dataDirectory ? { dataDirectory: v.dataDirectory } : {}),
-    pauseTimeoutMs: int('pauseTimeoutMs', 30_000, 100, 3_600_000), watchdogSeconds: int('watchdogSeconds', 600, 5, 86_400),
-  };
-}
-
-function level(v: unknown, bad: (m: string) => BlocksnapError): number {
-  if (v === undefined) return 1;
-  if (!Number.isInteger(v) || (v as number) < -7 || (v as number) > 22) throw bad('"compressionLevel" must be an integer in -7..22');
-  return v as number;
-}
-
-function readCa(file: unknown, bad: (m: string) => BlocksnapError): Buffer {
-  if (typeof file !== 'string' || !file.startsWith('/')) throw bad('"caFile" must be an absolute path');
-  try {
-    return readFileSync(file);
-  } catch (e) {
-    throw new BlocksnapError('E_CONFIG', `cannot read caFile ${file}: ${(e as Error).message}`, { cause: e });
-  }
+  return problems;
 }
