@@ -1,0 +1,151 @@
+import { execa } from 'execa';
+import { open, readdir, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { Agent } from '../../agent/agent.js';
+import { snapshotDirOf } from '../../agent/snapshot/reflink-snapshot-provider.js';
+import type { VolumeSpec } from '../../agent/snapshot/snapshot-provider.js';
+import { findMount } from '../../agent/snapshot/fsfreeze.js';
+import { startTestAgent } from '../../agent/testing/pg-agent.js';
+import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
+import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
+import { isBlocksnapError } from '../../proto/errors.js';
+import { createLogger } from '../../proto/log.js';
+import { createLoopRig, ownInstances, type LoopRig } from '../agent/tracker-fixtures.js';
+
+/**
+ * Volume identity end to end (DESIGN.md §7.4), real appliance and agent over
+ * a WebSocket, real loop devices, XFS reflink pool and ext4. A configuration
+ * whose device, image and mountpoint are not one volume is refused when the
+ * agent starts (before any tracker starts) and, when it starts lying on a
+ * running agent, before the job quiesces or snapshots anything: the job
+ * fails E_IDENTITY, no snapshot and no image is left, and the tracker is
+ * untouched (the next true job is a tracker incremental).
+ */
+const MiB = 1024 * 1024;
+const log = createLogger('test-agent', process.env.BLOCKSNAP_LOG ?? 'warn');
+
+describe('volume identity: agent start and every job refuse a configuration that is not one volume', () => {
+  let a: VolumeLab;
+  let b: VolumeLab;
+  let small: LoopRig;
+  let twin: string;
+  let appl: ApplianceHarness;
+  let overmounted = false;
+
+  beforeAll(async () => {
+    a = await createVolumeLab({ name: 'vol', volumeSize: 256 * MiB });
+    b = await createVolumeLab({ name: 'other', volumeSize: 256 * MiB });
+    small = await createLoopRig(128 * MiB);
+    // Another file of the same size in the same reflink pool: the old agent cloned it happily.
+    twin = join(a.poolMount, 'twin.img');
+    const fh = await open(twin, 'wx', 0o600);
+    await fh.truncate(256 * MiB);
+    await fh.close();
+    appl = await startAppliance(['db1']);
+  }, 120_000);
+
+  afterAll(async () => {
+    if (overmounted) await execa('umount', [a.volumeMount], { reject: false });
+    await appl?.close();
+    if (twin) await rm(twin, { force: true });
+    await small?.release();
+    await b?.destroy();
+    await a?.destroy();
+  });
+
+  async function noSnapshots(): Promise<void> {
+    for (const image of [a.volumeImage, b.volumeImage]) {
+      expect((await readdir(snapshotDirOf(image)).catch(() => [] as string[])).filter((n) => n.includes('.snap'))).toEqual([]);
+    }
+  }
+
+  const startLies: Array<[string, Partial<VolumeSpec>, RegExp]> = [
+    ['image is another file of the same size', {}, /image: configured .*twin\.img/],
+    ['device is another loop device of the same size', {}, /image: configured .*vol\.img.*found \/dev\/loop\d+ \(\d+:\d+\) is backed by another file/],
+    ['device has another size', {}, /size: configured image .*vol\.img: 268435456 bytes, found device \/dev\/loop\d+ \(\d+:\d+\): 134217728 bytes/],
+    ['mountpoint holds another device\'s filesystem', {}, /mountpoint: configured .*\/vol on \/dev\/loop\d+.*found the ext4 filesystem of \/dev\/loop\d+/],
+  ];
+
+  it.each(startLies.map(([what], i) => [what, i] as const))('refuses to start when the %s', async (what, i) => {
+    const lie: Partial<VolumeSpec> = [{ image: twin }, { device: b.volumeDevice }, { device: small.device }, { mountpoint: b.volumeMount }][i]!;
+    const stateDir = join(a.root, `state-start-${i}`);
+    const err = await startTestAgent({
+      url: appl.url, name: 'db1', token: appl.tokens.db1!, volumes: [{ ...a.volume, ...lie }], stateDir, log,
+    }).then(async (t) => {
+      await t.agent.stop(); // started on a lie: release it before failing
+      return null;
+    }, (e: unknown) => e);
+    expect(isBlocksnapError(err, 'E_IDENTITY'), `${what}: ${String(err)}`).toBe(true);
+    expect((err as Error).message).toMatch(startLies[i]![2]);
+    expect((err as Error).message).not.toMatch(/readChunks|words/);
+    // Refused before any tracker started: no tracing instance of this process, no snapshot.
+    expect(await ownInstances()).toEqual([]);
+    await noSnapshots();
+  });
+
+  it('a running agent whose configuration starts lying fails those jobs cleanly and backs up again once it is true', async () => {
+    const stateDir = join(a.root, 'state-running');
+    const { agent } = await startTestAgent({ url: appl.url, name: 'db1', token: appl.tokens.db1!, volumes: [a.volume], stateDir, log });
+    try {
+      await runningAgent(agent);
+    } finally {
+      await agent.stop();
+    }
+  });
+
+  async function backup(mode: 'full' | 'incremental') {
+    const job = appl.app.router.startJob('db1', 'vol', mode);
+    return { ...(await job.done), jobId: job.id };
+  }
+
+  async function runningAgent(agent: Agent): Promise<void> {
+    const full = await backup('full');
+    expect(full, JSON.stringify(full)).toMatchObject({ ok: true });
+    const images = () => appl.app.catalog.listImages({ agent: 'db1', volume: 'vol' }).length;
+    const before = images();
+
+    const volume = agent.config.volumes.find((v) => v.name === 'vol')!;
+    const truth = { ...volume };
+    const lies: Array<[Partial<VolumeSpec>, RegExp]> = [
+      [{ image: twin }, /image: configured .*twin\.img/],
+      [{ device: b.volumeDevice }, /is backed by another file/],
+      [{ device: small.device }, /size: configured image/],
+    ];
+    for (const [lie, message] of lies) {
+      Object.assign(volume, lie);
+      try {
+        await writeFile(join(a.volumeMount, 'between-jobs'), `lie ${JSON.stringify(lie)}`);
+        const r = await backup('incremental');
+        expect(r, JSON.stringify(r)).toMatchObject({ ok: false, errorCode: 'E_IDENTITY' });
+        expect(r.errorMessage).toMatch(message);
+      } finally {
+        Object.assign(volume, truth);
+      }
+      await noSnapshots();
+      expect(images()).toBe(before);
+    }
+
+    // The filesystem at the mountpoint replaced by another device's (mounted over it).
+    await execa('mount', ['-t', 'ext4', '-o', 'noatime', b.volumeDevice, a.volumeMount]);
+    overmounted = true;
+    try {
+      expect((await findMount(a.volumeMount))?.source).toBe(b.volumeDevice);
+      const r = await backup('incremental');
+      expect(r, JSON.stringify(r)).toMatchObject({ ok: false, errorCode: 'E_IDENTITY' });
+      expect(r.errorMessage).toMatch(/mountpoint: configured .* found the ext4 filesystem of \/dev\/loop\d+/);
+    } finally {
+      await execa('umount', [a.volumeMount]);
+      overmounted = false;
+    }
+    await noSnapshots();
+
+    // True again: the refused jobs held nothing and disturbed no tracker generation.
+    await writeFile(join(a.volumeMount, 'after-lies'), 'true again');
+    const inc = await backup('incremental');
+    expect(inc, JSON.stringify(inc)).toMatchObject({ ok: true });
+    const stats = appl.app.catalog.job(inc.jobId)!.stats as Record<string, unknown>;
+    expect(stats.changeSource, JSON.stringify(stats)).toBe('tracker');
+    await noSnapshots();
+  }
+});
