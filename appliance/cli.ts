@@ -12,6 +12,7 @@ import { verifyImage } from './ops/verify-image.js';
 import { Appliance, pidAlive, rollForward } from './server/appliance.js';
 import { FsChunkStore } from './store/fs-chunk-store.js';
 import { progressBar } from './progress.js';
+import { backupLine } from './backup-line.js';
 
 const EXIT_HELP = `
 Exit status: 0 success; 1 failure; 2 usage or configuration error (the message names the bad argument);
@@ -149,7 +150,7 @@ function program(setStatus: (s: number) => void): Command {
       const c = ctx(cmd);
       const ev = await control(c.dataDir, '/v1/backup', { agent, volume, full: !!o.full, ...(o.audit ? { audit: true } : {}) }, c.json ? null : 'backup');
       const result = ev.event === 'error' ? { ok: false, jobId: '', errorCode: ev.code, errorMessage: ev.message } : ev;
-      c.out(result.ok ? `ok ${result.jobId} image ${result.imageId}${fallbackNote(result.stats)}` : `FAILED ${result.jobId}: ${result.errorCode} ${result.errorMessage}`, result);
+      c.out(backupLine(result), result);
       return result.ok ? 0 : 1;
     }));
 
@@ -235,12 +236,6 @@ async function verifyOrExport(c: Ctx, cmd: 'verify' | 'export', imageId: string 
     }
   }
   return result.ok ? 0 : 1;
-}
-
-/** The human `backup` line's tail: an incremental that compared digests instead of using the tracker says so and why. */
-export function fallbackNote(stats: { changeSource?: string; fallbackReason?: string } | undefined): string {
-  if (!stats?.fallbackReason) return '';
-  return `\nnote: changes found by ${stats.changeSource || 'digest-compare'}, not the tracker: ${stats.fallbackReason}`;
 }
 
 /** A catalog in an existing data directory; a missing one is a usage error with a hint, not "cannot open catalog". */
