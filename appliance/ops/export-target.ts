@@ -113,7 +113,8 @@ export async function checkExportTarget(file: string, o: ExportTargetOptions = {
     if (fst.isBlockDevice() || fst.isCharacterDevice()) {
       throw refuse(file, `it is ${kindOf(fst)}; export writes files only — writing an image onto a device is a restore, not an export, and is refused even with --force`);
     }
-    if (!fst.isFile()) throw refuse(file, `it is ${kindOf(fst)}; export replaces only a regular file, and never with anything but one, even with --force`);
+    if (fst.isSymbolicLink()) throw refuse(file, 'it is a symbolic link; export neither writes through nor replaces one, even with --force: name the real path');
+    if (!fst.isFile()) throw refuse(file, `it is ${kindOf(fst)}; export replaces only a regular file, even with --force`);
     if (!o.force) throw refuse(file, `it exists${force}`);
     t.existing.file = true;
   }
