@@ -2,7 +2,9 @@ import { randomBytes } from 'node:crypto';
 import { stat } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import { BlocksnapError, isBlocksnapError, toBlocksnapError } from '../proto/errors.js';
-import { envelope, type Envelope, type RunJob, type VolumeInfo } from '../proto/messages.js';
+import { envelope, PROTOCOL_VERSION, type Envelope, type RunJob, type VolumeInfo } from '../proto/messages.js';
+import { validateEnvelope } from '../proto/codec.js';
+import { ScramClient, type ScramKeys } from '../proto/scram.js';
 import type { Transport } from '../proto/transport.js';
 import { connectWs } from '../proto/ws-transport.js';
 import type { AgentConfig } from './config.js';
@@ -124,6 +126,8 @@ export class Agent implements ControlledAgent {
   private control: AgentControlServer | null = null;
   /** Volumes held by an audit (control socket), with its cancel switch. */
   private readonly audits = new Map<string, AbortController>();
+  /** SCRAM keys derived from the token (PBKDF2 once per salt, not per reconnect). */
+  private readonly scramKeys = new Map<string, ScramKeys>();
   /** Tells the appliance that jobs of an earlier process of this agent will never resume. */
   private readonly instanceId = newInstanceId();
 
@@ -183,8 +187,22 @@ export class Agent implements ControlledAgent {
   }
 
   private async handshake(t: Transport, volumes: VolumeInfo[]): Promise<void> {
+    // SCRAM (DESIGN.md §4.2): the token never crosses the wire; Welcome must carry the appliance's proof.
+    const scram = new ScramClient(this.config.agent, this.config.token, PROTOCOL_VERSION, this.scramKeys);
     const welcome = new Promise<void>((resolve, reject) => {
       t.onMessage((env) => {
+        if (!this.transport && (env.kind === 'authChallenge' || env.kind === 'welcome')) {
+          try {
+            validateEnvelope(env);
+            if (env.kind === 'welcome') scram.checkWelcome(env.welcome);
+          } catch (e) {
+            return reject(toBlocksnapError(e, 'E_PROTOCOL'));
+          }
+          if (env.kind === 'authChallenge') {
+            scram.proof(env.authChallenge).then((p) => t.send(envelope('authProof', p))).catch((e) => reject(toBlocksnapError(e)));
+            return;
+          }
+        }
         if (env.kind === 'welcome') {
           this.transport = t;
           this.log.info({ session: env.welcome.sessionId }, 'connected to appliance');
@@ -199,7 +217,7 @@ export class Agent implements ControlledAgent {
       t.onClose((err) => reject(err ?? new BlocksnapError('E_DISCONNECTED', 'closed during handshake')));
     });
     await t.send(envelope('hello', {
-      agent: this.config.agent, token: this.config.token, protocolVersion: 1, agentVersion: AGENT_VERSION, volumes, instanceId: this.instanceId,
+      agent: this.config.agent, clientNonce: scram.clientNonce, protocolVersion: PROTOCOL_VERSION, agentVersion: AGENT_VERSION, volumes, instanceId: this.instanceId,
       groups: this.config.groups.map((g) => ({ name: g.name, volumes: [...g.volumes] })),
     }));
     await welcome;

@@ -4,7 +4,7 @@ import { request } from 'node:http';
 import { join, resolve } from 'node:path';
 import { Command, InvalidArgumentError } from 'commander';
 import { intOption, packageVersion, runCli, untilStopSignal } from '../proto/cli-exit.js';
-import { BlocksnapError, toBlocksnapError } from '../proto/errors.js';
+import { BlocksnapError, isBlocksnapError, toBlocksnapError } from '../proto/errors.js';
 import { createLogger } from '../proto/log.js';
 import { Catalog, type ImageRow } from './catalog/catalog.js';
 import { exportImageTo } from './ops/export-image.js';
@@ -85,11 +85,14 @@ function program(setStatus: (s: number) => void): Command {
       c.out(token, { agent: name, token });
       return 0;
     }));
-  agents.command('rotate <name>').description('issue a new token (the old one stops working)').option('--json', 'machine-readable output')
-    .action(run((name: string, _o: unknown, cmd: Command) => {
+  agents.command('rotate <name>').description('issue a new token (the old one stops working; a connected session of the agent is ended)')
+    .option('--json', 'machine-readable output')
+    .action(run(async (name: string, _o: unknown, cmd: Command) => {
       const c = ctx(cmd);
       const token = c.withCatalog((cat) => cat.rotateToken(name));
-      c.out(token, { agent: name, token });
+      // A running appliance ends the sessions authenticated with the old token (and their jobs).
+      const sessionsEnded = await endAgentSessions(c.dataDir, name);
+      c.out(token, { agent: name, token, sessionsEnded });
       return 0;
     }));
   agents.command('list').description('registered agents, and whether each is connected').option('--json', 'machine-readable output')
@@ -282,6 +285,17 @@ function appliancePid(dataDir: string): number | null {
   if (!existsSync(f)) return null;
   const pid = Number(readFileSync(f, 'utf8').trim());
   return pid > 0 && pidAlive(pid) ? pid : null;
+}
+
+/** Asks a running appliance to end `agent`'s sessions; 0 when none runs (no control socket to reach). */
+async function endAgentSessions(dataDir: string, agent: string): Promise<number> {
+  if (!existsSync(join(dataDir, 'control.sock'))) return 0;
+  try {
+    return Number((await controlPost(dataDir, '/v1/agents/end', { agent, reason: `the token of agent ${agent} was rotated` })).ended ?? 0);
+  } catch (e) {
+    if (isBlocksnapError(e, 'E_DISCONNECTED')) return 0; // a socket left by a dead appliance
+    throw e;
+  }
 }
 
 /** A one-shot JSON request to the control socket; an error answer becomes a BlocksnapError. */

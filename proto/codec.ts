@@ -2,6 +2,7 @@ import protobuf from 'protobufjs';
 import { encodeChunkBatchFrame } from './chunk-batch-encoder.js';
 import { BlocksnapError } from './errors.js';
 import { decodeEnvelopeBody, JobMode, writeEnvelopeBody, type Chunk, type Envelope, type TransferStats } from './messages.js';
+import { KEY_BYTES, MAX_NONCE_BYTES, MIN_NONCE_BYTES, SCRAM_MAX_ITERATIONS, SCRAM_MIN_ITERATIONS } from './scram.js';
 
 /**
  * Frame codec (DESIGN.md §4.1). Pure: no sockets, no timers.
@@ -156,7 +157,7 @@ export function validateEnvelope(env: Envelope): void {
     case 'hello': {
       const m = env.hello;
       id(m.agent, 'hello.agent', true);
-      text(m.token, 'hello.token', MAX_TOKEN);
+      bytesIn(m.clientNonce, MIN_NONCE_BYTES, MAX_NONCE_BYTES, 'hello.clientNonce');
       id(m.agentVersion, 'hello.agentVersion', false);
       id(m.instanceId, 'hello.instanceId', false);
       if (m.volumes.length > MAX_VOLUMES) fail(`hello.volumes has ${m.volumes.length} entries (max ${MAX_VOLUMES})`);
@@ -177,6 +178,19 @@ export function validateEnvelope(env: Envelope): void {
     case 'welcome':
       id(env.welcome.sessionId, 'welcome.sessionId', true);
       if (env.welcome.maxFrameBytes <= 0 || env.welcome.windowBytes <= 0) fail('welcome limits must be positive');
+      bytesIn(env.welcome.serverSignature, KEY_BYTES, KEY_BYTES, 'welcome.serverSignature');
+      return;
+    case 'authChallenge': {
+      const m = env.authChallenge;
+      bytesIn(m.salt, 8, 64, 'authChallenge.salt');
+      bytesIn(m.serverNonce, MIN_NONCE_BYTES, MAX_NONCE_BYTES, 'authChallenge.serverNonce');
+      if (m.iterations < SCRAM_MIN_ITERATIONS || m.iterations > SCRAM_MAX_ITERATIONS) {
+        fail(`authChallenge.iterations ${m.iterations} is outside ${SCRAM_MIN_ITERATIONS}..${SCRAM_MAX_ITERATIONS}`);
+      }
+      return;
+    }
+    case 'authProof':
+      bytesIn(env.authProof.clientProof, KEY_BYTES, KEY_BYTES, 'authProof.clientProof');
       return;
     case 'runJob':
       id(env.runJob.jobId, 'runJob.jobId', true);
@@ -306,6 +320,10 @@ function id(v: string, path: string, required: boolean): void {
   if (required && v === '') fail(`${path} is empty`);
   if (v.length > MAX_ID) fail(`${path} is longer than ${MAX_ID} characters`);
   if (CONTROL_CHARS.test(v)) fail(`${path} contains control characters`);
+}
+
+function bytesIn(v: Uint8Array, min: number, max: number, path: string): void {
+  if (v.length < min || v.length > max) fail(min === max ? `${path} must be ${min} bytes` : `${path} must be ${min}..${max} bytes`);
 }
 
 function text(v: string, path: string, max = MAX_TEXT): void {

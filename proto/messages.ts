@@ -18,6 +18,9 @@ import { BlocksnapError } from './errors.js';
  *   case 'ack': env.ack.durableNext
  */
 
+/** Protocol version in Hello. 2: SCRAM challenge–response (1 sent a bearer token). */
+export const PROTOCOL_VERSION = 2;
+
 export const JobMode = { UNSPECIFIED: 0, FULL: 1, INCREMENTAL: 2 } as const;
 export type JobMode = (typeof JobMode)[keyof typeof JobMode];
 
@@ -25,13 +28,18 @@ export interface VolumeInfo { name: string; size: number; chunkSize: number; las
 /** A consistency group: members snapshotted at one instant, committed as one image set. */
 export interface GroupInfo { name: string; volumes: string[] }
 export interface Hello {
-  agent: string; token: string; protocolVersion: number; agentVersion: string; volumes: VolumeInfo[];
+  agent: string; protocolVersion: number; agentVersion: string; volumes: VolumeInfo[];
   /** Random per agent process; a new value means the agent restarted and its old jobs are gone. */
   instanceId: string;
   /** Always an array after decoding; a sender may omit it (no groups). */
   groups?: GroupInfo[];
+  /** Fresh random bytes per connection (SCRAM, proto/scram.ts). */
+  clientNonce: Uint8Array;
 }
-export interface Welcome { sessionId: string; maxFrameBytes: number; windowBytes: number }
+export interface AuthChallenge { salt: Uint8Array; iterations: number; serverNonce: Uint8Array }
+export interface AuthProof { clientProof: Uint8Array }
+/** `serverSignature` proves the appliance holds the agent's verifier; the agent checks it. */
+export interface Welcome { sessionId: string; maxFrameBytes: number; windowBytes: number; serverSignature: Uint8Array }
 export interface RunJob { jobId: string; volume: string; mode: JobMode; audit: boolean }
 export interface CancelJob { jobId: string; reason: string }
 export interface BeginVolume {
@@ -79,6 +87,7 @@ export interface MessageMap {
   beginVolume: BeginVolume; volumeReady: VolumeReady; chunkBatch: ChunkBatch; ack: Ack;
   endVolume: EndVolume; committed: Committed; jobProgress: JobProgress; jobResult: JobResult;
   error: ErrorMessage; ping: Ping; pong: Ping; pgBackupInfo: PgBackupInfo; walPiece: WalPiece; commitSet: CommitSet;
+  authChallenge: AuthChallenge; authProof: AuthProof;
 }
 export type EnvelopeKind = keyof MessageMap;
 export type Envelope =
@@ -99,7 +108,9 @@ export type Envelope =
   | { kind: 'pong'; pong: Ping }
   | { kind: 'pgBackupInfo'; pgBackupInfo: PgBackupInfo }
   | { kind: 'walPiece'; walPiece: WalPiece }
-  | { kind: 'commitSet'; commitSet: CommitSet };
+  | { kind: 'commitSet'; commitSet: CommitSet }
+  | { kind: 'authChallenge'; authChallenge: AuthChallenge }
+  | { kind: 'authProof'; authProof: AuthProof };
 export type EnvelopeOf<K extends EnvelopeKind> = Extract<Envelope, { kind: K }>;
 
 /** Builds an envelope without repeating the kind: `envelope('ack', {...})`. */

@@ -32,8 +32,11 @@ import type { Envelope } from './messages.js';
  *   A code a WebSocket may not send becomes 1011; the reason is cut to 123 bytes.
  * - `bufferedAmount`: bytes accepted by `send` not yet written to the socket.
  * - `remote`: the peer, for logs ("127.0.0.1:40312").
+ * - `authenticated()` (server transports with pre-authentication bounds):
+ *   the peer proved who it is; lifts those bounds (DESIGN.md §4.2).
  */
 export interface Transport {
+  authenticated?(): void;
   send(env: Envelope): Promise<void>;
   onMessage(cb: (env: Envelope) => void): void;
   onClose(cb: (err?: BlocksnapError) => void): void;

@@ -1,5 +1,5 @@
 import { createServer, type IncomingMessage, type Server } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import type { AddressInfo, Socket } from 'node:net';
 import { WebSocket, WebSocketServer, type RawData } from 'ws';
 import { BlocksnapError, toBlocksnapError } from './errors.js';
 import { decodeSingleFrame, DEFAULT_MAX_FRAME_BYTES, encodeFrame, FRAME_HEADER_BYTES } from './codec.js';
@@ -20,6 +20,20 @@ export interface WsTransportOptions {
   maxFrameBytes?: number;
 }
 
+/**
+ * Server side: what a peer may send before `authenticated()` is called on
+ * its transport (DESIGN.md §4.2). ws has one `maxPayload` per server, so the
+ * bound is kept at the socket: every byte read is counted before ws buffers
+ * it, and a peer past `maxBytes` is cut off (close 1009, then the socket is
+ * destroyed, so no close handshake keeps it reading). Frames are decoded
+ * with `maxBytes` as their limit until then.
+ */
+export interface PreAuthOptions {
+  maxBytes: number;
+  /** Refuses an upgrade (HTTP status + reason) before any WebSocket exists; null admits it. */
+  admit?: (req: IncomingMessage) => { status: number; reason: string } | null;
+}
+
 /** Options a `WebSocketServer` serving transports must be created with. */
 export function wsServerOptions(maxFrameBytes = DEFAULT_MAX_FRAME_BYTES): { maxPayload: number; perMessageDeflate: false } {
   // Chunk data is already zstd-compressed: deflate would only burn CPU.
@@ -28,16 +42,49 @@ export function wsServerOptions(maxFrameBytes = DEFAULT_MAX_FRAME_BYTES): { maxP
 
 class WsTransport extends TransportBase {
   private failure: BlocksnapError | undefined;
+  /** Limit for decoding received frames: small until `authenticated()` on a server transport. */
+  private receiveLimit: number;
+  private preAuth: { socket: Socket; maxBytes: number; read: number; onData: (b: Buffer) => void } | null = null;
 
   constructor(
     private readonly ws: WebSocket,
     readonly remote: string,
     private readonly maxFrameBytes: number,
+    preAuth?: { socket: Socket; maxBytes: number },
   ) {
     super();
+    this.receiveLimit = maxFrameBytes;
+    if (preAuth) {
+      this.receiveLimit = Math.min(maxFrameBytes, preAuth.maxBytes);
+      const p = { ...preAuth, read: 0, onData: (b: Buffer) => this.countPreAuth(b.length) };
+      this.preAuth = p;
+      // Prepended: counted before ws's own listener buffers the bytes.
+      p.socket.prependListener('data', p.onData);
+    }
     ws.on('message', (data, isBinary) => this.received(data, isBinary));
     ws.on('error', (err) => this.socketError(err));
     ws.on('close', (code, reason) => this.socketClosed(code, reason.toString()));
+  }
+
+  /** Lifts the pre-authentication bounds: frames up to maxFrameBytes from now on. */
+  authenticated(): void {
+    if (!this.preAuth) return;
+    this.preAuth.socket.removeListener('data', this.preAuth.onData);
+    this.preAuth = null;
+    this.receiveLimit = this.maxFrameBytes;
+  }
+
+  private countPreAuth(n: number): void {
+    const p = this.preAuth!;
+    p.read += n;
+    if (p.read <= p.maxBytes) return;
+    this.failure ??= new BlocksnapError('E_FRAME_TOO_LARGE', `${this.remote} sent more than ${p.maxBytes} bytes before authenticating`);
+    if (!this.closing) {
+      this.closing = true;
+      this.ws.close(CloseCode.MESSAGE_TOO_BIG, closeReason(this.failure));
+    }
+    // The close frame is written at once; then stop reading, so the peer cannot make us buffer more.
+    setImmediate(() => this.ws.terminate());
   }
 
   get bufferedAmount(): number {
@@ -84,7 +131,7 @@ class WsTransport extends TransportBase {
     }
     let env: Envelope;
     try {
-      env = decodeSingleFrame(rawToBuffer(data), this.maxFrameBytes);
+      env = decodeSingleFrame(rawToBuffer(data), this.receiveLimit);
     } catch (e) {
       const err = toBlocksnapError(e, 'E_FRAME_MALFORMED');
       this.fail(err, closeCodeFor(err));
@@ -119,9 +166,10 @@ function rawToBuffer(data: RawData): Buffer {
 }
 
 /** Wraps a socket a `WebSocketServer` (created with wsServerOptions) accepted. */
-export function wrapServerSocket(ws: WebSocket, req: IncomingMessage, opts: WsTransportOptions = {}): Transport {
+export function wrapServerSocket(ws: WebSocket, req: IncomingMessage, opts: WsTransportOptions & { preAuth?: PreAuthOptions } = {}): Transport {
   const remote = `${req.socket.remoteAddress}:${req.socket.remotePort}`;
-  return new WsTransport(ws, remote, opts.maxFrameBytes ?? DEFAULT_MAX_FRAME_BYTES);
+  const preAuth = opts.preAuth ? { socket: req.socket, maxBytes: opts.preAuth.maxBytes } : undefined;
+  return new WsTransport(ws, remote, opts.maxFrameBytes ?? DEFAULT_MAX_FRAME_BYTES, preAuth);
 }
 
 /** Dials an appliance; rejects with E_DISCONNECTED if the handshake fails. */
@@ -166,13 +214,23 @@ export class WsTransportServer {
   ) {}
 
   static async listen(
-    opts: WsTransportOptions & { host?: string; port?: number; path?: string; server?: Server; tls?: { cert: Buffer; key: Buffer } },
+    opts: WsTransportOptions & { host?: string; port?: number; path?: string; server?: Server; tls?: { cert: Buffer; key: Buffer }; preAuth?: PreAuthOptions },
     onTransport: (t: Transport, req: IncomingMessage) => void,
   ): Promise<WsTransportServer> {
     const path = opts.path ?? AGENT_PATH;
     const upgradeOnly = (_req: IncomingMessage, res: import('node:http').ServerResponse) => res.writeHead(426).end();
     const http = opts.server ?? (opts.tls ? createHttpsServer({ cert: opts.tls.cert, key: opts.tls.key }, upgradeOnly) : createServer(upgradeOnly));
-    const wss = new WebSocketServer({ server: http, path, ...wsServerOptions(opts.maxFrameBytes) });
+    const admit = opts.preAuth?.admit;
+    const wss = new WebSocketServer({
+      server: http, path, ...wsServerOptions(opts.maxFrameBytes),
+      // Called (and answered) synchronously inside the upgrade, so a count the caller keeps stays exact.
+      ...(admit ? {
+        verifyClient: (info: { req: IncomingMessage }, cb: (ok: boolean, code?: number, message?: string) => void) => {
+          const refused = admit(info.req);
+          cb(!refused, refused?.status, refused?.reason);
+        },
+      } : {}),
+    });
     const srv = new WsTransportServer(http, !opts.server, wss, path, opts.tls ? 'wss' : 'ws');
     wss.on('connection', (ws, req) => {
       srv.transports.add(ws);

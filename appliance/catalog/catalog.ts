@@ -2,7 +2,7 @@ import Database from 'better-sqlite3';
 import { randomBytes } from 'node:crypto';
 import { BlocksnapError } from '../../proto/errors.js';
 import { MIGRATIONS } from './schema.js';
-import { hashToken, newToken, verifyToken } from './token.js';
+import { credentialOf, hashToken, newToken, tokenMatches, type Credential } from './token.js';
 
 /**
  * The appliance catalog: agents, volumes, jobs and images in SQLite.
@@ -95,17 +95,18 @@ export class Catalog {
     return token;
   }
 
-  /** The agent if name and token match; undefined otherwise (no hint which). */
+  /** The agent if name and token match (sync key derivation: CLI and tests; the appliance uses `credential`). */
   authenticate(name: string, token: string): AgentRow | undefined {
-    const row = this.db.prepare('SELECT id, name, token_hash, created_at FROM agents WHERE name = ?').get(name) as
+    const c = this.db.prepare('SELECT token_hash FROM agents WHERE name = ?').get(name) as { token_hash: string } | undefined;
+    return c && tokenMatches(token, c.token_hash) ? this.agent(name) : undefined;
+  }
+
+  /** The agent and its stored credential (a SCRAM verifier, DESIGN.md §4.2), or undefined for an unknown name. */
+  credential(name: string): { agent: AgentRow; credential: Credential } | undefined {
+    const r = this.db.prepare('SELECT id, name, token_hash, created_at FROM agents WHERE name = ?').get(name) as
       | { id: number; name: string; token_hash: string; created_at: string }
       | undefined;
-    if (!row) {
-      // Spend the same time as a real check so a caller cannot probe names.
-      verifyToken(token, 'scrypt$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA');
-      return undefined;
-    }
-    return verifyToken(token, row.token_hash) ? { id: row.id, name: row.name, createdAt: row.created_at } : undefined;
+    return r && { agent: { id: r.id, name: r.name, createdAt: r.created_at }, credential: credentialOf(r.token_hash) };
   }
 
   agent(name: string): AgentRow | undefined {

@@ -1,48 +1,70 @@
-import { randomBytes } from 'node:crypto';
+import { createHmac, randomBytes } from 'node:crypto';
 import type { Logger } from 'pino';
 import { BlocksnapError, toBlocksnapError } from '../../proto/errors.js';
 import { validateEnvelope } from '../../proto/codec.js';
-import { envelope, messageOf, type Envelope, type Hello, type VolumeInfo } from '../../proto/messages.js';
+import { envelope, messageOf, PROTOCOL_VERSION, type AuthProof, type Envelope, type Hello, type VolumeInfo } from '../../proto/messages.js';
+import { newNonce, SALT_BYTES, SCRAM_ITERATIONS, serverSignature, verifyClientProof, type ScramExchange, type ScramVerifier } from '../../proto/scram.js';
 import type { Transport } from '../../proto/transport.js';
 import { CloseCode } from '../../proto/transport.js';
 import type { AgentRow } from '../catalog/catalog.js';
+import type { AuthGuard } from './auth-guard.js';
 import type { JobRouter } from './job-router.js';
 
-export const PROTOCOL_VERSION = 1;
+export { PROTOCOL_VERSION };
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
 const MAX_VOLUMES = 256;
+/** Salts for unknown names: stable per name for this process, so a challenge does not tell whether a name exists. */
+const FAKE_SALT_KEY = randomBytes(32);
+
+export interface SessionLimits {
+  maxFrameBytes: number;
+  windowBytes: number;
+  /** Hello to Welcome, whole exchange. */
+  authTimeoutMs: number;
+  /** Counts this connection as authenticating and failures against its source address. */
+  guard?: AuthGuard;
+  address?: string;
+}
 
 /**
  * One agent connection, as a state machine (DESIGN.md §4.2):
- * AUTH (only Hello accepted) → READY (job frames routed to the JobRouter)
- * → CLOSED. A wrong credential or a frame out of place before READY closes
- * the connection; a bad frame of a job aborts that job only.
+ * HELLO (only Hello accepted) → PROOF (only AuthProof) → READY (job frames
+ * routed to the JobRouter) → CLOSED. A wrong proof or a frame out of place
+ * before READY closes the connection; a bad frame of a job aborts that job
+ * only. Until READY the transport keeps its pre-authentication bounds.
  */
 export class AgentSession {
   readonly id = 'ses-' + randomBytes(6).toString('hex');
-  state: 'auth' | 'ready' | 'closed' = 'auth';
+  state: 'hello' | 'proof' | 'ready' | 'closed' = 'hello';
   agent: AgentRow | null = null;
   instanceId = '';
   volumes = new Map<string, VolumeInfo>();
   /** Consistency groups the agent announced: name → member volumes (DESIGN.md §4.4). */
   groups = new Map<string, string[]>();
   private readonly authTimer: NodeJS.Timeout;
+  private hello: Hello | null = null;
+  private exchange: ScramExchange | null = null;
+  /** The stored verifier string the challenge came from: a rotate in between fails the proof. */
+  private challengedWith: { row: AgentRow; verifier: ScramVerifier } | null = null;
+  private readonly endPreAuth: () => void;
 
   constructor(
     readonly transport: Transport,
     private readonly router: JobRouter,
     private readonly log: Logger,
-    private readonly limits: { maxFrameBytes: number; windowBytes: number; authTimeoutMs: number },
+    private readonly limits: SessionLimits,
   ) {
-    this.authTimer = setTimeout(() => this.refuse('E_AUTH', 'no Hello within the time limit'), limits.authTimeoutMs);
+    this.endPreAuth = limits.guard && limits.address ? limits.guard.opened(limits.address) : () => undefined;
+    this.authTimer = setTimeout(() => this.refuse('E_AUTH', 'not authenticated within the time limit'), limits.authTimeoutMs);
     this.authTimer.unref();
     transport.onMessage((env) => this.onEnvelope(env));
     transport.onClose((err) => {
       clearTimeout(this.authTimer);
+      this.endPreAuth();
       this.state = 'closed';
       // `agent` is set only once the session was ready: its jobs must learn the connection is gone.
       if (this.agent) this.router.sessionClosed(this, err);
-      this.log.info({ session: this.id, agent: this.agent?.name, remote: transport.remote, err: err?.code }, 'agent disconnected');
+      if (this.agent) this.log.info({ session: this.id, agent: this.agent.name, remote: transport.remote, err: err?.code }, 'agent disconnected');
     });
   }
 
@@ -62,18 +84,19 @@ export class AgentSession {
 
   private onEnvelope(env: Envelope): void {
     if (this.state === 'closed') return;
-    if (this.state === 'auth') {
-      if (env.kind !== 'hello') return this.refuse('E_PROTOCOL', `expected hello, got ${env.kind}`);
+    if (this.state === 'hello' || this.state === 'proof') {
+      const want = this.state === 'hello' ? 'hello' : 'authProof';
+      if (env.kind !== want) return this.refuse('E_PROTOCOL', `expected ${want}, got ${env.kind}`);
       try {
         validateEnvelope(env);
       } catch (e) {
         const err = toBlocksnapError(e, 'E_PROTOCOL');
         return this.refuse(err.code, err.message);
       }
-      return this.onHello(env.hello);
+      return env.kind === 'hello' ? this.onHello(env.hello) : this.onProof((env as { authProof: AuthProof }).authProof);
     }
     if (env.kind === 'ping') return this.send(envelope('pong', env.ping));
-    if (env.kind === 'hello') return this.refuse('E_PROTOCOL', 'hello sent twice');
+    if (env.kind === 'hello' || env.kind === 'authProof') return this.refuse('E_PROTOCOL', `${env.kind} after authentication`);
     try {
       validateEnvelope(env);
     } catch (e) {
@@ -91,13 +114,50 @@ export class AgentSession {
     }
   }
 
+  /**
+   * Hello: answer a challenge. An unknown name (or one without a usable
+   * credential) gets a made-up one and fails at the proof, like a wrong
+   * secret. An agent whose stored credential predates SCRAM cannot answer
+   * any challenge: it is told to have its token rotated.
+   */
   private onHello(h: Hello): void {
-    clearTimeout(this.authTimer);
     if (h.protocolVersion !== PROTOCOL_VERSION) {
       return this.refuse('E_PROTOCOL', `protocol version ${h.protocolVersion} not supported (appliance speaks ${PROTOCOL_VERSION})`);
     }
-    const agent = NAME_RE.test(h.agent) ? this.router.catalog.authenticate(h.agent, h.token) : undefined;
-    if (!agent) return this.refuse('E_AUTH', 'unknown agent or wrong token');
+    const found = NAME_RE.test(h.agent) ? this.router.catalog.credential(h.agent) : undefined;
+    if (found?.credential.kind === 'legacy') {
+      return this.refuse('E_AUTH', `agent ${h.agent} has a credential from an older version that cannot do challenge-response: ` +
+        `run \`blocksnap-appliance agents rotate ${h.agent}\` and give the agent the new token`);
+    }
+    let salt: Buffer;
+    let iterations: number;
+    if (found?.credential.kind === 'scram') {
+      const v = found.credential.verifier;
+      ({ salt, iterations } = v);
+      this.challengedWith = { row: found.agent, verifier: v };
+    } else {
+      salt = createHmac('sha256', FAKE_SALT_KEY).update(h.agent).digest().subarray(0, SALT_BYTES);
+      iterations = SCRAM_ITERATIONS;
+    }
+    this.hello = h;
+    this.exchange = { agent: h.agent, clientNonce: h.clientNonce, serverNonce: newNonce(), salt, iterations, protocolVersion: PROTOCOL_VERSION };
+    this.state = 'proof';
+    this.send(envelope('authChallenge', { salt, iterations, serverNonce: this.exchange.serverNonce }));
+  }
+
+  private onProof(p: AuthProof): void {
+    const x = this.exchange!;
+    const c = this.challengedWith;
+    // Re-read: an `agents rotate` since the challenge makes the old secret useless at once.
+    const now = c ? this.router.catalog.credential(c.row.name)?.credential : undefined;
+    const unchanged = now?.kind === 'scram' && now.verifier.storedKey.equals(c!.verifier.storedKey);
+    if (!c || !unchanged || !verifyClientProof(c.verifier, x, p.clientProof)) {
+      if (this.limits.guard && this.limits.address) this.limits.guard.failed(this.limits.address);
+      return this.refuse('E_AUTH', 'unknown agent or wrong token');
+    }
+    clearTimeout(this.authTimer);
+    const h = this.hello!;
+    const agent = c.row;
     if (h.volumes.length > MAX_VOLUMES) return this.refuse('E_PROTOCOL', `too many volumes (${h.volumes.length})`);
     for (const v of h.volumes) {
       const cs = v.chunkSize;
@@ -122,8 +182,14 @@ export class AgentSession {
     this.agent = agent;
     this.instanceId = h.instanceId;
     this.state = 'ready';
+    this.hello = null;
+    this.endPreAuth();
+    this.transport.authenticated?.();
     for (const v of this.volumes.values()) this.router.catalog.upsertVolume(agent.id, v.name, v.size, v.chunkSize);
-    this.send(envelope('welcome', { sessionId: this.id, maxFrameBytes: this.limits.maxFrameBytes, windowBytes: this.limits.windowBytes }));
+    this.send(envelope('welcome', {
+      sessionId: this.id, maxFrameBytes: this.limits.maxFrameBytes, windowBytes: this.limits.windowBytes,
+      serverSignature: serverSignature(c.verifier.serverKey, x),
+    }));
     this.log.info({ session: this.id, agent: agent.name, remote: this.transport.remote, volumes: [...this.volumes.keys()] }, 'agent connected');
     this.router.sessionReady(this);
   }

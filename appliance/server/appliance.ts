@@ -7,6 +7,7 @@ import { Catalog } from '../catalog/catalog.js';
 import { FsChunkStore } from '../store/fs-chunk-store.js';
 import { listManifests, readManifest, removeManifest } from '../store/manifest.js';
 import { AgentSession } from './agent-session.js';
+import { AuthGuard, type AuthGuardLimits } from './auth-guard.js';
 import { ControlServer } from './control-server.js';
 import { JobRouter } from './job-router.js';
 
@@ -21,6 +22,10 @@ export interface ApplianceOptions {
   auditEvery?: number;
   /** Serve wss:// with this certificate and key (PEM). */
   tls?: { cert: Buffer; key: Buffer };
+  /** Bytes a connection may send before it authenticates (DESIGN.md §4.2; default 64 KiB: a Hello and an AuthProof). */
+  preAuthBytes?: number;
+  /** Pre-authentication connection and failed-attempt bounds (auth-guard.ts). */
+  authGuard?: Partial<AuthGuardLimits>;
 }
 
 /**
@@ -32,6 +37,9 @@ export interface ApplianceOptions {
 export class Appliance {
   private ws: WsTransportServer | null = null;
   private control: ControlServer | null = null;
+  /** Every agent connection, authenticated or not (to end an agent's sessions on `agents rotate`). */
+  private readonly sessions = new Set<AgentSession>();
+  readonly guard: AuthGuard;
 
   private constructor(
     readonly opts: ApplianceOptions,
@@ -39,7 +47,9 @@ export class Appliance {
     readonly store: FsChunkStore,
     readonly router: JobRouter,
     private readonly releaseLock: () => void,
-  ) {}
+  ) {
+    this.guard = new AuthGuard(opts.authGuard);
+  }
 
   static async open(opts: ApplianceOptions): Promise<Appliance> {
     mkdirSync(opts.dataDir, { recursive: true });
@@ -71,12 +81,37 @@ export class Appliance {
       windowBytes: this.opts.windowBytes ?? 32 << 20,
       authTimeoutMs: this.opts.authTimeoutMs ?? 10_000,
     };
-    this.ws = await WsTransportServer.listen({ host, port, maxFrameBytes: limits.maxFrameBytes, tls: this.opts.tls }, (t) => {
-      new AgentSession(t, this.router, this.opts.logger, limits);
+    const preAuth = {
+      maxBytes: this.opts.preAuthBytes ?? 64 << 10,
+      admit: (req: import('node:http').IncomingMessage) => {
+        const a = this.guard.admit(req.socket.remoteAddress ?? '');
+        return a.ok ? null : { status: a.status, reason: a.reason };
+      },
+    };
+    this.ws = await WsTransportServer.listen({ host, port, maxFrameBytes: limits.maxFrameBytes, tls: this.opts.tls, preAuth }, (t, req) => {
+      const s = new AgentSession(t, this.router, this.opts.logger, { ...limits, guard: this.guard, address: req.socket.remoteAddress ?? '' });
+      this.sessions.add(s);
+      t.onClose(() => this.sessions.delete(s));
     });
     this.control = await ControlServer.listen(join(this.opts.dataDir, 'control.sock'), this, this.opts.logger);
     this.opts.logger.info({ url: this.ws.url }, 'appliance listening');
     return { url: this.ws.url, port: this.ws.port };
+  }
+
+  /**
+   * Ends every connection of agent `name` and aborts its running jobs: after
+   * `agents rotate` nothing authenticated with the old secret may go on.
+   * Returns the number of connections closed.
+   */
+  endAgent(name: string, reason: string): number {
+    for (const j of this.router.activeJobs()) if (j.agent === name && !j.finished) this.router.cancelJob(j.id, reason);
+    let n = 0;
+    for (const s of this.sessions) {
+      if (s.agent?.name !== name) continue;
+      s.refuse('E_AUTH', reason);
+      n++;
+    }
+    return n;
   }
 
   async close(): Promise<void> {

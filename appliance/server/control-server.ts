@@ -16,6 +16,7 @@ import { readJsonBody } from '../../proto/http-json.js';
  *   GET  /v1/agents                 connected agents and their volumes
  *   POST /v1/backup {agent, volume, full, audit?}   → started, progress*, result
  *   POST /v1/cancel {jobId}
+ *   POST /v1/agents/end {agent, reason}   ends the agent's sessions and jobs (after `agents rotate`) → {ok, ended}
  *   POST /v1/export {imageId, to, force?}  → progress*, result
  *   POST /v1/verify {imageId?}             → progress*, result {ok, reports}
  */
@@ -52,6 +53,13 @@ async function handle(app: Appliance, req: IncomingMessage, res: ServerResponse)
   const url = req.url ?? '';
   if (req.method === 'GET' && url === '/v1/agents') {
     res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(app.router.connectedAgents()));
+    return;
+  }
+  if (req.method === 'POST' && url === '/v1/agents/end') {
+    // After `agents rotate`: nothing authenticated with the old token goes on.
+    const body = await readJsonBody(req);
+    const ended = app.endAgent(String(body.agent ?? ''), String(body.reason ?? 'ended by operator'));
+    res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ ok: true, ended }) + '\n');
     return;
   }
   if (req.method === 'POST' && url === '/v1/cancel') {

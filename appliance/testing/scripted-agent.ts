@@ -19,6 +19,7 @@ import { exportImage } from '../ops/export-image.js';
 import { PROTOCOL_VERSION } from '../server/agent-session.js';
 import { listManifests, readManifest } from '../store/manifest.js';
 import { zstdCompress } from '../../proto/zstd.js';
+import { ScramClient } from '../../proto/scram.js';
 import type { ApplianceHarness } from './appliance-harness.js';
 
 /** A volume held in memory: what the fake agent "snapshots". */
@@ -82,6 +83,9 @@ export class ScriptedAgent {
   private seq = 0;
   /** Frames from the appliance this agent could not decode (must stay empty). */
   readonly protocolErrors: string[] = [];
+  /** The SCRAM side of the last `sendHello`; with `autoAuth`, an AuthChallenge is answered at once. */
+  scram: ScramClient | null = null;
+  autoAuth = true;
 
   private constructor(
     private readonly ws: WebSocket,
@@ -147,10 +151,15 @@ export class ScriptedAgent {
     });
   }
 
-  /** Sends Hello; fields in `patch` override the honest ones. */
+  /**
+   * Sends Hello; fields in `patch` override the honest ones. `token` is the
+   * secret this agent proves (SCRAM): with `autoAuth` the appliance's
+   * AuthChallenge is answered by itself (the challenge stays in the inbox).
+   */
   sendHello(agent: string, token: string, volumes: TestVolume[], patch: Partial<Hello> = {}): Promise<void> {
+    this.scram = new ScramClient(agent, token, PROTOCOL_VERSION);
     return this.send(envelope('hello', {
-      agent, token, protocolVersion: PROTOCOL_VERSION, agentVersion: 'scripted', instanceId: this.instanceId,
+      agent, clientNonce: this.scram.clientNonce, protocolVersion: PROTOCOL_VERSION, agentVersion: 'scripted', instanceId: this.instanceId,
       volumes: volumes.map((v) => ({ name: v.name, size: v.size, chunkSize: v.chunkSize, lastImageId: '' })),
       ...patch,
     }));
@@ -159,7 +168,9 @@ export class ScriptedAgent {
   /** Hello, then waits for Welcome. */
   async login(agent: string, token: string, volumes: TestVolume[]): Promise<MessageMap['welcome']> {
     await this.sendHello(agent, token, volumes);
-    return this.next('welcome');
+    const welcome = await this.next('welcome');
+    this.scram!.checkWelcome(welcome);
+    return welcome;
   }
 
   begin(jobId: string, v: TestVolume, patch: Partial<BeginVolume> = {}): Promise<void> {
@@ -227,6 +238,9 @@ export class ScriptedAgent {
       this.ws.close(1002, 'scripted agent: bad frame from the appliance');
       this.protocolErrors.push(String(e));
       return;
+    }
+    if (env.kind === 'authChallenge' && this.autoAuth && this.scram) {
+      this.scram.proof(env.authChallenge).then((p) => this.send(envelope('authProof', p))).catch((e) => this.protocolErrors.push(String(e)));
     }
     const w = this.waiters.find((x) => matches(env, x.kind, x.jobId));
     if (w) {

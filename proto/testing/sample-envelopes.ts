@@ -31,14 +31,14 @@ export function sampleBatch(jobId: string, seq: number, count: number, chunkByte
 export function sampleEnvelopes(): Envelope[] {
   return [
     envelope('hello', {
-      agent: 'db1', token: 's3cret-token', protocolVersion: 1, agentVersion: '0.1.0', instanceId: '0123456789abcdef',
+      agent: 'db1', clientNonce: Buffer.alloc(24, 7), protocolVersion: 2, agentVersion: '0.1.0', instanceId: '0123456789abcdef',
       volumes: [
         { name: 'pgdata', size: 4 * 2 ** 30, chunkSize: 65536, lastImageId: 'img-abc' },
         { name: 'pgwal', size: 2 ** 52 + 3, chunkSize: 4096, lastImageId: '' },
       ],
       groups: [{ name: 'pg', volumes: ['pgdata', 'pgwal'] }],
     }),
-    envelope('welcome', { sessionId: 'sess-1', maxFrameBytes: 8 << 20, windowBytes: 32 << 20 }),
+    envelope('welcome', { sessionId: 'sess-1', maxFrameBytes: 8 << 20, windowBytes: 32 << 20, serverSignature: Buffer.alloc(32, 4) }),
     envelope('runJob', { jobId: 'job-1', volume: 'pgdata', mode: JobMode.INCREMENTAL, audit: true }),
     envelope('cancelJob', { jobId: 'job-1', reason: 'operator asked' }),
     envelope('beginVolume', {
@@ -55,7 +55,7 @@ export function sampleEnvelopes(): Envelope[] {
       ],
     }),
     envelope('ack', { jobId: 'job-1', seq: 17, durableNext: Number.MAX_SAFE_INTEGER }),
-    envelope('endVolume', { jobId: 'job-1', nextIndex: 65536, stats: sampleStats() }),
+    envelope('endVolume', { jobId: 'job-1', nextIndex: 65536, stats: sampleStats(), expectedRoot: Buffer.alloc(32, 7) }),
     envelope('committed', {
       jobId: 'job-1', imageId: 'img-def', stats: sampleStats(), setId: 'set-1',
       images: [{ volume: 'pgdata', imageId: 'img-def' }, { volume: 'pgwal', imageId: 'img-fed' }],
@@ -78,5 +78,7 @@ export function sampleEnvelopes(): Envelope[] {
       digest: Buffer.alloc(32, 7), fileSize: 16 << 20,
     }),
     envelope('commitSet', { jobId: 'job-1' }),
+    envelope('authChallenge', { salt: Buffer.alloc(16, 1), iterations: 4096, serverNonce: Buffer.alloc(24, 2) }),
+    envelope('authProof', { clientProof: Buffer.alloc(32, 3) }),
   ];
 }

@@ -141,7 +141,7 @@ describe('connections the appliance refuses', () => {
 
   it('another protocol version: E_PROTOCOL', async () => {
     const a = await connect('db1', { login: false });
-    await a.sendHello('db1', h.tokens.db1!, [vol()], { protocolVersion: 2 });
+    await a.sendHello('db1', h.tokens.db1!, [vol()], { protocolVersion: 1 }); // protocol 1 sent a bearer token
     await expectRefused(a, 'E_PROTOCOL');
   });
 

@@ -40,8 +40,8 @@ describe('validateEnvelope', () => {
   it.each<[string, Envelope]>([
     ['an empty batch', batch([])],
     ['a batch without job id', envelope('chunkBatch', { jobId: '', seq: 1, chunks: [sampleChunk(1)] })],
-    ['a hello without agent', envelope('hello', { agent: '', token: 't', protocolVersion: 1, agentVersion: '', volumes: [], instanceId: '' })],
-    ['a 257-character agent name', envelope('hello', { agent: 'a'.repeat(257), token: 't', protocolVersion: 1, agentVersion: '', volumes: [], instanceId: '' })],
+    ['a hello without agent', envelope('hello', { agent: '', clientNonce: Buffer.alloc(24, 1), protocolVersion: 2, agentVersion: '', volumes: [], instanceId: '' })],
+    ['a 257-character agent name', envelope('hello', { agent: 'a'.repeat(257), clientNonce: Buffer.alloc(24, 1), protocolVersion: 2, agentVersion: '', volumes: [], instanceId: '' })],
     ['a control character in an id', envelope('runJob', { jobId: 'job\n1', volume: 'v', mode: JobMode.FULL, audit: false })],
     ['mode UNSPECIFIED', envelope('runJob', { jobId: 'job-1', volume: 'v', mode: JobMode.UNSPECIFIED, audit: false })],
     ['an unknown mode', envelope('runJob', { jobId: 'job-1', volume: 'v', mode: 7 as JobMode, audit: false })],
@@ -57,7 +57,15 @@ describe('validateEnvelope', () => {
     ['an ok job result without image', envelope('jobResult', { jobId: 'j', ok: true, imageId: '', errorCode: '', errorMessage: '' })],
     ['negative freeze seconds', envelope('endVolume', { jobId: 'j', nextIndex: 1, stats: { ...emptyTransferStats(), freezeSeconds: -1 } })],
     ['NaN read seconds', envelope('committed', { jobId: 'j', imageId: 'img-1', stats: { ...emptyTransferStats(), readSeconds: NaN } })],
-    ['a welcome without window', envelope('welcome', { sessionId: 's', maxFrameBytes: 1 << 20, windowBytes: 0 })],
+    ['a welcome without window', envelope('welcome', { sessionId: 's', maxFrameBytes: 1 << 20, windowBytes: 0, serverSignature: Buffer.alloc(32) })],
+    ['a welcome without the server signature', envelope('welcome', { sessionId: 's', maxFrameBytes: 1 << 20, windowBytes: 1 << 20, serverSignature: Buffer.alloc(0) })],
+    ['a hello without client nonce', envelope('hello', { agent: 'db1', clientNonce: Buffer.alloc(0), protocolVersion: 2, agentVersion: '', volumes: [], instanceId: '' })],
+    ['a hello with a 15-byte client nonce', envelope('hello', { agent: 'db1', clientNonce: Buffer.alloc(15), protocolVersion: 2, agentVersion: '', volumes: [], instanceId: '' })],
+    ['a challenge of 1000 iterations', envelope('authChallenge', { salt: Buffer.alloc(16), iterations: 1000, serverNonce: Buffer.alloc(24) })],
+    ['a challenge of 2^31 iterations (an agent would spin)', envelope('authChallenge', { salt: Buffer.alloc(16), iterations: 2 ** 31, serverNonce: Buffer.alloc(24) })],
+    ['a challenge without salt', envelope('authChallenge', { salt: Buffer.alloc(0), iterations: 4096, serverNonce: Buffer.alloc(24) })],
+    ['a challenge without server nonce', envelope('authChallenge', { salt: Buffer.alloc(16), iterations: 4096, serverNonce: Buffer.alloc(0) })],
+    ['a 31-byte client proof', envelope('authProof', { clientProof: Buffer.alloc(31) })],
   ])('rejects %s as E_PROTOCOL', (_n, env) => {
     expect(() => validateEnvelope(env)).toThrow(code('E_PROTOCOL'));
   });
