@@ -2,6 +2,7 @@ import Database from 'better-sqlite3';
 import { randomBytes } from 'node:crypto';
 import { BlocksnapError } from '../../proto/errors.js';
 import { MIGRATIONS } from './schema.js';
+import { openPrivateDatabase } from '../store/private-sqlite.js';
 import { credentialOf, hashToken, newToken, tokenMatches, type Credential } from './token.js';
 
 /**
@@ -28,7 +29,10 @@ export interface ImageRow {
   pg: Record<string, unknown> | null;
   /** The image set (consistency group) the image was committed in; null for a lone volume's image. */
   setId: string | null;
+  /** Damaged objects the image needs (DESIGN.md §6); empty for a healthy image. */
+  damage: ImageDamage[];
 }
+export interface ImageDamage { object: string; reason: string; detectedAt: string }
 export interface NewImage {
   id: string; agent: string; volume: string; jobId: string | null; kind: string;
   basisImageId: string | null; rootDigest: string; volumeSize: number; chunkSize: number;
@@ -46,25 +50,66 @@ export class Catalog {
     this.db = db;
   }
 
+  /**
+   * Opens (creating if missing, 0600) and migrates the catalog. A file SQLite
+   * cannot read, or one failing `PRAGMA quick_check` (a few ms: the catalog
+   * is small), is E_STORE_CORRUPT: `catalog rebuild` and the appliance's
+   * start move it aside and rebuild it from the manifests.
+   */
   static open(file: string): Catalog {
-    let db: Database.Database;
+    let db: Database.Database | undefined;
     try {
-      db = new Database(file);
+      db = openPrivateDatabase(file);
+      db.pragma('busy_timeout = 5000');
+      db.pragma('journal_mode = WAL');
+      db.pragma('synchronous = FULL');
+      db.pragma('foreign_keys = ON');
+      const check = db.pragma('quick_check', { simple: true });
+      if (check !== 'ok') throw Object.assign(new Error(`quick_check: ${String(check)}`), { code: 'SQLITE_CORRUPT' });
+      const version = db.pragma('user_version', { simple: true }) as number;
+      for (let v = version; v < MIGRATIONS.length; v++) {
+        db.transaction(() => {
+          db!.exec(MIGRATIONS[v]!);
+          db!.pragma(`user_version = ${v + 1}`);
+        })();
+      }
     } catch (e) {
-      throw new BlocksnapError('E_STORE_IO', `cannot open catalog ${file}`, { cause: e });
-    }
-    db.pragma('journal_mode = WAL');
-    db.pragma('synchronous = FULL');
-    db.pragma('foreign_keys = ON');
-    db.pragma('busy_timeout = 5000');
-    const version = db.pragma('user_version', { simple: true }) as number;
-    for (let v = version; v < MIGRATIONS.length; v++) {
-      db.transaction(() => {
-        db.exec(MIGRATIONS[v]!);
-        db.pragma(`user_version = ${v + 1}`);
-      })();
+      db?.close();
+      const code = String((e as { code?: string }).code ?? '');
+      const unreadable = code.startsWith('SQLITE_CORRUPT') || code.startsWith('SQLITE_NOTADB');
+      throw new BlocksnapError(unreadable ? 'E_STORE_CORRUPT' : 'E_STORE_IO',
+        `cannot open catalog ${file}: ${(e as Error).message}${unreadable ? ' (blocksnap-appliance catalog rebuild recreates it from the store)' : ''}`, { cause: e });
     }
     return new Catalog(db);
+  }
+
+  /**
+   * What can still be read from an unreadable catalog: its agents (names and
+   * credentials), so a rebuild keeps the agents able to log in. Best effort:
+   * an empty list if that table is unreadable too.
+   */
+  static salvageAgents(file: string): { name: string; tokenHash: string; createdAt: string }[] {
+    let db: Database.Database | undefined;
+    try {
+      db = new Database(file, { readonly: true, fileMustExist: true });
+      return (db.prepare('SELECT name, token_hash, created_at FROM agents').all() as any[]).map((r) => ({
+        name: String(r.name), tokenHash: String(r.token_hash), createdAt: String(r.created_at),
+      }));
+    } catch {
+      return [];
+    } finally {
+      db?.close();
+    }
+  }
+
+  /** Re-inserts salvaged agents (catalog rebuild after an unreadable catalog). */
+  restoreAgents(agents: { name: string; tokenHash: string; createdAt: string }[]): number {
+    const ins = this.db.prepare('INSERT OR IGNORE INTO agents (name, token_hash, created_at) VALUES (?, ?, ?)');
+    let n = 0;
+    this.db.transaction(() => {
+      for (const a of agents) n += ins.run(a.name, a.tokenHash, a.createdAt).changes;
+    })();
+    return n;
   }
 
   close(): void {
@@ -228,27 +273,89 @@ export class Catalog {
     })();
   }
 
+  /** An image; a damaged image known only by its quarantined manifest comes back as a placeholder (see listImages). */
   image(id: string): ImageRow | undefined {
+    const damage = this.damageOf(id);
     const r = this.db.prepare(`${IMAGE_SELECT} WHERE i.id = ?`).get(id);
-    return r ? imageRow(r) : undefined;
+    if (r) return imageRow(r, damage);
+    return damage.length ? lostImage(id, damage) : undefined;
   }
 
-  /** The volume's last committed image: the only acceptable basis. */
+  /**
+   * The volume's last committed image: the only acceptable basis. A damaged
+   * image is never a basis (an incremental on it would inherit the damage),
+   * so the next backup of its volume is a full.
+   */
   lastImage(volumeId: number): ImageRow | undefined {
-    const r = this.db.prepare(`${IMAGE_SELECT} WHERE i.volume_id = ? ORDER BY i.created_at DESC, i.rowid DESC LIMIT 1`).get(volumeId);
-    return r ? imageRow(r) : undefined;
+    const r = this.db.prepare(`${IMAGE_SELECT} WHERE i.volume_id = ? ORDER BY i.created_at DESC, i.rowid DESC LIMIT 1`).get(volumeId) as any;
+    if (!r) return undefined;
+    const damage = this.damageOf(r.id);
+    return damage.length ? undefined : imageRow(r, damage);
   }
 
+  /**
+   * Images with their damage. Without a filter, an image whose manifest was
+   * quarantined before it got a row is listed too, as a placeholder (empty
+   * agent, volume and root, kind "unknown") carrying its damage: it was
+   * committed, so it must not silently disappear.
+   */
   listImages(filter: { agent?: string; volume?: string } = {}): ImageRow[] {
     const rows = this.db
       .prepare(`${IMAGE_SELECT} WHERE (? IS NULL OR a.name = ?) AND (? IS NULL OR v.name = ?) ORDER BY i.created_at, i.id`)
-      .all(filter.agent ?? null, filter.agent ?? null, filter.volume ?? null, filter.volume ?? null);
-    return (rows as any[]).map(imageRow);
+      .all(filter.agent ?? null, filter.agent ?? null, filter.volume ?? null, filter.volume ?? null) as any[];
+    const damage = this.damagedImages();
+    const out = rows.map((r) => imageRow(r, damage.get(r.id) ?? []));
+    if (filter.agent === undefined && filter.volume === undefined) {
+      const have = new Set(rows.map((r) => r.id as string));
+      for (const [id, d] of damage) if (!have.has(id)) out.push(lostImage(id, d));
+      out.sort((a, b) => (a.createdAt === b.createdAt ? (a.id < b.id ? -1 : 1) : a.createdAt < b.createdAt ? -1 : 1));
+    }
+    return out;
   }
 
   imageIds(): Set<string> {
     return new Set((this.db.prepare('SELECT id FROM images').all() as { id: string }[]).map((r) => r.id));
   }
+
+  /** True if a committed image has this root (start-up resolution of pending packs, DESIGN.md §5). */
+  hasRoot(rootHex: string): boolean {
+    return this.db.prepare('SELECT 1 FROM images WHERE root_digest = ? LIMIT 1').get(rootHex) !== undefined;
+  }
+
+  // ---- damage (DESIGN.md §6) ----------------------------------------------
+
+  /** Records that `imageId` needs a damaged or missing `object`; idempotent (the first detection time is kept). */
+  recordDamage(imageId: string, object: string, reason: string): void {
+    this.db
+      .prepare(`INSERT INTO image_damage (image_id, object, reason, detected_at) VALUES (?, ?, ?, ?)
+                ON CONFLICT (image_id, object) DO UPDATE SET reason = excluded.reason`)
+      .run(imageId, object, reason, now());
+  }
+
+  damageOf(imageId: string): ImageDamage[] {
+    return (this.db.prepare('SELECT object, reason, detected_at FROM image_damage WHERE image_id = ? ORDER BY object').all(imageId) as any[])
+      .map((r) => ({ object: r.object, reason: r.reason, detectedAt: r.detected_at }));
+  }
+
+  damagedImages(): Map<string, ImageDamage[]> {
+    const out = new Map<string, ImageDamage[]>();
+    for (const r of this.db.prepare('SELECT image_id, object, reason, detected_at FROM image_damage ORDER BY image_id, object').all() as any[]) {
+      let l = out.get(r.image_id);
+      if (!l) out.set(r.image_id, (l = []));
+      l.push({ object: r.object, reason: r.reason, detectedAt: r.detected_at });
+    }
+    return out;
+  }
+}
+
+/** A committed image known only from its damage rows (its manifest was quarantined before it got a catalog row). */
+function lostImage(id: string, damage: ImageDamage[]): ImageRow {
+  const m = /^img-(\d{4})(\d{2})(\d{2})t(\d{2})(\d{2})(\d{2})z-/.exec(id);
+  const createdAt = m ? `${m[1]}-${m[2]}-${m[3]}T${m[4]}:${m[5]}:${m[6]}.000Z` : damage[0]!.detectedAt;
+  return {
+    id, volumeId: 0, agent: '', volume: '', jobId: null, kind: 'unknown', basisImageId: null, rootDigest: '',
+    volumeSize: 0, chunkSize: 0, createdAt, stats: null, pg: null, setId: null, damage,
+  };
 }
 
 const IMAGE_SELECT = `SELECT i.*, a.name AS agent, v.name AS volume FROM images i
@@ -262,12 +369,13 @@ function jobRow(r: any): JobRow {
   };
 }
 
-function imageRow(r: any): ImageRow {
+function imageRow(r: any, damage: ImageDamage[] = []): ImageRow {
   return {
     id: r.id, volumeId: r.volume_id, agent: r.agent, volume: r.volume, jobId: r.job_id, kind: r.kind,
     basisImageId: r.basis_image_id, rootDigest: r.root_digest, volumeSize: r.volume_size, chunkSize: r.chunk_size,
     createdAt: r.created_at, stats: r.stats_json ? JSON.parse(r.stats_json) : null,
     pg: r.pg_json ? JSON.parse(r.pg_json) : null,
     setId: r.set_id ?? null,
+    damage,
   };
 }

@@ -50,4 +50,15 @@ export const MIGRATIONS: string[] = [
   `ALTER TABLE images ADD COLUMN pg_json TEXT;`,
   // 3: consistency groups: the image set an image was committed in (null for a lone volume).
   `ALTER TABLE images ADD COLUMN set_id TEXT;`,
+  // 4: damaged images (DESIGN.md §6): one row per damaged object an image needs. No foreign
+  // key: an image whose manifest was quarantined before it got a row is recorded too.
+  // images_by_root: start-up asks "is this root committed?" per pending writer (§5).
+  `CREATE TABLE image_damage (
+     image_id TEXT NOT NULL,
+     object TEXT NOT NULL,
+     reason TEXT NOT NULL,
+     detected_at TEXT NOT NULL,
+     PRIMARY KEY (image_id, object)
+   );
+   CREATE INDEX images_by_root ON images(root_digest);`,
 ];

@@ -1,15 +1,17 @@
-import { mkdirSync, readFileSync, rmSync, writeFileSync, openSync, closeSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
-import { BlocksnapError } from '../../proto/errors.js';
+import { makePrivateDirSync } from '../../proto/durable-file.js';
 import { WsTransportServer } from '../../proto/ws-transport.js';
 import { Catalog } from '../catalog/catalog.js';
 import { FsChunkStore } from '../store/fs-chunk-store.js';
-import { listManifests, readManifest, removeManifest } from '../store/manifest.js';
 import { AgentSession } from './agent-session.js';
 import { AuthGuard, type AuthGuardLimits } from './auth-guard.js';
 import { ControlServer } from './control-server.js';
+import { takeDataDirLock } from './data-lock.js';
 import { JobRouter } from './job-router.js';
+import { checkImages, lostAnything, openCatalogOrRecover, rollForward } from './recovery.js';
+
+export { rollForward };
 
 export interface ApplianceOptions {
   dataDir: string;
@@ -31,8 +33,11 @@ export interface ApplianceOptions {
 /**
  * The appliance process: one data directory (catalog + store), a WebSocket
  * endpoint for agents and a control socket for the CLI. Only one process
- * may own a data directory (a pid lock); at start it rolls the catalog
- * forward from the manifests and fails jobs a previous process left running.
+ * may own a data directory (a kernel lock, data-lock.ts). At start it makes
+ * the data directory 0700, recovers what it can (recovery.ts: quarantine,
+ * damaged images), rolls the catalog forward from the manifests, removes the
+ * packs of jobs that never committed, and fails jobs a previous process left
+ * running. One damaged file never stops it (DESIGN.md §6).
  */
 export class Appliance {
   private ws: WsTransportServer | null = null;
@@ -52,26 +57,44 @@ export class Appliance {
   }
 
   static async open(opts: ApplianceOptions): Promise<Appliance> {
-    mkdirSync(opts.dataDir, { recursive: true });
-    const releaseLock = takeLock(join(opts.dataDir, 'appliance.pid'));
+    const log = opts.logger;
+    makePrivateDirSync(opts.dataDir); // 0700 whatever the umask, also for a directory made by an older version
+    const lock = takeDataDirLock(opts.dataDir, 'appliance');
+    const releaseLock = () => lock.release();
+    let catalog: Catalog | undefined;
+    let store: FsChunkStore | undefined;
     try {
-      const catalog = Catalog.open(join(opts.dataDir, 'catalog.sqlite'));
+      const recovered = await openCatalogOrRecover(opts.dataDir, log);
+      catalog = recovered.catalog;
       const storeDir = join(opts.dataDir, 'store');
-      const store = await FsChunkStore.open(storeDir, { logger: opts.logger });
-      const rolled = await rollForward(catalog, storeDir, false, opts.logger);
+      store = await FsChunkStore.open(storeDir, { logger: log, dataDir: opts.dataDir });
+      const q = { quarantined: [...store.recovery.quarantined] };
+      const rolled = await rollForward(catalog, storeDir, recovered.rebuilt !== null, log, q);
+      const cat = catalog;
+      const cleanup = await store.resolvePending((root) => cat.hasRoot(root));
+      const damaged = await checkImages(catalog, store, storeDir, {
+        deep: lostAnything(store) || recovered.rebuilt !== null, lost: store.recovery.lostBlobs, log,
+      });
       const failed = catalog.failInterruptedJobs();
-      if (rolled || failed) opts.logger.info({ rolledForward: rolled, interruptedJobs: failed }, 'recovered from previous run');
+      if (rolled || failed || cleanup.removedPacks.length || q.quarantined.length || damaged.length) {
+        log.info({
+          rolledForward: rolled, interruptedJobs: failed, removedUncommittedPacks: cleanup.removedPacks.length,
+          removedBytes: cleanup.removedBytes, quarantined: q.quarantined.map((r) => r.object), damagedImages: damaged.map((d) => d.imageId),
+        }, 'recovered from previous run');
+      }
       const router = new JobRouter(catalog, store, {
         storeDir,
         resumeGraceMs: opts.resumeGraceMs ?? 10 * 60_000,
         windowBytes: opts.windowBytes ?? 32 << 20,
         flushEveryBytes: opts.flushEveryBytes,
         auditEvery: opts.auditEvery ?? 10,
-      }, opts.logger);
+      }, log);
       return new Appliance(opts, catalog, store, router, releaseLock);
     } catch (e) {
       releaseLock();
       throw e;
+      await store?.close().catch(() => undefined);
+      catalog?.close();
     }
   }
 
@@ -126,55 +149,7 @@ export class Appliance {
   }
 }
 
-/**
- * Inserts a catalog row for every manifest that lacks one (DESIGN.md §5 step
- * 4). A manifest of an image set whose other members' manifests are not all
- * in the store is the trace of a crash inside the set's commit: the set was
- * never visible (its catalog rows come after all its manifests), so that
- * manifest is deleted, never listed. Only manifests without a row are read:
- * a set with rows was complete.
- */
-export async function rollForward(catalog: Catalog, storeDir: string, createAgents: boolean, log?: Logger): Promise<number> {
-  const have = catalog.imageIds();
-  const present = new Set(await listManifests(storeDir));
-  const rows: Parameters<Catalog['insertImage']>[0][] = [];
-  for (const id of present) {
-    if (have.has(id)) continue;
-    const m = await readManifest(storeDir, id);
-    if (m.set && !m.set.images.every((i) => present.has(i))) {
-      log?.warn({ image: id, set: m.set.id, missing: m.set.images.filter((i) => !present.has(i)) }, 'removing a manifest of an incomplete image set');
-      await removeManifest(storeDir, id);
-      continue;
-    }
-    rows.push({
-      id: m.imageId, agent: m.agent, volume: m.volume, jobId: m.jobId, kind: m.kind, basisImageId: m.basisImageId,
-      rootDigest: m.rootDigest, volumeSize: m.volumeSize, chunkSize: m.chunkSize, createdAt: m.createdAt, stats: m.stats,
-      pg: m.pg ?? null, setId: m.set?.id ?? null,
-    });
-  }
-  // One transaction: the members of a set appear together.
-  catalog.insertImages(rows, { createAgent: createAgents });
-  return rows.length;
-}
-
-/** A pid file taken with O_EXCL; a stale one (dead pid) is replaced. */
-function takeLock(file: string): () => void {
-  for (let attempt = 0; attempt < 2; attempt++) {
-    try {
-      const fd = openSync(file, 'wx', 0o644);
-      writeFileSync(fd, String(process.pid));
-      closeSync(fd);
-      return () => rmSync(file, { force: true });
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw new BlocksnapError('E_STORE_IO', `cannot create ${file}`, { cause: e });
-      const pid = Number(readFileSync(file, 'utf8').trim());
-      if (pid > 0 && pidAlive(pid)) throw new BlocksnapError('E_BUSY', `data directory is in use by appliance pid ${pid}`);
-      rmSync(file, { force: true });
-    }
-  }
-  throw new BlocksnapError('E_BUSY', `cannot take the lock ${file}`);
-}
-
+/** Kept for callers that still probe a pid: true if the process exists (EPERM counts). */
 export function pidAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
@@ -183,3 +158,5 @@ export function pidAlive(pid: number): boolean {
     return (e as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
+
+export { lockHolder } from './data-lock.js';

@@ -7,9 +7,16 @@
  * INTEGER, plain_len INTEGER, type INTEGER, codec INTEGER) — WITHOUT ROWID so
  * a lookup is a single B-tree descent on the digest.
  * packs(id TEXT PRIMARY KEY, size INTEGER, blobs INTEGER).
+ *
+ * Next to the cache, in the same file, the **pending-pack journal** (DESIGN.md
+ * §5): pending_packs(pack, writer) says which blob writers (one per ingest)
+ * made or depend on a pack no committed image is known to use yet, and
+ * pending_roots(writer, root) which image roots a writer stored. It is not a
+ * cache: losing it only leaves garbage for GC, never deletes a needed pack.
  */
-import Database from 'better-sqlite3';
+import type Database from 'better-sqlite3';
 import { BlocksnapError } from '../../proto/errors.js';
+import { openPrivateDatabase } from './private-sqlite.js';
 import type { BlobLocation, BlobType } from './chunk-store.js';
 import type { TrailerEntry } from './pack-format.js';
 import { listPackFiles, PackReader } from './pack-reader.js';
@@ -21,6 +28,8 @@ CREATE TABLE IF NOT EXISTS blobs (
   type INTEGER NOT NULL, codec INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS packs (id TEXT PRIMARY KEY, size INTEGER NOT NULL, blobs INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS pending_packs (pack TEXT NOT NULL, writer TEXT NOT NULL, PRIMARY KEY (pack, writer)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pending_roots (writer TEXT NOT NULL, root BLOB NOT NULL, PRIMARY KEY (writer, root)) WITHOUT ROWID;
 `;
 
 type LocRow = [string, number, number, number, number, number];
@@ -34,7 +43,8 @@ export interface IndexedPack {
 export class BlobIndex {
   private readonly hasStmt: Database.Statement<[Buffer], number>;
   private readonly locStmt: Database.Statement<[Buffer], LocRow>;
-  private readonly insertPackTx: (pack: IndexedPack) => void;
+  private readonly insertPackTx: (pack: IndexedPack) => Set<string>;
+  private readonly packOfStmt: Database.Statement<[Buffer], string>;
 
   private constructor(private readonly db: Database.Database) {
     this.hasStmt = db.prepare<[Buffer], number>('SELECT 1 FROM blobs WHERE digest = ?').pluck();
@@ -46,18 +56,24 @@ export class BlobIndex {
     const insBlob = db.prepare(
       'INSERT OR IGNORE INTO blobs (digest, pack, offset, stored_len, plain_len, type, codec) VALUES (?, ?, ?, ?, ?, ?, ?)',
     );
+    this.packOfStmt = db.prepare<[Buffer], string>('SELECT pack FROM blobs WHERE digest = ?').pluck();
     this.insertPackTx = db.transaction((pack: IndexedPack) => {
-      if (insPack.run(pack.id, pack.size, pack.entries.length).changes === 0) return;
+      const winners = new Set<string>();
+      if (insPack.run(pack.id, pack.size, pack.entries.length).changes === 0) return winners;
       for (const e of pack.entries) {
-        insBlob.run(e.digest, pack.id, e.offset, e.storedLength, e.plainLength, e.type, e.codec);
+        if (insBlob.run(e.digest, pack.id, e.offset, e.storedLength, e.plainLength, e.type, e.codec).changes === 0) {
+          const w = this.packOfStmt.get(e.digest);
+          if (w !== undefined) winners.add(w);
+        }
       }
+      return winners;
     });
   }
 
   static open(file: string): BlobIndex {
     let db: Database.Database;
     try {
-      db = new Database(file);
+      db = openPrivateDatabase(file);
       db.pragma('journal_mode = WAL');
       db.pragma('synchronous = FULL');
       db.pragma('busy_timeout = 5000');
@@ -78,6 +94,11 @@ export class BlobIndex {
     return { pack: r[0], offset: r[1], storedLength: r[2], plainLength: r[3], type: r[4] as BlobType, codec: r[5] };
   }
 
+  /** The pack the index reads `digest` from. */
+  packOf(digest: Buffer): string | undefined {
+    return this.packOfStmt.get(digest);
+  }
+
   hasPack(id: string): boolean {
     return this.db.prepare('SELECT 1 FROM packs WHERE id = ?').get(id) !== undefined;
   }
@@ -86,10 +107,15 @@ export class BlobIndex {
     return new Set(this.db.prepare<[], string>('SELECT id FROM packs').pluck().all());
   }
 
-  /** Inserts a durable pack and its blobs in one transaction; a known pack is a no-op. */
-  insertPack(pack: IndexedPack): void {
+  /**
+   * Inserts a durable pack and its blobs in one transaction; a known pack is a
+   * no-op. Returns the other packs the index keeps reading some of this
+   * pack's blobs from (first copy wins, §3.1): whoever relies on this pack
+   * relies on those too.
+   */
+  insertPack(pack: IndexedPack): Set<string> {
     try {
-      this.insertPackTx(pack);
+      return this.insertPackTx(pack);
     } catch (e) {
       throw new BlocksnapError('E_STORE_IO', `blob index insert of pack ${pack.id}: ${(e as Error).message}`, { cause: e });
     }
@@ -104,6 +130,75 @@ export class BlobIndex {
     return { packs: p.n, blobs: b, bytes: p.bytes };
   }
 
+  /**
+   * Forgets a pack: its blob rows (by the digests of its trailer when known,
+   * else by a scan for the pack) and its packs row, in one transaction (its
+   * journal rows stay until the file is gone: `settlePack`). Returns the
+   * digests whose rows pointed at it.
+   */
+  removePack(id: string, digests?: readonly Buffer[]): Buffer[] {
+    return this.db.transaction(() => {
+      let gone: Buffer[];
+      if (digests) {
+        const del = this.db.prepare('DELETE FROM blobs WHERE digest = ? AND pack = ?');
+        gone = digests.filter((d) => del.run(d, id).changes > 0);
+      } else {
+        gone = this.db.prepare<[string], Buffer>('SELECT digest FROM blobs WHERE pack = ?').pluck().all(id);
+        this.db.prepare('DELETE FROM blobs WHERE pack = ?').run(id);
+      }
+      this.db.prepare('DELETE FROM packs WHERE id = ?').run(id);
+      return gone;
+    })();
+  }
+
+  // ---- pending-pack journal (DESIGN.md §5) --------------------------------
+
+  /** Durably records that `writer` made or depends on `pack`, and the roots it stored. One transaction. */
+  journal(packs: readonly { pack: string; writer: string }[], roots: readonly { writer: string; root: Buffer }[] = []): void {
+    if (packs.length === 0 && roots.length === 0) return;
+    const insP = this.db.prepare('INSERT OR IGNORE INTO pending_packs (pack, writer) VALUES (?, ?)');
+    const insR = this.db.prepare('INSERT OR IGNORE INTO pending_roots (writer, root) VALUES (?, ?)');
+    try {
+      this.db.transaction(() => {
+        for (const p of packs) insP.run(p.pack, p.writer);
+        for (const r of roots) insR.run(r.writer, r.root);
+      })();
+    } catch (e) {
+      throw new BlocksnapError('E_STORE_IO', `pending-pack journal: ${(e as Error).message}`, { cause: e });
+    }
+  }
+
+  /** Every journalled writer with its packs and roots. */
+  pendingWriters(): Map<string, { packs: Set<string>; roots: Buffer[] }> {
+    const out = new Map<string, { packs: Set<string>; roots: Buffer[] }>();
+    const get = (w: string) => {
+      let v = out.get(w);
+      if (!v) out.set(w, (v = { packs: new Set(), roots: [] }));
+      return v;
+    };
+    for (const r of this.db.prepare('SELECT pack, writer FROM pending_packs').all() as { pack: string; writer: string }[]) get(r.writer).packs.add(r.pack);
+    for (const r of this.db.prepare('SELECT writer, root FROM pending_roots').all() as { writer: string; root: Buffer }[]) get(r.writer).roots.push(r.root);
+    return out;
+  }
+
+  /** Packs named in the journal. */
+  pendingPackIds(): Set<string> {
+    return new Set(this.db.prepare<[], string>('SELECT DISTINCT pack FROM pending_packs').pluck().all());
+  }
+
+  /** The pack leaves the journal: a committed image uses it, or it was removed. */
+  settlePack(pack: string): void {
+    this.db.prepare('DELETE FROM pending_packs WHERE pack = ?').run(pack);
+  }
+
+  /** Drops a writer's journal rows (its packs are settled or removed). */
+  forgetWriter(writer: string): void {
+    this.db.transaction(() => {
+      this.db.prepare('DELETE FROM pending_packs WHERE writer = ?').run(writer);
+      this.db.prepare('DELETE FROM pending_roots WHERE writer = ?').run(writer);
+    })();
+  }
+
   /** Forgets every row (only for a rebuild from the packs). */
   clear(): void {
     this.db.transaction(() => {
@@ -116,33 +211,54 @@ export class BlobIndex {
   }
 }
 
+export interface SkippedPack {
+  pack: string;
+  reason: string;
+  /** Where the pack went, relative to the data directory, if it was quarantined. */
+  quarantinedTo?: string;
+}
+
 /**
  * Indexes the packs under `packsDir` from their trailers. With `all` false
  * only packs missing from the index (a crash between rename and insert);
  * with `all` true the index is cleared first and rebuilt. A pack whose footer
- * or trailer fails its checks stops the scan with E_STORE_CORRUPT naming it:
- * silently skipping it could hide blobs an image needs.
+ * or trailer fails its checks is skipped and reported (and handed to
+ * `onCorrupt`, which quarantines it); the scan goes on. Packs of the
+ * pending-pack journal go last, so a blob that is also in a pack a committed
+ * image uses is read from that one (first copy wins).
  */
 export async function indexPacksFromFiles(
   index: BlobIndex,
   packsDir: string,
-  opts: { all: boolean },
-): Promise<{ packs: number; blobs: number }> {
+  opts: { all: boolean; onCorrupt?: (id: string, path: string, err: BlocksnapError) => Promise<string | undefined> },
+): Promise<{ packs: number; blobs: number; skipped: SkippedPack[] }> {
   if (opts.all) index.clear();
   const known = index.packIds();
+  const pending = index.pendingPackIds();
+  const files = (await listPackFiles(packsDir)).filter((f) => !known.has(f.id));
+  files.sort((a, b) => Number(pending.has(a.id)) - Number(pending.has(b.id)));
   let packs = 0;
   let blobs = 0;
-  for (const { id, path } of await listPackFiles(packsDir)) {
-    if (known.has(id)) continue;
-    const reader = await PackReader.open(path, id);
+  const skipped: SkippedPack[] = [];
+  for (const { id, path } of files) {
+    let entries: TrailerEntry[];
+    let size: number;
     try {
-      const entries = await reader.entries();
-      index.insertPack({ id, size: reader.size, entries });
-      packs++;
-      blobs += entries.length;
-    } finally {
-      await reader.close();
+      const reader = await PackReader.open(path, id);
+      try {
+        entries = await reader.entries();
+        size = reader.size;
+      } finally {
+        await reader.close();
+      }
+    } catch (e) {
+      if (!(e instanceof BlocksnapError) || e.code !== 'E_STORE_CORRUPT') throw e;
+      skipped.push({ pack: id, reason: e.message, quarantinedTo: await opts.onCorrupt?.(id, path, e) });
+      continue;
     }
+    index.insertPack({ id, size, entries });
+    packs++;
+    blobs += entries.length;
   }
-  return { packs, blobs };
+  return { packs, blobs, skipped };
 }

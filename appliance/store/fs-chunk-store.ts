@@ -3,17 +3,28 @@
  * packs/HH/, temp packs under tmp/, the blob index in index.sqlite.
  *
  * Opening the store empties tmp/ (half-written packs and manifests of a dead
- * process) and indexes every pack that is in packs/ but not in the index
- * (a crash between rename and index insert, §5).
+ * process), forgets indexed packs whose file is gone, and indexes every pack
+ * that is in packs/ but not in the index (a crash between rename and index
+ * insert, §5). A pack whose footer or trailer is unreadable is quarantined
+ * (DATA/quarantine/, §2) and reported in `recovery`; the store opens anyway.
+ *
+ * Packs no committed image is known to use are "pending" (§5): each writer
+ * journals the packs it makes (before they appear under packs/) and the
+ * packs of other writers it de-duplicates against, and the roots it stores.
+ * `abort()` removes a writer's packs that no other writer depends on;
+ * `resolvePending()` at start removes those of writers that never committed.
  */
-import { mkdir, readdir, rm } from 'node:fs/promises';
-import { join } from 'node:path';
+import { randomUUID } from 'node:crypto';
+import { readdir, rm } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
 import type { Logger } from '../../proto/log.js';
-import { BlobIndex, indexPacksFromFiles } from './blob-index.js';
+import { fsyncDir, makePrivateDir } from '../../proto/durable-file.js';
+import { BlobIndex, indexPacksFromFiles, type SkippedPack } from './blob-index.js';
 import { ZERO_DIGEST, type BlobLocation, type BlobType, type BlobWriter, type ChunkStore, type PutResult } from './chunk-store.js';
-import { CODEC_NONE, CODEC_ZSTD, type Codec } from './pack-format.js';
-import { PackReaderCache } from './pack-reader.js';
+import { CODEC_NONE, CODEC_ZSTD, packRelPath, type Codec } from './pack-format.js';
+import { listPackFiles, PackReader, PackReaderCache } from './pack-reader.js';
+import { quarantineFile, type QuarantineRecord } from './quarantine.js';
 import { DEFAULT_WRITE_BUFFER, PackWriter } from './pack-writer.js';
 import { DEFAULT_ZSTD_LEVEL, zstdCompress, zstdDeclaredSize } from '../../proto/zstd.js';
 
@@ -30,6 +41,26 @@ export interface FsChunkStoreOptions {
   /** zstd level for blobs put without a compressed form (pages, roots). */
   compressionLevel?: number;
   logger?: Logger;
+  /** The appliance data directory (quarantine lives there); default: the store's parent. */
+  dataDir?: string;
+}
+
+/** What opening the store found and repaired (DESIGN.md §6). */
+export interface StoreRecovery {
+  /** Packs moved to the quarantine (unreadable footer or trailer). */
+  quarantined: QuarantineRecord[];
+  /** Indexed packs whose file is gone (their rows were dropped). */
+  missingPacks: string[];
+  /** Digest (hex) → the lost object it was in, for naming damage. */
+  lostBlobs: Map<string, string>;
+}
+
+/** What `resolvePending` / an abort removed. */
+export interface PendingCleanup {
+  removedPacks: string[];
+  removedBytes: number;
+  /** Packs that left the journal because a committed image uses them. */
+  settledPacks: number;
 }
 
 export interface ResolvedStoreOptions {
@@ -45,12 +76,22 @@ export class FsChunkStore implements ChunkStore {
   private readonly active = new Set<FsBlobWriter>();
   private readonly readers: PackReaderCache;
   private closed = false;
+  /** Pending packs of this process's writers → ids of the writers that made or depend on them. */
+  private readonly pendingOwners = new Map<string, Set<string>>();
+  /** Digests and size of each pending pack (to drop its rows without a scan). */
+  private readonly pendingPacks = new Map<string, { digests: Buffer[]; size: number }>();
+  /** Writers with pending packs, pins or roots not yet settled. */
+  private readonly tracked = new Set<FsBlobWriter>();
+  private committedRoot: ((rootHex: string) => boolean) | undefined;
+  recovery: StoreRecovery = { quarantined: [], missingPacks: [], lostBlobs: new Map() };
 
   private constructor(
     readonly dir: string,
     readonly index: BlobIndex,
     readonly options: ResolvedStoreOptions,
     readHandles: number,
+    readonly dataDir: string,
+    readonly log: Logger | undefined,
   ) {
     this.packsDir = join(dir, 'packs');
     this.tmpDir = join(dir, 'tmp');
@@ -69,9 +110,11 @@ export class FsChunkStore implements ChunkStore {
     }
     const packsDir = join(dir, 'packs');
     const tmpDir = join(dir, 'tmp');
+    const dataDir = opts.dataDir ?? dirname(dir);
     try {
-      await mkdir(packsDir, { recursive: true });
-      await mkdir(tmpDir, { recursive: true });
+      await makePrivateDir(dir);
+      await makePrivateDir(packsDir);
+      await makePrivateDir(tmpDir);
       const leftovers = await readdir(tmpDir);
       await Promise.all(leftovers.map((name) => rm(join(tmpDir, name), { recursive: true, force: true })));
       if (leftovers.length > 0) opts.logger?.info({ tmpDir, removed: leftovers.length }, 'emptied store tmp');
@@ -79,19 +122,44 @@ export class FsChunkStore implements ChunkStore {
       throw new BlocksnapError('E_STORE_IO', `cannot prepare store ${dir}: ${(e as Error).message}`, { cause: e });
     }
     const index = BlobIndex.open(join(dir, 'index.sqlite'));
+    const store = new FsChunkStore(dir, index, options, opts.readHandles ?? DEFAULT_READ_HANDLES, dataDir, opts.logger);
     try {
-      const found = await indexPacksFromFiles(index, packsDir, { all: false });
-      if (found.packs > 0) opts.logger?.warn(found, 'indexed packs missing from the blob index');
+      await store.reconcile();
     } catch (e) {
       index.close();
       throw e;
     }
-    return new FsChunkStore(dir, index, options, opts.readHandles ?? DEFAULT_READ_HANDLES);
+    return store;
+  }
+
+  /** Index ↔ files at open: rows of vanished packs go, unindexed packs come in, unreadable ones are quarantined. */
+  private async reconcile(): Promise<void> {
+    const onDisk = new Set((await listPackFiles(this.packsDir)).map((f) => f.id));
+    const pending = this.index.pendingPackIds();
+    for (const id of this.index.packIds()) {
+      if (onDisk.has(id)) continue;
+      const gone = this.index.removePack(id);
+      // A pending pack whose removal a crash interrupted is no loss.
+      if (pending.has(id)) continue;
+      this.recovery.missingPacks.push(id);
+      for (const d of gone) this.recovery.lostBlobs.set(d.toString('hex'), `pack ${id} (file missing)`);
+      this.log?.error({ pack: id, blobs: gone.length }, 'an indexed pack file is missing: its blobs are gone from the index');
+    }
+    const found = await indexPacksFromFiles(this.index, this.packsDir, { all: false, onCorrupt: (id, path, e) => this.quarantinePack(id, path, e) });
+    if (found.packs > 0) this.log?.warn({ packs: found.packs, blobs: found.blobs }, 'indexed packs missing from the blob index');
+  }
+
+  private async quarantinePack(id: string, path: string, e: BlocksnapError): Promise<string> {
+    const rec = await quarantineFile(this.dataDir, path, 'pack', `pack ${id}`, e.message);
+    this.recovery.quarantined.push(rec);
+    this.log?.error({ pack: id, reason: e.message, movedTo: rec.to }, 'quarantined an unreadable pack');
+    return rec.to;
   }
 
   openWriter(): BlobWriter {
     this.checkOpen();
-    return new FsBlobWriter(this);
+    this.settleCommitted();
+    return new FsBlobWriter(this, randomUUID());
   }
 
   async get(digest: Buffer): Promise<Buffer> {
@@ -125,11 +193,59 @@ export class FsChunkStore implements ChunkStore {
     return this.index.stats();
   }
 
-  /** Rebuilds the blob index from the pack trailers alone (`store reindex`). */
-  async reindex(): Promise<{ packs: number; blobs: number }> {
+  /**
+   * Rebuilds the blob index from the pack trailers alone (`store reindex`).
+   * An unreadable pack is quarantined and reported in `skipped`; the rest is indexed.
+   */
+  async reindex(): Promise<{ packs: number; blobs: number; skipped: SkippedPack[] }> {
     this.checkOpen();
     if (this.active.size > 0) throw new BlocksnapError('E_BUSY', 'cannot reindex while blob writers are open');
-    return indexPacksFromFiles(this.index, this.packsDir, { all: true });
+    return indexPacksFromFiles(this.index, this.packsDir, { all: true, onCorrupt: (id, path, e) => this.quarantinePack(id, path, e) });
+  }
+
+  /**
+   * Start-up clean-up of packs of jobs that never committed (DESIGN.md §5),
+   * after the catalog was rolled forward: a journalled writer is committed
+   * if a committed image has one of its roots; every pack a committed writer
+   * made or depends on leaves the journal for good, every other journalled
+   * pack is removed (rows, then file). `committedRoot` is kept to settle this
+   * process's writers as their images commit.
+   */
+  async resolvePending(committedRoot: (rootHex: string) => boolean): Promise<PendingCleanup> {
+    this.checkOpen();
+    this.committedRoot = committedRoot;
+    const out: PendingCleanup = { removedPacks: [], removedBytes: 0, settledPacks: 0 };
+    const writers = this.index.pendingWriters();
+    const keep = new Set<string>();
+    const drop = new Set<string>();
+    for (const w of writers.values()) {
+      if (w.roots.some((r) => committedRoot(r.toString('hex')))) for (const p of w.packs) keep.add(p);
+    }
+    for (const w of writers.values()) for (const p of w.packs) if (!keep.has(p)) drop.add(p);
+    for (const p of keep) this.index.settlePack(p);
+    out.settledPacks = keep.size;
+    for (const p of drop) {
+      const path = join(this.packsDir, packRelPath(p));
+      let digests: Buffer[] | undefined;
+      let size = 0;
+      try {
+        const r = await PackReader.open(path, p);
+        try {
+          size = r.size;
+          digests = (await r.entries()).map((e) => e.digest);
+        } finally {
+          await r.close();
+        }
+      } catch {
+        digests = undefined; // gone or unreadable: drop its rows by a scan
+      }
+      await this.removePackFile(p, digests);
+      out.removedPacks.push(p);
+      out.removedBytes += size;
+    }
+    for (const id of writers.keys()) this.index.forgetWriter(id);
+    if (out.removedPacks.length) this.log?.warn({ packs: out.removedPacks.length, bytes: out.removedBytes }, 'removed packs of jobs that never committed');
+    return out;
   }
 
   /** Aborts writers still open (their unflushed blobs were never durable) and releases everything. */
@@ -139,6 +255,101 @@ export class FsChunkStore implements ChunkStore {
     await Promise.allSettled([...this.active].map((w) => w.abort()));
     await this.readers.close();
     this.index.close();
+  }
+
+  /**
+   * @internal A put found `digest` durable: if it is in another writer's pending
+   * pack, `w` now depends on that pack (it must outlive that writer's abort).
+   */
+  dedupHit(digest: Buffer, w: FsBlobWriter): boolean {
+    const pack = this.index.packOf(digest);
+    if (pack === undefined) return false;
+    this.pin(pack, w);
+    return true;
+  }
+
+  /** @internal `w` depends on `pack` if that pack is pending and not already its own. */
+  pin(pack: string, w: FsBlobWriter): void {
+    const owners = this.pendingOwners.get(pack);
+    if (!owners || owners.has(w.id)) return;
+    owners.add(w.id);
+    w.pins.add(pack);
+    w.unsaved.push(pack);
+    this.tracked.add(w);
+  }
+
+  /** @internal A writer's new pack, journalled before it is renamed into packs/ (sync: runs inside PackWriter.finish). */
+  journalOwnPack(pack: string, w: FsBlobWriter): void {
+    this.index.journal([{ pack, writer: w.id }]);
+    this.pendingOwners.set(pack, new Set([w.id]));
+    w.pins.add(pack);
+    this.tracked.add(w);
+  }
+
+  /** @internal The pack is durable and indexed; `winners` are packs the index reads some of its blobs from. */
+  packIndexed(pack: string, size: number, digests: Buffer[], winners: Set<string>, w: FsBlobWriter): void {
+    this.pendingPacks.set(pack, { digests, size });
+    for (const other of winners) if (other !== pack) this.pin(other, w);
+  }
+
+  /** @internal Makes the pins and roots `w` gathered durable (before its flush resolves, so before any commit). */
+  saveJournal(w: FsBlobWriter): void {
+    const packs = w.unsaved.splice(0).map((pack) => ({ pack, writer: w.id }));
+    const roots = w.unsavedRoots.splice(0).map((root) => ({ writer: w.id, root }));
+    this.index.journal(packs, roots);
+  }
+
+  /**
+   * @internal An aborted writer's packs: each one no other writer depends on is
+   * removed (rows at once, so no new put can de-duplicate against it, then the
+   * file). A writer that stored a root may have committed: it removes nothing
+   * here and start-up decides (resolvePending).
+   */
+  async dropWriter(w: FsBlobWriter): Promise<void> {
+    if (w.roots.size > 0) return;
+    const doomed: string[] = [];
+    for (const pack of w.pins) {
+      const owners = this.pendingOwners.get(pack);
+      if (!owners) continue;
+      owners.delete(w.id);
+      if (owners.size === 0) doomed.push(pack);
+    }
+    this.tracked.delete(w);
+    let bytes = 0;
+    for (const pack of doomed) {
+      this.pendingOwners.delete(pack);
+      const info = this.pendingPacks.get(pack);
+      this.pendingPacks.delete(pack);
+      bytes += info?.size ?? 0;
+      this.index.removePack(pack, info?.digests ?? []); // no info: it never reached the index
+    }
+    for (const pack of doomed) await this.removePackFile(pack, []);
+    this.index.forgetWriter(w.id);
+    if (doomed.length) this.log?.info({ packs: doomed.length, bytes }, 'removed the packs of an aborted blob writer');
+  }
+
+  /** Rows (unless `digests` is [] = already dropped), then the file, then the journal rows. */
+  private async removePackFile(pack: string, digests: Buffer[] | undefined): Promise<void> {
+    if (!digests || digests.length) this.index.removePack(pack, digests);
+    const path = join(this.packsDir, packRelPath(pack));
+    await rm(path, { force: true });
+    await fsyncDir(dirname(path)).catch(() => undefined);
+    this.index.settlePack(pack);
+  }
+
+  /** Writers whose image committed: their packs and the packs they depend on are permanent. */
+  private settleCommitted(): void {
+    if (!this.committedRoot) return;
+    for (const w of this.tracked) {
+      if (![...w.roots].some((r) => this.committedRoot!(r))) continue;
+      for (const pack of w.pins) {
+        this.pendingOwners.delete(pack);
+        this.pendingPacks.delete(pack);
+        this.index.settlePack(pack);
+      }
+      this.index.forgetWriter(w.id);
+      this.tracked.delete(w);
+    }
   }
 
   /** @internal true if another open writer holds `key` in a pack not yet indexed. */
@@ -191,6 +402,13 @@ interface Borrowed {
  * is not durable. Duplicates across packs are harmless (§3.1).
  */
 class FsBlobWriter implements BlobWriter {
+  /** Pending packs this writer made or depends on (DESIGN.md §5). */
+  readonly pins = new Set<string>();
+  /** Pins not yet in the journal. */
+  readonly unsaved: string[] = [];
+  /** Roots (hex) this writer stored or de-duplicated: it committed if a committed image has one. */
+  readonly roots = new Set<string>();
+  readonly unsavedRoots: Buffer[] = [];
   private pack: PackWriter | undefined;
   private packKeys: string[] = [];
   private readonly pending = new Set<string>();
@@ -200,7 +418,10 @@ class FsBlobWriter implements BlobWriter {
   private failure: BlocksnapError | undefined;
   private done = false;
 
-  constructor(private readonly store: FsChunkStore) {}
+  constructor(
+    private readonly store: FsChunkStore,
+    readonly id: string,
+  ) {}
 
   holds(key: string): boolean {
     return this.pending.has(key);
@@ -215,7 +436,11 @@ class FsBlobWriter implements BlobWriter {
       throw new BlocksnapError('E_STORE_IO', 'refusing to store an all-zero blob: record ZERO instead');
     }
     const key = digest.toString('hex');
-    if (this.pending.has(key) || this.borrowed.has(key) || this.store.index.has(digest)) return NOT_STORED;
+    if (type === 3 && !this.roots.has(key)) {
+      this.roots.add(key);
+      this.unsavedRoots.push(Buffer.from(digest));
+    }
+    if (this.pending.has(key) || this.borrowed.has(key) || this.store.dedupHit(digest, this)) return NOT_STORED;
     let codec: Codec = CODEC_NONE;
     let payload = plain;
     if (compressed) {
@@ -241,12 +466,18 @@ class FsBlobWriter implements BlobWriter {
     this.check();
     for (const [key, b] of this.borrowed) {
       this.borrowed.delete(key);
-      if (this.pending.has(key) || this.store.index.has(b.digest)) continue;
+      if (this.pending.has(key) || this.store.dedupHit(b.digest, this)) continue;
       await this.append(key, b.type, b.digest, b.codec, b.plainLength, b.payload);
     }
     this.seal();
     await Promise.allSettled([...this.closing]);
     this.check();
+    try {
+      this.store.saveJournal(this);
+    } catch (e) {
+      this.failure ??= e instanceof BlocksnapError ? e : new BlocksnapError('E_STORE_IO', String(e), { cause: e });
+      throw this.failure;
+    }
     const n = this.bytesSinceFlush;
     this.bytesSinceFlush = 0;
     return n;
@@ -262,12 +493,13 @@ class FsBlobWriter implements BlobWriter {
     this.borrowed.clear();
     try {
       await pack?.abort();
-      // Packs already sealed by a rollover finish: durable garbage, never half files.
+      // Packs already sealed by a rollover finish first, then go with the rest.
       await Promise.allSettled([...this.closing]);
     } finally {
       this.pending.clear();
       this.store.release(this);
     }
+    await this.store.dropWriter(this);
   }
 
   /**
@@ -300,8 +532,9 @@ class FsBlobWriter implements BlobWriter {
     this.packKeys = [];
     const p = (async () => {
       try {
-        const done = await pack.finish();
-        this.store.index.insertPack(done);
+        const done = await pack.finish((id) => this.store.journalOwnPack(id, this));
+        const winners = this.store.index.insertPack(done);
+        this.store.packIndexed(done.id, done.size, done.entries.map((e) => e.digest), winners, this);
         this.bytesSinceFlush += done.size;
       } catch (e) {
         this.failure ??= e instanceof BlocksnapError ? e : new BlocksnapError('E_STORE_IO', String(e), { cause: e });

@@ -32,7 +32,7 @@ import path from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
 import { imageGeometry } from '../../proto/shared/image-root.js';
 import { validatePgInfo, type PgImageInfo } from './pg-image-info.js';
-import { fsyncDir } from '../../proto/durable-file.js';
+import { fsyncDir, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE } from '../../proto/durable-file.js';
 
 export const MANIFEST_FORMAT = 'blocksnap-manifest';
 export const MANIFEST_VERSION = 1;
@@ -232,7 +232,7 @@ export function manifestPath(storeDir: string, imageId: string): string {
 /** mkdir -p, making a new directory's own entry durable too. */
 async function ensureDir(dir: string): Promise<void> {
   const abs = path.resolve(dir);
-  const first = await fs.mkdir(abs, { recursive: true });
+  const first = await fs.mkdir(abs, { recursive: true, mode: PRIVATE_DIR_MODE });
   if (first === undefined) return;
   for (let d = abs; d !== path.dirname(d); d = path.dirname(d)) {
     await fsyncDir(path.dirname(d));
@@ -263,8 +263,9 @@ export async function writeManifest(storeDir: string, m: Manifest): Promise<stri
     throw new BlocksnapError('E_STORE_IO', `manifest ${m.imageId} already exists`);
   }
   try {
-    const fh = await fs.open(tmp, 'wx', 0o644);
+    const fh = await fs.open(tmp, 'wx', PRIVATE_FILE_MODE);
     try {
+      await fh.chmod(PRIVATE_FILE_MODE); // whatever the umask (DESIGN.md §2)
       await fh.writeFile(bytes);
       await fh.sync();
     } finally {

@@ -9,7 +9,7 @@
  * settles when the staged bytes it sent reached the file).
  */
 import { createHash, randomUUID, type Hash } from 'node:crypto';
-import { close, fsync, openSync, write } from 'node:fs';
+import { close, fchmodSync, fsync, openSync, write } from 'node:fs';
 import { mkdir, open, rename, rm } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
@@ -27,7 +27,7 @@ import {
   type Codec,
   type TrailerEntry,
 } from './pack-format.js';
-import { fsyncDir } from '../../proto/durable-file.js';
+import { fsyncDir, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE } from '../../proto/durable-file.js';
 
 const pwrite = promisify(write);
 const pfsync = promisify(fsync);
@@ -79,7 +79,8 @@ export class PackWriter {
   ) {
     this.tmpPath = join(tmpDir, `pack-${process.pid}-${randomUUID()}.tmp`);
     try {
-      this.fd = openSync(this.tmpPath, 'wx', 0o644);
+      this.fd = openSync(this.tmpPath, 'wx', PRIVATE_FILE_MODE);
+      fchmodSync(this.fd, PRIVATE_FILE_MODE); // whatever the umask (DESIGN.md §2)
     } catch (e) {
       throw ioError('cannot create', this.tmpPath, e);
     }
@@ -118,8 +119,13 @@ export class PackWriter {
     return sent ?? RESOLVED;
   }
 
-  /** Writes trailer and footer, makes the pack durable under its final name. */
-  async finish(): Promise<FinishedPack> {
+  /**
+   * Writes trailer and footer, makes the pack durable under its final name.
+   * `beforeInstall(id)` runs after the fsync and before the rename: the
+   * store journals the pack as pending there (DESIGN.md §5), so no pack
+   * appears under packs/ without a record of the writer that made it.
+   */
+  async finish(beforeInstall?: (id: string) => void): Promise<FinishedPack> {
     if (this.sealed) throw new BlocksnapError('E_INTERNAL', 'pack finished twice');
     this.sealed = true;
     const trailer = encodeTrailer(this.entries);
@@ -145,8 +151,9 @@ export class PackWriter {
     }
     const id = this.hash.digest('hex');
     const path = join(this.packsDir, packRelPath(id));
+    beforeInstall?.(id);
     try {
-      const created = await mkdir(dirname(path), { recursive: true });
+      const created = await mkdir(dirname(path), { recursive: true, mode: PRIVATE_DIR_MODE });
       if (created) await fsyncDir(this.packsDir);
       await rename(this.tmpPath, path);
       await fsyncDir(dirname(path));

@@ -57,6 +57,7 @@ function fsHarness(opts: FsChunkStoreOptions = {}): () => Promise<ChunkStoreHarn
           await writeFile(join(storeDir, 'tmp', 'pack-1-dead.tmp'), randomChunk(5000));
         },
         tempEntries: () => readdir(join(storeDir, 'tmp')),
+        packPresent: (pack) => stat(packFile(pack)).then(() => true, () => false),
       },
       destroy: async () => undefined, // the temp dir goes in afterEach
     };
@@ -165,15 +166,21 @@ describe('FsChunkStore on disk', () => {
     await w.flush();
     const rows = blobs.map((b) => store.locate(b.digest));
     const stats = store.stats();
-    expect(await store.reindex()).toEqual({ packs: stats.packs, blobs: blobs.length });
+    expect(await store.reindex()).toEqual({ packs: stats.packs, blobs: blobs.length, skipped: [] });
     expect(blobs.map((b) => store.locate(b.digest))).toEqual(rows);
     expect(store.stats()).toEqual(stats);
 
+    // A damaged footer: reindex skips that pack (quarantined, reported) and indexes the rest.
     const victim = rows[0]!.pack;
     await flipByte(join(dir, 'packs', packRelPath(victim)), (await stat(join(dir, 'packs', packRelPath(victim)))).size - 3);
-    const err = await store.reindex().catch((e: unknown) => e);
-    expect(isBlocksnapError(err, 'E_STORE_CORRUPT')).toBe(true);
-    expect((err as Error).message).toContain(victim);
+    const r = await store.reindex();
+    expect(r.packs).toBe(stats.packs - 1);
+    expect(r.skipped).toEqual([expect.objectContaining({ pack: victim, quarantinedTo: expect.stringMatching(/^quarantine\//) })]);
+    expect(r.skipped[0]!.reason).toContain(victim);
+    for (const [i, b] of blobs.entries()) expect(store.has(b.digest)).toBe(rows[i]!.pack !== victim);
+    const why = JSON.parse(await readFile(join(dir, '..', `${r.skipped[0]!.quarantinedTo}.why.json`), 'utf8'));
+    expect(why).toMatchObject({ object: `pack ${victim}`, kind: 'pack', from: `store/packs/${packRelPath(victim)}` });
+    expect(Date.parse(why.at)).toBeGreaterThan(Date.now() - 60_000);
   });
 
   it('close aborts writers with unflushed blobs and leaves no temp file', async () => {

@@ -1,0 +1,222 @@
+/**
+ * What the appliance does with damage it finds, at start and in the offline
+ * maintenance commands (DESIGN.md §6): an unreadable object is quarantined
+ * (store/quarantine.ts) and named, the images that need it are marked
+ * damaged in the catalog, and everything else keeps working.
+ *
+ * - rollForward: manifests without a catalog row get one; one that does not
+ *   decode is quarantined and its image recorded as damaged.
+ * - openCatalogOrRecover: a catalog SQLite cannot read is quarantined and
+ *   recreated; its agents (and their credentials) are salvaged if that table
+ *   still reads, the images come back from the manifests.
+ * - checkImages: every image's manifest file and root blob are there; with
+ *   `deep` (something was lost at this start) also every page blob. Never
+ *   every chunk: that is `verify`'s job.
+ */
+import { join } from 'node:path';
+import type { Logger } from 'pino';
+import { BlocksnapError, toBlocksnapError } from '../../proto/errors.js';
+import { Catalog } from '../catalog/catalog.js';
+import { ZERO_DIGEST, type ChunkStore } from '../store/chunk-store.js';
+import type { SkippedPack } from '../store/blob-index.js';
+import { FsChunkStore } from '../store/fs-chunk-store.js';
+import { ImageIndexReader } from '../store/image-index.js';
+import { listManifests, manifestPath, readManifest, removeManifest } from '../store/manifest.js';
+import { quarantineFile, type QuarantineRecord } from '../store/quarantine.js';
+import { takeDataDirLock } from './data-lock.js';
+
+export interface DamagedImage {
+  imageId: string;
+  objects: { object: string; reason: string }[];
+}
+
+/**
+ * Inserts a catalog row for every manifest that lacks one (DESIGN.md §5 step
+ * 4). A manifest of an image set whose other members' manifests are not all
+ * in the store is the trace of a crash inside the set's commit: the set was
+ * never visible (its catalog rows come after all its manifests), so that
+ * manifest is deleted, never listed. Only manifests without a row are read:
+ * a set with rows was complete. A manifest that cannot be read is moved to
+ * the quarantine and its image recorded as damaged; the others still get
+ * their rows.
+ */
+export async function rollForward(
+  catalog: Catalog, storeDir: string, createAgents: boolean, log?: Logger, out?: { quarantined: QuarantineRecord[] },
+): Promise<number> {
+  const dataDir = join(storeDir, '..');
+  const have = catalog.imageIds();
+  const present = new Set(await listManifests(storeDir));
+  const rows: Parameters<Catalog['insertImage']>[0][] = [];
+  for (const id of present) {
+    if (have.has(id)) continue;
+    let m;
+    try {
+      m = await readManifest(storeDir, id);
+    } catch (e) {
+      const err = toBlocksnapError(e, 'E_STORE_CORRUPT');
+      if (err.code !== 'E_STORE_CORRUPT' && err.code !== 'E_FORMAT') throw err;
+      const rec = await quarantineFile(dataDir, manifestPath(storeDir, id), 'manifest', `manifest ${id}`, err.message);
+      catalog.recordDamage(id, `manifest ${id}`, `unreadable, quarantined to ${rec.to}: ${err.message}`);
+      out?.quarantined.push(rec);
+      log?.error({ image: id, reason: err.message, movedTo: rec.to }, 'quarantined an unreadable manifest: the image is damaged');
+      continue;
+    }
+    if (m.set && !m.set.images.every((i) => present.has(i))) {
+      log?.warn({ image: id, set: m.set.id, missing: m.set.images.filter((i) => !present.has(i)) }, 'removing a manifest of an incomplete image set');
+      await removeManifest(storeDir, id);
+      continue;
+    }
+    rows.push({
+      id: m.imageId, agent: m.agent, volume: m.volume, jobId: m.jobId, kind: m.kind, basisImageId: m.basisImageId,
+      rootDigest: m.rootDigest, volumeSize: m.volumeSize, chunkSize: m.chunkSize, createdAt: m.createdAt, stats: m.stats,
+      pg: m.pg ?? null, setId: m.set?.id ?? null,
+    });
+  }
+  // One transaction: the members of a set appear together.
+  catalog.insertImages(rows, { createAgent: createAgents });
+  return rows.length;
+}
+
+/**
+ * Opens the catalog; an unreadable one is quarantined (with its -wal/-shm)
+ * and a new one created, with the agents salvaged from the old file when
+ * that table still reads. `rebuilt` tells the caller to roll forward with
+ * `createAgents` (every manifest lacks a row now).
+ */
+export async function openCatalogOrRecover(
+  dataDir: string, log?: Logger,
+): Promise<{ catalog: Catalog; rebuilt: QuarantineRecord | null; agentsSalvaged: number }> {
+  const file = join(dataDir, 'catalog.sqlite');
+  try {
+    return { catalog: Catalog.open(file), rebuilt: null, agentsSalvaged: 0 };
+  } catch (e) {
+    if (!(e instanceof BlocksnapError) || e.code !== 'E_STORE_CORRUPT') throw e;
+    const agents = Catalog.salvageAgents(file);
+    const rec = await quarantineFile(dataDir, file, 'catalog', 'catalog.sqlite', e.message, [`${file}-wal`, `${file}-shm`]);
+    const catalog = Catalog.open(file);
+    const n = catalog.restoreAgents(agents);
+    log?.error({ reason: e.message, movedTo: rec.to, agentsSalvaged: n },
+      'the catalog was unreadable: quarantined and rebuilt from the manifests (job history is gone; agents that were not salvaged need `agents rotate`)');
+    return { catalog, rebuilt: rec, agentsSalvaged: n };
+  }
+}
+
+/**
+ * Marks images damaged that miss their manifest file or their root blob and,
+ * with `deep`, a page blob. `lost` names the object a vanished blob was in.
+ * Page digests shared between images are checked once.
+ */
+export async function checkImages(
+  catalog: Catalog, store: ChunkStore, storeDir: string, opts: { deep: boolean; lost?: Map<string, string>; log?: Logger },
+): Promise<DamagedImage[]> {
+  const manifests = new Set(await listManifests(storeDir));
+  const out: DamagedImage[] = [];
+  const pagesOk = new Set<string>();
+  const nameOf = (hex: string, what: string) => opts.lost?.get(hex) ?? `${what} blob ${hex}`;
+  for (const img of catalog.listImages()) {
+    if (!img.rootDigest) continue; // a placeholder: its damage is already recorded
+    const bad: { object: string; reason: string }[] = [];
+    if (!manifests.has(img.id)) bad.push({ object: `manifest ${img.id}`, reason: 'manifest file is missing' });
+    const root = Buffer.from(img.rootDigest, 'hex');
+    if (!store.has(root)) {
+      bad.push({ object: nameOf(img.rootDigest, 'root'), reason: `root blob ${img.rootDigest} is not in any readable pack` });
+    } else if (opts.deep) {
+      try {
+        const reader = await ImageIndexReader.open(store, root);
+        for (const d of reader.pageDigests()) {
+          if (d.equals(ZERO_DIGEST)) continue;
+          const hex = d.toString('hex');
+          if (pagesOk.has(hex)) continue;
+          if (store.has(d)) pagesOk.add(hex);
+          else bad.push({ object: nameOf(hex, 'page'), reason: `page blob ${hex} is not in any readable pack` });
+        }
+      } catch (e) {
+        bad.push({ object: nameOf(img.rootDigest, 'root'), reason: toBlocksnapError(e, 'E_STORE_CORRUPT').message });
+      }
+    }
+    if (bad.length === 0) continue;
+    // One row per object: many pages lost with one pack name that pack once.
+    const seen = new Set<string>();
+    const objects = bad.filter((b) => !seen.has(b.object) && seen.add(b.object));
+    for (const b of objects) catalog.recordDamage(img.id, b.object, b.reason);
+    out.push({ imageId: img.id, objects });
+    opts.log?.error({ image: img.id, objects }, 'image is damaged');
+  }
+  return out;
+}
+
+export interface RebuildReport {
+  added: number;
+  /** Objects moved to the quarantine: unreadable manifests, the catalog itself. */
+  quarantined: QuarantineRecord[];
+  damaged: DamagedImage[];
+  agentsSalvaged: number;
+}
+
+/** `catalog rebuild`: with the data directory's lock; works when catalog.sqlite itself is unreadable. */
+export async function rebuildCatalog(dataDir: string, log?: Logger): Promise<RebuildReport> {
+  const lock = takeDataDirLock(dataDir, 'catalog rebuild');
+  try {
+    const { catalog, rebuilt, agentsSalvaged } = await openCatalogOrRecover(dataDir, log);
+    try {
+      const storeDir = join(dataDir, 'store');
+      const q = { quarantined: rebuilt ? [rebuilt] : [] };
+      const added = await rollForward(catalog, storeDir, true, log, q);
+      const store = await FsChunkStore.open(storeDir, { logger: log, dataDir });
+      try {
+        q.quarantined.push(...store.recovery.quarantined);
+        const damaged = await checkImages(catalog, store, storeDir, { deep: lostAnything(store), lost: store.recovery.lostBlobs, log });
+        return { added, quarantined: q.quarantined, damaged, agentsSalvaged };
+      } finally {
+        await store.close();
+      }
+    } finally {
+      catalog.close();
+    }
+  } finally {
+    lock.release();
+  }
+}
+
+export interface ReindexReport {
+  packs: number;
+  blobs: number;
+  skipped: SkippedPack[];
+  damaged: DamagedImage[];
+}
+
+/** `store reindex`: with the lock; unreadable packs are quarantined and reported, images that needed them marked. */
+export async function reindexStore(dataDir: string, log?: Logger): Promise<ReindexReport> {
+  const lock = takeDataDirLock(dataDir, 'store reindex');
+  try {
+    const storeDir = join(dataDir, 'store');
+    const store = await FsChunkStore.open(storeDir, { logger: log, dataDir });
+    try {
+      const r = await store.reindex();
+      const skipped = [...store.recovery.quarantined.map((q) => ({ pack: q.object.replace(/^pack /, ''), reason: q.reason, quarantinedTo: q.to })), ...r.skipped];
+      let damaged: DamagedImage[] = [];
+      let catalog: Catalog | null = null;
+      try {
+        catalog = Catalog.open(join(dataDir, 'catalog.sqlite'));
+      } catch (e) {
+        log?.warn({ err: (e as Error).message }, 'catalog unreadable: damaged images not marked (run catalog rebuild)');
+      }
+      if (catalog) {
+        try {
+          damaged = await checkImages(catalog, store, storeDir, { deep: skipped.length > 0 || lostAnything(store), lost: store.recovery.lostBlobs, log });
+        } finally {
+          catalog.close();
+        }
+      }
+      return { packs: r.packs, blobs: r.blobs, skipped, damaged };
+    } finally {
+      await store.close();
+    }
+  } finally {
+    lock.release();
+  }
+}
+
+export function lostAnything(store: FsChunkStore): boolean {
+  return store.recovery.quarantined.length > 0 || store.recovery.missingPacks.length > 0;
+}
