@@ -78,7 +78,7 @@ export async function captureGroup(o: GroupCaptureOptions): Promise<GroupCapture
       throw new BlocksnapError('E_CONFIG', `the ${o.provider.kind} snapshot provider cannot snapshot group ${o.group ?? ''} at one instant`);
     }
     // Before anything is held: each member's device, image and mountpoint are
-    // one volume, and its tracker traces that device (DESIGN.md §7.4). A lie
+    // one volume, and its tracker traces that device (DESIGN.md §7.3). A lie
     // here would back up another file or miss writes without any error.
     for (const m of members) {
       const identity = await o.provider.proveIdentity(m.volume);

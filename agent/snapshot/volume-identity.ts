@@ -1,6 +1,6 @@
 /**
  * The proof that a configured volume's `device`, backing store (`image`) and
- * `mountpoint` are one volume (DESIGN.md §7.4). Nothing else in the agent
+ * `mountpoint` are one volume (DESIGN.md §7.3). Nothing else in the agent
  * checks that: the snapshot provider clones the configured backing store,
  * the tracker watches the configured device and PostgreSQL is located under
  * the configured mount, so a configuration naming parts of two volumes backs

@@ -14,7 +14,7 @@ import { createLogger } from '../../proto/log.js';
 import { createLoopRig, ownInstances, type LoopRig } from '../agent/tracker-fixtures.js';
 
 /**
- * Volume identity end to end (DESIGN.md §7.4), real appliance and agent over
+ * Volume identity end to end (DESIGN.md §7.3), real appliance and agent over
  * a WebSocket, real loop devices, XFS reflink pool and ext4. A configuration
  * whose device, image and mountpoint are not one volume is refused when the
  * agent starts (before any tracker starts) and, when it starts lying on a
