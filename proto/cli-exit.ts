@@ -19,7 +19,8 @@ export const ExitStatus = {
 } as const;
 
 export function exitStatusOf(err: BlocksnapError): number {
-  if (err.code === 'E_USAGE' || err.code === 'E_CONFIG') return ExitStatus.USAGE;
+  // E_IDENTITY: the config file names a device, image and mountpoint that are not one volume.
+  if (err.code === 'E_USAGE' || err.code === 'E_CONFIG' || err.code === 'E_IDENTITY') return ExitStatus.USAGE;
   if (err.code === 'E_BUSY') return ExitStatus.BUSY;
   return ExitStatus.FAILED;
 }

@@ -1,5 +1,5 @@
 import { execa } from 'execa';
-import { open, readdir, rm, writeFile } from 'node:fs/promises';
+import { mkdir, open, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Agent } from '../../agent/agent.js';
@@ -9,6 +9,7 @@ import { findMount } from '../../agent/snapshot/fsfreeze.js';
 import { startTestAgent } from '../../agent/testing/pg-agent.js';
 import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
 import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
+import { spawnAgent } from '../../appliance/testing/processes.js';
 import { isBlocksnapError } from '../../proto/errors.js';
 import { createLogger } from '../../proto/log.js';
 import { createLoopRig, ownInstances, type LoopRig } from '../agent/tracker-fixtures.js';
@@ -81,6 +82,23 @@ describe('volume identity: agent start and every job refuse a configuration that
     expect((err as Error).message).not.toMatch(/readChunks|words/);
     // Refused before any tracker started: no tracing instance of this process, no snapshot.
     expect(await ownInstances()).toEqual([]);
+    await noSnapshots();
+  });
+
+  it('blocksnap-agent run on a lying config exits 2 with the E_IDENTITY message', async () => {
+    const dir = join(a.root, 'cli');
+    await mkdir(dir, { recursive: true });
+    const configFile = join(dir, 'agent.json');
+    await writeFile(configFile, JSON.stringify({
+      appliance: appl.url, agent: 'db1', token: appl.tokens.db1!, stateDir: join(dir, 'state'), tracking: 'tracefs',
+      volumes: [{ ...a.volume, image: twin }],
+    }));
+    const agent = spawnAgent(configFile, join(dir, 'agent.log'));
+    const deadline = setTimeout(() => void agent.kill9(), 60_000);
+    const code = await agent.exited.finally(() => clearTimeout(deadline));
+    expect(code, await readFile(join(dir, 'agent.log'), 'utf8')).toBe(2);
+    const stderr = await readFile(join(dir, 'agent.log'), 'utf8');
+    expect(stderr).toMatch(/E_IDENTITY: volume vol is not one volume: image: configured .*twin\.img/);
     await noSnapshots();
   });
 
