@@ -60,7 +60,7 @@ export class Agent implements ControlledAgent {
       if (released.length) this.log.warn({ released }, 'released resources left by an earlier run');
       if (this.config.postgres) await this.releasePostgres();
       await this.volumeInfos(); // a missing image or device: E_CONFIG now (exit 2), not a redial loop
-      // Refuse a configuration whose device, image and mountpoint are not one volume (DESIGN.md §7.4).
+      // Refuse a configuration whose device, image and mountpoint are not one volume (DESIGN.md §7.3).
       await proveVolumes(this.provider, this.config.volumes);
       if (this.config.tracking === 'tracefs') await this.startTracking();
     } catch (e) {
