@@ -6,7 +6,7 @@ import { envelope, PROTOCOL_VERSION, type Envelope, type RunJob, type VolumeInfo
 import { validateEnvelope } from '../proto/codec.js';
 import { ScramClient, type ScramKeys } from '../proto/scram.js';
 import type { Transport } from '../proto/transport.js';
-import { connectWs } from '../proto/ws-transport.js';
+import { checkApplianceUrl, connectWs } from '../proto/ws-transport.js';
 import type { AgentConfig } from './config.js';
 import { digestMapPath, JobRunner, type JobTarget } from './job-runner.js';
 import type { SnapshotProvider } from './snapshot/snapshot-provider.js';
@@ -49,6 +49,8 @@ export class Agent implements ControlledAgent {
   ) {}
 
   async start(): Promise<void> {
+    // Plain ws:// to another host is refused before anything starts (E_CONFIG), unless the operator said insecure.
+    checkApplianceUrl(this.config.appliance, this.config.insecure);
     // First: a live agent on the same state directory answers there (E_BUSY) before anything of its is released.
     this.control = await AgentControlServer.listen(this.config.stateDir, this, this.log).catch((e) => {
       if (isBlocksnapError(e, 'E_BUSY')) throw e;
@@ -142,7 +144,7 @@ export class Agent implements ControlledAgent {
       try {
         // Before dialling: an unreadable volume is a configuration error, not a network one.
         const volumes = await this.volumeInfos();
-        t = await connectWs(this.config.appliance, { ca: this.config.ca });
+        t = await connectWs(this.config.appliance, { ca: this.config.ca, insecure: this.config.insecure });
         const closed = new Promise<BlocksnapError | undefined>((resolve) => t!.onClose(resolve));
         await this.handshake(t, volumes);
         attempt = 0;

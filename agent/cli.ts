@@ -50,8 +50,10 @@ function program(setStatus: (s: number) => void): Command {
   };
 
   p.command('run').description('connect to the appliance and run the jobs it sends (until SIGTERM/SIGINT)')
-    .action(run(async (_o: unknown, cmd: Command) => {
+    .option('--insecure', 'allow plain ws:// to a non-loopback appliance (cleartext; same as "insecure": true in the config)')
+    .action(run(async (o: { insecure?: boolean }, cmd: Command) => {
       const config = configOf(cmd);
+      if (o.insecure) config.insecure = true;
       const log = createLogger('blocksnap-agent').child({ agent: config.agent });
       const stop = untilStopSignal(log); // before the start: a signal mid-start must not kill it half-way
       let fatal: BlocksnapError | null = null;

@@ -13,6 +13,8 @@ import type { VolumeSpec } from './snapshot/snapshot-provider.js';
  */
 export interface AgentConfig {
   appliance: string;
+  /** Allow plain ws:// to a non-loopback appliance (cleartext; checkApplianceUrl in proto/ws-transport.ts). */
+  insecure: boolean;
   /** PEM CA bundle that must sign the appliance's certificate (wss://); default: the system roots. */
   ca?: Buffer;
   agent: string;
@@ -104,6 +106,7 @@ const configSchema = z.strictObject({
   token: nonEmpty.optional(),
   tokenFile: nonEmpty.optional(),
   caFile: absPath.optional(),
+  insecure: z.boolean({ error: 'must be true or false' }).default(false),
   stateDir: absPath,
   volumes: z.array(volumeSchema, { error: 'must be an array of volumes' }),
   groups: z.array(z.strictObject({
@@ -178,7 +181,7 @@ export function parseAgentConfig(raw: unknown, source = 'config'): AgentConfig {
   const volumes: VolumeSpec[] = c.volumes.map((v) => ({ name: v.name, device: v.device, image: v.image, mountpoint: v.mountpoint, chunkSize: v.chunkSize }));
   const pg = c.postgres;
   return {
-    appliance: c.appliance, agent: c.agent, token, stateDir: c.stateDir, volumes,
+    appliance: c.appliance, insecure: c.insecure, agent: c.agent, token, stateDir: c.stateDir, volumes,
     ...(ca ? { ca } : {}), groups: c.groups.map((g) => ({ name: g.name, volumes: [...g.volumes] })),
     windowBytes: c.windowBytes, batchBytes: c.batchBytes, workers: c.workers, compressionLevel: c.compressionLevel,
     reconnectMaxMs: c.reconnectMaxMs, retainSnapshotsDir: c.retainSnapshotsDir, tracking: c.tracking,

@@ -172,11 +172,42 @@ export function wrapServerSocket(ws: WebSocket, req: IncomingMessage, opts: WsTr
   return new WsTransport(ws, remote, opts.maxFrameBytes ?? DEFAULT_MAX_FRAME_BYTES, preAuth);
 }
 
-/** Dials an appliance; rejects with E_DISCONNECTED if the handshake fails. */
+/**
+ * Refuses (E_CONFIG) a plain ws:// URL to anything but a loopback address
+ * unless `insecure`: over ws:// the backup data and the session travel in
+ * cleartext and an on-path attacker can take over an authenticated session
+ * (SCRAM protects the secret, not the channel). A host name other than
+ * `localhost` counts as remote: what it resolves to is not known here.
+ */
+export function checkApplianceUrl(url: string, insecure = false): void {
+  let u: URL;
+  try {
+    u = new URL(url);
+  } catch (e) {
+    throw new BlocksnapError('E_CONFIG', `appliance URL ${JSON.stringify(url)} is not a URL`, { cause: e });
+  }
+  if (u.protocol === 'wss:' || insecure) return;
+  if (u.protocol !== 'ws:') throw new BlocksnapError('E_CONFIG', `appliance URL ${url} must be ws:// or wss://`);
+  if (isLoopbackHost(u.hostname)) return;
+  throw new BlocksnapError('E_CONFIG', `appliance URL ${url}: plain ws:// to a non-loopback address sends backup data in cleartext; ` +
+    'use wss:// (the appliance\'s --tls-cert/--tls-key, the agent\'s caFile), or accept the risk with "insecure": true in the agent config (or --insecure)');
+}
+
+function isLoopbackHost(host: string): boolean {
+  const h = host.replace(/^\[|\]$/g, '').toLowerCase();
+  return h === 'localhost' || h === '::1' || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(h) || /^::ffff:7f[0-9a-f]{2}:/.test(h);
+}
+
+/** Dials an appliance; rejects with E_DISCONNECTED if the handshake fails, E_CONFIG for a refused ws:// URL (checkApplianceUrl). */
 export function connectWs(
   url: string,
-  opts: WsTransportOptions & { headers?: Record<string, string>; handshakeTimeoutMs?: number; ca?: Buffer } = {},
+  opts: WsTransportOptions & { headers?: Record<string, string>; handshakeTimeoutMs?: number; ca?: Buffer; insecure?: boolean } = {},
 ): Promise<Transport> {
+  try {
+    checkApplianceUrl(url, opts.insecure);
+  } catch (e) {
+    return Promise.reject(e);
+  }
   const maxFrameBytes = opts.maxFrameBytes ?? DEFAULT_MAX_FRAME_BYTES;
   return new Promise((resolve, reject) => {
     const ws = new WebSocket(url, {
