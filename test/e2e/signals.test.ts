@@ -1,0 +1,216 @@
+import { existsSync } from 'node:fs';
+import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import pino from 'pino';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Agent } from '../../agent/agent.js';
+import { parseAgentConfig } from '../../agent/config.js';
+import { ReflinkSnapshotProvider } from '../../agent/snapshot/reflink-snapshot-provider.js';
+import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
+import { ddWrite } from '../../agent/testing/volume-writes.js';
+import { listInstances, parseInstanceName, tracefsRoot } from '../../agent/tracker/tracefs-instance.js';
+import { agentCli, applianceCmd, spawnAgent, spawnAppliance, type ApplianceProcess, type Daemon } from '../../appliance/testing/processes.js';
+import { envelope } from '../../proto/messages.js';
+import { WsTransportServer } from '../../proto/ws-transport.js';
+
+/**
+ * The daemons as real processes (dist/: `npm run build`) on a real volume
+ * (loop device, XFS reflink pool, tracefs tracking): SIGHUP is logged and
+ * changes nothing, SIGTERM stops cleanly (exit 0, no tracing instance, no
+ * snapshot, no socket; the next incremental uses the tracker), and the
+ * agent's failures: a missing image or an unknown config key exit 2 at
+ * once, a failed handshake closes its socket.
+ */
+describe('daemon signals and agent failures', () => {
+  let lab: VolumeLab;
+  let appl: ApplianceProcess;
+  let dataDir: string;
+  let stateDir: string;
+  let configFile: string;
+  let agentLog: string;
+  let applianceLog: string;
+  let token: string;
+  const daemons: Daemon[] = [];
+
+  beforeAll(async () => {
+    expect(existsSync(agentCli()), `${agentCli()} missing: run npm run build`).toBe(true);
+    lab = await createVolumeLab({ volumeSize: 128 << 20, name: 'vol' });
+    dataDir = join(lab.root, 'appliance');
+    applianceLog = join(lab.root, 'appliance.log');
+    appl = await spawnAppliance(dataDir, { logFile: applianceLog, args: ['--audit-every', '0'] });
+    daemons.push(appl);
+    const add = await applianceCmd(dataDir, ['agents', 'add', 'db1', '--json']);
+    expect(add.exitCode, add.stderr).toBe(0);
+    token = add.json.token;
+    stateDir = join(lab.root, 'agent-state');
+    await mkdir(stateDir, { recursive: true });
+    configFile = join(lab.root, 'agent.json');
+    agentLog = join(lab.root, 'agent.log');
+    await writeFile(configFile, JSON.stringify({ appliance: appl.url, agent: 'db1', token, stateDir, volumes: [lab.volume], reconnectMaxMs: 1000 }));
+  });
+
+  afterAll(async () => {
+    for (const d of daemons.reverse()) await d.stop().catch((e) => console.error('stop', e));
+    await lab?.destroy();
+  });
+
+  async function startAgent(): Promise<Daemon> {
+    const a = spawnAgent(configFile, agentLog, { BLOCKSNAP_LOG: 'info' });
+    daemons.push(a);
+    const tail = async () => `agent log:\n${(await readFile(agentLog, 'utf8').catch(() => '')).slice(-3000)}\nappliance log:\n${(await readFile(applianceLog, 'utf8').catch(() => '')).slice(-2000)}`;
+    await waitFor(async () => {
+      if (a.child.exitCode !== null) throw new Error(`agent exited ${a.child.exitCode}: ${await tail()}`);
+      const r = await applianceCmd(dataDir, ['agents', 'list', '--json']);
+      return r.json?.find((x: any) => x.name === 'db1')?.connected === true;
+    }, 30_000, 'agent connected', tail);
+    return a;
+  }
+
+  async function backup(...flags: string[]): Promise<string> {
+    const r = await applianceCmd(dataDir, ['backup', 'db1', 'vol', ...flags]);
+    expect(r.exitCode, r.stdout + r.stderr).toBe(0);
+    return r.stdout;
+  }
+
+  /** What a stopped agent (pid) must not leave: a tracing instance it named, a snapshot, its control socket. */
+  async function expectNothingLeftBy(pid: number): Promise<void> {
+    const owners = (await listInstances(await tracefsRoot({ mount: false }))).map((n) => parseInstanceName(n)?.pid);
+    expect(owners).not.toContain(pid);
+    const snapDir = join(lab.poolMount, '.blocksnap');
+    const snaps = existsSync(snapDir) ? (await readdir(snapDir)).filter((f) => f.includes('.snap')) : [];
+    expect(snaps).toEqual([]);
+    expect(existsSync(join(stateDir, 'agent.sock'))).toBe(false);
+  }
+
+  it('SIGHUP: both daemons log it and keep running; SIGTERM: the agent exits 0 leaving nothing, the next incremental uses the tracker', async () => {
+    let agent = await startAgent();
+    expect(await backup('--full')).toMatch(/^ok job-\S+ image \S+$/);
+
+    for (const [d, log] of [[appl, applianceLog], [agent, agentLog]] as const) {
+      process.kill(d.pid, 'SIGHUP');
+      await waitFor(async () => /"signal":"SIGHUP"[^\n]*SIGHUP ignored/.test(await readFile(log, 'utf8')), 10_000, `SIGHUP logged in ${log}`);
+      expect(d.child.exitCode).toBe(null);
+      expect(d.child.signalCode).toBe(null);
+    }
+    await ddWrite(join(lab.volumeMount, 'after-hup.bin'), { bs: 1 << 20, count: 2 });
+    // One line, no fallback note: the tracker survived the SIGHUP.
+    expect(await backup()).toMatch(/^ok job-\S+ image \S+$/);
+
+    await ddWrite(join(lab.volumeMount, 'before-term.bin'), { bs: 1 << 20, count: 2 });
+    const pid = agent.pid;
+    expect(await agent.stop()).toBe(0);
+    expect(await readFile(agentLog, 'utf8')).toMatch(/"signal":"SIGTERM"[^\n]*stop requested/);
+    await expectNothingLeftBy(pid);
+
+    agent = await startAgent();
+    const human = await backup();
+    expect(human, 'a clean SIGTERM keeps the tracker valid').toMatch(/^ok job-\S+ image \S+$/);
+    const jobs = await applianceCmd(dataDir, ['jobs', 'list', '--limit', '1', '--json']);
+    expect(jobs.json[0].stats).toMatchObject({ changeSource: 'tracker', fallbackReason: '' });
+    expect(Number(jobs.json[0].stats.chunksSent)).toBeGreaterThanOrEqual(32); // the 2 MiB written before the stop
+  });
+
+  it('after kill -9 the human backup line says the incremental fell back, and why', async () => {
+    const agent = daemons.filter((d) => d !== appl).at(-1)!;
+    await agent.kill9();
+    await ddWrite(join(lab.volumeMount, 'after-kill.bin'), { bs: 1 << 20, count: 1 });
+    await startAgent();
+    const human = await backup();
+    expect(human).toMatch(/^ok job-\S+ image \S+\nincremental fell back to digest-compare \(not the tracker\): tracker: agent did not shut down cleanly/);
+  });
+
+  it('SIGTERM: the appliance exits 0 and releases its data directory', async () => {
+    const running = daemons.filter((x) => x !== appl && x.child.exitCode === null && x.child.signalCode === null);
+    expect(running).toHaveLength(1);
+    for (const d of running) expect(await d.stop()).toBe(0);
+    expect(await appl.stop()).toBe(0);
+    expect(await readFile(applianceLog, 'utf8')).toMatch(/"signal":"SIGTERM"[^\n]*"msg":"stopped"/);
+    // No pid file or control socket left; whatever lock it held is free: another appliance starts on the directory at once.
+    expect((await readdir(dataDir)).filter((f) => /\.pid$|\.sock$/.test(f))).toEqual([]);
+    const next = await spawnAppliance(dataDir, { logFile: applianceLog });
+    expect(await next.stop()).toBe(0);
+  });
+
+  it('an agent whose volume image is missing exits 2 at once with a configuration error, without dialling', async () => {
+    const dialled: number[] = [];
+    const srv = await WsTransportServer.listen({ port: 0 }, () => dialled.push(Date.now()));
+    try {
+      const file = join(lab.root, 'missing-image.json');
+      const log = join(lab.root, 'missing-image.log');
+      const badState = join(lab.root, 'state-missing');
+      await mkdir(badState, { recursive: true });
+      await writeFile(file, JSON.stringify({
+        appliance: srv.url, agent: 'db1', token: 't', stateDir: badState, tracking: 'off',
+        volumes: [{ ...lab.volume, image: join(lab.poolMount, 'no-such.img') }],
+      }));
+      const started = Date.now();
+      const a = spawnAgent(file, log);
+      daemons.push(a);
+      const code = await Promise.race([a.exited, sleep(30_000).then(() => 'still running')]);
+      expect(code, await readFile(log, 'utf8')).toBe(2);
+      expect(Date.now() - started).toBeLessThan(30_000);
+      const text = await readFile(log, 'utf8');
+      expect(text).toMatch(/E_CONFIG: volume vol: image \S*no-such\.img: ENOENT/);
+      expect(text).not.toMatch(/cannot reach appliance/);
+      expect(dialled).toEqual([]);
+    } finally {
+      await srv.close();
+    }
+  });
+
+  it('an agent config with unknown keys exits 2 naming each by its path', async () => {
+    const file = join(lab.root, 'typo.json');
+    await writeFile(file, JSON.stringify({
+      appliance: 'ws://127.0.0.1:1/v1/agent', agent: 'db1', token: 't', stateDir, volumes: [lab.volume], volumez: [], postgres: { prot: 5432 },
+    }));
+    const log = join(lab.root, 'typo.log');
+    const a = spawnAgent(file, log);
+    daemons.push(a);
+    expect(await Promise.race([a.exited, sleep(30_000).then(() => 'still running')])).toBe(2);
+    const text = await readFile(log, 'utf8');
+    expect(text).toContain(`${file}: volumez: unrecognized key`);
+    expect(text).toContain(`${file}: postgres.prot: unrecognized key`);
+  });
+
+  it('a handshake the appliance refuses closes the agent\'s socket at once', async () => {
+    let closedAt = 0;
+    let refusedAt = 0;
+    const srv = await WsTransportServer.listen({ port: 0 }, (t) => {
+      t.onClose(() => (closedAt = Date.now()));
+      t.onMessage(() => {
+        refusedAt = Date.now();
+        void t.send(envelope('error', { jobId: '', code: 'E_AUTH', message: 'refused by the test' })).catch(() => undefined);
+      });
+    });
+    const log = pino({ level: 'silent' });
+    const handshakeState = join(lab.root, 'state-handshake');
+    await mkdir(handshakeState, { recursive: true });
+    const config = parseAgentConfig({ appliance: srv.url, agent: 'db1', token: 't', stateDir: handshakeState, volumes: [lab.volume], tracking: 'off' });
+    let fatal = '';
+    const agent = new Agent(config, new ReflinkSnapshotProvider({ stateDir: handshakeState, logger: log, volumes: [lab.volume] }), log,
+      { onFatal: (e) => (fatal = e.code) });
+    try {
+      await agent.start();
+      await waitFor(async () => fatal !== '', 10_000, 'agent refused');
+      expect(fatal).toBe('E_AUTH');
+      // The agent has not been stopped: only its own close ends the connection (the appliance would wait 10 s).
+      await waitFor(async () => closedAt > 0, 3_000, 'socket closed by the agent');
+      expect(closedAt - refusedAt).toBeLessThan(3_000);
+    } finally {
+      await agent.stop();
+      await srv.close();
+    }
+  });
+});
+
+async function waitFor(cond: () => Promise<boolean>, timeoutMs: number, what: string, detail?: () => Promise<string>): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await cond())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for: ${what}${detail ? `\n${await detail()}` : ''}`);
+    await sleep(100);
+  }
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
