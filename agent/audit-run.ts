@@ -8,7 +8,7 @@ import { digestMapPath } from './job-runner.js';
 import { readChunks } from './reader/chunk-reader.js';
 import type { Snapshot, SnapshotProvider, VolumeSpec } from './snapshot/snapshot-provider.js';
 import { DigestMap } from './state/digest-map.js';
-import type { SwitchResult, VolumeTracking } from './tracking/volume-tracking.js';
+import type { SwitchResult, VolumeTracking } from './cbt/volume-tracking.js';
 
 /**
  * A standalone tracker audit (`blocksnap-agent audit VOLUME`, issue 3 item 6):

@@ -7,7 +7,7 @@ import { PgQuiescer, type UnquiesceResult } from './pg/quiescer.js';
 import { captureWal, walFacts, type WalSegment } from './pg/wal-capture.js';
 import type { Snapshot, SnapshotProvider, VolumeSpec } from './snapshot/snapshot-provider.js';
 import { checkTrackerBinding } from './snapshot/volume-identity.js';
-import type { SwitchResult, VolumeTracking } from './tracking/volume-tracking.js';
+import type { SwitchResult, VolumeTracking } from './cbt/volume-tracking.js';
 
 /**
  * The capture window of one job (DESIGN.md §8; a consistency group: §4.4,

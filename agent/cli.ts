@@ -9,7 +9,7 @@ import { loadAgentConfig, type AgentConfig } from './config.js';
 import { prepareFromExport } from './pg/prepare-from-export.js';
 import { ReflinkSnapshotProvider } from './snapshot/reflink-snapshot-provider.js';
 import { RetainingSnapshotProvider } from './snapshot/retaining-provider.js';
-import { cleanupStaleInstances } from './tracker/tracefs-instance.js';
+import { cleanupStaleInstances } from './cbt/tracefs/tracefs-instance.js';
 import type { AuditResult } from './audit-run.js';
 import { callAgent, type AgentStatus } from './control-server.js';
 

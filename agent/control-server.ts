@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { BlocksnapError, ErrorCodes, toBlocksnapError, type ErrorCode } from '../proto/errors.js';
 import type { AuditResult } from './audit-run.js';
-import type { Validity } from './tracker/tracker.js';
+import type { Validity } from './cbt/tracker.js';
 import { readJsonBody } from '../proto/http-json.js';
 
 /**

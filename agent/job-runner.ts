@@ -17,7 +17,7 @@ import type { PostgresConfig } from './config.js';
 import { zstdCompress } from '../proto/zstd.js';
 import { createHash } from 'node:crypto';
 import { dataRanges, holeChunks } from './blockdev/allocation-map.js';
-import type { SwitchResult, VolumeTracking } from './tracking/volume-tracking.js';
+import type { SwitchResult, VolumeTracking } from './cbt/volume-tracking.js';
 
 export interface RunnerDeps {
   stateDir: string;

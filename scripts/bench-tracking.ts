@@ -28,7 +28,7 @@ import { loadavg as osLoadavg } from 'node:os';
 import { join } from 'node:path';
 import { PgCluster } from '../agent/testing/pg-cluster.js';
 import { createVolumeLab, type VolumeLab } from '../agent/testing/volume-lab.js';
-import { TracefsTracker } from '../agent/tracker/tracefs-tracker.js';
+import { TracefsTracker } from '../agent/cbt/tracefs/tracefs-tracker.js';
 import { startAppliance, type ApplianceHarness } from '../appliance/testing/appliance-harness.js';
 import { spawnAgent, type Daemon } from '../appliance/testing/processes.js';
 import { BlocksnapError } from '../proto/errors.js';

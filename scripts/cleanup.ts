@@ -15,7 +15,7 @@ import { createLogger } from '../proto/log.js';
 import { ReflinkSnapshotProvider } from '../agent/snapshot/reflink-snapshot-provider.js';
 import { cleanupLeftovers, type CleanupAction } from '../agent/testing/cleanup.js';
 import { defaultLedgerDir } from '../agent/testing/ledger.js';
-import { cleanupStaleInstances, listInstances, parseInstanceName, processStartTime, tracefsRoot } from '../agent/tracker/tracefs-instance.js';
+import { cleanupStaleInstances, listInstances, parseInstanceName, processStartTime, tracefsRoot } from '../agent/cbt/tracefs/tracefs-instance.js';
 
 const HELP = `Usage: cleanup [--dry-run] [--ledger-dir DIR] [--state-dir DIR] [--json]
 

@@ -16,7 +16,7 @@
  */
 import { access, stat } from 'node:fs/promises';
 import { execa } from 'execa';
-import { readBlockDeviceInfo, splitDev, type BlockDeviceInfo } from '../tracker/device-identity.js';
+import { readBlockDeviceInfo, splitDev, type BlockDeviceInfo } from '../cbt/device-identity.js';
 import { findMount } from './fsfreeze.js';
 import type { VolumeSpec } from './snapshot-provider.js';
 import { devString, VolumeIdentityError, type IdentityField, type IdentityMismatch, type VolumeIdentity } from './volume-identity.js';

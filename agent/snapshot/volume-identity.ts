@@ -12,7 +12,7 @@
  * device ↔ mount. It is called at agent start and before every job.
  */
 import { BlocksnapError } from '../../proto/errors.js';
-import type { DeviceIdentity } from '../tracker/tracker.js';
+import type { DeviceIdentity } from '../cbt/tracker.js';
 import type { VolumeSpec } from './snapshot-provider.js';
 
 /** What was proven to belong together. */

@@ -9,8 +9,8 @@ import {
   readBitmapFile,
   writeBitmapFile,
   type BitmapFileContent,
-} from '../../agent/tracker/bitmap-file.js';
-import { ChangeBitmap } from '../../agent/tracker/change-bitmap.js';
+} from '../../agent/cbt/bitmap-file.js';
+import { ChangeBitmap } from '../../agent/cbt/change-bitmap.js';
 
 function sample(): BitmapFileContent {
   const bitmap = new ChangeBitmap(40 * 65536, 65536); // 40 chunks → 2 words

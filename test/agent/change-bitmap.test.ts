@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { ChangeBitmap } from '../../agent/tracker/change-bitmap.js';
+import { ChangeBitmap } from '../../agent/cbt/change-bitmap.js';
 import { isBlocksnapError } from '../../proto/errors.js';
 
 /** Reference model: one boolean per chunk, computed the slow obvious way. */

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { FakeBlockDevice, MemoryTracker } from '../../agent/tracker/memory-tracker.js';
+import { FakeBlockDevice, MemoryTracker } from '../../agent/cbt/testing/memory-tracker.js';
 import { trackerContract } from './tracker.contract.js';
 
 const SIZE = 64 * 1024 * 1024;

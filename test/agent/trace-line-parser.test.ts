@@ -6,7 +6,7 @@ import {
   collectingSink,
   parseTraceText,
   type TraceRecord,
-} from '../../agent/tracker/trace-line-parser.js';
+} from '../../agent/cbt/tracefs/trace-line-parser.js';
 
 // Lines as the 6.x kernel prints them in trace_pipe, including awkward comms.
 const STREAM = [

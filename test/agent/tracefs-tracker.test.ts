@@ -6,11 +6,11 @@ import { execa } from 'execa';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
 import { freezeFilesystem, thawFilesystem } from '../../agent/snapshot/fsfreeze.js';
-import { ChangeBitmap } from '../../agent/tracker/change-bitmap.js';
-import { cleanupStaleInstances, parseInstanceName, tracefsRoot } from '../../agent/tracker/tracefs-instance.js';
-import { TracefsTracker } from '../../agent/tracker/tracefs-tracker.js';
-import type { ClosedGeneration, Tracker } from '../../agent/tracker/tracker.js';
-import { TrackerState } from '../../agent/tracker/tracker-state.js';
+import { ChangeBitmap } from '../../agent/cbt/change-bitmap.js';
+import { cleanupStaleInstances, parseInstanceName, tracefsRoot } from '../../agent/cbt/tracefs/tracefs-instance.js';
+import { TracefsTracker } from '../../agent/cbt/tracefs/tracefs-tracker.js';
+import type { ClosedGeneration, Tracker } from '../../agent/cbt/tracker.js';
+import { TrackerState } from '../../agent/cbt/tracker-state.js';
 import { CONTRACT_CHUNK, trackerContract } from './tracker.contract.js';
 import { blkdiscard, createLoopRig, ddRead, ddWrite, ownInstances, removeOwnInstances, type LoopRig } from './tracker-fixtures.js';
 

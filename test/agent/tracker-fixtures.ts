@@ -11,7 +11,7 @@ import { execa } from 'execa';
 import { releaseResources } from '../../agent/testing/cleanup.js';
 import { Ledger } from '../../agent/testing/ledger.js';
 import { attachLoop, loopBackingFile } from '../../agent/testing/loop.js';
-import { parseInstanceName, removeInstance, tracefsRoot } from '../../agent/tracker/tracefs-instance.js';
+import { parseInstanceName, removeInstance, tracefsRoot } from '../../agent/cbt/tracefs/tracefs-instance.js';
 
 export interface LoopRig {
   dir: string;

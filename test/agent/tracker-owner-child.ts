@@ -5,7 +5,7 @@
  * The parent kills the first with SIGKILL and checks that the second exits
  * on its own (a trace_pipe read must not keep the process alive).
  */
-import { TracefsTracker } from '../../agent/tracker/tracefs-tracker.js';
+import { TracefsTracker } from '../../agent/cbt/tracefs/tracefs-tracker.js';
 
 const [device, mode] = process.argv.slice(2);
 const tracker = new TracefsTracker();

@@ -2,9 +2,9 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { readBitmapFile } from '../../agent/tracker/bitmap-file.js';
-import { FakeBlockDevice, MemoryTracker } from '../../agent/tracker/memory-tracker.js';
-import { TrackerState } from '../../agent/tracker/tracker-state.js';
+import { readBitmapFile } from '../../agent/cbt/bitmap-file.js';
+import { FakeBlockDevice, MemoryTracker } from '../../agent/cbt/testing/memory-tracker.js';
+import { TrackerState } from '../../agent/cbt/tracker-state.js';
 
 const SIZE = 16 * 1024 * 1024;
 const C = 65536;

@@ -1,10 +1,10 @@
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { ChangeBitmap } from '../../agent/tracker/change-bitmap.js';
-import type { ClosedGeneration, Tracker } from '../../agent/tracker/tracker.js';
+import { ChangeBitmap } from '../../agent/cbt/change-bitmap.js';
+import type { ClosedGeneration, Tracker } from '../../agent/cbt/tracker.js';
 import { isBlocksnapError } from '../../proto/errors.js';
 
 /**
- * The Tracker contract (agent/tracker/tracker.ts), run against every
+ * The Tracker contract (agent/cbt/tracker.ts), run against every
  * implementation. A rig gives a fresh device and an unstarted tracker, and
  * ways to change the device the way a real workload would.
  */

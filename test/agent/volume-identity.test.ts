@@ -8,9 +8,9 @@ import { ReflinkSnapshotProvider, snapshotDirOf } from '../../agent/snapshot/ref
 import type { VolumeSpec } from '../../agent/snapshot/snapshot-provider.js';
 import { checkTrackerBinding, VolumeIdentityError, type VolumeIdentity } from '../../agent/snapshot/volume-identity.js';
 import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
-import { splitDev } from '../../agent/tracker/device-identity.js';
-import { TracefsTracker } from '../../agent/tracker/tracefs-tracker.js';
-import { VolumeTracking } from '../../agent/tracking/volume-tracking.js';
+import { splitDev } from '../../agent/cbt/device-identity.js';
+import { TracefsTracker } from '../../agent/cbt/tracefs/tracefs-tracker.js';
+import { VolumeTracking } from '../../agent/cbt/volume-tracking.js';
 import { isBlocksnapError } from '../../proto/errors.js';
 import { createLoopRig, removeOwnInstances, type LoopRig } from './tracker-fixtures.js';
 

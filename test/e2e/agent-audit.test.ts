@@ -11,7 +11,7 @@ import { compareExportWithSnapshot } from '../../agent/testing/export-compare.js
 import { PgCluster } from '../../agent/testing/pg-cluster.js';
 import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
 import { ddWrite } from '../../agent/testing/volume-writes.js';
-import { listInstances, parseInstanceName, tracefsRoot } from '../../agent/tracker/tracefs-instance.js';
+import { listInstances, parseInstanceName, tracefsRoot } from '../../agent/cbt/tracefs/tracefs-instance.js';
 import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
 import { agentCli, spawnAgent, type Daemon } from '../../appliance/testing/processes.js';
 

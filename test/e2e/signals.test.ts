@@ -8,7 +8,7 @@ import { parseAgentConfig } from '../../agent/config.js';
 import { ReflinkSnapshotProvider } from '../../agent/snapshot/reflink-snapshot-provider.js';
 import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
 import { ddWrite } from '../../agent/testing/volume-writes.js';
-import { listInstances, parseInstanceName, tracefsRoot } from '../../agent/tracker/tracefs-instance.js';
+import { listInstances, parseInstanceName, tracefsRoot } from '../../agent/cbt/tracefs/tracefs-instance.js';
 import { agentCli, applianceCmd, spawnAgent, spawnAppliance, type ApplianceProcess, type Daemon } from '../../appliance/testing/processes.js';
 import { envelope } from '../../proto/messages.js';
 import { WsTransportServer } from '../../proto/ws-transport.js';

@@ -7,7 +7,7 @@ import { PgCluster } from '../../agent/testing/pg-cluster.js';
 import { pgbenchTimed } from '../../agent/testing/pgbench-timed.js';
 import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
 import { ddWrite } from '../../agent/testing/volume-writes.js';
-import { listInstances, parseInstanceName, tracefsRoot } from '../../agent/tracker/tracefs-instance.js';
+import { listInstances, parseInstanceName, tracefsRoot } from '../../agent/cbt/tracefs/tracefs-instance.js';
 import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
 import { agentCli, spawnAgent, type Daemon } from '../../appliance/testing/processes.js';
 

@@ -1,5 +1,5 @@
-import { BlocksnapError } from '../../proto/errors.js';
-import { Generations } from './generations.js';
+import { BlocksnapError } from '../../../proto/errors.js';
+import { Generations } from '../generations.js';
 import type {
   ClosedGeneration,
   DeviceIdentity,
@@ -10,7 +10,7 @@ import type {
   TrackerPhase,
   TrackerStartOptions,
   Validity,
-} from './tracker.js';
+} from '../tracker.js';
 
 /**
  * A pretend block device for unit tests of job logic: it has an identity and

@@ -4,9 +4,9 @@ import type { Logger } from 'pino';
 import { BlocksnapError } from '../../proto/errors.js';
 import type { VolumeSpec } from '../snapshot/snapshot-provider.js';
 import { writeFileDurably } from '../../proto/durable-file.js';
-import type { ChangeBitmap } from '../tracker/change-bitmap.js';
-import type { ClosedGeneration, Tracker, Validity } from '../tracker/tracker.js';
-import { TrackerState } from '../tracker/tracker-state.js';
+import type { ChangeBitmap } from './change-bitmap.js';
+import type { ClosedGeneration, Tracker, Validity } from './tracker.js';
+import { TrackerState } from './tracker-state.js';
 
 /**
  * Changed-block tracking of one volume, tied to the images it describes.
@@ -21,7 +21,7 @@ import { TrackerState } from '../tracker/tracker-state.js';
  * The record `STATE/volumes/<volume>.tracking.json` keeps the generation the
  * agent expects to find open at its next start (a saved bitmap of another
  * generation is a gap) and the basis image id; the bitmap itself is
- * `STATE/volumes/<volume>.cbt` (tracker/bitmap-file.ts).
+ * `STATE/volumes/<volume>.cbt` (bitmap-file.ts).
  */
 interface TrackingRecord {
   format: 'blocksnap-tracking';

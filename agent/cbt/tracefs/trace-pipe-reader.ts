@@ -1,6 +1,6 @@
 import { closeSync, openSync, writeSync } from 'node:fs';
 import { Worker } from 'node:worker_threads';
-import { BlocksnapError, toBlocksnapError } from '../../proto/errors.js';
+import { BlocksnapError, toBlocksnapError } from '../../../proto/errors.js';
 
 /**
  * Reads a tracing instance's `trace_pipe` without ever blocking the main

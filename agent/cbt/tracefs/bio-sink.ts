@@ -1,5 +1,5 @@
-import type { BlockDeviceInfo } from './device-identity.js';
-import type { Generations } from './generations.js';
+import type { BlockDeviceInfo } from '../device-identity.js';
+import type { Generations } from '../generations.js';
 import { Rwbs, type TraceSink } from './trace-line-parser.js';
 
 /**

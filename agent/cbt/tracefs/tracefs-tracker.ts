@@ -1,9 +1,9 @@
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
-import { BlocksnapError, toBlocksnapError } from '../../proto/errors.js';
-import type { Logger } from '../../proto/log.js';
-import { kernelDev, readBlockDeviceInfo, readIoCounters, type BlockDeviceInfo } from './device-identity.js';
-import { Generations, identityMismatch } from './generations.js';
+import { BlocksnapError, toBlocksnapError } from '../../../proto/errors.js';
+import type { Logger } from '../../../proto/log.js';
+import { kernelDev, readBlockDeviceInfo, readIoCounters, type BlockDeviceInfo } from '../device-identity.js';
+import { Generations, identityMismatch } from '../generations.js';
 import { TracePipeReader } from './trace-pipe-reader.js';
 import { bioSink } from './bio-sink.js';
 import { TraceLineParser } from './trace-line-parser.js';
@@ -25,7 +25,7 @@ import type {
   TrackerPhase,
   TrackerStartOptions,
   Validity,
-} from './tracker.js';
+} from '../tracker.js';
 
 /*
  * Kernel write tracker on tracefs: one private tracing instance per device,

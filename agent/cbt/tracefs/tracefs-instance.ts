@@ -1,7 +1,7 @@
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { execa } from 'execa';
-import { BlocksnapError } from '../../proto/errors.js';
+import { BlocksnapError } from '../../../proto/errors.js';
 
 /**
  * Naming, creation and removal of tracefs instances owned by blocksnap.
