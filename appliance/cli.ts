@@ -9,7 +9,8 @@ import { createLogger } from '../proto/log.js';
 import { Catalog, type ImageRow } from './catalog/catalog.js';
 import { exportImageTo } from './ops/export-image.js';
 import { verifyImage } from './ops/verify-image.js';
-import { Appliance, pidAlive, rollForward } from './server/appliance.js';
+import { Appliance, lockHolder } from './server/appliance.js';
+import { rebuildCatalog, reindexStore } from './server/recovery.js';
 import { FsChunkStore } from './store/fs-chunk-store.js';
 import { progressBar } from './progress.js';
 import { backupLine } from './backup-line.js';
@@ -168,28 +169,26 @@ function program(setStatus: (s: number) => void): Command {
     .action(run((imageId: string, o: { to: string; force?: boolean }, cmd: Command) => verifyOrExport(ctx(cmd), 'export', imageId, resolve(o.to), !!o.force)));
 
   p.command('catalog').description('the catalog database')
-    .command('rebuild').description('recreate the catalog\'s images from the store\'s manifests (appliance stopped)').option('--json', 'machine-readable output')
+    .command('rebuild').description('recreate the catalog\'s images from the store\'s manifests (appliance stopped); an unreadable catalog or manifest is quarantined and reported (exit 1)').option('--json', 'machine-readable output')
     .action(run(async (_o: unknown, cmd: Command) => {
       const c = ctx(cmd);
-      if (appliancePid(c.dataDir)) throw new BlocksnapError('E_BUSY', 'stop the appliance before rebuilding its catalog');
-      const n = await withCatalogAsync(c.dataDir, (cat) => rollForward(cat, join(c.dataDir, 'store'), true));
-      c.out(`catalog rebuilt: ${n} image(s) added from manifests`, { added: n });
-      return 0;
+      needDataDir(c.dataDir);
+      const r = await rebuildCatalog(c.dataDir, log);
+      c.out([`catalog rebuilt: ${r.added} image(s) added from manifests`,
+        ...r.quarantined.map((q) => `quarantined ${q.object} to ${q.to}: ${q.reason}`),
+        ...r.damaged.map((d) => `DAMAGED ${d.imageId}: ${d.objects.map((o) => o.object).join(', ')}`)].join('\n'), r);
+      return r.quarantined.length || r.damaged.length ? 1 : 0;
     }));
   p.command('store').description('the chunk store')
-    .command('reindex').description('rebuild the blob index from the pack files (appliance stopped)').option('--json', 'machine-readable output')
+    .command('reindex').description('rebuild the blob index from the pack files (appliance stopped); an unreadable pack is quarantined and reported (exit 1)').option('--json', 'machine-readable output')
     .action(run(async (_o: unknown, cmd: Command) => {
       const c = ctx(cmd);
-      if (appliancePid(c.dataDir)) throw new BlocksnapError('E_BUSY', 'stop the appliance before reindexing its store');
       needDataDir(c.dataDir);
-      const store = await FsChunkStore.open(join(c.dataDir, 'store'), { logger: log });
-      try {
-        const r = await store.reindex();
-        c.out(`reindexed ${r.packs} packs, ${r.blobs} blobs`, r);
-      } finally {
-        await store.close();
-      }
-      return 0;
+      const r = await reindexStore(c.dataDir, log);
+      c.out([`reindexed ${r.packs} packs, ${r.blobs} blobs`,
+        ...r.skipped.map((k) => `skipped pack ${k.pack}${k.quarantinedTo ? ` (quarantined to ${k.quarantinedTo})` : ''}: ${k.reason}`),
+        ...r.damaged.map((d) => `DAMAGED ${d.imageId}: ${d.objects.map((o) => o.object).join(', ')}`)].join('\n'), r);
+      return r.skipped.length || r.damaged.length ? 1 : 0;
     }));
   return p;
 }
@@ -234,7 +233,8 @@ async function verifyOrExport(c: Ctx, cmd: 'verify' | 'export', imageId: string 
     c.out(`exported ${imageId} to ${to}: ${result.chunksWritten} chunks, ${fmtBytes(result.bytesWritten)} written, ${result.seconds.toFixed(2)} s`, result);
   } else {
     for (const r of result.reports) {
-      process.stdout.write(`${r.ok ? 'ok' : 'BAD'} ${r.imageId}: ${r.chunksChecked} chunks re-hashed, ${r.bad.length} bad\n`);
+      process.stdout.write(`${r.ok ? 'ok' : 'DAMAGED'} ${r.imageId}: ${r.chunksChecked} chunks re-hashed, ${r.bad.length} bad${r.objects?.length ? `, ${r.objects.length} damaged object(s)` : ''}\n`);
+      for (const o of r.objects ?? []) process.stdout.write(`  ${o.object}: ${o.code} ${o.message}\n`);
       for (const b of r.bad) process.stdout.write(`  chunk ${b.index} ${b.digest}: ${b.code} ${b.message}\n`);
     }
   }
@@ -280,11 +280,9 @@ async function withCatalogAsync<T>(dataDir: string, fn: (c: Catalog) => Promise<
   }
 }
 
+/** The pid holding the data directory's kernel lock (a running appliance), or null; a stale pid file does not count. */
 function appliancePid(dataDir: string): number | null {
-  const f = join(dataDir, 'appliance.pid');
-  if (!existsSync(f)) return null;
-  const pid = Number(readFileSync(f, 'utf8').trim());
-  return pid > 0 && pidAlive(pid) ? pid : null;
+  return lockHolder(dataDir);
 }
 
 /** Asks a running appliance to end `agent`'s sessions; 0 when none runs (no control socket to reach). */

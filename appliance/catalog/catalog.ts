@@ -324,11 +324,11 @@ export class Catalog {
 
   // ---- damage (DESIGN.md §6) ----------------------------------------------
 
-  /** Records that `imageId` needs a damaged or missing `object`; idempotent (the first detection time is kept). */
+  /** Records that `imageId` needs a damaged or missing `object`; idempotent (the first detection, which knows most, is kept). */
   recordDamage(imageId: string, object: string, reason: string): void {
     this.db
       .prepare(`INSERT INTO image_damage (image_id, object, reason, detected_at) VALUES (?, ?, ?, ?)
-                ON CONFLICT (image_id, object) DO UPDATE SET reason = excluded.reason`)
+                ON CONFLICT (image_id, object) DO NOTHING`)
       .run(imageId, object, reason, now());
   }
 

@@ -73,7 +73,7 @@ export class Appliance {
       const cat = catalog;
       const cleanup = await store.resolvePending((root) => cat.hasRoot(root));
       const damaged = await checkImages(catalog, store, storeDir, {
-        deep: lostAnything(store) || recovered.rebuilt !== null, lost: store.recovery.lostBlobs, log,
+        deep: lostAnything(store) || recovered.rebuilt !== null, lost: store.recovery.lostBlobs, quarantined: store.recovery.quarantined, log,
       });
       const failed = catalog.failInterruptedJobs();
       if (rolled || failed || cleanup.removedPacks.length || q.quarantined.length || damaged.length) {
@@ -91,12 +91,12 @@ export class Appliance {
       }, log);
       return new Appliance(opts, catalog, store, router, releaseLock);
     } catch (e) {
-      releaseLock();
-      throw e;
       await store?.close().catch(() => undefined);
       catalog?.close();
     }
   }
+      releaseLock();
+      throw e;
 
   async listen(host: string, port: number): Promise<{ url: string; port: number }> {
     const limits = {

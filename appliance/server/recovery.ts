@@ -107,19 +107,23 @@ export async function openCatalogOrRecover(
  * Page digests shared between images are checked once.
  */
 export async function checkImages(
-  catalog: Catalog, store: ChunkStore, storeDir: string, opts: { deep: boolean; lost?: Map<string, string>; log?: Logger },
+  catalog: Catalog, store: ChunkStore, storeDir: string,
+  opts: { deep: boolean; lost?: Map<string, string>; quarantined?: QuarantineRecord[]; log?: Logger },
 ): Promise<DamagedImage[]> {
   const manifests = new Set(await listManifests(storeDir));
   const out: DamagedImage[] = [];
   const pagesOk = new Set<string>();
   const nameOf = (hex: string, what: string) => opts.lost?.get(hex) ?? `${what} blob ${hex}`;
+  // A blob of a quarantined pack whose trailer was unreadable cannot be named by pack: say which packs went.
+  const went = (opts.quarantined ?? []).filter((q) => q.kind === 'pack').map((q) => q.object);
+  const notReadable = `is not in any readable pack${went.length ? ` (quarantined: ${went.join(', ')})` : ''}`;
   for (const img of catalog.listImages()) {
     if (!img.rootDigest) continue; // a placeholder: its damage is already recorded
     const bad: { object: string; reason: string }[] = [];
     if (!manifests.has(img.id)) bad.push({ object: `manifest ${img.id}`, reason: 'manifest file is missing' });
     const root = Buffer.from(img.rootDigest, 'hex');
     if (!store.has(root)) {
-      bad.push({ object: nameOf(img.rootDigest, 'root'), reason: `root blob ${img.rootDigest} is not in any readable pack` });
+      bad.push({ object: nameOf(img.rootDigest, 'root'), reason: `root blob ${img.rootDigest} ${notReadable}` });
     } else if (opts.deep) {
       try {
         const reader = await ImageIndexReader.open(store, root);
@@ -128,7 +132,7 @@ export async function checkImages(
           const hex = d.toString('hex');
           if (pagesOk.has(hex)) continue;
           if (store.has(d)) pagesOk.add(hex);
-          else bad.push({ object: nameOf(hex, 'page'), reason: `page blob ${hex} is not in any readable pack` });
+          else bad.push({ object: nameOf(hex, 'page'), reason: `page blob ${hex} ${notReadable}` });
         }
       } catch (e) {
         bad.push({ object: nameOf(img.rootDigest, 'root'), reason: toBlocksnapError(e, 'E_STORE_CORRUPT').message });
@@ -165,7 +169,9 @@ export async function rebuildCatalog(dataDir: string, log?: Logger): Promise<Reb
       const store = await FsChunkStore.open(storeDir, { logger: log, dataDir });
       try {
         q.quarantined.push(...store.recovery.quarantined);
-        const damaged = await checkImages(catalog, store, storeDir, { deep: lostAnything(store), lost: store.recovery.lostBlobs, log });
+        const damaged = await checkImages(catalog, store, storeDir, {
+          deep: lostAnything(store), lost: store.recovery.lostBlobs, quarantined: store.recovery.quarantined, log,
+        });
         return { added, quarantined: q.quarantined, damaged, agentsSalvaged };
       } finally {
         await store.close();
@@ -192,8 +198,9 @@ export async function reindexStore(dataDir: string, log?: Logger): Promise<Reind
     const storeDir = join(dataDir, 'store');
     const store = await FsChunkStore.open(storeDir, { logger: log, dataDir });
     try {
+      const atOpen = [...store.recovery.quarantined];
       const r = await store.reindex();
-      const skipped = [...store.recovery.quarantined.map((q) => ({ pack: q.object.replace(/^pack /, ''), reason: q.reason, quarantinedTo: q.to })), ...r.skipped];
+      const skipped = [...atOpen.map((q) => ({ pack: q.object.replace(/^pack /, ''), reason: q.reason, quarantinedTo: q.to })), ...r.skipped];
       let damaged: DamagedImage[] = [];
       let catalog: Catalog | null = null;
       try {
@@ -203,7 +210,10 @@ export async function reindexStore(dataDir: string, log?: Logger): Promise<Reind
       }
       if (catalog) {
         try {
-          damaged = await checkImages(catalog, store, storeDir, { deep: skipped.length > 0 || lostAnything(store), lost: store.recovery.lostBlobs, log });
+          damaged = await checkImages(catalog, store, storeDir, {
+            deep: skipped.length > 0 || lostAnything(store), lost: store.recovery.lostBlobs,
+            quarantined: [...store.recovery.quarantined, ...r.skipped.map((k) => ({ kind: 'pack' as const, object: `pack ${k.pack}`, from: '', to: k.quarantinedTo ?? '', reason: k.reason, at: '' }))], log,
+          });
         } finally {
           catalog.close();
         }

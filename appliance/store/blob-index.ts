@@ -103,6 +103,11 @@ export class BlobIndex {
     return this.db.prepare('SELECT 1 FROM packs WHERE id = ?').get(id) !== undefined;
   }
 
+  /** Every indexed pack with the size it had when indexed. */
+  packSizes(): Map<string, number> {
+    return new Map((this.db.prepare('SELECT id, size FROM packs').raw().all() as [string, number][]));
+  }
+
   packIds(): Set<string> {
     return new Set(this.db.prepare<[], string>('SELECT id FROM packs').pluck().all());
   }

@@ -15,7 +15,7 @@
  * `resolvePending()` at start removes those of writers that never committed.
  */
 import { randomUUID } from 'node:crypto';
-import { readdir, rm } from 'node:fs/promises';
+import { readdir, rm, stat } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
 import type { Logger } from '../../proto/log.js';
@@ -134,16 +134,25 @@ export class FsChunkStore implements ChunkStore {
 
   /** Index ↔ files at open: rows of vanished packs go, unindexed packs come in, unreadable ones are quarantined. */
   private async reconcile(): Promise<void> {
-    const onDisk = new Set((await listPackFiles(this.packsDir)).map((f) => f.id));
+    const onDisk = new Map((await listPackFiles(this.packsDir)).map((f) => [f.id, f.path]));
     const pending = this.index.pendingPackIds();
-    for (const id of this.index.packIds()) {
-      if (onDisk.has(id)) continue;
+    for (const [id, size] of this.index.packSizes()) {
+      const path = onDisk.get(id);
+      if (path !== undefined) {
+        // One stat per pack (packs are immutable): a truncated or emptied pack cannot be read.
+        const actual = (await stat(path)).size;
+        if (actual === size) continue;
+        const gone = this.index.removePack(id);
+        const rec = await this.quarantinePack(id, path, new BlocksnapError('E_STORE_CORRUPT', `pack ${id}: file is ${actual} bytes, was ${size} when indexed`));
+        for (const d of gone) this.recovery.lostBlobs.set(d.toString('hex'), `pack ${id} (quarantined to ${rec})`);
+        continue;
+      }
       const gone = this.index.removePack(id);
-      // A pending pack whose removal a crash interrupted is no loss.
-      if (pending.has(id)) continue;
       this.recovery.missingPacks.push(id);
       for (const d of gone) this.recovery.lostBlobs.set(d.toString('hex'), `pack ${id} (file missing)`);
-      this.log?.error({ pack: id, blobs: gone.length }, 'an indexed pack file is missing: its blobs are gone from the index');
+      // A pending pack may be one whose removal a crash interrupted (no loss) or one of a
+      // committed image not yet settled: the image check at start tells.
+      this.log?.[pending.has(id) ? 'warn' : 'error']({ pack: id, blobs: gone.length }, 'an indexed pack file is missing: its blobs are gone from the index');
     }
     const found = await indexPacksFromFiles(this.index, this.packsDir, { all: false, onCorrupt: (id, path, e) => this.quarantinePack(id, path, e) });
     if (found.packs > 0) this.log?.warn({ packs: found.packs, blobs: found.blobs }, 'indexed packs missing from the blob index');
@@ -251,6 +260,7 @@ export class FsChunkStore implements ChunkStore {
   /** Aborts writers still open (their unflushed blobs were never durable) and releases everything. */
   async close(): Promise<void> {
     if (this.closed) return;
+    this.settleCommitted(); // keeps the journal short: committed writers leave it now
     this.closed = true;
     await Promise.allSettled([...this.active].map((w) => w.abort()));
     await this.readers.close();
