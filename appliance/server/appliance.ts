@@ -93,10 +93,10 @@ export class Appliance {
     } catch (e) {
       await store?.close().catch(() => undefined);
       catalog?.close();
-    }
-  }
       releaseLock();
       throw e;
+    }
+  }
 
   async listen(host: string, port: number): Promise<{ url: string; port: number }> {
     const limits = {
