@@ -110,6 +110,8 @@ class WsTransport extends TransportBase {
     if (!isSendableCloseCode(code)) code = CloseCode.INTERNAL_ERROR;
     reason = fitCloseReason(reason);
     this.ws.close(code, reason);
+    // A peer that never authenticated gets no close handshake to stall on (ws would wait 30 s for its answer).
+    if (this.preAuth) setImmediate(() => this.ws.terminate());
   }
 
   protected abort(err: BlocksnapError): void {

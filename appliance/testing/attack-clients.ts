@@ -51,7 +51,7 @@ export function rawWebSocket(url: string, localAddress?: string, timeoutMs = 500
         socket.destroy();
         return reject(new Error(status));
       }
-      const received = [head.subarray(end + 4)];
+      const received: Buffer[] = [Buffer.from(head.subarray(end + 4))];
       socket.on('data', (b: Buffer) => received.push(b));
       resolve({ socket, received, closed });
     };

@@ -101,8 +101,9 @@ export class ScriptedAgent {
     }));
   }
 
-  static async connect(url: string, instanceId = 'ins-' + randomBytes(6).toString('hex')): Promise<ScriptedAgent> {
-    const ws = new WebSocket(url, { perMessageDeflate: false });
+  /** `localAddress`: the source address (any 127.x.y.z reaches lo), to test per-source limits. */
+  static async connect(url: string, instanceId = 'ins-' + randomBytes(6).toString('hex'), opts: { localAddress?: string } = {}): Promise<ScriptedAgent> {
+    const ws = new WebSocket(url, { perMessageDeflate: false, ...(opts.localAddress ? { localAddress: opts.localAddress } : {}) });
     const agent = new ScriptedAgent(ws, instanceId);
     await new Promise<void>((resolve, reject) => {
       ws.once('open', () => resolve());

@@ -35,7 +35,7 @@ describe('ws transport: pre-authentication bounds', () => {
     const { server, accepted } = await serverWithBudget();
     cleanup.push(() => server.close());
     const ws = await rawWebSocket(server.url);
-    cleanup.push(() => ws.socket.destroy());
+    cleanup.push(() => void ws.socket.destroy());
     // Declares 8 MiB, sends 64 KiB of it and keeps the connection open (the landed code buffered it all).
     await writeAll(ws.socket, Buffer.concat([clientFrameHeader(8 << 20), Buffer.alloc(64 << 10)]));
     await ws.closed; // the server destroyed the socket: no close handshake to wait for
@@ -50,7 +50,7 @@ describe('ws transport: pre-authentication bounds', () => {
     const { server, accepted } = await serverWithBudget();
     cleanup.push(() => server.close());
     const ws = await rawWebSocket(server.url);
-    cleanup.push(() => ws.socket.destroy());
+    cleanup.push(() => void ws.socket.destroy());
     const big = encodeFrame(envelope('cancelJob', { jobId: 'j', reason: 'x'.repeat(5000) }));
     const small = encodeFrame(envelope('cancelJob', { jobId: 'j', reason: 'x'.repeat(100) }));
     await writeAll(ws.socket, clientFrame(small));
