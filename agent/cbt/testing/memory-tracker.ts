@@ -1,16 +1,7 @@
 import { BlocksnapError } from '../../../proto/errors.js';
+import { GenerationTracker } from '../generation-tracker.js';
 import { Generations } from '../generations.js';
-import type {
-  ClosedGeneration,
-  DeviceIdentity,
-  IoCounters,
-  StartInfo,
-  Tracker,
-  TrackerCheckpoint,
-  TrackerPhase,
-  TrackerStartOptions,
-  Validity,
-} from '../tracker.js';
+import type { DeviceIdentity, IoCounters, TrackerCheckpoint, TrackerStartOptions } from '../tracker.js';
 
 /**
  * A pretend block device for unit tests of job logic: it has an identity and
@@ -58,33 +49,17 @@ export class FakeBlockDevice {
 }
 
 /** Tracker over FakeBlockDevices, for tests of the code that uses a Tracker. */
-export class MemoryTracker implements Tracker {
+export class MemoryTracker extends GenerationTracker {
   readonly kind = 'memory';
-  private gens: Generations | null = null;
   private device: FakeBlockDevice | null = null;
   private unlisten: (() => void) | null = null;
-  private info: StartInfo | null = null;
-  private final: TrackerCheckpoint | null = null;
   private chunkSize = 0;
-  private _phase: TrackerPhase = 'new';
 
-  constructor(private readonly devices: Iterable<FakeBlockDevice>) {}
-
-  get phase(): TrackerPhase {
-    return this._phase;
+  constructor(private readonly devices: Iterable<FakeBlockDevice>) {
+    super();
   }
 
-  get generation(): number {
-    return this.live().generation;
-  }
-
-  get startInfo(): StartInfo {
-    if (!this.info) throw new BlocksnapError('E_TRACKER', 'tracker not started');
-    return this.info;
-  }
-
-  async start(opts: TrackerStartOptions): Promise<void> {
-    if (this._phase !== 'new') throw new BlocksnapError('E_TRACKER', `cannot start a tracker that is ${this._phase}`);
+  protected async begin(opts: TrackerStartOptions): Promise<void> {
     const dev = [...this.devices].find((d) => d.path === opts.device);
     if (!dev) throw new BlocksnapError('E_TRACKER', `no such device ${opts.device}`);
     this.gens = new Generations({ ...dev.identity }, opts.chunkSize, opts);
@@ -92,7 +67,6 @@ export class MemoryTracker implements Tracker {
     this.chunkSize = opts.chunkSize;
     this.unlisten = dev.listen((offset, length) => this.gens?.recordBytes(offset, length));
     this.info = { identity: { ...dev.identity }, counters: { ...dev.counters } };
-    this._phase = 'tracking';
   }
 
   /** Simulates lost kernel events. */
@@ -100,36 +74,8 @@ export class MemoryTracker implements Tracker {
     this.live().invalidate(`kernel trace buffer lost ${count} events`);
   }
 
-  async prepareSwitch(): Promise<void> {
-    this.live().beginSwitch();
-    this._phase = 'switching';
-  }
-
-  async completeSwitch(): Promise<ClosedGeneration> {
-    const closed = this.live().finishSwitch();
-    this._phase = 'tracking';
-    return closed;
-  }
-
-  absorb(closed: ClosedGeneration): void {
-    this.live().absorb(closed);
-  }
-
-  async abortSwitch(): Promise<void> {
-    this.live().abortSwitch();
-    this._phase = 'tracking';
-  }
-
-  validity(): Validity {
-    return this.live().validity();
-  }
-
-  invalidate(reason: string): void {
-    this.live().invalidate(reason);
-  }
-
-  async checkpoint(): Promise<TrackerCheckpoint> {
-    const gens = this.live();
+  protected async takeCheckpoint(): Promise<TrackerCheckpoint> {
+    const gens = this.gens!;
     const dev = this.device!;
     if (dev.identity.size !== gens.deviceSize) {
       gens.invalidate(`device size changed from ${gens.deviceSize} to ${dev.identity.size} while tracking`);
@@ -137,18 +83,7 @@ export class MemoryTracker implements Tracker {
     return { ...gens.snapshot(), identity: { ...dev.identity }, counters: { ...dev.counters }, chunkSize: this.chunkSize };
   }
 
-  async stop(): Promise<TrackerCheckpoint> {
-    if (this.final) return this.final;
-    const cp = await this.checkpoint();
+  protected override async release(): Promise<void> {
     this.unlisten?.();
-    this.final = cp;
-    this._phase = 'stopped';
-    return cp;
-  }
-
-  private live(): Generations {
-    if (this._phase === 'stopped') throw new BlocksnapError('E_TRACKER', 'tracker is stopped');
-    if (!this.gens) throw new BlocksnapError('E_TRACKER', 'tracker not started');
-    return this.gens;
   }
 }

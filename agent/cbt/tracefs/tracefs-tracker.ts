@@ -17,15 +17,8 @@ import {
   tracefsRoot,
   type LossCounters,
 } from './tracefs-instance.js';
-import type {
-  ClosedGeneration,
-  StartInfo,
-  Tracker,
-  TrackerCheckpoint,
-  TrackerPhase,
-  TrackerStartOptions,
-  Validity,
-} from '../tracker.js';
+import { GenerationTracker } from '../generation-tracker.js';
+import type { TrackerCheckpoint, TrackerStartOptions } from '../tracker.js';
 
 /*
  * Kernel write tracker on tracefs: one private tracing instance per device,
@@ -91,13 +84,10 @@ export interface TracefsTrackerOptions {
 
 let instanceSeq = 0;
 
-export class TracefsTracker implements Tracker {
+export class TracefsTracker extends GenerationTracker {
   readonly kind = 'tracefs';
-  private _phase: TrackerPhase = 'new';
-  private gens: Generations | null = null;
   private dev: BlockDeviceInfo | null = null;
   private device = '';
-  private info: StartInfo | null = null;
   private reader: TracePipeReader | null = null;
   private dir = '';
   private name = '';
@@ -109,10 +99,10 @@ export class TracefsTracker implements Tracker {
   private readonly waiters = new Map<string, () => void>();
   private barrierSeq = 0;
   private readerDead = false;
-  private stopping: Promise<TrackerCheckpoint> | null = null;
   private readonly opts: Required<Omit<TracefsTrackerOptions, 'root' | 'log'>> & TracefsTrackerOptions;
 
   constructor(opts: TracefsTrackerOptions = {}) {
+    super();
     this.opts = {
       ...opts,
       bufferSizeKb: opts.bufferSizeKb ?? 4096,
@@ -121,26 +111,12 @@ export class TracefsTracker implements Tracker {
     };
   }
 
-  get phase(): TrackerPhase {
-    return this._phase;
-  }
-
-  get generation(): number {
-    return this.live().generation;
-  }
-
-  get startInfo(): StartInfo {
-    if (!this.info) throw new BlocksnapError('E_TRACKER', 'tracker not started');
-    return this.info;
-  }
-
   /** The tracing instance's name (for logs and tests). */
   get instanceName(): string {
     return this.name;
   }
 
-  async start(opts: TrackerStartOptions): Promise<void> {
-    if (this._phase !== 'new') throw new BlocksnapError('E_TRACKER', `cannot start a tracker that is ${this._phase}`);
+  protected async begin(opts: TrackerStartOptions): Promise<void> {
     const dev = await readBlockDeviceInfo(opts.device);
     const gens = new Generations(dev.identity, opts.chunkSize, opts, (reason) =>
       this.opts.log?.warn({ device: opts.device, generation: gens.generation, reason }, 'change tracking invalid'),
@@ -174,54 +150,20 @@ export class TracefsTracker implements Tracker {
     }
     this.timer = setInterval(() => void this.checkLosses().catch(() => {}), this.opts.statsIntervalMs);
     this.timer.unref();
-    this._phase = 'tracking';
     this.opts.log?.info({ device: opts.device, instance: this.name, generation: opts.generation }, 'tracking started');
   }
 
-  async prepareSwitch(): Promise<void> {
-    const gens = this.live();
-    if (gens.switching) throw new BlocksnapError('E_TRACKER', 'prepareSwitch called twice without completeSwitch');
-    // Drain first: records of writes completed before this call are applied
-    // to G alone, so G+1 does not start with their extra bits (fewer chunks
-    // read by the next incremental). A failed barrier only costs that
-    // precision: the records then land in both generations.
+  /**
+   * Drain first: records of writes completed before prepareSwitch are applied
+   * to G alone, so G+1 does not start with their extra bits (fewer chunks
+   * read by the next incremental). A failed barrier only costs that
+   * precision: the records then land in both generations.
+   */
+  protected override async settle(): Promise<void> {
     if (!this.readerDead) await this.barrier().catch(() => undefined);
-    gens.beginSwitch();
-    this._phase = 'switching';
   }
 
-  async completeSwitch(): Promise<ClosedGeneration> {
-    const gens = this.live();
-    if (!gens.switching) throw new BlocksnapError('E_TRACKER', 'completeSwitch called without prepareSwitch');
-    await this.drain();
-    const closed = gens.finishSwitch();
-    this._phase = 'tracking';
-    return closed;
-  }
-
-  absorb(closed: ClosedGeneration): void {
-    this.live().absorb(closed);
-  }
-
-  async abortSwitch(): Promise<void> {
-    this.live().abortSwitch();
-    this._phase = 'tracking';
-  }
-
-  validity(): Validity {
-    return this.live().validity();
-  }
-
-  invalidate(reason: string): void {
-    this.live().invalidate(reason);
-  }
-
-  async checkpoint(): Promise<TrackerCheckpoint> {
-    this.live();
-    return this.takeCheckpoint();
-  }
-
-  private async takeCheckpoint(): Promise<TrackerCheckpoint> {
+  protected async takeCheckpoint(): Promise<TrackerCheckpoint> {
     const gens = this.gens!;
     const dev = this.dev!;
     // Counters first: every write they count was queued earlier, so the drain
@@ -231,30 +173,12 @@ export class TracefsTracker implements Tracker {
     return { ...gens.snapshot(), identity: dev.identity, counters, chunkSize: this.chunkSize };
   }
 
-  async stop(): Promise<TrackerCheckpoint> {
-    if (!this.stopping) {
-      this.live();
-      this.stopping = (async () => {
-        let cp: TrackerCheckpoint | null = null;
-        let failure: unknown = null;
-        try {
-          cp = await this.takeCheckpoint();
-        } catch (e) {
-          failure = e;
-        }
-        // Always give the kernel resources back, even when the checkpoint failed.
-        await this.release().catch((e) => (failure ??= e));
-        this._phase = 'stopped';
-        if (failure !== null || cp === null) throw toBlocksnapError(failure, 'E_TRACKER');
-        this.opts.log?.info({ instance: this.name, generation: cp.generation, validity: cp.validity }, 'tracking stopped');
-        return cp;
-      })();
-    }
-    return this.stopping;
+  protected override stopped(cp: TrackerCheckpoint): void {
+    this.opts.log?.info({ instance: this.name, generation: cp.generation, validity: cp.validity }, 'tracking stopped');
   }
 
   /** Barrier + loss and device checks: after it, every write queued before the call is applied. */
-  private async drain(): Promise<void> {
+  protected override async drain(): Promise<void> {
     const gens = this.gens!;
     if (!this.readerDead) {
       try {
@@ -335,7 +259,7 @@ export class TracefsTracker implements Tracker {
   }
 
   /** Disables the event, stops the reader, removes the instance. Collects every failure. */
-  private async release(): Promise<void> {
+  protected override async release(): Promise<void> {
     if (this.timer) clearInterval(this.timer);
     this.timer = null;
     const errors: unknown[] = [];
@@ -344,11 +268,5 @@ export class TracefsTracker implements Tracker {
     this.reader = null;
     await removeInstance(this.root, this.name).catch((e) => errors.push(e));
     if (errors.length > 0) throw toBlocksnapError(errors[0], 'E_TRACKER');
-  }
-
-  private live(): Generations {
-    if (this._phase === 'stopped' || this.stopping) throw new BlocksnapError('E_TRACKER', 'tracker is stopped');
-    if (!this.gens) throw new BlocksnapError('E_TRACKER', 'tracker not started');
-    return this.gens;
   }
 }
