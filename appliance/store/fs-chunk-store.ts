@@ -15,11 +15,11 @@
  * `resolvePending()` at start removes those of writers that never committed.
  */
 import { randomUUID } from 'node:crypto';
-import { readdir, rm, stat } from 'node:fs/promises';
+import { chmod, readdir, rm, stat } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
 import type { Logger } from '../../proto/log.js';
-import { fsyncDir, makePrivateDir } from '../../proto/durable-file.js';
+import { fsyncDir, makePrivateDir, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE } from '../../proto/durable-file.js';
 import { BlobIndex, indexPacksFromFiles, type SkippedPack } from './blob-index.js';
 import { ZERO_DIGEST, type BlobLocation, type BlobType, type BlobWriter, type ChunkStore, type PutResult } from './chunk-store.js';
 import { CODEC_NONE, CODEC_ZSTD, packRelPath, type Codec } from './pack-format.js';
@@ -135,12 +135,16 @@ export class FsChunkStore implements ChunkStore {
   /** Index ↔ files at open: rows of vanished packs go, unindexed packs come in, unreadable ones are quarantined. */
   private async reconcile(): Promise<void> {
     const onDisk = new Map((await listPackFiles(this.packsDir)).map((f) => [f.id, f.path]));
+    for (const hh of new Set([...onDisk.values()].map((p) => dirname(p)))) await chmod(hh, PRIVATE_DIR_MODE);
     const pending = this.index.pendingPackIds();
     for (const [id, size] of this.index.packSizes()) {
       const path = onDisk.get(id);
       if (path !== undefined) {
         // One stat per pack (packs are immutable): a truncated or emptied pack cannot be read.
-        const actual = (await stat(path)).size;
+        const st = await stat(path);
+        // Packs of versions that wrote 0644 become private too (DESIGN.md §2).
+        if ((st.mode & 0o777) !== PRIVATE_FILE_MODE) await chmod(path, PRIVATE_FILE_MODE);
+        const actual = st.size;
         if (actual === size) continue;
         const gone = this.index.removePack(id);
         const rec = await this.quarantinePack(id, path, new BlocksnapError('E_STORE_CORRUPT', `pack ${id}: file is ${actual} bytes, was ${size} when indexed`));

@@ -12,10 +12,10 @@
  * between leaves the object in place and the next start quarantines it again.
  */
 import { randomBytes } from 'node:crypto';
-import { readdir, readFile, rename } from 'node:fs/promises';
+import { chmod, readdir, readFile, rename } from 'node:fs/promises';
 import { basename, dirname, join, relative } from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
-import { fsyncDir, makePrivateDir, writeFileDurably } from '../../proto/durable-file.js';
+import { fsyncDir, makePrivateDir, PRIVATE_FILE_MODE, writeFileDurably } from '../../proto/durable-file.js';
 
 export type QuarantineKind = 'pack' | 'manifest' | 'catalog' | 'blob-index';
 
@@ -50,9 +50,11 @@ export async function quarantineFile(
   try {
     await makePrivateDir(qdir);
     await writeFileDurably(`${dest}.why.json`, Buffer.from(JSON.stringify(record, null, 2) + '\n'));
-    await rename(file, dest).catch((e) => {
+    const moved = await rename(file, dest).then(() => true, (e) => {
       if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+      return false;
     });
+    if (moved) await chmod(dest, PRIVATE_FILE_MODE); // it may hold backed-up data: owner only
     for (const f of extra) {
       await rename(f, join(qdir, `${stamp}-${basename(f)}`)).catch((e) => {
         if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
