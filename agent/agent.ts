@@ -17,7 +17,7 @@ import { TracefsTracker } from './cbt/tracefs/tracefs-tracker.js';
 import { VolumeTracking } from './cbt/volume-tracking.js';
 import { connectionOf } from './capture.js';
 import { reconnectDelayMs } from './reconnect-backoff.js';
-import { PgQuiescer } from './pg/quiescer.js';
+import { PgQuiescer } from './pg/pg-quiescer.js';
 import { join } from 'node:path';
 import { runAudit, type AuditResult } from './audit-run.js';
 import { AgentControlServer, type AgentStatus, type ControlledAgent } from './control-server.js';

@@ -3,7 +3,7 @@ import { join, sep } from 'node:path';
 import type { Logger } from 'pino';
 import { BlocksnapError } from '../proto/errors.js';
 import type { PostgresConfig } from './config.js';
-import { PgQuiescer, type UnquiesceResult } from './pg/quiescer.js';
+import { PgQuiescer, type UnquiesceResult } from './pg/pg-quiescer.js';
 import { captureWal, walFacts, type WalSegment } from './pg/wal-capture.js';
 import type { Snapshot, SnapshotProvider, VolumeSpec } from './snapshot/snapshot-provider.js';
 import { checkTrackerBinding } from './snapshot/volume-identity.js';

@@ -3,7 +3,7 @@ import path from 'node:path';
 import { execa } from 'execa';
 import { BlocksnapError } from '../../proto/errors.js';
 import { prepareDataDir } from '../pg/prepare.js';
-import { PgQuiescer } from '../pg/quiescer.js';
+import { PgQuiescer } from '../pg/pg-quiescer.js';
 import { parseLsn } from '../pg/sql-table.js';
 import { chownTo, PG15_CLIENT_BIN, type PgServerBuild } from '../pg/version-lab.js';
 import { PgCluster } from './pg-cluster.js';

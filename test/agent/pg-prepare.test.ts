@@ -11,7 +11,7 @@ import { execa } from 'execa';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { prepareDataDir, quoteConf, type PrepareOptions } from '../../agent/pg/prepare.js';
-import { PgQuiescer, type UnquiesceResult } from '../../agent/pg/quiescer.js';
+import { PgQuiescer, type UnquiesceResult } from '../../agent/pg/pg-quiescer.js';
 import { chownTo, findPgServers, PG15_CLIENT_BIN, type PgServerBuild } from '../../agent/pg/version-lab.js';
 import { PgCluster } from '../../agent/testing/pg-cluster.js';
 import { isBlocksnapError } from '../../proto/errors.js';

@@ -12,7 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { prepareDataDir } from '../../agent/pg/prepare.js';
-import { encodeQuiesceState, PgQuiescer, quiesceStatePath, readQuiesceState, type PgQuiescerOptions, type QuiesceState } from '../../agent/pg/quiescer.js';
+import { encodeQuiesceState, PgQuiescer, quiesceStatePath, readQuiesceState, type PgQuiescerOptions, type QuiesceState } from '../../agent/pg/pg-quiescer.js';
 import { isLsn, parseLsn, timelineOfWalFile, walFileName } from '../../agent/pg/sql-table.js';
 import { chownTo, findPgServers, PG15_CLIENT_BIN, type PgServerBuild } from '../../agent/pg/version-lab.js';
 import { PgCluster } from '../../agent/testing/pg-cluster.js';
@@ -464,7 +464,7 @@ describe.each(builds.filter((b) => STANDBY_MAJORS.includes(b.major)))('standby, 
     const script = path.join(root, 'hold-quiesce.mts');
     const conn = { ...s.connectionConfig(), application_name: app() };
     await writeFile(script, [
-      `import { PgQuiescer } from ${JSON.stringify(path.join(repo, 'agent/pg/quiescer.ts'))};`,
+      `import { PgQuiescer } from ${JSON.stringify(path.join(repo, 'agent/pg/pg-quiescer.ts'))};`,
       `const q = new PgQuiescer({ connection: ${JSON.stringify(conn)}, role: 'standby', stateDir: ${JSON.stringify(stateDir)} });`,
       `await q.connect(); await q.quiesce({ label: 'killed-agent', fast: true });`,
       `console.log('QUIESCED'); setInterval(() => {}, 1000);`,
