@@ -18,6 +18,7 @@ import { VolumeTracking } from './cbt/volume-tracking.js';
 import { connectionOf } from './capture.js';
 import { reconnectDelayMs } from './reconnect-backoff.js';
 import { PgQuiescer } from './pg/pg-quiescer.js';
+import type { QuiescerFactory } from './pg/quiescer.js';
 import { join } from 'node:path';
 import { runAudit, type AuditResult } from './audit-run.js';
 import { AgentControlServer, type AgentStatus, type ControlledAgent } from './control-server.js';
@@ -82,6 +83,16 @@ export class Agent implements ControlledAgent {
       // Not fatal for the agent: jobs refuse to quiesce while a stale record exists (E_BUSY) and say why.
       this.log.error({ err: toBlocksnapError(e, 'E_PG') }, 'cannot release stale PostgreSQL state');
     }
+  }
+
+  /** What quiesces PostgreSQL in each job's capture window (a fresh session per job), if a server is configured. */
+  private quiescerFactory(): QuiescerFactory | undefined {
+    const p = this.config.postgres;
+    if (!p) return undefined;
+    return (log) => new PgQuiescer({
+      connection: connectionOf(p), role: p.role, stateDir: join(this.config.stateDir, 'pg'), pauseTimeoutMs: p.pauseTimeoutMs,
+      watchdogSeconds: p.watchdogSeconds, logger: log,
+    });
   }
 
   /**
@@ -266,7 +277,7 @@ export class Agent implements ControlledAgent {
       stateDir: this.config.stateDir, provider: this.provider, log: this.log, windowBytes: this.config.windowBytes,
       batchBytes: this.config.batchBytes, workers: this.config.workers, compressionLevel: this.config.compressionLevel, send: (e) => this.send(e),
       waitConnected: (ms) => this.waitConnected(ms), resumeTimeoutMs: 5 * 60_000, replyTimeoutMs: 60_000,
-      trackingOf: (name) => this.tracking.get(name), postgres: this.config.postgres,
+      trackingOf: (name) => this.tracking.get(name), postgres: this.config.postgres, quiescer: this.quiescerFactory(),
     }, job, target);
     this.runners.set(job.jobId, runner);
     const p = runner.run().finally(() => {

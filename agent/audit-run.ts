@@ -94,7 +94,8 @@ export async function runAudit(o: AuditOptions): Promise<AuditResult> {
   let switched: SwitchResult | null = null;
   let missed = 0;
   try {
-    const cap = await capture({ jobId: tag, volume: o.volume, provider: o.provider, tracking: t, stateDir: o.stateDir, log });
+    // No quiescer: see above.
+    const cap = await capture({ jobId: tag, volume: o.volume, provider: o.provider, tracking: t, log });
     snapshot = cap.snapshot;
     switched = cap.switched;
     if (!switched) return notPossible('tracker switch failed');

@@ -1,9 +1,9 @@
 import { realpath } from 'node:fs/promises';
-import { join, sep } from 'node:path';
+import { sep } from 'node:path';
 import type { Logger } from 'pino';
 import { BlocksnapError } from '../proto/errors.js';
 import type { PostgresConfig } from './config.js';
-import { PgQuiescer, type UnquiesceResult } from './pg/pg-quiescer.js';
+import type { Quiescer, QuiescerFactory, UnquiesceResult } from './pg/quiescer.js';
 import { captureWal, walFacts, type WalSegment } from './pg/wal-capture.js';
 import type { Snapshot, SnapshotProvider, VolumeSpec } from './snapshot/snapshot-provider.js';
 import { checkTrackerBinding } from './snapshot/volume-identity.js';
@@ -20,6 +20,9 @@ import type { SwitchResult, VolumeTracking } from './cbt/volume-tracking.js';
  * Whatever fails, nothing stays held: the quiescer is closed (backup
  * stopped, replay resumed), a snapshot taken before the failure is removed
  * and a closed tracker generation is absorbed back.
+ *
+ * The quiescer comes from the caller (`quiescer`, a factory the agent
+ * composes from its config): capture only knows the Quiescer port.
  */
 export interface CaptureResult {
   snapshot: Snapshot;
@@ -32,8 +35,14 @@ export interface CaptureOptions {
   volume: VolumeSpec;
   provider: SnapshotProvider;
   tracking?: VolumeTracking;
+  /** Quiesces the database around the snapshot (one quiescer per window); absent: a crash-consistent snapshot. */
+  quiescer?: QuiescerFactory;
+  /**
+   * The PostgreSQL server whose data the volumes hold: its data directory and
+   * WAL must be on them, and a primary's WAL up to the backup stop is read
+   * after unquiesce. Requires `quiescer`.
+   */
   postgres?: PostgresConfig;
-  stateDir: string;
   log: Logger;
 }
 
@@ -69,7 +78,7 @@ export async function capture(o: CaptureOptions): Promise<CaptureResult> {
  */
 export async function captureGroup(o: GroupCaptureOptions): Promise<GroupCaptureResult> {
   const { log, members } = o;
-  let quiescer: PgQuiescer | null = null;
+  let quiescer: Quiescer | null = null;
   let facts: Awaited<ReturnType<typeof walFacts>> | null = null;
   let snapshots: Snapshot[] = [];
   const switched: Array<SwitchResult | null> = members.map(() => null);
@@ -85,15 +94,15 @@ export async function captureGroup(o: GroupCaptureOptions): Promise<GroupCapture
       if (m.tracking) checkTrackerBinding(identity, m.tracking.tracker);
     }
     if (o.postgres) {
-      const connection = connectionOf(o.postgres);
-      facts = await walFacts(connection, o.postgres.dataDirectory);
+      // A database that would go unquiesced is a composition bug, not a crash-consistent image.
+      if (!o.quiescer) throw new BlocksnapError('E_INTERNAL', 'a PostgreSQL server is configured but no quiescer was given to the capture');
+      facts = await walFacts(connectionOf(o.postgres), o.postgres.dataDirectory);
       await assertOnVolumes(facts.dataDirectory, facts.walDir, members.map((m) => m.volume), o.group);
-      quiescer = new PgQuiescer({
-        connection, role: o.postgres.role, stateDir: join(o.stateDir, 'pg'), pauseTimeoutMs: o.postgres.pauseTimeoutMs,
-        watchdogSeconds: o.postgres.watchdogSeconds, logger: log,
-      });
+    }
+    if (o.quiescer) {
+      quiescer = o.quiescer(log);
       const server = await quiescer.connect();
-      const q = await quiescer.quiesce({ label: `blocksnap ${o.jobId}`, fast: o.postgres.fast });
+      const q = await quiescer.quiesce({ label: `blocksnap ${o.jobId}`, fast: o.postgres?.fast ?? true });
       log.info({ role: server.role, version: server.version, startLsn: q.startLsn, replayLsn: q.replayLsn, seconds: q.seconds }, 'PostgreSQL quiesced');
     }
     // prepareSwitch before the freeze, completeSwitch after the snapshot: a
@@ -125,10 +134,10 @@ export async function captureGroup(o: GroupCaptureOptions): Promise<GroupCapture
     if (quiescer) {
       const info = await quiescer.unquiesce();
       // A primary writes its backup-end record after the snapshot: the image needs that WAL.
-      const wal = info.role === 'primary' && info.stopLsn && info.startLsn
-        ? await captureWal(facts!, info.timeline ?? 1, info.startLsn, info.stopLsn)
+      const wal = facts && info.role === 'primary' && info.stopLsn && info.startLsn
+        ? await captureWal(facts, info.timeline ?? 1, info.startLsn, info.stopLsn)
         : [];
-      pg = { info, wal, walSegmentSize: facts!.segmentSize };
+      pg = { info, wal, walSegmentSize: facts?.segmentSize ?? 0 };
       log.info({ stopLsn: info.stopLsn, timeline: info.timeline, pausedSeconds: info.pausedSeconds, backupSeconds: info.backupSeconds, walSegments: wal.length }, 'PostgreSQL released');
     }
     return { members: snapshots.map((snapshot, i) => ({ snapshot, switched: switched[i]! })), pg };

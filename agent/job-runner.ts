@@ -14,6 +14,7 @@ import { DigestMap } from './state/digest-map.js';
 import { FlowWindow } from './flow-window.js';
 import { captureGroup, type CaptureResult } from './capture.js';
 import type { PostgresConfig } from './config.js';
+import type { QuiescerFactory } from './pg/quiescer.js';
 import { zstdCompress } from '../proto/zstd.js';
 import { createHash } from 'node:crypto';
 import { dataRanges, holeChunks } from './blockdev/allocation-map.js';
@@ -36,8 +37,10 @@ export interface RunnerDeps {
   replyTimeoutMs: number;
   /** Changed-block tracking of a volume of the job, if it is tracked. */
   trackingOf?: (volume: string) => VolumeTracking | undefined;
-  /** The PostgreSQL server to quiesce around the snapshot. */
+  /** The PostgreSQL server whose data the volumes hold (its WAL facts and WAL; see capture.ts). */
   postgres?: PostgresConfig;
+  /** Quiesces the database around each job's snapshot (composed by the agent from its config). */
+  quiescer?: QuiescerFactory;
   /** How often the job tells the appliance it is alive (default 10 s; the appliance gives up after 5 min of silence). */
   heartbeatMs?: number;
 }
@@ -195,7 +198,7 @@ export class JobRunner {
     try {
       const cap = await captureGroup({
         jobId: this.jobId, members: this.members.map((m) => ({ volume: m.volume, tracking: m.tracking })), group: this.group,
-        provider: this.deps.provider, postgres: this.deps.postgres, stateDir: this.deps.stateDir, log,
+        provider: this.deps.provider, quiescer: this.deps.quiescer, postgres: this.deps.postgres, log,
       });
       cap.members.forEach((c, i) => {
         const m = this.members[i]!;

@@ -44,9 +44,9 @@ import pg from 'pg';
 import { fsyncDir, writeFileDurably } from '../../proto/durable-file.js';
 import { BlocksnapError, isBlocksnapError, type ErrorCode } from '../../proto/errors.js';
 import type { Logger } from '../../proto/log.js';
+import type { PgRole, PgServerInfo, Quiescer, QuiesceInfo, QuiesceOptions, ReleaseReport, UnquiesceResult } from './quiescer.js';
 import { DETECT_SQL, majorOf, pgSqlFor, timelineOfWalFile, type PgSqlRow } from './sql-table.js';
 
-export type PgRole = 'primary' | 'standby';
 export type PgRoleExpectation = PgRole | 'auto';
 
 export interface PgQuiescerOptions {
@@ -70,67 +70,6 @@ export interface PgQuiescerOptions {
   /** Also run a non-exclusive backup on a standby where the version allows it. Default true. */
   backupOnStandby?: boolean;
   logger?: Logger;
-}
-
-export interface PgServerInfo {
-  version: number;
-  major: string;
-  role: PgRole;
-  backendPid: number;
-  systemIdentifier: string | null;
-}
-
-export interface QuiesceOptions {
-  /** Backup label: printable ASCII, ≤ 200 bytes (it ends up in backup_label). */
-  label: string;
-  /** Immediate checkpoint at backup start. Default true: a spread one can hold the job for minutes. */
-  fast?: boolean;
-}
-
-export interface QuiesceInfo {
-  role: PgRole;
-  version: number;
-  exclusive: boolean;
-  /** A backup is running (always on a primary; on a standby where allowed). */
-  backup: boolean;
-  startLsn: string | null;
-  /** Standby: replay position while paused. */
-  replayLsn: string | null;
-  seconds: number;
-}
-
-export interface UnquiesceResult {
-  /** Contents for backup_label; for exclusive backups a copy of the file inside the snapshot. */
-  labelFile: string | null;
-  spcmapFile: string | null;
-  startLsn: string | null;
-  stopLsn: string | null;
-  timeline: number | null;
-  replayLsn?: string;
-  /** True: the label is inside the snapshot already (≤ 9.5). */
-  exclusive: boolean;
-  version: number;
-  role: PgRole;
-  /** From the pause request to the resume. */
-  pausedSeconds: number;
-  /** From the backup start call to the stop's return. */
-  backupSeconds: number;
-}
-
-export interface ReleaseReport {
-  released: string[];
-  failed: string[];
-}
-
-/** Something that quiesces a database around a snapshot; the job runner only knows this. */
-export interface Quiescer {
-  connect(): Promise<PgServerInfo>;
-  quiesce(opts: QuiesceOptions): Promise<QuiesceInfo>;
-  unquiesce(): Promise<UnquiesceResult>;
-  /** Releases whatever is held (errors ignored, reported); idempotent; the session stays if healthy. */
-  abort(reason?: string): Promise<ReleaseReport>;
-  /** abort() and end the session. */
-  close(): Promise<ReleaseReport>;
 }
 
 const LABEL_RE = /^[\x20-\x7e]{1,200}$/;
@@ -299,12 +238,14 @@ export class PgQuiescer implements Quiescer {
     });
   }
 
+  /** Releases whatever is held (errors ignored, reported), cancelling a statement in flight; idempotent; the session stays if healthy. */
   async abort(reason = 'aborted'): Promise<ReleaseReport> {
     this.aborting = true;
     if (this.inflight) await this.cancelInflight();
     return this.serial(() => this.release(reason));
   }
 
+  /** abort() and end the session. */
   async close(): Promise<ReleaseReport> {
     const report = await this.abort('closed');
     await this.serial(async () => {

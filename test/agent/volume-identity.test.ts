@@ -147,8 +147,7 @@ describe('capture: the per-job identity check holds nothing when it refuses', ()
 
   it('a true configuration captures; each lie is refused before any quiesce, freeze or tracker switch', async () => {
     const t = await track(a.volume);
-    const stateDir = path.join(a.root, 'capture-state');
-    const ok = await capture({ jobId: 'ok1', volume: a.volume, provider, tracking: t, stateDir, log });
+    const ok = await capture({ jobId: 'ok1', volume: a.volume, provider, tracking: t, log });
     expect(ok.switched?.closed.generation).toBe(1);
     await provider.remove(ok.snapshot);
     const generation = t.tracker.generation;
@@ -160,7 +159,7 @@ describe('capture: the per-job identity check holds nothing when it refuses', ()
       ['mountpoint', { ...a.volume, mountpoint: b.volumeMount }, 'mountpoint'],
     ];
     for (const [what, volume, field] of lies) {
-      const e = await refusal(capture({ jobId: `lie-${what.replace(/\W+/g, '-')}`, volume, provider, tracking: t, stateDir, log }));
+      const e = await refusal(capture({ jobId: `lie-${what.replace(/\W+/g, '-')}`, volume, provider, tracking: t, log }));
       expect(e.mismatches.map((m) => m.field), what).toContain(field);
       await heldNothing();
       expect(t.tracker.phase, what).toBe('tracking');
@@ -172,7 +171,7 @@ describe('capture: the per-job identity check holds nothing when it refuses', ()
   it('refuses a job whose tracker traces another device than the proven one', async () => {
     // The tracker was started on B's device; the volume is A (as after a config swap on a running agent).
     const t = await track({ ...a.volume, name: 'bound-elsewhere', device: b.volumeDevice });
-    const e = await refusal(capture({ jobId: 'wrong-tracker', volume: a.volume, provider, tracking: t, stateDir: path.join(a.root, 'capture-state'), log }));
+    const e = await refusal(capture({ jobId: 'wrong-tracker', volume: a.volume, provider, tracking: t, log }));
     expect(e.mismatches).toHaveLength(1);
     expect(e.mismatches[0]).toMatchObject({ field: 'tracker' });
     expect(e.mismatches[0]!.configured).toContain(a.volumeDevice);
