@@ -87,7 +87,11 @@ async function checkDataOnFile(dataDir: string, imageFile: string, file: { dev: 
   if (backing === null) {
     throw mismatch(`${dataDir} is on /dev/${path.basename(devDir)}, not on a loop device attached to ${imageFile}; prepare checks the data against the exported file it came from`);
   }
-  const bst = await stat(backing.replace(/ \(deleted\)$/, ''), { bigint: true }).catch(() => null);
+  if (backing.endsWith(' (deleted)')) {
+    // The loop device holds a file that was since replaced or removed: its path now names another inode.
+    throw mismatch(`${dataDir} is on /dev/${path.basename(devDir)}, whose backing file ${backing.slice(0, -' (deleted)'.length)} was replaced or removed after it was attached: it is not ${imageFile} as exported with image ${s.imageId}`);
+  }
+  const bst = await stat(backing, { bigint: true }).catch(() => null);
   if (!bst || bst.dev !== file.dev || bst.ino !== file.ino) {
     throw mismatch(`${dataDir} is on /dev/${path.basename(devDir)}, whose backing file is ${backing}, not ${imageFile}: the sidecar of image ${s.imageId} does not belong to this data`);
   }

@@ -92,7 +92,7 @@ describe('application-consistent image of a primary (PostgreSQL 15)', () => {
     cleanups.push(() => rm(out, { force: true }));
     cleanups.push(() => rm(`${out}.wal`, { recursive: true, force: true }));
     await exportImageTo(appl.app.store, { ...img, pg: info }, out);
-    expect((await readdir(`${out}.wal`)).sort()).toEqual(info.wal.map((w) => w.name).sort());
+    expect((await readdir(`${out}.wal`)).sort()).toEqual(['.blocksnap-wal', ...info.wal.map((w) => w.name).sort()]); // segments + blocksnap's marker
 
     const dev = await attachLoop(out);
     cleanups.push(() => detachLoop(dev));

@@ -21,7 +21,8 @@ import { isBlocksnapError } from '../../proto/errors.js';
  * and `prepare` applies it only to that data (DESIGN.md §8). Two real
  * PostgreSQL 15 images A and B of one cluster (B after more commits and a
  * checkpoint), exported and mounted through loop devices:
- *   - a crash-consistent export over A's export leaves no sidecar or WAL;
+ *   - B exported over A's mounted export: B's sidecar is refused for A's data;
+ *     a crash-consistent export over it leaves no sidecar or WAL;
  *   - A's sidecar next to B's file, A's sidecar with B's data mounted, and
  *     A's sidecar forged to name B's file are all refused, and the data
  *     directory is byte for byte what it was;
@@ -113,17 +114,25 @@ describe('PostgreSQL sidecars name their image (PostgreSQL 15)', () => {
     expect(await readControlCheckpoint(pgc.dataDir, 150000)).toBe(parseLsn(want));
   });
 
-  it('a crash-consistent export over a PostgreSQL export leaves no sidecar or WAL; prepare then refuses', async () => {
+  it('an export replaced while mounted, then by a crash-consistent one: prepare refuses the mounted data each time, and no sidecar survives', async () => {
     const f = join(lab.poolMount, 'export-S.raw');
-    cleanups.push(() => rm(f, { force: true }));
+    cleanups.push(() => rm(f, { force: true }), () => rm(`${f}.blocksnap.json`, { force: true }), () => rm(`${f}.wal`, { recursive: true, force: true }));
     await exportImageTo(appl.app.store, images.A, f);
     expect((await readdir(lab.poolMount)).filter((n) => n.startsWith('export-S.raw')).sort()).toEqual(['export-S.raw', 'export-S.raw.blocksnap.json', 'export-S.raw.wal']);
+    const dataDir = await mount(f, 'S'); // A's data
+    const before = await fingerprint(dataDir);
+
+    // B exported over the same path while A's copy is mounted: B's sidecar names the new file, not the mounted one.
+    await exportImageTo(appl.app.store, images.B, f, { force: true });
+    const e1 = await rejection(prepareFromExport(dataDir, f));
+    expect(isBlocksnapError(e1, 'E_USAGE'), e1.message).toBe(true);
+    expect(e1.message).toMatch(/was replaced or removed after it was attached/);
+    expect(await fingerprint(dataDir)).toEqual(before);
+
     await exportImageTo(appl.app.store, { ...images.B, pg: null }, f, { force: true });
     expect((await readdir(lab.poolMount)).filter((n) => n.includes('export-S.raw'))).toEqual(['export-S.raw']);
-    const dataDir = await mount(f, 'S');
-    const before = await fingerprint(dataDir);
-    const e = await rejection(prepareFromExport(dataDir, f));
-    expect(isBlocksnapError(e, 'E_NOT_FOUND'), e.message).toBe(true);
+    const e2 = await rejection(prepareFromExport(dataDir, f));
+    expect(isBlocksnapError(e2, 'E_NOT_FOUND'), e2.message).toBe(true);
     expect(await fingerprint(dataDir)).toEqual(before);
   });
 
