@@ -119,14 +119,17 @@ export class Agent implements ControlledAgent {
     this.stopped = true;
     await this.control?.close();
     this.control = null;
-    for (const a of this.audits.values()) a.abort(new BlocksnapError('E_CANCELLED', 'agent stopping'));
+    const stopping = new BlocksnapError('E_CANCELLED', 'agent stopping');
+    for (const a of this.audits.values()) a.abort(stopping);
+    // Jobs are cancelled while the connection is still up: each releases its snapshot, gives the
+    // changes it took back to the tracker and tells the appliance (E_CANCELLED), which then fails
+    // the job at once instead of holding it for a resume that will never come.
+    for (const r of this.runners.values()) r.cancel('agent stopping');
+    for (const w of this.connectedWaiters.splice(0)) w.reject(stopping);
+    await Promise.allSettled([...this.running]);
     this.wake?.();
     this.transport?.close();
-    for (const r of this.runners.values()) r.cancel('agent stopping');
-    const stopping = new BlocksnapError('E_CANCELLED', 'agent stopping');
-    for (const w of this.connectedWaiters.splice(0)) w.reject(stopping);
     await this.loop;
-    await Promise.allSettled([...this.running]);
     // A clean stop saves each bitmap with the clean-shutdown flag: the next start may trust it.
     for (const [name, t] of this.tracking) {
       await t.close().catch((e) => this.log.error({ volume: name, err: e }, 'tracker stop failed'));

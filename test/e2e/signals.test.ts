@@ -119,6 +119,31 @@ describe('daemon signals and agent failures', () => {
     expect(human).toMatch(/^ok job-\S+ image \S+\nincremental fell back to digest-compare \(not the tracker\): tracker: agent did not shut down cleanly/);
   });
 
+  it('SIGTERM during a backup: the job is cancelled, the agent exits 0 leaving nothing, the next incremental uses the tracker', async () => {
+    const [current] = daemons.filter((x) => x !== appl && x.child.exitCode === null && x.child.signalCode === null);
+    expect(await current!.stop()).toBe(0);
+    const config = JSON.parse(await readFile(configFile, 'utf8'));
+    // zstd level 22 on random data: a few MB/s, a wide window to signal in.
+    await writeFile(configFile, JSON.stringify({ ...config, compressionLevel: 22, workers: 1 }));
+    const agent = await startAgent();
+    await ddWrite(join(lab.volumeMount, 'mid-job.bin'), { bs: 1 << 20, count: 48 });
+    const job = applianceCmd(dataDir, ['backup', 'db1', 'vol', '--json']);
+    await waitFor(async () => (await applianceCmd(dataDir, ['jobs', 'list', '--limit', '1', '--json'])).json?.[0]?.state === 'running', 30_000, 'job running');
+    await sleep(500); // into the transfer: the snapshot and the tracker switch exist now
+    expect(await agent.stop()).toBe(0);
+    const r = await job;
+    expect(r.exitCode).toBe(1);
+    expect(r.json).toMatchObject({ ok: false });
+    await expectNothingLeftBy(agent.pid);
+
+    await writeFile(configFile, JSON.stringify(config));
+    await startAgent();
+    await backup();
+    const jobs = await applianceCmd(dataDir, ['jobs', 'list', '--limit', '1', '--json']);
+    expect(jobs.json[0].stats).toMatchObject({ changeSource: 'tracker', fallbackReason: '' });
+    expect(Number(jobs.json[0].stats.chunksSent)).toBeGreaterThanOrEqual(48 * 16); // the cancelled job's changes travel now
+  });
+
   it('SIGTERM: the appliance exits 0 and releases its data directory', async () => {
     const running = daemons.filter((x) => x !== appl && x.child.exitCode === null && x.child.signalCode === null);
     expect(running).toHaveLength(1);
