@@ -140,7 +140,7 @@ describe('blocksnap-agent audit / status against the running agent', () => {
     const second = spawnAgent(configFile, join(lab.root, 'agent-second.log'));
     const code = await Promise.race([second.exited, sleep(30_000).then(() => 'timeout' as const)]);
     if (code === 'timeout') await second.stop();
-    expect(code).toBe(1);
+    expect(code).toBe(75); // E_BUSY's own exit status (EX_TEMPFAIL): "already running", not "failed"
     expect(await readFile(join(lab.root, 'agent-second.log'), 'utf8')).toMatch(/E_BUSY: another agent is running on state directory/);
     expect((await callAgent<AgentStatus>(stateDir, 'GET', '/v1/status')).pid).toBe(agent!.pid);
   });
