@@ -32,6 +32,7 @@ import { TracefsTracker } from '../agent/cbt/tracefs/tracefs-tracker.js';
 import { startAppliance, type ApplianceHarness } from '../appliance/testing/appliance-harness.js';
 import { spawnAgent, type Daemon } from '../appliance/testing/processes.js';
 import { BlocksnapError } from '../proto/errors.js';
+import { exitAfterFlush } from '../proto/cli-exit.js';
 
 const SCALE = Number(process.env.BENCH_SCALE ?? 50);
 const PAIRS = Number(process.env.BENCH_TPS_PAIRS ?? 5);
@@ -213,7 +214,7 @@ function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
 
-main().then(() => process.exit(0), (e) => {
+main().then(() => void exitAfterFlush(0), (e) => {
   process.stderr.write(`bench-tracking: ${e?.stack ?? e}\n`);
-  process.exit(1);
+  void exitAfterFlush(1);
 });

@@ -26,6 +26,7 @@ import { buildManifest, newImageId, writeManifest } from '../appliance/store/man
 import { zstdCompress } from '../proto/zstd.js';
 import { createLogger } from '../proto/log.js';
 import { imageRootDigest } from '../proto/shared/image-root.js';
+import { exitAfterFlush } from '../proto/cli-exit.js';
 
 const RUNS = Number(process.env.BENCH_RUNS ?? 3);
 const SCALE = Number(process.env.BENCH_SCALE ?? 50);
@@ -208,7 +209,7 @@ async function main(): Promise<void> {
   await writeFile(join('.bench', 'results.json'), JSON.stringify({ started, runs: RUNS, scale: SCALE, commitCost: b, endToEnd: a }, null, 2));
 }
 
-main().then(() => process.exit(0), (e) => {
+main().then(() => void exitAfterFlush(0), (e) => {
   process.stderr.write(`bench: ${e?.stack ?? e}\n`);
-  process.exit(1);
+  void exitAfterFlush(1);
 });

@@ -15,6 +15,7 @@ import { PgCluster } from '../agent/testing/pg-cluster.js';
 import { createVolumeLab, type VolumeLab } from '../agent/testing/volume-lab.js';
 import { agentCli, applianceCmd, spawnAgent, spawnAppliance, type ApplianceProcess, type Daemon } from '../appliance/testing/processes.js';
 import { attachLoop, detachLoop } from '../agent/testing/loop.js';
+import { exitAfterFlush } from '../proto/cli-exit.js';
 
 const GiB = 1024 ** 3;
 const scale = Number(process.env.DEMO_SCALE ?? 20);
@@ -174,9 +175,9 @@ function printTable(rows: Row[]): void {
 }
 
 main().then(
-  () => process.exit(0),
+  () => void exitAfterFlush(0),
   (e) => {
     process.stderr.write(`demo: ${e?.stack ?? e}\n`);
-    process.exit(1);
+    void exitAfterFlush(1);
   },
 );
