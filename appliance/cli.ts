@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import { existsSync, readFileSync } from 'node:fs';
 import { request } from 'node:http';
+import { createSecureContext } from 'node:tls';
 import { join, resolve } from 'node:path';
 import { Command, InvalidArgumentError } from 'commander';
 import { intOption, packageVersion, runCli, untilStopSignal } from '../proto/cli-exit.js';
@@ -64,6 +65,7 @@ function program(setStatus: (s: number) => void): Command {
       const stop = untilStopSignal(log); // first: a signal during the start must not kill the process mid-way
       if (!!o.tlsCert !== !!o.tlsKey) throw usage('--tls-cert and --tls-key go together');
       const tls = o.tlsCert ? { cert: readOption('--tls-cert', o.tlsCert), key: readOption('--tls-key', o.tlsKey!) } : undefined;
+      if (tls) checkTls(tls, o.tlsCert!, o.tlsKey!);
       const [host, port] = o.listen ?? ['127.0.0.1', 7700];
       const app = await Appliance.open({ dataDir, logger: log, auditEvery: o.auditEvery, tls });
       const addr = await app.listen(host, port).catch(async (e) => {
@@ -258,6 +260,15 @@ function readOption(flag: string, file: string): Buffer {
     return readFileSync(file);
   } catch (e) {
     throw new BlocksnapError('E_USAGE', `${flag} ${file}: cannot read: ${(e as Error).message}`, { cause: e });
+  }
+}
+
+/** A certificate and key that TLS cannot use (not PEM, or not a pair) are a usage error, before anything starts. */
+function checkTls(tls: { cert: Buffer; key: Buffer }, certFile: string, keyFile: string): void {
+  try {
+    createSecureContext(tls);
+  } catch (e) {
+    throw new BlocksnapError('E_USAGE', `--tls-cert ${certFile} / --tls-key ${keyFile}: not a usable certificate and key: ${(e as Error).message}`, { cause: e });
   }
 }
 

@@ -73,6 +73,7 @@ process.stdin.on('end', () => process.stdout.write(String(n)));`);
     [['serve', '--listen', 'nocolon'], /--listen.*'nocolon'/],
     [['serve', '--tls-cert', '/nonexist', '--tls-key', '/nonexist'], /--tls-cert \/nonexist: cannot read/],
     [['serve', '--tls-cert', '/nonexist'], /--tls-cert and --tls-key go together/],
+    [['serve', '--tls-cert', '/proc/version', '--tls-key', '/proc/version'], /--tls-cert \/proc\/version \/ --tls-key \/proc\/version: not a usable certificate and key/],
     [['serve', '--audit-every', '-1'], /--audit-every.*'-1'/],
     [['agents', 'add', 'db2', '--data', '/nonexist'], /--data \/nonexist: no such directory .*serve --data/],
     [['images', 'show'], /missing required argument 'image'/],
