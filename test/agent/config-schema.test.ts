@@ -66,7 +66,7 @@ describe('agent config schema', () => {
   it('keeps every default of the landed format', () => {
     const c = parseAgentConfig(base);
     expect(c).toEqual({
-      appliance: base.appliance, agent: 'db1', token: 't', stateDir: '/var/lib/blocksnap',
+      appliance: base.appliance, insecure: false, agent: 'db1', token: 't', stateDir: '/var/lib/blocksnap',
       volumes: [{ name: 'pgdata', device: '/dev/loop3', image: '/pool/pgdata.img', mountpoint: '/srv/pg', chunkSize: 65536 }],
       groups: [], windowBytes: 32 << 20, batchBytes: 2 << 20, workers: 2, compressionLevel: 1, reconnectMaxMs: 10_000,
       retainSnapshotsDir: undefined, tracking: 'tracefs',
