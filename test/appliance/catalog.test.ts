@@ -30,6 +30,43 @@ describe('Catalog', () => {
     expect(() => cat.addAgent('../etc')).toThrow(/invalid agent name/);
   });
 
+  it('records damage: a damaged image is listed with it, is never a basis, and one known only by its damage is listed too', () => {
+    cat.addAgent('db1');
+    const vol = cat.upsertVolume(cat.agent('db1')!.id, 'pgdata', 1 << 30, 65536);
+    const base = { agent: 'db1', volume: 'pgdata', jobId: null, basisImageId: null, volumeSize: 1 << 30, chunkSize: 65536, kind: 'full' };
+    cat.insertImage({ ...base, id: 'img-1', rootDigest: 'aa', createdAt: '2026-01-01T00:00:00.000Z' });
+    expect(cat.lastImage(vol.id)?.id).toBe('img-1');
+    expect(cat.hasRoot('aa')).toBe(true);
+    expect(cat.hasRoot('bb')).toBe(false);
+    cat.recordDamage('img-1', 'pack p1 (file missing)', 'root blob aa is not in any readable pack');
+    cat.recordDamage('img-1', 'pack p1 (file missing)', 'a later, less precise reason');
+    expect(cat.image('img-1')?.damage).toEqual([{ object: 'pack p1 (file missing)', reason: 'root blob aa is not in any readable pack', detectedAt: expect.any(String) }]);
+    expect(cat.lastImage(vol.id)).toBeUndefined(); // the next backup of the volume is a full
+    cat.recordDamage('img-20260102t000000z-0000abcd', 'manifest img-20260102t000000z-0000abcd', 'unreadable');
+    const all = cat.listImages();
+    expect(all.map((i) => [i.id, i.damage.length])).toEqual([['img-1', 1], ['img-20260102t000000z-0000abcd', 1]]);
+    expect(all[1]).toMatchObject({ kind: 'unknown', rootDigest: '', createdAt: '2026-01-02T00:00:00.000Z' });
+    expect(cat.listImages({ volume: 'pgdata' }).map((i) => i.id)).toEqual(['img-1']);
+  });
+
+  it('an unreadable catalog file (half-truncated, or not a database) is E_STORE_CORRUPT naming catalog rebuild', async () => {
+    cat.addAgent('db1');
+    cat.close();
+    const file = join(dir, 'catalog.sqlite');
+    const { statSync, truncateSync, writeFileSync } = await import('node:fs');
+    truncateSync(file, Math.floor(statSync(file).size / 2));
+    expect(() => Catalog.open(file)).toThrow(/catalog rebuild/);
+    writeFileSync(file, 'not a database at all, not even a header.........................................................');
+    let err: any;
+    try {
+      Catalog.open(file);
+    } catch (e) {
+      err = e;
+    }
+    expect(err?.code).toBe('E_STORE_CORRUPT');
+    cat = Catalog.open(join(dir, 'fresh.sqlite'));
+  });
+
   it('keeps the last image per volume as the basis, and insertImage is idempotent', () => {
     cat.addAgent('db1');
     const a = cat.agent('db1')!;
