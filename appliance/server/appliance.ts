@@ -19,6 +19,8 @@ export interface ApplianceOptions {
   maxFrameBytes?: number;
   windowBytes?: number;
   resumeGraceMs?: number;
+  /** A job whose agent sends nothing for it (not even its heartbeat) this long fails E_TIMEOUT. */
+  jobIdleTimeoutMs?: number;
   authTimeoutMs?: number;
   flushEveryBytes?: number;
   auditEvery?: number;
@@ -146,16 +148,6 @@ export class Appliance {
     await this.store.close();
     this.catalog.close();
     this.releaseLock();
-  }
-}
-
-/** Kept for callers that still probe a pid: true if the process exists (EPERM counts). */
-export function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
 
