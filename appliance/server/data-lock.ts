@@ -13,7 +13,7 @@
  * `DATA/appliance.pid` is still written, for humans and error messages only.
  */
 import Database from 'better-sqlite3';
-import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
 import { openPrivateDatabase } from '../store/private-sqlite.js';
@@ -34,38 +34,50 @@ function isBusy(e: unknown): boolean {
 /** Takes the data directory's lock or throws E_BUSY naming the holder. `what` goes into the pid file. */
 export function takeDataDirLock(dataDir: string, what = 'appliance'): DataDirLock {
   const file = join(dataDir, LOCK_FILE);
-  let db: Database.Database;
-  try {
-    db = openPrivateDatabase(file);
-  } catch (e) {
-    throw new BlocksnapError('E_STORE_IO', `cannot open the lock ${file}: ${(e as Error).message}`, { cause: e });
-  }
-  try {
-    // A short wait covers a CLI probing the lock at this very moment (lockHolder).
-    db.pragma('busy_timeout = 1000');
-    db.pragma('journal_mode = DELETE');
-    db.pragma('locking_mode = EXCLUSIVE');
-    db.exec('BEGIN EXCLUSIVE; CREATE TABLE IF NOT EXISTS holder (pid INTEGER, what TEXT); DELETE FROM holder;');
-    db.prepare('INSERT INTO holder (pid, what) VALUES (?, ?)').run(process.pid, what);
-    db.exec('COMMIT');
-  } catch (e) {
-    db.close();
-    if (isBusy(e)) {
-      const [pid, holder] = readPidFile(dataDir);
-      throw new BlocksnapError('E_BUSY', `data directory ${dataDir} is in use${pid ? ` by ${holder || 'a process'} pid ${pid}` : ''}`, { cause: e });
+  let db: Database.Database | undefined;
+  for (let attempt = 0; !db; attempt++) {
+    let open: Database.Database;
+    try {
+      open = openPrivateDatabase(file);
+    } catch (e) {
+      throw new BlocksnapError('E_STORE_IO', `cannot open the lock ${file}: ${(e as Error).message}`, { cause: e });
     }
-    throw new BlocksnapError('E_STORE_IO', `cannot take the lock ${file}: ${(e as Error).message}`, { cause: e });
+    try {
+      // A short wait covers a CLI probing the lock at this very moment (lockHolder).
+      open.pragma('busy_timeout = 1000');
+      open.pragma('journal_mode = DELETE');
+      open.pragma('locking_mode = EXCLUSIVE');
+      open.exec('BEGIN EXCLUSIVE; CREATE TABLE IF NOT EXISTS holder (pid INTEGER, what TEXT); DELETE FROM holder;');
+      open.prepare('INSERT INTO holder (pid, what) VALUES (?, ?)').run(process.pid, what);
+      open.exec('COMMIT');
+      db = open;
+    } catch (e) {
+      open.close();
+      if (isBusy(e)) {
+        const [pid, holder] = readPidFile(dataDir);
+        throw new BlocksnapError('E_BUSY', `data directory ${dataDir} is in use${pid ? ` by ${holder || 'a process'} pid ${pid}` : ''}`, { cause: e });
+      }
+      const code = String((e as { code?: string }).code ?? '');
+      // A lock file that is not a database holds nothing (no holder could have opened it either): start afresh.
+      if (attempt === 0 && (code.startsWith('SQLITE_NOTADB') || code.startsWith('SQLITE_CORRUPT'))) {
+        rmSync(file, { force: true });
+        continue;
+      }
+      throw new BlocksnapError('E_STORE_IO', `cannot take the lock ${file}: ${(e as Error).message}`, { cause: e });
+    }
   }
+  const held = db;
   const pidFile = join(dataDir, PID_FILE);
   // Informational only: a stale one from a dead process is simply replaced.
   writeFileSync(pidFile, `${process.pid} ${what}\n`, { mode: 0o600 });
+  chmodSync(pidFile, 0o600); // one left by an older version may be 0644
   let released = false;
   return {
     release() {
       if (released) return;
       released = true;
       rmSync(pidFile, { force: true });
-      db.close();
+      held.close();
     },
   };
 }

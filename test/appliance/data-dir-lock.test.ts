@@ -79,4 +79,13 @@ describe('the data directory lock', () => {
     const b = await serve(dataDir); // the kernel dropped the lock with the process
     expect(b.pid).not.toBe(a.pid);
   });
+
+  it('a lock file that is not a database (damaged) does not stop serve', async () => {
+    const dataDir = join(root, 'garbage');
+    const a = await serve(dataDir);
+    expect(await a.stop()).toBe(0);
+    procs.delete(a);
+    await writeFile(join(dataDir, 'appliance.lock'), 'garbage, not an SQLite file '.repeat(10));
+    await serve(dataDir);
+  });
 });
