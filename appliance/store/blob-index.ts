@@ -70,8 +70,9 @@ export class BlobIndex {
     });
   }
 
+  /** Opens (creating, 0600) the index; one SQLite cannot read is E_STORE_CORRUPT (the store then rebuilds it from the packs). */
   static open(file: string): BlobIndex {
-    let db: Database.Database;
+    let db: Database.Database | undefined;
     try {
       db = openPrivateDatabase(file);
       db.pragma('journal_mode = WAL');
@@ -79,7 +80,10 @@ export class BlobIndex {
       db.pragma('busy_timeout = 5000');
       db.exec(SCHEMA);
     } catch (e) {
-      throw new BlocksnapError('E_STORE_IO', `cannot open blob index ${file}: ${(e as Error).message}`, { cause: e });
+      db?.close();
+      const code = String((e as { code?: string }).code ?? '');
+      const unreadable = code.startsWith('SQLITE_CORRUPT') || code.startsWith('SQLITE_NOTADB');
+      throw new BlocksnapError(unreadable ? 'E_STORE_CORRUPT' : 'E_STORE_IO', `cannot open blob index ${file}: ${(e as Error).message}`, { cause: e });
     }
     return new BlobIndex(db);
   }

@@ -121,8 +121,21 @@ export class FsChunkStore implements ChunkStore {
     } catch (e) {
       throw new BlocksnapError('E_STORE_IO', `cannot prepare store ${dir}: ${(e as Error).message}`, { cause: e });
     }
-    const index = BlobIndex.open(join(dir, 'index.sqlite'));
+    const indexFile = join(dir, 'index.sqlite');
+    let index: BlobIndex;
+    let indexRecord: QuarantineRecord | undefined;
+    try {
+      index = BlobIndex.open(indexFile);
+    } catch (e) {
+      if (!(e instanceof BlocksnapError) || e.code !== 'E_STORE_CORRUPT') throw e;
+      // The index is a cache of the pack trailers: set the unreadable one aside and rebuild it
+      // (reconcile indexes every pack it does not know). Its pending-pack journal is lost: garbage only.
+      indexRecord = await quarantineFile(dataDir, indexFile, 'blob-index', 'blob index', e.message, [`${indexFile}-wal`, `${indexFile}-shm`]);
+      opts.logger?.error({ reason: e.message, movedTo: indexRecord.to }, 'the blob index was unreadable: quarantined, rebuilding it from the packs');
+      index = BlobIndex.open(indexFile);
+    }
     const store = new FsChunkStore(dir, index, options, opts.readHandles ?? DEFAULT_READ_HANDLES, dataDir, opts.logger);
+    if (indexRecord) store.recovery.quarantined.push(indexRecord);
     try {
       await store.reconcile();
     } catch (e) {

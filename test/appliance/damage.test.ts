@@ -214,6 +214,18 @@ describe('a damaged file does not stop the appliance', () => {
     }
   });
 
+  it('an unreadable blob index: serve sets it aside and rebuilds it from the packs; nothing is damaged', async () => {
+    const d = await copyTemplate('index');
+    for (const x of await readdir(join(d, 'store'))) if (x.startsWith('index.sqlite')) await rm(join(d, 'store', x));
+    await writeFile(join(d, 'store', 'index.sqlite'), 'not an SQLite database '.repeat(100));
+    const a = await serve(d);
+    const v = await applianceCmd(d, ['verify', '--json']);
+    expect(v.exitCode, v.stdout + v.stderr).toBe(0);
+    expect(v.json.map((r: any) => r.status)).toEqual(['ok', 'ok', 'ok']);
+    expect((await readdir(join(d, 'quarantine'))).some((x) => x.endsWith('index.sqlite'))).toBe(true);
+    await stop(a);
+  });
+
   it('a deleted pack: serve starts and names the missing pack', async () => {
     const d = await copyTemplate('deleted');
     await rm(packFile(d, victimPack));
