@@ -11,7 +11,7 @@ import { Catalog, type ImageRow } from './catalog/catalog.js';
 import { exportImageTo } from './ops/export-image.js';
 import { verifyImage } from './ops/verify-image.js';
 import { Appliance, lockHolder } from './server/appliance.js';
-import { rebuildCatalog, reindexStore } from './server/recovery.js';
+import { rebuildCatalog, recordVerifyReport, reindexStore } from './server/recovery.js';
 import { FsChunkStore } from './store/fs-chunk-store.js';
 import { progressBar } from './progress.js';
 import { backupLine } from './backup-line.js';
@@ -221,7 +221,11 @@ async function verifyOrExport(c: Ctx, cmd: 'verify' | 'export', imageId: string 
         result = { ok: true, ...(await exportImageTo(store, images[0]!, to!, { force, dataDir, onProgress })) };
       } else {
         const reports = [];
-        for (const img of images) reports.push(await verifyImage(store, join(dataDir, 'store'), img!.id, img!.rootDigest, onProgress));
+        for (const img of images) {
+          const r = await verifyImage(store, join(dataDir, 'store'), img!.id, img!.rootDigest, onProgress);
+          c.withCatalog((cat) => recordVerifyReport(cat, r)); // damaged images are marked (never a basis)
+          reports.push(r);
+        }
         result = { ok: reports.every((r) => r.ok), reports };
       }
       bar?.stop();

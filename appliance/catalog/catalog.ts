@@ -332,6 +332,11 @@ export class Catalog {
       .run(imageId, object, reason, now());
   }
 
+  /** Forgets an image's damage (verify found it whole). */
+  clearDamage(imageId: string): void {
+    this.db.prepare('DELETE FROM image_damage WHERE image_id = ?').run(imageId);
+  }
+
   damageOf(imageId: string): ImageDamage[] {
     return (this.db.prepare('SELECT object, reason, detected_at FROM image_damage WHERE image_id = ? ORDER BY object').all(imageId) as any[])
       .map((r) => ({ object: r.object, reason: r.reason, detectedAt: r.detected_at }));

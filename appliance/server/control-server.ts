@@ -5,6 +5,7 @@ import { BlocksnapError, toBlocksnapError } from '../../proto/errors.js';
 import { join } from 'node:path';
 import { exportImageTo } from '../ops/export-image.js';
 import { verifyImage } from '../ops/verify-image.js';
+import { recordVerifyReport } from './recovery.js';
 import type { Appliance } from './appliance.js';
 import { readJsonBody } from '../../proto/http-json.js';
 
@@ -98,7 +99,11 @@ async function handle(app: Appliance, req: IncomingMessage, res: ServerResponse)
       res.end(JSON.stringify({ event: 'result', ok: true, ...r }) + '\n');
     } else {
       const reports = [];
-      for (const img of images) reports.push(await verifyImage(app.store, join(app.opts.dataDir, 'store'), img!.id, img!.rootDigest, progress));
+      for (const img of images) {
+        const r = await verifyImage(app.store, join(app.opts.dataDir, 'store'), img!.id, img!.rootDigest, progress);
+        recordVerifyReport(app.catalog, r); // damaged images are marked (never a basis), DESIGN.md §6.1
+        reports.push(r);
+      }
       res.end(JSON.stringify({ event: 'result', ok: reports.every((r) => r.ok), reports }) + '\n');
     }
     return;

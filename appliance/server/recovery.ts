@@ -19,6 +19,7 @@ import { BlocksnapError, toBlocksnapError } from '../../proto/errors.js';
 import { Catalog } from '../catalog/catalog.js';
 import { ZERO_DIGEST, type ChunkStore } from '../store/chunk-store.js';
 import type { SkippedPack } from '../store/blob-index.js';
+import type { VerifyReport } from '../ops/verify-image.js';
 import { FsChunkStore } from '../store/fs-chunk-store.js';
 import { ImageIndexReader } from '../store/image-index.js';
 import { listManifests, manifestPath, readManifest, removeManifest } from '../store/manifest.js';
@@ -229,4 +230,31 @@ export async function reindexStore(dataDir: string, log?: Logger): Promise<Reind
 
 export function lostAnything(store: FsChunkStore): boolean {
   return store.recovery.quarantined.length > 0 || store.recovery.missingPacks.length > 0;
+}
+
+/**
+ * What `verify` found goes into the catalog (DESIGN.md §6.1): a damaged image
+ * gets one row per damaged object (chunks grouped by the pack their error
+ * names, else one row for the chunks missing from the index), so it is
+ * listed damaged and never used as a basis; an image verify found whole has
+ * its damage rows cleared (an operator restored the object).
+ */
+export function recordVerifyReport(catalog: Catalog, r: VerifyReport): void {
+  if (r.ok) {
+    catalog.clearDamage(r.imageId);
+    return;
+  }
+  for (const o of r.objects) catalog.recordDamage(r.imageId, o.object, `verify: ${o.code} ${o.message}`);
+  const groups = new Map<string, VerifyReport['bad']>();
+  for (const b of r.bad) {
+    const pack = /pack ([0-9a-f]{64})/.exec(b.message)?.[1];
+    const key = pack ? `pack ${pack}` : 'chunk blobs not in any readable pack';
+    let g = groups.get(key);
+    if (!g) groups.set(key, (g = []));
+    g.push(b);
+  }
+  for (const [object, bad] of groups) {
+    const first = bad[0]!;
+    catalog.recordDamage(r.imageId, object, `verify: ${bad.length} chunk(s) bad, first chunk ${first.index} (${first.digest}): ${first.code} ${first.message}`);
+  }
 }

@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startAppliance } from '../../appliance/testing/appliance-harness.js';
 import { applianceCli, applianceCmd, spawnAppliance, type ApplianceProcess } from '../../appliance/testing/processes.js';
-import { makeVolume, ScriptedAgent, type TestVolume } from '../../appliance/testing/scripted-agent.js';
+import { makeVolume, plainOf, ScriptedAgent, sha256, type TestVolume } from '../../appliance/testing/scripted-agent.js';
 import { FOOTER_SIZE, packRelPath } from '../../appliance/store/pack-format.js';
 
 /**
@@ -223,6 +223,26 @@ describe('a damaged file does not stop the appliance', () => {
     expect(v.exitCode, v.stdout + v.stderr).toBe(0);
     expect(v.json.map((r: any) => r.status)).toEqual(['ok', 'ok', 'ok']);
     expect((await readdir(join(d, 'quarantine'))).some((x) => x.endsWith('index.sqlite'))).toBe(true);
+    await stop(a);
+  });
+
+  it('a corrupt chunk found by verify marks its image damaged (never a basis); verify clears it once the pack is whole again', async () => {
+    const d = await copyTemplate('chunk');
+    const db = new Database(join(d, 'store', 'index.sqlite'), { readonly: true });
+    const loc = db.prepare('SELECT pack, offset FROM blobs WHERE digest = ?').get(sha256(plainOf(vols.v!, 0))) as { pack: string; offset: number };
+    db.close();
+    const a = await serve(d);
+    await flipByte(packFile(d, loc.pack), loc.offset + 5);
+    const v = await applianceCmd(d, ['verify', '--json']);
+    expect(v.exitCode).toBe(1);
+    const list = (await applianceCmd(d, ['images', 'list', '--json'])).json;
+    const victim = list.find((i: any) => i.id === images.v!.id);
+    expect(victim.damage).toEqual([expect.objectContaining({ object: `pack ${loc.pack}`, reason: expect.stringMatching(/^verify: 1 chunk\(s\) bad, first chunk 0 /) })]);
+    expect(list.filter((i: any) => i.damage.length).map((i: any) => i.id)).toEqual([images.v!.id]);
+    await flipByte(packFile(d, loc.pack), loc.offset + 5); // the operator restores the pack
+    const again = await applianceCmd(d, ['verify', images.v!.id, '--json']);
+    expect(again.exitCode, again.stdout).toBe(0);
+    expect((await applianceCmd(d, ['images', 'show', images.v!.id, '--json'])).json.damage).toEqual([]);
     await stop(a);
   });
 
