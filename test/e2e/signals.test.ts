@@ -1,3 +1,4 @@
+import { execa } from 'execa';
 import { existsSync } from 'node:fs';
 import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -58,10 +59,11 @@ describe('daemon signals and agent failures', () => {
     const a = spawnAgent(configFile, agentLog, { BLOCKSNAP_LOG: 'info' });
     daemons.push(a);
     const tail = async () => `agent log:\n${(await readFile(agentLog, 'utf8').catch(() => '')).slice(-3000)}\nappliance log:\n${(await readFile(applianceLog, 'utf8').catch(() => '')).slice(-2000)}`;
+    // This process's own log line: `agents list` may still show the previous process's session.
+    const connected = new RegExp(`"pid":${a.pid},[^\\n]*"msg":"connected to appliance"`);
     await waitFor(async () => {
       if (a.child.exitCode !== null) throw new Error(`agent exited ${a.child.exitCode}: ${await tail()}`);
-      const r = await applianceCmd(dataDir, ['agents', 'list', '--json']);
-      return r.json?.find((x: any) => x.name === 'db1')?.connected === true;
+      return connected.test(await readFile(agentLog, 'utf8').catch(() => ''));
     }, 30_000, 'agent connected', tail);
     return a;
   }
@@ -70,6 +72,20 @@ describe('daemon signals and agent failures', () => {
     const r = await applianceCmd(dataDir, ['backup', 'db1', 'vol', ...flags]);
     expect(r.exitCode, r.stdout + r.stderr).toBe(0);
     return r.stdout;
+  }
+
+  /**
+   * Runs fn with the volume's filesystem frozen: while no agent runs, even a
+   * journal commit would be a write while untracked (a correct reason to
+   * distrust the tracker, not what these tests are about).
+   */
+  async function whileFrozen<T>(fn: () => Promise<T>): Promise<T> {
+    await execa('fsfreeze', ['-f', lab.volumeMount]);
+    try {
+      return await fn();
+    } finally {
+      await execa('fsfreeze', ['-u', lab.volumeMount]);
+    }
   }
 
   /** What a stopped agent (pid) must not leave: a tracing instance it named, a snapshot, its control socket. */
@@ -98,11 +114,12 @@ describe('daemon signals and agent failures', () => {
 
     await ddWrite(join(lab.volumeMount, 'before-term.bin'), { bs: 1 << 20, count: 2 });
     const pid = agent.pid;
-    expect(await agent.stop()).toBe(0);
-    expect(await readFile(agentLog, 'utf8')).toMatch(/"signal":"SIGTERM"[^\n]*stop requested/);
-    await expectNothingLeftBy(pid);
-
-    agent = await startAgent();
+    agent = await whileFrozen(async () => {
+      expect(await agent.stop()).toBe(0);
+      expect(await readFile(agentLog, 'utf8')).toMatch(/"signal":"SIGTERM"[^\n]*stop requested/);
+      await expectNothingLeftBy(pid);
+      return startAgent();
+    });
     const human = await backup();
     expect(human, 'a clean SIGTERM keeps the tracker valid').toMatch(/^ok job-\S+ image \S+$/);
     const jobs = await applianceCmd(dataDir, ['jobs', 'list', '--limit', '1', '--json']);
@@ -121,23 +138,27 @@ describe('daemon signals and agent failures', () => {
 
   it('SIGTERM during a backup: the job is cancelled, the agent exits 0 leaving nothing, the next incremental uses the tracker', async () => {
     const [current] = daemons.filter((x) => x !== appl && x.child.exitCode === null && x.child.signalCode === null);
-    expect(await current!.stop()).toBe(0);
     const config = JSON.parse(await readFile(configFile, 'utf8'));
-    // zstd level 22 on random data: a few MB/s, a wide window to signal in.
-    await writeFile(configFile, JSON.stringify({ ...config, compressionLevel: 22, workers: 1 }));
-    const agent = await startAgent();
+    const agent = await whileFrozen(async () => {
+      expect(await current!.stop()).toBe(0);
+      // zstd level 22 on random data: a few MB/s, a wide window to signal in.
+      await writeFile(configFile, JSON.stringify({ ...config, compressionLevel: 22, workers: 1 }));
+      return startAgent();
+    });
     await ddWrite(join(lab.volumeMount, 'mid-job.bin'), { bs: 1 << 20, count: 48 });
     const job = applianceCmd(dataDir, ['backup', 'db1', 'vol', '--json']);
-    await waitFor(async () => (await applianceCmd(dataDir, ['jobs', 'list', '--limit', '1', '--json'])).json?.[0]?.state === 'running', 30_000, 'job running');
-    await sleep(500); // into the transfer: the snapshot and the tracker switch exist now
-    expect(await agent.stop()).toBe(0);
-    const r = await job;
-    expect(r.exitCode).toBe(1);
-    expect(r.json).toMatchObject({ ok: false });
-    await expectNothingLeftBy(agent.pid);
-
-    await writeFile(configFile, JSON.stringify(config));
-    await startAgent();
+    // A complete .snap exists once the snapshot is taken and the volume thawed: the transfer is on.
+    const snapDir = join(lab.poolMount, '.blocksnap');
+    await waitFor(async () => existsSync(snapDir) && (await readdir(snapDir)).some((f) => f.endsWith('.snap')), 60_000, 'snapshot taken');
+    await whileFrozen(async () => {
+      expect(await agent.stop()).toBe(0);
+      const r = await job;
+      expect(r.exitCode).toBe(1);
+      expect(r.json).toMatchObject({ ok: false });
+      await expectNothingLeftBy(agent.pid);
+      await writeFile(configFile, JSON.stringify(config));
+      await startAgent();
+    });
     await backup();
     const jobs = await applianceCmd(dataDir, ['jobs', 'list', '--limit', '1', '--json']);
     expect(jobs.json[0].stats).toMatchObject({ changeSource: 'tracker', fallbackReason: '' });
