@@ -87,6 +87,7 @@ export class Appliance {
       const router = new JobRouter(catalog, store, {
         storeDir,
         resumeGraceMs: opts.resumeGraceMs ?? 10 * 60_000,
+        jobIdleTimeoutMs: opts.jobIdleTimeoutMs,
         windowBytes: opts.windowBytes ?? 32 << 20,
         flushEveryBytes: opts.flushEveryBytes,
         auditEvery: opts.auditEvery ?? 10,
