@@ -118,7 +118,8 @@ function program(setStatus: (s: number) => void): Command {
     .action(run((o: { agent?: string; volume?: string }, cmd: Command) => {
       const c = ctx(cmd);
       const imgs = c.withCatalog((cat) => cat.listImages({ agent: o.agent, volume: o.volume }));
-      c.out(imgs.map((i) => [i.id, i.agent, i.volume, i.kind, fmtBytes(i.volumeSize), i.createdAt].join('\t')).join('\n') || '(no images)', imgs);
+      c.out(imgs.map((i) => [i.id, i.agent, i.volume, i.kind, fmtBytes(i.volumeSize), i.createdAt,
+        ...(i.damage.length ? [`DAMAGED: ${i.damage.map((d) => d.object).join(', ')}`] : [])].join('\t')).join('\n') || '(no images)', imgs);
       return 0;
     }));
   images.command('show <image>').description('one image: transfer statistics, PostgreSQL label and LSNs').option('--json', 'machine-readable output')
@@ -286,15 +287,6 @@ function listenError(e: unknown, listen: string): BlocksnapError {
   return toBlocksnapError(e);
 }
 
-async function withCatalogAsync<T>(dataDir: string, fn: (c: Catalog) => Promise<T>): Promise<T> {
-  const c = openCatalog(dataDir);
-  try {
-    return await fn(c);
-  } finally {
-    c.close();
-  }
-}
-
 /** The pid holding the data directory's kernel lock (a running appliance), or null; a stale pid file does not count. */
 function appliancePid(dataDir: string): number | null {
   return lockHolder(dataDir);
@@ -405,6 +397,7 @@ function showImage(img: ImageRow): string {
     `kind:        ${img.kind}${img.basisImageId ? ` of ${img.basisImageId}` : ''}`, `created:     ${img.createdAt}`, `job:         ${img.jobId ?? '-'}`,
     ...(img.setId ? [`set:         ${img.setId} (consistency group: restore all its members together)`] : []),
     `root:        ${img.rootDigest}`,
+    ...img.damage.map((d) => `DAMAGED:     ${d.object}: ${d.reason} (since ${d.detectedAt})`),
   ];
   const st = img.stats ?? {};
   lines.push(`transfer:    ${st.chunksReceived ?? '?'} chunks received, ${st.chunksStored ?? '?'} new, ${fmtBytes(Number(st.bytesStored ?? 0))} stored, frozen ${(Number(st.freezeSeconds ?? 0) * 1000).toFixed(0)} ms`);

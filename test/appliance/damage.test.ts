@@ -251,6 +251,9 @@ describe('a damaged file does not stop the appliance', () => {
     await rm(packFile(d, victimPack));
     const a = await serve(d);
     await expectServesHealthyAndNamesVictim(d, new RegExp(`pack ${victimPack} \\(file missing\\)`));
+    const human = await applianceCmd(d, ['images', 'list']);
+    expect(human.stdout).toMatch(new RegExp(`^${images.v!.id}\t.*\tDAMAGED: pack ${victimPack} \\(file missing\\)`, 'm'));
+    expect(human.stdout.match(/DAMAGED/g)).toHaveLength(1);
     await stop(a);
   });
 
