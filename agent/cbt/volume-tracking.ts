@@ -2,7 +2,6 @@ import { mkdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { BlocksnapError } from '../../proto/errors.js';
-import type { VolumeSpec } from '../snapshot/snapshot-provider.js';
 import { writeFileDurably } from '../../proto/durable-file.js';
 import type { ChangeBitmap } from './change-bitmap.js';
 import type { ClosedGeneration, Tracker, Validity } from './tracker.js';
@@ -23,6 +22,14 @@ import { TrackerState } from './tracker-state.js';
  * generation is a gap) and the basis image id; the bitmap itself is
  * `STATE/volumes/<volume>.cbt` (bitmap-file.ts).
  */
+/** What tracking needs of a volume (a snapshot VolumeSpec is one): tracking knows no snapshot provider. */
+export interface TrackedVolume {
+  name: string;
+  /** The block device the tracker traces. */
+  device: string;
+  chunkSize: number;
+}
+
 interface TrackingRecord {
   format: 'blocksnap-tracking';
   version: 1;
@@ -38,14 +45,14 @@ export interface SwitchResult {
 
 export class VolumeTracking {
   private constructor(
-    private readonly volume: VolumeSpec,
+    private readonly volume: TrackedVolume,
     private readonly recordFile: string,
     private record: TrackingRecord,
     private readonly state: TrackerState,
     private readonly log: Logger,
   ) {}
 
-  static async open(volume: VolumeSpec, stateDir: string, tracker: Tracker, log: Logger): Promise<VolumeTracking> {
+  static async open(volume: TrackedVolume, stateDir: string, tracker: Tracker, log: Logger): Promise<VolumeTracking> {
     const dir = join(stateDir, 'volumes');
     await mkdir(dir, { recursive: true });
     const recordFile = join(dir, `${volume.name}.tracking.json`);
