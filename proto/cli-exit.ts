@@ -16,6 +16,8 @@ export const ExitStatus = {
   USAGE: 2,
   /** E_BUSY: already running / held by another process (sysexits EX_TEMPFAIL). */
   BUSY: 75,
+  /** stdout's reader went away (EPIPE), as for SIGPIPE. */
+  BROKEN_PIPE: 141,
 } as const;
 
 export function exitStatusOf(err: BlocksnapError): number {
@@ -60,6 +62,11 @@ export async function exitAfterFlush(status: number): Promise<never> {
  * usage errors (exit 2); --help and --version exit 0.
  */
 export function runCli(name: string, main: () => Promise<number>): void {
+  // The reader of our stdout left (`| head`): stop quietly, as a Unix tool killed by SIGPIPE does (128 + 13).
+  process.stdout.on('error', (e: NodeJS.ErrnoException) => {
+    if (e.code !== 'EPIPE') throw e;
+    void flushStream(process.stderr).then(() => process.exit(ExitStatus.BROKEN_PIPE));
+  });
   main().then(
     (status) => exitAfterFlush(status),
     (e) => {

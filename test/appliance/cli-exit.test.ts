@@ -66,6 +66,13 @@ process.stdin.on('end', () => process.stdout.write(String(n)));`);
     expect(status).toBe('0');
   });
 
+  it('a reader that leaves early (| head) ends the CLI quietly with 141, as SIGPIPE would, not an EPIPE stack trace', async () => {
+    const r = await execa('bash', ['-c', `"${process.execPath}" "${applianceCli()}" images list --json --data "${dataDir}" | head -c 100 >/dev/null; echo "\${PIPESTATUS[0]}"`],
+      { reject: false, timeout: 60_000 });
+    expect(String(r.stdout).trim()).toBe('141');
+    expect(String(r.stderr)).toBe('');
+  });
+
   it.each([
     [['images', 'list', '--jsno'], /--jsno/],
     [['jobs', 'list', '--limit', 'abc'], /--limit.*'abc'/],
