@@ -162,18 +162,28 @@ export class BlobIndex {
 
   // ---- pending-pack journal (DESIGN.md §5) --------------------------------
 
-  /** Durably records that `writer` made or depends on `pack`, and the roots it stored. One transaction. */
-  journal(packs: readonly { pack: string; writer: string }[], roots: readonly { writer: string; root: Buffer }[] = []): void {
+  /**
+   * Records that `writer` made or depends on `pack`, and the roots it stored,
+   * in one transaction. Durable when this returns, unless `fsync` is false:
+   * then it survives a process crash (the WAL is in the page cache) and
+   * becomes durable with the next durable commit. A new pack's row uses
+   * that: its pack's index insert, which follows at once, syncs both, and
+   * the row costs no fsync of its own (2.5 ms here, on the ingest path).
+   */
+  journal(packs: readonly { pack: string; writer: string }[], roots: readonly { writer: string; root: Buffer }[] = [], fsync = true): void {
     if (packs.length === 0 && roots.length === 0) return;
     const insP = this.db.prepare('INSERT OR IGNORE INTO pending_packs (pack, writer) VALUES (?, ?)');
     const insR = this.db.prepare('INSERT OR IGNORE INTO pending_roots (writer, root) VALUES (?, ?)');
     try {
+      if (!fsync) this.db.pragma('synchronous = NORMAL');
       this.db.transaction(() => {
         for (const p of packs) insP.run(p.pack, p.writer);
         for (const r of roots) insR.run(r.writer, r.root);
       })();
     } catch (e) {
       throw new BlocksnapError('E_STORE_IO', `pending-pack journal: ${(e as Error).message}`, { cause: e });
+    } finally {
+      if (!fsync) this.db.pragma('synchronous = FULL');
     }
   }
 

@@ -307,7 +307,7 @@ export class FsChunkStore implements ChunkStore {
 
   /** @internal A writer's new pack, journalled before it is renamed into packs/ (sync: runs inside PackWriter.finish). */
   journalOwnPack(pack: string, w: FsBlobWriter): void {
-    this.index.journal([{ pack, writer: w.id }]);
+    this.index.journal([{ pack, writer: w.id }], [], false); // synced by the pack's index insert that follows
     this.pendingOwners.set(pack, new Set([w.id]));
     w.pins.add(pack);
     this.tracked.add(w);
