@@ -12,6 +12,7 @@ import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.
 import { ddWrite } from '../../agent/testing/volume-writes.js';
 import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
 import { createLogger } from '../../proto/log.js';
+import { waitFor } from '../support/wait-for.js';
 
 /**
  * Proven commits with a real agent on a real volume (loop devices, XFS
@@ -50,9 +51,12 @@ describe('end-to-end image root with a real agent', () => {
     await lab?.destroy();
   });
 
+  /** A job, and its end on both sides: the agent released the volume (snapshot, maps) too. */
   async function run(mode: 'full' | 'incremental') {
     const job = appl.app.router.startJob('db1', 'pgdata', mode);
-    return { job, outcome: await job.done };
+    const outcome = await job.done;
+    await waitFor('the agent to release pgdata', () => !agent.status().volumes[0]!.busy, { detail: () => JSON.stringify(agent.status()) });
+    return { job, outcome };
   }
 
   it('a lying digest map fails the incremental with E_INTEGRITY; the next job is a full equal to its snapshot', async () => {
