@@ -47,6 +47,7 @@ export class AgentSession {
   /** The stored verifier string the challenge came from: a rotate in between fails the proof. */
   private challengedWith: { row: AgentRow; verifier: ScramVerifier } | null = null;
   private readonly endPreAuth: () => void;
+  private failureCounted = false;
 
   constructor(
     readonly transport: Transport,
@@ -60,6 +61,8 @@ export class AgentSession {
     transport.onMessage((env) => this.onEnvelope(env));
     transport.onClose((err) => {
       clearTimeout(this.authTimer);
+      // A bad frame or the pre-auth byte budget (a plain disconnect is not held against the source).
+      if (err && err.code !== 'E_DISCONNECTED') this.countFailure();
       this.endPreAuth();
       this.state = 'closed';
       // `agent` is set only once the session was ready: its jobs must learn the connection is gone.
@@ -72,9 +75,21 @@ export class AgentSession {
     this.transport.send(env).catch((e) => this.log.debug({ err: e, session: this.id }, 'send failed'));
   }
 
+  /**
+   * A connection that failed before authenticating (wrong proof, wrong
+   * frame, too many bytes, too slow) takes a token from its source's bucket
+   * (auth-guard.ts), once: whoever keeps failing is refused at the upgrade.
+   */
+  private countFailure(): void {
+    if (this.failureCounted || this.agent || !this.limits.guard || !this.limits.address) return;
+    this.failureCounted = true;
+    this.limits.guard.failed(this.limits.address);
+  }
+
   /** Closes the connection with a session-level error. */
   refuse(code: BlocksnapError['code'], message: string): void {
     if (this.state === 'closed') return;
+    if (this.state !== 'ready') this.countFailure();
     this.log.warn({ session: this.id, remote: this.transport.remote, code, message }, 'closing agent connection');
     this.transport.send(envelope('error', { jobId: '', code, message })).catch(() => undefined).finally(() => {
       this.transport.close(CloseCode.POLICY_VIOLATION, code);
@@ -152,7 +167,6 @@ export class AgentSession {
     const now = c ? this.router.catalog.credential(c.row.name)?.credential : undefined;
     const unchanged = now?.kind === 'scram' && now.verifier.storedKey.equals(c!.verifier.storedKey);
     if (!c || !unchanged || !verifyClientProof(c.verifier, x, p.clientProof)) {
-      if (this.limits.guard && this.limits.address) this.limits.guard.failed(this.limits.address);
       return this.refuse('E_AUTH', 'unknown agent or wrong token');
     }
     clearTimeout(this.authTimer);

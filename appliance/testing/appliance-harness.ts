@@ -18,7 +18,12 @@ export async function startAppliance(
   opts: Partial<ApplianceOptions> & { dataDir?: string } = {},
 ): Promise<ApplianceHarness> {
   const dataDir = opts.dataDir ?? (await mkdtemp(join(tmpdir(), 'bsn-appliance-')));
-  const app = await Appliance.open({ logger: createLogger('test-appliance', process.env.BLOCKSNAP_LOG ?? 'warn'), ...opts, dataDir });
+  const app = await Appliance.open({
+    logger: createLogger('test-appliance', process.env.BLOCKSNAP_LOG ?? 'warn'),
+    // Tests refused on purpose many times from 127.0.0.1 must not lock out the next test's login (auth-guard.ts).
+    authGuard: { failBurst: 10_000 },
+    ...opts, dataDir,
+  });
   const tokens: Record<string, string> = {};
   for (const a of agents) tokens[a] = app.catalog.agent(a) ? app.catalog.rotateToken(a) : app.catalog.addAgent(a);
   const { url } = await app.listen('127.0.0.1', 0);

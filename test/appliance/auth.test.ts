@@ -186,6 +186,27 @@ describe('pre-authentication bounds', () => {
     await a.ping();
   });
 
+  it('any failure before authenticating counts against the source: 8 MiB frames before Hello exhaust its bucket too', async () => {
+    const h = await startAppliance(['db1'], { authGuard: { failBurst: 2, failRefillMs: 60_000 } });
+    cleanup.push(() => h.close());
+    for (let i = 0; i < 2; i++) {
+      const ws = await raw(h.url, '127.0.0.6');
+      await writeAll(ws.socket, clientFrame(Buffer.alloc(1 << 20)));
+      await ws.closed;
+    }
+    await expect(rawWebSocket(h.url, '127.0.0.6')).rejects.toThrow(/^HTTP\/1\.1 429 /);
+    // A plain disconnect before Hello is not held against a source.
+    for (let i = 0; i < 3; i++) {
+      const ws = await raw(h.url, '127.0.0.7');
+      ws.socket.destroy();
+      await ws.closed;
+    }
+    await expect.poll(() => h.app.guard.authenticating).toBe(0);
+    const a = await ScriptedAgent.connect(h.url, undefined, { localAddress: '127.0.0.7' });
+    cleanup.push(() => a.close());
+    await a.login('db1', h.tokens.db1!, [vol()]);
+  });
+
   it('connections that have not authenticated are bounded per source and in total; an authenticated one does not count', async () => {
     const h = await startAppliance(['db1'], { authGuard: { maxPreAuthPerSource: 3, maxPreAuth: 5 } });
     cleanup.push(() => h.close());
