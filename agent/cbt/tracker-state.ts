@@ -136,7 +136,9 @@ function counterReason(saved: SavedCounters | null, now: IoCounters): string | n
   }
   const dw = now.writeIos - saved.writeIos;
   const dd = now.discardIos - saved.discardIos;
-  if (dw !== 0 || dd !== 0 || now.writeSectors !== saved.writeSectors || now.discardSectors !== saved.discardSectors) {
+  // Sectors, not I/O counts, decide: a cache flush is accounted as a write I/O of 0 sectors, and any
+  // `sync` on the host sends one to every idle ext4 (even a frozen one); it changes no block.
+  if (now.writeSectors !== saved.writeSectors || now.discardSectors !== saved.discardSectors) {
     return `device written while untracked: ${dw} write and ${dd} discard I/Os since the clean shutdown`;
   }
   if (now.writesInFlight > 0) return `${now.writesInFlight} writes were in flight when tracking started`;

@@ -131,6 +131,14 @@ describe('TrackerState', () => {
     expect(reasonOf(await openState(gen2))).toMatch(/0 write and 1 discard/);
   });
 
+  it('a cache flush while the agent was down (a write I/O of 0 sectors: any `sync` on the host) → still valid', async () => {
+    const gen = await cleanRun();
+    dev.counters.writeIos++;
+    const s = await openState(gen);
+    expect(s.resume).toEqual({ valid: true });
+    await s.close();
+  });
+
   it('writes in flight at start, or no I/O accounting → invalid', async () => {
     const gen = await cleanRun();
     dev.counters.writesInFlight = 2;
