@@ -44,7 +44,7 @@ export class AgentSession {
   private readonly authTimer: NodeJS.Timeout;
   private hello: Hello | null = null;
   private exchange: ScramExchange | null = null;
-  /** The stored verifier string the challenge came from: a rotate in between fails the proof. */
+  /** The agent and verifier the challenge came from: a rotate before the proof fails it. */
   private challengedWith: { row: AgentRow; verifier: ScramVerifier } | null = null;
   private readonly endPreAuth: () => void;
   private failureCounted = false;
