@@ -249,12 +249,17 @@ export interface SkippedPack {
 export async function indexPacksFromFiles(
   index: BlobIndex,
   packsDir: string,
-  opts: { all: boolean; onCorrupt?: (id: string, path: string, err: BlocksnapError) => Promise<string | undefined> },
+  opts: {
+    all: boolean;
+    onCorrupt?: (id: string, path: string, err: BlocksnapError) => Promise<string | undefined>;
+    /** The packs under packsDir if the caller just listed them (a listing is O(packs)). */
+    files?: { id: string; path: string }[];
+  },
 ): Promise<{ packs: number; blobs: number; skipped: SkippedPack[] }> {
   if (opts.all) index.clear();
   const known = index.packIds();
   const pending = index.pendingPackIds();
-  const files = (await listPackFiles(packsDir)).filter((f) => !known.has(f.id));
+  const files = (opts.files ?? (await listPackFiles(packsDir))).filter((f) => !known.has(f.id));
   files.sort((a, b) => Number(pending.has(a.id)) - Number(pending.has(b.id)));
   let packs = 0;
   let blobs = 0;
