@@ -123,6 +123,7 @@ describe('daemon signals and agent failures', () => {
     const human = await backup();
     expect(human, 'a clean SIGTERM keeps the tracker valid').toMatch(/^ok job-\S+ image \S+$/);
     const jobs = await applianceCmd(dataDir, ['jobs', 'list', '--limit', '1', '--json']);
+    expect(jobs.exitCode, jobs.stderr).toBe(0);
     expect(jobs.json[0].stats).toMatchObject({ changeSource: 'tracker', fallbackReason: '' });
     expect(Number(jobs.json[0].stats.chunksSent)).toBeGreaterThanOrEqual(32); // the 2 MiB written before the stop
   });
@@ -161,6 +162,7 @@ describe('daemon signals and agent failures', () => {
     });
     await backup();
     const jobs = await applianceCmd(dataDir, ['jobs', 'list', '--limit', '1', '--json']);
+    expect(jobs.exitCode, jobs.stderr).toBe(0);
     expect(jobs.json[0].stats).toMatchObject({ changeSource: 'tracker', fallbackReason: '' });
     expect(Number(jobs.json[0].stats.chunksSent)).toBeGreaterThanOrEqual(48 * 16); // the cancelled job's changes travel now
   });
