@@ -30,6 +30,12 @@ export interface WsTransportOptions {
  */
 export interface PreAuthOptions {
   maxBytes: number;
+  /**
+   * Every accepted TCP connection, before a byte of HTTP is parsed; false
+   * destroys it at once (the cheapest refusal: bounds on connections that
+   * have not authenticated start here, not at the upgrade).
+   */
+  onSocket?: (socket: Socket) => boolean;
   /** Refuses an upgrade (HTTP status + reason) before any WebSocket exists; null admits it. */
   admit?: (req: IncomingMessage) => { status: number; reason: string } | null;
 }
@@ -265,6 +271,12 @@ export class WsTransportServer {
       } : {}),
     });
     const srv = new WsTransportServer(http, !opts.server, wss, path, opts.tls ? 'wss' : 'ws');
+    const onSocket = opts.preAuth?.onSocket;
+    if (onSocket) {
+      http.on('connection', (socket: Socket) => {
+        if (!onSocket(socket)) socket.destroy();
+      });
+    }
     wss.on('connection', (ws, req) => {
       srv.transports.add(ws);
       ws.once('close', () => srv.transports.delete(ws));

@@ -21,9 +21,11 @@ export interface SessionLimits {
   windowBytes: number;
   /** Hello to Welcome, whole exchange. */
   authTimeoutMs: number;
-  /** Counts this connection as authenticating and failures against its source address. */
+  /** Failures count against the source address's bucket. */
   guard?: AuthGuard;
   address?: string;
+  /** Ends this connection's authenticating slot (AuthGuard.track); called at Welcome and at close. */
+  endPreAuth?: () => void;
 }
 
 /**
@@ -55,7 +57,7 @@ export class AgentSession {
     private readonly log: Logger,
     private readonly limits: SessionLimits,
   ) {
-    this.endPreAuth = limits.guard && limits.address ? limits.guard.opened(limits.address) : () => undefined;
+    this.endPreAuth = limits.endPreAuth ?? (() => undefined);
     this.authTimer = setTimeout(() => this.refuse('E_AUTH', 'not authenticated within the time limit'), limits.authTimeoutMs);
     this.authTimer.unref();
     transport.onMessage((env) => this.onEnvelope(env));

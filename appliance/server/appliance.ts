@@ -107,15 +107,20 @@ export class Appliance {
       windowBytes: this.opts.windowBytes ?? 32 << 20,
       authTimeoutMs: this.opts.authTimeoutMs ?? 10_000,
     };
+    // Pre-authentication bounds (DESIGN.md §4.2): counted from the TCP accept, bucket checked at the upgrade.
     const preAuth = {
       maxBytes: this.opts.preAuthBytes ?? 64 << 10,
+      onSocket: (socket: import('node:net').Socket) => this.guard.track(socket, limits.authTimeoutMs + 1000),
       admit: (req: import('node:http').IncomingMessage) => {
-        const a = this.guard.admit(req.socket.remoteAddress ?? '');
+        const a = this.guard.admitAttempt(req.socket.remoteAddress ?? '');
         return a.ok ? null : { status: a.status, reason: a.reason };
       },
     };
     this.ws = await WsTransportServer.listen({ host, port, maxFrameBytes: limits.maxFrameBytes, tls: this.opts.tls, preAuth }, (t, req) => {
-      const s = new AgentSession(t, this.router, this.opts.logger, { ...limits, guard: this.guard, address: req.socket.remoteAddress ?? '' });
+      const address = req.socket.remoteAddress ?? '';
+      const s = new AgentSession(t, this.router, this.opts.logger, {
+        ...limits, guard: this.guard, address, endPreAuth: this.guard.slotOf(address, req.socket.remotePort),
+      });
       this.sessions.add(s);
       t.onClose(() => this.sessions.delete(s));
     });

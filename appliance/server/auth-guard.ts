@@ -1,12 +1,14 @@
+import type { Socket } from 'node:net';
+
 /**
  * Bounds on what an unauthenticated peer can make the appliance hold or do
  * (DESIGN.md §4.2, "pre-authentication bounds"):
  * - concurrent connections that have not authenticated yet, in total and
- *   per source address (refused at the HTTP upgrade with 503, before any
- *   WebSocket state exists);
+ *   per source address, counted from the TCP accept (over the limit: the
+ *   socket is destroyed before any HTTP is parsed);
  * - failed authentications per source address: a token bucket of
  *   `failBurst` attempts refilled one per `failRefillMs`. An empty bucket
- *   refuses the source's new connections (429) until a token is back, so a
+ *   refuses the source's upgrades (429) until a token is back, so a
  *   guesser gets one try per `failRefillMs` while other sources are untouched.
  * The per-source table is bounded too (`maxSources`; the oldest full
  * bucket is forgotten first).
@@ -37,6 +39,7 @@ export type Admission = { ok: true } | { ok: false; status: 429 | 503; reason: s
 
 export class AuthGuard {
   private readonly sources = new Map<string, Source>();
+  private readonly slots = new Map<string, () => void>();
   private preAuth = 0;
   readonly limits: AuthGuardLimits;
 
@@ -44,13 +47,22 @@ export class AuthGuard {
     this.limits = { ...DEFAULT_AUTH_GUARD_LIMITS, ...limits };
   }
 
-  /** May a new connection from `address` start authenticating? Does not count it: `opened` does. */
-  admit(address: string): Admission {
+  /**
+   * May a new TCP connection from `address` start authenticating (the
+   * connection counts)? Does not count it: `opened` does.
+   */
+  admitConnection(address: string): Admission {
+    const s = this.sources.get(sourceKey(address));
+    if (this.preAuth >= this.limits.maxPreAuth) return { ok: false, status: 503, reason: 'too many connections authenticating' };
+    if (s && s.preAuth >= this.limits.maxPreAuthPerSource) return { ok: false, status: 503, reason: 'too many connections authenticating from this address' };
+    return { ok: true };
+  }
+
+  /** May `address` try to authenticate now (its failure bucket is not empty)? */
+  admitAttempt(address: string): Admission {
     const s = this.sources.get(sourceKey(address));
     if (s) this.refill(s);
     if (s && s.tokens < 1) return { ok: false, status: 429, reason: 'too many failed authentications from this address' };
-    if (this.preAuth >= this.limits.maxPreAuth) return { ok: false, status: 503, reason: 'too many connections authenticating' };
-    if (s && s.preAuth >= this.limits.maxPreAuthPerSource) return { ok: false, status: 503, reason: 'too many connections authenticating from this address' };
     return { ok: true };
   }
 
@@ -68,6 +80,35 @@ export class AuthGuard {
       this.preAuth--;
       this.forgetIfIdle(key, s);
     };
+  }
+
+  /**
+   * Counts an accepted TCP connection as authenticating from now on; false
+   * (the caller destroys it) when a connection bound is reached. The slot is
+   * released when the socket closes or `slotOf(...)()` is called (Welcome),
+   * and a socket still unauthenticated after `timeoutMs` is destroyed (one
+   * that never sends a complete HTTP request included).
+   */
+  track(socket: Socket, timeoutMs: number): boolean {
+    const address = socket.remoteAddress ?? '';
+    if (!this.admitConnection(address).ok) return false;
+    const key = `${address}:${socket.remotePort}`;
+    const release = this.opened(address);
+    const timer = setTimeout(() => socket.destroy(), timeoutMs);
+    timer.unref();
+    const end = () => {
+      clearTimeout(timer);
+      release();
+      if (this.slots.get(key) === end) this.slots.delete(key);
+    };
+    this.slots.set(key, end);
+    socket.once('close', end);
+    return true;
+  }
+
+  /** The call that ends the authenticating slot of the connection from `address`:`port` (a no-op if untracked). */
+  slotOf(address: string, port: number | undefined): () => void {
+    return this.slots.get(`${address}:${port}`) ?? (() => undefined);
   }
 
   /** A failed authentication from `address`: takes a token. */

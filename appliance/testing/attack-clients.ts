@@ -17,6 +17,14 @@ export interface RawWs {
   closed: Promise<void>;
 }
 
+export const REFUSED_AT_ACCEPT = 'connection closed before the upgrade answer';
+
+/** The appliance refused the connection: at the TCP accept, or at the upgrade (429/503). */
+export function isRefusal(e: unknown): boolean {
+  const m = (e as Error)?.message ?? '';
+  return m === REFUSED_AT_ACCEPT || /^HTTP\/1\.1 (429|503) /.test(m) || /ECONNRESET/.test(m);
+}
+
 /**
  * Opens a TCP connection from `localAddress` and performs the WebSocket
  * upgrade by hand. Resolves once the server answered 101; rejects with the
@@ -35,6 +43,11 @@ export function rawWebSocket(url: string, localAddress?: string, timeoutMs = 500
     socket.on('error', (e) => {
       clearTimeout(timer);
       reject(e);
+    });
+    // Refused at the TCP accept (a connection bound): closed before any answer.
+    socket.once('close', () => {
+      clearTimeout(timer);
+      reject(new Error(REFUSED_AT_ACCEPT));
     });
     socket.once('connect', () => {
       socket.write(`GET ${u.pathname} HTTP/1.1\r\nHost: ${u.host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n` +
@@ -104,7 +117,7 @@ export async function wrongProofAttempt(url: string, agent: string, localAddress
   try {
     ws = await rawWebSocket(url, localAddress);
   } catch (e) {
-    if (/^HTTP\/1\.1 (429|503) /.test((e as Error).message)) return 'refused';
+    if (isRefusal(e)) return 'refused';
     throw e;
   }
   await writeAll(ws.socket, clientFrame(helloFrame(agent)));

@@ -6,7 +6,8 @@
  * KIND is one of the §4 attacks, each from many loopback source addresses
  * (127.0.x.y) so per-source limits alone cannot stop it:
  *   preauth-big   150 connections, each holding an unfinished 8 MiB message
- *   preauth-many  1000 idle connections that never say Hello (a refused one retries every second)
+ *   preauth-many  1000 idle connections: half upgrade and never say Hello, half never finish
+ *                 their HTTP request (a refused or cut one retries after a second)
  *   wrong-proof   16 loops of Hello + a wrong AuthProof, as fast as answered
  *   big-frames    8 loops of complete 8 MiB frames before Hello
  * Every worker reconnects (after a short pause) when the appliance cuts it.
@@ -15,7 +16,8 @@
  * prints its counters as one JSON line and exits.
  */
 import { randomBytes } from 'node:crypto';
-import { clientFrame, clientFrameHeader, rawWebSocket, writeAll, wrongProofAttempt, type RawWs } from './attack-clients.js';
+import net from 'node:net';
+import { clientFrame, clientFrameHeader, isRefusal, rawWebSocket, writeAll, wrongProofAttempt, type RawWs } from './attack-clients.js';
 
 type Kind = 'preauth-big' | 'preauth-many' | 'wrong-proof' | 'big-frames';
 
@@ -35,7 +37,7 @@ async function connect(url: string, from: string): Promise<RawWs | null> {
     });
     return ws;
   } catch (e) {
-    if (/^HTTP\/1\.1 (429|503) /.test((e as Error).message)) stats.refused++;
+    if (isRefusal(e)) stats.refused++;
     else stats.errors++;
     return null;
   }
@@ -77,9 +79,28 @@ function attack(kind: Kind, url: string, agent: string): { workers: number; run:
       return {
         workers: 1000,
         run: (i, ready) => worker(async () => {
-          const ws = await connect(url, `127.0.2.${1 + (i % 100)}`);
+          const from = `127.0.2.${1 + (i % 100)}`;
+          if (i % 2 === 0) {
+            // Half of them upgrade and never say Hello.
+            const ws = await connect(url, from);
+            ready();
+            if (ws) await ws.closed;
+            return;
+          }
+          // The other half never finish their HTTP request (slowloris).
+          const u = new URL(url);
+          const socket = net.connect({ host: u.hostname, port: Number(u.port), localAddress: from });
+          socket.on('error', () => undefined);
+          socket.once('connect', () => {
+            stats.connected++;
+            socket.write(`GET ${u.pathname} HTTP/1.1\r\nHost: ${u.host}\r\n`);
+          });
+          const s0 = { socket, received: [], closed: new Promise<void>((r) => socket.once('close', () => r())) };
+          sockets.add(s0);
           ready();
-          if (ws) await ws.closed;
+          await s0.closed;
+          sockets.delete(s0);
+          if (!stopping) stats.cut++;
         }, ready, 1000),
       };
     case 'wrong-proof':

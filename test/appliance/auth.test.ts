@@ -1,7 +1,8 @@
 import Database from 'better-sqlite3';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { clientFrame, clientFrameHeader, rawWebSocket, writeAll, wrongProofAttempt, type RawWs } from '../../appliance/testing/attack-clients.js';
+import net from 'node:net';
+import { clientFrame, clientFrameHeader, rawWebSocket, REFUSED_AT_ACCEPT, writeAll, wrongProofAttempt, type RawWs } from '../../appliance/testing/attack-clients.js';
 import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
 import { applianceCmd } from '../../appliance/testing/processes.js';
 import { makeVolume, ScriptedAgent, goodChunk, type TestVolume } from '../../appliance/testing/scripted-agent.js';
@@ -207,20 +208,39 @@ describe('pre-authentication bounds', () => {
     await a.login('db1', h.tokens.db1!, [vol()]);
   });
 
-  it('connections that have not authenticated are bounded per source and in total; an authenticated one does not count', async () => {
+  it('connections that have not authenticated are bounded per source and in total, from the TCP accept; an authenticated one does not count', async () => {
     const h = await startAppliance(['db1'], { authGuard: { maxPreAuthPerSource: 3, maxPreAuth: 5 } });
     cleanup.push(() => h.close());
-    for (let i = 0; i < 3; i++) await raw(h.url, '127.0.0.3');
-    await expect(rawWebSocket(h.url, '127.0.0.3')).rejects.toThrow(/^HTTP\/1\.1 503 /);
+    for (let i = 0; i < 2; i++) await raw(h.url, '127.0.0.3');
+    // A TCP connection that never sends a byte of HTTP counts too.
+    const silent = net.connect({ host: '127.0.0.1', port: Number(new URL(h.url).port), localAddress: '127.0.0.3' });
+    cleanup.push(() => void silent.destroy());
+    await new Promise((r) => silent.once('connect', r));
+    await expect.poll(() => h.app.guard.authenticating).toBe(3);
+    await expect(rawWebSocket(h.url, '127.0.0.3')).rejects.toThrow(REFUSED_AT_ACCEPT);
     const others = [await raw(h.url, '127.0.0.4'), await raw(h.url, '127.0.0.4')];
     expect(h.app.guard.authenticating).toBe(5);
-    await expect(rawWebSocket(h.url, '127.0.0.1')).rejects.toThrow(/^HTTP\/1\.1 503 /);
+    await expect(rawWebSocket(h.url, '127.0.0.1')).rejects.toThrow(REFUSED_AT_ACCEPT);
     for (const o of others) o.socket.destroy();
     await expect.poll(() => h.app.guard.authenticating).toBe(3);
     const a = await ScriptedAgent.connect(h.url, undefined, { localAddress: '127.0.0.1' });
     cleanup.push(() => a.close());
     await a.login('db1', h.tokens.db1!, [vol()]);
     expect(h.app.guard.authenticating).toBe(3);
+  });
+
+  it('a TCP connection that never completes its HTTP request is closed after the auth timeout', async () => {
+    const h = await startAppliance(['db1'], { authTimeoutMs: 300 });
+    cleanup.push(() => h.close());
+    const silent = net.connect({ host: '127.0.0.1', port: Number(new URL(h.url).port), localAddress: '127.0.0.8' });
+    cleanup.push(() => void silent.destroy());
+    silent.on('error', () => undefined);
+    await new Promise((r) => silent.once('connect', r));
+    silent.write('GET /v1/agent HTTP/1.1\r\nHost: x\r\n'); // and never the rest
+    const t0 = Date.now();
+    await new Promise((r) => silent.once('close', r));
+    expect(Date.now() - t0).toBeLessThan(5000);
+    await expect.poll(() => h.app.guard.authenticating).toBe(0);
   });
 
   it('a job frame of 8 MiB before Hello is cut at the budget (64 KiB), never decoded, and its slot is released', async () => {

@@ -178,7 +178,7 @@ describe('attacks against the appliance port (§4 resource bounds)', () => {
     await underAttack('wrong-proof');
   });
 
-  it('1000 idle connections that never authenticate', async () => {
+  it('1000 idle connections that never authenticate (half never finish their HTTP request)', async () => {
     await underAttack('preauth-many');
   });
 });
