@@ -102,8 +102,8 @@ export class ScriptedAgent {
   }
 
   /** `localAddress`: the source address (any 127.x.y.z reaches lo), to test per-source limits. */
-  static async connect(url: string, instanceId = 'ins-' + randomBytes(6).toString('hex'), opts: { localAddress?: string } = {}): Promise<ScriptedAgent> {
-    const ws = new WebSocket(url, { perMessageDeflate: false, ...(opts.localAddress ? { localAddress: opts.localAddress } : {}) });
+  static async connect(url: string, instanceId = 'ins-' + randomBytes(6).toString('hex'), opts: { localAddress?: string; ca?: Buffer } = {}): Promise<ScriptedAgent> {
+    const ws = new WebSocket(url, { perMessageDeflate: false, ...(opts.localAddress ? { localAddress: opts.localAddress } : {}), ...(opts.ca ? { ca: opts.ca } : {}) });
     const agent = new ScriptedAgent(ws, instanceId);
     await new Promise<void>((resolve, reject) => {
       ws.once('open', () => resolve());

@@ -1,7 +1,10 @@
 import Database from 'better-sqlite3';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
+import { execa } from 'execa';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import net from 'node:net';
+import { tmpdir } from 'node:os';
 import { clientFrame, clientFrameHeader, rawWebSocket, REFUSED_AT_ACCEPT, writeAll, wrongProofAttempt, type RawWs } from '../../appliance/testing/attack-clients.js';
 import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
 import { applianceCmd } from '../../appliance/testing/processes.js';
@@ -227,6 +230,21 @@ describe('pre-authentication bounds', () => {
     cleanup.push(() => a.close());
     await a.login('db1', h.tokens.db1!, [vol()]);
     expect(h.app.guard.authenticating).toBe(3);
+  });
+
+  it('over wss:// the authenticating slot is released at Welcome too (the TLS socket maps to its TCP connection)', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'bsn-auth-tls-'));
+    cleanup.push(() => rm(dir, { recursive: true, force: true }));
+    await execa('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-days', '2',
+      '-subj', '/CN=blocksnap-test', '-addext', 'subjectAltName=IP:127.0.0.1', '-keyout', join(dir, 'key.pem'), '-out', join(dir, 'cert.pem')]);
+    const cert = await readFile(join(dir, 'cert.pem'));
+    const h = await startAppliance(['db1'], { tls: { cert, key: await readFile(join(dir, 'key.pem')) } });
+    cleanup.push(() => h.close());
+    const a = await ScriptedAgent.connect(h.url, undefined, { ca: cert });
+    cleanup.push(() => a.close());
+    expect(h.app.guard.authenticating).toBe(1);
+    await a.login('db1', h.tokens.db1!, [vol()]);
+    expect(h.app.guard.authenticating).toBe(0);
   });
 
   it('a TCP connection that never completes its HTTP request is closed after the auth timeout', async () => {
