@@ -1,7 +1,6 @@
 import { EventEmitter } from 'node:events';
 import type { JobProgress, JobResult, TransferStats } from '../../proto/messages.js';
-import type { PgBackupInfo } from '../../proto/messages.js';
-import type { WalPieceRef } from '../store/pg-image-info.js';
+import { WalCollector } from '../jobs/wal-collector.js';
 import type { ManifestStats } from '../store/manifest.js';
 import type { Ingest } from './ingest.js';
 
@@ -50,10 +49,8 @@ export class ActiveJob extends EventEmitter {
   sessionId: string;
   /** The agent process (Hello.instanceId) that runs the job. */
   instanceId = '';
-  /** What the agent's quiesce window returned (app-consistent images). */
-  pg: PgBackupInfo | null = null;
-  /** WAL pieces received: file name → size and pieces by offset. */
-  wal = new Map<string, { size: number; pieces: Map<number, WalPieceRef>; sent: Map<number, string> }>();
+  /** What the agent's quiesce window returned and the WAL pieces received (app-consistent images). */
+  readonly wal = new WalCollector();
   /** Chunk bytes received but not yet processed (flow-control policing). */
   queuedBytes = 0;
   /** Serializes the job's frames: batches, end and result run one after another. */

@@ -5,11 +5,12 @@ import {
   type WalPiece,
 } from '../../proto/messages.js';
 import type { Catalog } from '../catalog/catalog.js';
-import { ZERO_DIGEST, type ChunkStore } from '../store/chunk-store.js';
-import type { NewImage } from '../catalog/catalog.js';
-import { buildManifest, newImageId, newSetId, writeManifest, type Manifest, type ManifestStats } from '../store/manifest.js';
-import type { PgImageInfo } from '../store/pg-image-info.js';
-import { ActiveJob, outcomeFromResult, type JobOutcome } from './active-job.js';
+import type { ChunkStore } from '../store/chunk-store.js';
+import type { ManifestStats } from '../store/manifest.js';
+import { auditDue } from '../jobs/audit-schedule.js';
+import { decideBasis } from '../jobs/basis-policy.js';
+import { commitImage, commitImageSet, type CommitContext, type SealedMember } from '../jobs/image-commit.js';
+import { ActiveJob, outcomeFromResult, type JobOutcome, type MemberTransfer } from './active-job.js';
 import type { AgentSession } from './agent-session.js';
 import { Ingest } from './ingest.js';
 
@@ -36,15 +37,13 @@ export interface RouterOptions {
  * so a flood of zero chunks (no data) is bounded like any other batch.
  */
 export const CHUNK_OVERHEAD = 64;
-/** WAL travels in pieces of this size (the last piece of a file may be shorter). */
-export const WAL_PIECE_BYTES = 4 << 20;
-const MAX_WAL_FILES = 64;
 
 /**
  * Routes job frames between agent sessions and ingests, and owns the
  * lifecycle of every running job (DESIGN.md §4.2, §5). All frames of one job
  * are processed in order on the job's promise chain; different jobs run
- * concurrently, each with its own Ingest.
+ * concurrently, each with its own Ingest. Policy lives in named modules
+ * (../jobs/): the basis check, the commit, WAL assembly, the audit schedule.
  */
 export class JobRouter {
   private readonly sessions = new Map<string, AgentSession>();
@@ -150,23 +149,10 @@ export class JobRouter {
     job.instanceId = s.instanceId;
     this.jobs.set(job.id, job);
     this.catalog.setJobState(job.id, 'running');
-    const audit = opts.audit ?? (mode === 'incremental' && this.auditDue(agentName, volume));
+    const audit = opts.audit ?? (mode === 'incremental' && auditDue(this.catalog, agentName, volume, this.opts.auditEvery ?? 0));
     s.send(envelope('runJob', { jobId: job.id, volume, mode: mode === 'full' ? JobMode.FULL : JobMode.INCREMENTAL, audit }));
     this.log.info({ job: job.id, agent: agentName, volume, members: job.group ? members : undefined, mode, audit }, 'job dispatched');
     return job;
-  }
-
-  /** True when `auditEvery` committed incrementals of the volume ran since its last audit. */
-  private auditDue(agent: string, volume: string): boolean {
-    const every = this.opts.auditEvery ?? 0;
-    if (every <= 0) return false;
-    let since = 0;
-    for (const j of this.catalog.listJobs(10_000)) {
-      if (j.agent !== agent || j.volumeName !== volume || j.state !== 'committed') continue;
-      if (j.stats?.audited) break;
-      if (j.kind === 'incremental') since++;
-    }
-    return since >= every;
   }
 
   cancelJob(jobId: string, reason: string): void {
@@ -208,7 +194,7 @@ export class JobRouter {
         return this.onJobFrame(s, env.pgBackupInfo.jobId, async (job) => {
           if (job.state !== 'transferring') throw new BlocksnapError('E_PROTOCOL', `job ${job.id}: pg info before begin`);
           if (job.current?.ended) return; // resent after a resume: what the ended member carried is final
-          job.pg = env.pgBackupInfo;
+          job.wal.setInfo(env.pgBackupInfo);
         });
       case 'walPiece':
         return this.onJobFrame(s, env.walPiece.jobId, (job) => this.walPiece(job, env.walPiece));
@@ -294,23 +280,15 @@ export class JobRouter {
     }
     if (b.resume && !job.group) throw new BlocksnapError('E_PROTOCOL', `job ${job.id} has no transfer to resume`);
     const vol = this.catalog.upsertVolume(job.agentId, b.volume, b.volumeSize, b.chunkSize);
-    const last = this.catalog.lastImage(vol.id);
-    let reason = '';
-    let basisAccepted = false;
-    if (b.mode === JobMode.INCREMENTAL) {
-      if (!last) reason = 'the volume has no image yet';
-      else if (b.basisImageId !== last.id) reason = `basis ${b.basisImageId || '(none)'} is not the last image ${last.id}`;
-      else if (last.volumeSize !== b.volumeSize || last.chunkSize !== b.chunkSize) reason = 'volume size or chunk size changed';
-      else basisAccepted = true;
-    }
-    const mode = basisAccepted ? 'incremental' : 'full';
+    const { mode, basis, reason } = decideBasis({ ...b, incremental: b.mode === JobMode.INCREMENTAL }, this.catalog.lastImage(vol.id));
+    const basisAccepted = basis !== null;
     const ingest = await Ingest.open(this.store, {
       jobId: job.id, volumeSize: b.volumeSize, chunkSize: b.chunkSize, mode,
-      basisRootDigest: basisAccepted ? Buffer.from(last!.rootDigest, 'hex') : undefined,
+      basisRootDigest: basis ? Buffer.from(basis.rootDigest, 'hex') : undefined,
       flushEveryBytes: this.opts.flushEveryBytes, startSeq: job.current?.ingest.seq ?? 0,
     }, this.log);
     if (b.resume) ingest.resumed();
-    const t2 = { volume: b.volume, ingest, volumeId: vol.id, basisAccepted, basisImageId: basisAccepted ? last!.id : null, resumes: 0, ended: null };
+    const t2 = { volume: b.volume, ingest, volumeId: vol.id, basisAccepted, basisImageId: basis?.id ?? null, resumes: 0, ended: null };
     job.transfers.set(b.volume, t2);
     job.current = t2;
     job.state = 'transferring';
@@ -329,47 +307,18 @@ export class JobRouter {
   }
 
   private async walPiece(job: ActiveJob, w: WalPiece): Promise<void> {
-    if (!job.ingest || job.state !== 'transferring' || !job.pg) {
+    if (!job.ingest || job.state !== 'transferring' || !job.wal.hasInfo) {
       throw new BlocksnapError('E_PROTOCOL', `job ${job.id}: WAL before the PostgreSQL backup info`);
     }
     if (job.current!.ended) return; // resent after a resume: every piece arrived before the member ended
-    let file = job.wal.get(w.fileName);
-    if (!file) {
-      if (job.wal.size >= MAX_WAL_FILES) throw new BlocksnapError('E_PROTOCOL', `job ${job.id}: more than ${MAX_WAL_FILES} WAL files`);
-      file = { size: w.fileSize, pieces: new Map(), sent: new Map() };
-      job.wal.set(w.fileName, file);
-    }
-    if (file.size !== w.fileSize) throw new BlocksnapError('E_PROTOCOL', `WAL ${w.fileName}: size changed`);
-    // Pieces have one fixed layout (offset k × 4 MiB, full length but the last), so a file has at
-    // most fileSize / 4 MiB of them and an agent cannot make us hold one entry per byte.
-    if (w.offset % WAL_PIECE_BYTES !== 0 || w.plainLength !== Math.min(WAL_PIECE_BYTES, w.fileSize - w.offset)) {
-      throw new BlocksnapError('E_PROTOCOL', `WAL ${w.fileName}: piece at ${w.offset} of ${w.plainLength} bytes is not a ${WAL_PIECE_BYTES}-byte piece`);
-    }
-    const wire = Buffer.from(w.digest).toString('hex');
-    const known = file.sent.get(w.offset);
-    if (known !== undefined) {
-      // Resent after a resume (the agent re-sends its pg info and WAL): the same piece is harmless, another is not.
-      if (known !== wire) throw new BlocksnapError('E_PROTOCOL', `WAL ${w.fileName}: piece at ${w.offset} changed`);
-      return;
-    }
-    file.sent.set(w.offset, wire);
+    if (!job.wal.accept(job.id, w)) return;
     const { zero } = await job.ingest.putExtra(`WAL ${w.fileName}@${w.offset}`, w.digest, w.data, w.plainLength);
-    const digest = (zero ? ZERO_DIGEST : Buffer.from(w.digest)).toString('hex');
-    file.pieces.set(w.offset, { offset: w.offset, length: w.plainLength, digest });
+    job.wal.stored(w, zero);
   }
 
-  /** The manifest's `pg` section; validatePgInfo (via the manifest) checks the pieces cover every file. */
-  private pgInfo(job: ActiveJob): PgImageInfo | undefined {
-    const p = job.pg;
-    if (!p) return undefined;
-    const wal = [...job.wal.entries()].sort(([a], [b]) => a.localeCompare(b)).map(([name, f]) => ({
-      name, size: f.size, pieces: [...f.pieces.values()].sort((a, b) => a.offset - b.offset),
-    }));
-    return {
-      labelFile: p.labelFile, spcmapFile: p.spcmapFile, startLsn: p.startLsn, stopLsn: p.stopLsn, timeline: p.timeline,
-      replayLsn: p.replayLsn, exclusive: p.exclusive, serverVersion: p.serverVersion, role: p.role as 'primary' | 'standby',
-      pausedSeconds: p.pausedSeconds, backupSeconds: p.backupSeconds, walSegmentSize: p.walSegmentSize, wal,
-    };
+  /** The commit's context for this job (../jobs/image-commit.ts). */
+  private commitContext(job: ActiveJob): CommitContext {
+    return { catalog: this.catalog, storeDir: this.opts.storeDir, log: this.log, agent: job.agent, jobId: job.id, pg: job.wal.pgInfo() };
   }
 
   private async endVolume(s: AgentSession, job: ActiveJob, e: EndVolume): Promise<void> {
@@ -390,17 +339,10 @@ export class JobRouter {
     t.ended = { rootDigest, stats, agentStats };
     // A group member's map is durable now; its manifest waits for CommitSet.
     if (job.group) return;
-    const m = buildManifest({
-      imageId: newImageId(), agent: job.agent, volume: t.volume, volumeSize: ingest.params.volumeSize,
-      chunkSize: ingest.params.chunkSize, kind: ingest.params.mode, basisImageId: t.basisImageId,
-      jobId: job.id, rootDigest: rootDigest.toString('hex'), stats, pg: this.pgInfo(job),
-    });
-    await writeManifest(this.opts.storeDir, m); // the commit point
-    this.catalog.insertImage(newImageOf(m, stats));
+    const m = await commitImage(this.commitContext(job), sealed(t));
     job.imageId = m.imageId;
     job.state = 'committed';
-    this.catalog.finishJob(job.id, { state: 'committed', imageId: m.imageId, stats: { ...agentStats, ...stats, ...pgWindows(job) } });
-    this.log.info({ job: job.id, image: m.imageId, ...stats }, 'image committed');
+    this.catalog.finishJob(job.id, { state: 'committed', imageId: m.imageId, stats: { ...agentStats, ...stats, ...job.wal.windows() } });
     const wire: TransferStats = {
       ...(agentStats ?? emptyTransferStats()), bytesStored: st.bytesStored, chunksStored: st.chunksStored,
     };
@@ -420,26 +362,15 @@ export class JobRouter {
     if (job.state !== 'transferring' || open.length) {
       throw new BlocksnapError('E_PROTOCOL', `job ${job.id}: CommitSet before ${open.join(', ')} ended`);
     }
-    const setId = newSetId();
     const transfers = job.members.map((v) => job.transfers.get(v)!);
-    const ids = transfers.map(() => newImageId());
-    const set = { id: setId, images: ids };
-    const pg = this.pgInfo(job);
-    const manifests = transfers.map((t, i) => buildManifest({
-      imageId: ids[i], agent: job.agent, volume: t.volume, volumeSize: t.ingest.params.volumeSize,
-      chunkSize: t.ingest.params.chunkSize, kind: t.ingest.params.mode, basisImageId: t.basisImageId,
-      jobId: job.id, rootDigest: t.ended!.rootDigest.toString('hex'), stats: t.ended!.stats, pg, set,
-    }));
-    for (const m of manifests) await writeManifest(this.opts.storeDir, m); // the last rename is the commit point
-    this.catalog.insertImages(manifests.map((m, i) => newImageOf(m, transfers[i]!.ended!.stats)));
+    const { setId, manifests } = await commitImageSet(this.commitContext(job), transfers.map(sealed));
     job.setId = setId;
     job.images = manifests.map((m) => ({ volume: m.volume, imageId: m.imageId }));
-    job.imageId = ids[0]!;
+    job.imageId = job.images[0]!.imageId;
     job.state = 'committed';
     const kind = transfers.every((t) => t.ingest.params.mode === 'incremental') ? 'incremental' : 'full';
     this.catalog.setJobState(job.id, 'running', { kind });
-    this.catalog.finishJob(job.id, { state: 'committed', imageId: job.imageId, stats: { ...this.groupStats(job), ...pgWindows(job), setId, images: job.images } });
-    this.log.info({ job: job.id, set: setId, images: job.images }, 'image set committed');
+    this.catalog.finishJob(job.id, { state: 'committed', imageId: job.imageId, stats: { ...this.groupStats(job), ...job.wal.windows(), setId, images: job.images } });
     this.sendCommitted(s, job);
   }
 
@@ -521,20 +452,15 @@ export class JobRouter {
   }
 }
 
-function newImageOf(m: Manifest, stats: ManifestStats): NewImage {
+/** A member whose map is sealed (EndVolume passed), as the commit needs it. */
+function sealed(t: MemberTransfer): SealedMember {
+  const p = t.ingest.params;
   return {
-    id: m.imageId, agent: m.agent, volume: m.volume, jobId: m.jobId, kind: m.kind, basisImageId: m.basisImageId,
-    rootDigest: m.rootDigest, volumeSize: m.volumeSize, chunkSize: m.chunkSize, createdAt: m.createdAt, stats,
-    pg: m.pg ?? null, setId: m.set?.id ?? null,
+    volume: t.volume, volumeSize: p.volumeSize, chunkSize: p.chunkSize, kind: p.mode, basisImageId: t.basisImageId,
+    rootDigest: t.ended!.rootDigest, stats: t.ended!.stats,
   };
 }
 
 function asCode(code: string): BlocksnapError['code'] {
   return (code && /^E_[A-Z_]+$/.test(code) ? code : 'E_INTERNAL') as BlocksnapError['code'];
-}
-
-/** The quiesce windows a job reports next to its freeze window (issue: measured and reported in the job result). */
-function pgWindows(job: ActiveJob): Record<string, number | string> {
-  const p = job.pg;
-  return p ? { pgRole: p.role, pgPausedSeconds: p.pausedSeconds, pgBackupSeconds: p.backupSeconds } : {};
 }
