@@ -1,6 +1,11 @@
+import { join } from 'node:path';
 import type { Logger } from 'pino';
+import { toBlocksnapError } from '../../proto/errors.js';
 import type { Catalog, NewImage } from '../catalog/catalog.js';
-import { buildManifest, newImageId, newSetId, writeManifest, type Manifest, type ManifestStats } from '../store/manifest.js';
+import {
+  buildManifest, listManifests, manifestPath, newImageId, newSetId, readManifest, removeManifest, writeManifest, type Manifest, type ManifestStats,
+} from '../store/manifest.js';
+import { quarantineFile, type QuarantineRecord } from '../store/quarantine.js';
 import type { PgImageInfo } from '../store/pg-image-info.js';
 
 /**
@@ -11,8 +16,8 @@ import type { PgImageInfo } from '../store/pg-image-info.js';
  * manifest rename is the commit point, then the catalog row. For a set, every
  * member's manifest names the whole set and the last rename is the commit
  * point; the rows go in one transaction. Roll-forward after a crash (a
- * manifest without its row) is `rollForward` in ../server/recovery.ts, the
- * other half of the same rule.
+ * manifest without its row gets it; a set missing a member is removed) is
+ * the other half of the same rule, below.
  */
 export interface SealedMember {
   volume: string;
@@ -67,4 +72,47 @@ export function newImageOf(m: Manifest, stats: ManifestStats): NewImage {
     rootDigest: m.rootDigest, volumeSize: m.volumeSize, chunkSize: m.chunkSize, createdAt: m.createdAt, stats,
     pg: m.pg ?? null, setId: m.set?.id ?? null,
   };
+}
+
+/**
+ * Inserts a catalog row for every manifest that lacks one (DESIGN.md §5 step
+ * 4). A manifest of an image set whose other members' manifests are not all
+ * in the store is the trace of a crash inside the set's commit: the set was
+ * never visible (its catalog rows come after all its manifests), so that
+ * manifest is deleted, never listed. Only manifests without a row are read:
+ * a set with rows was complete. A manifest that cannot be read is moved to
+ * the quarantine and its image recorded as damaged; the others still get
+ * their rows.
+ */
+export async function rollForward(
+  catalog: Catalog, storeDir: string, createAgents: boolean, log?: Logger, out?: { quarantined: QuarantineRecord[] },
+): Promise<number> {
+  const dataDir = join(storeDir, '..');
+  const have = catalog.imageIds();
+  const present = new Set(await listManifests(storeDir));
+  const rows: NewImage[] = [];
+  for (const id of present) {
+    if (have.has(id)) continue;
+    let m;
+    try {
+      m = await readManifest(storeDir, id);
+    } catch (e) {
+      const err = toBlocksnapError(e, 'E_STORE_CORRUPT');
+      if (err.code !== 'E_STORE_CORRUPT' && err.code !== 'E_FORMAT') throw err;
+      const rec = await quarantineFile(dataDir, manifestPath(storeDir, id), 'manifest', `manifest ${id}`, err.message);
+      catalog.recordDamage(id, `manifest ${id}`, `unreadable, quarantined to ${rec.to}: ${err.message}`);
+      out?.quarantined.push(rec);
+      log?.error({ image: id, reason: err.message, movedTo: rec.to }, 'quarantined an unreadable manifest: the image is damaged');
+      continue;
+    }
+    if (m.set && !m.set.images.every((i) => present.has(i))) {
+      log?.warn({ image: id, set: m.set.id, missing: m.set.images.filter((i) => !present.has(i)) }, 'removing a manifest of an incomplete image set');
+      await removeManifest(storeDir, id);
+      continue;
+    }
+    rows.push(newImageOf(m, m.stats));
+  }
+  // One transaction: the members of a set appear together.
+  catalog.insertImages(rows, { createAgent: createAgents });
+  return rows.length;
 }

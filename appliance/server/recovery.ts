@@ -4,8 +4,9 @@
  * (store/quarantine.ts) and named, the images that need it are marked
  * damaged in the catalog, and everything else keeps working.
  *
- * - rollForward: manifests without a catalog row get one; one that does not
- *   decode is quarantined and its image recorded as damaged.
+ * - rollForward (../jobs/image-commit.ts, the other half of the commit):
+ *   manifests without a catalog row get one; one that does not decode is
+ *   quarantined and its image recorded as damaged.
  * - openCatalogOrRecover: a catalog SQLite cannot read is quarantined and
  *   recreated; its agents (and their credentials) are salvaged if that table
  *   still reads, the images come back from the manifests.
@@ -22,60 +23,16 @@ import type { SkippedPack } from '../store/blob-index.js';
 import type { VerifyReport } from '../ops/verify-image.js';
 import { FsChunkStore } from '../store/fs-chunk-store.js';
 import { ImageIndexReader } from '../store/image-index.js';
-import { listManifests, manifestPath, readManifest, removeManifest } from '../store/manifest.js';
+import { listManifests } from '../store/manifest.js';
 import { quarantineFile, type QuarantineRecord } from '../store/quarantine.js';
 import { takeDataDirLock } from './data-lock.js';
+import { rollForward } from '../jobs/image-commit.js';
+
+export { rollForward };
 
 export interface DamagedImage {
   imageId: string;
   objects: { object: string; reason: string }[];
-}
-
-/**
- * Inserts a catalog row for every manifest that lacks one (DESIGN.md §5 step
- * 4). A manifest of an image set whose other members' manifests are not all
- * in the store is the trace of a crash inside the set's commit: the set was
- * never visible (its catalog rows come after all its manifests), so that
- * manifest is deleted, never listed. Only manifests without a row are read:
- * a set with rows was complete. A manifest that cannot be read is moved to
- * the quarantine and its image recorded as damaged; the others still get
- * their rows.
- */
-export async function rollForward(
-  catalog: Catalog, storeDir: string, createAgents: boolean, log?: Logger, out?: { quarantined: QuarantineRecord[] },
-): Promise<number> {
-  const dataDir = join(storeDir, '..');
-  const have = catalog.imageIds();
-  const present = new Set(await listManifests(storeDir));
-  const rows: Parameters<Catalog['insertImage']>[0][] = [];
-  for (const id of present) {
-    if (have.has(id)) continue;
-    let m;
-    try {
-      m = await readManifest(storeDir, id);
-    } catch (e) {
-      const err = toBlocksnapError(e, 'E_STORE_CORRUPT');
-      if (err.code !== 'E_STORE_CORRUPT' && err.code !== 'E_FORMAT') throw err;
-      const rec = await quarantineFile(dataDir, manifestPath(storeDir, id), 'manifest', `manifest ${id}`, err.message);
-      catalog.recordDamage(id, `manifest ${id}`, `unreadable, quarantined to ${rec.to}: ${err.message}`);
-      out?.quarantined.push(rec);
-      log?.error({ image: id, reason: err.message, movedTo: rec.to }, 'quarantined an unreadable manifest: the image is damaged');
-      continue;
-    }
-    if (m.set && !m.set.images.every((i) => present.has(i))) {
-      log?.warn({ image: id, set: m.set.id, missing: m.set.images.filter((i) => !present.has(i)) }, 'removing a manifest of an incomplete image set');
-      await removeManifest(storeDir, id);
-      continue;
-    }
-    rows.push({
-      id: m.imageId, agent: m.agent, volume: m.volume, jobId: m.jobId, kind: m.kind, basisImageId: m.basisImageId,
-      rootDigest: m.rootDigest, volumeSize: m.volumeSize, chunkSize: m.chunkSize, createdAt: m.createdAt, stats: m.stats,
-      pg: m.pg ?? null, setId: m.set?.id ?? null,
-    });
-  }
-  // One transaction: the members of a set appear together.
-  catalog.insertImages(rows, { createAgent: createAgents });
-  return rows.length;
 }
 
 /**
