@@ -302,7 +302,6 @@ export function validateEnvelope(env: Envelope): void {
 
 const MAX_ID = 256;
 const MAX_TEXT = 4096;
-const MAX_TOKEN = 1024;
 const MAX_VOLUMES = 1024;
 /** Members of one consistency group: each is frozen at once, so a handful, not hundreds. */
 const MAX_GROUP = 64;
