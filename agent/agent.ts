@@ -8,7 +8,8 @@ import { ScramClient, type ScramKeys } from '../proto/scram.js';
 import type { Transport } from '../proto/transport.js';
 import { checkApplianceUrl, connectWs } from '../proto/ws-transport.js';
 import type { AgentConfig } from './config.js';
-import { digestMapPath, JobRunner, type JobTarget } from './job-runner.js';
+import { JobRunner, type JobTarget } from './job-runner.js';
+import { digestMapPath } from './state/digest-map.js';
 import type { SnapshotProvider } from './snapshot/snapshot-provider.js';
 import { proveVolumes } from './snapshot/volume-identity.js';
 import { DigestMap } from './state/digest-map.js';
@@ -20,7 +21,7 @@ import { reconnectDelayMs } from './reconnect-backoff.js';
 import { PgQuiescer } from './pg/pg-quiescer.js';
 import type { QuiescerFactory } from './pg/quiescer.js';
 import { join } from 'node:path';
-import { runAudit, type AuditResult } from './audit-run.js';
+import { runAudit, type AuditResult } from './audit/audit-run.js';
 import { AgentControlServer, type AgentStatus, type ControlledAgent } from './control-server.js';
 
 export const AGENT_VERSION = '0.1.0';

@@ -10,7 +10,7 @@ import { prepareFromExport } from './pg/prepare-from-export.js';
 import { ReflinkSnapshotProvider } from './snapshot/reflink-snapshot-provider.js';
 import { RetainingSnapshotProvider } from './snapshot/retaining-provider.js';
 import { cleanupStaleInstances } from './cbt/tracefs/tracefs-instance.js';
-import type { AuditResult } from './audit-run.js';
+import type { AuditResult } from './audit/audit-run.js';
 import { callAgent, type AgentStatus } from './control-server.js';
 
 const AFTER_HELP = `
@@ -81,8 +81,7 @@ function program(setStatus: (s: number) => void): Command {
     .option('--json', 'machine-readable output')
     .action(run(async (_o: unknown, cmd: Command) => {
       const config = configOf(cmd);
-      const { DigestMap } = await import('./state/digest-map.js');
-      const { digestMapPath } = await import('./job-runner.js');
+      const { DigestMap, digestMapPath } = await import('./state/digest-map.js');
       const rows = [];
       for (const v of config.volumes) {
         const map = await DigestMap.readIfValid(digestMapPath(config.stateDir, v.name));

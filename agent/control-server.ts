@@ -4,7 +4,7 @@ import { connect } from 'node:net';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { BlocksnapError, ErrorCodes, toBlocksnapError, type ErrorCode } from '../proto/errors.js';
-import type { AuditResult } from './audit-run.js';
+import type { AuditResult } from './audit/audit-run.js';
 import type { Validity } from './cbt/tracker.js';
 import { readJsonBody } from '../proto/http-json.js';
 

@@ -1,4 +1,3 @@
-import { join } from 'node:path';
 import { rm } from 'node:fs/promises';
 import { imageRootDigest } from '../proto/shared/image-root.js';
 import type { Logger } from 'pino';
@@ -8,16 +7,16 @@ import {
   type RunJob, type TransferStats, type VolumeReady,
 } from '../proto/messages.js';
 import { FileBlockDevice } from './blockdev/file-block-device.js';
-import { readChunks } from './reader/chunk-reader.js';
+import type { ReadStats } from './reader/chunk-reader.js';
 import type { Snapshot, SnapshotProvider, VolumeSpec } from './snapshot/snapshot-provider.js';
-import { DigestMap } from './state/digest-map.js';
+import { DigestMap, digestMapPath } from './state/digest-map.js';
 import { FlowWindow } from './flow-window.js';
 import { captureGroup, type CaptureResult } from './capture.js';
 import type { PostgresConfig } from './config.js';
 import type { QuiescerFactory } from './pg/quiescer.js';
-import { zstdCompress } from '../proto/zstd.js';
-import { createHash } from 'node:crypto';
-import { dataRanges, holeChunks } from './blockdev/allocation-map.js';
+import { TrackerAudit } from './audit/tracker-audit.js';
+import { readSnapshot } from './transfer/snapshot-reader.js';
+import { walPieces } from './transfer/wal-pieces.js';
 import type { SwitchResult, VolumeTracking } from './cbt/volume-tracking.js';
 
 export interface RunnerDeps {
@@ -45,9 +44,6 @@ export interface RunnerDeps {
   heartbeatMs?: number;
 }
 
-export function digestMapPath(stateDir: string, volume: string): string {
-  return join(stateDir, 'volumes', `${volume}.digests`);
-}
 
 type Waiter = { kind: EnvelopeKind; resolve: (m: any) => void; reject: (e: BlocksnapError) => void; timer: NodeJS.Timeout };
 
@@ -59,8 +55,8 @@ interface MemberRun {
   /** The tracker generation closed at this job's snapshot. */
   switched: SwitchResult | null;
   stats: TransferStats;
-  /** Chunk indexes that really changed (audit only). */
-  emitted: Set<number> | null;
+  /** The tracker audit's tally of chunks that really changed (audited jobs only). */
+  audit: TrackerAudit | null;
   /** The digest map to save once the appliance confirms the commit. */
   next: DigestMap | null;
   imageId: string | null;
@@ -112,7 +108,7 @@ export class JobRunner {
     this.group = t.group;
     this.members = t.volumes.map((volume) => ({
       volume, tracking: deps.trackingOf?.(volume.name), snapshot: null, switched: null, stats: emptyTransferStats(),
-      emitted: null, next: null, imageId: null,
+      audit: null, next: null, imageId: null,
     }));
   }
 
@@ -335,8 +331,6 @@ export class JobRunner {
     const mode = basis ? 'incremental' : 'full';
     m.stats.changeSource = basis ? 'digest-compare' : 'full';
     const plan = this.selection(m, basis);
-    const ranges = await dataRanges(snapshot.path).catch(() => null);
-    const holes = ranges ? holeChunks(ranges, volumeSize, chunkSize) : undefined;
     log.info({ volume: m.volume.name, mode, basis: basis?.imageId, fallback: m.stats.fallbackReason || undefined }, 'transfer starting');
     const next = basis ? basis.copy() : DigestMap.create({ volumeSize, chunkSize, imageId: 'pending' });
     m.next = next;
@@ -344,8 +338,8 @@ export class JobRunner {
 
     for (;;) {
       try {
-        this.seq = await this.stream(m, snapshot.path, volumeSize, chunkSize, mode, basis, next, ready.resumeFrom, this.seq, plan.select, holes);
-        if (plan.audit) this.finishAudit(m, plan.audit);
+        this.seq = await this.stream(m, snapshot.path, volumeSize, chunkSize, mode, basis, next, ready.resumeFrom, this.seq, plan.select);
+        if (m.audit) this.finishAudit(m, m.audit);
         if (last) await this.sendPg();
         // The root of the image we read: the appliance commits only if it built the same one.
         const expectedRoot = imageRootDigest(volumeSize, chunkSize, next.bytes());
@@ -374,11 +368,11 @@ export class JobRunner {
   /** Reads from `from` and sends batches; returns the last seq used. */
   private async stream(
     m: MemberRun, path: string, volumeSize: number, chunkSize: number, mode: 'full' | 'incremental',
-    basis: DigestMap | null, next: DigestMap, from: number, seq: number, select: Uint32Array | undefined, holes: Uint32Array | undefined,
+    basis: DigestMap | null, next: DigestMap, from: number, seq: number, select: Uint32Array | undefined,
   ): Promise<number> {
-    const stream = readChunks(
+    const stream = await readSnapshot(
       {
-        path, volumeSize, chunkSize, startIndex: from, mode, basisDigests: basis ? basis.bytes() : undefined, select, holes,
+        path, volumeSize, chunkSize, startIndex: from, mode, basisDigests: basis ? basis.bytes() : undefined, select,
         compressionLevel: this.deps.compressionLevel,
       },
       { workers: this.deps.workers, signal: this.abort.signal },
@@ -397,7 +391,7 @@ export class JobRunner {
     };
     for await (const c of stream) {
       next.set(c.index, c.digest);
-      m.emitted?.add(c.index);
+      m.audit?.changedChunk(c.index);
       const data = c.data ?? EMPTY;
       batch.push({ index: c.index, digest: c.zero ? EMPTY : c.digest, zero: c.zero, data, plainLength: c.plainLength });
       batchBytes += data.length + 64;
@@ -421,15 +415,8 @@ export class JobRunner {
       serverVersion: i.version, role: i.role, pausedSeconds: i.pausedSeconds, backupSeconds: i.backupSeconds,
       walSegmentSize: pg.walSegmentSize,
     }));
-    const PIECE = 4 << 20;
     for (const seg of pg.wal) {
-      for (let off = 0; off < seg.data.length; off += PIECE) {
-        const plain = seg.data.subarray(off, Math.min(seg.data.length, off + PIECE));
-        await this.deps.send(envelope('walPiece', {
-          jobId: this.jobId, fileName: seg.name, offset: off, data: zstdCompress(plain), plainLength: plain.length,
-          digest: createHash('sha256').update(plain).digest(), fileSize: seg.data.length,
-        }));
-      }
+      for (const piece of walPieces(this.jobId, seg)) await this.deps.send(envelope('walPiece', piece));
     }
   }
 
@@ -439,7 +426,7 @@ export class JobRunner {
    * all of them, compared by digest, with the reason recorded. An audit
    * reads all of them and afterwards proves the bitmap covered every change.
    */
-  private selection(m: MemberRun, basis: DigestMap | null): { select?: Uint32Array; audit?: { bitmap: Uint32Array } } {
+  private selection(m: MemberRun, basis: DigestMap | null): { select?: Uint32Array } {
     const sw = m.switched;
     if (!basis) return {};
     if (!m.tracking) {
@@ -460,34 +447,26 @@ export class JobRunner {
       return {};
     }
     if (this.job.audit) {
-      m.emitted = new Set();
+      m.audit = new TrackerAudit(sw.closed.bitmap.words, m.stats.trackedChunks);
       m.stats.changeSource = 'digest-compare (audit)';
-      return { audit: { bitmap: sw.closed.bitmap.words } };
+      return {};
     }
     m.stats.changeSource = 'tracker';
     return { select: sw.closed.bitmap.words };
   }
 
-  private finishAudit(m: MemberRun, audit: { bitmap: Uint32Array }): void {
-    const marked = (i: number) => ((audit.bitmap[i >>> 5]! >>> (i & 31)) & 1) === 1;
-    let missed = 0;
-    const missedSample: number[] = [];
-    for (const i of m.emitted!) {
-      if (!marked(i)) {
-        missed++;
-        if (missedSample.length < 20) missedSample.push(i);
-      }
-    }
+  private finishAudit(m: MemberRun, audit: TrackerAudit): void {
+    const r = audit.result();
     m.stats.audited = true;
-    m.stats.auditChanged = m.emitted!.size;
-    m.stats.auditMissed = missed;
-    m.stats.auditExtra = m.stats.trackedChunks - (m.emitted!.size - missed);
+    m.stats.auditChanged = r.changed;
+    m.stats.auditMissed = r.missed;
+    m.stats.auditExtra = r.extra;
     const log = this.deps.log.child({ job: this.jobId, volume: m.volume.name });
-    if (missed > 0) log.error({ missed, missedSample, changed: m.emitted!.size }, 'AUDIT FAILED: the tracker missed changed chunks');
-    else log.info({ changed: m.emitted!.size, tracked: m.stats.trackedChunks, extra: m.stats.auditExtra }, 'audit passed: 0 missed');
+    if (r.missed > 0) log.error(r, 'AUDIT FAILED: the tracker missed changed chunks');
+    else log.info(r, 'audit passed: 0 missed');
   }
 
-  private accumulate(m: MemberRun, st: ReturnType<ReturnType<typeof readChunks>['stats']>, base: TransferStats, ms: number): void {
+  private accumulate(m: MemberRun, st: ReadStats, base: TransferStats, ms: number): void {
     m.stats.chunksRead = base.chunksRead + st.chunksRead;
     m.stats.chunksZero = base.chunksZero + st.chunksZero;
     m.stats.chunksSent = base.chunksSent + st.chunksEmitted;
@@ -496,7 +475,7 @@ export class JobRunner {
     m.stats.readSeconds = base.readSeconds + ms / 1000;
   }
 
-  private progress(m: MemberRun, index: number, st: ReturnType<ReturnType<typeof readChunks>['stats']>, base: TransferStats): void {
+  private progress(m: MemberRun, index: number, st: ReadStats, base: TransferStats): void {
     const now = Date.now();
     if (now - this.lastProgress < 500) return;
     this.lastProgress = now;

@@ -226,6 +226,7 @@ export function validateEnvelope(env: Envelope): void {
     case 'endVolume':
       id(env.endVolume.jobId, 'endVolume.jobId', true);
       stats(env.endVolume.stats, 'endVolume.stats');
+      if (env.endVolume.expectedRoot.length !== DIGEST_BYTES) fail(`endVolume.expectedRoot must be ${DIGEST_BYTES} bytes`);
       return;
     case 'committed':
       id(env.committed.jobId, 'committed.jobId', true);

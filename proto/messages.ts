@@ -57,7 +57,11 @@ export interface TransferStats {
   changeSource: string; fallbackReason: string;
   trackedChunks: number; audited: boolean; auditChanged: number; auditMissed: number; auditExtra: number;
 }
-export interface EndVolume { jobId: string; nextIndex: number; stats?: TransferStats }
+export interface EndVolume {
+  jobId: string; nextIndex: number; stats?: TransferStats;
+  /** SHA-256 of the image root the agent expects (32 bytes): the appliance commits only if its own root is equal. */
+  expectedRoot: Uint8Array;
+}
 export interface MemberImage { volume: string; imageId: string }
 export interface Committed {
   jobId: string; imageId: string; stats?: TransferStats;
@@ -80,6 +84,8 @@ export interface PgBackupInfo {
 export interface WalPiece {
   jobId: string; fileName: string; offset: number; data: Uint8Array; plainLength: number; digest: Uint8Array; fileSize: number;
 }
+/** WAL travels cut at this size: offset a multiple of it, length min(it, fileSize − offset) (DESIGN.md §4.2). */
+export const WAL_PIECE_BYTES = 4 << 20;
 
 /** Envelope oneof member name → message type. */
 export interface MessageMap {

@@ -1,14 +1,13 @@
 import { randomBytes } from 'node:crypto';
 import type { Logger } from 'pino';
-import { BlocksnapError } from '../proto/errors.js';
-import { dataRanges, holeChunks } from './blockdev/allocation-map.js';
-import { FileBlockDevice } from './blockdev/file-block-device.js';
-import { capture } from './capture.js';
-import { digestMapPath } from './job-runner.js';
-import { readChunks } from './reader/chunk-reader.js';
-import type { Snapshot, SnapshotProvider, VolumeSpec } from './snapshot/snapshot-provider.js';
-import { DigestMap } from './state/digest-map.js';
-import type { SwitchResult, VolumeTracking } from './cbt/volume-tracking.js';
+import { BlocksnapError } from '../../proto/errors.js';
+import { FileBlockDevice } from '../blockdev/file-block-device.js';
+import { capture } from '../capture.js';
+import { TrackerAudit } from './tracker-audit.js';
+import { readSnapshot } from '../transfer/snapshot-reader.js';
+import type { Snapshot, SnapshotProvider, VolumeSpec } from '../snapshot/snapshot-provider.js';
+import { DigestMap, digestMapPath } from '../state/digest-map.js';
+import type { SwitchResult, VolumeTracking } from '../cbt/volume-tracking.js';
 
 /**
  * A standalone tracker audit (`blocksnap-agent audit VOLUME`, issue 3 item 6):
@@ -48,7 +47,7 @@ export interface AuditPassedOrFailed {
   tracked: number;
   missed: number;
   extra: number;
-  /** First 20 missed chunk indexes. */
+  /** First MISSED_SAMPLE (20) missed chunk indexes. */
   missedSample: number[];
   chunksTotal: number;
   chunksRead: number;
@@ -67,8 +66,6 @@ export interface AuditNotPossible {
 }
 
 export type AuditResult = AuditPassedOrFailed | AuditNotPossible;
-
-const SAMPLE = 20;
 
 export async function runAudit(o: AuditOptions): Promise<AuditResult> {
   const started = performance.now();
@@ -106,28 +103,19 @@ export async function runAudit(o: AuditOptions): Promise<AuditResult> {
     await dev.close();
     if (volumeSize !== map.volumeSize) return notPossible(`volume size changed since the last image: ${map.volumeSize} → ${volumeSize}`);
 
-    const ranges = await dataRanges(snapshot.path).catch(() => null);
-    const holes = ranges ? holeChunks(ranges, volumeSize, map.chunkSize) : undefined;
     // Compression is wasted here (nothing is sent): the fastest level.
-    const stream = readChunks(
-      { path: snapshot.path, volumeSize, chunkSize: map.chunkSize, startIndex: 0, mode: 'incremental', basisDigests: map.bytes(), holes, compressionLevel: -7 },
+    const stream = await readSnapshot(
+      { path: snapshot.path, volumeSize, chunkSize: map.chunkSize, startIndex: 0, mode: 'incremental', basisDigests: map.bytes(), compressionLevel: -7 },
       { workers: o.workers, signal: o.signal },
     );
-    const bits = switched.closed.bitmap.words;
-    let changed = 0;
-    const missedSample: number[] = [];
-    for await (const c of stream) {
-      changed++;
-      if (((bits[c.index >>> 5]! >>> (c.index & 31)) & 1) === 0) {
-        missed++;
-        if (missedSample.length < SAMPLE) missedSample.push(c.index);
-      }
-    }
+    const tally = new TrackerAudit(switched.closed.bitmap.words, switched.closed.bitmap.count());
+    for await (const c of stream) tally.changedChunk(c.index);
     const st = stream.stats();
-    const tracked = switched.closed.bitmap.count();
+    const tallied = tally.result();
+    missed = tallied.missed;
     const r: AuditPassedOrFailed = {
-      volume: o.volume.name, valid: true, basisImageId: map.imageId, changed, tracked, missed, extra: tracked - (changed - missed),
-      missedSample, chunksTotal: map.chunkCount, chunksRead: st.chunksRead, bytesRead: st.bytesRead,
+      volume: o.volume.name, valid: true, basisImageId: map.imageId, ...tallied,
+      chunksTotal: map.chunkCount, chunksRead: st.chunksRead, bytesRead: st.bytesRead,
       freezeSeconds: snapshot.freezeSeconds, seconds: seconds(),
     };
     if (missed > 0) log.error(r, 'AUDIT FAILED: the tracker missed changed chunks');

@@ -34,6 +34,11 @@ const DIGEST = 32;
 const IO_SLICE = 8 * 1024 * 1024;
 const IMAGE_ID_RE = /^[\x21-\x7e]{1,64}$/;
 
+/** Where the agent keeps the digest map of a volume's last committed image. */
+export function digestMapPath(stateDir: string, volume: string): string {
+  return path.join(stateDir, 'volumes', `${volume}.digests`);
+}
+
 export interface DigestMapInit {
   volumeSize: number;
   chunkSize: number;

@@ -1,10 +1,8 @@
 import { BlocksnapError } from '../../proto/errors.js';
-import type { PgBackupInfo, WalPiece } from '../../proto/messages.js';
+import { WAL_PIECE_BYTES, type PgBackupInfo, type WalPiece } from '../../proto/messages.js';
 import { ZERO_DIGEST } from '../store/chunk-store.js';
 import type { PgImageInfo, WalPieceRef } from '../store/pg-image-info.js';
 
-/** WAL travels in pieces of this size (the last piece of a file may be shorter): DESIGN.md §4.2. */
-export const WAL_PIECE_BYTES = 4 << 20;
 export const MAX_WAL_FILES = 64;
 
 /**

@@ -20,6 +20,7 @@ import { PROTOCOL_VERSION } from '../server/agent-session.js';
 import { listManifests, readManifest } from '../store/manifest.js';
 import { zstdCompress } from '../../proto/zstd.js';
 import { ScramClient } from '../../proto/scram.js';
+import { imageRootDigest } from '../../proto/shared/image-root.js';
 import type { ApplianceHarness } from './appliance-harness.js';
 
 /** A volume held in memory: what the fake agent "snapshots". */
@@ -53,6 +54,17 @@ export function goodChunk(v: TestVolume, i: number): Chunk {
   const plain = plainOf(v, i);
   if (plain.every((b) => b === 0)) return { index: i, digest: Buffer.alloc(0), zero: true, data: Buffer.alloc(0), plainLength: plain.length };
   return { index: i, digest: sha256(plain), zero: false, data: zstdCompress(plain), plainLength: plain.length };
+}
+
+/** SHA-256 of the image root of `v` (DESIGN.md §3.3): what an honest agent sends in EndVolume. */
+export function expectedRootOf(v: TestVolume): Buffer {
+  const n = chunkCountOf(v);
+  const digests = Buffer.alloc(n * 32);
+  for (let i = 0; i < n; i++) {
+    const plain = plainOf(v, i);
+    if (!plain.every((b) => b === 0)) sha256(plain).copy(digests, i * 32);
+  }
+  return imageRootDigest(v.size, v.chunkSize, digests);
 }
 
 export function nonZeroIndexes(v: TestVolume): number[] {
@@ -166,7 +178,7 @@ export class ScriptedAgent {
     }));
   }
 
-  /** Hello, then waits for Welcome. */
+  /** Hello, the challenge answered, then waits for Welcome and checks the appliance's signature. */
   async login(agent: string, token: string, volumes: TestVolume[]): Promise<MessageMap['welcome']> {
     await this.sendHello(agent, token, volumes);
     const welcome = await this.next('welcome');
@@ -187,8 +199,10 @@ export class ScriptedAgent {
     return this.send(envelope('chunkBatch', { jobId, seq, chunks }));
   }
 
-  end(jobId: string, nextIndex: number): Promise<void> {
-    return this.send(envelope('endVolume', { jobId, nextIndex }));
+  /** EndVolume claiming the image `v` (its root), a given root, or (neither) a root no image has. */
+  end(jobId: string, nextIndex: number, image?: TestVolume | Uint8Array): Promise<void> {
+    const expectedRoot = image === undefined ? Buffer.alloc(32, 0xee) : image instanceof Uint8Array ? image : expectedRootOf(image);
+    return this.send(envelope('endVolume', { jobId, nextIndex, expectedRoot }));
   }
 
   result(jobId: string, ok: boolean, imageId = '', errorCode = ''): Promise<void> {
@@ -218,7 +232,7 @@ export class ScriptedAgent {
       await this.batch(jobId, indexes.slice(i, i + per).map((n) => goodChunk(v, n)));
       await this.next('ack', jobId);
     }
-    await this.end(jobId, chunkCountOf(v));
+    await this.end(jobId, chunkCountOf(v), v);
     const committed = await this.next('committed', jobId);
     await this.result(jobId, true, committed.imageId);
     return { ready, committed };

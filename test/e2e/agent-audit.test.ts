@@ -4,7 +4,7 @@ import { existsSync } from 'node:fs';
 import { mkdir, open, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { AuditResult } from '../../agent/audit-run.js';
+import type { AuditResult } from '../../agent/audit/audit-run.js';
 import { agentSocketPath, callAgent, type AgentStatus } from '../../agent/control-server.js';
 import { snapshotDirOf } from '../../agent/snapshot/reflink-snapshot-provider.js';
 import { compareExportWithSnapshot } from '../../agent/testing/export-compare.js';

@@ -47,7 +47,7 @@ describe('messages', () => {
   it('fills proto3 defaults for absent fields and leaves absent sub-messages undefined', () => {
     const body = EnvelopeType.encode({ endVolume: {} }).finish();
     const frame = Buffer.concat([Buffer.from([body.length, 0, 0, 0]), body]);
-    expect(decodeSingleFrame(frame)).toEqual({ kind: 'endVolume', endVolume: { jobId: '', nextIndex: 0, stats: undefined } });
+    expect(decodeSingleFrame(frame)).toEqual({ kind: 'endVolume', endVolume: { jobId: '', nextIndex: 0, stats: undefined, expectedRoot: Buffer.alloc(0) } });
     const batch = EnvelopeType.encode({ chunkBatch: { chunks: [{}] } }).finish();
     const env = decodeSingleFrame(Buffer.concat([Buffer.from([batch.length, 0, 0, 0]), batch])) as Envelope & { kind: 'chunkBatch' };
     expect(plain(env.chunkBatch.chunks)).toEqual([{ index: 0, digest: { bytes: [] }, zero: false, data: { bytes: [] }, plainLength: 0 }]);
