@@ -1,9 +1,9 @@
 #!/usr/bin/env node
 import { Command } from 'commander';
 import type { Logger } from 'pino';
-import { packageVersion, runCli, untilStopSignal } from '../proto/cli-exit.js';
+import { packageVersion, runCli, untilStopSignal } from '../proto/shared/cli-exit.js';
 import { BlocksnapError } from '../proto/errors.js';
-import { createLogger } from '../proto/log.js';
+import { createLogger } from '../proto/shared/log.js';
 import { Agent } from './agent.js';
 import { loadAgentConfig, type AgentConfig } from './config.js';
 import { prepareFromExport } from './pg/prepare-from-export.js';

@@ -6,7 +6,7 @@ import type { Logger } from 'pino';
 import { BlocksnapError, ErrorCodes, toBlocksnapError, type ErrorCode } from '../proto/errors.js';
 import type { AuditResult } from './audit/audit-run.js';
 import type { Validity } from './cbt/tracker.js';
-import { readJsonBody } from '../proto/http-json.js';
+import { readJsonBody } from '../proto/shared/http-json.js';
 
 /**
  * The agent CLI's way into the running agent, which alone holds the live

@@ -32,7 +32,7 @@ import { TracefsTracker } from '../agent/cbt/tracefs/tracefs-tracker.js';
 import { startAppliance, type ApplianceHarness } from '../appliance/testing/appliance-harness.js';
 import { spawnAgent, type Daemon } from '../appliance/testing/processes.js';
 import { BlocksnapError } from '../proto/errors.js';
-import { exitAfterFlush } from '../proto/cli-exit.js';
+import { exitAfterFlush } from '../proto/shared/cli-exit.js';
 
 const SCALE = Number(process.env.BENCH_SCALE ?? 50);
 const PAIRS = Number(process.env.BENCH_TPS_PAIRS ?? 5);

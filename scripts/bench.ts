@@ -23,10 +23,10 @@ import { applianceCmd, spawnAgent, spawnAppliance, type ApplianceProcess, type D
 import { Ingest } from '../appliance/server/ingest.js';
 import { FsChunkStore } from '../appliance/store/fs-chunk-store.js';
 import { buildManifest, newImageId, writeManifest } from '../appliance/store/manifest.js';
-import { zstdCompress } from '../proto/zstd.js';
-import { createLogger } from '../proto/log.js';
+import { zstdCompress } from '../proto/shared/zstd.js';
+import { createLogger } from '../proto/shared/log.js';
 import { imageRootDigest } from '../proto/shared/image-root.js';
-import { exitAfterFlush } from '../proto/cli-exit.js';
+import { exitAfterFlush } from '../proto/shared/cli-exit.js';
 
 const RUNS = Number(process.env.BENCH_RUNS ?? 3);
 const SCALE = Number(process.env.BENCH_SCALE ?? 50);

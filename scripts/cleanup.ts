@@ -11,7 +11,7 @@
  */
 import { parseArgs } from 'node:util';
 import { toBlocksnapError } from '../proto/errors.js';
-import { createLogger } from '../proto/log.js';
+import { createLogger } from '../proto/shared/log.js';
 import { ReflinkSnapshotProvider } from '../agent/snapshot/reflink-snapshot-provider.js';
 import { cleanupLeftovers, type CleanupAction } from '../agent/testing/cleanup.js';
 import { defaultLedgerDir } from '../agent/testing/ledger.js';

@@ -15,7 +15,7 @@ import { PgCluster } from '../agent/testing/pg-cluster.js';
 import { createVolumeLab, type VolumeLab } from '../agent/testing/volume-lab.js';
 import { agentCli, applianceCmd, spawnAgent, spawnAppliance, type ApplianceProcess, type Daemon } from '../appliance/testing/processes.js';
 import { attachLoop, detachLoop } from '../agent/testing/loop.js';
-import { exitAfterFlush } from '../proto/cli-exit.js';
+import { exitAfterFlush } from '../proto/shared/cli-exit.js';
 
 const GiB = 1024 ** 3;
 const scale = Number(process.env.DEMO_SCALE ?? 20);

@@ -1,5 +1,5 @@
 import { BlocksnapError, isBlocksnapError } from '../../proto/errors.js';
-import type { Logger } from '../../proto/log.js';
+import type { Logger } from '../../proto/shared/log.js';
 import { readBitmapFile, writeBitmapFile, type BitmapFileContent, type SavedCounters } from './bitmap-file.js';
 import { type IoCounters, type Tracker, type TrackerCheckpoint, type Validity } from './tracker.js';
 

@@ -2,7 +2,7 @@ import { mkdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { BlocksnapError } from '../../proto/errors.js';
-import { writeFileDurably } from '../../proto/durable-file.js';
+import { writeFileDurably } from '../../proto/shared/durable-file.js';
 import type { ChangeBitmap } from './change-bitmap.js';
 import type { ClosedGeneration, Tracker, Validity } from './tracker.js';
 import { TrackerState } from './tracker-state.js';

@@ -41,9 +41,9 @@ import { readFile, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import pg from 'pg';
-import { fsyncDir, writeFileDurably } from '../../proto/durable-file.js';
+import { fsyncDir, writeFileDurably } from '../../proto/shared/durable-file.js';
 import { BlocksnapError, isBlocksnapError, type ErrorCode } from '../../proto/errors.js';
-import type { Logger } from '../../proto/log.js';
+import type { Logger } from '../../proto/shared/log.js';
 import type { PgRole, PgServerInfo, Quiescer, QuiesceInfo, QuiesceOptions, ReleaseReport, UnquiesceResult } from './quiescer.js';
 import { DETECT_SQL, majorOf, pgSqlFor, timelineOfWalFile, type PgSqlRow } from './sql-table.js';
 

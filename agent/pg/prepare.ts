@@ -44,7 +44,7 @@
 import { randomBytes } from 'node:crypto';
 import { open, readFile, readlink, rename, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
-import { fsyncDir } from '../../proto/durable-file.js';
+import { fsyncDir } from '../../proto/shared/durable-file.js';
 import { BlocksnapError } from '../../proto/errors.js';
 import { majorOf, parseLsn, pgSqlFor } from './sql-table.js';
 

@@ -1,4 +1,4 @@
-import type { Logger } from '../../proto/log.js';
+import type { Logger } from '../../proto/shared/log.js';
 
 /**
  * The Quiescer port: what a capture window (agent/capture.ts, DESIGN.md §8)

@@ -10,7 +10,7 @@ import { constants } from 'node:fs';
 import { copyFile, mkdir, open, readdir, rename, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { BlocksnapError, isBlocksnapError, toBlocksnapError } from '../../proto/errors.js';
-import { createLogger, type Logger } from '../../proto/log.js';
+import { createLogger, type Logger } from '../../proto/shared/log.js';
 import { assertMountpoint, findMount, freezeFilesystem, thawFilesystem } from './fsfreeze.js';
 import {
   freezeMarkerPath,

@@ -25,7 +25,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdir, open, readFile, readdir, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
-import { fsyncDir, writeFileDurably as writeDurably } from '../../proto/durable-file.js';
+import { fsyncDir, writeFileDurably as writeDurably } from '../../proto/shared/durable-file.js';
 
 export const FREEZE_MARKER_FORMAT = 'blocksnap-freeze-marker';
 export const VOLUME_REGISTRY_FORMAT = 'blocksnap-reflink-volumes';

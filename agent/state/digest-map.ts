@@ -24,7 +24,7 @@ import { constants as bufferConstants } from 'node:buffer';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { BlocksnapError, isBlocksnapError } from '../../proto/errors.js';
-import { fsyncDir } from '../../proto/durable-file.js';
+import { fsyncDir } from '../../proto/shared/durable-file.js';
 
 export const DMAP_MAGIC: Buffer = Buffer.from('BSNDMAP\0', 'latin1');
 export const DMAP_VERSION = 1;

@@ -26,7 +26,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdir, open, readFile, readdir, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
-import { fsyncDir, writeFileDurably as writeDurably } from '../../proto/durable-file.js';
+import { fsyncDir, writeFileDurably as writeDurably } from '../../proto/shared/durable-file.js';
 
 export const LEDGER_FORMAT = 'blocksnap-test-ledger';
 export const LEDGER_VERSION = 1;

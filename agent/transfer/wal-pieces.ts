@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
 import { WAL_PIECE_BYTES, type WalPiece } from '../../proto/messages.js';
-import { zstdCompress } from '../../proto/zstd.js';
+import { zstdCompress } from '../../proto/shared/zstd.js';
 
 /**
  * A WAL segment as the pieces the protocol carries (DESIGN.md §4.2): cut at

@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { link, open, rename, rm, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { dirname, basename, join } from 'node:path';
-import { fsyncDir, writeFileDurably } from '../../proto/durable-file.js';
+import { fsyncDir, writeFileDurably } from '../../proto/shared/durable-file.js';
 import { BlocksnapError } from '../../proto/errors.js';
 import type { PgImageInfo } from '../store/pg-image-info.js';
 import { buildSidecar, removeOwnDir, writeWalDir } from './export-pg.js';

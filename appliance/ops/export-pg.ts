@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto';
 import { mkdir, open, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { fsyncDir } from '../../proto/durable-file.js';
+import { fsyncDir } from '../../proto/shared/durable-file.js';
 import type { ChunkStore } from '../store/chunk-store.js';
 import type { PgImageInfo } from '../store/pg-image-info.js';
 import { SIDECAR_FORMAT, SIDECAR_VERSION, WAL_MARKER, WAL_MARKER_FORMAT, type PgSidecar } from '../../proto/shared/pg-sidecar.js';

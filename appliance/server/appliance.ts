@@ -1,6 +1,6 @@
 import { join } from 'node:path';
 import type { Logger } from 'pino';
-import { makePrivateDirSync } from '../../proto/durable-file.js';
+import { makePrivateDirSync } from '../../proto/shared/durable-file.js';
 import { WsTransportServer } from '../../proto/ws-transport.js';
 import { Catalog } from '../catalog/catalog.js';
 import { FsChunkStore } from '../store/fs-chunk-store.js';

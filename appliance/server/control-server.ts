@@ -7,7 +7,7 @@ import { exportImageTo } from '../ops/export-image.js';
 import { verifyImage } from '../ops/verify-image.js';
 import { recordVerifyReport } from './recovery.js';
 import type { Appliance } from './appliance.js';
-import { readJsonBody } from '../../proto/http-json.js';
+import { readJsonBody } from '../../proto/shared/http-json.js';
 
 /**
  * The CLI's way into a running appliance: HTTP over a Unix socket in the

@@ -3,7 +3,7 @@ import type { Logger } from 'pino';
 import { BlocksnapError } from '../../proto/errors.js';
 import { BLOB_CHUNK, ZERO_DIGEST, type BlobWriter, type ChunkStore } from '../store/chunk-store.js';
 import { ImageIndexBuilder } from '../store/image-index.js';
-import { zstdDecompress } from '../../proto/zstd.js';
+import { zstdDecompress } from '../../proto/shared/zstd.js';
 
 /**
  * The appliance side of one volume transfer: checks every chunk, stores it,

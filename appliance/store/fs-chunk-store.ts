@@ -19,15 +19,15 @@ import { chmodSync, statSync } from 'node:fs';
 import { chmod, readdir, rm } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
-import type { Logger } from '../../proto/log.js';
-import { fsyncDir, makePrivateDir, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE } from '../../proto/durable-file.js';
+import type { Logger } from '../../proto/shared/log.js';
+import { fsyncDir, makePrivateDir, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE } from '../../proto/shared/durable-file.js';
 import { BlobIndex, indexPacksFromFiles, type SkippedPack } from './blob-index.js';
 import { ZERO_DIGEST, type BlobLocation, type BlobType, type BlobWriter, type ChunkStore, type PutResult } from './chunk-store.js';
 import { CODEC_NONE, CODEC_ZSTD, packRelPath, type Codec } from './pack-format.js';
 import { listPackFiles, PackReader, PackReaderCache } from './pack-reader.js';
 import { quarantineFile, type QuarantineRecord } from './quarantine.js';
 import { DEFAULT_WRITE_BUFFER, PackWriter } from './pack-writer.js';
-import { DEFAULT_ZSTD_LEVEL, zstdCompress, zstdDeclaredSize } from '../../proto/zstd.js';
+import { DEFAULT_ZSTD_LEVEL, zstdCompress, zstdDeclaredSize } from '../../proto/shared/zstd.js';
 
 export const DEFAULT_TARGET_PACK_SIZE = 32 * 1024 * 1024;
 export const DEFAULT_READ_HANDLES = 32;

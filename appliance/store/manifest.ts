@@ -32,7 +32,7 @@ import path from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
 import { imageGeometry } from '../../proto/shared/image-root.js';
 import { validatePgInfo, type PgImageInfo } from './pg-image-info.js';
-import { fsyncDir, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE } from '../../proto/durable-file.js';
+import { fsyncDir, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE } from '../../proto/shared/durable-file.js';
 
 export const MANIFEST_FORMAT = 'blocksnap-manifest';
 export const MANIFEST_VERSION = 1;

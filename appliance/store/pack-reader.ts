@@ -21,7 +21,7 @@ import {
   TRAILER_ENTRY_SIZE,
   type TrailerEntry,
 } from './pack-format.js';
-import { zstdDecompress } from '../../proto/zstd.js';
+import { zstdDecompress } from '../../proto/shared/zstd.js';
 
 export interface StoredBlobRef {
   offset: number;

@@ -27,7 +27,7 @@ import {
   type Codec,
   type TrailerEntry,
 } from './pack-format.js';
-import { fsyncDir, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE } from '../../proto/durable-file.js';
+import { fsyncDir, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE } from '../../proto/shared/durable-file.js';
 
 const pwrite = promisify(write);
 const pfsync = promisify(fsync);

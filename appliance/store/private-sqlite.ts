@@ -6,7 +6,7 @@
  */
 import Database from 'better-sqlite3';
 import { chmodSync, existsSync } from 'node:fs';
-import { ensureFileMode, PRIVATE_FILE_MODE } from '../../proto/durable-file.js';
+import { ensureFileMode, PRIVATE_FILE_MODE } from '../../proto/shared/durable-file.js';
 
 export function openPrivateDatabase(file: string, options?: Database.Options): Database.Database {
   if (!options?.readonly) {

@@ -15,7 +15,7 @@ import { randomBytes } from 'node:crypto';
 import { chmod, readdir, readFile, rename } from 'node:fs/promises';
 import { basename, dirname, join, relative } from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
-import { fsyncDir, makePrivateDir, PRIVATE_FILE_MODE, writeFileDurably } from '../../proto/durable-file.js';
+import { fsyncDir, makePrivateDir, PRIVATE_FILE_MODE, writeFileDurably } from '../../proto/shared/durable-file.js';
 
 export type QuarantineKind = 'pack' | 'manifest' | 'catalog' | 'blob-index';
 

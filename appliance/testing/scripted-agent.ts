@@ -18,7 +18,7 @@ import {
 import { exportImage } from '../ops/export-image.js';
 import { PROTOCOL_VERSION } from '../server/agent-session.js';
 import { listManifests, readManifest } from '../store/manifest.js';
-import { zstdCompress } from '../../proto/zstd.js';
+import { zstdCompress } from '../../proto/shared/zstd.js';
 import { ScramClient } from '../../proto/scram.js';
 import { imageRootDigest } from '../../proto/shared/image-root.js';
 import type { ApplianceHarness } from './appliance-harness.js';

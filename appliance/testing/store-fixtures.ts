@@ -8,7 +8,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { BlobType } from '../store/chunk-store.js';
-import { zstdCompress } from '../../proto/zstd.js';
+import { zstdCompress } from '../../proto/shared/zstd.js';
 
 export interface TestBlob {
   type: BlobType;

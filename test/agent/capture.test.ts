@@ -16,7 +16,7 @@ import { FakeDatabase, FakeQuiescer } from '../../agent/pg/testing/fake-quiescer
 import type { SnapshotProvider } from '../../agent/snapshot/snapshot-provider.js';
 import { FakeSnapshotProvider, FakeVolume } from '../../agent/snapshot/testing/fake-snapshot-provider.js';
 import { BlocksnapError, isBlocksnapError } from '../../proto/errors.js';
-import { createLogger } from '../../proto/log.js';
+import { createLogger } from '../../proto/shared/log.js';
 
 const log = createLogger('test-capture', 'silent');
 const POSTGRES: PostgresConfig = {

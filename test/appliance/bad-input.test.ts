@@ -3,7 +3,7 @@ import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { ActiveJob } from '../../appliance/server/active-job.js';
-import { zstdCompress } from '../../proto/zstd.js';
+import { zstdCompress } from '../../proto/shared/zstd.js';
 import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
 import {
   goodChunk, imageBytes, jobTrace, makeVolume, plainOf, ScriptedAgent, sha256, zstdWithoutSize, type TestVolume,

@@ -9,7 +9,7 @@ import { startAppliance, type ApplianceHarness } from '../../appliance/testing/a
 import { agentCli, applianceCmd } from '../../appliance/testing/processes.js';
 import { chunkCountOf, goodChunk, makeVolume, nonZeroIndexes, ScriptedAgent, type TestVolume } from '../../appliance/testing/scripted-agent.js';
 import { envelope } from '../../proto/messages.js';
-import { zstdCompress } from '../../proto/zstd.js';
+import { zstdCompress } from '../../proto/shared/zstd.js';
 
 /**
  * `blocksnap-appliance export --to` against a real running appliance (the

@@ -7,7 +7,7 @@ import {
   chunkCountOf, goodChunk, jobTrace, makeVolume, nonZeroIndexes, ScriptedAgent, sha256, type TestVolume,
 } from '../../appliance/testing/scripted-agent.js';
 import { envelope, type Chunk } from '../../proto/messages.js';
-import { zstdCompress } from '../../proto/zstd.js';
+import { zstdCompress } from '../../proto/shared/zstd.js';
 
 /**
  * What one job can make the appliance hold, and for how long: a job whose

@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startAppliance } from '../../appliance/testing/appliance-harness.js';
 import { makeVolume, ScriptedAgent } from '../../appliance/testing/scripted-agent.js';
-import { writeFileDurably } from '../../proto/durable-file.js';
+import { writeFileDurably } from '../../proto/shared/durable-file.js';
 
 /**
  * Nothing in the data directory is readable by other local users

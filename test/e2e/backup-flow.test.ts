@@ -11,7 +11,7 @@ import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.
 import { exportImage } from '../../appliance/ops/export-image.js';
 import { verifyImage } from '../../appliance/ops/verify-image.js';
 import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
-import { createLogger } from '../../proto/log.js';
+import { createLogger } from '../../proto/shared/log.js';
 
 /**
  * The whole flow on real parts: an XFS pool and an ext4 volume on loop

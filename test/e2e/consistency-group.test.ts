@@ -16,7 +16,7 @@ import { exportImageTo } from '../../appliance/ops/export-image.js';
 import type { PgImageInfo } from '../../appliance/store/pg-image-info.js';
 import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
 import { isBlocksnapError } from '../../proto/errors.js';
-import { createLogger } from '../../proto/log.js';
+import { createLogger } from '../../proto/shared/log.js';
 
 /**
  * A consistency group through the whole product: PostgreSQL 15 with its

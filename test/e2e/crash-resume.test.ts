@@ -12,7 +12,7 @@ import { exportImage } from '../../appliance/ops/export-image.js';
 import { startAppliance } from '../../appliance/testing/appliance-harness.js';
 import { applianceCmd, spawnAgent, spawnAppliance } from '../../appliance/testing/processes.js';
 import { TcpProxy } from '../../appliance/testing/tcp-proxy.js';
-import { createLogger } from '../../proto/log.js';
+import { createLogger } from '../../proto/shared/log.js';
 
 /**
  * Failures in the middle of a transfer, on real loop devices: a dropped

@@ -20,7 +20,7 @@ import { startAppliance, type ApplianceHarness } from '../../appliance/testing/a
 import { imageBytes } from '../../appliance/testing/scripted-agent.js';
 import { readManifest } from '../../appliance/store/manifest.js';
 import { BlocksnapError } from '../../proto/errors.js';
-import { createLogger } from '../../proto/log.js';
+import { createLogger } from '../../proto/shared/log.js';
 import { envelope, PROTOCOL_VERSION, type Envelope } from '../../proto/messages.js';
 import { ScramClient } from '../../proto/scram.js';
 import type { Transport } from '../../proto/transport.js';

@@ -10,7 +10,7 @@ import { startTestAgent } from '../../agent/testing/pg-agent.js';
 import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
 import { ddWrite } from '../../agent/testing/volume-writes.js';
 import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
-import { createLogger } from '../../proto/log.js';
+import { createLogger } from '../../proto/shared/log.js';
 import { waitFor } from '../support/wait-for.js';
 
 /**

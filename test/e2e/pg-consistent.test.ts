@@ -12,7 +12,7 @@ import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.
 import { exportImageTo } from '../../appliance/ops/export-image.js';
 import type { PgImageInfo } from '../../appliance/store/pg-image-info.js';
 import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
-import { createLogger } from '../../proto/log.js';
+import { createLogger } from '../../proto/shared/log.js';
 
 /**
  * An application-consistent image of a PRIMARY through the whole product:

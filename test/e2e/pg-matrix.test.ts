@@ -23,7 +23,7 @@ import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.
 import type { JobOutcome } from '../../appliance/server/active-job.js';
 import type { PgImageInfo } from '../../appliance/store/pg-image-info.js';
 import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
-import { createLogger } from '../../proto/log.js';
+import { createLogger } from '../../proto/shared/log.js';
 
 const log = createLogger('test', process.env.BLOCKSNAP_LOG ?? 'warn');
 const builds = await findPgServers({ onSkip: (where, reason) => console.warn(`version lab: skipping ${where}: ${reason}`) });

@@ -13,7 +13,7 @@ import { PgCluster } from '../../agent/testing/pg-cluster.js';
 import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
 import { exportImageTo } from '../../appliance/ops/export-image.js';
 import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
-import { createLogger } from '../../proto/log.js';
+import { createLogger } from '../../proto/shared/log.js';
 import { isBlocksnapError } from '../../proto/errors.js';
 
 /**

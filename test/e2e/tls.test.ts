@@ -8,7 +8,7 @@ import { parseAgentConfig } from '../../agent/config.js';
 import { ReflinkSnapshotProvider } from '../../agent/snapshot/reflink-snapshot-provider.js';
 import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
 import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
-import { createLogger } from '../../proto/log.js';
+import { createLogger } from '../../proto/shared/log.js';
 
 /**
  * wss:// between agent and appliance with a certificate the agent must

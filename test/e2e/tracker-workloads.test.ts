@@ -9,7 +9,7 @@ import { PgCluster } from '../../agent/testing/pg-cluster.js';
 import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
 import { ddWrite, fstrim } from '../../agent/testing/volume-writes.js';
 import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
-import { createLogger } from '../../proto/log.js';
+import { createLogger } from '../../proto/shared/log.js';
 
 /**
  * The kernel tracker against real workloads on a live PostgreSQL 15 volume:

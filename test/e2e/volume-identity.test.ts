@@ -11,7 +11,7 @@ import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.
 import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
 import { spawnAgent } from '../../appliance/testing/processes.js';
 import { isBlocksnapError } from '../../proto/errors.js';
-import { createLogger } from '../../proto/log.js';
+import { createLogger } from '../../proto/shared/log.js';
 import { createLoopRig, ownInstances, type LoopRig } from '../agent/tracker-fixtures.js';
 
 /**

@@ -11,7 +11,7 @@ import { FsChunkStore, type FsChunkStoreOptions } from '../../appliance/store/fs
 import { CODEC_NONE, CODEC_ZSTD, FOOTER_SIZE, packRelPath } from '../../appliance/store/pack-format.js';
 import { listPackFiles, PackReader } from '../../appliance/store/pack-reader.js';
 import { PackWriter } from '../../appliance/store/pack-writer.js';
-import { zstdCompress, zstdDecompress } from '../../proto/zstd.js';
+import { zstdCompress, zstdDecompress } from '../../proto/shared/zstd.js';
 import { compressibleChunk, makeBlob, randomChunk, sha256, TempDirs, type TestBlob } from '../../appliance/testing/store-fixtures.js';
 import { chunkStoreContract, type ChunkStoreHarness } from './chunk-store.contract.js';
 

@@ -1,7 +1,7 @@
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { BlocksnapError, toBlocksnapError } from '../../../proto/errors.js';
-import type { Logger } from '../../../proto/log.js';
+import type { Logger } from '../../../proto/shared/log.js';
 import { kernelDev, readBlockDeviceInfo, readIoCounters, type BlockDeviceInfo } from '../device-identity.js';
 import { Generations, identityMismatch } from '../generations.js';
 import { TracePipeReader } from './trace-pipe-reader.js';

@@ -9,7 +9,7 @@
  * hostile agent from sending a zstd bomb.
  */
 import binding from 'zstd-napi/binding.js';
-import { BlocksnapError } from './errors.js';
+import { BlocksnapError } from '../errors.js';
 
 export const DEFAULT_ZSTD_LEVEL = 1;
 

@@ -1,5 +1,5 @@
 import type { IncomingMessage } from 'node:http';
-import { BlocksnapError } from './errors.js';
+import { BlocksnapError } from '../errors.js';
 
 /**
  * The JSON object body of a control-socket request (agent and appliance),

@@ -2,7 +2,7 @@ import { CommanderError, InvalidArgumentError as InvalidArg } from 'commander';
 import { existsSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { BlocksnapError, toBlocksnapError } from './errors.js';
+import { BlocksnapError, toBlocksnapError } from '../errors.js';
 
 /**
  * Exit statuses shared by both CLIs (README "Exit status"). A wrapper can
