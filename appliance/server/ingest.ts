@@ -56,6 +56,7 @@ export class Ingest {
   private lastSeq = 0;
   private unflushedBytes = 0;
   private closed = false;
+  private aborted = false;
   private seqJumpAllowed = false;
   /** Decompression target reused for every chunk (the store copies what it keeps before put resolves). */
   private readonly scratch: Buffer;
@@ -244,10 +245,17 @@ export class Ingest {
     return { rootDigest: r.rootDigest };
   }
 
+  /**
+   * The job failed before its commit point: drop what this ingest wrote.
+   * Also after finish() (a group member whose set never committed, a job
+   * refused at its root check): its sealed packs are garbage now, not at the
+   * next start.
+   */
   async abort(): Promise<void> {
-    if (this.closed) return;
+    if (this.aborted) return;
+    this.aborted = true;
     this.closed = true;
-    await this.writer.abort().catch((e) => this.log.warn({ err: e, job: this.params.jobId }, 'ingest abort failed'));
+    await this.writer.abort({ uncommitted: true }).catch((e) => this.log.warn({ err: e, job: this.params.jobId }, 'ingest abort failed'));
   }
 
   private assertOpen(): void {

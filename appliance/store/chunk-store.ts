@@ -40,7 +40,12 @@ export interface BlobWriter {
    */
   put(type: BlobType, digest: Buffer, plain: Buffer, compressed?: Buffer): Promise<PutResult>;
   flush(): Promise<number>;
-  abort(): Promise<void>;
+  /**
+   * Drops the unflushed pack. With `uncommitted` the caller knows no image of
+   * this writer was committed (its job failed before the commit point, even
+   * if it stored a root): flushed packs no other writer depends on go too.
+   */
+  abort(opts?: { uncommitted?: boolean }): Promise<void>;
 }
 
 export interface BlobLocation {

@@ -336,10 +336,11 @@ export class FsChunkStore implements ChunkStore {
    * @internal An aborted writer's packs: each one no other writer depends on is
    * removed (rows at once, so no new put can de-duplicate against it, then the
    * file). A writer that stored a root may have committed: it removes nothing
-   * here and start-up decides (resolvePending).
+   * here and start-up decides (resolvePending) — unless the caller knows its
+   * job never reached the commit point (`uncommitted`).
    */
-  async dropWriter(w: FsBlobWriter): Promise<void> {
-    if (w.roots.size > 0) return;
+  async dropWriter(w: FsBlobWriter, uncommitted = false): Promise<void> {
+    if (w.roots.size > 0 && !uncommitted) return;
     const doomed: string[] = [];
     for (const pack of w.pins) {
       const owners = this.pendingOwners.get(pack);
@@ -516,7 +517,7 @@ class FsBlobWriter implements BlobWriter {
     return n;
   }
 
-  async abort(): Promise<void> {
+  async abort(opts: { uncommitted?: boolean } = {}): Promise<void> {
     if (this.done) return;
     this.done = true;
     const pack = this.pack;
@@ -532,7 +533,7 @@ class FsBlobWriter implements BlobWriter {
       this.pending.clear();
       this.store.release(this);
     }
-    await this.store.dropWriter(this);
+    await this.store.dropWriter(this, opts.uncommitted ?? false);
   }
 
   /**

@@ -1,10 +1,15 @@
 /**
  * In-memory ChunkStore for tests of code built on the store (image index,
- * ingest). It keeps the contract of chunk-store.ts that callers can observe:
- * all-zero payloads and the ZERO digest are refused, puts de-duplicate against
- * durable blobs and every open writer, blobs become visible to get/has only
- * after their writer's flush, abort drops what was not flushed, and get
- * re-hashes so a test can simulate corruption with `corruptForTest`.
+ * ingest, a whole appliance). It passes test/store/chunk-store.contract.ts
+ * (test/store/memory-chunk-store.test.ts) except the crash-recovery cases,
+ * which are about pack files: all-zero payloads and the ZERO digest are
+ * refused, puts de-duplicate against durable blobs and every open writer,
+ * blobs become visible to get/has only after their writer's flush, abort
+ * drops what was not flushed (but not a blob another writer de-duplicated
+ * against it: that writer keeps its own copy), and get re-hashes so a test
+ * can simulate corruption with `corruptForTest`. "Durable" is the
+ * `MemoryChunkBacking`: a store opened again over the same backing (a reopen)
+ * sees every flushed blob.
  */
 import { createHash } from 'node:crypto';
 import { BlocksnapError } from '../../proto/errors.js';
@@ -38,12 +43,31 @@ function isAllZero(buf: Buffer): boolean {
 }
 const ZERO_BLOCK = Buffer.alloc(64 * 1024);
 
+/** What a MemoryChunkStore keeps across close and reopen: its "disk". */
+export class MemoryChunkBacking {
+  readonly durable = new Map<string, StoredBlob>();
+  packSeq = 0;
+  bytes = 0;
+
+  /** Flips one byte of the blob stored at `loc` (the contract's corruptPayload). */
+  corruptAt(loc: BlobLocation, byteIndex = 0): void {
+    for (const blob of this.durable.values()) {
+      if (blob.location.pack !== loc.pack || blob.location.offset !== loc.offset) continue;
+      blob.plain[byteIndex % blob.plain.length] ^= 0xff;
+      return;
+    }
+    throw new BlocksnapError('E_NOT_FOUND', `no blob at ${loc.pack}+${loc.offset}`);
+  }
+}
+
 export class MemoryChunkStore implements ChunkStore {
-  private readonly durable = new Map<string, StoredBlob>();
+  private readonly durable: Map<string, StoredBlob>;
   private readonly writers = new Set<MemoryBlobWriter>();
-  private packSeq = 0;
-  private bytes = 0;
   private closed = false;
+
+  constructor(private readonly backing: MemoryChunkBacking = new MemoryChunkBacking()) {
+    this.durable = backing.durable;
+  }
 
   openWriter(): BlobWriter {
     this.checkOpen();
@@ -74,11 +98,12 @@ export class MemoryChunkStore implements ChunkStore {
   }
 
   stats(): { packs: number; blobs: number; bytes: number } {
-    return { packs: this.packSeq, blobs: this.durable.size, bytes: this.bytes };
+    return { packs: this.backing.packSeq, blobs: this.durable.size, bytes: this.backing.bytes };
   }
 
   async close(): Promise<void> {
     this.closed = true;
+    this.writers.clear();
   }
 
   /** Flip one byte of a durable blob so the next get fails its re-hash. */
@@ -97,12 +122,12 @@ export class MemoryChunkStore implements ChunkStore {
 
   /** @internal */
   commit(pending: Map<string, PendingBlob>): number {
-    if (pending.size === 0) return 0;
-    const pack = `mem-${(++this.packSeq).toString().padStart(8, '0')}`;
+    const fresh = [...pending].filter(([hex]) => !this.durable.has(hex)); // another writer may have flushed it first
+    if (fresh.length === 0) return 0;
+    const pack = `mem-${(++this.backing.packSeq).toString().padStart(8, '0')}`;
     let offset = 16;
     let written = 0;
-    for (const [hex, p] of pending) {
-      if (this.durable.has(hex)) continue; // another writer flushed it first
+    for (const [hex, p] of fresh) {
       this.durable.set(hex, {
         plain: p.plain,
         location: { pack, offset, storedLength: p.storedLength, plainLength: p.plain.length, type: p.type, codec: 0 },
@@ -110,7 +135,7 @@ export class MemoryChunkStore implements ChunkStore {
       offset += p.storedLength;
       written += p.storedLength;
     }
-    this.bytes += written;
+    this.backing.bytes += written;
     return written;
   }
 
@@ -127,6 +152,12 @@ export class MemoryChunkStore implements ChunkStore {
 
 class MemoryBlobWriter implements BlobWriter {
   private pending = new Map<string, PendingBlob>();
+  /**
+   * Blobs de-duplicated against another writer's unflushed ones: this writer's
+   * flush makes them durable even if that writer aborts (the contract), so it
+   * keeps its own copy until then.
+   */
+  private borrowed = new Map<string, PendingBlob>();
   private done = false;
 
   constructor(private readonly store: MemoryChunkStore) {}
@@ -156,7 +187,7 @@ class MemoryBlobWriter implements BlobWriter {
     return written;
   }
 
-  async abort(): Promise<void> {
+  async abort(_opts?: { uncommitted?: boolean }): Promise<void> {
     this.pending = new Map();
     this.done = true;
     this.store.release(this);

@@ -102,6 +102,47 @@ describe('packs of aborted jobs', () => {
     expect((await imageBytes(h, outB.imageId!)).equals(b.data)).toBe(true);
   });
 
+  it('are removed at abort also when the map was already sealed: a root refused by the end-to-end check, a set that never commits', async () => {
+    const dataDir = join(root, 'sealed');
+    const h = await startAppliance(['db1'], { dataDir });
+    harnesses.push(h);
+    const { a, b } = volumes();
+    const agent = await ScriptedAgent.connect(h.url);
+    await agent.sendHello('db1', h.tokens.db1!, [a, b], { groups: [{ name: 'g', volumes: ['a', 'b'] }] });
+    await agent.next('welcome');
+    const before = await packFiles(dataDir);
+
+    // The group's first member ends (its map is sealed: chunks, pages and root durable), then
+    // CommitSet comes before the second member ended: E_PROTOCOL, the set never commits.
+    const job = h.app.router.startJob('db1', 'g', 'full');
+    await agent.next('runJob', job.id);
+    await agent.begin(job.id, a);
+    await agent.next('volumeReady', job.id);
+    await agent.batch(job.id, Array.from({ length: chunkCountOf(a) }, (_, i) => goodChunk(a, i)));
+    await agent.next('ack', job.id);
+    await agent.end(job.id, chunkCountOf(a), a);
+    await until('member a to end', async () => (await packFiles(dataDir)).size > before.size);
+    await agent.send({ kind: 'commitSet', commitSet: { jobId: job.id } } as never);
+    expect(await job.done).toMatchObject({ ok: false, errorCode: 'E_PROTOCOL' });
+    await job.chain;
+    // Before: the sealed member's packs stayed until the next start.
+    expect(await packFiles(dataDir)).toEqual(before);
+    expect(h.app.store.has(sha256(plainOf(a, 1)))).toBe(false);
+
+    // The same for a member refused by the root check (E_INTEGRITY is raised after the map is sealed).
+    const job2 = h.app.router.startJob('db1', 'g', 'full');
+    await agent.next('runJob', job2.id);
+    await agent.begin(job2.id, a);
+    await agent.next('volumeReady', job2.id);
+    await agent.batch(job2.id, Array.from({ length: chunkCountOf(a) }, (_, i) => goodChunk(a, i)));
+    await agent.next('ack', job2.id);
+    await agent.end(job2.id, chunkCountOf(a), b);
+    expect(await job2.done).toMatchObject({ ok: false, errorCode: 'E_INTEGRITY' });
+    await job2.chain;
+    expect(await packFiles(dataDir)).toEqual(before);
+    await agent.close();
+  });
+
   it('are removed at the next start after kill -9 mid-ingest, except one a committed image de-duplicated against', async () => {
     expect(existsSync(applianceCli()), 'run npm run build first').toBe(true);
     const dataDir = join(root, 'kill9');
