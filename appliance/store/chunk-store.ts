@@ -1,7 +1,8 @@
 /**
  * Content-addressed blob storage (chunks, index pages, roots) in pack files.
  *
- * Contract (every implementation passes test/store/chunk-store.contract.ts):
+ * Contract (every implementation passes test/store/chunk-store.contract.ts:
+ * FsChunkStore and the tests' MemoryChunkStore; crash recovery is fs-only):
  * - Blobs are addressed by SHA-256 of their plain bytes. `ZERO_DIGEST` is
  *   never stored: `put` of an all-zero payload is refused (E_STORE_IO) — the
  *   caller records ZERO instead.

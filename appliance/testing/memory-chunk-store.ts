@@ -173,22 +173,28 @@ class MemoryBlobWriter implements BlobWriter {
       throw new BlocksnapError('E_STORE_IO', 'refusing to store an all-zero blob: record ZERO instead');
     }
     const hex = digest.toString('hex');
-    if (this.store.isKnown(hex)) return { stored: false, storedBytes: 0 };
-    const storedLength = compressed ? compressed.length : plain.length;
-    // Copy: the caller may reuse its buffer once put resolved.
+    // Like a pack: the caller's frame if it is smaller, else the plain bytes.
+    const storedLength = compressed && compressed.length < plain.length ? compressed.length : plain.length;
+    if (this.store.isKnown(hex)) {
+      // Copy: the caller may reuse its buffer once put resolved.
+      if (!this.store.has(digest) && !this.pending.has(hex)) this.borrowed.set(hex, { type, plain: Buffer.from(plain), storedLength });
+      return { stored: false, storedBytes: 0 };
+    }
     this.pending.set(hex, { type, plain: Buffer.from(plain), storedLength });
     return { stored: true, storedBytes: storedLength };
   }
 
   async flush(): Promise<number> {
     this.checkUsable();
-    const written = this.store.commit(this.pending);
+    const written = this.store.commit(new Map([...this.borrowed, ...this.pending]));
     this.pending = new Map();
+    this.borrowed = new Map();
     return written;
   }
 
   async abort(_opts?: { uncommitted?: boolean }): Promise<void> {
     this.pending = new Map();
+    this.borrowed = new Map();
     this.done = true;
     this.store.release(this);
   }

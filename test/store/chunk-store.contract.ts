@@ -1,6 +1,9 @@
 /**
  * The ChunkStore contract (appliance/store/chunk-store.ts), run by each
  * implementation's test file: `chunkStoreContract('fs', makeHarness)`.
+ * Run against FsChunkStore (test/store/fs-chunk-store.test.ts) and
+ * MemoryChunkStore (test/store/memory-chunk-store.test.ts). What differs:
+ * only the crash-recovery cases (pack files, temp area) are fs-only.
  *
  * A harness opens the store over one backing location (again after close,
  * which is how "reopen" and "crash" are tested) and knows how to damage it.

@@ -350,33 +350,3 @@ describe.each(factories)('image index on %s', (_name, makeStore) => {
     expect(t1t).toBeLessThan(5 * t4g);
   });
 });
-
-describe('MemoryChunkStore keeps the contract the index relies on', () => {
-  it('refuses ZERO, de-duplicates across writers, shows blobs only after flush, drops them on abort', async () => {
-    const store = new MemoryChunkStore();
-    const a = store.openWriter();
-    const b = store.openWriter();
-    await expect(a.put(BLOB_PAGE, ZERO_DIGEST, Buffer.alloc(PAGE_BYTES))).rejects.toMatchObject({ code: 'E_STORE_IO' });
-    const zeros = Buffer.alloc(PAGE_BYTES);
-    await expect(a.put(BLOB_PAGE, sha256(zeros), zeros)).rejects.toMatchObject({ code: 'E_STORE_IO' });
-    const blob = randomBytes(100);
-    const d = sha256(blob);
-    expect(await a.put(BLOB_PAGE, d, blob)).toEqual({ stored: true, storedBytes: 100 });
-    expect(await a.put(BLOB_PAGE, d, blob)).toMatchObject({ stored: false });
-    expect(await b.put(BLOB_PAGE, d, blob)).toMatchObject({ stored: false });
-    expect(store.has(d)).toBe(false);
-    await expect(store.get(d)).rejects.toMatchObject({ code: 'E_NOT_FOUND' });
-    expect(await a.flush()).toBe(100);
-    expect(store.has(d)).toBe(true);
-    expect(await store.get(d)).toEqual(blob);
-    expect(store.locate(d)).toMatchObject({ plainLength: 100, type: BLOB_PAGE });
-    const other = randomBytes(50);
-    await b.put(BLOB_CHUNK, sha256(other), other);
-    await b.abort();
-    expect(store.has(sha256(other))).toBe(false);
-    await expect(b.put(BLOB_PAGE, randomDigest(), randomBytes(10))).rejects.toMatchObject({ code: 'E_STORE_IO' });
-    store.corruptForTest(d, 3);
-    await expect(store.get(d)).rejects.toMatchObject({ code: 'E_STORE_CORRUPT' });
-    expect(store.stats()).toEqual({ packs: 1, blobs: 1, bytes: 100 });
-  });
-});
