@@ -26,11 +26,11 @@ import { execa } from 'execa';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { loadavg as osLoadavg } from 'node:os';
 import { join } from 'node:path';
-import { PgCluster } from '../agent/testing/pg-cluster.js';
-import { createVolumeLab, type VolumeLab } from '../agent/testing/volume-lab.js';
+import { PgCluster } from './lab/pg-cluster.js';
+import { createVolumeLab, type VolumeLab } from './lab/volume-lab.js';
 import { TracefsTracker } from '../agent/cbt/tracefs/tracefs-tracker.js';
-import { startAppliance, type ApplianceHarness } from '../appliance/testing/appliance-harness.js';
-import { spawnAgent, type Daemon } from '../appliance/testing/processes.js';
+import { startAppliance, type ApplianceHarness } from './lab/appliance-harness.js';
+import { spawnAgent, type Daemon } from './lab/processes.js';
 import { BlocksnapError } from '../proto/errors.js';
 import { exitAfterFlush } from '../proto/shared/cli-exit.js';
 

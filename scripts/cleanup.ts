@@ -13,8 +13,8 @@ import { parseArgs } from 'node:util';
 import { toBlocksnapError } from '../proto/errors.js';
 import { createLogger } from '../proto/shared/log.js';
 import { ReflinkSnapshotProvider } from '../agent/snapshot/reflink-snapshot-provider.js';
-import { cleanupLeftovers, type CleanupAction } from '../agent/testing/cleanup.js';
-import { defaultLedgerDir } from '../agent/testing/ledger.js';
+import { cleanupLeftovers, type CleanupAction } from './lab/cleanup.js';
+import { defaultLedgerDir } from './lab/ledger.js';
 import { cleanupStaleInstances, listInstances, parseInstanceName, processStartTime, tracefsRoot } from '../agent/cbt/tracefs/tracefs-instance.js';
 
 const HELP = `Usage: cleanup [--dry-run] [--ledger-dir DIR] [--state-dir DIR] [--json]

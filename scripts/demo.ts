@@ -11,10 +11,10 @@
 import { execa } from 'execa';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { PgCluster } from '../agent/testing/pg-cluster.js';
-import { createVolumeLab, type VolumeLab } from '../agent/testing/volume-lab.js';
-import { agentCli, applianceCmd, spawnAgent, spawnAppliance, type ApplianceProcess, type Daemon } from '../appliance/testing/processes.js';
-import { attachLoop, detachLoop } from '../agent/testing/loop.js';
+import { PgCluster } from './lab/pg-cluster.js';
+import { createVolumeLab, type VolumeLab } from './lab/volume-lab.js';
+import { agentCli, applianceCmd, spawnAgent, spawnAppliance, type ApplianceProcess, type Daemon } from './lab/processes.js';
+import { attachLoop, detachLoop } from './lab/loop.js';
 import { exitAfterFlush } from '../proto/shared/cli-exit.js';
 
 const GiB = 1024 ** 3;

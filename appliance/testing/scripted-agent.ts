@@ -21,7 +21,10 @@ import { listManifests, readManifest } from '../store/manifest.js';
 import { zstdCompress } from '../../proto/shared/zstd.js';
 import { ScramClient } from '../../proto/scram.js';
 import { imageRootDigest } from '../../proto/shared/image-root.js';
-import type { ApplianceHarness } from './appliance-harness.js';
+import type { Appliance } from '../server/appliance.js';
+
+/** What the assertions below read of an appliance (scripts/lab/appliance-harness.ts gives one). */
+export interface ApplianceView { app: Appliance; dataDir: string }
 
 /** A volume held in memory: what the fake agent "snapshots". */
 export interface TestVolume { name: string; size: number; chunkSize: number; data: Buffer }
@@ -294,7 +297,7 @@ function unexpected(kind: EnvelopeKind, env: Envelope): Error {
 // ---- what the appliance shows, for the tests' assertions ------------------
 
 /** Everything the appliance shows of a job: its catalog row, the images and manifests naming it, and store/tmp. */
-export async function jobTrace(h: ApplianceHarness, jobId: string) {
+export async function jobTrace(h: ApplianceView, jobId: string) {
   const storeDir = join(h.dataDir, 'store');
   const manifests: string[] = [];
   for (const id of await listManifests(storeDir)) if ((await readManifest(storeDir, id)).jobId === jobId) manifests.push(id);
@@ -307,7 +310,7 @@ export async function jobTrace(h: ApplianceHarness, jobId: string) {
 }
 
 /** The image's virtual full, read back through the store (every chunk re-hashed). */
-export async function imageBytes(h: ApplianceHarness, imageId: string): Promise<Buffer> {
+export async function imageBytes(h: ApplianceView, imageId: string): Promise<Buffer> {
   const img = h.app.catalog.image(imageId);
   if (!img) throw new Error(`no image ${imageId} in the catalog`);
   const out = join(h.dataDir, `export-${imageId}.raw`);

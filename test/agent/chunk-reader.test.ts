@@ -11,7 +11,7 @@ import { decompress } from 'zstd-napi';
 import { readChunks, type ReadChunk, type ReadPlan } from '../../agent/reader/chunk-reader.js';
 import { OrderedOutput } from '../../agent/reader/ordered-output.js';
 import { liveReaderWorkers } from '../../agent/reader/worker-pool.js';
-import { chunkContent, writeChunk, writeTestImage, type ImageInfo } from '../../agent/testing/random-image.js';
+import { chunkContent, writeChunk, writeTestImage, type ImageInfo } from '../support/random-image.js';
 import { isBlocksnapError } from '../../proto/errors.js';
 
 const CS = 16 << 10;

@@ -4,7 +4,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { FileBlockDevice } from '../../agent/blockdev/file-block-device.js';
-import { attachLoop, detachLoop, loopBackingFile } from '../../agent/testing/loop.js';
+import { attachLoop, detachLoop, loopBackingFile } from '../../scripts/lab/loop.js';
 import { isBlocksnapError } from '../../proto/errors.js';
 
 let dir: string;

@@ -14,7 +14,7 @@ import { prepareDataDir, quoteConf, type PrepareOptions } from '../../agent/pg/p
 import { PgQuiescer } from '../../agent/pg/pg-quiescer.js';
 import type { UnquiesceResult } from '../../agent/pg/quiescer.js';
 import { chownTo, findPgServers, PG15_CLIENT_BIN, type PgServerBuild } from '../../agent/pg/version-lab.js';
-import { PgCluster } from '../../agent/testing/pg-cluster.js';
+import { PgCluster } from '../../scripts/lab/pg-cluster.js';
 import { isBlocksnapError } from '../../proto/errors.js';
 
 const builds = await findPgServers();

@@ -15,7 +15,7 @@ import { prepareDataDir } from '../../agent/pg/prepare.js';
 import { encodeQuiesceState, PgQuiescer, quiesceStatePath, readQuiesceState, type PgQuiescerOptions, type QuiesceState } from '../../agent/pg/pg-quiescer.js';
 import { isLsn, parseLsn, timelineOfWalFile, walFileName } from '../../agent/pg/sql-table.js';
 import { chownTo, findPgServers, PG15_CLIENT_BIN, type PgServerBuild } from '../../agent/pg/version-lab.js';
-import { PgCluster } from '../../agent/testing/pg-cluster.js';
+import { PgCluster } from '../../scripts/lab/pg-cluster.js';
 import { isBlocksnapError } from '../../proto/errors.js';
 
 const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');

@@ -13,7 +13,7 @@ import { freezeFilesystem, thawFilesystem } from '../../agent/snapshot/fsfreeze.
 import { ReflinkSnapshotProvider, snapshotDirOf } from '../../agent/snapshot/reflink-snapshot-provider.js';
 import { freezeMarkerPath, readVolumeRegistry, writeFreezeMarker, writeVolumeRegistry } from '../../agent/snapshot/reflink-state.js';
 import type { VolumeSpec } from '../../agent/snapshot/snapshot-provider.js';
-import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
+import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
 import { isBlocksnapError } from '../../proto/errors.js';
 
 const MiB = 1024 * 1024;

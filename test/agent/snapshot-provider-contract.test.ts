@@ -11,7 +11,7 @@ import { pino } from 'pino';
 import { ReflinkSnapshotProvider } from '../../agent/snapshot/reflink-snapshot-provider.js';
 import type { VolumeSpec } from '../../agent/snapshot/snapshot-provider.js';
 import { FakeSnapshotProvider, FakeVolume } from '../../agent/snapshot/testing/fake-snapshot-provider.js';
-import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
+import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
 import { DATA, snapshotProviderContract } from './snapshot-provider.contract.js';
 
 const MiB = 1024 * 1024;

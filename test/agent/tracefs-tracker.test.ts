@@ -4,7 +4,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { execa } from 'execa';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
-import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
+import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
 import { freezeFilesystem, thawFilesystem } from '../../agent/snapshot/fsfreeze.js';
 import { ChangeBitmap } from '../../agent/cbt/change-bitmap.js';
 import { cleanupStaleInstances, parseInstanceName, tracefsRoot } from '../../agent/cbt/tracefs/tracefs-instance.js';

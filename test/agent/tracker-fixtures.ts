@@ -8,9 +8,9 @@ import { mkdtemp, open, readdir, realpath } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { execa } from 'execa';
-import { releaseResources } from '../../agent/testing/cleanup.js';
-import { Ledger } from '../../agent/testing/ledger.js';
-import { attachLoop, loopBackingFile } from '../../agent/testing/loop.js';
+import { releaseResources } from '../../scripts/lab/cleanup.js';
+import { Ledger } from '../../scripts/lab/ledger.js';
+import { attachLoop, loopBackingFile } from '../../scripts/lab/loop.js';
 import { parseInstanceName, removeInstance, tracefsRoot } from '../../agent/cbt/tracefs/tracefs-instance.js';
 
 export interface LoopRig {

@@ -7,7 +7,7 @@ import { capture } from '../../agent/capture.js';
 import { ReflinkSnapshotProvider, snapshotDirOf } from '../../agent/snapshot/reflink-snapshot-provider.js';
 import type { VolumeSpec } from '../../agent/snapshot/snapshot-provider.js';
 import { checkTrackerBinding, VolumeIdentityError, type VolumeIdentity } from '../../agent/snapshot/volume-identity.js';
-import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
+import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
 import { splitDev } from '../../agent/cbt/device-identity.js';
 import { TracefsTracker } from '../../agent/cbt/tracefs/tracefs-tracker.js';
 import { VolumeTracking } from '../../agent/cbt/volume-tracking.js';

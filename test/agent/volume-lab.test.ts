@@ -6,11 +6,11 @@ import { fileURLToPath } from 'node:url';
 import { execa } from 'execa';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { findMount } from '../../agent/snapshot/fsfreeze.js';
-import { cleanupLeftovers, isRunning } from '../../agent/testing/cleanup.js';
-import { readLedger, type LedgerFile } from '../../agent/testing/ledger.js';
-import { loopBackingFile, loopDirectIo } from '../../agent/testing/loop.js';
-import { PgCluster } from '../../agent/testing/pg-cluster.js';
-import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
+import { cleanupLeftovers, isRunning } from '../../scripts/lab/cleanup.js';
+import { readLedger, type LedgerFile } from '../../scripts/lab/ledger.js';
+import { loopBackingFile, loopDirectIo } from '../../scripts/lab/loop.js';
+import { PgCluster } from '../../scripts/lab/pg-cluster.js';
+import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
 import { isBlocksnapError } from '../../proto/errors.js';
 
 const MiB = 1024 * 1024;

@@ -3,8 +3,8 @@ import { mkdir, mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
-import { applianceCli, applianceCmd, spawnAppliance, type ApplianceProcess } from '../../appliance/testing/processes.js';
+import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
+import { applianceCli, applianceCmd, spawnAppliance, type ApplianceProcess } from '../../scripts/lab/processes.js';
 import { chunkCountOf, goodChunk, imageBytes, makeVolume, ScriptedAgent, sha256, plainOf, type TestVolume } from '../../appliance/testing/scripted-agent.js';
 
 /**

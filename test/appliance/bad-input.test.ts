@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { ActiveJob } from '../../appliance/server/active-job.js';
 import { zstdCompress } from '../../proto/shared/zstd.js';
-import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
+import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
 import {
   goodChunk, imageBytes, jobTrace, makeVolume, plainOf, ScriptedAgent, sha256, zstdWithoutSize, type TestVolume,
 } from '../../appliance/testing/scripted-agent.js';

@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Catalog } from '../../appliance/catalog/catalog.js';
-import { agentCli, applianceCli, applianceCmd, repoRoot, spawnAppliance } from '../../appliance/testing/processes.js';
+import { agentCli, applianceCli, applianceCmd, repoRoot, spawnAppliance } from '../../scripts/lab/processes.js';
 
 /**
  * How the compiled CLIs (dist/: `npm run build`) end: usage errors exit 2

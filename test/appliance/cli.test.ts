@@ -4,9 +4,9 @@ import { mkdtemp, open, readdir, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { agentCli, applianceCmd } from '../../appliance/testing/processes.js';
+import { agentCli, applianceCmd } from '../../scripts/lab/processes.js';
 import { makeVolume, ScriptedAgent } from '../../appliance/testing/scripted-agent.js';
-import { startAppliance } from '../../appliance/testing/appliance-harness.js';
+import { startAppliance } from '../../scripts/lab/appliance-harness.js';
 
 /**
  * The appliance CLI against a data directory filled by a real (scripted)

@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { Catalog } from '../../appliance/catalog/catalog.js';
 import { rollForward } from '../../appliance/server/appliance.js';
-import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
+import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
 import {
   chunkCountOf, goodChunk, imageBytes, jobTrace, makeVolume, mutateVolume, nonZeroIndexes, ScriptedAgent, type TestVolume,
 } from '../../appliance/testing/scripted-agent.js';

@@ -4,8 +4,8 @@ import { cp, mkdir, mkdtemp, open, readdir, readFile, rm, stat, truncate, writeF
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { startAppliance } from '../../appliance/testing/appliance-harness.js';
-import { applianceCli, applianceCmd, spawnAppliance, type ApplianceProcess } from '../../appliance/testing/processes.js';
+import { startAppliance } from '../../scripts/lab/appliance-harness.js';
+import { applianceCli, applianceCmd, spawnAppliance, type ApplianceProcess } from '../../scripts/lab/processes.js';
 import { makeVolume, plainOf, ScriptedAgent, sha256, type TestVolume } from '../../appliance/testing/scripted-agent.js';
 import { FOOTER_SIZE, packRelPath } from '../../appliance/store/pack-format.js';
 

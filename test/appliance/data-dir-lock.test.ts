@@ -4,7 +4,7 @@ import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { applianceCli, applianceCmd, spawnAppliance, type ApplianceProcess } from '../../appliance/testing/processes.js';
+import { applianceCli, applianceCmd, spawnAppliance, type ApplianceProcess } from '../../scripts/lab/processes.js';
 
 /**
  * One appliance per data directory, by a kernel lock (DESIGN.md §2): a

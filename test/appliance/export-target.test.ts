@@ -5,8 +5,8 @@ import { lstat, mkdir, mkdtemp, readFile, readdir, readlink, rm, stat, symlink, 
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
-import { agentCli, applianceCmd } from '../../appliance/testing/processes.js';
+import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
+import { agentCli, applianceCmd } from '../../scripts/lab/processes.js';
 import { chunkCountOf, goodChunk, makeVolume, nonZeroIndexes, ScriptedAgent, type TestVolume } from '../../appliance/testing/scripted-agent.js';
 import { envelope } from '../../proto/messages.js';
 import { zstdCompress } from '../../proto/shared/zstd.js';

@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { ActiveJob } from '../../appliance/server/active-job.js';
 import { CHUNK_OVERHEAD } from '../../appliance/server/job-router.js';
-import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
+import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
 import {
   chunkCountOf, goodChunk, jobTrace, makeVolume, nonZeroIndexes, ScriptedAgent, sha256, type TestVolume,
 } from '../../appliance/testing/scripted-agent.js';

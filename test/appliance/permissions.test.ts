@@ -2,7 +2,7 @@ import { mkdir, mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { startAppliance } from '../../appliance/testing/appliance-harness.js';
+import { startAppliance } from '../../scripts/lab/appliance-harness.js';
 import { makeVolume, ScriptedAgent } from '../../appliance/testing/scripted-agent.js';
 import { writeFileDurably } from '../../proto/shared/durable-file.js';
 

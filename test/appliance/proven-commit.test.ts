@@ -1,6 +1,6 @@
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { ActiveJob } from '../../appliance/server/active-job.js';
-import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
+import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
 import {
   chunkCountOf, expectedRootOf, goodChunk, imageBytes, jobTrace, makeVolume, mutateVolume, nonZeroIndexes, ScriptedAgent, type TestVolume,
 } from '../../appliance/testing/scripted-agent.js';

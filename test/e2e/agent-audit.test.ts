@@ -7,13 +7,13 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { AuditResult } from '../../agent/audit/audit-run.js';
 import { agentSocketPath, callAgent, type AgentStatus } from '../../agent/control-server.js';
 import { snapshotDirOf } from '../../agent/snapshot/reflink-snapshot-provider.js';
-import { compareExportWithSnapshot } from '../../agent/testing/export-compare.js';
-import { PgCluster } from '../../agent/testing/pg-cluster.js';
-import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
-import { ddWrite } from '../../agent/testing/volume-writes.js';
+import { compareExportWithSnapshot } from '../support/export-compare.js';
+import { PgCluster } from '../../scripts/lab/pg-cluster.js';
+import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
+import { ddWrite } from '../support/volume-writes.js';
 import { listInstances, parseInstanceName, tracefsRoot } from '../../agent/cbt/tracefs/tracefs-instance.js';
-import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
-import { agentCli, spawnAgent, type Daemon } from '../../appliance/testing/processes.js';
+import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
+import { agentCli, spawnAgent, type Daemon } from '../../scripts/lab/processes.js';
 
 /**
  * `blocksnap-agent audit VOLUME` and `status`, the compiled CLI (`npm run

@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterAll, describe, expect, it } from 'vitest';
-import { agentCli } from '../../appliance/testing/processes.js';
+import { agentCli } from '../../scripts/lab/processes.js';
 
 /**
  * `blocksnap-agent run` (dist/: npm run build) refuses a plain ws:// URL to

@@ -4,15 +4,15 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
-import { ddWrite } from '../../agent/testing/volume-writes.js';
-import { applianceCmd, repoRoot, spawnAgent, spawnAppliance, type ApplianceProcess, type Daemon } from '../../appliance/testing/processes.js';
+import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
+import { ddWrite } from '../support/volume-writes.js';
+import { applianceCmd, repoRoot, spawnAgent, spawnAppliance, type ApplianceProcess, type Daemon } from '../../scripts/lab/processes.js';
 import { ScriptedAgent } from '../../appliance/testing/scripted-agent.js';
 
 /**
  * DESIGN.md §4.2's resource bounds, measured the way the issue found them
  * missing: a real appliance process, a real agent process backing up a real
- * loop-device volume, and an attacker process (appliance/testing/attacker.ts)
+ * loop-device volume, and an attacker process (test/support/attacker.ts, run through tsx)
  * hitting the appliance's WebSocket port from many loopback addresses. Under
  * each attack an honest full backup must complete, a probe agent's ping
  * round trip must stay at p99 ≤ 100 ms, and the appliance's peak RSS
@@ -36,7 +36,7 @@ function percentile(xs: number[], p: number): number {
 
 /** The attacker process; resolves once its attack is in place. */
 async function startAttacker(kind: string, url: string): Promise<{ child: ChildProcess; stop: () => Promise<unknown> }> {
-  const child = spawn(process.execPath, [join(repoRoot(), 'dist', 'appliance', 'testing', 'attacker.js'), kind, url, 'db1'], {
+  const child = spawn(process.execPath, ['--import', 'tsx', join(repoRoot(), 'test', 'support', 'attacker.ts'), kind, url, 'db1'], {
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   const lines = createInterface({ input: child.stdout! });

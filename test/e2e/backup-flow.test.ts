@@ -4,13 +4,13 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Agent } from '../../agent/agent.js';
 import type { RetainingSnapshotProvider } from '../../agent/snapshot/retaining-provider.js';
-import { startTestAgent } from '../../agent/testing/pg-agent.js';
-import { attachLoop, detachLoop } from '../../agent/testing/loop.js';
-import { PgCluster } from '../../agent/testing/pg-cluster.js';
-import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
+import { startTestAgent } from '../support/pg-agent.js';
+import { attachLoop, detachLoop } from '../../scripts/lab/loop.js';
+import { PgCluster } from '../../scripts/lab/pg-cluster.js';
+import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
 import { exportImage } from '../../appliance/ops/export-image.js';
 import { verifyImage } from '../../appliance/ops/verify-image.js';
-import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
+import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
 import { createLogger } from '../../proto/shared/log.js';
 
 /**

@@ -7,11 +7,11 @@ import { Agent } from '../../agent/agent.js';
 import { parseAgentConfig } from '../../agent/config.js';
 import { ReflinkSnapshotProvider } from '../../agent/snapshot/reflink-snapshot-provider.js';
 import { RetainingSnapshotProvider } from '../../agent/snapshot/retaining-provider.js';
-import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
+import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
 import { exportImage } from '../../appliance/ops/export-image.js';
-import { startAppliance } from '../../appliance/testing/appliance-harness.js';
-import { applianceCmd, spawnAgent, spawnAppliance } from '../../appliance/testing/processes.js';
-import { TcpProxy } from '../../appliance/testing/tcp-proxy.js';
+import { startAppliance } from '../../scripts/lab/appliance-harness.js';
+import { applianceCmd, spawnAgent, spawnAppliance } from '../../scripts/lab/processes.js';
+import { TcpProxy } from '../support/tcp-proxy.js';
 import { createLogger } from '../../proto/shared/log.js';
 
 /**

@@ -16,7 +16,7 @@ import { VolumeTracking } from '../../agent/cbt/volume-tracking.js';
 import { JobRunner } from '../../agent/job-runner.js';
 import { FakeDatabase, FakeQuiescer } from '../../agent/pg/testing/fake-quiescer.js';
 import { FakeSnapshotProvider, FakeVolume } from '../../agent/snapshot/testing/fake-snapshot-provider.js';
-import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
+import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
 import { imageBytes } from '../../appliance/testing/scripted-agent.js';
 import { readManifest } from '../../appliance/store/manifest.js';
 import { BlocksnapError } from '../../proto/errors.js';

@@ -5,11 +5,11 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Agent } from '../../agent/agent.js';
 import type { RetainingSnapshotProvider } from '../../agent/snapshot/retaining-provider.js';
 import { DigestMap, digestMapPath } from '../../agent/state/digest-map.js';
-import { compareExportWithSnapshot } from '../../agent/testing/export-compare.js';
-import { startTestAgent } from '../../agent/testing/pg-agent.js';
-import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
-import { ddWrite } from '../../agent/testing/volume-writes.js';
-import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
+import { compareExportWithSnapshot } from '../support/export-compare.js';
+import { startTestAgent } from '../support/pg-agent.js';
+import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
+import { ddWrite } from '../support/volume-writes.js';
+import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
 import { createLogger } from '../../proto/shared/log.js';
 import { waitFor } from '../support/wait-for.js';
 

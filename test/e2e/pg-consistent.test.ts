@@ -5,13 +5,13 @@ import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Agent } from '../../agent/agent.js';
 import { prepareFromExport } from '../../agent/pg/prepare-from-export.js';
-import { startPgAgent } from '../../agent/testing/pg-agent.js';
-import { attachLoop, detachLoop } from '../../agent/testing/loop.js';
-import { PgCluster } from '../../agent/testing/pg-cluster.js';
-import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
+import { startPgAgent } from '../support/pg-agent.js';
+import { attachLoop, detachLoop } from '../../scripts/lab/loop.js';
+import { PgCluster } from '../../scripts/lab/pg-cluster.js';
+import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
 import { exportImageTo } from '../../appliance/ops/export-image.js';
 import type { PgImageInfo } from '../../appliance/store/pg-image-info.js';
-import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
+import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
 import { createLogger } from '../../proto/shared/log.js';
 
 /**

@@ -7,12 +7,12 @@ import type { Agent } from '../../agent/agent.js';
 import { prepareFromExport } from '../../agent/pg/prepare-from-export.js';
 import { readControlCheckpoint } from '../../agent/pg/sidecar-check.js';
 import { parseLsn } from '../../agent/pg/sql-table.js';
-import { attachLoop, detachLoop } from '../../agent/testing/loop.js';
-import { startPgAgent } from '../../agent/testing/pg-agent.js';
-import { PgCluster } from '../../agent/testing/pg-cluster.js';
-import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
+import { attachLoop, detachLoop } from '../../scripts/lab/loop.js';
+import { startPgAgent } from '../support/pg-agent.js';
+import { PgCluster } from '../../scripts/lab/pg-cluster.js';
+import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
 import { exportImageTo } from '../../appliance/ops/export-image.js';
-import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
+import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
 import { createLogger } from '../../proto/shared/log.js';
 import { isBlocksnapError } from '../../proto/errors.js';
 

@@ -18,17 +18,16 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Agent } from '../../agent/agent.js';
 import { parseLsn } from '../../agent/pg/sql-table.js';
 import { findPgServers, type PgServerBuild } from '../../agent/pg/version-lab.js';
-import { startPgAgent } from '../../agent/testing/pg-agent.js';
-import { checkChecksums } from '../../agent/testing/pg-checksums.js';
-import { PgCluster } from '../../agent/testing/pg-cluster.js';
-import { restoreImage } from '../../agent/testing/pg-image-restore.js';
-import { createStandbyAnyVersion } from '../../agent/testing/pg-standby-any.js';
-import { currentLsn, replayPauseState, waitReplayed } from '../../agent/testing/pg-standby.js';
-import { PgTicker, TICK_TABLE_SQL, tickIds } from '../../agent/testing/pg-ticker.js';
-import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
+import { startPgAgent } from '../support/pg-agent.js';
+import { checkChecksums } from '../support/pg-checksums.js';
+import { PgCluster } from '../../scripts/lab/pg-cluster.js';
+import { restoreImage } from '../support/pg-image-restore.js';
+import { createStreamingStandby, currentLsn, replayPauseState, waitReplayed } from '../../scripts/lab/pg-standby.js';
+import { PgTicker, TICK_TABLE_SQL, tickIds } from '../support/pg-ticker.js';
+import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
 import type { JobOutcome } from '../../appliance/server/active-job.js';
 import type { PgImageInfo } from '../../appliance/store/pg-image-info.js';
-import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
+import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
 import { createLogger } from '../../proto/shared/log.js';
 
 const log = createLogger('test', process.env.BLOCKSNAP_LOG ?? 'warn');
@@ -80,7 +79,7 @@ describe.each(builds)('standby image through the product, PostgreSQL $version', 
     await primary.initdb();
     await primary.start();
     await primary.query(TICK_TABLE_SQL);
-    standby = await createStandbyAnyVersion({ primary, build: b, dataDir: join(lab.volumeMount, 'pg'), applicationName: name });
+    standby = await createStreamingStandby({ primary, build: b, dataDir: join(lab.volumeMount, 'pg'), applicationName: name });
     await waitReplayed(standby, await currentLsn(primary));
     agent = await startPgAgent({
       url: appl.url, name, token: appl.tokens[name]!, volume: lab.volume, stateDir: join(lab.root, 'agent-state'), log,

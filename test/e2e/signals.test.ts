@@ -7,10 +7,10 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Agent } from '../../agent/agent.js';
 import { parseAgentConfig } from '../../agent/config.js';
 import { ReflinkSnapshotProvider } from '../../agent/snapshot/reflink-snapshot-provider.js';
-import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
-import { ddWrite } from '../../agent/testing/volume-writes.js';
+import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
+import { ddWrite } from '../support/volume-writes.js';
 import { listInstances, parseInstanceName, tracefsRoot } from '../../agent/cbt/tracefs/tracefs-instance.js';
-import { agentCli, applianceCmd, spawnAgent, spawnAppliance, type ApplianceProcess, type Daemon } from '../../appliance/testing/processes.js';
+import { agentCli, applianceCmd, spawnAgent, spawnAppliance, type ApplianceProcess, type Daemon } from '../../scripts/lab/processes.js';
 import { envelope } from '../../proto/messages.js';
 import { WsTransportServer } from '../../proto/ws-transport.js';
 

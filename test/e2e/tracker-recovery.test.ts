@@ -2,14 +2,14 @@ import { existsSync } from 'node:fs';
 import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { compareExportWithSnapshot } from '../../agent/testing/export-compare.js';
-import { PgCluster } from '../../agent/testing/pg-cluster.js';
-import { pgbenchTimed } from '../../agent/testing/pgbench-timed.js';
-import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
-import { ddWrite } from '../../agent/testing/volume-writes.js';
+import { compareExportWithSnapshot } from '../support/export-compare.js';
+import { PgCluster } from '../../scripts/lab/pg-cluster.js';
+import { pgbenchTimed } from '../../scripts/lab/pgbench-timed.js';
+import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
+import { ddWrite } from '../support/volume-writes.js';
 import { listInstances, parseInstanceName, tracefsRoot } from '../../agent/cbt/tracefs/tracefs-instance.js';
-import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
-import { agentCli, spawnAgent, type Daemon } from '../../appliance/testing/processes.js';
+import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
+import { agentCli, spawnAgent, type Daemon } from '../../scripts/lab/processes.js';
 
 /**
  * When the tracker cannot vouch for a bitmap, the next job says so and

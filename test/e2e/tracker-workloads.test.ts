@@ -3,12 +3,12 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Agent } from '../../agent/agent.js';
 import type { RetainingSnapshotProvider } from '../../agent/snapshot/retaining-provider.js';
-import { startTestAgent } from '../../agent/testing/pg-agent.js';
-import { compareExportWithSnapshot } from '../../agent/testing/export-compare.js';
-import { PgCluster } from '../../agent/testing/pg-cluster.js';
-import { createVolumeLab, type VolumeLab } from '../../agent/testing/volume-lab.js';
-import { ddWrite, fstrim } from '../../agent/testing/volume-writes.js';
-import { startAppliance, type ApplianceHarness } from '../../appliance/testing/appliance-harness.js';
+import { startTestAgent } from '../support/pg-agent.js';
+import { compareExportWithSnapshot } from '../support/export-compare.js';
+import { PgCluster } from '../../scripts/lab/pg-cluster.js';
+import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
+import { ddWrite, fstrim } from '../support/volume-writes.js';
+import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
 import { createLogger } from '../../proto/shared/log.js';
 
 /**

@@ -1,5 +1,5 @@
 import { afterEach, describe, expect, it } from 'vitest';
-import { clientFrame, clientFrameHeader, rawWebSocket, writeAll } from '../../appliance/testing/attack-clients.js';
+import { clientFrame, clientFrameHeader, rawWebSocket, writeAll } from '../support/attack-clients.js';
 import { encodeFrame } from '../../proto/codec.js';
 import type { BlocksnapError } from '../../proto/errors.js';
 import { envelope, type Envelope } from '../../proto/messages.js';

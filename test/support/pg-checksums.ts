@@ -1,8 +1,8 @@
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { execa } from 'execa';
-import { PG15_CLIENT_BIN } from '../pg/version-lab.js';
-import type { PgCluster } from './pg-cluster.js';
+import { PG15_CLIENT_BIN } from '../../agent/pg/version-lab.js';
+import type { PgCluster } from '../../scripts/lab/pg-cluster.js';
 
 /**
  * Test helper: are the data checksums of a cluster clean?

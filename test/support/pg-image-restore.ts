@@ -6,9 +6,9 @@ import { sidecarPath, walDirPath } from '../../appliance/ops/export-pg.js';
 import type { ChunkStore } from '../../appliance/store/chunk-store.js';
 import type { PgImageInfo } from '../../appliance/store/pg-image-info.js';
 import { BlocksnapError } from '../../proto/errors.js';
-import { prepareFromExport } from '../pg/prepare-from-export.js';
-import { attachLoop, detachLoop } from './loop.js';
-import { PgCluster } from './pg-cluster.js';
+import { prepareFromExport } from '../../agent/pg/prepare-from-export.js';
+import { attachLoop, detachLoop } from '../../scripts/lab/loop.js';
+import { PgCluster } from '../../scripts/lab/pg-cluster.js';
 
 /**
  * Test helper: the restore path a user takes, end to end — export an image

@@ -1,10 +1,10 @@
 import { mkdir } from 'node:fs/promises';
 import type { Logger } from 'pino';
-import { Agent } from '../agent.js';
-import { parseAgentConfig } from '../config.js';
-import { ReflinkSnapshotProvider } from '../snapshot/reflink-snapshot-provider.js';
-import { RetainingSnapshotProvider } from '../snapshot/retaining-provider.js';
-import type { SnapshotProvider, VolumeSpec } from '../snapshot/snapshot-provider.js';
+import { Agent } from '../../agent/agent.js';
+import { parseAgentConfig } from '../../agent/config.js';
+import { ReflinkSnapshotProvider } from '../../agent/snapshot/reflink-snapshot-provider.js';
+import { RetainingSnapshotProvider } from '../../agent/snapshot/retaining-provider.js';
+import type { SnapshotProvider, VolumeSpec } from '../../agent/snapshot/snapshot-provider.js';
 
 /**
  * Test helper: an in-process agent with reflink volumes, connected to the

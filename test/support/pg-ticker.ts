@@ -1,6 +1,6 @@
 import pg from 'pg';
 import { BlocksnapError } from '../../proto/errors.js';
-import type { PgCluster } from './pg-cluster.js';
+import type { PgCluster } from '../../scripts/lab/pg-cluster.js';
 
 /**
  * Test helper: one session commits ids 1, 2, 3, … into `tick(id, pad)`, each

@@ -2,18 +2,23 @@ import { mkdir, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { execa } from 'execa';
 import { BlocksnapError } from '../../proto/errors.js';
-import { prepareDataDir } from '../pg/prepare.js';
-import { PgQuiescer } from '../pg/pg-quiescer.js';
-import { parseLsn } from '../pg/sql-table.js';
-import { chownTo, PG15_CLIENT_BIN, type PgServerBuild } from '../pg/version-lab.js';
+import { prepareDataDir } from '../../agent/pg/prepare.js';
+import { PgQuiescer } from '../../agent/pg/pg-quiescer.js';
+import { parseLsn } from '../../agent/pg/sql-table.js';
+import { chownTo, PG15_CLIENT_BIN, type PgServerBuild } from '../../agent/pg/version-lab.js';
 import { PgCluster } from './pg-cluster.js';
 
 /**
- * Test helper: a streaming standby of `primary` in `dataDir` (which must not
- * exist yet; its parent must be traversable by the postgres user).
+ * Lab: a streaming standby of `primary` in `dataDir` (which must not
+ * exist yet; its parent must be traversable by the postgres user), for any
+ * version 10+ (the PostgreSQL matrix tests and the quiesce bench share it).
  *   ≤ 15: pg_basebackup of the Debian 15 clients (they refuse newer servers),
- *         then standby.signal + primary_conninfo (not -R: the 15 client
- *         writes libpq options an older walreceiver rejects);
+ *         then (not -R: the 15 client writes libpq options an older
+ *         walreceiver rejects)
+ *         12–15: standby.signal + primary_conninfo in postgresql.auto.conf;
+ *         10–11: they know no signal files and reject primary_conninfo in
+ *         postgresql.auto.conf as an unknown setting: a recovery.conf with
+ *         standby_mode = on instead;
  *   16+:  a copy of the data directory taken during a backup (PgQuiescer),
  *         made a standby by `prepareDataDir(asStandby)` — what a user does
  *         with a blocksnap image and `prepare --as-standby`.
@@ -38,9 +43,15 @@ export async function createStreamingStandby(o: StandbyOptions): Promise<PgClust
     const { uid, gid } = await stat(o.dataDir);
     const r = await execa(path.join(PG15_CLIENT_BIN, 'pg_basebackup'), ['-D', o.dataDir, '-d', conninfo, '-X', 'stream', '-c', 'fast'], { uid, gid, cwd: '/', reject: false, stdin: 'ignore' });
     if (r.exitCode !== 0) throw new BlocksnapError('E_PG', `pg_basebackup into ${o.dataDir} failed: ${String(r.stderr)}`);
-    await writeFile(path.join(o.dataDir, 'postgresql.auto.conf'), `primary_conninfo = '${conninfo}'\n`, { flag: 'a' });
-    await writeFile(path.join(o.dataDir, 'standby.signal'), '');
-    await chownTo(path.join(o.dataDir, 'standby.signal'));
+    if (o.build.versionNum < 120000) {
+      const conf = path.join(o.dataDir, 'recovery.conf');
+      await writeFile(conf, `standby_mode = 'on'\nprimary_conninfo = '${conninfo}'\n`, { mode: 0o600 });
+      await chownTo(conf);
+    } else {
+      await writeFile(path.join(o.dataDir, 'postgresql.auto.conf'), `primary_conninfo = '${conninfo}'\n`, { flag: 'a' });
+      await writeFile(path.join(o.dataDir, 'standby.signal'), '');
+      await chownTo(path.join(o.dataDir, 'standby.signal'));
+    }
   } else {
     const q = new PgQuiescer({ connection: { ...o.primary.connectionConfig(), application_name: 'test-standby-seed' }, role: 'primary' });
     try {

@@ -11,7 +11,7 @@ import { readFile, readlink, realpath, rm } from 'node:fs/promises';
 import { execa } from 'execa';
 import { toBlocksnapError } from '../../proto/errors.js';
 import type { Logger } from '../../proto/shared/log.js';
-import { findMount, readMountTable, thawFilesystem } from '../snapshot/fsfreeze.js';
+import { findMount, readMountTable, thawFilesystem } from '../../agent/snapshot/fsfreeze.js';
 import { defaultLedgerDir, isOwnerAlive, listLedgers, readLedger, type LedgerResource } from './ledger.js';
 import { detachLoop, findLoopsByBackingFile } from './loop.js';
 

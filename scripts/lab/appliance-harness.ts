@@ -2,7 +2,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createLogger } from '../../proto/shared/log.js';
-import { Appliance, type ApplianceOptions } from '../server/appliance.js';
+import { Appliance, type ApplianceOptions } from '../../appliance/server/appliance.js';
 
 /** An in-process appliance on 127.0.0.1:<free port> in a temp data dir, with agents registered. */
 export interface ApplianceHarness {

@@ -1,7 +1,7 @@
 /**
  * An attacker process for the resource-bound e2e test (test/e2e/attack.test.ts):
  *
- *   node dist/appliance/testing/attacker.js KIND URL AGENT
+ *   node --import tsx test/support/attacker.ts KIND URL AGENT
  *
  * KIND is one of the §4 attacks, each from many loopback source addresses
  * (127.0.x.y) so per-source limits alone cannot stop it:

@@ -5,15 +5,14 @@
  * data, plus single-thread SHA-256 and zstd-1 rates for context. The image is
  * in the page cache after writing, so this measures CPU, not the disk.
  *
- *   node --import tsx agent/testing/reader-throughput.ts [sizeMiB] [dir]
- *   node dist/agent/testing/reader-throughput.js [sizeMiB] [dir]
+ *   node --import tsx test/support/reader-throughput.ts [sizeMiB] [dir]
  */
 import { createHash } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import binding from 'zstd-napi/binding.js';
-import { readChunks } from '../reader/chunk-reader.js';
+import { readChunks } from '../../agent/reader/chunk-reader.js';
 import { chunkContent, writeTestImage } from './random-image.js';
 
 const MB = 1e6;

@@ -14,7 +14,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { execa } from 'execa';
 import { BlocksnapError } from '../../proto/errors.js';
-import type { VolumeSpec } from '../snapshot/snapshot-provider.js';
+import type { VolumeSpec } from '../../agent/snapshot/snapshot-provider.js';
 import { releaseResources, type CleanupAction } from './cleanup.js';
 import { Ledger } from './ledger.js';
 import { attachLoop } from './loop.js';
