@@ -1,6 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { z } from 'zod';
 import { BlocksnapError } from '../proto/errors.js';
+import { isValidChunkSize, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE } from '../proto/shared/volume-geometry.js';
 import type { VolumeSpec } from './snapshot/snapshot-provider.js';
 
 /**
@@ -84,7 +85,7 @@ const volumeSchema = z.strictObject({
   device: absPath,
   image: absPath.optional(),
   mountpoint: absPath,
-  chunkSize: int(4096, 4 << 20).refine((n) => (n & (n - 1)) === 0, { error: 'must be a power of two from 4096 to 4194304' }).default(65536),
+  chunkSize: int(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE).refine(isValidChunkSize, { error: `must be a power of two from ${MIN_CHUNK_SIZE} to ${MAX_CHUNK_SIZE}` }).default(65536),
 });
 
 const postgresSchema = z.strictObject({

@@ -3,6 +3,7 @@ import { encodeChunkBatchFrame } from './chunk-batch-encoder.js';
 import { BlocksnapError } from './errors.js';
 import { decodeEnvelopeBody, JobMode, writeEnvelopeBody, type Chunk, type Envelope, type TransferStats } from './messages.js';
 import { KEY_BYTES, MAX_NONCE_BYTES, MIN_NONCE_BYTES, SCRAM_MAX_ITERATIONS, SCRAM_MIN_ITERATIONS } from './scram.js';
+import { assertChunkSize, MAX_CHUNK_SIZE } from './shared/volume-geometry.js';
 
 /**
  * Frame codec (DESIGN.md §4.1). Pure: no sockets, no timers.
@@ -306,8 +307,8 @@ const MAX_TEXT = 4096;
 const MAX_VOLUMES = 1024;
 /** Members of one consistency group: each is frozen at once, so a handful, not hundreds. */
 const MAX_GROUP = 64;
-const MIN_CHUNK = 4096;
-const MAX_CHUNK = 4 * 1024 * 1024;
+/** A chunk's or WAL piece's plain bytes are bounded by the largest chunk size. */
+const MAX_CHUNK = MAX_CHUNK_SIZE;
 const DIGEST_BYTES = 32;
 const CONTROL_CHARS = /[\u0000-\u001f\u007f]/;
 const ERROR_CODE = /^E_[A-Z0-9_]{1,62}$/;
@@ -339,9 +340,7 @@ function mode(v: number, path: string): void {
 }
 
 function chunkSize(v: number, path: string): void {
-  if (v < MIN_CHUNK || v > MAX_CHUNK || (v & (v - 1)) !== 0) {
-    fail(`${path} ${v} is not a power of two in ${MIN_CHUNK}..${MAX_CHUNK}`);
-  }
+  assertChunkSize(v, 'E_PROTOCOL', path);
 }
 
 function stats(s: TransferStats | undefined, path: string): void {

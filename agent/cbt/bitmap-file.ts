@@ -2,6 +2,7 @@ import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
+import { chunkCountOf, isValidTrackingGranularity } from '../../proto/shared/volume-geometry.js';
 import { ChangeBitmap } from './change-bitmap.js';
 import type { DeviceIdentity } from './tracker.js';
 
@@ -104,7 +105,7 @@ export function decodeBitmapFile(buf: Buffer): BitmapFileContent {
   const size = u64(buf, 24);
   const chunkSize = buf.readUInt32LE(12);
   const chunkCount = u64(buf, 48);
-  if (chunkSize < 512 || (chunkSize & (chunkSize - 1)) !== 0 || size <= 0 || chunkCount !== Math.ceil(size / chunkSize)) {
+  if (!isValidTrackingGranularity(chunkSize) || size <= 0 || chunkCount !== chunkCountOf(size, chunkSize)) {
     throw fmt(`inconsistent geometry: size ${size}, chunk size ${chunkSize}, chunk count ${chunkCount}`);
   }
   const body = buf.subarray(BITMAP_HEADER_SIZE);

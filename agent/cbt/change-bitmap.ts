@@ -1,4 +1,5 @@
 import { BlocksnapError } from '../../proto/errors.js';
+import { chunkCountOf, isValidTrackingGranularity, SECTOR_SIZE } from '../../proto/shared/volume-geometry.js';
 
 /**
  * One bit per chunk of a device: "this chunk may have changed".
@@ -16,7 +17,6 @@ import { BlocksnapError } from '../../proto/errors.js';
  * Invariant: bits past `chunkCount` in the last word are always zero, so
  * `count()` and `equals()` never see garbage.
  */
-export const SECTOR_SIZE = 512;
 
 export class ChangeBitmap {
   readonly deviceSize: number;
@@ -30,12 +30,13 @@ export class ChangeBitmap {
     if (!Number.isSafeInteger(deviceSize) || deviceSize <= 0) {
       throw new BlocksnapError('E_TRACKER', `invalid device size ${deviceSize}`);
     }
-    if (!Number.isInteger(chunkSize) || chunkSize < SECTOR_SIZE || (chunkSize & (chunkSize - 1)) !== 0) {
-      throw new BlocksnapError('E_TRACKER', `chunk size ${chunkSize} is not a power of two >= 512`);
+    // The tracker's granularity rule, not the chunk-size rule: any power of two from one sector up.
+    if (!isValidTrackingGranularity(chunkSize)) {
+      throw new BlocksnapError('E_TRACKER', `chunk size ${chunkSize} is not a power of two >= ${SECTOR_SIZE}`);
     }
     this.deviceSize = deviceSize;
     this.chunkSize = chunkSize;
-    this.chunkCount = Math.ceil(deviceSize / chunkSize);
+    this.chunkCount = chunkCountOf(deviceSize, chunkSize);
     this.spc = chunkSize / SECTOR_SIZE;
     const wordCount = ChangeBitmap.wordCount(this.chunkCount);
     if (words) {
@@ -176,7 +177,7 @@ export class ChangeBitmap {
   }
 
   static fromBytes(bytes: Uint8Array, deviceSize: number, chunkSize: number): ChangeBitmap {
-    const chunkCount = Math.ceil(deviceSize / chunkSize);
+    const chunkCount = chunkCountOf(deviceSize, chunkSize);
     const n = ChangeBitmap.wordCount(chunkCount);
     if (bytes.length !== n * 4) {
       throw new BlocksnapError('E_FORMAT', `bitmap is ${bytes.length} bytes, expected ${n * 4}`);

@@ -39,6 +39,7 @@
 import { constants } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { BlocksnapError } from '../../proto/errors.js';
+import { assertChunkSize, chunkCountOf } from '../../proto/shared/volume-geometry.js';
 import { SELECT_HOLE, type ReadTask, type TaskResult } from './chunk-worker.js';
 import { OrderedOutput } from './ordered-output.js';
 import { WorkerPool } from './worker-pool.js';
@@ -104,8 +105,8 @@ function usage(msg: string): BlocksnapError {
 function validatePlan(plan: ReadPlan): number {
   const { volumeSize: size, chunkSize: cs, startIndex } = plan;
   if (!Number.isSafeInteger(size) || size < 0) throw usage(`bad volumeSize ${size}`);
-  if (!Number.isInteger(cs) || cs < 4096 || cs > 4 << 20 || (cs & (cs - 1)) !== 0) throw usage(`chunkSize must be a power of two in 4 KiB..4 MiB, got ${cs}`);
-  const n = Math.ceil(size / cs);
+  assertChunkSize(cs, 'E_USAGE', 'readChunks: chunkSize');
+  const n = chunkCountOf(size, cs);
   if (!Number.isInteger(startIndex) || startIndex < 0 || startIndex > n) throw usage(`startIndex ${startIndex} outside 0..${n}`);
   if (plan.mode !== 'full' && plan.mode !== 'incremental') throw usage(`bad mode ${String(plan.mode)}`);
   const level = plan.compressionLevel ?? 1;

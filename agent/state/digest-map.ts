@@ -25,6 +25,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { BlocksnapError, isBlocksnapError } from '../../proto/errors.js';
 import { fsyncDir } from '../../proto/shared/durable-file.js';
+import { assertChunkSize, chunkCountOf } from '../../proto/shared/volume-geometry.js';
 
 export const DMAP_MAGIC: Buffer = Buffer.from('BSNDMAP\0', 'latin1');
 export const DMAP_VERSION = 1;
@@ -51,12 +52,10 @@ function bad(message: string): BlocksnapError {
   return new BlocksnapError('E_FORMAT', `digest map: ${message}`);
 }
 
-function chunkCountOf(volumeSize: number, chunkSize: number): number {
-  if (!Number.isInteger(chunkSize) || chunkSize < 4096 || chunkSize > 4 << 20 || (chunkSize & (chunkSize - 1)) !== 0) {
-    throw bad(`chunk size ${chunkSize} is not a power of two in 4 KiB..4 MiB`);
-  }
+function mapChunkCount(volumeSize: number, chunkSize: number): number {
+  assertChunkSize(chunkSize, 'E_FORMAT', 'digest map: chunk size');
   if (!Number.isSafeInteger(volumeSize) || volumeSize <= 0) throw bad(`volume size ${volumeSize}`);
-  const n = Math.ceil(volumeSize / chunkSize);
+  const n = chunkCountOf(volumeSize, chunkSize);
   if (n * DIGEST > bufferConstants.MAX_LENGTH) throw bad(`${n} chunks do not fit one buffer`);
   return n;
 }
@@ -75,7 +74,7 @@ export class DigestMap {
   ) {}
 
   static create(init: DigestMapInit): DigestMap {
-    const n = chunkCountOf(init.volumeSize, init.chunkSize);
+    const n = mapChunkCount(init.volumeSize, init.chunkSize);
     checkImageId(init.imageId);
     const buf = Buffer.alloc(n * DIGEST);
     const src = init.digests;
@@ -103,7 +102,7 @@ export class DigestMap {
     const volume = h.readBigUInt64LE(16);
     if (volume > BigInt(Number.MAX_SAFE_INTEGER)) throw bad(`volume size ${volume}`);
     const volumeSize = Number(volume);
-    const n = chunkCountOf(volumeSize, chunkSize);
+    const n = mapChunkCount(volumeSize, chunkSize);
     if (h.readBigUInt64LE(24) !== BigInt(n)) throw bad(`chunk count ${h.readBigUInt64LE(24)} != ${n}`);
     const idField = h.subarray(32, 32 + DMAP_IMAGE_ID_BYTES);
     const nul = idField.indexOf(0);

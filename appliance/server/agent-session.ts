@@ -2,6 +2,7 @@ import { createHmac, randomBytes } from 'node:crypto';
 import type { Logger } from 'pino';
 import { BlocksnapError, toBlocksnapError } from '../../proto/errors.js';
 import { validateEnvelope } from '../../proto/codec.js';
+import { isValidChunkSize } from '../../proto/shared/volume-geometry.js';
 import { envelope, messageOf, PROTOCOL_VERSION, type AuthProof, type Envelope, type Hello, type VolumeInfo } from '../../proto/messages.js';
 import { newNonce, SALT_BYTES, SCRAM_ITERATIONS, serverSignature, verifyClientProof, type ScramExchange, type ScramVerifier } from '../../proto/scram.js';
 import type { Transport } from '../../proto/transport.js';
@@ -176,8 +177,7 @@ export class AgentSession {
     const agent = c.row;
     if (h.volumes.length > MAX_VOLUMES) return this.refuse('E_PROTOCOL', `too many volumes (${h.volumes.length})`);
     for (const v of h.volumes) {
-      const cs = v.chunkSize;
-      if (!NAME_RE.test(v.name) || !(v.size > 0) || !Number.isSafeInteger(v.size) || cs < 4096 || cs > 4 << 20 || (cs & (cs - 1)) !== 0) {
+      if (!NAME_RE.test(v.name) || !(v.size > 0) || !Number.isSafeInteger(v.size) || !isValidChunkSize(v.chunkSize)) {
         return this.refuse('E_PROTOCOL', `invalid volume in inventory: ${JSON.stringify(v.name)}`);
       }
       this.volumes.set(v.name, v);

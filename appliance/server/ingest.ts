@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
 import { BlocksnapError } from '../../proto/errors.js';
+import { assertChunkSize, chunkCountOf } from '../../proto/shared/volume-geometry.js';
 import { BLOB_CHUNK, ZERO_DIGEST, type BlobWriter, type ChunkStore } from '../store/chunk-store.js';
 import { ImageIndexBuilder } from '../store/image-index.js';
 import { zstdDecompress } from '../../proto/shared/zstd.js';
@@ -85,10 +86,8 @@ export class Ingest {
       throw new BlocksnapError('E_PROTOCOL', `invalid volume size ${params.volumeSize}`);
     }
     const cs = params.chunkSize;
-    if (!Number.isInteger(cs) || cs < 4096 || cs > 4 * 1024 * 1024 || (cs & (cs - 1)) !== 0) {
-      throw new BlocksnapError('E_PROTOCOL', `invalid chunk size ${cs}: a power of two from 4 KiB to 4 MiB`);
-    }
-    this.chunkCount = Math.ceil(params.volumeSize / cs);
+    assertChunkSize(cs, 'E_PROTOCOL');
+    this.chunkCount = chunkCountOf(params.volumeSize, cs);
     this.scratch = Buffer.allocUnsafe(cs + 1);
     this.lastSeq = params.startSeq ?? 0;
     if (this.chunkCount > MAX_CHUNKS) {

@@ -25,6 +25,7 @@
  */
 import { createHash } from 'node:crypto';
 import { BlocksnapError } from '../errors.js';
+import { assertChunkSize, chunkCountOf } from './volume-geometry.js';
 
 export const ROOT_MAGIC: Buffer = Buffer.from('BSNROOT\0', 'latin1');
 export const ROOT_VERSION = 1;
@@ -32,8 +33,6 @@ export const ROOT_HEADER_BYTES = 40;
 export const DIGEST_BYTES = 32;
 export const SLOTS_PER_PAGE = 1024;
 export const PAGE_BYTES = SLOTS_PER_PAGE * DIGEST_BYTES;
-export const MIN_CHUNK_SIZE = 4096;
-export const MAX_CHUNK_SIZE = 4 * 1024 * 1024;
 
 export interface ImageGeometry {
   volumeSize: number;
@@ -51,35 +50,19 @@ function formatError(message: string): BlocksnapError {
   return new BlocksnapError('E_FORMAT', `image root: ${message}`);
 }
 
-export function isValidChunkSize(chunkSize: number): boolean {
-  return (
-    Number.isInteger(chunkSize) &&
-    chunkSize >= MIN_CHUNK_SIZE &&
-    chunkSize <= MAX_CHUNK_SIZE &&
-    (chunkSize & (chunkSize - 1)) === 0
-  );
-}
-
 /**
  * Chunk and page counts of a volume. Sizes stay JS numbers: 2^53 bytes is far
  * beyond any volume, and refusing unsafe integers keeps arithmetic exact.
  */
 export function imageGeometry(volumeSize: number, chunkSize: number): ImageGeometry {
-  if (!isValidChunkSize(chunkSize)) {
-    throw formatError(`chunk size ${chunkSize} is not a power of two in ${MIN_CHUNK_SIZE}..${MAX_CHUNK_SIZE}`);
-  }
+  assertChunkSize(chunkSize, 'E_FORMAT', 'image root: chunk size');
   if (!Number.isSafeInteger(volumeSize) || volumeSize <= 0) {
     throw formatError(`volume size ${volumeSize} is not a positive safe integer`);
   }
-  const chunkCount = Math.ceil(volumeSize / chunkSize);
+  const chunkCount = chunkCountOf(volumeSize, chunkSize);
   const pageCount = Math.ceil(chunkCount / SLOTS_PER_PAGE);
   if (pageCount > 0xffffffff) throw formatError(`page count ${pageCount} exceeds u32`);
   return { volumeSize, chunkSize, chunkCount, pageCount };
-}
-
-/** Plain length of chunk `index` (the last chunk may be short). */
-export function chunkLength(geometry: ImageGeometry, index: number): number {
-  return Math.min(geometry.chunkSize, geometry.volumeSize - index * geometry.chunkSize);
 }
 
 export function encodeRoot(root: ImageRoot): Buffer {

@@ -2,13 +2,13 @@ import { describe, expect, it } from 'vitest';
 import {
   PAGE_BYTES,
   ROOT_HEADER_BYTES,
-  chunkLength,
   decodeRoot,
   encodeRoot,
   imageGeometry,
   rootPageDigest,
   type ImageRoot,
 } from '../../proto/shared/image-root.js';
+import { chunkLength } from '../../proto/shared/volume-geometry.js';
 
 function sample(): ImageRoot {
   // 2 full pages of 64 KiB chunks plus one 4 KiB chunk: a short last chunk
