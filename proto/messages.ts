@@ -1,10 +1,19 @@
 import { fileURLToPath } from 'node:url';
 import protobuf from 'protobufjs';
 import { BlocksnapError } from './errors.js';
+import type { blocksnap } from './generated/blocksnap.js';
 
 /**
  * TypeScript view of proto/blocksnap.proto (DESIGN.md §4), plus the body-level
  * encode/decode the frame codec builds on.
+ *
+ * The types are derived, not hand-written: `npm run proto:gen` (pbjs + pbts)
+ * writes the schema's raw interfaces to proto/generated/blocksnap.d.ts, and
+ * `Decoded` below maps them to the shape `decodeEnvelopeBody` returns (see
+ * converterFor), so a field added to the .proto appears here after
+ * regenerating, with no hand edit. test/proto/generated-types.test.ts fails
+ * when the generated file is stale; test/proto/message-types.test.ts pins the
+ * mapping.
  *
  * Shapes: field names are protobufjs camelCase; every scalar field is always
  * present after decoding (proto3 default when absent); a nested message field
@@ -24,99 +33,83 @@ export const PROTOCOL_VERSION = 2;
 export const JobMode = { UNSPECIFIED: 0, FULL: 1, INCREMENTAL: 2 } as const;
 export type JobMode = (typeof JobMode)[keyof typeof JobMode];
 
-export interface VolumeInfo { name: string; size: number; chunkSize: number; lastImageId: string }
+/** protobufjs's Long (64-bit integers in the raw interfaces), matched by shape. */
+interface LongLike { low: number; high: number; unsigned: boolean; toNumber(): number }
+/** The numeric value(s) of a number type: an enum becomes the union of its member values (JobMode → 0 | 1 | 2), `number` stays `number`. */
+type NumberOf<V extends number> = `${V}` extends `${infer N extends number}` ? N : number;
+/** A raw interface's field type as decoded: Long | number → number, bytes → Uint8Array (a Buffer at run time), a message → its Decoded shape. */
+type DecodedValue<V> =
+  V extends readonly (infer E)[] ? DecodedValue<NonNullable<E>>[]
+  : V extends Uint8Array ? Uint8Array
+  : V extends LongLike ? never
+  : V extends number ? NumberOf<V>
+  : V extends string | boolean ? V
+  : V extends object ? Decoded<V>
+  : V;
+/** Schema fields of a raw interface (pbts adds `$unknowns`, never set by this codec). */
+type SchemaKeys<P> = Exclude<keyof P, '$unknowns'>;
+/** Non-repeated message fields: `undefined` when absent, hence optional. */
+type MessageKeys<P> = { [K in SchemaKeys<P>]-?: IsMessage<NonNullable<P[K]>> extends true ? K : never }[SchemaKeys<P>];
+type IsMessage<V> = [V] extends [readonly unknown[]] ? false : [V] extends [Uint8Array] ? false : [V] extends [LongLike] ? false : [V] extends [object] ? true : false;
+
+/**
+ * The decoded shape of a generated raw interface `P` (`blocksnap.v1.X.$Properties`):
+ * every field required and non-null except message fields (undefined when
+ * absent) and the `Optional` ones — fields a sender may omit although decoding
+ * always fills them.
+ */
+export type Decoded<P, Optional extends SchemaKeys<P> = never> = {
+  -readonly [K in SchemaKeys<P> as K extends Optional | MessageKeys<P> ? never : K]-?: DecodedValue<NonNullable<P[K]>>;
+} & {
+  -readonly [K in SchemaKeys<P> as K extends Optional | MessageKeys<P> ? K : never]?: DecodedValue<NonNullable<P[K]>>;
+};
+
+type EnvelopeProps = blocksnap.v1.Envelope.$Properties;
+/** Envelope oneof member names (the generated interface also carries the oneof's virtual `msg`). */
+export type EnvelopeKind = Exclude<SchemaKeys<EnvelopeProps>, 'msg'>;
+/**
+ * Fields optional by design, per envelope kind: decoding always fills them, a
+ * sender may omit them. Hello.groups: always an array after decoding, omitted
+ * when the agent has no groups. Committed.setId/images: group jobs only
+ * ("" and [] otherwise).
+ */
+interface OptionalByDesign { hello: 'groups'; committed: 'setId' | 'images' }
+type OptionalOf<K extends EnvelopeKind> = K extends keyof OptionalByDesign ? OptionalByDesign[K] : never;
+
+/** Envelope oneof member name → message type. */
+export type MessageMap = { [K in EnvelopeKind]: Decoded<NonNullable<EnvelopeProps[K]>, OptionalOf<K> & SchemaKeys<NonNullable<EnvelopeProps[K]>>> };
+
+export type VolumeInfo = Decoded<blocksnap.v1.VolumeInfo.$Properties>;
 /** A consistency group: members snapshotted at one instant, committed as one image set. */
-export interface GroupInfo { name: string; volumes: string[] }
-export interface Hello {
-  agent: string; protocolVersion: number; agentVersion: string; volumes: VolumeInfo[];
-  /** Random per agent process; a new value means the agent restarted and its old jobs are gone. */
-  instanceId: string;
-  /** Always an array after decoding; a sender may omit it (no groups). */
-  groups?: GroupInfo[];
-  /** Fresh random bytes per connection (SCRAM, proto/scram.ts). */
-  clientNonce: Uint8Array;
-}
-export interface AuthChallenge { salt: Uint8Array; iterations: number; serverNonce: Uint8Array }
-export interface AuthProof { clientProof: Uint8Array }
+export type GroupInfo = Decoded<blocksnap.v1.GroupInfo.$Properties>;
+export type Hello = MessageMap['hello'];
+export type AuthChallenge = MessageMap['authChallenge'];
+export type AuthProof = MessageMap['authProof'];
 /** `serverSignature` proves the appliance holds the agent's verifier; the agent checks it. */
-export interface Welcome { sessionId: string; maxFrameBytes: number; windowBytes: number; serverSignature: Uint8Array }
-export interface RunJob { jobId: string; volume: string; mode: JobMode; audit: boolean }
-export interface CancelJob { jobId: string; reason: string }
-export interface BeginVolume {
-  jobId: string; volume: string; volumeSize: number; chunkSize: number;
-  basisImageId: string; mode: JobMode; resume: boolean;
-}
-export interface VolumeReady { jobId: string; basisAccepted: boolean; resumeFrom: number; reason: string }
-export interface Chunk { index: number; digest: Uint8Array; zero: boolean; data: Uint8Array; plainLength: number }
-export interface ChunkBatch { jobId: string; seq: number; chunks: Chunk[] }
-export interface Ack { jobId: string; seq: number; durableNext: number }
-export interface TransferStats {
-  chunksTotal: number; chunksRead: number; chunksSent: number; chunksZero: number;
-  bytesRead: number; bytesSent: number; bytesStored: number; chunksStored: number;
-  freezeSeconds: number; snapshotSeconds: number; readSeconds: number;
-  changeSource: string; fallbackReason: string;
-  trackedChunks: number; audited: boolean; auditChanged: number; auditMissed: number; auditExtra: number;
-}
-export interface EndVolume {
-  jobId: string; nextIndex: number; stats?: TransferStats;
-  /** SHA-256 of the image root the agent expects (32 bytes): the appliance commits only if its own root is equal. */
-  expectedRoot: Uint8Array;
-}
-export interface MemberImage { volume: string; imageId: string }
-export interface Committed {
-  jobId: string; imageId: string; stats?: TransferStats;
-  /** Group jobs only: the image set and every member's image. Always present after decoding ("" and []); a sender may omit them. */
-  setId?: string; images?: MemberImage[];
-}
-export interface CommitSet { jobId: string }
-export interface JobProgress { jobId: string; chunksDone: number; chunksTotal: number; bytesSent: number; phase: string }
-export interface JobResult {
-  jobId: string; ok: boolean; imageId: string; errorCode: string; errorMessage: string; stats?: TransferStats;
-}
+export type Welcome = MessageMap['welcome'];
+export type RunJob = MessageMap['runJob'];
+export type CancelJob = MessageMap['cancelJob'];
+export type BeginVolume = MessageMap['beginVolume'];
+export type VolumeReady = MessageMap['volumeReady'];
+export type Chunk = Decoded<blocksnap.v1.Chunk.$Properties>;
+export type ChunkBatch = MessageMap['chunkBatch'];
+export type Ack = MessageMap['ack'];
+export type TransferStats = Decoded<blocksnap.v1.TransferStats.$Properties>;
+export type EndVolume = MessageMap['endVolume'];
+export type MemberImage = Decoded<blocksnap.v1.MemberImage.$Properties>;
+export type Committed = MessageMap['committed'];
+export type CommitSet = MessageMap['commitSet'];
+export type JobProgress = MessageMap['jobProgress'];
+export type JobResult = MessageMap['jobResult'];
 /** The wire `Error` message (named so it does not shadow the global Error). */
-export interface ErrorMessage { jobId: string; code: string; message: string }
-export interface Ping { nonce: number }
-export interface PgBackupInfo {
-  jobId: string; labelFile: string; spcmapFile: string; startLsn: string; stopLsn: string; timeline: number;
-  replayLsn: string; exclusive: boolean; serverVersion: number; role: string; pausedSeconds: number;
-  backupSeconds: number; walSegmentSize: number;
-}
-export interface WalPiece {
-  jobId: string; fileName: string; offset: number; data: Uint8Array; plainLength: number; digest: Uint8Array; fileSize: number;
-}
+export type ErrorMessage = MessageMap['error'];
+export type Ping = MessageMap['ping'];
+export type PgBackupInfo = MessageMap['pgBackupInfo'];
+export type WalPiece = MessageMap['walPiece'];
 /** WAL travels cut at this size: offset a multiple of it, length min(it, fileSize − offset) (DESIGN.md §4.2). */
 export const WAL_PIECE_BYTES = 4 << 20;
 
-/** Envelope oneof member name → message type. */
-export interface MessageMap {
-  hello: Hello; welcome: Welcome; runJob: RunJob; cancelJob: CancelJob;
-  beginVolume: BeginVolume; volumeReady: VolumeReady; chunkBatch: ChunkBatch; ack: Ack;
-  endVolume: EndVolume; committed: Committed; jobProgress: JobProgress; jobResult: JobResult;
-  error: ErrorMessage; ping: Ping; pong: Ping; pgBackupInfo: PgBackupInfo; walPiece: WalPiece; commitSet: CommitSet;
-  authChallenge: AuthChallenge; authProof: AuthProof;
-}
-export type EnvelopeKind = keyof MessageMap;
-export type Envelope =
-  | { kind: 'hello'; hello: Hello }
-  | { kind: 'welcome'; welcome: Welcome }
-  | { kind: 'runJob'; runJob: RunJob }
-  | { kind: 'cancelJob'; cancelJob: CancelJob }
-  | { kind: 'beginVolume'; beginVolume: BeginVolume }
-  | { kind: 'volumeReady'; volumeReady: VolumeReady }
-  | { kind: 'chunkBatch'; chunkBatch: ChunkBatch }
-  | { kind: 'ack'; ack: Ack }
-  | { kind: 'endVolume'; endVolume: EndVolume }
-  | { kind: 'committed'; committed: Committed }
-  | { kind: 'jobProgress'; jobProgress: JobProgress }
-  | { kind: 'jobResult'; jobResult: JobResult }
-  | { kind: 'error'; error: ErrorMessage }
-  | { kind: 'ping'; ping: Ping }
-  | { kind: 'pong'; pong: Ping }
-  | { kind: 'pgBackupInfo'; pgBackupInfo: PgBackupInfo }
-  | { kind: 'walPiece'; walPiece: WalPiece }
-  | { kind: 'commitSet'; commitSet: CommitSet }
-  | { kind: 'authChallenge'; authChallenge: AuthChallenge }
-  | { kind: 'authProof'; authProof: AuthProof };
+export type Envelope = { [K in EnvelopeKind]: { kind: K } & { [P in K]: MessageMap[K] } }[EnvelopeKind];
 export type EnvelopeOf<K extends EnvelopeKind> = Extract<Envelope, { kind: K }>;
 
 /** Builds an envelope without repeating the kind: `envelope('ack', {...})`. */

@@ -6,7 +6,7 @@
 // (test/proto/generated-types.test.ts) regenerates into a temp dir and fails
 // when the committed file is stale.
 //
-// Usage: node scripts/proto-gen.mjs [OUT.d.ts]
+// Usage: node scripts/proto-gen.mjs [OUT.d.ts [IN.proto]]
 import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync, mkdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -15,6 +15,7 @@ import { fileURLToPath } from 'node:url';
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 const out = resolve(process.argv[2] ?? join(root, 'proto/generated/blocksnap.d.ts'));
+const proto = resolve(process.argv[3] ?? join(root, 'proto/blocksnap.proto'));
 const bin = (name) => join(root, 'node_modules/.bin', name);
 
 const HEADER =
@@ -30,7 +31,7 @@ try {
   execFileSync(bin('pbjs'), [
     '-t', 'static-module', '-w', 'esm', '--alt-comment',
     '--no-create', '--no-encode', '--no-decode', '--no-verify', '--no-convert', '--no-delimited', '--no-typeurl',
-    '-o', js, join(root, 'proto/blocksnap.proto'),
+    '-o', js, proto,
   ], { stdio: ['ignore', 'ignore', 'inherit'] });
   execFileSync(bin('pbts'), ['-o', dts, js], { stdio: ['ignore', 'ignore', 'inherit'] });
   mkdirSync(dirname(out), { recursive: true });

@@ -32,7 +32,7 @@ describe('messages', () => {
     expect(ENVELOPE_KINDS).toHaveLength(EnvelopeType.fieldsArray.length);
   });
 
-  it('hand-written types name exactly the schema fields (checked through the samples)', () => {
+  it('the sample envelopes name exactly the schema fields', () => {
     for (const env of samples) {
       const type = EnvelopeType.fields[env.kind]!.resolvedType as protobuf.Type;
       expectSchemaFields(type, messageOf(env) as unknown as Record<string, unknown>, env.kind);
