@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
-import path from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
+import { writeFileDurably } from '../../proto/shared/durable-file.js';
 import { chunkCountOf, isValidTrackingGranularity } from '../../proto/shared/volume-geometry.js';
 import { ChangeBitmap } from './change-bitmap.js';
 import type { DeviceIdentity } from './tracker.js';
@@ -133,28 +133,11 @@ export function decodeBitmapFile(buf: Buffer): BitmapFileContent {
   };
 }
 
-/** Durable replace: temp + fsync + rename + directory fsync. */
+/** Durable replace (proto/shared/durable-file). */
 export async function writeBitmapFile(file: string, c: BitmapFileContent): Promise<void> {
-  const bytes = encodeBitmapFile(c);
-  const dir = path.dirname(file);
-  const tmp = path.join(dir, `.${path.basename(file)}.${process.pid}.${Date.now()}.tmp`);
   try {
-    const fh = await fsp.open(tmp, 'w', 0o600);
-    try {
-      await fh.writeFile(bytes);
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-    await fsp.rename(tmp, file);
-    const dh = await fsp.open(dir, 'r');
-    try {
-      await dh.sync();
-    } finally {
-      await dh.close();
-    }
+    await writeFileDurably(file, encodeBitmapFile(c));
   } catch (e) {
-    await fsp.rm(tmp, { force: true }).catch(() => {});
     throw new BlocksnapError('E_TRACKER', `cannot save bitmap ${file}: ${(e as Error).message}`, { cause: e });
   }
 }

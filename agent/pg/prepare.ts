@@ -41,10 +41,9 @@
  *   into the source's archive, where the source's own PITR would follow it.
  * postmaster.pid is removed, after checking no postmaster runs on the directory.
  */
-import { randomBytes } from 'node:crypto';
-import { open, readFile, readlink, rename, rm, stat } from 'node:fs/promises';
+import { readFile, readlink, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
-import { fsyncDir } from '../../proto/shared/durable-file.js';
+import { fsyncDir, writeDurable } from '../../proto/shared/durable-file.js';
 import { BlocksnapError } from '../../proto/errors.js';
 import { majorOf, parseLsn, pgSqlFor } from './sql-table.js';
 
@@ -80,19 +79,11 @@ export function quoteConf(v: string): string {
   return `'${v.replace(/\\/g, '\\\\').replace(/'/g, "''")}'`;
 }
 
-/** proto/durable-file's write, plus the owner PostgreSQL runs as (the agent is root; a root-owned 0600 file is unreadable to the server). */
+/** The durable write, owned by the user PostgreSQL runs as (the agent is root; a root-owned 0600 file is unreadable to the server). */
 async function writeOwned(file: string, data: string, owner: { uid: number; gid: number }): Promise<void> {
-  const tmp = path.join(path.dirname(file), `.${path.basename(file)}.${randomBytes(4).toString('hex')}.tmp`);
-  const fh = await open(tmp, 'wx', 0o600);
   try {
-    await fh.writeFile(data);
-    await fh.chown(owner.uid, owner.gid);
-    await fh.sync();
-    await fh.close();
-    await rename(tmp, file);
+    await writeDurable(file, (fh) => fh.writeFile(data), { owner });
   } catch (e) {
-    await fh.close().catch(() => undefined);
-    await rm(tmp, { force: true });
     throw new BlocksnapError('E_STORE_IO', `cannot write ${file}`, { cause: e });
   }
 }

@@ -21,11 +21,10 @@
  *
  * Both are written temp + fsync + rename + directory fsync.
  */
-import { randomBytes } from 'node:crypto';
-import { mkdir, open, readFile, readdir, rename, rm } from 'node:fs/promises';
+import { mkdir, readFile, readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
-import { fsyncDir, writeFileDurably as writeDurably } from '../../proto/shared/durable-file.js';
+import { fsyncDir, writeFileDurably } from '../../proto/shared/durable-file.js';
 
 export const FREEZE_MARKER_FORMAT = 'blocksnap-freeze-marker';
 export const VOLUME_REGISTRY_FORMAT = 'blocksnap-reflink-volumes';
@@ -84,10 +83,6 @@ export async function readFreezeMarkers(stateDir: string): Promise<Array<{ file:
   return out;
 }
 
-
-function writeFileDurably(file: string, data: string): Promise<void> {
-  return writeDurably(file, Buffer.from(data), 0o600);
-}
 
 function registryPath(stateDir: string): string {
   return path.join(stateDir, 'reflink-volumes.json');

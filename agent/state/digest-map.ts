@@ -19,12 +19,12 @@
  * chunks): an array of per-chunk Buffers would cost several times that.
  * A file that fails any check is not trusted: the next job is a full.
  */
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { constants as bufferConstants } from 'node:buffer';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { BlocksnapError, isBlocksnapError } from '../../proto/errors.js';
-import { fsyncDir } from '../../proto/shared/durable-file.js';
+import { writeDurable } from '../../proto/shared/durable-file.js';
 import { assertChunkSize, chunkCountOf } from '../../proto/shared/volume-geometry.js';
 
 export const DMAP_MAGIC: Buffer = Buffer.from('BSNDMAP\0', 'latin1');
@@ -208,25 +208,14 @@ export class DigestMap {
     return Buffer.concat([this.encodeHeader(), this.digests]);
   }
 
-  /** temp + fsync + rename + directory fsync, next to `file`. */
+  /** The durable write (proto/shared/durable-file), streamed: the digests are not copied into one buffer. */
   async write(file: string): Promise<void> {
-    const dir = path.dirname(path.resolve(file));
-    const tmp = `${file}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
     try {
-      const created = await fs.mkdir(dir, { recursive: true });
-      if (created !== undefined) await fsyncDir(path.dirname(path.resolve(created)));
-      const fh = await fs.open(tmp, 'wx', 0o600);
-      try {
+      await writeDurable(file, async (fh) => {
         await writeFully(fh, this.encodeHeader(), 0);
         await writeFully(fh, this.digests, DMAP_HEADER_BYTES);
-        await fh.sync();
-      } finally {
-        await fh.close();
-      }
-      await fs.rename(tmp, file);
-      await fsyncDir(dir);
+      });
     } catch (e) {
-      await fs.rm(tmp, { force: true }).catch(() => undefined);
       throw new BlocksnapError('E_INTERNAL', `digest map ${file}: write failed: ${(e as Error).message}`, { cause: e });
     }
   }

@@ -32,7 +32,7 @@ import path from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
 import { imageGeometry } from '../../proto/shared/image-root.js';
 import { validatePgInfo, type PgImageInfo } from './pg-image-info.js';
-import { fsyncDir, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE } from '../../proto/shared/durable-file.js';
+import { fsyncDir, PRIVATE_DIR_MODE, writeDurable } from '../../proto/shared/durable-file.js';
 
 export const MANIFEST_FORMAT = 'blocksnap-manifest';
 export const MANIFEST_VERSION = 1;
@@ -250,7 +250,6 @@ export async function writeManifest(storeDir: string, m: Manifest): Promise<stri
   const bytes = encodeManifest(m);
   const dest = manifestPath(storeDir, m.imageId);
   const tmpDir = path.join(storeDir, 'tmp');
-  const tmp = path.join(tmpDir, `manifest-${m.imageId}-${process.pid}-${randomBytes(4).toString('hex')}.tmp`);
   try {
     await ensureDir(tmpDir);
     await ensureDir(manifestsDir(storeDir));
@@ -263,23 +262,10 @@ export async function writeManifest(storeDir: string, m: Manifest): Promise<stri
     throw new BlocksnapError('E_STORE_IO', `manifest ${m.imageId} already exists`);
   }
   try {
-    const fh = await fs.open(tmp, 'wx', PRIVATE_FILE_MODE);
-    try {
-      await fh.chmod(PRIVATE_FILE_MODE); // whatever the umask (DESIGN.md §2)
-      await fh.writeFile(bytes);
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-    await fs.rename(tmp, dest);
+    // The temp goes to store/tmp/ (emptied at open), the file is 0600 whatever the umask (DESIGN.md §2).
+    await writeDurable(dest, (fh) => fh.writeFile(bytes), { tmpDir });
   } catch (e) {
-    await fs.rm(tmp, { force: true }).catch(() => undefined);
     throw ioError(`manifest ${m.imageId}: write failed`, e);
-  }
-  try {
-    await fsyncDir(manifestsDir(storeDir));
-  } catch (e) {
-    throw ioError(`manifest ${m.imageId}: directory fsync failed`, e);
   }
   return dest;
 }

@@ -1,29 +1,44 @@
 import { randomBytes } from 'node:crypto';
-import { chmod, mkdir, open, rename, rm } from 'node:fs/promises';
+import { chmod, mkdir, open, rename, rm, type FileHandle } from 'node:fs/promises';
 import { chmodSync, closeSync, mkdirSync, openSync } from 'node:fs';
-import { basename, dirname, join } from 'node:path';
+import { basename, dirname, join, resolve } from 'node:path';
 
 /** Mode of every file blocksnap keeps (state, packs, manifests, catalog): owner only. */
 export const PRIVATE_FILE_MODE = 0o600;
 /** Mode of every directory it creates for them. */
 export const PRIVATE_DIR_MODE = 0o700;
 
+export interface DurableWriteOptions {
+  /** The file's mode, forced whatever the umask. Default 0600. */
+  mode?: number;
+  /** Owner given to the file before it becomes visible (the agent is root; PostgreSQL's files must be its own). */
+  owner?: { uid: number; gid: number };
+  /** Where the temp file is made (same filesystem as the target); default the target's directory. */
+  tmpDir?: string;
+}
+
 /**
- * Durable small-file writes shared by agent and appliance state:
- * temp file in the same directory (O_EXCL), write, fsync, rename over the
- * target, fsync the directory. A crash leaves either the old file or the new
- * one, never a torn one; a leftover temp is named `.<name>.<rand>.tmp`.
- * The file gets exactly `mode` whatever the umask (fchmod before the data
- * goes in), and a directory this creates is 0700.
+ * The one durable write of blocksnap (agent state, tracker bitmaps, digest
+ * maps, manifests, sidecars, PostgreSQL recovery settings): a temp file
+ * (O_EXCL, named `.<name>.<rand>.tmp`), filled by `fill`, fsync'ed, renamed
+ * over the target, then the target's directory fsync'ed. A crash leaves either
+ * the old file or the new one, never a torn one. The mode (and owner) are set
+ * on the temp before any data goes in. A directory this creates is 0700, and
+ * the directory holding the first one it created is fsync'ed too, so the new
+ * entry survives a power loss. On failure the temp is removed and the error
+ * is rethrown as is: callers wrap it in their own code.
  */
-export async function writeFileDurably(file: string, bytes: Uint8Array, mode = PRIVATE_FILE_MODE): Promise<void> {
+export async function writeDurable(file: string, fill: (fh: FileHandle) => Promise<void>, o: DurableWriteOptions = {}): Promise<void> {
+  const mode = o.mode ?? PRIVATE_FILE_MODE;
   const dir = dirname(file);
-  await mkdir(dir, { recursive: true, mode: PRIVATE_DIR_MODE });
-  const tmp = join(dir, `.${basename(file)}.${randomBytes(4).toString('hex')}.tmp`);
+  const created = await mkdir(dir, { recursive: true, mode: PRIVATE_DIR_MODE });
+  if (created !== undefined) await fsyncDir(dirname(resolve(created)));
+  const tmp = join(o.tmpDir ?? dir, `.${basename(file)}.${randomBytes(4).toString('hex')}.tmp`);
   const fh = await open(tmp, 'wx', mode);
   try {
     await fh.chmod(mode);
-    await fh.writeFile(bytes);
+    if (o.owner) await fh.chown(o.owner.uid, o.owner.gid);
+    await fill(fh);
     await fh.sync();
   } catch (e) {
     await fh.close().catch(() => undefined);
@@ -38,6 +53,11 @@ export async function writeFileDurably(file: string, bytes: Uint8Array, mode = P
     throw e;
   }
   await fsyncDir(dir);
+}
+
+/** writeDurable of one buffer or string. */
+export async function writeFileDurably(file: string, bytes: Uint8Array | string, mode = PRIVATE_FILE_MODE): Promise<void> {
+  await writeDurable(file, (fh) => fh.writeFile(bytes), { mode });
 }
 
 export async function fsyncDir(dir: string): Promise<void> {

@@ -144,7 +144,7 @@ await DigestMap.create({ volumeSize: 1 << 24, chunkSize: 4096, imageId: 'img-x' 
       process.execPath, '--import', 'tsx', script], { cwd: repoRoot, stdio: 'pipe' });
     expect((await DigestMap.read(file)).imageId).toBe('img-x');
     const lines = (await readFile(log, 'utf8')).split('\n');
-    const openTmp = lines.findIndex((l) => l.includes(`openat(`) && l.includes(`${file}.tmp-`) && l.includes('O_EXCL'));
+    const openTmp = lines.findIndex((l) => l.includes(`openat(`) && l.includes(path.join(dir, `.${path.basename(file)}.`)) && l.includes('O_EXCL'));
     expect(openTmp).toBeGreaterThanOrEqual(0);
     const fdOf = (l: string | undefined) => l?.match(/= (\d+)$/)?.[1];
     const syncTmp = lines.findIndex((l, i) => i > openTmp && l.includes(`fsync(${fdOf(lines[openTmp])})`));

@@ -178,7 +178,7 @@ await writeManifest(${JSON.stringify(storeDir)}, ${JSON.stringify(m)});\n`);
     expect(await readManifest(storeDir, m.imageId)).toEqual(m);
     const lines = (await readFile(log, 'utf8')).split('\n');
     const dest = path.join(storeDir, 'manifests', `${m.imageId}.json`);
-    const openTmp = lines.findIndex((l) => l.includes('openat(') && l.includes(path.join(storeDir, 'tmp', 'manifest-')) && l.includes('O_EXCL'));
+    const openTmp = lines.findIndex((l) => l.includes('openat(') && l.includes(path.join(storeDir, 'tmp', `.${m.imageId}.json.`)) && l.includes('O_EXCL'));
     expect(openTmp).toBeGreaterThanOrEqual(0);
     const tmpFd = lines[openTmp].match(/= (\d+)$/)?.[1];
     const syncTmp = lines.findIndex((l, i) => i > openTmp && new RegExp(`fsync\\(${tmpFd}\\)`).test(l));

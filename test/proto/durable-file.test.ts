@@ -1,0 +1,82 @@
+import { execFileSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { writeDurable, writeFileDurably } from '../../proto/shared/durable-file.js';
+
+const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+
+describe('writeDurable: the one durable write', () => {
+  let dir: string;
+  beforeEach(async () => {
+    dir = await mkdtemp(path.join(tmpdir(), 'bs-durable-'));
+  });
+  afterEach(async () => {
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  it('streams through fill, replaces the file, forces the mode whatever the umask, leaves no temp', async () => {
+    const file = path.join(dir, 'a.bin');
+    await writeFile(file, 'old');
+    const old = process.umask(0o077);
+    try {
+      await writeDurable(file, async (fh) => {
+        await fh.write(Buffer.from('he'), 0, 2, 0);
+        await fh.write(Buffer.from('llo'), 0, 3, 2);
+      }, { mode: 0o644 });
+    } finally {
+      process.umask(old);
+    }
+    expect(await readFile(file, 'utf8')).toBe('hello');
+    expect((await stat(file)).mode & 0o777).toBe(0o644);
+    expect(await readdir(dir)).toEqual(['a.bin']);
+  });
+
+  it('a failing fill leaves the old file and no temp; the error comes back as is', async () => {
+    const file = path.join(dir, 'a.bin');
+    await writeFile(file, 'old');
+    const boom = new Error('boom');
+    await expect(writeDurable(file, async () => { throw boom; })).rejects.toBe(boom);
+    expect(await readFile(file, 'utf8')).toBe('old');
+    expect(await readdir(dir)).toEqual(['a.bin']);
+  });
+
+  it('owner and tmpDir: the file gets the owner; the temp is made in tmpDir', async () => {
+    const tmp = path.join(dir, 'tmp');
+    const file = path.join(dir, 'out', 'b.json'); // out/ does not exist yet
+    await writeFileDurably(path.join(tmp, 'keep'), 'x');
+    await writeDurable(file, (fh) => fh.writeFile('{}'), { owner: { uid: 4321, gid: 4322 }, tmpDir: tmp });
+    const st = await stat(file);
+    expect([st.uid, st.gid, st.mode & 0o777]).toEqual([4321, 4322, 0o600]);
+    expect((await stat(path.dirname(file))).mode & 0o777).toBe(0o700);
+    expect(await readdir(tmp)).toEqual(['keep']);
+  });
+
+  it.skipIf(!existsSync('/usr/bin/strace'))('syscalls: temp O_EXCL, fchown, fsync, rename over the file, then directory fsync', async () => {
+    const file = path.join(dir, 'postgresql.auto.conf');
+    const script = path.join(dir, 'write.mts');
+    const log = path.join(dir, 'strace.log');
+    await writeFile(script, `import { writeDurable } from ${JSON.stringify(path.join(repoRoot, 'proto/shared/durable-file.js'))};
+await writeDurable(${JSON.stringify(file)}, (fh) => fh.writeFile('x = 1\\n'), { owner: { uid: 4321, gid: 4321 } });\n`);
+    execFileSync('strace', ['-f', '-qq', '-e', 'trace=openat,fchown,fsync,fdatasync,rename,renameat,renameat2', '-o', log,
+      process.execPath, '--import', 'tsx', script], { cwd: repoRoot, stdio: 'pipe' });
+    const lines = (await readFile(log, 'utf8')).split('\n');
+    const openTmp = lines.findIndex((l) => l.includes('openat(') && l.includes(path.join(dir, '.postgresql.auto.conf.')) && l.includes('O_EXCL'));
+    expect(openTmp).toBeGreaterThanOrEqual(0);
+    const fdOf = (l: string | undefined) => l?.match(/= (\d+)$/)?.[1];
+    const fd = fdOf(lines[openTmp]);
+    const chown = lines.findIndex((l, i) => i > openTmp && l.includes(`fchown(${fd}, 4321, 4321)`));
+    const syncTmp = lines.findIndex((l, i) => i > openTmp && l.includes(`fsync(${fd})`));
+    const rename = lines.findIndex((l) => /rename/.test(l) && l.includes(`"${file}"`));
+    const openDir = lines.findIndex((l, i) => i > rename && l.includes(`"${dir}"`));
+    const syncDir = lines.findIndex((l, i) => i > openDir && l.includes(`fsync(${fdOf(lines[openDir])})`));
+    expect(chown).toBeGreaterThan(openTmp);
+    expect(syncTmp).toBeGreaterThan(chown);
+    expect(rename).toBeGreaterThan(syncTmp);
+    expect(openDir).toBeGreaterThan(rename);
+    expect(syncDir).toBeGreaterThan(openDir);
+  });
+});
