@@ -9,11 +9,13 @@ import { agentSocketPath, callAgent, type AgentStatus } from '../../agent/contro
 import { snapshotDirOf } from '../../agent/snapshot/reflink-snapshot-provider.js';
 import { compareExportWithSnapshot } from '../support/export-compare.js';
 import { PgCluster } from '../../scripts/lab/pg-cluster.js';
-import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
+import type { VolumeLab } from '../../scripts/lab/volume-lab.js';
 import { ddWrite } from '../support/volume-writes.js';
 import { listInstances, parseInstanceName, tracefsRoot } from '../../agent/cbt/tracefs/tracefs-instance.js';
-import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
-import { agentCli, spawnAgent, type Daemon } from '../../scripts/lab/processes.js';
+import type { ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
+import { agentCli, type Daemon } from '../../scripts/lab/processes.js';
+import { e2eFixture } from '../support/e2e-fixture.js';
+import { waitFor } from '../support/wait-for.js';
 
 /**
  * `blocksnap-agent audit VOLUME` and `status`, the compiled CLI (`npm run
@@ -28,6 +30,7 @@ type Stats = Record<string, unknown> & { changeSource: string; fallbackReason: s
 type Cmd = { exitCode: number; stdout: string; stderr: string; json?: any };
 
 describe('blocksnap-agent audit / status against the running agent', () => {
+  const fx = e2eFixture();
   let lab: VolumeLab;
   let pg: PgCluster;
   let appl: ApplianceHarness;
@@ -39,12 +42,10 @@ describe('blocksnap-agent audit / status against the running agent', () => {
 
   beforeAll(async () => {
     expect(existsSync(agentCli()), `${agentCli()} missing: run npm run build`).toBe(true);
-    lab = await createVolumeLab({ volumeSize: 512 << 20, poolSize: 3 * 1024 ** 3, name: 'pgdata' });
-    pg = new PgCluster({ dataDir: join(lab.volumeMount, 'pg') });
-    await pg.initdb();
-    await pg.start();
+    lab = await fx.lab({ volumeSize: 512 << 20, poolSize: 3 * 1024 ** 3, name: 'pgdata' });
+    pg = await fx.pg({ dataDir: join(lab.volumeMount, 'pg') });
     await pg.pgbenchInit(5);
-    appl = await startAppliance(['db1'], { auditEvery: 0 });
+    appl = await fx.appliance(['db1'], { auditEvery: 0 });
     retained = join(lab.poolMount, 'retained');
     stateDir = join(lab.root, 'agent-state');
     await mkdir(stateDir, { recursive: true });
@@ -54,22 +55,15 @@ describe('blocksnap-agent audit / status against the running agent', () => {
       appliance: appl.url, agent: 'db1', token: appl.tokens.db1, stateDir, volumes: [lab.volume], retainSnapshotsDir: retained,
       postgres: { host: '127.0.0.1', port: pg.port, user: 'postgres', role: 'primary' },
     }));
-    agent = spawnAgent(configFile, logFile, { BLOCKSNAP_LOG: 'info' });
-    for (let i = 0; i < 150 && !appl.app.router.connectedAgents().some((a) => a.agent === 'db1'); i++) {
-      if (agent.child.exitCode !== null) break;
-      await sleep(100);
-    }
-    if (!appl.app.router.connectedAgents().some((a) => a.agent === 'db1')) {
+    agent = fx.agentProcess(configFile, logFile, { BLOCKSNAP_LOG: 'info' });
+    const connected = () => appl.app.router.connectedAgents().some((a) => a.agent === 'db1');
+    await waitFor('the agent to connect (or exit)', () => connected() || agent!.child.exitCode !== null, { timeoutMs: 15_000, everyMs: 100 }).catch(() => undefined);
+    if (!connected()) {
       throw new Error(`agent did not connect; log:\n${(await readFile(logFile, 'utf8').catch(() => '')).slice(-3000)}`);
     }
   });
 
-  afterAll(async () => {
-    await agent?.stop().catch((e) => console.error('agent stop', e));
-    await appl?.close().catch((e) => console.error('appliance close', e));
-    await pg?.destroy().catch((e) => console.error('pg destroy', e));
-    await lab?.destroy();
-  });
+  afterAll(() => fx.dispose());
 
   async function cli(args: string[]): Promise<Cmd> {
     const r = await execa(process.execPath, [agentCli(), ...args, '--config', configFile], { reject: false, stdin: 'ignore', timeout: 120_000 });
@@ -137,7 +131,7 @@ describe('blocksnap-agent audit / status against the running agent', () => {
   });
 
   it('a second agent on the same state directory is refused (E_BUSY) before it touches anything; the first keeps its socket', async () => {
-    const second = spawnAgent(configFile, join(lab.root, 'agent-second.log'));
+    const second = fx.agentProcess(configFile, join(lab.root, 'agent-second.log'));
     const code = await Promise.race([second.exited, sleep(30_000).then(() => 'timeout' as const)]);
     if (code === 'timeout') await second.stop();
     expect(code).toBe(75); // E_BUSY's own exit status (EX_TEMPFAIL): "already running", not "failed"

@@ -4,14 +4,13 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Agent } from '../../agent/agent.js';
 import type { RetainingSnapshotProvider } from '../../agent/snapshot/retaining-provider.js';
-import { startTestAgent } from '../support/pg-agent.js';
+import { e2eFixture } from '../support/e2e-fixture.js';
 import { attachLoop, detachLoop } from '../../scripts/lab/loop.js';
 import { PgCluster } from '../../scripts/lab/pg-cluster.js';
-import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
+import type { VolumeLab } from '../../scripts/lab/volume-lab.js';
 import { exportImage } from '../../appliance/ops/export-image.js';
 import { verifyImage } from '../../appliance/ops/verify-image.js';
-import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
-import { createLogger } from '../../proto/shared/log.js';
+import type { ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
 
 /**
  * The whole flow on real parts: an XFS pool and an ext4 volume on loop
@@ -26,31 +25,22 @@ describe('backup flow: full + incremental of a live PostgreSQL volume', () => {
   let appl: ApplianceHarness;
   let agent: Agent;
   let keeper: RetainingSnapshotProvider;
-  const cleanups: (() => Promise<unknown>)[] = [];
+  const fx = e2eFixture();
 
   beforeAll(async () => {
-    lab = await createVolumeLab({ volumeSize: 768 << 20, poolSize: 3 * 1024 ** 3, name: 'pgdata' });
-    pg = new PgCluster({ dataDir: join(lab.volumeMount, 'pg') });
-    await pg.initdb();
-    await pg.start();
+    lab = await fx.lab({ volumeSize: 768 << 20, poolSize: 3 * 1024 ** 3, name: 'pgdata' });
+    pg = await fx.pg({ dataDir: join(lab.volumeMount, 'pg') });
     await pg.pgbenchInit(5);
-    appl = await startAppliance(['db1']);
-    const log = createLogger('test-agent', process.env.BLOCKSNAP_LOG ?? 'warn');
-    const t = await startTestAgent({
+    appl = await fx.appliance(['db1']);
+    const t = await fx.agent({
       url: appl.url, name: 'db1', token: appl.tokens.db1!, volumes: [lab.volume], stateDir: join(lab.root, 'agent-state'),
-      retainDir: join(lab.poolMount, 'kept'), log,
+      retainDir: join(lab.poolMount, 'kept'),
     });
     agent = t.agent;
     keeper = t.provider as RetainingSnapshotProvider;
   });
 
-  afterAll(async () => {
-    for (const c of cleanups.reverse()) await c().catch((e) => console.error('cleanup', e));
-    await agent?.stop();
-    await appl?.close();
-    await pg?.destroy();
-    await lab?.destroy();
-  });
+  afterAll(() => fx.dispose());
 
   async function backup(mode: 'full' | 'incremental') {
     const job = appl.app.router.startJob('db1', 'pgdata', mode);
@@ -62,7 +52,7 @@ describe('backup flow: full + incremental of a live PostgreSQL volume', () => {
   async function exportAndCompare(imageId: string, jobId: string) {
     const img = appl.app.catalog.image(imageId)!;
     const out = join(lab.poolMount, `${imageId}.raw`);
-    cleanups.push(() => rm(out, { force: true }));
+    fx.defer(`export ${imageId}`, () => rm(out, { force: true }));
     await exportImage(appl.app.store, img.rootDigest, out);
     const snap = keeper.kept.get(`pgdata@${jobId}`);
     expect(snap, 'kept snapshot').toBeTruthy();
@@ -103,14 +93,14 @@ describe('backup flow: full + incremental of a live PostgreSQL volume', () => {
 
     // Recoverability: start PostgreSQL on the exported incremental.
     const dev = await attachLoop(raw);
-    cleanups.push(() => detachLoop(dev));
+    fx.defer('restored loop device', () => detachLoop(dev));
     const mnt = join(lab.root, 'restored');
     await mkdir(mnt, { recursive: true });
     await execa('mount', ['-t', 'ext4', '-o', 'noatime', dev, mnt]);
-    cleanups.push(() => execa('umount', [mnt]));
+    fx.defer('restored mount', () => execa('umount', [mnt]));
     await rm(join(mnt, 'pg', 'postmaster.pid'), { force: true });
     const restored = new PgCluster({ dataDir: join(mnt, 'pg') });
-    cleanups.push(() => restored.destroy());
+    fx.add('restored PostgreSQL', restored, (r) => r.destroy());
     await restored.start();
     const rows = await restored.query<{ v: string }>('select v from marker');
     expect(rows.map((r) => r.v)).toEqual(['after-full']);

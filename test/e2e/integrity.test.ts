@@ -6,11 +6,10 @@ import type { Agent } from '../../agent/agent.js';
 import type { RetainingSnapshotProvider } from '../../agent/snapshot/retaining-provider.js';
 import { DigestMap, digestMapPath } from '../../agent/state/digest-map.js';
 import { compareExportWithSnapshot } from '../support/export-compare.js';
-import { startTestAgent } from '../support/pg-agent.js';
-import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
+import { e2eFixture } from '../support/e2e-fixture.js';
+import type { VolumeLab } from '../../scripts/lab/volume-lab.js';
 import { ddWrite } from '../support/volume-writes.js';
-import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
-import { createLogger } from '../../proto/shared/log.js';
+import type { ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
 import { waitFor } from '../support/wait-for.js';
 
 /**
@@ -30,25 +29,21 @@ describe('end-to-end image root with a real agent', () => {
   let agent: Agent;
   let keeper: RetainingSnapshotProvider;
   let stateDir: string;
+  const fx = e2eFixture();
 
   beforeAll(async () => {
-    lab = await createVolumeLab({ volumeSize: 256 << 20, poolSize: 1536 << 20, name: 'pgdata' });
+    lab = await fx.lab({ volumeSize: 256 << 20, poolSize: 1536 << 20, name: 'pgdata' });
     await ddWrite(join(lab.volumeMount, 'base.bin'), { bs: 1 << 20, count: 24 });
-    appl = await startAppliance(['db1']);
+    appl = await fx.appliance(['db1']);
     stateDir = join(lab.root, 'agent-state');
-    const t = await startTestAgent({
-      url: appl.url, name: 'db1', token: appl.tokens.db1!, volumes: [lab.volume], stateDir,
-      retainDir: join(lab.poolMount, 'kept'), log: createLogger('test-agent', process.env.BLOCKSNAP_LOG ?? 'warn'),
+    const t = await fx.agent({
+      url: appl.url, name: 'db1', token: appl.tokens.db1!, volumes: [lab.volume], stateDir, retainDir: join(lab.poolMount, 'kept'),
     });
     agent = t.agent;
     keeper = t.provider as RetainingSnapshotProvider;
   });
 
-  afterAll(async () => {
-    await agent?.stop();
-    await appl?.close();
-    await lab?.destroy();
-  });
+  afterAll(() => fx.dispose());
 
   /** A job, and its end on both sides: the agent released the volume (snapshot, maps) too. */
   async function run(mode: 'full' | 'incremental') {

@@ -5,14 +5,14 @@ import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Agent } from '../../agent/agent.js';
 import { prepareFromExport } from '../../agent/pg/prepare-from-export.js';
-import { startPgAgent } from '../support/pg-agent.js';
+import { e2eFixture } from '../support/e2e-fixture.js';
+import { waitFor } from '../support/wait-for.js';
 import { attachLoop, detachLoop } from '../../scripts/lab/loop.js';
 import { PgCluster } from '../../scripts/lab/pg-cluster.js';
-import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
+import type { VolumeLab } from '../../scripts/lab/volume-lab.js';
 import { exportImageTo } from '../../appliance/ops/export-image.js';
 import type { PgImageInfo } from '../../appliance/store/pg-image-info.js';
-import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
-import { createLogger } from '../../proto/shared/log.js';
+import type { ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
 
 /**
  * An application-consistent image of a PRIMARY through the whole product:
@@ -22,35 +22,25 @@ import { createLogger } from '../../proto/shared/log.js';
  * checksums are clean, and every id a ticker had committed before the
  * backup started is there, with no gap.
  */
-const log = createLogger('test', process.env.BLOCKSNAP_LOG ?? 'warn');
-
 describe('application-consistent image of a primary (PostgreSQL 15)', () => {
   let lab: VolumeLab;
   let pgc: PgCluster;
   let appl: ApplianceHarness;
   let agent: Agent;
-  const cleanups: (() => Promise<unknown>)[] = [];
+  const fx = e2eFixture();
 
   beforeAll(async () => {
-    lab = await createVolumeLab({ volumeSize: 512 << 20, poolSize: 2 * 1024 ** 3, name: 'pgdata' });
-    pgc = new PgCluster({ dataDir: join(lab.volumeMount, 'pg') });
-    await pgc.initdb();
-    await pgc.start();
+    lab = await fx.lab({ volumeSize: 512 << 20, poolSize: 2 * 1024 ** 3, name: 'pgdata' });
+    pgc = await fx.pg({ dataDir: join(lab.volumeMount, 'pg') });
     await pgc.query('create table ticks (id int primary key)');
-    appl = await startAppliance(['db1']);
-    agent = await startPgAgent({
+    appl = await fx.appliance(['db1']);
+    agent = await fx.pgAgent({
       url: appl.url, name: 'db1', token: appl.tokens.db1!, volume: lab.volume, stateDir: join(lab.root, 'agent-state'),
-      postgres: { host: '127.0.0.1', port: pgc.port, user: 'postgres', role: 'primary' }, log,
+      postgres: { host: '127.0.0.1', port: pgc.port, user: 'postgres', role: 'primary' },
     });
   });
 
-  afterAll(async () => {
-    for (const c of cleanups.reverse()) await c().catch((e) => console.error('cleanup', e));
-    await agent?.stop();
-    await appl?.close();
-    await pgc?.destroy();
-    await lab?.destroy();
-  });
+  afterAll(() => fx.dispose());
 
   it('carries label, LSNs and WAL; the exported image starts with every acknowledged id', async () => {
     // One session ticks ids, each committed before the next.
@@ -89,30 +79,25 @@ describe('application-consistent image of a primary (PostgreSQL 15)', () => {
     expect(info.wal.length).toBeGreaterThan(0);
 
     const out = join(lab.poolMount, 'export.raw');
-    cleanups.push(() => rm(out, { force: true }));
-    cleanups.push(() => rm(`${out}.wal`, { recursive: true, force: true }));
+    fx.defer('rm(out, { force: true })', () => rm(out, { force: true }));
+    fx.defer('rm(`${out}.wal`, { recursive: true, force: true })', () => rm(`${out}.wal`, { recursive: true, force: true }));
     await exportImageTo(appl.app.store, { ...img, pg: info }, out);
     expect((await readdir(`${out}.wal`)).sort()).toEqual(['.blocksnap-wal', ...info.wal.map((w) => w.name).sort()]); // segments + blocksnap's marker
 
     const dev = await attachLoop(out);
-    cleanups.push(() => detachLoop(dev));
+    fx.defer('detachLoop(dev)', () => detachLoop(dev));
     const mnt = join(lab.root, 'restored');
     await mkdir(mnt, { recursive: true });
     await execa('mount', ['-t', 'ext4', '-o', 'noatime', dev, mnt]);
-    cleanups.push(() => execa('umount', [mnt]));
+    fx.defer('execa("umount", [mnt])', () => execa('umount', [mnt]));
     const prep = await prepareFromExport(join(mnt, 'pg'), out);
     expect(prep.written).toContain('backup_label');
     expect(prep.walCopied.length).toBe(info.wal.length);
 
-    const restored = new PgCluster({ dataDir: join(mnt, 'pg') });
-    cleanups.push(() => restored.destroy());
+    const restored = await fx.pg({ dataDir: join(mnt, 'pg') }, false);
     await restored.start();
-    for (let i = 0; i < 100; i++) {
-      const r = await restored.query<{ r: boolean }>('select pg_is_in_recovery() as r');
-      if (!r[0]!.r) break;
-      await new Promise((res) => setTimeout(res, 100));
-    }
-    expect((await restored.query<{ r: boolean }>('select pg_is_in_recovery() as r'))[0]!.r).toBe(false);
+    await waitFor('the restored cluster to end recovery', async () =>
+      !(await restored.query<{ r: boolean }>('select pg_is_in_recovery() as r'))[0]!.r, { timeoutMs: 10_000, everyMs: 100 });
     const ids = await restored.query<{ min: number; max: number; n: string }>('select min(id) as min, max(id) as max, count(*)::text as n from ticks');
     expect(ids[0]!.min).toBe(1);
     expect(ids[0]!.max).toBeGreaterThanOrEqual(ackedBefore);
@@ -124,16 +109,12 @@ describe('application-consistent image of a primary (PostgreSQL 15)', () => {
 
   it('refuses a primary that is not where the volume is, and holds nothing', async () => {
     await mkdir(join(lab.root, 'elsewhere'), { mode: 0o755 });
-    const other = new PgCluster({ dataDir: join(lab.root, 'elsewhere', 'pg') });
-    cleanups.push(() => other.destroy());
-    await other.initdb();
-    await other.start();
+    const other = await fx.pg({ dataDir: join(lab.root, 'elsewhere', 'pg') });
     await agent.stop(); // one connection per agent name
-    const a2 = await startPgAgent({
+    await fx.pgAgent({
       url: appl.url, name: 'db1', token: appl.tokens.db1!, volume: lab.volume, stateDir: join(lab.root, 'agent-state-2'),
-      postgres: { host: '127.0.0.1', port: other.port, user: 'postgres', role: 'primary' }, log,
+      postgres: { host: '127.0.0.1', port: other.port, user: 'postgres', role: 'primary' },
     });
-    cleanups.push(() => a2.stop());
     const job = appl.app.router.startJob('db1', 'pgdata', 'full');
     const outcome = await job.done;
     expect(outcome).toMatchObject({ ok: false, errorCode: 'E_CONFIG' });

@@ -9,41 +9,29 @@
  * acknowledged before its backup started, with no gap. The incremental is
  * restored on its own: it carries its own label and WAL.
  */
-import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { Agent } from '../../agent/agent.js';
 import { parseLsn } from '../../agent/pg/sql-table.js';
 import { findPgServers, type PgServerBuild } from '../../agent/pg/version-lab.js';
-import { startPgAgent } from '../support/pg-agent.js';
 import { checkChecksums } from '../support/pg-checksums.js';
-import { PgCluster } from '../../scripts/lab/pg-cluster.js';
+import type { PgCluster } from '../../scripts/lab/pg-cluster.js';
 import { restoreImage } from '../support/pg-image-restore.js';
-import { PgTicker, TICK_TABLE_SQL, tickIds } from '../support/pg-ticker.js';
-import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
+import { PgTicker, tickIds } from '../support/pg-ticker.js';
+import type { VolumeLab } from '../../scripts/lab/volume-lab.js';
 import type { JobOutcome } from '../../appliance/server/active-job.js';
 import type { PgImageInfo } from '../../appliance/store/pg-image-info.js';
-import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
-import { createLogger } from '../../proto/shared/log.js';
+import type { ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
+import { e2eFixture } from '../support/e2e-fixture.js';
+import { setUpPgVersion } from '../support/pg-version-setup.js';
 
-const log = createLogger('test', process.env.BLOCKSNAP_LOG ?? 'warn');
 const builds = await findPgServers({ onSkip: (where, reason) => console.warn(`version lab: skipping ${where}: ${reason}`) });
 const agentName = (b: PgServerBuild) => `pg${b.major.replace('.', '')}`;
-const MiB = 1024 * 1024;
 
-/** Runs every release even if one fails; throws the first failure afterwards. */
-async function releaseAll(steps: Array<() => Promise<unknown> | undefined>): Promise<void> {
-  const errors: unknown[] = [];
-  for (const s of steps) await Promise.resolve().then(s).catch((e: unknown) => errors.push(e));
-  if (errors.length) throw errors[0];
-}
-
+const shared = e2eFixture();
 let appl: ApplianceHarness;
 beforeAll(async () => {
-  appl = await startAppliance(builds.map(agentName));
+  appl = await shared.appliance(builds.map(agentName));
 });
-afterAll(async () => {
-  await appl?.close();
-});
+afterAll(() => shared.dispose());
 
 it('the matrix has the versions the issue asks for', () => {
   const majors = builds.map((b) => b.major);
@@ -53,26 +41,15 @@ it('the matrix has the versions the issue asks for', () => {
 
 describe.each(builds)('primary image through the product, PostgreSQL $version', (b) => {
   const name = agentName(b);
+  const fx = e2eFixture();
   let lab: VolumeLab | undefined;
   let primary: PgCluster | undefined;
-  let agent: Agent | undefined;
-  const restores: Array<{ release(): Promise<void> }> = [];
 
   beforeAll(async () => {
-    lab = await createVolumeLab({ volumeSize: 256 * MiB, poolSize: 2048 * MiB, name: 'pgdata' });
-    primary = new PgCluster({ dataDir: join(lab.volumeMount, 'pg'), binDir: b.binDir });
-    await primary.initdb();
-    await primary.start();
-    await primary.query(TICK_TABLE_SQL);
-    agent = await startPgAgent({
-      url: appl.url, name, token: appl.tokens[name]!, volume: lab.volume, stateDir: join(lab.root, 'agent-state'), log,
-      postgres: { host: '127.0.0.1', port: primary.port, user: 'postgres', role: 'primary' },
-    });
+    ({ lab, primary } = await setUpPgVersion(fx, { build: b, appl, agent: name, role: 'primary' }));
   });
 
-  afterAll(async () => {
-    await releaseAll([...restores.map((r) => () => r.release()), () => agent?.stop(), () => primary?.destroy(), () => lab?.destroy()]);
-  });
+  afterAll(() => fx.dispose());
 
   it('full, then incremental, each taken while a ticker commits: restored, consistent, checksums clean, every acknowledged id, no gap', async () => {
     const ticker = new PgTicker(primary!.connectionConfig());
@@ -116,7 +93,7 @@ describe.each(builds)('primary image through the product, PostgreSQL $version', 
         store: appl.app.store, imageId: img.id, rootDigest: img.rootDigest, pg: info, exportDir: lab!.poolMount,
         mountBase: lab!.root, name: `restored-${img.kind}`, dataSubdir: 'pg', binDir: b.binDir,
       });
-      restores.push(r);
+      fx.add(`restore of ${img.kind}`, r, (x) => x.release());
       expect(r.walCopied.sort()).toEqual(info.wal.map((w) => w.name).sort());
       expect(r.written).toContain('backup_label');
       const serverLog = await r.log();
@@ -131,7 +108,6 @@ describe.each(builds)('primary image through the product, PostgreSQL $version', 
       expect(check.ok, check.output).toBe(true);
       expect(check.blocks).toBeGreaterThan(100);
       await r.release();
-      restores.splice(restores.indexOf(r), 1);
     }
     // The incremental is a later state than its basis, not a copy of it.
     expect(maxima[1]!).toBeGreaterThanOrEqual(ackedBeforeIncr!);

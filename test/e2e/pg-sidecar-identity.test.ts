@@ -8,13 +8,14 @@ import { prepareFromExport } from '../../agent/pg/prepare-from-export.js';
 import { readControlCheckpoint } from '../../agent/pg/sidecar-check.js';
 import { parseLsn } from '../../agent/pg/sql-table.js';
 import { attachLoop, detachLoop } from '../../scripts/lab/loop.js';
-import { startPgAgent } from '../support/pg-agent.js';
 import { PgCluster } from '../../scripts/lab/pg-cluster.js';
-import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
+import type { VolumeLab } from '../../scripts/lab/volume-lab.js';
 import { exportImageTo } from '../../appliance/ops/export-image.js';
-import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
+import type { ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
 import { createLogger } from '../../proto/shared/log.js';
 import { isBlocksnapError } from '../../proto/errors.js';
+import { e2eFixture } from '../support/e2e-fixture.js';
+import { waitFor } from '../support/wait-for.js';
 
 /**
  * A PostgreSQL sidecar names its image and the file it was exported with,
@@ -51,11 +52,11 @@ async function rejection(p: Promise<unknown>): Promise<Error> {
 }
 
 describe('PostgreSQL sidecars name their image (PostgreSQL 15)', () => {
+  const fx = e2eFixture();
   let lab: VolumeLab;
   let pgc: PgCluster;
   let appl: ApplianceHarness;
   let agent: Agent;
-  const cleanups: (() => Promise<unknown>)[] = [];
   const images: Record<'A' | 'B', { id: string; rootDigest: string; pg: Record<string, unknown> | null }> = {} as never;
   const files: Record<'A' | 'B', string> = {} as never;
 
@@ -63,24 +64,22 @@ describe('PostgreSQL sidecars name their image (PostgreSQL 15)', () => {
   async function mount(file: string, name: string): Promise<string> {
     const dev = await attachLoop(file);
     const backing = await realpath(file);
-    cleanups.push(() => detachLoop(dev, { backingFile: backing }));
+    fx.defer('detachLoop(dev, { backingFile: backing })', () => detachLoop(dev, { backingFile: backing }));
     const mnt = join(lab.root, `mnt-${name}`);
     await mkdir(mnt, { recursive: true });
-    cleanups.push(() => rmdir(mnt));
+    fx.defer('rmdir(mnt)', () => rmdir(mnt));
     await execa('mount', ['-t', 'ext4', '-o', 'noatime', dev, mnt]);
-    cleanups.push(() => execa('umount', [mnt]));
+    fx.defer('execa("umount", [mnt])', () => execa('umount', [mnt]));
     return join(mnt, 'pg');
   }
 
   beforeAll(async () => {
-    lab = await createVolumeLab({ volumeSize: 256 << 20, poolSize: 1024 ** 3, name: 'pgdata' });
-    pgc = new PgCluster({ dataDir: join(lab.volumeMount, 'pg') });
-    await pgc.initdb();
-    await pgc.start();
+    lab = await fx.lab({ volumeSize: 256 << 20, poolSize: 1024 ** 3, name: 'pgdata' });
+    pgc = await fx.pg({ dataDir: join(lab.volumeMount, 'pg') });
     await pgc.query('create table t (id int primary key)');
     await pgc.query('insert into t select generate_series(1, 100)');
-    appl = await startAppliance(['db1']);
-    agent = await startPgAgent({
+    appl = await fx.appliance(['db1']);
+    agent = await fx.pgAgent({
       url: appl.url, name: 'db1', token: appl.tokens.db1!, volume: lab.volume, stateDir: join(lab.root, 'agent-state'),
       postgres: { host: '127.0.0.1', port: pgc.port, user: 'postgres', role: 'primary' }, log,
     });
@@ -95,18 +94,14 @@ describe('PostgreSQL sidecars name their image (PostgreSQL 15)', () => {
       const img = appl.app.catalog.image(o.imageId!)!;
       images[k] = img;
       files[k] = join(lab.poolMount, `export-${k}.raw`);
-      cleanups.push(() => rm(files[k], { force: true }), () => rm(`${files[k]}.blocksnap.json`, { force: true }), () => rm(`${files[k]}.wal`, { recursive: true, force: true }));
+      fx.defer('rm(files[k], { force: true })', () => rm(files[k], { force: true }));
+      fx.defer('rm(`${files[k]}.blocksnap.json`, { force: true })', () => rm(`${files[k]}.blocksnap.json`, { force: true }));
+      fx.defer('rm(`${files[k]}.wal`, { recursive: true, force: true })', () => rm(`${files[k]}.wal`, { recursive: true, force: true }));
       await exportImageTo(appl.app.store, img, files[k]);
     }
   }, 180_000);
 
-  afterAll(async () => {
-    for (const c of cleanups.reverse()) await c().catch((e) => console.error('cleanup', e));
-    await agent?.stop();
-    await appl?.close();
-    await pgc?.destroy();
-    await lab?.destroy();
-  });
+  afterAll(() => fx.dispose());
 
   it('pg_control is read where pg_controldata reads it', async () => {
     const cd = await execa('/usr/lib/postgresql/15/bin/pg_controldata', [pgc.dataDir], { env: { LC_ALL: 'C' } });
@@ -116,7 +111,9 @@ describe('PostgreSQL sidecars name their image (PostgreSQL 15)', () => {
 
   it('an export replaced while mounted, then by a crash-consistent one: prepare refuses the mounted data each time, and no sidecar survives', async () => {
     const f = join(lab.poolMount, 'export-S.raw');
-    cleanups.push(() => rm(f, { force: true }), () => rm(`${f}.blocksnap.json`, { force: true }), () => rm(`${f}.wal`, { recursive: true, force: true }));
+    fx.defer('rm(f, { force: true })', () => rm(f, { force: true }));
+    fx.defer('rm(`${f}.blocksnap.json`, { force: true })', () => rm(`${f}.blocksnap.json`, { force: true }));
+    fx.defer('rm(`${f}.wal`, { recursive: true, force: true })', () => rm(`${f}.wal`, { recursive: true, force: true }));
     await exportImageTo(appl.app.store, images.A, f);
     expect((await readdir(lab.poolMount)).filter((n) => n.startsWith('export-S.raw')).sort()).toEqual(['export-S.raw', 'export-S.raw.blocksnap.json', 'export-S.raw.wal']);
     const dataDir = await mount(f, 'S'); // A's data
@@ -143,7 +140,7 @@ describe('PostgreSQL sidecars name their image (PostgreSQL 15)', () => {
     const ownSidecar = await readFile(`${files.B}.blocksnap.json`, 'utf8');
     const ownWal = join(lab.root, 'B.wal.saved');
     await cp(`${files.B}.wal`, ownWal, { recursive: true });
-    cleanups.push(() => rm(ownWal, { recursive: true, force: true }));
+    fx.defer('rm(ownWal, { recursive: true, force: true })', () => rm(ownWal, { recursive: true, force: true }));
     const expectRefused = async (file: string, re: RegExp) => {
       const e = await rejection(prepareFromExport(dataDir, file));
       expect(isBlocksnapError(e, 'E_USAGE'), e.message).toBe(true);
@@ -180,14 +177,10 @@ describe('PostgreSQL sidecars name their image (PostgreSQL 15)', () => {
     const prep = await prepareFromExport(dataDir, files.B);
     expect(prep.imageId).toBe(images.B.id);
     expect(prep.written).toContain('backup_label');
-    const restored = new PgCluster({ dataDir });
-    cleanups.push(() => restored.destroy());
+    const restored = await fx.pg({ dataDir }, false);
     await restored.start();
-    const deadline = Date.now() + 60_000;
-    while ((await restored.query<{ r: boolean }>('select pg_is_in_recovery() as r'))[0]!.r) {
-      expect(Date.now()).toBeLessThan(deadline);
-      await new Promise((r) => setTimeout(r, 50));
-    }
+    await waitFor('the restored cluster to end recovery', async () =>
+      !(await restored.query<{ r: boolean }>('select pg_is_in_recovery() as r'))[0]!.r, { timeoutMs: 60_000, everyMs: 50 });
     expect((await restored.query<{ n: string }>('select count(*)::text as n from t'))[0]!.n).toBe('200');
   }, 120_000);
 });

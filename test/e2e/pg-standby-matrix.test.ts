@@ -15,49 +15,31 @@
 import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { Agent } from '../../agent/agent.js';
 import { parseLsn } from '../../agent/pg/sql-table.js';
 import { findPgServers, type PgServerBuild } from '../../agent/pg/version-lab.js';
-import { startPgAgent } from '../support/pg-agent.js';
 import { checkChecksums } from '../support/pg-checksums.js';
-import { PgCluster } from '../../scripts/lab/pg-cluster.js';
+import type { PgCluster } from '../../scripts/lab/pg-cluster.js';
 import { restoreImage } from '../support/pg-image-restore.js';
-import { createStreamingStandby, currentLsn, replayPauseState, waitReplayed } from '../../scripts/lab/pg-standby.js';
-import { PgTicker, TICK_TABLE_SQL, tickIds } from '../support/pg-ticker.js';
-import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
+import { currentLsn, replayPauseState, waitReplayed } from '../../scripts/lab/pg-standby.js';
+import { PgTicker, tickIds } from '../support/pg-ticker.js';
+import type { VolumeLab } from '../../scripts/lab/volume-lab.js';
 import type { JobOutcome } from '../../appliance/server/active-job.js';
 import type { PgImageInfo } from '../../appliance/store/pg-image-info.js';
-import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
-import { createLogger } from '../../proto/shared/log.js';
+import type { ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
+import { e2eFixture } from '../support/e2e-fixture.js';
+import { blocksnapSessions, setUpPgVersion } from '../support/pg-version-setup.js';
 
-const log = createLogger('test', process.env.BLOCKSNAP_LOG ?? 'warn');
 const builds = await findPgServers({ onSkip: (where, reason) => console.warn(`version lab: skipping ${where}: ${reason}`) });
 const agentName = (b: PgServerBuild) => `sbm${b.major.replace('.', '')}`;
 const MiB = 1024 * 1024;
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const listOrEmpty = (dir: string) => readdir(dir).catch(() => [] as string[]);
 
-/** Runs every release even if one fails; throws the first failure afterwards. */
-async function releaseAll(steps: Array<() => Promise<unknown> | undefined>): Promise<void> {
-  const errors: unknown[] = [];
-  for (const s of steps) await Promise.resolve().then(s).catch((e: unknown) => errors.push(e));
-  if (errors.length) throw errors[0];
-}
-
-/** blocksnap sessions on a server, once backends of closed ones have exited. */
-async function blocksnapSessions(c: PgCluster): Promise<number> {
-  const count = async () => Number((await c.query<{ n: string }>("SELECT count(*)::text AS n FROM pg_stat_activity WHERE application_name LIKE 'blocksnap%'"))[0]!.n);
-  for (const end = Date.now() + 3000; Date.now() < end; await sleep(50)) if ((await count()) === 0) return 0;
-  return count();
-}
-
+const shared = e2eFixture();
 let appl: ApplianceHarness;
 beforeAll(async () => {
-  appl = await startAppliance(builds.map(agentName));
+  appl = await shared.appliance(builds.map(agentName));
 });
-afterAll(async () => {
-  await appl?.close();
-});
+afterAll(() => shared.dispose());
 
 it('the matrix has every version the issue asks for', () => {
   const majors = builds.map((b) => b.major);
@@ -67,31 +49,16 @@ it('the matrix has every version the issue asks for', () => {
 
 describe.each(builds)('standby image through the product, PostgreSQL $version', (b) => {
   const name = agentName(b);
+  const fx = e2eFixture();
   let lab: VolumeLab | undefined;
   let primary: PgCluster | undefined;
   let standby: PgCluster | undefined;
-  let agent: Agent | undefined;
-  const restores: Array<{ release(): Promise<void> }> = [];
 
   beforeAll(async () => {
-    lab = await createVolumeLab({ volumeSize: 256 * MiB, poolSize: 1024 * MiB, name: 'pgdata' });
-    primary = new PgCluster({ dataDir: join(lab.root, 'primary'), binDir: b.binDir });
-    await primary.initdb();
-    await primary.start();
-    await primary.query(TICK_TABLE_SQL);
-    standby = await createStreamingStandby({ primary, build: b, dataDir: join(lab.volumeMount, 'pg'), applicationName: name });
-    await waitReplayed(standby, await currentLsn(primary));
-    agent = await startPgAgent({
-      url: appl.url, name, token: appl.tokens[name]!, volume: lab.volume, stateDir: join(lab.root, 'agent-state'), log,
-      postgres: { host: '127.0.0.1', port: standby.port, user: 'postgres', role: 'standby' },
-    });
+    ({ lab, primary, standby } = await setUpPgVersion(fx, { build: b, appl, agent: name, role: 'standby', poolSize: 1024 * MiB }));
   });
 
-  afterAll(async () => {
-    await releaseAll([
-      ...restores.map((r) => () => r.release()), () => agent?.stop(), () => standby?.destroy(), () => primary?.destroy(), () => lab?.destroy(),
-    ]);
-  });
+  afterAll(() => fx.dispose());
 
   it('full backup while the primary ticks: replay resumed; restored, consistent, checksums clean, every replayed id, no gap', async () => {
     const ticker = new PgTicker(primary!.connectionConfig());
@@ -131,7 +98,7 @@ describe.each(builds)('standby image through the product, PostgreSQL $version', 
       store: appl.app.store, imageId: img.id, rootDigest: img.rootDigest, pg: info, exportDir: lab!.poolMount,
       mountBase: lab!.root, name: 'restored', dataSubdir: 'pg', binDir: b.binDir,
     });
-    restores.push(r);
+    fx.add('restore', r, (x) => x.release());
     const serverLog = await r.log();
     expect(serverLog).toMatch(/consistent recovery state reached/);
     expect(serverLog).not.toMatch(/WAL ends before end of online backup|invalid page/i);
@@ -143,6 +110,5 @@ describe.each(builds)('standby image through the product, PostgreSQL $version', 
     expect(check.ok, check.output).toBe(true);
     expect(check.blocks).toBeGreaterThan(100);
     await r.release();
-    restores.splice(restores.indexOf(r), 1);
   });
 });

@@ -19,51 +19,34 @@ import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { Agent } from '../../agent/agent.js';
 import { parseLsn } from '../../agent/pg/sql-table.js';
 import { findPgServers, type PgServerBuild } from '../../agent/pg/version-lab.js';
-import { startPgAgent } from '../support/pg-agent.js';
 import { checkChecksums } from '../support/pg-checksums.js';
-import { PgCluster } from '../../scripts/lab/pg-cluster.js';
+import type { PgCluster } from '../../scripts/lab/pg-cluster.js';
 import { restoreImage } from '../support/pg-image-restore.js';
-import { createStreamingStandby, currentLsn, replayPauseState, waitReplayed } from '../../scripts/lab/pg-standby.js';
-import { PgTicker, TICK_TABLE_SQL, tickIds } from '../support/pg-ticker.js';
-import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
+import { currentLsn, replayPauseState, waitReplayed } from '../../scripts/lab/pg-standby.js';
+import { PgTicker, tickIds } from '../support/pg-ticker.js';
+import type { VolumeLab } from '../../scripts/lab/volume-lab.js';
 import type { JobOutcome } from '../../appliance/server/active-job.js';
 import type { PgImageInfo } from '../../appliance/store/pg-image-info.js';
-import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
-import { createLogger } from '../../proto/shared/log.js';
+import type { ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
+import { e2eFixture } from '../support/e2e-fixture.js';
+import { blocksnapSessions, setUpPgVersion } from '../support/pg-version-setup.js';
+import { waitFor } from '../support/wait-for.js';
 
-const log = createLogger('test', process.env.BLOCKSNAP_LOG ?? 'warn');
 const builds = await findPgServers();
 const newest = builds.filter((b) => b.versionNum >= 160000).at(-1);
 const standbyBuilds = [builds.find((b) => b.major === '15'), newest].filter((b): b is PgServerBuild => !!b);
-const MiB = 1024 * 1024;
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const names = (b: PgServerBuild) => ({ main: `sb${b.major}`, wrong: `sb${b.major}-wrong`, stuck: `sb${b.major}-stuck` });
-
-async function releaseAll(steps: Array<() => Promise<unknown> | undefined>): Promise<void> {
-  const errors: unknown[] = [];
-  for (const s of steps) await Promise.resolve().then(s).catch((e: unknown) => errors.push(e));
-  if (errors.length) throw errors[0];
-}
-
-/** blocksnap sessions on a server, once backends of closed ones have exited. */
-async function blocksnapSessions(c: PgCluster): Promise<number> {
-  const count = async () => Number((await c.query<{ n: string }>("SELECT count(*)::text AS n FROM pg_stat_activity WHERE application_name LIKE 'blocksnap%'"))[0]!.n);
-  for (const end = Date.now() + 3000; Date.now() < end; await sleep(50)) if ((await count()) === 0) return 0;
-  return count();
-}
 
 const listOrEmpty = (dir: string) => readdir(dir).catch(() => [] as string[]);
 
+const shared = e2eFixture();
 let appl: ApplianceHarness;
 beforeAll(async () => {
-  appl = await startAppliance(standbyBuilds.flatMap((b) => Object.values(names(b))));
+  appl = await shared.appliance(standbyBuilds.flatMap((b) => Object.values(names(b))));
 });
-afterAll(async () => {
-  await appl?.close();
-});
+afterAll(() => shared.dispose());
 
 it('the lab has PostgreSQL 15 and a newer version for standbys', () => {
   if (!process.env.BLOCKSNAP_PG_VERSIONS) expect(standbyBuilds.map((b) => b.major)).toEqual(['15', newest?.major]);
@@ -72,36 +55,25 @@ it('the lab has PostgreSQL 15 and a newer version for standbys', () => {
 
 describe.each(standbyBuilds)('standby image through the product, PostgreSQL $version', (b) => {
   const n = names(b);
+  const fx = e2eFixture();
   let lab: VolumeLab | undefined;
   let primary: PgCluster | undefined;
   let standby: PgCluster | undefined;
-  let agent: Agent | undefined;
-  const extra: Array<() => Promise<unknown>> = [];
   const snapDir = () => join(lab!.poolMount, '.blocksnap');
-  const agentFor = (name: string, stateDir: string, postgres: Record<string, unknown>) => startPgAgent({
-    url: appl.url, name, token: appl.tokens[name]!, volume: lab!.volume, stateDir: join(lab!.root, stateDir), log,
+  const agentFor = (name: string, stateDir: string, postgres: Record<string, unknown>) => fx.pgAgent({
+    url: appl.url, name, token: appl.tokens[name]!, volume: lab!.volume, stateDir: join(lab!.root, stateDir),
     postgres: { host: '127.0.0.1', port: standby!.port, user: 'postgres', ...postgres },
   });
 
   beforeAll(async () => {
-    lab = await createVolumeLab({ volumeSize: 256 * MiB, poolSize: 2048 * MiB, name: 'pgdata' });
-    primary = new PgCluster({ dataDir: join(lab.root, 'primary'), binDir: b.binDir });
-    await primary.initdb();
-    await primary.start();
-    await primary.query(TICK_TABLE_SQL);
-    await primary.query('CREATE TABLE t (id int)');
-    // max_standby_streaming_delay -1: a conflicting standby query blocks replay for good (the "never pauses" case).
-    standby = await createStreamingStandby({
-      primary, build: b, dataDir: join(lab.volumeMount, 'pg'), applicationName: n.main,
-      settings: { max_standby_streaming_delay: '-1', hot_standby_feedback: 'off' },
-    });
-    await waitReplayed(standby, await currentLsn(primary));
-    agent = await agentFor(n.main, 'agent-state', { role: 'standby' });
+    ({ lab, primary, standby } = await setUpPgVersion(fx, {
+      build: b, appl, agent: n.main, role: 'standby', primarySql: ['CREATE TABLE t (id int)'],
+      // max_standby_streaming_delay -1: a conflicting standby query blocks replay for good (the "never pauses" case).
+      standbySettings: { max_standby_streaming_delay: '-1', hot_standby_feedback: 'off' },
+    }));
   });
 
-  afterAll(async () => {
-    await releaseAll([...extra.reverse(), () => agent?.stop(), () => standby?.destroy(), () => primary?.destroy(), () => lab?.destroy()]);
-  });
+  afterAll(() => fx.dispose());
 
   it('pauses replay around the snapshot and resumes it; the restored image has every id the standby had replayed, no gap, clean checksums', async () => {
     const ticker = new PgTicker(primary!.connectionConfig());
@@ -144,7 +116,7 @@ describe.each(standbyBuilds)('standby image through the product, PostgreSQL $ver
       store: appl.app.store, imageId: img.id, rootDigest: img.rootDigest, pg: info, exportDir: lab!.poolMount,
       mountBase: lab!.root, name: 'restored', dataSubdir: 'pg', binDir: b.binDir,
     });
-    extra.push(() => r.release());
+    fx.add('restore', r, (x) => x.release());
     expect(await r.log()).toMatch(/consistent recovery state reached/);
     const got = await tickIds(r.cluster);
     expect(got.min).toBe(1);
@@ -157,7 +129,6 @@ describe.each(standbyBuilds)('standby image through the product, PostgreSQL $ver
 
   it('an agent that expects a primary: E_PG, replay untouched, nothing open, no snapshot', async () => {
     const wrong = await agentFor(n.wrong, 'agent-state-wrong', { role: 'primary' });
-    extra.push(() => wrong.stop());
     const outcome = await appl.app.router.startJob(n.wrong, 'pgdata', 'full').done;
     expect(outcome).toMatchObject({ ok: false, errorCode: 'E_PG' });
     expect(outcome.errorMessage).toMatch(/is a standby \(in recovery\), but it is configured as a primary/);
@@ -169,7 +140,6 @@ describe.each(standbyBuilds)('standby image through the product, PostgreSQL $ver
 
   it('replay that never pauses within pauseTimeoutMs: E_TIMEOUT, replay resumed, nothing open, no snapshot', async () => {
     const stuck = await agentFor(n.stuck, 'agent-state-stuck', { role: 'standby', pauseTimeoutMs: 1500 });
-    extra.push(() => stuck.stop());
     await waitReplayed(standby!, await currentLsn(primary!));
     // A standby query holds a lock; the primary's ACCESS EXCLUSIVE lock record then waits for it in replay, forever.
     const reader = new pg.Client(standby!.connectionConfig());
@@ -179,7 +149,10 @@ describe.each(standbyBuilds)('standby image through the product, PostgreSQL $ver
       await reader.query('SELECT count(*) FROM t');
       await primary!.query('BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE; COMMIT');
       const blockedAt = await currentLsn(primary!);
-      await sleep(500);
+      // Replay is blocked once the startup process waits for the lock the reader's AccessShare holds off.
+      await waitFor('replay to wait for the ACCESS EXCLUSIVE lock', async () =>
+        Number((await standby!.query<{ n: string }>("SELECT count(*)::text AS n FROM pg_locks WHERE mode = 'AccessExclusiveLock' AND NOT granted"))[0]!.n) > 0,
+      { timeoutMs: 10_000, everyMs: 20 });
       await expect(waitReplayed(standby!, blockedAt, 500)).rejects.toThrow(/standby replay at/);
 
       const t0 = Date.now();

@@ -5,11 +5,13 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { compareExportWithSnapshot } from '../support/export-compare.js';
 import { PgCluster } from '../../scripts/lab/pg-cluster.js';
 import { pgbenchTimed } from '../../scripts/lab/pgbench-timed.js';
-import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
+import type { VolumeLab } from '../../scripts/lab/volume-lab.js';
 import { ddWrite } from '../support/volume-writes.js';
 import { listInstances, parseInstanceName, tracefsRoot } from '../../agent/cbt/tracefs/tracefs-instance.js';
-import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
-import { agentCli, spawnAgent, type Daemon } from '../../scripts/lab/processes.js';
+import type { ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
+import { agentCli, type Daemon } from '../../scripts/lab/processes.js';
+import { e2eFixture } from '../support/e2e-fixture.js';
+import { waitFor } from '../support/wait-for.js';
 
 /**
  * When the tracker cannot vouch for a bitmap, the next job says so and
@@ -22,6 +24,7 @@ import { agentCli, spawnAgent, type Daemon } from '../../scripts/lab/processes.j
 type Stats = Record<string, unknown> & { changeSource: string; fallbackReason: string };
 
 describe('tracker recovery: unclean shutdown, restart, lost events', () => {
+  const fx = e2eFixture();
   let lab: VolumeLab;
   let pg: PgCluster;
   let appl: ApplianceHarness;
@@ -31,16 +34,13 @@ describe('tracker recovery: unclean shutdown, restart, lost events', () => {
   let logFile: string;
   let agent: Daemon | undefined;
   let session: string | undefined;
-  const daemons: Daemon[] = [];
 
   beforeAll(async () => {
     expect(existsSync(agentCli()), `${agentCli()} missing: run npm run build`).toBe(true);
-    lab = await createVolumeLab({ volumeSize: 512 << 20, poolSize: 3 * 1024 ** 3, name: 'pgdata' });
-    pg = new PgCluster({ dataDir: join(lab.volumeMount, 'pg') });
-    await pg.initdb();
-    await pg.start();
+    lab = await fx.lab({ volumeSize: 512 << 20, poolSize: 3 * 1024 ** 3, name: 'pgdata' });
+    pg = await fx.pg({ dataDir: join(lab.volumeMount, 'pg') });
     await pg.pgbenchInit(5);
-    appl = await startAppliance(['db1'], { auditEvery: 0 });
+    appl = await fx.appliance(['db1'], { auditEvery: 0 });
     retained = join(lab.poolMount, 'retained');
     stateDir = join(lab.root, 'agent-state');
     await mkdir(stateDir, { recursive: true });
@@ -49,28 +49,21 @@ describe('tracker recovery: unclean shutdown, restart, lost events', () => {
     await startAgent();
   });
 
-  afterAll(async () => {
-    for (const d of daemons.reverse()) await d.stop().catch((e) => console.error('agent stop', e));
-    await appl?.close().catch((e) => console.error('appliance close', e));
-    await pg?.destroy().catch((e) => console.error('pg destroy', e));
-    await lab?.destroy();
-  });
+  afterAll(() => fx.dispose());
 
   async function startAgent(extra: Record<string, unknown> = {}): Promise<void> {
     await writeFile(configFile, JSON.stringify({
       appliance: appl.url, agent: 'db1', token: appl.tokens.db1, stateDir, volumes: [lab.volume], retainSnapshotsDir: retained, ...extra,
     }));
-    agent = spawnAgent(configFile, logFile, { BLOCKSNAP_LOG: 'info' });
-    daemons.push(agent);
+    const a = fx.agentProcess(configFile, logFile, { BLOCKSNAP_LOG: 'info' });
+    agent = a;
     // A new session, not the one of the process we just replaced.
-    for (let i = 0; i < 150; i++) {
-      const s = appl.app.router.connectedAgents().find((a) => a.agent === 'db1');
-      if (s && s.session !== session) {
-        session = s.session;
-        return;
-      }
-      if (agent.child.exitCode !== null) break;
-      await sleep(100);
+    const newSession = () => appl.app.router.connectedAgents().find((s) => s.agent === 'db1' && s.session !== session);
+    await waitFor('the agent to connect (or exit)', () => newSession() !== undefined || a.child.exitCode !== null, { timeoutMs: 15_000, everyMs: 100 }).catch(() => undefined);
+    const s = newSession();
+    if (s) {
+      session = s.session;
+      return;
     }
     throw new Error(`agent did not connect; log:\n${(await readFile(logFile, 'utf8').catch(() => '')).slice(-3000)}`);
   }
@@ -100,8 +93,11 @@ describe('tracker recovery: unclean shutdown, restart, lost events', () => {
     expect((await backup('full')).changeSource).toBe('full');
 
     let benchDone = false;
+    const committed = async () => Number((await pg.query<{ n: string }>('select count(*)::text as n from pgbench_history'))[0]!.n);
+    const before = await committed();
     const bench = pgbenchTimed(pg, { seconds: 4, clients: 2 }).finally(() => (benchDone = true));
-    await sleep(1500);
+    // Killed while pgbench writes: once its transactions are landing (each adds a pgbench_history row).
+    await waitFor('pgbench to commit transactions', async () => benchDone || (await committed()) >= before + 50, { timeoutMs: 3_000, everyMs: 50 });
     expect(benchDone, 'pgbench must still be running when the agent is killed').toBe(false);
     const killedPid = agent!.pid;
     await agent!.kill9();
@@ -159,7 +155,8 @@ describe('tracker recovery: unclean shutdown, restart, lost events', () => {
     const lost = async () => /"msg":"change tracking invalid"[^\n]*lost|lost[^\n]*"msg":"change tracking invalid"/.test((await agentLog()).slice(logBefore));
     for (let round = 0; round < 5 && !(await lost()); round++) {
       await Promise.all(files.map((f) => ddWrite(f, { bs: 4096, count: 8000, direct: true, noTruncate: true })));
-      await sleep(1200); // the tracker polls its loss counters every second
+      // The tracker polls its loss counters every second: give it a poll or two to report this round.
+      await waitFor('the tracker to report lost events', lost, { timeoutMs: 2_500, everyMs: 100 }).catch(() => undefined);
     }
     expect(await lost(), 'the burst must overrun the 4 KiB ring buffer').toBe(true);
     const st = await backup('incremental');
@@ -168,7 +165,3 @@ describe('tracker recovery: unclean shutdown, restart, lost events', () => {
     expect(st.chunksSent).toBeGreaterThan(0);
   });
 });
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}

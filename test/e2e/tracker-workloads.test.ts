@@ -3,13 +3,13 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Agent } from '../../agent/agent.js';
 import type { RetainingSnapshotProvider } from '../../agent/snapshot/retaining-provider.js';
-import { startTestAgent } from '../support/pg-agent.js';
 import { compareExportWithSnapshot } from '../support/export-compare.js';
 import { PgCluster } from '../../scripts/lab/pg-cluster.js';
-import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
+import type { VolumeLab } from '../../scripts/lab/volume-lab.js';
 import { ddWrite, fstrim } from '../support/volume-writes.js';
-import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
+import type { ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
 import { createLogger } from '../../proto/shared/log.js';
+import { e2eFixture } from '../support/e2e-fixture.js';
 
 /**
  * The kernel tracker against real workloads on a live PostgreSQL 15 volume:
@@ -23,6 +23,7 @@ import { createLogger } from '../../proto/shared/log.js';
 type Stats = Record<string, unknown> & { changeSource: string; fallbackReason: string };
 
 describe('tracker: 0 missed chunks under PostgreSQL and filesystem workloads', () => {
+  const fx = e2eFixture();
   let lab: VolumeLab;
   let pg: PgCluster;
   let appl: ApplianceHarness;
@@ -31,15 +32,13 @@ describe('tracker: 0 missed chunks under PostgreSQL and filesystem workloads', (
   const seen: Record<string, unknown>[] = [];
 
   beforeAll(async () => {
-    lab = await createVolumeLab({ volumeSize: 512 << 20, poolSize: 3 * 1024 ** 3, name: 'pgdata' });
-    pg = new PgCluster({ dataDir: join(lab.volumeMount, 'pg') });
-    await pg.initdb();
-    await pg.start();
+    lab = await fx.lab({ volumeSize: 512 << 20, poolSize: 3 * 1024 ** 3, name: 'pgdata' });
+    pg = await fx.pg({ dataDir: join(lab.volumeMount, 'pg') });
     await pg.pgbenchInit(5);
     // No scheduled audits: this file decides which incremental is audited.
-    appl = await startAppliance(['db1'], { auditEvery: 0 });
+    appl = await fx.appliance(['db1'], { auditEvery: 0 });
     const log = createLogger('test-agent', process.env.BLOCKSNAP_LOG ?? 'warn');
-    const t = await startTestAgent({
+    const t = await fx.agent({
       url: appl.url, name: 'db1', token: appl.tokens.db1!, volumes: [lab.volume], stateDir: join(lab.root, 'agent-state'),
       retainDir: join(lab.poolMount, 'kept'), log,
     });
@@ -50,10 +49,7 @@ describe('tracker: 0 missed chunks under PostgreSQL and filesystem workloads', (
 
   afterAll(async () => {
     if (seen.length) console.table(seen);
-    await agent?.stop().catch((e) => console.error('agent stop', e));
-    await appl?.close().catch((e) => console.error('appliance close', e));
-    await pg?.destroy().catch((e) => console.error('pg destroy', e));
-    await lab?.destroy();
+    await fx.dispose();
   });
 
   async function backup(mode: 'full' | 'incremental', audit = false): Promise<{ jobId: string; imageId: string; stats: Stats }> {
