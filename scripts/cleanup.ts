@@ -15,7 +15,8 @@ import { createLogger } from '../proto/shared/log.js';
 import { ReflinkSnapshotProvider } from '../agent/snapshot/reflink-snapshot-provider.js';
 import { cleanupLeftovers, type CleanupAction } from './lab/cleanup.js';
 import { defaultLedgerDir } from './lab/ledger.js';
-import { cleanupStaleInstances, listInstances, parseInstanceName, processStartTime, tracefsRoot } from '../agent/cbt/tracefs/tracefs-instance.js';
+import { cleanupStaleInstances, listInstances, parseInstanceName, tracefsRoot } from '../agent/cbt/tracefs/tracefs-instance.js';
+import { isAlive } from '../proto/shared/proc.js';
 
 const HELP = `Usage: cleanup [--dry-run] [--ledger-dir DIR] [--state-dir DIR] [--json]
 
@@ -85,8 +86,7 @@ async function main(argv: string[]): Promise<number> {
     if (root && dryRun) {
       for (const name of await listInstances(root)) {
         const owner = parseInstanceName(name)!;
-        const start = await processStartTime(owner.pid);
-        if (start === null || start !== owner.startTime) instances.push(`would-remove:${name}`);
+        if (!(await isAlive(owner.pid, owner.startTime))) instances.push(`would-remove:${name}`);
       }
     } else if (root) {
       instances.push(...(await cleanupStaleInstances({ root })).map((n) => `removed:${n}`));

@@ -42,6 +42,7 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import pg from 'pg';
 import { fsyncDir, writeFileDurably } from '../../proto/shared/durable-file.js';
+import { isAlive, processStartTime } from '../../proto/shared/proc.js';
 import { BlocksnapError, isBlocksnapError, type ErrorCode } from '../../proto/errors.js';
 import type { Logger } from '../../proto/shared/log.js';
 import type { PgRole, PgServerInfo, Quiescer, QuiesceInfo, QuiesceOptions, ReleaseReport, UnquiesceResult } from './quiescer.js';
@@ -504,7 +505,7 @@ export class PgQuiescer implements Quiescer {
     const file = quiesceStatePath(opts.stateDir, opts.connection, opts.stateKey);
     const rec = await readQuiesceState(file);
     if (!rec) return { file, found: false, actions: [] };
-    if (rec.agentStartTime !== null && (await processStartTime(rec.agentPid)) === rec.agentStartTime) {
+    if (rec.agentStartTime !== null && (await isAlive(rec.agentPid, rec.agentStartTime))) {
       throw new BlocksnapError('E_BUSY', `${file} belongs to agent pid ${rec.agentPid}, which is still running`);
     }
     const t = targetOf(opts.connection);
@@ -610,15 +611,5 @@ export async function writeQuiesceState(file: string, r: QuiesceState): Promise<
 export async function deleteQuiesceState(file: string): Promise<void> {
   await rm(file, { force: true });
   await fsyncDir(path.dirname(file)).catch(() => undefined);
-}
-
-/** Start time of a process (clock ticks since boot), null if it is gone: tells a reused pid apart. */
-export async function processStartTime(pid: number): Promise<string | null> {
-  try {
-    const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19] ?? null;
-  } catch {
-    return null;
-  }
 }
 

@@ -11,6 +11,7 @@ import { readFile, readlink, realpath, rm } from 'node:fs/promises';
 import { execa } from 'execa';
 import { toBlocksnapError } from '../../proto/errors.js';
 import type { Logger } from '../../proto/shared/log.js';
+import { isAlive } from '../../proto/shared/proc.js';
 import { findMount, readMountTable, thawFilesystem } from '../../agent/snapshot/fsfreeze.js';
 import { defaultLedgerDir, isOwnerAlive, listLedgers, readLedger, type LedgerResource } from './ledger.js';
 import { detachLoop, findLoopsByBackingFile } from './loop.js';
@@ -39,18 +40,6 @@ export interface ReleaseOptions {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-/** Running (not a zombie) and, if given, started at `startTime`. */
-export async function isRunning(pid: number, startTime: string | null): Promise<boolean> {
-  try {
-    const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    if (fields[0] === 'Z' || fields[0] === 'X') return false;
-    return startTime === null || fields[19] === startTime;
-  } catch {
-    return false;
-  }
-}
-
 async function postmasterPid(r: Extract<LedgerResource, { kind: 'postmaster' }>): Promise<number | null> {
   if (r.pid) return r.pid;
   try {
@@ -63,7 +52,7 @@ async function postmasterPid(r: Extract<LedgerResource, { kind: 'postmaster' }>)
 
 /** True if `pid` is a postgres process that runs in `dataDir` (a postmaster chdirs into its data directory). */
 export async function isPostmasterOf(pid: number, startTime: string | null, dataDir: string): Promise<boolean> {
-  if (!(await isRunning(pid, startTime))) return false;
+  if (!(await isAlive(pid, startTime))) return false;
   try {
     const comm = (await readFile(`/proc/${pid}/comm`, 'utf8')).trim();
     const cwd = await readlink(`/proc/${pid}/cwd`);
@@ -88,7 +77,7 @@ export async function stopPostmasterByPid(pid: number, startTime: string | null,
     }
     const deadline = Date.now() + wait;
     while (Date.now() < deadline) {
-      if (!(await isRunning(pid, startTime))) return 'stopped';
+      if (!(await isAlive(pid, startTime))) return 'stopped';
       await sleep(50);
     }
   }

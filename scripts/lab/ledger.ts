@@ -27,6 +27,7 @@ import { mkdir, open, readFile, readdir, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
 import { fsyncDir, writeFileDurably as writeDurably } from '../../proto/shared/durable-file.js';
+import { bootId, isAlive, processStartTime } from '../../proto/shared/proc.js';
 
 export const LEDGER_FORMAT = 'blocksnap-test-ledger';
 export const LEDGER_VERSION = 1;
@@ -56,36 +57,10 @@ export function defaultLedgerDir(): string {
   return process.env.BLOCKSNAP_LEDGER_DIR ?? '/run/blocksnap-test';
 }
 
-/** Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat), or null if it is gone. */
-export async function processStartTime(pid: number): Promise<string | null> {
-  try {
-    const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
-    // comm (field 2) may contain spaces and parentheses: split after the last ')'.
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return fields[19] ?? null;
-  } catch {
-    return null;
-  }
-}
-
-export async function bootId(): Promise<string | null> {
-  try {
-    return (await readFile('/proc/sys/kernel/random/boot_id', 'utf8')).trim();
-  } catch {
-    return null;
-  }
-}
-
-/** True if `pid` is still the very process that was recorded with `startTime`. */
-export async function isSameProcess(pid: number, startTime: string | null): Promise<boolean> {
-  const now = await processStartTime(pid);
-  return now !== null && (startTime === null || now === startTime);
-}
-
 export async function isOwnerAlive(owner: LedgerOwner): Promise<boolean> {
   const boot = await bootId();
   if (owner.bootId && boot && owner.bootId !== boot) return false;
-  return isSameProcess(owner.pid, owner.startTime);
+  return isAlive(owner.pid, owner.startTime);
 }
 
 export function writeFileDurably(file: string, data: string): Promise<void> {

@@ -13,8 +13,9 @@ import path from 'node:path';
 import { execa, type Options as ExecaOptions } from 'execa';
 import pg from 'pg';
 import { BlocksnapError } from '../../proto/errors.js';
-import { isPostmasterOf, isRunning, releaseResources, stopPostmasterByPid } from './cleanup.js';
-import { Ledger, processStartTime } from './ledger.js';
+import { isPostmasterOf, releaseResources, stopPostmasterByPid } from './cleanup.js';
+import { Ledger } from './ledger.js';
+import { isAlive, processStartTime } from '../../proto/shared/proc.js';
 
 export interface PgClusterOptions {
   /** Data directory (created, owned by the OS user); its parents must be traversable by that user. */
@@ -146,7 +147,7 @@ export class PgCluster {
   }
 
   async start(): Promise<void> {
-    if (this._pid !== undefined && (await isRunning(this._pid, this.startTime))) return;
+    if (this._pid !== undefined && (await isAlive(this._pid, this.startTime))) return;
     const runDir = await this.ensureRunDir();
     const ledger = await this.getLedger();
     this.postmasterIndex ??= await ledger.add({ kind: 'postmaster', dataDir: this.dataDir, pid: null, startTime: null });
@@ -195,7 +196,7 @@ export class PgCluster {
     // copied from: pg_ctl would signal *that* postmaster. Only ours is stopped.
     if (await isPostmasterOf(pid, startTime, this.dataDir)) {
       const r = await this.asOsUser(path.join(this.binDir, 'pg_ctl'), ['stop', '-D', this.dataDir, '-m', 'fast', '-w', '-t', '60'], { timeout: 90_000 });
-      if (r.exitCode !== 0 || (await isRunning(pid, startTime))) {
+      if (r.exitCode !== 0 || (await isAlive(pid, startTime))) {
         await stopPostmasterByPid(pid, startTime, this.dataDir, 5_000);
       }
     }

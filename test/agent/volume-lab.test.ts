@@ -6,7 +6,8 @@ import { fileURLToPath } from 'node:url';
 import { execa } from 'execa';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { findMount } from '../../agent/snapshot/fsfreeze.js';
-import { cleanupLeftovers, isRunning } from '../../scripts/lab/cleanup.js';
+import { cleanupLeftovers } from '../../scripts/lab/cleanup.js';
+import { isAlive } from '../../proto/shared/proc.js';
 import { readLedger, type LedgerFile } from '../../scripts/lab/ledger.js';
 import { loopBackingFile, loopDirectIo } from '../../scripts/lab/loop.js';
 import { PgCluster } from '../../scripts/lab/pg-cluster.js';
@@ -117,7 +118,7 @@ describe('PgCluster on a lab volume', () => {
     await pg.initdb();
     await pg.start();
     const pid = pg.pid!;
-    expect(await isRunning(pid, null)).toBe(true);
+    expect(await isAlive(pid, null)).toBe(true);
     expect((await stat(pg.dataDir)).dev).toBe((await stat(lab.volumeMount)).dev);
     await pg.pgbenchInit(1);
     const bench = await pg.pgbench({ transactions: 50, clients: 2 });
@@ -137,11 +138,11 @@ describe('PgCluster on a lab volume', () => {
     for (const f of ['PG_VERSION', 'postmaster.pid']) await copyFile(path.join(pg.dataDir, f), path.join(copy, f));
     await execa('chown', ['-R', 'postgres:postgres', copy]);
     await new PgCluster({ dataDir: copy, ledgerDir: path.join(tmp, 'ledgers-3') }).stop();
-    expect(await isRunning(pid, null)).toBe(true);
+    expect(await isAlive(pid, null)).toBe(true);
     expect(await pg.query('SELECT 1 AS one')).toEqual([{ one: 1 }]);
 
     await pg.stop();
-    expect(await isRunning(pid, null)).toBe(false);
+    expect(await isAlive(pid, null)).toBe(false);
     await pg.stop();
     await pg.destroy();
     await lab.destroy();
@@ -196,7 +197,7 @@ describe('cleanupLeftovers', () => {
     const dry = await cleanupLeftovers({ ledgerDir, dryRun: true });
     expect(new Set(dry.actions.map((a) => a.outcome))).toEqual(new Set(['would-release']));
     expect(dry.actions.map((a) => a.kind).sort()).toEqual(['dir', 'dir', 'ledger', 'ledger', 'loop', 'loop', 'mount', 'mount', 'postmaster']);
-    expect(await isRunning(pid, null)).toBe(true);
+    expect(await isAlive(pid, null)).toBe(true);
     expect(await leftoversUnder(lab.root)).toHaveLength(4);
 
     const cli = await execa('npx', ['tsx', 'scripts/cleanup.ts', '--dry-run', '--json', '--ledger-dir', ledgerDir], { cwd: repo, reject: false });
@@ -208,7 +209,7 @@ describe('cleanupLeftovers', () => {
     expect(report.failures).toBe(0);
     expect(report.actions.filter((a) => a.outcome !== 'released')).toEqual([]);
     expect(report.actions[0]).toMatchObject({ kind: 'postmaster' });
-    expect(await isRunning(pid, null)).toBe(false);
+    expect(await isAlive(pid, null)).toBe(false);
     expect(await leftoversUnder(lab.root)).toEqual([]);
     await expect(stat(lab.root)).rejects.toThrow();
     await expect(stat(runDir)).rejects.toThrow();

@@ -2,6 +2,7 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { execa } from 'execa';
 import { BlocksnapError } from '../../../proto/errors.js';
+import { isAlive } from '../../../proto/shared/proc.js';
 
 /**
  * Naming, creation and removal of tracefs instances owned by blocksnap.
@@ -41,20 +42,6 @@ export function parseInstanceName(name: string): InstanceOwner | null {
   if (dev.length !== 2 || !nums.every((p) => p !== undefined && /^[0-9]+$/.test(p))) return null;
   const [pid, startTime, major, minor, seq] = nums.map(Number) as [number, number, number, number, number];
   return { pid, startTime, major, minor, seq };
-}
-
-/** Start time of a process in clock ticks since boot, or null if it does not exist. */
-export async function processStartTime(pid: number): Promise<number | null> {
-  let stat: string;
-  try {
-    stat = await fsp.readFile(`/proc/${pid}/stat`, 'utf8');
-  } catch {
-    return null;
-  }
-  // comm (field 2) is in parentheses and may itself contain ") ".
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  const v = Number(fields[19]);
-  return Number.isFinite(v) ? v : null;
 }
 
 /** The tracefs mount point; mounts it at /sys/kernel/tracing when absent and allowed. */
@@ -127,8 +114,7 @@ export async function cleanupStaleInstances(
     // Tests narrow the sweep to what they created: other runs on this machine
     // may be inspecting their own stale instances at the same moment.
     if (opts.filter && !opts.filter(name, owner)) continue;
-    const start = await processStartTime(owner.pid);
-    if (start !== null && start === owner.startTime) continue;
+    if (await isAlive(owner.pid, owner.startTime)) continue;
     await removeInstance(root, name);
     removed.push(name);
   }

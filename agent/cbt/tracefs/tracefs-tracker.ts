@@ -10,13 +10,13 @@ import { TraceLineParser } from './trace-line-parser.js';
 import {
   configureInstance,
   formatInstanceName,
-  processStartTime,
   readLossCounters,
   removeInstance,
   setEventEnabled,
   tracefsRoot,
   type LossCounters,
 } from './tracefs-instance.js';
+import { processStartTime } from '../../../proto/shared/proc.js';
 import { GenerationTracker } from '../generation-tracker.js';
 import type { TrackerCheckpoint, TrackerStartOptions } from '../tracker.js';
 
@@ -129,7 +129,7 @@ export class TracefsTracker extends GenerationTracker {
     const startTime = await processStartTime(process.pid);
     this.name = formatInstanceName({
       pid: process.pid,
-      startTime: startTime ?? 0,
+      startTime: Number(startTime ?? 0),
       major: dev.identity.major,
       minor: dev.identity.minor,
       seq: ++instanceSeq,
