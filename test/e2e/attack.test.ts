@@ -4,10 +4,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
+import type { VolumeLab } from '../../scripts/lab/volume-lab.js';
 import { ddWrite } from '../support/volume-writes.js';
-import { applianceCmd, repoRoot, spawnAgent, spawnAppliance, type ApplianceProcess, type Daemon } from '../../scripts/lab/processes.js';
+import { applianceCmd, repoRoot, type ApplianceProcess, type Daemon } from '../../scripts/lab/processes.js';
 import { ScriptedAgent } from '../../appliance/testing/scripted-agent.js';
+import { e2eFixture } from '../support/e2e-fixture.js';
 
 /**
  * DESIGN.md §4.2's resource bounds, measured the way the issue found them
@@ -70,15 +71,17 @@ describe('attacks against the appliance port (§4 resource bounds)', () => {
   let probe: ScriptedAgent;
   const results: Record<string, unknown> = {};
   let baselineP99 = 0;
+  const fx = e2eFixture();
 
   beforeAll(async () => {
     dir = await mkdtemp(join(tmpdir(), 'bsn-attack-'));
+    fx.defer('test directory', () => rm(dir, { recursive: true, force: true }));
     const dataDir = join(dir, 'data');
     await mkdir(dataDir);
     const db1 = (await applianceCmd(dataDir, ['agents', 'add', 'db1', '--json'])).json.token;
     const probeToken = (await applianceCmd(dataDir, ['agents', 'add', 'probe', '--json'])).json.token;
-    appl = await spawnAppliance(dataDir, { logFile: join(dir, 'appliance.log') });
-    lab = await createVolumeLab({ volumeSize: 256 << 20, poolSize: 1024 << 20, name: 'vol' });
+    appl = await fx.applianceProcess(dataDir, { logFile: join(dir, 'appliance.log') });
+    lab = await fx.lab({ volumeSize: 256 << 20, poolSize: 1024 << 20, name: 'vol' });
     // 160 MiB of incompressible data: a full backup takes long enough to be under attack.
     await ddWrite(join(lab.volumeMount, 'data.bin'), { bs: 1 << 20, count: 160 });
     const configFile = join(dir, 'agent.json');
@@ -88,23 +91,19 @@ describe('attacks against the appliance port (§4 resource bounds)', () => {
       // and the probe measures the appliance, not how many cores the agent can take from it.
       workers: 1,
     }));
-    agent = spawnAgent(configFile, join(dir, 'agent.log'));
+    agent = fx.agentProcess(configFile, join(dir, 'agent.log'));
     const deadline = Date.now() + 30_000;
     while (!(await applianceCmd(dataDir, ['agents', 'list', '--json'])).json?.find((a: { name: string }) => a.name === 'db1')?.connected) {
       if (Date.now() > deadline) throw new Error(`the agent did not connect within 30 s; see ${join(dir, 'agent.log')}`);
       await new Promise((r) => setTimeout(r, 200));
     }
-    probe = await ScriptedAgent.connect(appl.url, undefined, { localAddress: '127.0.0.1' });
+    probe = fx.add('probe', await ScriptedAgent.connect(appl.url, undefined, { localAddress: '127.0.0.1' }), (p) => p.close());
     await probe.login('probe', probeToken, []);
   });
 
   afterAll(async () => {
     console.log(JSON.stringify({ attackResults: results }, null, 1));
-    await probe?.close();
-    await agent?.stop();
-    await appl?.stop();
-    await lab?.destroy();
-    if (dir) await rm(dir, { recursive: true, force: true });
+    await fx.dispose();
   });
 
   /** A full backup of the real volume while the probe pings; the numbers the goal is stated in. */

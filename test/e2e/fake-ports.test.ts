@@ -16,7 +16,8 @@ import { VolumeTracking } from '../../agent/cbt/volume-tracking.js';
 import { JobRunner } from '../../agent/job-runner.js';
 import { FakeDatabase, FakeQuiescer } from '../../agent/pg/testing/fake-quiescer.js';
 import { FakeSnapshotProvider, FakeVolume } from '../../agent/snapshot/testing/fake-snapshot-provider.js';
-import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
+import type { ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
+import { e2eFixture } from '../support/e2e-fixture.js';
 import { imageBytes } from '../../appliance/testing/scripted-agent.js';
 import { readManifest } from '../../appliance/store/manifest.js';
 import { BlocksnapError } from '../../proto/errors.js';
@@ -74,13 +75,15 @@ describe('fake provider + fake quiescer + memory tracker, real appliance', () =>
   let tracking: VolumeTracking | undefined;
   const volume = new FakeVolume('fakevol', 16 * MiB, { chunkSize: CHUNK });
   const db = new FakeDatabase('primary');
+  const fx = e2eFixture();
 
   beforeAll(async () => {
     dir = await mkdtemp(path.join(os.tmpdir(), 'bsn-fake-ports-'));
-    appl = await startAppliance(['db1']);
+    fx.defer('test directory', () => rm(dir, { recursive: true, force: true }));
+    appl = await fx.appliance(['db1']);
     for (let i = 0; i < 64; i += 3) volume.write(i * CHUNK + 100, randomBytes(CHUNK / 2));
     const stateDir = path.join(dir, 'state');
-    tracking = await VolumeTracking.open(volume.spec, stateDir, new MemoryTracker([volume.device]), log);
+    tracking = fx.add('tracking', await VolumeTracking.open(volume.spec, stateDir, new MemoryTracker([volume.device]), log), (t) => t.close());
     const provider = new FakeSnapshotProvider(path.join(dir, 'snapshots'), [volume]);
     transport = await session(appl.url, appl.tokens.db1!, volume, (env) => new JobRunner({
       stateDir, provider, log, windowBytes: 8 * MiB, batchBytes: MiB, workers: 2,
@@ -88,12 +91,10 @@ describe('fake provider + fake quiescer + memory tracker, real appliance', () =>
       trackingOf: (name) => (name === volume.spec.name ? tracking : undefined),
       quiescer: () => new FakeQuiescer(db, { role: 'primary' }),
     }, env.runJob, volume.spec));
+    fx.defer('transport', () => transport?.close());
   });
 
-  afterAll(async () => {
-    const steps = [() => tracking?.close(), async () => transport?.close(), () => appl?.close(), () => rm(dir, { recursive: true, force: true })];
-    for (const step of steps) await Promise.resolve().then(step).catch((e) => console.error('cleanup', e));
-  });
+  afterAll(() => fx.dispose());
 
   async function backup(mode: 'full' | 'incremental') {
     const expected = Buffer.from(volume.bytes); // nothing writes while the job runs

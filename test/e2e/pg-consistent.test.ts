@@ -51,7 +51,8 @@ describe('application-consistent image of a primary (PostgreSQL 15)', () => {
     const ticking = (async () => {
       while (!stop) await ticker.query('insert into ticks values ($1)', [next++]);
     })();
-    await new Promise((r) => setTimeout(r, 300));
+    // The job starts once ticks are landing (more than a handful acknowledged).
+    await waitFor('the ticker to commit ids', () => next - 1 > 10, { timeoutMs: 10_000, everyMs: 10 });
     const ackedBefore = next - 1;
     const job = appl.app.router.startJob('db1', 'pgdata', 'full');
     const outcome = await job.done;

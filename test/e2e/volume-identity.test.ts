@@ -7,12 +7,13 @@ import { snapshotDirOf } from '../../agent/snapshot/reflink-snapshot-provider.js
 import type { VolumeSpec } from '../../agent/snapshot/snapshot-provider.js';
 import { findMount } from '../../agent/snapshot/fsfreeze.js';
 import { startTestAgent } from '../support/pg-agent.js';
-import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
-import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
+import type { VolumeLab } from '../../scripts/lab/volume-lab.js';
+import type { ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
 import { spawnAgent } from '../../scripts/lab/processes.js';
 import { isBlocksnapError } from '../../proto/errors.js';
 import { createLogger } from '../../proto/shared/log.js';
 import { createLoopRig, ownInstances, type LoopRig } from '../agent/tracker-fixtures.js';
+import { e2eFixture } from '../support/e2e-fixture.js';
 
 /**
  * Volume identity end to end (DESIGN.md §7.3), real appliance and agent over
@@ -33,27 +34,23 @@ describe('volume identity: agent start and every job refuse a configuration that
   let twin: string;
   let appl: ApplianceHarness;
   let overmounted = false;
+  const fx = e2eFixture();
 
   beforeAll(async () => {
-    a = await createVolumeLab({ name: 'vol', volumeSize: 256 * MiB });
-    b = await createVolumeLab({ name: 'other', volumeSize: 256 * MiB });
-    small = await createLoopRig(128 * MiB);
+    a = await fx.lab({ name: 'vol', volumeSize: 256 * MiB });
+    b = await fx.lab({ name: 'other', volumeSize: 256 * MiB });
+    small = fx.add('small loop rig', await createLoopRig(128 * MiB), (r) => r.release());
     // Another file of the same size in the same reflink pool: the old agent cloned it happily.
     twin = join(a.poolMount, 'twin.img');
+    fx.defer('twin image', () => rm(twin, { force: true }));
     const fh = await open(twin, 'wx', 0o600);
     await fh.truncate(256 * MiB);
     await fh.close();
-    appl = await startAppliance(['db1']);
+    appl = await fx.appliance(['db1']);
+    fx.defer('the mount over the volume', () => overmounted ? execa('umount', [a.volumeMount], { reject: false }) : undefined);
   }, 120_000);
 
-  afterAll(async () => {
-    if (overmounted) await execa('umount', [a.volumeMount], { reject: false });
-    await appl?.close();
-    if (twin) await rm(twin, { force: true });
-    await small?.release();
-    await b?.destroy();
-    await a?.destroy();
-  });
+  afterAll(() => fx.dispose());
 
   async function noSnapshots(): Promise<void> {
     for (const image of [a.volumeImage, b.volumeImage]) {

@@ -6,6 +6,7 @@ import type { BlocksnapError } from '../../proto/errors.js';
 import { envelope, type Envelope } from '../../proto/messages.js';
 import type { Transport } from '../../proto/transport.js';
 import { connectWs, WsTransportServer } from '../../proto/ws-transport.js';
+import { waitFor } from '../support/wait-for.js';
 
 const MAX = 64 * 1024;
 const ping = (nonce: number) => envelope('ping', { nonce });
@@ -69,7 +70,7 @@ describe('ws transport', () => {
     const good = await goodClient();
     expect(await roundTrip(good, 1)).toEqual(ping(1));
     const bad = await rawClient(server.url);
-    await new Promise((r) => setTimeout(r, 20)); // let the server accept it
+    await waitFor('the server to accept it', () => accepted.length === 2);
     const badServerSide = accepted[1]!;
     const serverErr = closed(badServerSide);
     misbehave(bad.ws);
@@ -85,7 +86,7 @@ describe('ws transport', () => {
 
   it('a connection dropped without a close handshake is E_DISCONNECTED', async () => {
     const bad = await rawClient(server.url);
-    await new Promise((r) => setTimeout(r, 20));
+    await waitFor('the server to accept it', () => accepted.length === 1);
     const err = closed(accepted[0]!);
     bad.ws.terminate();
     expect(await err).toMatchObject({ code: 'E_DISCONNECTED' });
