@@ -6,32 +6,33 @@ import { envelope, PROTOCOL_VERSION, type Envelope, type RunJob, type VolumeInfo
 import { validateEnvelope } from '../proto/codec.js';
 import { ScramClient, type ScramKeys } from '../proto/scram.js';
 import type { Transport } from '../proto/transport.js';
-import { checkApplianceUrl, connectWs } from '../proto/ws-transport.js';
+import { checkApplianceUrl } from '../proto/ws-transport.js';
 import type { AgentConfig } from './config.js';
 import { JobRunner, type JobTarget } from './job-runner.js';
 import { digestMapPath } from './state/digest-map.js';
-import type { SnapshotProvider } from './snapshot/snapshot-provider.js';
+import type { SnapshotProvider, VolumeSpec } from './snapshot/snapshot-provider.js';
 import { proveVolumes } from './snapshot/volume-identity.js';
 import { DigestMap } from './state/digest-map.js';
-import { cleanupStaleInstances } from './cbt/tracefs/tracefs-instance.js';
-import { TracefsTracker } from './cbt/tracefs/tracefs-tracker.js';
 import { VolumeTracking } from './cbt/volume-tracking.js';
-import { connectionOf } from './capture.js';
 import { reconnectDelayMs } from './reconnect-backoff.js';
-import { PgQuiescer } from './pg/pg-quiescer.js';
-import type { QuiescerFactory } from './pg/quiescer.js';
-import { join } from 'node:path';
+import type { AgentPorts } from './ports.js';
 import { runAudit, type AuditResult } from './audit/audit-run.js';
 import { AgentControlServer, type AgentStatus, type ControlledAgent } from './control-server.js';
 
 export const AGENT_VERSION = '0.1.0';
+
+export interface AgentHooks {
+  onFatal?: (e: BlocksnapError) => void;
+}
 
 /**
  * The agent process: dials the appliance, authenticates, announces its
  * volumes and runs the jobs the appliance sends. The connection is redialled
  * with backoff when it drops; running jobs survive and resume on the new
  * connection. At start, it releases what an earlier (killed) run left:
- * snapshots and a filesystem left frozen.
+ * snapshots and a filesystem left frozen. Its snapshot provider, tracker,
+ * quiescer and dialer are ports (ports.ts) composed by the caller
+ * (compose.ts): nothing here constructs one.
  */
 export class Agent implements ControlledAgent {
   private transport: Transport | null = null;
@@ -43,12 +44,16 @@ export class Agent implements ControlledAgent {
   /** Fatal session error (bad credential): the agent stops instead of hammering the appliance. */
   fatal: BlocksnapError | null = null;
 
+  private readonly provider: SnapshotProvider;
+
   constructor(
     readonly config: AgentConfig,
-    private readonly provider: SnapshotProvider,
+    private readonly ports: AgentPorts,
     private readonly log: Logger,
-    private readonly hooks: { onFatal?: (e: BlocksnapError) => void } = {},
-  ) {}
+    private readonly hooks: AgentHooks = {},
+  ) {
+    this.provider = ports.provider;
+  }
 
   async start(): Promise<void> {
     // Plain ws:// to another host is refused before anything starts (E_CONFIG), unless the operator said insecure.
@@ -62,11 +67,11 @@ export class Agent implements ControlledAgent {
     try {
       const released = await this.provider.cleanupStale();
       if (released.length) this.log.warn({ released }, 'released resources left by an earlier run');
-      if (this.config.postgres) await this.releasePostgres();
+      if (this.ports.quiescer) await this.releasePostgres();
       await this.volumeInfos(); // a missing image or device: E_CONFIG now (exit 2), not a redial loop
       // Refuse a configuration whose device, image and mountpoint are not one volume (DESIGN.md §7.3).
       await proveVolumes(this.provider, this.config.volumes);
-      if (this.config.tracking === 'tracefs') await this.startTracking();
+      if (this.ports.tracker) await this.startTracking();
     } catch (e) {
       await this.control?.close();
       this.control = null;
@@ -78,22 +83,12 @@ export class Agent implements ControlledAgent {
   /** Resumes replay / stops an exclusive backup that a killed earlier run left held. */
   private async releasePostgres(): Promise<void> {
     try {
-      const r = await PgQuiescer.releaseStale({ stateDir: join(this.config.stateDir, 'pg'), connection: connectionOf(this.config.postgres!), logger: this.log });
+      const r = await this.ports.quiescer!.releaseStale();
       if (r.found) this.log.warn({ actions: r.actions }, 'released what an earlier run left held in PostgreSQL');
     } catch (e) {
       // Not fatal for the agent: jobs refuse to quiesce while a stale record exists (E_BUSY) and say why.
       this.log.error({ err: toBlocksnapError(e, 'E_PG') }, 'cannot release stale PostgreSQL state');
     }
-  }
-
-  /** What quiesces PostgreSQL in each job's capture window (a fresh session per job), if a server is configured. */
-  private quiescerFactory(): QuiescerFactory | undefined {
-    const p = this.config.postgres;
-    if (!p) return undefined;
-    return (log) => new PgQuiescer({
-      connection: connectionOf(p), role: p.role, stateDir: join(this.config.stateDir, 'pg'), pauseTimeoutMs: p.pauseTimeoutMs,
-      watchdogSeconds: p.watchdogSeconds, logger: log,
-    });
   }
 
   /**
@@ -102,14 +97,15 @@ export class Agent implements ControlledAgent {
    * results say why.
    */
   private async startTracking(): Promise<void> {
-    const stale = await cleanupStaleInstances().catch((e) => {
-      this.log.warn({ err: e }, 'cannot sweep stale tracing instances');
+    const trackers = this.ports.tracker!;
+    const stale = await trackers.cleanupStale().catch((e) => {
+      this.log.warn({ err: e, tracker: trackers.kind }, 'cannot sweep what earlier trackers left');
       return [] as string[];
     });
-    if (stale.length) this.log.warn({ instances: stale }, 'removed tracing instances left by an earlier run');
+    if (stale.length) this.log.warn({ tracker: trackers.kind, instances: stale }, 'removed tracker resources left by an earlier run');
     for (const v of this.config.volumes) {
       try {
-        this.tracking.set(v.name, await VolumeTracking.open(v, this.config.stateDir, new TracefsTracker({ log: this.log, bufferSizeKb: this.config.trackerBufferKb }), this.log));
+        this.tracking.set(v.name, await VolumeTracking.open(v, this.config.stateDir, trackers.create(v), this.log));
       } catch (e) {
         this.log.error({ volume: v.name, err: toBlocksnapError(e, 'E_TRACKER') }, 'cannot track volume; incrementals will compare digests');
       }
@@ -159,7 +155,7 @@ export class Agent implements ControlledAgent {
       try {
         // Before dialling: an unreadable volume is a configuration error, not a network one.
         const volumes = await this.volumeInfos();
-        t = await connectWs(this.config.appliance, { ca: this.config.ca, insecure: this.config.insecure });
+        t = await this.ports.dial(this.config.appliance, { ca: this.config.ca, insecure: this.config.insecure });
         const closed = new Promise<BlocksnapError | undefined>((resolve) => t!.onClose(resolve));
         await this.handshake(t, volumes);
         attempt = 0;
@@ -189,12 +185,17 @@ export class Agent implements ControlledAgent {
     }
   }
 
+  /** The provider knows the size of the volumes it snapshots; else the image file's or the device's. */
+  private volumeSize(v: VolumeSpec): Promise<number> {
+    return this.provider.volumeSize ? this.provider.volumeSize(v) : fileOrDeviceSize(v.image ?? v.device);
+  }
+
   /** What the Hello announces. A volume whose image or device cannot be opened is a configuration error (E_CONFIG). */
   private async volumeInfos(): Promise<VolumeInfo[]> {
     const volumes: VolumeInfo[] = [];
     for (const v of this.config.volumes) {
       const path = v.image ?? v.device;
-      const size = await volumeSize(path).catch((e) => {
+      const size = await this.volumeSize(v).catch((e) => {
         throw new BlocksnapError('E_CONFIG', `volume ${v.name}: ${v.image ? 'image' : 'device'} ${path}: ${(e as Error).message}`, { cause: e });
       });
       const map = await DigestMap.readIfValid(digestMapPath(this.config.stateDir, v.name));
@@ -281,7 +282,7 @@ export class Agent implements ControlledAgent {
       stateDir: this.config.stateDir, provider: this.provider, log: this.log, windowBytes: this.config.windowBytes,
       batchBytes: this.config.batchBytes, workers: this.config.workers, compressionLevel: this.config.compressionLevel, send: (e) => this.send(e),
       waitConnected: (ms) => this.waitConnected(ms), resumeTimeoutMs: 5 * 60_000, replyTimeoutMs: 60_000,
-      trackingOf: (name) => this.tracking.get(name), postgres: this.config.postgres, quiescer: this.quiescerFactory(),
+      trackingOf: (name) => this.tracking.get(name), postgres: this.config.postgres, quiescer: this.ports.quiescer?.factory,
     }, job, target);
     this.runners.set(job.jobId, runner);
     const p = runner.run().finally(() => {
@@ -378,7 +379,7 @@ export class Agent implements ControlledAgent {
   }
 }
 
-async function volumeSize(path: string): Promise<number> {
+async function fileOrDeviceSize(path: string): Promise<number> {
   const s = await stat(path);
   if (s.isFile()) return s.size;
   const { FileBlockDevice } = await import('./blockdev/file-block-device.js');

@@ -1,15 +1,11 @@
 #!/usr/bin/env node
 import { Command } from 'commander';
-import type { Logger } from 'pino';
 import { packageVersion, runCli, untilStopSignal } from '../proto/shared/cli-exit.js';
 import { BlocksnapError } from '../proto/errors.js';
 import { createLogger } from '../proto/shared/log.js';
-import { Agent } from './agent.js';
-import { loadAgentConfig, type AgentConfig } from './config.js';
+import { agentPorts, composeAgent, registry, staleOfEveryTracker } from './compose.js';
+import { loadAgentConfig } from './config.js';
 import { prepareFromExport } from './pg/prepare-from-export.js';
-import { ReflinkSnapshotProvider } from './snapshot/reflink-snapshot-provider.js';
-import { RetainingSnapshotProvider } from './snapshot/retaining-provider.js';
-import { cleanupStaleInstances } from './cbt/tracefs/tracefs-instance.js';
 import type { AuditResult } from './audit/audit-run.js';
 import { callAgent, type AgentStatus } from './control-server.js';
 
@@ -44,10 +40,6 @@ function program(setStatus: (s: number) => void): Command {
     if (!file) throw new BlocksnapError('E_USAGE', `${cmd.name()}: missing --config FILE (see --help)`);
     return loadAgentConfig(file);
   };
-  const providerOf = (config: AgentConfig, log: Logger) => {
-    const reflink = new ReflinkSnapshotProvider({ stateDir: config.stateDir, logger: log, volumes: config.volumes });
-    return config.retainSnapshotsDir ? new RetainingSnapshotProvider(reflink, config.retainSnapshotsDir) : reflink;
-  };
 
   p.command('run').description('connect to the appliance and run the jobs it sends (until SIGTERM/SIGINT)')
     .option('--insecure', 'allow plain ws:// to a non-loopback appliance (cleartext; same as "insecure": true in the config)')
@@ -59,7 +51,8 @@ function program(setStatus: (s: number) => void): Command {
       let fatal: BlocksnapError | null = null;
       let onFatal: () => void = () => undefined;
       const fatalSeen = new Promise<void>((res) => (onFatal = res));
-      const agent = new Agent(config, providerOf(config, log), log, { onFatal: (e) => ((fatal = e), onFatal()) });
+      // The composition point: the config names the provider, tracker and quiescer (compose.ts).
+      const agent = composeAgent(config, log, { registry, hooks: { onFatal: (e) => ((fatal = e), onFatal()) } });
       await agent.start();
       await Promise.race([stop, fatalSeen]);
       await agent.stop();
@@ -72,8 +65,9 @@ function program(setStatus: (s: number) => void): Command {
     .action(run(async (_o: unknown, cmd: Command) => {
       const config = configOf(cmd);
       const log = createLogger('blocksnap-agent').child({ agent: config.agent });
-      const released = await providerOf(config, log).cleanupStale();
-      released.push(...(await cleanupStaleInstances()).map((i) => `tracing instance ${i}`));
+      const released = await agentPorts(config, log, registry).provider.cleanupStale();
+      // Every kind of tracker sweeps, not only the configured one: tracking may have been switched off since the crash.
+      released.push(...await staleOfEveryTracker(config, log));
       process.stdout.write((globals(cmd).json ? JSON.stringify({ released }) : released.map((r) => `released ${r}`).join('\n') || 'nothing to release') + '\n');
       return 0;
     }));

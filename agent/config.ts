@@ -3,6 +3,7 @@ import { z } from 'zod';
 import { BlocksnapError } from '../proto/errors.js';
 import { isValidChunkSize, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE } from '../proto/shared/volume-geometry.js';
 import type { VolumeSpec } from './snapshot/snapshot-provider.js';
+import { namesOf, registry, type RegistryNames } from './compose.js';
 
 /**
  * Agent configuration file (JSON). Example:
@@ -36,8 +37,12 @@ export interface AgentConfig {
   /** zstd level for chunk data (-7..22; negative = zstd's fast levels). */
   compressionLevel: number;
   reconnectMaxMs: number;
-  /** Changed-block tracking: 'tracefs' (kernel block tracepoints) or 'off' (incrementals compare digests). */
-  tracking: 'tracefs' | 'off';
+  /** Snapshot provider, an entry of agent/compose.ts's registry: 'reflink' (default: XFS reflink clones of loop images). */
+  provider: string;
+  /** Changed-block tracking, a tracker of the registry: 'tracefs' (kernel block tracepoints, default) or 'off' (incrementals compare digests). */
+  tracking: string;
+  /** What quiesces the database, a quiescer of the registry; absent: 'postgres' if `postgres` is set, else none. */
+  quiescer?: string;
   /** Per-CPU ring buffer of each tracing instance, KiB (default: the tracker's). Tests shrink it to force lost events. */
   trackerBufferKb?: number;
   /** The PostgreSQL server whose data lives on the volumes: quiesced around every snapshot. Absent = crash-consistent images. */
@@ -119,20 +124,23 @@ const configSchema = z.strictObject({
   workers: int(1).default(2),
   compressionLevel: int(-7, 22).default(1),
   reconnectMaxMs: int(100).default(10_000),
-  tracking: z.enum(['tracefs', 'off'], { error: 'must be "tracefs" or "off"' }).default('tracefs'),
+  // Names of the composition registry (agent/compose.ts), checked below against the registry given.
+  provider: name.default('reflink'),
+  tracking: name.default('tracefs'),
+  quiescer: name.optional(),
   trackerBufferKb: int(1).optional(),
   postgres: postgresSchema.optional(),
   retainSnapshotsDir: absPath.optional(),
 }, { error: 'not a JSON object' });
 
-export function loadAgentConfig(file: string): AgentConfig {
+export function loadAgentConfig(file: string, known: RegistryNames = namesOf(registry)): AgentConfig {
   let raw: unknown;
   try {
     raw = JSON.parse(readFileSync(file, 'utf8'));
   } catch (e) {
     throw new BlocksnapError('E_CONFIG', `cannot read agent config ${file}: ${(e as Error).message}`, { cause: e });
   }
-  return parseAgentConfig(raw, file);
+  return parseAgentConfig(raw, file, known);
 }
 
 /** `a.b[2].c` */
@@ -148,7 +156,8 @@ function issuesOf(error: z.ZodError): string[] {
   });
 }
 
-export function parseAgentConfig(raw: unknown, source = 'config'): AgentConfig {
+/** `known`: the names the composition registry has (tests pass a registry with their fakes). */
+export function parseAgentConfig(raw: unknown, source = 'config', known: RegistryNames = namesOf(registry)): AgentConfig {
   const bad = (problems: string[]) => new BlocksnapError('E_CONFIG', problems.map((m) => `${source}: ${m}`).join('\n'));
   const parsed = configSchema.safeParse(raw);
   if (!parsed.success) throw bad(issuesOf(parsed.error));
@@ -160,6 +169,15 @@ export function parseAgentConfig(raw: unknown, source = 'config'): AgentConfig {
     names.add(v.name);
   });
   problems.push(...groupProblems(c.groups, names));
+  const oneOf = (key: string, value: string | undefined, allowed: string[]) => {
+    if (value === undefined || allowed.includes(value)) return;
+    const quoted = allowed.map((a) => JSON.stringify(a));
+    problems.push(`${key}: must be ${quoted.length > 1 ? `${quoted.slice(0, -1).join(', ')} or ${quoted.at(-1)}` : quoted[0] ?? 'registered'}`);
+  };
+  oneOf('provider', c.provider, known.providers);
+  oneOf('tracking', c.tracking, known.trackers);
+  oneOf('quiescer', c.quiescer, known.quiescers);
+  if (c.quiescer === 'postgres' && !c.postgres) problems.push('quiescer: "postgres" needs the "postgres" section');
   if (c.token === undefined && c.tokenFile === undefined) problems.push('"token" or "tokenFile" is required');
   if (problems.length) throw bad(problems);
   let token = c.token;
@@ -185,7 +203,8 @@ export function parseAgentConfig(raw: unknown, source = 'config'): AgentConfig {
     appliance: c.appliance, insecure: c.insecure, agent: c.agent, token, stateDir: c.stateDir, volumes,
     ...(ca ? { ca } : {}), groups: c.groups.map((g) => ({ name: g.name, volumes: [...g.volumes] })),
     windowBytes: c.windowBytes, batchBytes: c.batchBytes, workers: c.workers, compressionLevel: c.compressionLevel,
-    reconnectMaxMs: c.reconnectMaxMs, retainSnapshotsDir: c.retainSnapshotsDir, tracking: c.tracking,
+    reconnectMaxMs: c.reconnectMaxMs, retainSnapshotsDir: c.retainSnapshotsDir, provider: c.provider, tracking: c.tracking,
+    ...(c.quiescer === undefined ? {} : { quiescer: c.quiescer }),
     ...(pg === undefined ? {} : {
       postgres: {
         host: pg.host, port: pg.port, user: pg.user, ...(pg.password === undefined ? {} : { password: pg.password }),

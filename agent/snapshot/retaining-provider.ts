@@ -17,8 +17,12 @@ export class RetainingSnapshotProvider implements SnapshotProvider {
   readonly kind: string;
   readonly kept = new Map<string, string>();
 
+  /** The inner provider's, if it has one (SnapshotProvider.volumeSize is optional). */
+  readonly volumeSize?: (volume: VolumeSpec) => Promise<number>;
+
   constructor(private readonly inner: SnapshotProvider, private readonly keepDir: string) {
     this.kind = inner.kind;
+    if (inner.volumeSize) this.volumeSize = (v) => inner.volumeSize!(v);
   }
 
   proveIdentity(volume: VolumeSpec): Promise<VolumeIdentity> {

@@ -63,4 +63,9 @@ export interface SnapshotProvider extends VolumeIdentityCheck {
   remove(snapshot: Snapshot): Promise<void>;
   list(): Promise<Snapshot[]>;
   cleanupStale(keep?: Set<string>): Promise<string[]>;
+  /**
+   * The volume's size in bytes (what the agent announces). Optional: without
+   * it the agent reads the size of `image` (a file) or `device` (a block device).
+   */
+  volumeSize?(volume: VolumeSpec): Promise<number>;
 }

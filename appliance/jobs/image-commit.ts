@@ -1,11 +1,9 @@
-import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { toBlocksnapError } from '../../proto/errors.js';
 import type { Catalog, NewImage } from '../catalog/catalog.js';
-import {
-  buildManifest, listManifests, manifestPath, newImageId, newSetId, readManifest, removeManifest, writeManifest, type Manifest, type ManifestStats,
-} from '../store/manifest.js';
-import { quarantineFile, type QuarantineRecord } from '../store/quarantine.js';
+import { buildManifest, newImageId, newSetId, type Manifest, type ManifestStats } from '../store/manifest.js';
+import type { ManifestStore } from '../store/manifest-store.js';
+import type { QuarantineRecord } from '../store/quarantine.js';
 import type { PgImageInfo } from '../store/pg-image-info.js';
 
 /**
@@ -31,7 +29,7 @@ export interface SealedMember {
 
 export interface CommitContext {
   catalog: Catalog;
-  storeDir: string;
+  manifests: ManifestStore;
   log: Logger;
   agent: string;
   jobId: string;
@@ -41,7 +39,7 @@ export interface CommitContext {
 /** Commits one volume's image; returns its manifest. */
 export async function commitImage(ctx: CommitContext, m: SealedMember): Promise<Manifest> {
   const manifest = manifestOf(ctx, m, newImageId());
-  await writeManifest(ctx.storeDir, manifest); // the commit point
+  await ctx.manifests.put(manifest); // the commit point
   ctx.catalog.insertImage(newImageOf(manifest, m.stats));
   ctx.log.info({ job: ctx.jobId, image: manifest.imageId, ...m.stats }, 'image committed');
   return manifest;
@@ -53,7 +51,7 @@ export async function commitImageSet(ctx: CommitContext, members: SealedMember[]
   const ids = members.map(() => newImageId());
   const set = { id: setId, images: ids };
   const manifests = members.map((m, i) => manifestOf(ctx, m, ids[i]!, set));
-  for (const m of manifests) await writeManifest(ctx.storeDir, m); // the last rename is the commit point
+  for (const m of manifests) await ctx.manifests.put(m); // the last put (rename) is the commit point
   ctx.catalog.insertImages(manifests.map((m, i) => newImageOf(m, members[i]!.stats)));
   ctx.log.info({ job: ctx.jobId, set: setId, images: ids }, 'image set committed');
   return { setId, manifests };
@@ -85,21 +83,20 @@ export function newImageOf(m: Manifest, stats: ManifestStats): NewImage {
  * their rows.
  */
 export async function rollForward(
-  catalog: Catalog, storeDir: string, createAgents: boolean, log?: Logger, out?: { quarantined: QuarantineRecord[] },
+  catalog: Catalog, manifests: ManifestStore, createAgents: boolean, log?: Logger, out?: { quarantined: QuarantineRecord[] },
 ): Promise<number> {
-  const dataDir = join(storeDir, '..');
   const have = catalog.imageIds();
-  const present = new Set(await listManifests(storeDir));
+  const present = new Set(await manifests.list());
   const rows: NewImage[] = [];
   for (const id of present) {
     if (have.has(id)) continue;
     let m;
     try {
-      m = await readManifest(storeDir, id);
+      m = await manifests.get(id);
     } catch (e) {
       const err = toBlocksnapError(e, 'E_STORE_CORRUPT');
       if (err.code !== 'E_STORE_CORRUPT' && err.code !== 'E_FORMAT') throw err;
-      const rec = await quarantineFile(dataDir, manifestPath(storeDir, id), 'manifest', `manifest ${id}`, err.message);
+      const rec = await manifests.quarantine(id, err.message);
       catalog.recordDamage(id, `manifest ${id}`, `unreadable, quarantined to ${rec.to}: ${err.message}`);
       out?.quarantined.push(rec);
       log?.error({ image: id, reason: err.message, movedTo: rec.to }, 'quarantined an unreadable manifest: the image is damaged');
@@ -107,7 +104,7 @@ export async function rollForward(
     }
     if (m.set && !m.set.images.every((i) => present.has(i))) {
       log?.warn({ image: id, set: m.set.id, missing: m.set.images.filter((i) => !present.has(i)) }, 'removing a manifest of an incomplete image set');
-      await removeManifest(storeDir, id);
+      await manifests.remove(id);
       continue;
     }
     rows.push(newImageOf(m, m.stats));

@@ -1,9 +1,13 @@
+import type { IncomingMessage } from 'node:http';
+import type { Socket } from 'node:net';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { makePrivateDirSync } from '../../proto/shared/durable-file.js';
-import { WsTransportServer } from '../../proto/ws-transport.js';
+import type { Transport } from '../../proto/transport.js';
+import type { PreAuthOptions } from '../../proto/ws-transport.js';
 import { Catalog } from '../catalog/catalog.js';
-import { FsChunkStore } from '../store/fs-chunk-store.js';
+import type { RecoveringChunkStore } from '../store/chunk-store.js';
+import type { ManifestStore } from '../store/manifest-store.js';
 import { AgentSession } from './agent-session.js';
 import { AuthGuard, type AuthGuardLimits } from './auth-guard.js';
 import { ControlServer } from './control-server.js';
@@ -13,9 +17,42 @@ import { checkImages, lostAnything, openCatalogOrRecover, rollForward } from './
 
 export { rollForward };
 
+/** Where a store lives: the appliance's data directory and its `store/`. */
+export interface StoreContext {
+  dataDir: string;
+  storeDir: string;
+  logger: Logger;
+}
+
+/** What the appliance asks of its agent endpoint's listener (today WsTransportServer). */
+export interface ListenOptions {
+  host: string;
+  port: number;
+  maxFrameBytes: number;
+  tls?: { cert: Buffer; key: Buffer };
+  preAuth: PreAuthOptions;
+}
+export interface AgentListener {
+  readonly url: string;
+  readonly port: number;
+  close(): Promise<void>;
+}
+
+/**
+ * The appliance's ports, composed by its CLI (appliance/compose.ts) and test
+ * fixtures: nothing below them names a concrete store or listener. Stores are
+ * opened once the data directory's lock is held.
+ */
+export interface ApplianceBackends {
+  openChunkStore(ctx: StoreContext): Promise<RecoveringChunkStore>;
+  openManifestStore(ctx: StoreContext): ManifestStore;
+  listen(opts: ListenOptions, onTransport: (t: Transport, req: IncomingMessage) => void): Promise<AgentListener>;
+}
+
 export interface ApplianceOptions {
   dataDir: string;
   logger: Logger;
+  backends: ApplianceBackends;
   maxFrameBytes?: number;
   windowBytes?: number;
   resumeGraceMs?: number;
@@ -33,8 +70,9 @@ export interface ApplianceOptions {
 }
 
 /**
- * The appliance process: one data directory (catalog + store), a WebSocket
- * endpoint for agents and a control socket for the CLI. Only one process
+ * The appliance process: one data directory (catalog + store), an endpoint
+ * for agents (the injected listener: WebSocket) and a control socket for the
+ * CLI. Its chunk store, manifest store and listener come from `backends`. Only one process
  * may own a data directory (a kernel lock, data-lock.ts). At start it makes
  * the data directory 0700, recovers what it can (recovery.ts: quarantine,
  * damaged images), rolls the catalog forward from the manifests, removes the
@@ -42,7 +80,7 @@ export interface ApplianceOptions {
  * running. One damaged file never stops it (DESIGN.md §6).
  */
 export class Appliance {
-  private ws: WsTransportServer | null = null;
+  private ws: AgentListener | null = null;
   private control: ControlServer | null = null;
   /** Every agent connection, authenticated or not (to end an agent's sessions on `agents rotate`). */
   private readonly sessions = new Set<AgentSession>();
@@ -51,7 +89,8 @@ export class Appliance {
   private constructor(
     readonly opts: ApplianceOptions,
     readonly catalog: Catalog,
-    readonly store: FsChunkStore,
+    readonly store: RecoveringChunkStore,
+    readonly manifests: ManifestStore,
     readonly router: JobRouter,
     private readonly releaseLock: () => void,
   ) {
@@ -64,17 +103,18 @@ export class Appliance {
     const lock = takeDataDirLock(opts.dataDir, 'appliance');
     const releaseLock = () => lock.release();
     let catalog: Catalog | undefined;
-    let store: FsChunkStore | undefined;
+    let store: RecoveringChunkStore | undefined;
     try {
       const recovered = await openCatalogOrRecover(opts.dataDir, log);
       catalog = recovered.catalog;
-      const storeDir = join(opts.dataDir, 'store');
-      store = await FsChunkStore.open(storeDir, { logger: log, dataDir: opts.dataDir });
+      const where: StoreContext = { dataDir: opts.dataDir, storeDir: join(opts.dataDir, 'store'), logger: log };
+      store = await opts.backends.openChunkStore(where);
+      const manifests = opts.backends.openManifestStore(where);
       const q = { quarantined: [...store.recovery.quarantined] };
-      const rolled = await rollForward(catalog, storeDir, recovered.rebuilt !== null, log, q);
+      const rolled = await rollForward(catalog, manifests, recovered.rebuilt !== null, log, q);
       const cat = catalog;
       const cleanup = await store.resolvePending((root) => cat.hasRoot(root));
-      const damaged = await checkImages(catalog, store, storeDir, {
+      const damaged = await checkImages(catalog, store, manifests, {
         deep: lostAnything(store) || recovered.rebuilt !== null, lost: store.recovery.lostBlobs, quarantined: store.recovery.quarantined, log,
       });
       const failed = catalog.failInterruptedJobs();
@@ -85,14 +125,14 @@ export class Appliance {
         }, 'recovered from previous run');
       }
       const router = new JobRouter(catalog, store, {
-        storeDir,
+        manifests,
         resumeGraceMs: opts.resumeGraceMs ?? 10 * 60_000,
         jobIdleTimeoutMs: opts.jobIdleTimeoutMs,
         windowBytes: opts.windowBytes ?? 32 << 20,
         flushEveryBytes: opts.flushEveryBytes,
         auditEvery: opts.auditEvery ?? 10,
       }, log);
-      return new Appliance(opts, catalog, store, router, releaseLock);
+      return new Appliance(opts, catalog, store, manifests, router, releaseLock);
     } catch (e) {
       await store?.close().catch(() => undefined);
       catalog?.close();
@@ -110,13 +150,13 @@ export class Appliance {
     // Pre-authentication bounds (DESIGN.md §4.2): counted from the TCP accept, bucket checked at the upgrade.
     const preAuth = {
       maxBytes: this.opts.preAuthBytes ?? 64 << 10,
-      onSocket: (socket: import('node:net').Socket) => this.guard.track(socket, limits.authTimeoutMs + 1000),
-      admit: (req: import('node:http').IncomingMessage) => {
+      onSocket: (socket: Socket) => this.guard.track(socket, limits.authTimeoutMs + 1000),
+      admit: (req: IncomingMessage) => {
         const a = this.guard.admitAttempt(req.socket.remoteAddress ?? '');
         return a.ok ? null : { status: a.status, reason: a.reason };
       },
     };
-    this.ws = await WsTransportServer.listen({ host, port, maxFrameBytes: limits.maxFrameBytes, tls: this.opts.tls, preAuth }, (t, req) => {
+    this.ws = await this.opts.backends.listen({ host, port, maxFrameBytes: limits.maxFrameBytes, tls: this.opts.tls, preAuth }, (t, req) => {
       const address = req.socket.remoteAddress ?? '';
       const s = new AgentSession(t, this.router, this.opts.logger, {
         ...limits, guard: this.guard, address, endPreAuth: this.guard.slotOf(address, req.socket.remotePort),

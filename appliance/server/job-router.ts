@@ -13,9 +13,11 @@ import { commitImage, commitImageSet, type CommitContext, type SealedMember } fr
 import { ActiveJob, outcomeFromResult, type JobOutcome, type MemberTransfer } from './active-job.js';
 import type { AgentSession } from './agent-session.js';
 import { Ingest } from './ingest.js';
+import type { ManifestStore } from '../store/manifest-store.js';
 
 export interface RouterOptions {
-  storeDir: string;
+  /** Where the commit puts manifests (DESIGN.md §5). */
+  manifests: ManifestStore;
   /** How long a job waits for its agent to reconnect and resume. */
   resumeGraceMs: number;
   /** Unacknowledged batch bytes an agent may have in flight per job (policed: 2× + one frame). */
@@ -318,7 +320,7 @@ export class JobRouter {
 
   /** The commit's context for this job (../jobs/image-commit.ts). */
   private commitContext(job: ActiveJob): CommitContext {
-    return { catalog: this.catalog, storeDir: this.opts.storeDir, log: this.log, agent: job.agent, jobId: job.id, pg: job.wal.pgInfo() };
+    return { catalog: this.catalog, manifests: this.opts.manifests, log: this.log, agent: job.agent, jobId: job.id, pg: job.wal.pgInfo() };
   }
 
   private async endVolume(s: AgentSession, job: ActiveJob, e: EndVolume): Promise<void> {

@@ -10,7 +10,7 @@
  * - openCatalogOrRecover: a catalog SQLite cannot read is quarantined and
  *   recreated; its agents (and their credentials) are salvaged if that table
  *   still reads, the images come back from the manifests.
- * - checkImages: every image's manifest file and root blob are there; with
+ * - checkImages: every image's manifest and root blob are there; with
  *   `deep` (something was lost at this start) also every page blob. Never
  *   every chunk: that is `verify`'s job.
  */
@@ -21,9 +21,10 @@ import { Catalog } from '../catalog/catalog.js';
 import { ZERO_DIGEST, type ChunkStore } from '../store/chunk-store.js';
 import type { SkippedPack } from '../store/blob-index.js';
 import type { VerifyReport } from '../ops/verify-image.js';
-import { FsChunkStore } from '../store/fs-chunk-store.js';
+import { FsChunkStore, type StoreRecovery } from '../store/fs-chunk-store.js';
 import { ImageIndexReader } from '../store/image-index.js';
-import { listManifests } from '../store/manifest.js';
+import { FsManifestStore } from '../store/fs-manifest-store.js';
+import type { ManifestStore } from '../store/manifest-store.js';
 import { quarantineFile, type QuarantineRecord } from '../store/quarantine.js';
 import { takeDataDirLock } from './data-lock.js';
 import { rollForward } from '../jobs/image-commit.js';
@@ -65,10 +66,10 @@ export async function openCatalogOrRecover(
  * Page digests shared between images are checked once.
  */
 export async function checkImages(
-  catalog: Catalog, store: ChunkStore, storeDir: string,
+  catalog: Catalog, store: ChunkStore, manifestStore: ManifestStore,
   opts: { deep: boolean; lost?: Map<string, string>; quarantined?: QuarantineRecord[]; log?: Logger },
 ): Promise<DamagedImage[]> {
-  const manifests = new Set(await listManifests(storeDir));
+  const manifests = new Set(await manifestStore.list());
   const out: DamagedImage[] = [];
   const pagesOk = new Set<string>();
   const nameOf = (hex: string, what: string) => opts.lost?.get(hex) ?? `${what} blob ${hex}`;
@@ -123,11 +124,12 @@ export async function rebuildCatalog(dataDir: string, log?: Logger): Promise<Reb
     try {
       const storeDir = join(dataDir, 'store');
       const q = { quarantined: rebuilt ? [rebuilt] : [] };
-      const added = await rollForward(catalog, storeDir, true, log, q);
+      const manifests = new FsManifestStore(storeDir, dataDir);
+      const added = await rollForward(catalog, manifests, true, log, q);
       const store = await FsChunkStore.open(storeDir, { logger: log, dataDir });
       try {
         q.quarantined.push(...store.recovery.quarantined);
-        const damaged = await checkImages(catalog, store, storeDir, {
+        const damaged = await checkImages(catalog, store, manifests, {
           deep: lostAnything(store), lost: store.recovery.lostBlobs, quarantined: store.recovery.quarantined, log,
         });
         return { added, quarantined: q.quarantined, damaged, agentsSalvaged };
@@ -168,7 +170,7 @@ export async function reindexStore(dataDir: string, log?: Logger): Promise<Reind
       }
       if (catalog) {
         try {
-          damaged = await checkImages(catalog, store, storeDir, {
+          damaged = await checkImages(catalog, store, new FsManifestStore(storeDir, dataDir), {
             deep: skipped.length > 0 || lostAnything(store), lost: store.recovery.lostBlobs,
             quarantined: [...store.recovery.quarantined, ...r.skipped.map((k) => ({ kind: 'pack' as const, object: `pack ${k.pack}`, from: '', to: k.quarantinedTo ?? '', reason: k.reason, at: '' }))], log,
           });
@@ -185,7 +187,7 @@ export async function reindexStore(dataDir: string, log?: Logger): Promise<Reind
   }
 }
 
-export function lostAnything(store: FsChunkStore): boolean {
+export function lostAnything(store: { recovery: StoreRecovery }): boolean {
   return store.recovery.quarantined.length > 0 || store.recovery.missingPacks.length > 0;
 }
 

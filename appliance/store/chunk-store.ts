@@ -21,6 +21,8 @@
  *   E_STORE_CORRUPT naming pack and digest; a missing blob is E_NOT_FOUND.
  * - `has(digest)` is true only for durable blobs.
  */
+import type { PendingCleanup, StoreRecovery } from './fs-chunk-store.js';
+
 export type BlobType = 1 | 2 | 3; // 1 chunk, 2 index page, 3 index root
 
 export const BLOB_CHUNK: BlobType = 1;
@@ -66,4 +68,15 @@ export interface ChunkStore {
   /** Durable packs, blobs and pack bytes (from the index). */
   stats(): { packs: number; blobs: number; bytes: number };
   close(): Promise<void>;
+}
+
+/**
+ * A ChunkStore as the appliance runs it (appliance/server/appliance.ts): at
+ * open it reports what it found and repaired (DESIGN.md §6.1), and at start
+ * it settles the pending-pack journal against the committed roots (§5.2).
+ * A store without packs on disk reports nothing and removes nothing.
+ */
+export interface RecoveringChunkStore extends ChunkStore {
+  readonly recovery: StoreRecovery;
+  resolvePending(committedRoot: (rootHex: string) => boolean): Promise<PendingCleanup>;
 }

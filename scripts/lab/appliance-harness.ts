@@ -3,6 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createLogger } from '../../proto/shared/log.js';
 import { Appliance, type ApplianceOptions } from '../../appliance/server/appliance.js';
+import { applianceBackends } from '../../appliance/compose.js';
 
 /** An in-process appliance on 127.0.0.1:<free port> in a temp data dir, with agents registered. */
 export interface ApplianceHarness {
@@ -22,6 +23,7 @@ export async function startAppliance(
     logger: createLogger('test-appliance', process.env.BLOCKSNAP_LOG ?? 'warn'),
     // Tests refused on purpose many times from 127.0.0.1 must not lock out the next test's login (auth-guard.ts).
     authGuard: { failBurst: 10_000 },
+    backends: applianceBackends(), // a test may pass its own (opts.backends)
     ...opts, dataDir,
   });
   const tokens: Record<string, string> = {};

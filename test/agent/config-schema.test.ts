@@ -57,6 +57,12 @@ describe('agent config schema', () => {
     expect(problems(noState)).toEqual(['config.json: stateDir: must be an absolute path']);
     expect(problems({ ...base, appliance: 'http://x' })).toEqual(['config.json: appliance: must be a ws:// or wss:// URL']);
     expect(problems({ ...base, tracking: 'ebpf' })).toEqual(['config.json: tracking: must be "tracefs" or "off"']);
+    // provider, tracking and quiescer name entries of the composition registry (agent/compose.ts)
+    expect(problems({ ...base, provider: 'lvm', quiescer: 'mysql' })).toEqual(['config.json: provider: must be "reflink"', 'config.json: quiescer: must be "postgres"']);
+    expect(problems({ ...base, quiescer: 'postgres' })).toEqual(['config.json: quiescer: "postgres" needs the "postgres" section']);
+    expect(parseAgentConfig({ ...base, provider: 'reflink', tracking: 'off', quiescer: 'postgres', postgres: {} })).toMatchObject({ provider: 'reflink', quiescer: 'postgres' });
+    const known = { providers: ['reflink', 'fake'], trackers: ['tracefs', 'off', 'memory'], quiescers: [] };
+    expect(parseAgentConfig({ ...base, provider: 'fake', tracking: 'memory' }, 'config.json', known)).toMatchObject({ provider: 'fake', tracking: 'memory' });
     expect(problems({ ...base, postgres: { fast: 'yes' } })).toEqual(['config.json: postgres.fast: must be true or false']);
     const { token: _t, ...noToken } = base;
     expect(problems(noToken)).toEqual(['config.json: "token" or "tokenFile" is required']);
@@ -69,7 +75,7 @@ describe('agent config schema', () => {
       appliance: base.appliance, insecure: false, agent: 'db1', token: 't', stateDir: '/var/lib/blocksnap',
       volumes: [{ name: 'pgdata', device: '/dev/loop3', image: '/pool/pgdata.img', mountpoint: '/srv/pg', chunkSize: 65536 }],
       groups: [], windowBytes: 32 << 20, batchBytes: 2 << 20, workers: 2, compressionLevel: 1, reconnectMaxMs: 10_000,
-      retainSnapshotsDir: undefined, tracking: 'tracefs',
+      retainSnapshotsDir: undefined, provider: 'reflink', tracking: 'tracefs',
     });
     expect(parseAgentConfig({ ...base, postgres: {} }).postgres).toEqual({
       host: '127.0.0.1', port: 5432, user: 'postgres', database: 'postgres', role: 'auto', fast: true, pauseTimeoutMs: 30_000, watchdogSeconds: 600,

@@ -8,6 +8,7 @@ import { startAppliance, type ApplianceHarness } from '../../scripts/lab/applian
 import {
   chunkCountOf, goodChunk, imageBytes, jobTrace, makeVolume, mutateVolume, nonZeroIndexes, ScriptedAgent, type TestVolume,
 } from '../../appliance/testing/scripted-agent.js';
+import { FsManifestStore } from '../../appliance/store/fs-manifest-store.js';
 import { buildManifest, listManifests, newImageId, newSetId, readManifest, writeManifest } from '../../appliance/store/manifest.js';
 import { isBlocksnapError } from '../../proto/errors.js';
 import { envelope, JobMode, type MessageMap } from '../../proto/messages.js';
@@ -175,13 +176,13 @@ describe('roll-forward of image sets', () => {
       await writeManifest(storeDir, buildManifest({ ...base, imageId: whole.images[0], volume: 'pgdata', set: whole, jobId: 'job-2' }));
       await writeManifest(storeDir, buildManifest({ ...base, imageId: whole.images[1], volume: 'pgwal', set: whole, jobId: 'job-2' }));
 
-      expect(await rollForward(catalog, storeDir, false)).toBe(2);
+      expect(await rollForward(catalog, new FsManifestStore(storeDir), false)).toBe(2);
       expect(await listManifests(storeDir)).toEqual([...whole.images].sort());
       expect(catalog.image(partial.images[0]!)).toBeUndefined();
       expect(catalog.listImages().map((i) => [i.id, i.setId]).sort()).toEqual(whole.images.map((i) => [i, whole.id]).sort());
       expect(await readdir(join(storeDir, 'tmp'))).toEqual([]);
       // Idempotent: a second start changes nothing.
-      expect(await rollForward(catalog, storeDir, false)).toBe(0);
+      expect(await rollForward(catalog, new FsManifestStore(storeDir), false)).toBe(0);
     } finally {
       catalog.close();
       await rm(root, { recursive: true, force: true });

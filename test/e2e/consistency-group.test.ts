@@ -2,7 +2,8 @@ import { execa } from 'execa';
 import { lstat, mkdir, readdir, readlink, realpath, rm, rmdir, symlink, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Agent } from '../../agent/agent.js';
+import type { Agent } from '../../agent/agent.js';
+import { composeAgent } from '../../agent/compose.js';
 import { parseAgentConfig } from '../../agent/config.js';
 import { prepareFromExport } from '../../agent/pg/prepare-from-export.js';
 import { ReflinkSnapshotProvider } from '../../agent/snapshot/reflink-snapshot-provider.js';
@@ -53,7 +54,7 @@ describe('consistency group: data directory and pg_wal on two volumes (PostgreSQ
       groups: [{ name: 'pg', volumes: ['pgdata', 'pgwal'] }],
       postgres: { host: '127.0.0.1', port: pgc.port, user: 'postgres', role: 'primary' },
     });
-    agent = new Agent(config, new ReflinkSnapshotProvider({ stateDir, logger: log, volumes }), log);
+    agent = composeAgent(config, log); // the config's provider (reflink) and tracker, as the CLI composes them
     await agent.start();
     await agent.waitConnected(10_000);
   });

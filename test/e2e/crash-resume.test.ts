@@ -3,7 +3,7 @@ import { existsSync, statSync } from 'node:fs';
 import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Agent } from '../../agent/agent.js';
+import { composeAgent } from '../../agent/compose.js';
 import { parseAgentConfig } from '../../agent/config.js';
 import { ReflinkSnapshotProvider } from '../../agent/snapshot/reflink-snapshot-provider.js';
 import { RetainingSnapshotProvider } from '../../agent/snapshot/retaining-provider.js';
@@ -49,7 +49,7 @@ describe('crashes and dropped connections during a transfer', () => {
   async function inProcessAgent(url: string, token: string, tag: string) {
     const config = await agentConfig(url, token, tag);
     const provider = new RetainingSnapshotProvider(new ReflinkSnapshotProvider({ stateDir: config.stateDir, logger: log, volumes: [lab.volume] }), retained);
-    const agent = new Agent(config, provider, log);
+    const agent = composeAgent(config, log, { ports: { provider } });
     await agent.start();
     cleanups.push(() => agent.stop());
     await agent.waitConnected(10_000);

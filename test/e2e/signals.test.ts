@@ -4,7 +4,7 @@ import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import pino from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Agent } from '../../agent/agent.js';
+import { composeAgent } from '../../agent/compose.js';
 import { parseAgentConfig } from '../../agent/config.js';
 import { ReflinkSnapshotProvider } from '../../agent/snapshot/reflink-snapshot-provider.js';
 import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
@@ -235,8 +235,7 @@ describe('daemon signals and agent failures', () => {
     await mkdir(handshakeState, { recursive: true });
     const config = parseAgentConfig({ appliance: srv.url, agent: 'db1', token: 't', stateDir: handshakeState, volumes: [lab.volume], tracking: 'off' });
     let fatal = '';
-    const agent = new Agent(config, new ReflinkSnapshotProvider({ stateDir: handshakeState, logger: log, volumes: [lab.volume] }), log,
-      { onFatal: (e) => (fatal = e.code) });
+    const agent = composeAgent(config, log, { hooks: { onFatal: (e) => (fatal = e.code) } });
     try {
       await agent.start();
       await waitFor(async () => fatal !== '', 10_000, 'agent refused');

@@ -3,7 +3,8 @@ import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Agent } from '../../agent/agent.js';
+import type { Agent } from '../../agent/agent.js';
+import { composeAgent } from '../../agent/compose.js';
 import { parseAgentConfig } from '../../agent/config.js';
 import { ReflinkSnapshotProvider } from '../../agent/snapshot/reflink-snapshot-provider.js';
 import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
@@ -49,7 +50,7 @@ describe('TLS between agent and appliance', () => {
       appliance: url, agent: 'db1', token: appl.tokens.db1, stateDir, volumes: [lab.volume], tracking: 'off',
       reconnectMaxMs: 200, ...(caFile ? { caFile } : {}),
     });
-    const a = new Agent(config, new ReflinkSnapshotProvider({ stateDir, logger: log, volumes: [lab.volume] }), log);
+    const a = composeAgent(config, log);
     agents.push(a);
     await a.start();
     return a;

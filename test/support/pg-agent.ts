@@ -1,6 +1,7 @@
 import { mkdir } from 'node:fs/promises';
 import type { Logger } from 'pino';
-import { Agent } from '../../agent/agent.js';
+import type { Agent } from '../../agent/agent.js';
+import { composeAgent } from '../../agent/compose.js';
 import { parseAgentConfig } from '../../agent/config.js';
 import { ReflinkSnapshotProvider } from '../../agent/snapshot/reflink-snapshot-provider.js';
 import { RetainingSnapshotProvider } from '../../agent/snapshot/retaining-provider.js';
@@ -41,7 +42,7 @@ export async function startTestAgent(o: TestAgentOptions): Promise<TestAgent> {
   });
   const reflink = new ReflinkSnapshotProvider({ stateDir: o.stateDir, logger: o.log, volumes: o.volumes });
   const provider = o.retainDir ? new RetainingSnapshotProvider(reflink, o.retainDir) : reflink;
-  const agent = new Agent(config, provider, o.log);
+  const agent = composeAgent(config, o.log, { ports: { provider } });
   try {
     await agent.start();
     await agent.waitConnected(15_000);

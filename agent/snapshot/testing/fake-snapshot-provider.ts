@@ -64,6 +64,13 @@ export class FakeSnapshotProvider implements SnapshotProvider {
     };
   }
 
+  /** A fake volume has no file or device to measure: the agent asks here. */
+  async volumeSize(spec: VolumeSpec): Promise<number> {
+    const v = this.volumes.get(spec.name);
+    if (!v) throw new BlocksnapError('E_CONFIG', `no fake volume ${spec.name}`);
+    return v.bytes.length;
+  }
+
   async create(volume: VolumeSpec, tag: string): Promise<Snapshot> {
     return (await this.createGroup([volume], tag))[0]!;
   }
