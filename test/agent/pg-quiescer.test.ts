@@ -274,8 +274,11 @@ describe.runIf(pg15)('primary, PostgreSQL 15: bad input and the watchdog', () =>
     await c.query("CREATE ROLE bs_pw LOGIN PASSWORD 'right'");
     const hba = path.join(c.dataDir, 'pg_hba.conf');
     await writeFile(hba, `host all bs_pw 127.0.0.1/32 scram-sha-256\n${await readFile(hba, 'utf8')}`);
+    // A new backend sees the postmaster's reload time once it has reloaded (pg_hba.conf included).
+    const loadedAt = async () => (await c.query<{ t: Date }>('SELECT pg_conf_load_time() AS t'))[0]!.t.getTime();
+    const before = await loadedAt();
     await c.query('SELECT pg_reload_conf()');
-    await sleep(300);
+    await waitFor('the server to reload pg_hba.conf', 10_000, async () => (await loadedAt()) > before);
     const q = new PgQuiescer({ connection: { ...c.connectionConfig(), user: 'bs_pw', password: 'wrong' }, role: 'primary' });
     const e = await rejection(q.connect());
     expect(isBlocksnapError(e, 'E_PG')).toBe(true);
@@ -316,7 +319,10 @@ describe.runIf(pg15)('primary, PostgreSQL 15: bad input and the watchdog', () =>
       const qa = quiescer(c, 'primary');
       await qa.connect();
       const pending = rejection(qa.quiesce({ label: `bsq-cancel-${seq++}`, fast: false }));
-      await sleep(500);
+      // Aborted while the server is inside the blocked start, not before it was sent.
+      await waitFor('the backup start to be running', 10_000, async () => Number((await c.query<{ n: string }>(
+        "SELECT count(*)::text AS n FROM pg_stat_activity WHERE application_name = $1 AND state = 'active' AND query ILIKE '%pg_backup_start%'",
+        [(qa as any).opts.connection.application_name]))[0]!.n) > 0);
       const t1 = Date.now();
       await qa.abort('job cancelled');
       const ea = await pending;
@@ -382,7 +388,9 @@ describe.each(builds.filter((b) => STANDBY_MAJORS.includes(b.major)))('standby, 
       const [r] = await s.query<{ lsn: string | null }>('SELECT pg_last_wal_receive_lsn()::text AS lsn');
       return r!.lsn !== null && parseLsn(r!.lsn) >= parseLsn(primaryLsn);
     });
-    await sleep(300);
+    // The startup process sits in its pause loop: the WAL above would have been applied by now.
+    await waitFor('replay to sit in its pause', 10_000, async () => Number((await s.query<{ n: string }>(
+      "SELECT count(*)::text AS n FROM pg_stat_activity WHERE backend_type = 'startup' AND wait_event = 'RecoveryPause'"))[0]!.n) === 1);
     const [still] = await s.query<{ lsn: string; n: string }>('SELECT pg_last_wal_replay_lsn()::text AS lsn, (SELECT count(*) FROM t) AS n');
     expect(still).toEqual({ lsn: qi.replayLsn, n: '0' });
 
@@ -438,7 +446,9 @@ describe.each(builds.filter((b) => STANDBY_MAJORS.includes(b.major)))('standby, 
     try {
       await reader.query('BEGIN; SELECT count(*) FROM t');
       await p.query('BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE; COMMIT');
-      await sleep(500);
+      // Replay is blocked once the startup process waits for the lock the reader holds off.
+      await waitFor('replay to wait for the ACCESS EXCLUSIVE lock', 10_000, async () => Number((await s.query<{ n: string }>(
+        "SELECT count(*)::text AS n FROM pg_locks WHERE mode = 'AccessExclusiveLock' AND NOT granted"))[0]!.n) > 0);
       const q = quiescer(s, 'standby', { pauseTimeoutMs: 1500 });
       await q.connect();
       const e = await rejection(q.quiesce({ label: `bsq-stuck-${seq++}`, fast: true }));
@@ -447,7 +457,7 @@ describe.each(builds.filter((b) => STANDBY_MAJORS.includes(b.major)))('standby, 
       expect(await pauseState(s, major)).toBe('not paused');
       // The same wait, cut short by abort.
       const pending = rejection(q.quiesce({ label: `bsq-stuck-${seq++}`, fast: true }));
-      await sleep(500);
+      await waitFor('the pause to be requested', 10_000, async () => (await pauseState(s, major)) === 'pause requested');
       await q.abort('job cancelled');
       const ea = await pending;
       expect(isBlocksnapError(ea, 'E_CANCELLED'), ea.message).toBe(true);

@@ -6,6 +6,7 @@ import { pino } from 'pino';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { thawFilesystem } from '../../agent/snapshot/fsfreeze.js';
 import { ReflinkSnapshotProvider, snapshotDirOf } from '../../agent/snapshot/reflink-snapshot-provider.js';
+import { startWriteProbe, writeOutcome } from '../support/write-probe.js';
 import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
 import { isBlocksnapError } from '../../proto/errors.js';
 
@@ -55,7 +56,9 @@ describe('ReflinkSnapshotProvider.createGroup', () => {
     const seen: Array<{ volume: string; aWrites: boolean; bWrites: boolean }> = [];
     const snaps = await provider.createGroup([a.volume, b.volume], 't1', {
       whileFrozen: async (v) => {
-        seen.push({ volume: v.name, aWrites: await writesWithin(a.volumeMount, 300), bWrites: await writesWithin(b.volumeMount, 300) });
+        const aw = await writeOutcome(startWriteProbe(path.join(a.volumeMount, `probe-${probe++}`)));
+        const bw = await writeOutcome(startWriteProbe(path.join(b.volumeMount, `probe-${probe++}`)));
+        seen.push({ volume: v.name, aWrites: aw !== 'blocked', bWrites: bw !== 'blocked' });
       },
     });
     expect(seen).toEqual([

@@ -13,6 +13,7 @@ import { freezeFilesystem, thawFilesystem } from '../../agent/snapshot/fsfreeze.
 import { ReflinkSnapshotProvider, snapshotDirOf } from '../../agent/snapshot/reflink-snapshot-provider.js';
 import { freezeMarkerPath, readVolumeRegistry, writeFreezeMarker, writeVolumeRegistry } from '../../agent/snapshot/reflink-state.js';
 import type { VolumeSpec } from '../../agent/snapshot/snapshot-provider.js';
+import { startWriteProbe, writeOutcome } from '../support/write-probe.js';
 import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
 import { isBlocksnapError } from '../../proto/errors.js';
 
@@ -119,8 +120,9 @@ describe('ReflinkSnapshotProvider on a real XFS pool', () => {
     const snap = await provider.create(lab.volume, 'pit', {
       whileFrozen: async () => {
         markerWhileFrozen = JSON.parse(await readFile(freezeMarkerPath(stateDir, lab.volume.name), 'utf8'));
-        blockedWrite = startWrite(lab.volumeMount);
-        stillBlocked = await Promise.race([blockedWrite.then(() => false), new Promise<boolean>((r) => setTimeout(() => r(true), 200))]);
+        const probe = startWriteProbe(path.join(lab.volumeMount, `probe-${probeSeq++}`));
+        blockedWrite = probe.done;
+        stillBlocked = (await writeOutcome(probe)) === 'blocked';
         frozenCopy = await readFile(lab.volumeImage);
       },
     });
@@ -179,7 +181,7 @@ describe('ReflinkSnapshotProvider on a real XFS pool', () => {
     const err = await rejection(
       provider.create(spec, 't1', {
         whileFrozen: async () => {
-          frozen = !(await writesWithin(lab.volumeMount, 200));
+          frozen = (await writeOutcome(startWriteProbe(path.join(lab.volumeMount, `probe-${probeSeq++}`)))) === 'blocked';
         },
       }),
     );
