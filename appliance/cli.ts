@@ -1,19 +1,18 @@
 #!/usr/bin/env node
 import { existsSync, readFileSync } from 'node:fs';
-import { request } from 'node:http';
 import { createSecureContext } from 'node:tls';
 import { join, resolve } from 'node:path';
 import { Command, InvalidArgumentError } from 'commander';
 import { intOption, packageVersion, runCli, untilStopSignal } from '../proto/shared/cli-exit.js';
 import { BlocksnapError, isBlocksnapError, toBlocksnapError } from '../proto/errors.js';
 import { createLogger } from '../proto/shared/log.js';
+import { ControlAnswerError, controlRequest } from '../proto/shared/control-socket.js';
 import { Catalog, type ImageRow } from './catalog/catalog.js';
 import { exportImageTo } from './ops/export-image.js';
 import { verifyImage } from './ops/verify-image.js';
 import { Appliance, lockHolder } from './server/appliance.js';
 import { rebuildCatalog, recordVerifyReport, reindexStore } from './server/recovery.js';
 import { FsChunkStore } from './store/fs-chunk-store.js';
-import { applianceBackends } from './compose.js';
 import { progressBar } from './progress.js';
 import { backupLine } from './backup-line.js';
 
@@ -68,8 +67,7 @@ function program(setStatus: (s: number) => void): Command {
       const tls = o.tlsCert ? { cert: readOption('--tls-cert', o.tlsCert), key: readOption('--tls-key', o.tlsKey!) } : undefined;
       if (tls) checkTls(tls, o.tlsCert!, o.tlsKey!);
       const [host, port] = o.listen ?? ['127.0.0.1', 7700];
-      // The composition point of the appliance's ports (appliance/compose.ts).
-      const app = await Appliance.open({ dataDir, logger: log, auditEvery: o.auditEvery, tls, backends: applianceBackends() });
+      const app = await Appliance.open({ dataDir, logger: log, auditEvery: o.auditEvery, tls });
       const addr = await app.listen(host, port).catch(async (e) => {
         await app.close(); // releases the data directory: nothing claims it after a failed start
         throw listenError(e, `${host}:${port}`);
@@ -157,8 +155,12 @@ function program(setStatus: (s: number) => void): Command {
     .option('--json', 'machine-readable output')
     .action(run(async (agent: string, volume: string, o: { full?: boolean; audit?: boolean }, cmd: Command) => {
       const c = ctx(cmd);
-      const ev = await control(c.dataDir, '/v1/backup', { agent, volume, full: !!o.full, ...(o.audit ? { audit: true } : {}) }, c.json ? null : 'backup');
-      const result = ev.event === 'error' ? { ok: false, jobId: '', errorCode: ev.code, errorMessage: ev.message } : ev;
+      // A job the appliance refused (unknown agent or volume, busy, …) is a failed backup, not a CLI error.
+      const result = await control(c.dataDir, '/v1/backup', { agent, volume, full: !!o.full, ...(o.audit ? { audit: true } : {}) }, c.json ? null : 'backup')
+        .catch((e) => {
+          if (e instanceof ControlAnswerError) return { ok: false, jobId: '', errorCode: e.code, errorMessage: e.message };
+          throw e;
+        });
       c.out(backupLine(result), result);
       return result.ok ? 0 : 1;
     }));
@@ -211,7 +213,6 @@ async function verifyOrExport(c: Ctx, cmd: 'verify' | 'export', imageId: string 
   if (appliancePid(dataDir)) {
     // The running appliance owns the store: ask it to do the work.
     result = await control(dataDir, `/v1/${cmd}`, { imageId, to, force }, !c.json ? cmd : null);
-    if (result.event === 'error') throw new BlocksnapError(result.code, result.message);
   } else {
     needDataDir(dataDir);
     const store = await FsChunkStore.open(join(dataDir, 'store'), { logger: log });
@@ -305,82 +306,32 @@ async function endAgentSessions(dataDir: string, agent: string): Promise<number>
   }
 }
 
+const controlSocket = (dataDir: string) => join(dataDir, 'control.sock');
+
 /** A one-shot JSON request to the control socket; an error answer becomes a BlocksnapError. */
 function controlPost(dataDir: string, path: string, body: object): Promise<any> {
-  return new Promise((resolvePromise, reject) => {
-    const req = request({ socketPath: join(dataDir, 'control.sock'), path, method: 'POST', headers: { 'content-type': 'application/json' } }, (res) => {
-      let text = '';
-      res.setEncoding('utf8');
-      res.on('data', (d: string) => (text += d));
-      res.on('end', () => {
-        let v: any;
-        try {
-          v = JSON.parse(text);
-        } catch (e) {
-          return reject(new BlocksnapError('E_PROTOCOL', 'control socket answered garbage', { cause: e }));
-        }
-        if (v?.event === 'error') reject(new BlocksnapError(v.code, v.message));
-        else resolvePromise(v);
-      });
-    });
-    req.on('error', (e) => reject(new BlocksnapError('E_DISCONNECTED', `control socket: ${e.message}`, { cause: e })));
-    req.end(JSON.stringify(body));
-  });
+  return controlRequest(controlSocket(dataDir), 'POST', path, body);
 }
 
 function controlGet(dataDir: string, path: string): Promise<any> {
-  return new Promise((resolvePromise, reject) => {
-    const req = request({ socketPath: join(dataDir, 'control.sock'), path, method: 'GET' }, (res) => {
-      let body = '';
-      res.setEncoding('utf8');
-      res.on('data', (d: string) => (body += d));
-      res.on('end', () => {
-        try {
-          resolvePromise(JSON.parse(body));
-        } catch (e) {
-          reject(new BlocksnapError('E_PROTOCOL', 'control socket answered garbage', { cause: e }));
-        }
-      });
-    });
-    req.on('error', (e) => reject(new BlocksnapError('E_DISCONNECTED', `control socket: ${e.message}`, { cause: e })));
-    req.end();
-  });
+  return controlRequest(controlSocket(dataDir), 'GET', path);
 }
 
 /** A request to the running appliance's control socket; shows its progress events; resolves with the final event. */
-function control(dataDir: string, path: string, body: object, progressLabel: string | null): Promise<any> {
-  const socketPath = join(dataDir, 'control.sock');
-  if (!appliancePid(dataDir) || !existsSync(socketPath)) {
-    return Promise.reject(new BlocksnapError('E_NOT_FOUND', `no appliance is running on ${dataDir}`));
+async function control(dataDir: string, path: string, body: object, progressLabel: string | null): Promise<any> {
+  if (!appliancePid(dataDir) || !existsSync(controlSocket(dataDir))) {
+    throw new BlocksnapError('E_NOT_FOUND', `no appliance is running on ${dataDir}`);
   }
-  return new Promise((resolvePromise, reject) => {
-    const req = request({ socketPath, path, method: 'POST', headers: { 'content-type': 'application/json' } }, (res) => {
-      const bar = progressLabel ? progressBar(progressLabel) : null;
-      let buf = '';
-      let result: any = null;
-      res.setEncoding('utf8');
-      res.on('data', (d: string) => {
-        buf += d;
-        let nl;
-        while ((nl = buf.indexOf('\n')) >= 0) {
-          const line = buf.slice(0, nl);
-          buf = buf.slice(nl + 1);
-          if (!line) continue;
-          const ev = JSON.parse(line);
-          if (ev.event === 'progress') bar?.update(ev.chunksDone, ev.chunksTotal);
-          else if (ev.event === 'result' || ev.event === 'error') result = ev;
-        }
-      });
-      // 'close' also fires when the appliance dies mid-response ('end' then never comes).
-      res.on('close', () => {
-        bar?.stop();
-        if (result) resolvePromise(result);
-        else reject(new BlocksnapError('E_DISCONNECTED', 'the appliance went away before the result (see its log)'));
-      });
+  const bar = progressLabel ? progressBar(progressLabel) : null;
+  try {
+    return await controlRequest(controlSocket(dataDir), 'POST', path, body, {
+      onEvent: (ev) => {
+        if (ev.event === 'progress') bar?.update(ev.chunksDone, ev.chunksTotal);
+      },
     });
-    req.on('error', (e) => reject(new BlocksnapError('E_DISCONNECTED', `control socket: ${e.message}`, { cause: e })));
-    req.end(JSON.stringify(body));
-  });
+  } finally {
+    bar?.stop();
+  }
 }
 
 function parseListen(s: string): [string, number] {
