@@ -1,6 +1,6 @@
 /**
  * In-memory ChunkStore for tests of code built on the store (image index,
- * ingest, a whole appliance). It passes test/store/chunk-store.contract.ts
+ * ingest, a whole appliance: it is a RecoveringChunkStore). It passes test/store/chunk-store.contract.ts
  * (test/store/memory-chunk-store.test.ts) except the crash-recovery cases,
  * which are about pack files: all-zero payloads and the ZERO digest are
  * refused, puts de-duplicate against durable blobs and every open writer,
@@ -18,9 +18,10 @@ import {
   type BlobLocation,
   type BlobType,
   type BlobWriter,
-  type ChunkStore,
+  type RecoveringChunkStore,
   type PutResult,
 } from '../store/chunk-store.js';
+import type { PendingCleanup, StoreRecovery } from '../store/fs-chunk-store.js';
 
 interface StoredBlob {
   plain: Buffer;
@@ -60,7 +61,9 @@ export class MemoryChunkBacking {
   }
 }
 
-export class MemoryChunkStore implements ChunkStore {
+export class MemoryChunkStore implements RecoveringChunkStore {
+  /** Nothing on disk to find damaged at open. */
+  readonly recovery: StoreRecovery = { quarantined: [], missingPacks: [], lostBlobs: new Map() };
   private readonly durable: Map<string, StoredBlob>;
   private readonly writers = new Set<MemoryBlobWriter>();
   private closed = false;
@@ -104,6 +107,11 @@ export class MemoryChunkStore implements ChunkStore {
   async close(): Promise<void> {
     this.closed = true;
     this.writers.clear();
+  }
+
+  /** An aborted writer's blobs never became durable here, so nothing is pending at a start. */
+  async resolvePending(): Promise<PendingCleanup> {
+    return { removedPacks: [], removedBytes: 0, settledPacks: 0 };
   }
 
   /** Flip one byte of a durable blob so the next get fails its re-hash. */
