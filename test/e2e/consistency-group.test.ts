@@ -12,12 +12,14 @@ import { checkChecksums } from '../support/pg-checksums.js';
 import { PgCluster } from '../../scripts/lab/pg-cluster.js';
 import { initdbSplitWal } from '../support/pg-split-wal.js';
 import { PgTicker, TICK_TABLE_SQL, tickIds } from '../support/pg-ticker.js';
-import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
+import type { VolumeLab } from '../../scripts/lab/volume-lab.js';
 import { exportImageTo } from '../../appliance/ops/export-image.js';
 import type { PgImageInfo } from '../../appliance/store/pg-image-info.js';
-import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
+import type { ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
 import { isBlocksnapError } from '../../proto/errors.js';
 import { createLogger } from '../../proto/shared/log.js';
+import { e2eFixture } from '../support/e2e-fixture.js';
+import { waitFor } from '../support/wait-for.js';
 
 /**
  * A consistency group through the whole product: PostgreSQL 15 with its
@@ -31,21 +33,21 @@ import { createLogger } from '../../proto/shared/log.js';
 const log = createLogger('test', process.env.BLOCKSNAP_LOG ?? 'warn');
 
 describe('consistency group: data directory and pg_wal on two volumes (PostgreSQL 15)', () => {
+  const fx = e2eFixture();
   let dataLab: VolumeLab;
   let walLab: VolumeLab;
   let pgc: PgCluster;
   let appl: ApplianceHarness;
   let agent: Agent;
-  const cleanups: (() => Promise<unknown>)[] = [];
 
   beforeAll(async () => {
-    dataLab = await createVolumeLab({ volumeSize: 512 << 20, poolSize: 1024 ** 3, name: 'pgdata' });
-    walLab = await createVolumeLab({ volumeSize: 256 << 20, poolSize: 1024 ** 3, name: 'pgwal' });
+    dataLab = await fx.lab({ volumeSize: 512 << 20, poolSize: 1024 ** 3, name: 'pgdata' });
+    walLab = await fx.lab({ volumeSize: 256 << 20, poolSize: 1024 ** 3, name: 'pgwal' });
+    pgc = await fx.pg({ dataDir: join(dataLab.volumeMount, 'pg') }, false);
     await initdbSplitWal({ dataDir: join(dataLab.volumeMount, 'pg'), walDir: join(walLab.volumeMount, 'wal') });
-    pgc = new PgCluster({ dataDir: join(dataLab.volumeMount, 'pg') });
     await pgc.start();
     await pgc.query(TICK_TABLE_SQL);
-    appl = await startAppliance(['db1']);
+    appl = await fx.appliance(['db1']);
     const stateDir = join(dataLab.root, 'agent-state');
     await mkdir(stateDir, { recursive: true });
     const volumes = [dataLab.volume, walLab.volume];
@@ -54,25 +56,18 @@ describe('consistency group: data directory and pg_wal on two volumes (PostgreSQ
       groups: [{ name: 'pg', volumes: ['pgdata', 'pgwal'] }],
       postgres: { host: '127.0.0.1', port: pgc.port, user: 'postgres', role: 'primary' },
     });
-    agent = composeAgent(config, log); // the config's provider (reflink) and tracker, as the CLI composes them
+    agent = fx.add('agent', composeAgent(config, log), (a) => a.stop()); // the config's provider (reflink) and tracker, as the CLI composes them
     await agent.start();
     await agent.waitConnected(10_000);
   });
 
-  afterAll(async () => {
-    for (const c of cleanups.reverse()) await c().catch((e) => console.error('cleanup', e));
-    await agent?.stop();
-    await appl?.close();
-    await pgc?.destroy();
-    await walLab?.destroy();
-    await dataLab?.destroy();
-  });
+  afterAll(() => fx.dispose());
 
   it('commits one image set per job (full, then incremental); the restored set starts with every acknowledged id', async () => {
     expect(await readlink(join(dataLab.volumeMount, 'pg', 'pg_wal'))).toBe(join(walLab.volumeMount, 'wal'));
     const ticker = new PgTicker(pgc.connectionConfig());
     await ticker.start();
-    cleanups.push(() => ticker.stop());
+    fx.defer('ticker.stop()', () => ticker.stop());
     await ticker.reach(30);
     const full = appl.app.router.startJob('db1', 'pg', 'full');
     const fullOutcome = await full.done;
@@ -116,18 +111,18 @@ describe('consistency group: data directory and pg_wal on two volumes (PostgreSQ
     const mounts: Record<string, string> = {};
     for (const img of [dataImg, walImg]) {
       const file = join(dataLab.poolMount, `export-${img.volume}.raw`);
-      cleanups.push(() => rm(file, { force: true }));
-      cleanups.push(() => rm(`${file}.wal`, { recursive: true, force: true }));
-      cleanups.push(() => rm(`${file}.blocksnap.json`, { force: true }));
+      fx.defer('rm(file, { force: true })', () => rm(file, { force: true }));
+      fx.defer('rm(`${file}.wal`, { recursive: true, force: true })', () => rm(`${file}.wal`, { recursive: true, force: true }));
+      fx.defer('rm(`${file}.blocksnap.json`, { force: true })', () => rm(`${file}.blocksnap.json`, { force: true }));
       await exportImageTo(appl.app.store, img, file);
       const dev = await attachLoop(file);
       const backing = await realpath(file);
-      cleanups.push(() => detachLoop(dev, { backingFile: backing }));
+      fx.defer('detachLoop(dev, { backingFile: backing })', () => detachLoop(dev, { backingFile: backing }));
       const mnt = join(dataLab.root, `restored-${img.volume}`);
       await mkdir(mnt, { recursive: true });
-      cleanups.push(() => rmdir(mnt));
+      fx.defer('rmdir(mnt)', () => rmdir(mnt));
       await execa('mount', ['-t', 'ext4', '-o', 'noatime', dev, mnt]);
-      cleanups.push(() => execa('umount', [mnt]));
+      fx.defer('execa("umount", [mnt])', () => execa('umount', [mnt]));
       mounts[img.volume] = mnt;
     }
     const dataDir = join(mounts.pgdata!, 'pg');
@@ -140,14 +135,10 @@ describe('consistency group: data directory and pg_wal on two volumes (PostgreSQ
     expect(prep.written).toContain('backup_label');
     expect(prep.walCopied.length).toBe(info.wal.length);
 
-    const restored = new PgCluster({ dataDir });
-    cleanups.push(() => restored.destroy());
+    const restored = await fx.pg({ dataDir }, false);
     await restored.start();
-    for (let i = 0; i < 200; i++) {
-      if (!(await restored.query<{ r: boolean }>('select pg_is_in_recovery() as r'))[0]!.r) break;
-      await new Promise((r) => setTimeout(r, 100));
-    }
-    expect((await restored.query<{ r: boolean }>('select pg_is_in_recovery() as r'))[0]!.r).toBe(false);
+    await waitFor('the restored set to end recovery', async () =>
+      !(await restored.query<{ r: boolean }>('select pg_is_in_recovery() as r'))[0]!.r, { timeoutMs: 20_000, everyMs: 100 });
     const ids = await tickIds(restored);
     expect(ids.min).toBe(1);
     expect(ids.max).toBeGreaterThanOrEqual(ackedBefore);
