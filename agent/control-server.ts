@@ -32,7 +32,8 @@ export interface AgentStatus {
   version: string;
   pid: number;
   connected: boolean;
-  trackingMode: 'tracefs' | 'off';
+  /** The config's `tracking` (a tracker of agent/compose.ts's registry). */
+  trackingMode: string;
   volumes: VolumeStatus[];
 }
 

@@ -13,6 +13,7 @@ import { verifyImage } from './ops/verify-image.js';
 import { Appliance, lockHolder } from './server/appliance.js';
 import { rebuildCatalog, recordVerifyReport, reindexStore } from './server/recovery.js';
 import { FsChunkStore } from './store/fs-chunk-store.js';
+import { applianceBackends } from './compose.js';
 import { progressBar } from './progress.js';
 import { backupLine } from './backup-line.js';
 
@@ -67,7 +68,8 @@ function program(setStatus: (s: number) => void): Command {
       const tls = o.tlsCert ? { cert: readOption('--tls-cert', o.tlsCert), key: readOption('--tls-key', o.tlsKey!) } : undefined;
       if (tls) checkTls(tls, o.tlsCert!, o.tlsKey!);
       const [host, port] = o.listen ?? ['127.0.0.1', 7700];
-      const app = await Appliance.open({ dataDir, logger: log, auditEvery: o.auditEvery, tls });
+      // The composition point of the appliance's ports (appliance/compose.ts).
+      const app = await Appliance.open({ dataDir, logger: log, auditEvery: o.auditEvery, tls, backends: applianceBackends() });
       const addr = await app.listen(host, port).catch(async (e) => {
         await app.close(); // releases the data directory: nothing claims it after a failed start
         throw listenError(e, `${host}:${port}`);
@@ -180,7 +182,7 @@ function program(setStatus: (s: number) => void): Command {
     .action(run(async (_o: unknown, cmd: Command) => {
       const c = ctx(cmd);
       needDataDir(c.dataDir);
-      const r = await rebuildCatalog(c.dataDir, log);
+      const r = await rebuildCatalog(c.dataDir, applianceBackends(), log);
       c.out([`catalog rebuilt: ${r.added} image(s) added from manifests`,
         ...r.quarantined.map((q) => `quarantined ${q.object} to ${q.to}: ${q.reason}`),
         ...r.damaged.map((d) => `DAMAGED ${d.imageId}: ${d.objects.map((o) => o.object).join(', ')}`)].join('\n'), r);

@@ -21,7 +21,7 @@ export { rollForward };
 export interface StoreContext {
   dataDir: string;
   storeDir: string;
-  logger: Logger;
+  logger?: Logger;
 }
 
 /** What the appliance asks of its agent endpoint's listener (today WsTransportServer). */

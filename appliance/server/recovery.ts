@@ -24,6 +24,7 @@ import type { VerifyReport } from '../ops/verify-image.js';
 import { FsChunkStore, type StoreRecovery } from '../store/fs-chunk-store.js';
 import { ImageIndexReader } from '../store/image-index.js';
 import { FsManifestStore } from '../store/fs-manifest-store.js';
+import type { ApplianceBackends } from './appliance.js';
 import type { ManifestStore } from '../store/manifest-store.js';
 import { quarantineFile, type QuarantineRecord } from '../store/quarantine.js';
 import { takeDataDirLock } from './data-lock.js';
@@ -116,17 +117,24 @@ export interface RebuildReport {
   agentsSalvaged: number;
 }
 
-/** `catalog rebuild`: with the data directory's lock; works when catalog.sqlite itself is unreadable. */
-export async function rebuildCatalog(dataDir: string, log?: Logger): Promise<RebuildReport> {
+/**
+ * `catalog rebuild`: with the data directory's lock; works when catalog.sqlite
+ * itself is unreadable. The stores come from the CLI's composition
+ * (appliance/compose.ts), opened once the lock is held.
+ */
+export async function rebuildCatalog(
+  dataDir: string, stores: Pick<ApplianceBackends, 'openChunkStore' | 'openManifestStore'>, log?: Logger,
+): Promise<RebuildReport> {
   const lock = takeDataDirLock(dataDir, 'catalog rebuild');
   try {
     const { catalog, rebuilt, agentsSalvaged } = await openCatalogOrRecover(dataDir, log);
     try {
       const storeDir = join(dataDir, 'store');
       const q = { quarantined: rebuilt ? [rebuilt] : [] };
-      const manifests = new FsManifestStore(storeDir, dataDir);
+      const where = { dataDir, storeDir, logger: log };
+      const manifests = stores.openManifestStore(where);
       const added = await rollForward(catalog, manifests, true, log, q);
-      const store = await FsChunkStore.open(storeDir, { logger: log, dataDir });
+      const store = await stores.openChunkStore(where);
       try {
         q.quarantined.push(...store.recovery.quarantined);
         const damaged = await checkImages(catalog, store, manifests, {
@@ -151,7 +159,11 @@ export interface ReindexReport {
   damaged: DamagedImage[];
 }
 
-/** `store reindex`: with the lock; unreadable packs are quarantined and reported, images that needed them marked. */
+/**
+ * `store reindex`: with the lock; unreadable packs are quarantined and
+ * reported, images that needed them marked. A filesystem-store operation
+ * (rebuilds index.sqlite from the pack trailers), so it names FsChunkStore.
+ */
 export async function reindexStore(dataDir: string, log?: Logger): Promise<ReindexReport> {
   const lock = takeDataDirLock(dataDir, 'store reindex');
   try {
