@@ -7,12 +7,14 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { composeAgent } from '../../agent/compose.js';
 import { parseAgentConfig } from '../../agent/config.js';
 import { ReflinkSnapshotProvider } from '../../agent/snapshot/reflink-snapshot-provider.js';
-import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
+import type { VolumeLab } from '../../scripts/lab/volume-lab.js';
 import { ddWrite } from '../support/volume-writes.js';
 import { listInstances, parseInstanceName, tracefsRoot } from '../../agent/cbt/tracefs/tracefs-instance.js';
-import { agentCli, applianceCmd, spawnAgent, spawnAppliance, type ApplianceProcess, type Daemon } from '../../scripts/lab/processes.js';
+import { agentCli, applianceCmd, type ApplianceProcess, type Daemon } from '../../scripts/lab/processes.js';
 import { envelope } from '../../proto/messages.js';
 import { WsTransportServer } from '../../proto/ws-transport.js';
+import { e2eFixture } from '../support/e2e-fixture.js';
+import { waitFor } from '../support/wait-for.js';
 
 /**
  * The daemons as real processes (dist/: `npm run build`) on a real volume
@@ -31,14 +33,16 @@ describe('daemon signals and agent failures', () => {
   let agentLog: string;
   let applianceLog: string;
   let token: string;
+  /** Every daemon started, in order (the tests look up the current agent here); each is also a release of `fx`. */
   const daemons: Daemon[] = [];
+  const fx = e2eFixture();
 
   beforeAll(async () => {
     expect(existsSync(agentCli()), `${agentCli()} missing: run npm run build`).toBe(true);
-    lab = await createVolumeLab({ volumeSize: 128 << 20, name: 'vol' });
+    lab = await fx.lab({ volumeSize: 128 << 20, name: 'vol' });
     dataDir = join(lab.root, 'appliance');
     applianceLog = join(lab.root, 'appliance.log');
-    appl = await spawnAppliance(dataDir, { logFile: applianceLog, args: ['--audit-every', '0'] });
+    appl = await fx.applianceProcess(dataDir, { logFile: applianceLog, args: ['--audit-every', '0'] });
     daemons.push(appl);
     const add = await applianceCmd(dataDir, ['agents', 'add', 'db1', '--json']);
     expect(add.exitCode, add.stderr).toBe(0);
@@ -50,21 +54,18 @@ describe('daemon signals and agent failures', () => {
     await writeFile(configFile, JSON.stringify({ appliance: appl.url, agent: 'db1', token, stateDir, volumes: [lab.volume], reconnectMaxMs: 1000 }));
   });
 
-  afterAll(async () => {
-    for (const d of daemons.reverse()) await d.stop().catch((e) => console.error('stop', e));
-    await lab?.destroy();
-  });
+  afterAll(() => fx.dispose());
 
   async function startAgent(): Promise<Daemon> {
-    const a = spawnAgent(configFile, agentLog, { BLOCKSNAP_LOG: 'info' });
+    const a = fx.agentProcess(configFile, agentLog, { BLOCKSNAP_LOG: 'info' });
     daemons.push(a);
     const tail = async () => `agent log:\n${(await readFile(agentLog, 'utf8').catch(() => '')).slice(-3000)}\nappliance log:\n${(await readFile(applianceLog, 'utf8').catch(() => '')).slice(-2000)}`;
     // This process's own log line: `agents list` may still show the previous process's session.
     const connected = new RegExp(`"pid":${a.pid},[^\\n]*"msg":"connected to appliance"`);
-    await waitFor(async () => {
+    await waitFor('agent connected', async () => {
       if (a.child.exitCode !== null) throw new Error(`agent exited ${a.child.exitCode}: ${await tail()}`);
       return connected.test(await readFile(agentLog, 'utf8').catch(() => ''));
-    }, 30_000, 'agent connected', tail);
+    }, { timeoutMs: 30_000, everyMs: 100, detail: tail });
     return a;
   }
 
@@ -104,7 +105,7 @@ describe('daemon signals and agent failures', () => {
 
     for (const [d, log] of [[appl, applianceLog], [agent, agentLog]] as const) {
       process.kill(d.pid, 'SIGHUP');
-      await waitFor(async () => /"signal":"SIGHUP"[^\n]*SIGHUP ignored/.test(await readFile(log, 'utf8')), 10_000, `SIGHUP logged in ${log}`);
+      await waitFor(`SIGHUP logged in ${log}`, async () => /"signal":"SIGHUP"[^\n]*SIGHUP ignored/.test(await readFile(log, 'utf8')), { timeoutMs: 10_000, everyMs: 100 });
       expect(d.child.exitCode).toBe(null);
       expect(d.child.signalCode).toBe(null);
     }
@@ -150,7 +151,7 @@ describe('daemon signals and agent failures', () => {
     const job = applianceCmd(dataDir, ['backup', 'db1', 'vol', '--json']);
     // A complete .snap exists once the snapshot is taken and the volume thawed: the transfer is on.
     const snapDir = join(lab.poolMount, '.blocksnap');
-    await waitFor(async () => existsSync(snapDir) && (await readdir(snapDir)).some((f) => f.endsWith('.snap')), 60_000, 'snapshot taken');
+    await waitFor('snapshot taken', async () => existsSync(snapDir) && (await readdir(snapDir)).some((f) => f.endsWith('.snap')), { timeoutMs: 60_000, everyMs: 100 });
     await whileFrozen(async () => {
       expect(await agent.stop()).toBe(0);
       const r = await job;
@@ -175,7 +176,7 @@ describe('daemon signals and agent failures', () => {
     expect(await readFile(applianceLog, 'utf8')).toMatch(/"signal":"SIGTERM"[^\n]*"msg":"stopped"/);
     // No pid file or control socket left; whatever lock it held is free: another appliance starts on the directory at once.
     expect((await readdir(dataDir)).filter((f) => /\.pid$|\.sock$/.test(f))).toEqual([]);
-    const next = await spawnAppliance(dataDir, { logFile: applianceLog });
+    const next = await fx.applianceProcess(dataDir, { logFile: applianceLog });
     expect(await next.stop()).toBe(0);
   });
 
@@ -192,7 +193,7 @@ describe('daemon signals and agent failures', () => {
         volumes: [{ ...lab.volume, image: join(lab.poolMount, 'no-such.img') }],
       }));
       const started = Date.now();
-      const a = spawnAgent(file, log);
+      const a = fx.agentProcess(file, log);
       daemons.push(a);
       const code = await Promise.race([a.exited, sleep(30_000).then(() => 'still running')]);
       expect(code, await readFile(log, 'utf8')).toBe(2);
@@ -212,7 +213,7 @@ describe('daemon signals and agent failures', () => {
       appliance: 'ws://127.0.0.1:1/v1/agent', agent: 'db1', token: 't', stateDir, volumes: [lab.volume], volumez: [], postgres: { prot: 5432 },
     }));
     const log = join(lab.root, 'typo.log');
-    const a = spawnAgent(file, log);
+    const a = fx.agentProcess(file, log);
     daemons.push(a);
     expect(await Promise.race([a.exited, sleep(30_000).then(() => 'still running')])).toBe(2);
     const text = await readFile(log, 'utf8');
@@ -238,10 +239,10 @@ describe('daemon signals and agent failures', () => {
     const agent = composeAgent(config, log, { hooks: { onFatal: (e) => (fatal = e.code) } });
     try {
       await agent.start();
-      await waitFor(async () => fatal !== '', 10_000, 'agent refused');
+      await waitFor('agent refused', async () => fatal !== '', { timeoutMs: 10_000 });
       expect(fatal).toBe('E_AUTH');
       // The agent has not been stopped: only its own close ends the connection (the appliance would wait 10 s).
-      await waitFor(async () => closedAt > 0, 3_000, 'socket closed by the agent');
+      await waitFor('socket closed by the agent', async () => closedAt > 0, { timeoutMs: 3_000 });
       expect(closedAt - refusedAt).toBeLessThan(3_000);
     } finally {
       await agent.stop();
@@ -249,14 +250,6 @@ describe('daemon signals and agent failures', () => {
     }
   });
 });
-
-async function waitFor(cond: () => Promise<boolean>, timeoutMs: number, what: string, detail?: () => Promise<string>): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await cond())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for: ${what}${detail ? `\n${await detail()}` : ''}`);
-    await sleep(100);
-  }
-}
 
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
