@@ -7,12 +7,13 @@ import { composeAgent } from '../../agent/compose.js';
 import { parseAgentConfig } from '../../agent/config.js';
 import { ReflinkSnapshotProvider } from '../../agent/snapshot/reflink-snapshot-provider.js';
 import { RetainingSnapshotProvider } from '../../agent/snapshot/retaining-provider.js';
-import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
+import type { VolumeLab } from '../../scripts/lab/volume-lab.js';
 import { exportImage } from '../../appliance/ops/export-image.js';
-import { startAppliance } from '../../scripts/lab/appliance-harness.js';
-import { applianceCmd, spawnAgent, spawnAppliance } from '../../scripts/lab/processes.js';
+import { applianceCmd } from '../../scripts/lab/processes.js';
 import { TcpProxy } from '../support/tcp-proxy.js';
 import { createLogger } from '../../proto/shared/log.js';
+import { e2eFixture } from '../support/e2e-fixture.js';
+import { waitFor } from '../support/wait-for.js';
 
 /**
  * Failures in the middle of a transfer, on real loop devices: a dropped
@@ -25,21 +26,18 @@ import { createLogger } from '../../proto/shared/log.js';
 const log = createLogger('test', process.env.BLOCKSNAP_LOG ?? 'warn');
 
 describe('crashes and dropped connections during a transfer', () => {
+  const fx = e2eFixture();
   let lab: VolumeLab;
   let retained: string;
-  const cleanups: (() => Promise<unknown>)[] = [];
 
   beforeAll(async () => {
-    lab = await createVolumeLab({ volumeSize: 1024 ** 3, poolSize: 4 * 1024 ** 3, name: 'vol' });
+    lab = await fx.lab({ volumeSize: 1024 ** 3, poolSize: 4 * 1024 ** 3, name: 'vol' });
     await execa('dd', ['if=/dev/urandom', `of=${join(lab.volumeMount, 'random.bin')}`, 'bs=1M', 'count=384', 'status=none']);
     await execa('sync');
     retained = join(lab.poolMount, 'retained');
   });
 
-  afterAll(async () => {
-    for (const c of cleanups.reverse()) await c().catch((e) => console.error('cleanup', e));
-    await lab?.destroy();
-  });
+  afterAll(() => fx.dispose());
 
   async function agentConfig(url: string, token: string, tag: string) {
     const stateDir = await mkdtemp(join(lab.root, `state-${tag}-`));
@@ -49,9 +47,8 @@ describe('crashes and dropped connections during a transfer', () => {
   async function inProcessAgent(url: string, token: string, tag: string) {
     const config = await agentConfig(url, token, tag);
     const provider = new RetainingSnapshotProvider(new ReflinkSnapshotProvider({ stateDir: config.stateDir, logger: log, volumes: [lab.volume] }), retained);
-    const agent = composeAgent(config, log, { ports: { provider } });
+    const agent = fx.add('agent', composeAgent(config, log, { ports: { provider } }), (a) => a.stop());
     await agent.start();
-    cleanups.push(() => agent.stop());
     await agent.waitConnected(10_000);
     return agent;
   }
@@ -70,11 +67,9 @@ describe('crashes and dropped connections during a transfer', () => {
   }
 
   it('resumes after a dropped connection from the durable point, and the image is identical to its snapshot', async () => {
-    const appl = await startAppliance(['db1'], { flushEveryBytes: 16 << 20 });
-    cleanups.push(() => appl.close());
+    const appl = await fx.appliance(['db1'], { flushEveryBytes: 16 << 20 });
     const port = Number(new URL(appl.url).port);
-    const proxy = await TcpProxy.start(port);
-    cleanups.push(() => proxy.close());
+    const proxy = fx.add('proxy', await TcpProxy.start(port), (p) => p.close());
     await inProcessAgent(`ws://127.0.0.1:${proxy.port}/v1/agent`, appl.tokens.db1!, 'resume');
 
     const job = appl.app.router.startJob('db1', 'vol', 'full');
@@ -100,8 +95,7 @@ describe('crashes and dropped connections during a transfer', () => {
     const dataDir = join(await mkdtemp(join(lab.root, 'appl-')), 'data');
     await mkdir(dataDir);
     const add = await applianceCmd(dataDir, ['agents', 'add', 'db1', '--json']);
-    const appl = await spawnAppliance(dataDir);
-    cleanups.push(() => appl.stop());
+    const appl = await fx.applianceProcess(dataDir);
     await inProcessAgent(appl.url, add.json.token, 'cancel');
     const backup = applianceCmd(dataDir, ['backup', 'db1', 'vol', '--full', '--json']);
     let jobId = '';
@@ -135,8 +129,7 @@ describe('crashes and dropped connections during a transfer', () => {
     await mkdir(dataDir);
     const add = await applianceCmd(dataDir, ['agents', 'add', 'db1', '--json']);
     expect(add.exitCode, add.stderr).toBe(0);
-    let appl = await spawnAppliance(dataDir);
-    cleanups.push(() => appl.stop());
+    let appl = await fx.applianceProcess(dataDir);
     const agent = await inProcessAgent(appl.url, add.json.token, 'kill-appliance');
 
     const backup = applianceCmd(dataDir, ['backup', 'db1', 'vol', '--full', '--json']);
@@ -152,8 +145,7 @@ describe('crashes and dropped connections during a transfer', () => {
     const first = await backup;
     expect(first.exitCode, first.stdout + first.stderr).not.toBe(0);
 
-    appl = await spawnAppliance(dataDir, { port: appl.port });
-    cleanups.push(() => appl.stop());
+    appl = await fx.applianceProcess(dataDir, { port: appl.port });
     const images = await applianceCmd(dataDir, ['images', 'list', '--json']);
     expect(images.json).toEqual([]);
     const jobs = await applianceCmd(dataDir, ['jobs', 'list', '--json']);
@@ -175,22 +167,19 @@ describe('crashes and dropped connections during a transfer', () => {
   });
 
   it('kill -9 of the agent mid-transfer: its restart removes the snapshot and the appliance ends the job', async () => {
-    const appl = await startAppliance(['db1']);
-    cleanups.push(() => appl.close());
+    const appl = await fx.appliance(['db1']);
     const config = await agentConfig(appl.url, appl.tokens.db1!, 'kill-agent');
     const configFile = join(config.stateDir, 'agent.json');
     await writeFile(configFile, JSON.stringify(config));
-    let agent = spawnAgent(configFile, join(config.stateDir, 'agent.log'));
-    cleanups.push(() => agent.stop());
-    for (let i = 0; i < 100 && appl.app.router.connectedAgents().length === 0; i++) await sleep(100);
+    let agent = fx.agentProcess(configFile, join(config.stateDir, 'agent.log'));
+    await waitFor('the agent to connect', () => appl.app.router.connectedAgents().length > 0, { timeoutMs: 10_000, everyMs: 100 });
 
     const job = appl.app.router.startJob('db1', 'vol', 'full');
     await new Promise<void>((resolve) => job.once('progress', () => resolve()));
     await agent.kill9();
     expect((await snapFiles()).length).toBe(1);
 
-    agent = spawnAgent(configFile, join(config.stateDir, 'agent.log'));
-    cleanups.push(() => agent.stop());
+    agent = fx.agentProcess(configFile, join(config.stateDir, 'agent.log'));
     const outcome = await job.done;
     expect(outcome).toMatchObject({ ok: false, errorCode: 'E_DISCONNECTED' });
     expect(appl.app.catalog.listImages()).toEqual([]);
