@@ -1,16 +1,13 @@
-import { execFileSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync } from 'node:fs';
 import { mkdtemp, readdir, readFile, rm, stat, truncate, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { DMAP_HEADER_BYTES, DigestMap } from '../../agent/state/digest-map.js';
+import { expectDurableOrder, haveStrace, repoRoot, traceDurableWrite } from '../support/durable-write-trace.js';
 
 const sha256 = (b: Buffer): Buffer => createHash('sha256').update(b).digest();
 const IMAGE = 'img-20240506t070809z-0a1b2c3d';
-const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 
 describe('agent digest map', () => {
   let dir: string;
@@ -134,26 +131,11 @@ describe('agent digest map', () => {
     expect(back.get(0)).toEqual(Buffer.alloc(32));
   });
 
-  it.skipIf(!existsSync('/usr/bin/strace'))('syscalls: temp fsync, rename over the file, then directory fsync', async () => {
+  it.skipIf(!haveStrace)('syscalls: temp fsync, rename over the file, then directory fsync', async () => {
     const file = path.join(dir, 'pgdata.digests');
-    const script = path.join(dir, 'write.mts');
-    const log = path.join(dir, 'strace.log');
-    await writeFile(script, `import { DigestMap } from ${JSON.stringify(path.join(repoRoot, 'agent/state/digest-map.js'))};
-await DigestMap.create({ volumeSize: 1 << 24, chunkSize: 4096, imageId: 'img-x' }).write(${JSON.stringify(file)});\n`);
-    execFileSync('strace', ['-f', '-qq', '-e', 'trace=openat,fsync,fdatasync,rename,renameat,renameat2', '-o', log,
-      process.execPath, '--import', 'tsx', script], { cwd: repoRoot, stdio: 'pipe' });
+    expectDurableOrder(traceDurableWrite(dir, `import { DigestMap } from ${JSON.stringify(path.join(repoRoot, 'agent/state/digest-map.js'))};
+await DigestMap.create({ volumeSize: 1 << 24, chunkSize: 4096, imageId: 'img-x' }).write(${JSON.stringify(file)});\n`,
+    { target: file, tmpMark: path.join(dir, `.${path.basename(file)}.`) }));
     expect((await DigestMap.read(file)).imageId).toBe('img-x');
-    const lines = (await readFile(log, 'utf8')).split('\n');
-    const openTmp = lines.findIndex((l) => l.includes(`openat(`) && l.includes(path.join(dir, `.${path.basename(file)}.`)) && l.includes('O_EXCL'));
-    expect(openTmp).toBeGreaterThanOrEqual(0);
-    const fdOf = (l: string | undefined) => l?.match(/= (\d+)$/)?.[1];
-    const syncTmp = lines.findIndex((l, i) => i > openTmp && l.includes(`fsync(${fdOf(lines[openTmp])})`));
-    const rename = lines.findIndex((l) => /rename/.test(l) && l.includes(`"${file}"`));
-    const openDir = lines.findIndex((l, i) => i > rename && l.includes(`"${dir}"`));
-    const syncDir = lines.findIndex((l, i) => i > openDir && l.includes(`fsync(${fdOf(lines[openDir])})`));
-    expect(syncTmp).toBeGreaterThan(openTmp);
-    expect(rename).toBeGreaterThan(syncTmp);
-    expect(openDir).toBeGreaterThan(rename);
-    expect(syncDir).toBeGreaterThan(openDir);
   });
 });

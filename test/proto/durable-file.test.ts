@@ -1,13 +1,10 @@
-import { execFileSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
 import { mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { writeDurable, writeFileDurably } from '../../proto/shared/durable-file.js';
+import { expectDurableOrder, haveStrace, repoRoot, traceDurableWrite } from '../support/durable-write-trace.js';
 
-const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 
 describe('writeDurable: the one durable write', () => {
   let dir: string;
@@ -55,28 +52,15 @@ describe('writeDurable: the one durable write', () => {
     expect(await readdir(tmp)).toEqual(['keep']);
   });
 
-  it.skipIf(!existsSync('/usr/bin/strace'))('syscalls: temp O_EXCL, fchown, fsync, rename over the file, then directory fsync', async () => {
+  it.skipIf(!haveStrace)('syscalls: temp O_EXCL, fchown, fsync, rename over the file, then directory fsync', async () => {
     const file = path.join(dir, 'postgresql.auto.conf');
-    const script = path.join(dir, 'write.mts');
-    const log = path.join(dir, 'strace.log');
-    await writeFile(script, `import { writeDurable } from ${JSON.stringify(path.join(repoRoot, 'proto/shared/durable-file.js'))};
-await writeDurable(${JSON.stringify(file)}, (fh) => fh.writeFile('x = 1\\n'), { owner: { uid: 4321, gid: 4321 } });\n`);
-    execFileSync('strace', ['-f', '-qq', '-e', 'trace=openat,fchown,fsync,fdatasync,rename,renameat,renameat2', '-o', log,
-      process.execPath, '--import', 'tsx', script], { cwd: repoRoot, stdio: 'pipe' });
-    const lines = (await readFile(log, 'utf8')).split('\n');
-    const openTmp = lines.findIndex((l) => l.includes('openat(') && l.includes(path.join(dir, '.postgresql.auto.conf.')) && l.includes('O_EXCL'));
-    expect(openTmp).toBeGreaterThanOrEqual(0);
-    const fdOf = (l: string | undefined) => l?.match(/= (\d+)$/)?.[1];
-    const fd = fdOf(lines[openTmp]);
-    const chown = lines.findIndex((l, i) => i > openTmp && l.includes(`fchown(${fd}, 4321, 4321)`));
-    const syncTmp = lines.findIndex((l, i) => i > openTmp && l.includes(`fsync(${fd})`));
-    const rename = lines.findIndex((l) => /rename/.test(l) && l.includes(`"${file}"`));
-    const openDir = lines.findIndex((l, i) => i > rename && l.includes(`"${dir}"`));
-    const syncDir = lines.findIndex((l, i) => i > openDir && l.includes(`fsync(${fdOf(lines[openDir])})`));
-    expect(chown).toBeGreaterThan(openTmp);
-    expect(syncTmp).toBeGreaterThan(chown);
-    expect(rename).toBeGreaterThan(syncTmp);
-    expect(openDir).toBeGreaterThan(rename);
-    expect(syncDir).toBeGreaterThan(openDir);
+    const t = expectDurableOrder(traceDurableWrite(dir, `import { writeDurable } from ${JSON.stringify(path.join(repoRoot, 'proto/shared/durable-file.js'))};
+await writeDurable(${JSON.stringify(file)}, (fh) => fh.writeFile('x = 1\\n'), { owner: { uid: 4321, gid: 4321 } });\n`,
+    { target: file, tmpMark: path.join(dir, '.postgresql.auto.conf.'), extraSyscalls: ['fchown'] }));
+    const fd = t.lines[t.openTmp]!.match(/= (\d+)$/)![1];
+    const chown = t.lines.findIndex((l, i) => i > t.openTmp && l.includes(`fchown(${fd}, 4321, 4321)`));
+    expect(chown).toBeGreaterThan(t.openTmp);
+    expect(t.syncTmp).toBeGreaterThan(chown);
+    expect(await readFile(file, 'utf8')).toBe('x = 1\n');
   });
 });

@@ -1,10 +1,7 @@
-import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync } from 'node:fs';
 import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import {
   buildManifest,
@@ -19,9 +16,9 @@ import {
   type Manifest,
   type ManifestFields,
 } from '../../appliance/store/manifest.js';
+import { expectDurableOrder, haveStrace, repoRoot, traceDurableWrite } from '../support/durable-write-trace.js';
 
 const ROOT = 'ab'.repeat(32);
-const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 
 function fields(over: Partial<ManifestFields> = {}): ManifestFields {
   return {
@@ -167,28 +164,11 @@ describe('manifest files', () => {
     expect(await listManifests(storeDir)).toEqual([...ids].sort());
   });
 
-  it.skipIf(!existsSync('/usr/bin/strace'))('syscalls: temp fsync, rename into manifests, then directory fsync', async () => {
+  it.skipIf(!haveStrace)('syscalls: temp fsync, rename into manifests, then directory fsync', async () => {
     const m = buildManifest(fields());
-    const script = path.join(dir, 'write.mts');
-    const log = path.join(dir, 'strace.log');
-    await writeFile(script, `import { writeManifest } from ${JSON.stringify(path.join(repoRoot, 'appliance/store/manifest.js'))};
-await writeManifest(${JSON.stringify(storeDir)}, ${JSON.stringify(m)});\n`);
-    execFileSync('strace', ['-f', '-qq', '-e', 'trace=openat,fsync,fdatasync,rename,renameat,renameat2', '-o', log,
-      process.execPath, '--import', 'tsx', script], { cwd: repoRoot, stdio: 'pipe' });
+    expectDurableOrder(traceDurableWrite(dir, `import { writeManifest } from ${JSON.stringify(path.join(repoRoot, 'appliance/store/manifest.js'))};
+await writeManifest(${JSON.stringify(storeDir)}, ${JSON.stringify(m)});\n`,
+    { target: path.join(storeDir, 'manifests', `${m.imageId}.json`), tmpMark: path.join(storeDir, 'tmp', `.${m.imageId}.json.`) }));
     expect(await readManifest(storeDir, m.imageId)).toEqual(m);
-    const lines = (await readFile(log, 'utf8')).split('\n');
-    const dest = path.join(storeDir, 'manifests', `${m.imageId}.json`);
-    const openTmp = lines.findIndex((l) => l.includes('openat(') && l.includes(path.join(storeDir, 'tmp', `.${m.imageId}.json.`)) && l.includes('O_EXCL'));
-    expect(openTmp).toBeGreaterThanOrEqual(0);
-    const tmpFd = lines[openTmp].match(/= (\d+)$/)?.[1];
-    const syncTmp = lines.findIndex((l, i) => i > openTmp && new RegExp(`fsync\\(${tmpFd}\\)`).test(l));
-    const rename = lines.findIndex((l) => /rename/.test(l) && l.includes(dest));
-    const openDir = lines.findIndex((l, i) => i > rename && l.includes(`"${path.join(storeDir, 'manifests')}"`));
-    const dirFd = lines[openDir]?.match(/= (\d+)$/)?.[1];
-    const syncDir = lines.findIndex((l, i) => i > openDir && new RegExp(`fsync\\(${dirFd}\\)`).test(l));
-    expect(syncTmp).toBeGreaterThan(openTmp);
-    expect(rename).toBeGreaterThan(syncTmp);
-    expect(openDir).toBeGreaterThan(rename);
-    expect(syncDir).toBeGreaterThan(openDir);
   });
 });
