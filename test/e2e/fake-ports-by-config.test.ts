@@ -27,7 +27,8 @@ import { MemoryChunkStore } from '../../appliance/testing/memory-chunk-store.js'
 import { MemoryManifestStore } from '../../appliance/testing/memory-manifest-store.js';
 import { imageBytes } from '../../appliance/testing/scripted-agent.js';
 import { createLogger } from '../../proto/shared/log.js';
-import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
+import type { ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
+import { e2eFixture } from '../support/e2e-fixture.js';
 
 const MiB = 1024 * 1024;
 const CHUNK = 65536;
@@ -55,20 +56,20 @@ for (const [stores, backends] of [['filesystem stores', undefined], ['memory sto
       volumes: [{ name: volume.spec.name, device: volume.spec.device, mountpoint: volume.spec.mountpoint, chunkSize: CHUNK }],
     });
 
+    const fx = e2eFixture();
+
     beforeAll(async () => {
       dir = await mkdtemp(path.join(os.tmpdir(), 'bsn-fake-config-'));
-      appl = await startAppliance(['db1'], backends ? { backends } : {});
+      fx.defer('test directory', () => rm(dir!, { recursive: true, force: true }));
+      appl = await fx.appliance(['db1'], backends ? { backends } : {});
       for (let i = 0; i < 64; i += 3) volume.write(i * CHUNK + 100, randomBytes(CHUNK / 2));
       const config = parseAgentConfig(rawConfig(appl.url, appl.tokens.db1!, path.join(dir, 'state')), 'test', namesOf(testRegistry));
-      agent = composeAgent(config, log, { registry: testRegistry });
+      agent = fx.add('agent', composeAgent(config, log, { registry: testRegistry }), (a) => a.stop());
       await agent.start();
       await agent.waitConnected(10_000);
     });
 
-    afterAll(async () => {
-      const steps = [() => agent?.stop(), () => appl?.close(), () => (dir ? rm(dir, { recursive: true, force: true }) : undefined)];
-      for (const step of steps) await Promise.resolve().then(step).catch((e) => console.error('cleanup', e));
-    });
+    afterAll(() => fx.dispose());
 
     async function backup(mode: 'full' | 'incremental') {
       const expected = Buffer.from(volume.bytes); // nothing writes while the job runs
