@@ -1,6 +1,7 @@
 import { execa } from 'execa';
 import { stat } from 'node:fs/promises';
 import { BlocksnapError } from '../../proto/errors.js';
+import { chunkCountOf } from '../../proto/shared/volume-geometry.js';
 
 /**
  * Which byte ranges of a sparse file hold data (SEEK_DATA / SEEK_HOLE, read
@@ -52,7 +53,7 @@ export function parseSeekOutput(out: string, size: number): DataRange[] | null {
 
 /** Bit i set = chunk i overlaps no data range (it reads as zeros). Same bit layout as the reader's `select`. */
 export function holeChunks(ranges: DataRange[], volumeSize: number, chunkSize: number): Uint32Array {
-  const n = Math.ceil(volumeSize / chunkSize);
+  const n = chunkCountOf(volumeSize, chunkSize);
   const words = new Uint32Array(Math.ceil(n / 32)).fill(0xffffffff);
   for (const { start, end } of ranges) {
     if (end <= start) continue;

@@ -41,9 +41,10 @@
  *   into the source's archive, where the source's own PITR would follow it.
  * postmaster.pid is removed, after checking no postmaster runs on the directory.
  */
-import { readFile, readlink, rm, stat } from 'node:fs/promises';
+import { readFile, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { fsyncDir, writeDurable } from '../../proto/shared/durable-file.js';
+import { processCwd } from '../../proto/shared/proc.js';
 import { BlocksnapError } from '../../proto/errors.js';
 import { majorOf, parseLsn, pgSqlFor } from './sql-table.js';
 
@@ -101,7 +102,7 @@ async function removeIfPresent(file: string, removed: string[]): Promise<void> {
 async function assertNoPostmaster(dir: string): Promise<void> {
   const first = await readFile(path.join(dir, 'postmaster.pid'), 'utf8').then((t) => t.split('\n')[0]!.trim(), () => '');
   if (!/^\d+$/.test(first)) return;
-  const cwd = await readlink(`/proc/${first}/cwd`).catch(() => null);
+  const cwd = await processCwd(Number(first));
   if (cwd && path.resolve(cwd) === path.resolve(dir)) {
     throw new BlocksnapError('E_BUSY', `a postmaster (pid ${first}) is running on ${dir}`);
   }

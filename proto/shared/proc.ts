@@ -5,7 +5,7 @@
  * tracefs instance of a killed tracker or a test's postmaster is never taken
  * for a live stranger's.
  */
-import { readFile } from 'node:fs/promises';
+import { readFile, readlink } from 'node:fs/promises';
 
 export interface ProcStat {
   /** Field 3: R, S, D, Z (zombie), X (dead), … */
@@ -42,6 +42,16 @@ export async function isAlive(pid: number, startTime: string | number | null = n
   const s = await readProcStat(pid);
   if (!s || s.state === 'Z' || s.state === 'X') return false;
   return startTime === null || s.startTime === String(startTime);
+}
+
+/** The working directory of `pid` (a postmaster's is its data directory), or null. */
+export async function processCwd(pid: number): Promise<string | null> {
+  return readlink(`/proc/${pid}/cwd`).catch(() => null);
+}
+
+/** The command name of `pid` (at most 15 characters), or null. */
+export async function processComm(pid: number): Promise<string | null> {
+  return readFile(`/proc/${pid}/comm`, 'utf8').then((s) => s.trim(), () => null);
 }
 
 /** This boot's id: a pid and start time recorded under another boot name nothing. */

@@ -7,11 +7,11 @@
  * target, a loop device still backed by the recorded file — because other
  * runs on this machine may own a reused pid or loop number by now.
  */
-import { readFile, readlink, realpath, rm } from 'node:fs/promises';
+import { readFile, realpath, rm } from 'node:fs/promises';
 import { execa } from 'execa';
 import { toBlocksnapError } from '../../proto/errors.js';
 import type { Logger } from '../../proto/shared/log.js';
-import { isAlive } from '../../proto/shared/proc.js';
+import { isAlive, processComm, processCwd } from '../../proto/shared/proc.js';
 import { findMount, readMountTable, thawFilesystem } from '../../agent/snapshot/fsfreeze.js';
 import { defaultLedgerDir, isOwnerAlive, listLedgers, readLedger, type LedgerResource } from './ledger.js';
 import { detachLoop, findLoopsByBackingFile } from './loop.js';
@@ -53,13 +53,9 @@ async function postmasterPid(r: Extract<LedgerResource, { kind: 'postmaster' }>)
 /** True if `pid` is a postgres process that runs in `dataDir` (a postmaster chdirs into its data directory). */
 export async function isPostmasterOf(pid: number, startTime: string | null, dataDir: string): Promise<boolean> {
   if (!(await isAlive(pid, startTime))) return false;
-  try {
-    const comm = (await readFile(`/proc/${pid}/comm`, 'utf8')).trim();
-    const cwd = await readlink(`/proc/${pid}/cwd`);
-    return (comm === 'postgres' || comm === 'postmaster') && cwd === (await realpath(dataDir).catch(() => dataDir));
-  } catch {
-    return false;
-  }
+  const comm = await processComm(pid);
+  const cwd = await processCwd(pid);
+  return (comm === 'postgres' || comm === 'postmaster') && cwd !== null && cwd === (await realpath(dataDir).catch(() => dataDir));
 }
 
 /**

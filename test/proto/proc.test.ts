@@ -1,9 +1,9 @@
 import { spawn } from 'node:child_process';
-import { chmod, copyFile, mkdtemp, readFile, rm } from 'node:fs/promises';
+import { chmod, copyFile, mkdtemp, readFile, realpath, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { bootId, isAlive, processStartTime, readProcStat } from '../../proto/shared/proc.js';
+import { bootId, isAlive, processComm, processCwd, processStartTime, readProcStat } from '../../proto/shared/proc.js';
 import { waitFor } from '../support/wait-for.js';
 
 describe('/proc helpers', () => {
@@ -29,6 +29,8 @@ describe('/proc helpers', () => {
     expect(await isAlive(process.pid, Number(st))).toBe(true);
     expect(await isAlive(process.pid, String(Number(st) + 1))).toBe(false);
     expect(await bootId()).toMatch(/^[0-9a-f-]{36}$/);
+    expect(await processCwd(process.pid)).toBe(await realpath(process.cwd()));
+    expect(await processComm(process.pid)).toMatch(/\S/);
   });
 
   it('a command name with ") " in it does not shift the fields', async () => {
@@ -41,6 +43,7 @@ describe('/proc helpers', () => {
     await waitFor('the copied sleep to run', async () => (await readProcStat(child.pid!))?.state === 'S', { timeoutMs: 5000 });
     const s = await readProcStat(child.pid!);
     expect(s!.startTime).toMatch(/^\d+$/);
+    expect(await processComm(child.pid!)).toBe('x) (y');
     expect(Number(s!.startTime)).toBeGreaterThanOrEqual(Number(await processStartTime(process.pid)));
   });
 
