@@ -23,10 +23,10 @@
  * Every rewrite is temp + fsync + rename + directory fsync.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdir, open, readFile, readdir, rename, rm } from 'node:fs/promises';
+import { mkdir, readFile, readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
-import { fsyncDir, writeFileDurably as writeDurably } from '../../proto/shared/durable-file.js';
+import { fsyncDir, writeFileDurably } from '../../proto/shared/durable-file.js';
 import { bootId, isAlive, processStartTime } from '../../proto/shared/proc.js';
 
 export const LEDGER_FORMAT = 'blocksnap-test-ledger';
@@ -61,10 +61,6 @@ export async function isOwnerAlive(owner: LedgerOwner): Promise<boolean> {
   const boot = await bootId();
   if (owner.bootId && boot && owner.bootId !== boot) return false;
   return isAlive(owner.pid, owner.startTime);
-}
-
-export function writeFileDurably(file: string, data: string): Promise<void> {
-  return writeDurably(file, Buffer.from(data), 0o644);
 }
 
 
@@ -143,7 +139,7 @@ export class Ledger {
 
   private save(): Promise<void> {
     const snapshot = JSON.stringify(this.data, null, 2) + '\n';
-    return this.serial(() => writeFileDurably(this.path, snapshot));
+    return this.serial(() => writeFileDurably(this.path, snapshot, 0o644));
   }
 
   private serial<T>(fn: () => Promise<T>): Promise<T> {
