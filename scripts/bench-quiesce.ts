@@ -25,7 +25,7 @@ import { mkdir, writeFile } from 'node:fs/promises';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { findPgServers } from '../agent/pg/version-lab.js';
+import { findPgServers } from './lab/version-lab.js';
 import { PgCluster } from './lab/pg-cluster.js';
 import { createStreamingStandby, currentLsn, waitReplayed } from './lab/pg-standby.js';
 import { pgbenchTimed } from './lab/pgbench-timed.js';

@@ -5,7 +5,7 @@ import { BlocksnapError } from '../../proto/errors.js';
 import { prepareDataDir } from '../../agent/pg/prepare.js';
 import { PgQuiescer } from '../../agent/pg/pg-quiescer.js';
 import { parseLsn } from '../../agent/pg/sql-table.js';
-import { chownTo, PG15_CLIENT_BIN, type PgServerBuild } from '../../agent/pg/version-lab.js';
+import { chownTo, PG15_CLIENT_BIN, type PgServerBuild } from './version-lab.js';
 import { PgCluster } from './pg-cluster.js';
 
 /**

@@ -13,7 +13,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { prepareDataDir, quoteConf, type PrepareOptions } from '../../agent/pg/prepare.js';
 import { PgQuiescer } from '../../agent/pg/pg-quiescer.js';
 import type { UnquiesceResult } from '../../agent/pg/quiescer.js';
-import { chownTo, findPgServers, PG15_CLIENT_BIN, type PgServerBuild } from '../../agent/pg/version-lab.js';
+import { chownTo, findPgServers, PG15_CLIENT_BIN, type PgServerBuild } from '../../scripts/lab/version-lab.js';
 import { PgCluster } from '../../scripts/lab/pg-cluster.js';
 import { isBlocksnapError } from '../../proto/errors.js';
 

@@ -14,7 +14,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { prepareDataDir } from '../../agent/pg/prepare.js';
 import { encodeQuiesceState, PgQuiescer, quiesceStatePath, readQuiesceState, type PgQuiescerOptions, type QuiesceState } from '../../agent/pg/pg-quiescer.js';
 import { isLsn, parseLsn, timelineOfWalFile, walFileName } from '../../agent/pg/sql-table.js';
-import { chownTo, findPgServers, PG15_CLIENT_BIN, type PgServerBuild } from '../../agent/pg/version-lab.js';
+import { chownTo, findPgServers, PG15_CLIENT_BIN, type PgServerBuild } from '../../scripts/lab/version-lab.js';
 import { PgCluster } from '../../scripts/lab/pg-cluster.js';
 import { isBlocksnapError } from '../../proto/errors.js';
 

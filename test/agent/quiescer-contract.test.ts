@@ -7,7 +7,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { PgQuiescer } from '../../agent/pg/pg-quiescer.js';
 import { FakeDatabase, FakeQuiescer } from '../../agent/pg/testing/fake-quiescer.js';
-import { findPgServers } from '../../agent/pg/version-lab.js';
+import { findPgServers } from '../../scripts/lab/version-lab.js';
 import { PgCluster } from '../../scripts/lab/pg-cluster.js';
 import { createStreamingStandby, currentLsn, replayPauseState, waitReplayed } from '../../scripts/lab/pg-standby.js';
 import { quiescerContract, type QuiescerRig } from './quiescer.contract.js';

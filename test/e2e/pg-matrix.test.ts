@@ -11,7 +11,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseLsn } from '../../agent/pg/sql-table.js';
-import { findPgServers, type PgServerBuild } from '../../agent/pg/version-lab.js';
+import { findPgServers, type PgServerBuild } from '../../scripts/lab/version-lab.js';
 import { checkChecksums } from '../support/pg-checksums.js';
 import type { PgCluster } from '../../scripts/lab/pg-cluster.js';
 import { restoreImage } from '../support/pg-image-restore.js';

@@ -20,7 +20,7 @@ import { join } from 'node:path';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseLsn } from '../../agent/pg/sql-table.js';
-import { findPgServers, type PgServerBuild } from '../../agent/pg/version-lab.js';
+import { findPgServers, type PgServerBuild } from '../../scripts/lab/version-lab.js';
 import { checkChecksums } from '../support/pg-checksums.js';
 import type { PgCluster } from '../../scripts/lab/pg-cluster.js';
 import { restoreImage } from '../support/pg-image-restore.js';

@@ -1,7 +1,7 @@
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { execa } from 'execa';
-import { PG15_CLIENT_BIN } from '../../agent/pg/version-lab.js';
+import { PG15_CLIENT_BIN } from '../../scripts/lab/version-lab.js';
 import type { PgCluster } from '../../scripts/lab/pg-cluster.js';
 
 /**

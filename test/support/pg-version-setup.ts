@@ -1,6 +1,6 @@
 import { join } from 'node:path';
 import type { Agent } from '../../agent/agent.js';
-import type { PgServerBuild } from '../../agent/pg/version-lab.js';
+import type { PgServerBuild } from '../../scripts/lab/version-lab.js';
 import type { ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
 import type { PgCluster } from '../../scripts/lab/pg-cluster.js';
 import { createStreamingStandby, currentLsn, waitReplayed } from '../../scripts/lab/pg-standby.js';
