@@ -12,7 +12,6 @@ import { exportImageTo } from './ops/export-image.js';
 import { verifyImage } from './ops/verify-image.js';
 import { Appliance, lockHolder } from './server/appliance.js';
 import { rebuildCatalog, recordVerifyReport, reindexStore } from './server/recovery.js';
-import { FsChunkStore } from './store/fs-chunk-store.js';
 import { applianceBackends } from './compose.js';
 import { progressBar } from './progress.js';
 import { backupLine } from './backup-line.js';
@@ -217,7 +216,10 @@ async function verifyOrExport(c: Ctx, cmd: 'verify' | 'export', imageId: string 
     result = await control(dataDir, `/v1/${cmd}`, { imageId, to, force }, !c.json ? cmd : null);
   } else {
     needDataDir(dataDir);
-    const store = await FsChunkStore.open(join(dataDir, 'store'), { logger: log });
+    const backends = applianceBackends();
+    const where = { dataDir, storeDir: join(dataDir, 'store'), logger: log };
+    const store = await backends.openChunkStore(where);
+    const manifests = backends.openManifestStore(where);
     try {
       const images = c.withCatalog((cat) => (imageId ? [cat.image(imageId)] : cat.listImages()));
       if (images.some((i) => !i) || images.length === 0) throw new BlocksnapError('E_NOT_FOUND', `no image ${imageId ?? '(none)'}`);
@@ -228,7 +230,7 @@ async function verifyOrExport(c: Ctx, cmd: 'verify' | 'export', imageId: string 
       } else {
         const reports = [];
         for (const img of images) {
-          const r = await verifyImage(store, join(dataDir, 'store'), img!.id, img!.rootDigest, onProgress);
+          const r = await verifyImage(store, manifests, img!.id, img!.rootDigest, onProgress);
           c.withCatalog((cat) => recordVerifyReport(cat, r)); // damaged images are marked (never a basis)
           reports.push(r);
         }

@@ -2,7 +2,7 @@ import { toBlocksnapError } from '../../proto/errors.js';
 import type { ChunkStore } from '../store/chunk-store.js';
 import { ZERO_DIGEST } from '../store/chunk-store.js';
 import { ImageIndexReader } from '../store/image-index.js';
-import { readManifest } from '../store/manifest.js';
+import type { ManifestStore } from '../store/manifest-store.js';
 
 export interface VerifyReport {
   imageId: string;
@@ -29,7 +29,7 @@ export interface VerifyReport {
  * several slots is read once.
  */
 export async function verifyImage(
-  store: ChunkStore, storeDir: string, imageId: string, rootDigestHex: string,
+  store: ChunkStore, manifests: ManifestStore, imageId: string, rootDigestHex: string,
   onProgress?: (done: number, total: number) => void,
 ): Promise<VerifyReport> {
   const started = performance.now();
@@ -48,7 +48,7 @@ export async function verifyImage(
   };
   let root = rootDigestHex;
   try {
-    const m = await readManifest(storeDir, imageId);
+    const m = await manifests.get(imageId);
     if (!root) root = m.rootDigest;
     else if (m.rootDigest !== root) problem(`manifest ${imageId}`, new Error(`manifest root ${m.rootDigest} differs from the catalog's ${root}`));
   } catch (e) {

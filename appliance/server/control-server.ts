@@ -1,7 +1,6 @@
 import type { Logger } from 'pino';
 import { BlocksnapError } from '../../proto/errors.js';
 import { ControlSocketServer, type ControlRoutes } from '../../proto/shared/control-socket.js';
-import { join } from 'node:path';
 import { exportImageTo } from '../ops/export-image.js';
 import { verifyImage } from '../ops/verify-image.js';
 import { recordVerifyReport } from './recovery.js';
@@ -48,7 +47,7 @@ function routes(app: Appliance): ControlRoutes {
     }
     const reports = [];
     for (const img of images) {
-      const r = await verifyImage(app.store, join(app.opts.dataDir, 'store'), img!.id, img!.rootDigest, progress);
+      const r = await verifyImage(app.store, app.manifests, img!.id, img!.rootDigest, progress);
       recordVerifyReport(app.catalog, r); // damaged images are marked (never a basis), DESIGN.md §6.1
       reports.push(r);
     }

@@ -87,7 +87,7 @@ describe('backup flow: full + incremental of a live PostgreSQL volume', () => {
     expect(stats.pagesShared).toBeGreaterThanOrEqual(0);
     const raw = await exportAndCompare(inc.imageId!, inc.jobId);
 
-    const v = await verifyImage(appl.app.store, join(appl.dataDir, 'store'), inc.imageId!, incImg.rootDigest);
+    const v = await verifyImage(appl.app.store, appl.app.manifests, inc.imageId!, incImg.rootDigest);
     expect(v.ok).toBe(true);
     expect(v.chunksChecked).toBeGreaterThan(0);
 
