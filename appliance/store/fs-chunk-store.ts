@@ -295,6 +295,9 @@ export class FsChunkStore implements ChunkStore {
    * pack, `w` now depends on that pack (it must outlive that writer's abort).
    */
   dedupHit(digest: Buffer, w: FsBlobWriter): boolean {
+    // No pending pack: nothing to pin, and the index's key-only lookup is the cheaper one (it is
+    // per chunk: a full of an unchanged volume is all dedup hits).
+    if (this.pendingOwners.size === 0) return this.index.has(digest);
     const pack = this.index.packOf(digest);
     if (pack === undefined) return false;
     this.pin(pack, w);
