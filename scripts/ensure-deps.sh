@@ -17,6 +17,7 @@ command -v losetup >/dev/null || pkgs+=(mount)
 command -v fsfreeze >/dev/null || pkgs+=(util-linux)
 command -v blkdiscard >/dev/null || pkgs+=(util-linux)
 command -v cmp >/dev/null || pkgs+=(diffutils)
+command -v nbdcopy >/dev/null || pkgs+=(libnbd-bin)   # nbdinfo, nbdcopy: real NBD clients in test/nbd
 command -v openssl >/dev/null || pkgs+=(openssl)
 [ -x /usr/lib/postgresql/15/bin/postgres ] || pkgs+=(postgresql-15)
 if [ ${#pkgs[@]} -gt 0 ]; then

@@ -1,0 +1,75 @@
+/**
+ * Read access to one committed image as a byte range: maps offsets to chunk
+ * digests through the image index and fetches chunks from the chunk store
+ * (decompressed and re-hashed by the store). A ZERO digest is a hole and is
+ * never fetched. A small LRU keeps recently decompressed chunks so reads
+ * smaller than a chunk (a client's 4 KiB probes) do not decompress it again.
+ */
+import { BlocksnapError } from '../../proto/errors.js';
+import { ZERO_DIGEST, type ChunkStore } from '../store/chunk-store.js';
+import { ImageIndexReader } from '../store/image-index.js';
+
+/** A piece of a read: bytes, or a hole of zeros of `length` bytes. */
+export type Segment = { offset: number; data: Buffer } | { offset: number; hole: number };
+
+export class ImageSource {
+  private readonly lru = new Map<string, Buffer>();
+
+  private constructor(
+    private readonly store: ChunkStore,
+    private readonly reader: ImageIndexReader,
+    private readonly cacheChunks: number,
+  ) {}
+
+  static async open(store: ChunkStore, rootDigest: Buffer, cacheChunks = 32): Promise<ImageSource> {
+    return new ImageSource(store, await ImageIndexReader.open(store, rootDigest), cacheChunks);
+  }
+
+  get size(): number { return this.reader.volumeSize; }
+  get chunkSize(): number { return this.reader.chunkSize; }
+
+  /** Segments covering [offset, offset+length) in order; adjacent holes merged. Caller checks bounds. */
+  async read(offset: number, length: number): Promise<Segment[]> {
+    const end = offset + length;
+    if (offset < 0 || length < 0 || end > this.size) {
+      throw new BlocksnapError('E_CHUNK_RANGE', `read of ${length} at ${offset} outside the ${this.size}-byte image`);
+    }
+    const cs = this.chunkSize;
+    const out: Segment[] = [];
+    for (let pos = offset; pos < end;) {
+      const index = Math.floor(pos / cs);
+      const chunkStart = index * cs;
+      const stop = Math.min(end, chunkStart + cs);
+      const digest = await this.reader.digestAt(index);
+      const last = out.at(-1);
+      if (digest.equals(ZERO_DIGEST)) {
+        if (last && 'hole' in last) last.hole += stop - pos;
+        else out.push({ offset: pos, hole: stop - pos });
+      } else {
+        const plain = await this.chunk(digest);
+        if (plain.length < stop - chunkStart) {
+          throw new BlocksnapError('E_STORE_CORRUPT', `chunk ${index} holds ${plain.length} bytes, ${stop - chunkStart} needed`);
+        }
+        out.push({ offset: pos, data: plain.subarray(pos - chunkStart, stop - chunkStart) });
+      }
+      pos = stop;
+    }
+    return out;
+  }
+
+  private async chunk(digest: Buffer): Promise<Buffer> {
+    const key = digest.toString('hex');
+    const hit = this.lru.get(key);
+    if (hit) {
+      this.lru.delete(key);
+      this.lru.set(key, hit);
+      return hit;
+    }
+    const plain = await this.store.get(digest);
+    if (this.cacheChunks > 0) {
+      this.lru.set(key, plain);
+      if (this.lru.size > this.cacheChunks) this.lru.delete(this.lru.keys().next().value!);
+    }
+    return plain;
+  }
+}
