@@ -8,6 +8,7 @@
 import { BlocksnapError } from '../../proto/errors.js';
 import { ZERO_DIGEST, type ChunkStore } from '../store/chunk-store.js';
 import { ImageIndexReader } from '../store/image-index.js';
+import { SLOTS_PER_PAGE } from '../../proto/shared/image-root.js';
 
 /** A piece of a read: bytes, or a hole of zeros of `length` bytes. */
 export type Segment = { offset: number; data: Buffer } | { offset: number; hole: number };
@@ -52,6 +53,39 @@ export class ImageSource {
         }
         out.push({ offset: pos, data: plain.subarray(pos - chunkStart, stop - chunkStart) });
       }
+      pos = stop;
+    }
+    return out;
+  }
+
+  /**
+   * Runs of data / zero (ZERO digest) over [offset, offset+length), at most
+   * `maxRuns` of them (the last may then stop short of the end). An all-ZERO
+   * page is skipped whole without loading anything.
+   */
+  async runs(offset: number, length: number, maxRuns: number): Promise<Array<{ length: number; zero: boolean }>> {
+    const end = offset + length;
+    if (offset < 0 || length <= 0 || end > this.size) {
+      throw new BlocksnapError('E_CHUNK_RANGE', `status of ${length} at ${offset} outside the ${this.size}-byte image`);
+    }
+    const cs = this.chunkSize;
+    const out: Array<{ length: number; zero: boolean }> = [];
+    for (let pos = offset; pos < end;) {
+      const index = Math.floor(pos / cs);
+      const page = Math.floor(index / SLOTS_PER_PAGE);
+      let stop: number;
+      let zero: boolean;
+      if (this.reader.pageDigest(page).equals(ZERO_DIGEST)) {
+        stop = Math.min(end, (page + 1) * SLOTS_PER_PAGE * cs);
+        zero = true;
+      } else {
+        stop = Math.min(end, (index + 1) * cs);
+        zero = (await this.reader.digestAt(index)).equals(ZERO_DIGEST);
+      }
+      const last = out.at(-1);
+      if (last && last.zero === zero) last.length += stop - pos;
+      else if (out.length === maxRuns) break;
+      else out.push({ length: stop - pos, zero });
       pos = stop;
     }
     return out;

@@ -11,11 +11,14 @@
  *   C option          0 u64 IHAVEOPT  8 u32 option  12 u32 length L  16 data[L]
  *       GO / INFO data:  u32 name length N, name[N], u16 count K, K × u16 info type
  *       EXPORT_NAME data: the name (whole data)
+ *       LIST_META_CONTEXT / SET_META_CONTEXT data: u32 name length N, name[N],
+ *                        u32 query count Q, Q × (u32 length M, query[M])
  *       LIST, ABORT, STRUCTURED_REPLY: no data
  *   S option reply    0 u64 REP_MAGIC 8 u32 option  12 u32 reply type  16 u32 length L  20 data[L]
  *       SERVER data:       u32 name length N, name[N]
  *       INFO EXPORT:       u16 0, u64 size, u16 transmission flags           (12)
  *       INFO BLOCK_SIZE:   u16 3, u32 minimum, u32 preferred, u32 maximum    (14)
+ *       META_CONTEXT data: u32 context id, context name (rest of the data)
  *       errors (bit 31):   optional UTF-8 message
  *   S EXPORT_NAME reply 0 u64 size  8 u16 transmission flags  10 124 zero bytes unless NO_ZEROES
  *
@@ -29,6 +32,7 @@
  *       OFFSET_HOLE:  u64 offset, u32 hole length
  *       NONE:         empty (with DONE)
  *       ERROR:        u32 error, u16 message length M, message[M]
+ *       BLOCK_STATUS: u32 context id, then per extent: u32 length, u32 status flags
  *
  * The decoder does not know whether the server accepts a GO or EXPORT_NAME,
  * so after emitting one it stops parsing (bytes stay buffered) until the
@@ -66,6 +70,11 @@ export interface ExportRequest {
   infos: number[];
 }
 
+export interface MetaContextRequest {
+  name: string;
+  queries: string[];
+}
+
 export type NbdClientMessage =
   | { kind: 'clientFlags'; flags: number }
   /**
@@ -73,7 +82,7 @@ export type NbdClientMessage =
    * EXPORT_NAME; it is undefined when GO/INFO data is malformed (reply
    * NBD_REP_ERR_INVALID).
    */
-  | { kind: 'option'; option: number; data: Buffer; exportRequest?: ExportRequest }
+  | { kind: 'option'; option: number; data: Buffer; exportRequest?: ExportRequest; metaContextRequest?: MetaContextRequest }
   /** `offset` is exact up to 2^53; anything above is past every real export anyway. */
   | { kind: 'request'; flags: number; type: number; cookie: Buffer; offset: number; length: number; payload?: Buffer };
 
@@ -94,6 +103,25 @@ export function parseExportRequest(data: Buffer): ExportRequest | undefined {
   const infos: number[] = [];
   for (let i = 0; i < k; i++) infos.push(data.readUInt16BE(4 + n + 2 + 2 * i));
   return { name, infos };
+}
+
+/** LIST_/SET_META_CONTEXT option data → export name and queries, or undefined when malformed. */
+export function parseMetaContextRequest(data: Buffer): MetaContextRequest | undefined {
+  if (data.length < 8) return undefined;
+  const n = data.readUInt32BE(0);
+  if (n > MAX_STRING || 4 + n + 4 > data.length) return undefined;
+  const name = data.toString('utf8', 4, 4 + n);
+  const q = data.readUInt32BE(4 + n);
+  let at = 8 + n;
+  const queries: string[] = [];
+  for (let i = 0; i < q; i++) {
+    if (at + 4 > data.length) return undefined;
+    const m = data.readUInt32BE(at);
+    if (m > MAX_STRING || at + 4 + m > data.length) return undefined;
+    queries.push(data.toString('utf8', at + 4, at + 4 + m));
+    at += 4 + m;
+  }
+  return at === data.length ? { name, queries } : undefined;
 }
 
 /** Incremental decoder of what a client sends to the server. */
@@ -186,6 +214,9 @@ export class NbdServerDecoder {
         if (option === Opt.EXPORT_NAME) {
           return { kind: 'option', option, data, exportRequest: { name: data.toString('utf8'), infos: [] } };
         }
+        if (option === Opt.LIST_META_CONTEXT || option === Opt.SET_META_CONTEXT) {
+          return { kind: 'option', option, data, metaContextRequest: parseMetaContextRequest(data) };
+        }
         return { kind: 'option', option, data };
       }
       case 'transmission': {
@@ -261,6 +292,15 @@ export function encodeInfoBlockSize(minimum: number, preferred: number, maximum:
   return b;
 }
 
+/** NBD_REP_META_CONTEXT payload. */
+export function encodeMetaContext(id: number, name: string): Buffer {
+  const n = Buffer.from(name, 'utf8');
+  const b = Buffer.alloc(4 + n.length);
+  b.writeUInt32BE(id, 0);
+  n.copy(b, 4);
+  return b;
+}
+
 /** Reply to NBD_OPT_EXPORT_NAME (ends negotiation; there is no error form). */
 export function encodeExportNameReply(size: number, transmitFlags: number, noZeroes: boolean): Buffer {
   const b = Buffer.alloc(10 + (noZeroes ? 0 : EXPORT_NAME_PADDING));
@@ -319,6 +359,23 @@ export function encodeErrorChunk(cookie: Buffer, error: number, message: string,
   return b;
 }
 
+export interface Extent {
+  length: number;
+  flags: number;
+}
+
+export function encodeBlockStatus(cookie: Buffer, contextId: number, extents: Extent[], done: boolean): Buffer {
+  const len = 4 + 8 * extents.length;
+  const b = Buffer.alloc(STRUCTURED_REPLY_HEADER_BYTES + len);
+  chunkHeader(b, cookie, ReplyType.BLOCK_STATUS, done, len);
+  b.writeUInt32BE(contextId, 20);
+  extents.forEach((e, i) => {
+    b.writeUInt32BE(e.length, 24 + 8 * i);
+    b.writeUInt32BE(e.flags, 28 + 8 * i);
+  });
+  return b;
+}
+
 // ---- client → server encoders (tests, and a later client) ----
 
 export function encodeClientFlags(flags: number): Buffer {
@@ -345,6 +402,23 @@ export function encodeExportRequest(name: string, infos: number[] = []): Buffer 
   b.writeUInt16BE(infos.length, 4 + n.length);
   infos.forEach((t, i) => b.writeUInt16BE(t, 4 + n.length + 2 + 2 * i));
   return b;
+}
+
+/** LIST_/SET_META_CONTEXT option data. */
+export function encodeMetaContextRequest(name: string, queries: string[]): Buffer {
+  const parts: Buffer[] = [];
+  const u32 = (v: number): Buffer => {
+    const b = Buffer.alloc(4);
+    b.writeUInt32BE(v, 0);
+    return b;
+  };
+  const n = Buffer.from(name, 'utf8');
+  parts.push(u32(n.length), n, u32(queries.length));
+  for (const q of queries) {
+    const qb = Buffer.from(q, 'utf8');
+    parts.push(u32(qb.length), qb);
+  }
+  return Buffer.concat(parts);
 }
 
 export function encodeRequest(r: {

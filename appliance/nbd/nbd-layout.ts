@@ -118,6 +118,10 @@ export const ReplyType = Object.freeze({
   ERROR_OFFSET: (1 << 15) + 2,
 });
 
+/** The one metadata context served, and its status bits (proto.md, "base:allocation"). */
+export const BASE_ALLOCATION = 'base:allocation';
+export const State = Object.freeze({ HOLE: 1 << 0, ZERO: 1 << 1 });
+
 /** Error values on the wire (Linux errno numbers, fixed by the protocol). */
 export const NbdErrno = Object.freeze({
   EPERM: 1,

@@ -8,7 +8,9 @@
  *   EXPORT_NAME for another name closes (the protocol has no error reply).
  * - LIST answers an empty list: export names are secrets (issue 9: ≥ 128
  *   random bits handed to one client), so they are never enumerated.
- * - STARTTLS, meta contexts and anything unknown → ERR_UNSUP.
+ * - Meta contexts: only "base:allocation" (ZERO chunks are HOLE|ZERO), so
+ *   `nbdinfo --map` and `nbdcopy` skip them. STARTTLS and anything unknown
+ *   → ERR_UNSUP.
  * - The export is read-only (READ_ONLY, CAN_MULTI_CONN since nothing ever
  *   changes it): WRITE, TRIM, WRITE_ZEROES → EPERM; FLUSH → success;
  *   out-of-range or over-size READ → EINVAL; unknown commands → EINVAL.
@@ -19,10 +21,12 @@ import { isBlocksnapError } from '../../proto/errors.js';
 import {
   NbdServerDecoder,
   encodeErrorChunk,
+  encodeBlockStatus,
   encodeExportNameReply,
   encodeGreeting,
   encodeInfoBlockSize,
   encodeInfoExport,
+  encodeMetaContext,
   encodeNoneDone,
   encodeOffsetData,
   encodeOffsetHole,
@@ -31,7 +35,9 @@ import {
   type NbdClientMessage,
 } from './nbd-codec.js';
 import {
+  BASE_ALLOCATION,
   ClientFlag,
+  CmdFlag,
   Cmd,
   HandshakeFlag,
   KNOWN_CLIENT_FLAGS,
@@ -39,8 +45,14 @@ import {
   NbdErrno,
   Opt,
   Rep,
+  State,
   TransmitFlag,
 } from './nbd-layout.js';
+
+/** Context id of base:allocation (any fixed number will do; 0 is avoided). */
+const BASE_ALLOCATION_ID = 1;
+/** Extents per BLOCK_STATUS reply; a client asks again for the rest. */
+const MAX_EXTENTS = 1024;
 import type { ImageSource } from './image-source.js';
 
 export const READ_ONLY_FLAGS =
@@ -60,6 +72,7 @@ export class NbdSession {
   private closed = false;
   private noZeroes = false;
   private structured = false;
+  private baseAllocation = false;
 
   constructor(
     private readonly source: ImageSource,
@@ -173,6 +186,26 @@ export class NbdSession {
         await this.reply(option, Rep.ACK);
         this.close();
         return [];
+      case Opt.LIST_META_CONTEXT:
+      case Opt.SET_META_CONTEXT: {
+        const req = msg.metaContextRequest;
+        const set = option === Opt.SET_META_CONTEXT;
+        if (!req || (set && !this.structured)) {
+          await this.reply(option, Rep.ERR_INVALID);
+          return [];
+        }
+        if (req.name !== this.exportName) {
+          await this.reply(option, Rep.ERR_UNKNOWN);
+          return [];
+        }
+        const wanted = set
+          ? req.queries.includes(BASE_ALLOCATION)
+          : req.queries.length === 0 || req.queries.some((q) => q === BASE_ALLOCATION || q === 'base:');
+        if (set) this.baseAllocation = wanted;
+        if (wanted) await this.reply(option, Rep.META_CONTEXT, encodeMetaContext(set ? BASE_ALLOCATION_ID : 0, BASE_ALLOCATION));
+        await this.reply(option, Rep.ACK);
+        return [];
+      }
       case Opt.STRUCTURED_REPLY:
         if (data.length !== 0) {
           await this.reply(option, Rep.ERR_INVALID);
@@ -192,6 +225,8 @@ export class NbdSession {
     switch (r.type) {
       case Cmd.READ:
         return this.read(r.cookie, r.offset, r.length);
+      case Cmd.BLOCK_STATUS:
+        return this.blockStatus(r.cookie, r.flags, r.offset, r.length);
       case Cmd.DISC:
         this.close();
         return;
@@ -204,6 +239,26 @@ export class NbdSession {
       default:
         return simple(NbdErrno.EINVAL);
     }
+  }
+
+  private async blockStatus(cookie: Buffer, flags: number, offset: number, length: number): Promise<void> {
+    const size = this.source.size;
+    if (!this.baseAllocation || length === 0 || offset + length > size) {
+      await this.pipe.write(
+        this.structured ? encodeErrorChunk(cookie, NbdErrno.EINVAL, 'block status not negotiated or out of range') : encodeSimpleReply(cookie, NbdErrno.EINVAL),
+      );
+      return;
+    }
+    let runs;
+    try {
+      runs = await this.source.runs(offset, length, (flags & CmdFlag.REQ_ONE) !== 0 ? 1 : MAX_EXTENTS);
+    } catch (e) {
+      this.log?.error({ err: e, offset, length }, 'nbd: block status failed');
+      await this.pipe.write(encodeErrorChunk(cookie, NbdErrno.EIO, isBlocksnapError(e) ? e.code : 'block status failed'));
+      return;
+    }
+    const extents = runs.map((r) => ({ length: r.length, flags: r.zero ? State.HOLE | State.ZERO : 0 }));
+    await this.pipe.write(encodeBlockStatus(cookie, BASE_ALLOCATION_ID, extents, true));
   }
 
   private async read(cookie: Buffer, offset: number, length: number): Promise<void> {

@@ -1,6 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import {
   NbdServerDecoder,
+  encodeBlockStatus,
   encodeClientFlags,
   encodeErrorChunk,
   encodeExportNameReply,
@@ -8,6 +9,8 @@ import {
   encodeGreeting,
   encodeInfoBlockSize,
   encodeInfoExport,
+  encodeMetaContext,
+  encodeMetaContextRequest,
   encodeNoneDone,
   encodeOffsetData,
   encodeOffsetHole,
@@ -17,9 +20,10 @@ import {
   encodeServerEntry,
   encodeSimpleReply,
   parseExportRequest,
+  parseMetaContextRequest,
   type NbdClientMessage,
 } from '../../appliance/nbd/nbd-codec.js';
-import { Cmd, Info, MAX_OPTION_DATA, MAX_PAYLOAD, Opt, Rep, TransmitFlag } from '../../appliance/nbd/nbd-layout.js';
+import { BASE_ALLOCATION, Cmd, Info, MAX_OPTION_DATA, MAX_PAYLOAD, Opt, Rep, State, TransmitFlag } from '../../appliance/nbd/nbd-layout.js';
 
 const hex = (b: Buffer): string => b.toString('hex');
 const cookie = Buffer.from('0102030405060708', 'hex');
@@ -73,6 +77,17 @@ describe('NBD codec byte layouts (pinned)', () => {
     );
   });
 
+  it('meta contexts: request data, META_CONTEXT reply payload, BLOCK_STATUS chunk', () => {
+    expect(hex(encodeMetaContextRequest('ab', ['c', 'de']))).toBe(
+      '00000002' + '6162' + '00000002' + '00000001' + '63' + '00000002' + '6465',
+    );
+    expect(hex(encodeMetaContext(1, BASE_ALLOCATION))).toBe('00000001' + Buffer.from('base:allocation').toString('hex'));
+    expect(State).toEqual({ HOLE: 1, ZERO: 2 });
+    expect(hex(encodeBlockStatus(cookie, 1, [{ length: 4096, flags: 0 }, { length: 8192, flags: 3 }], true))).toBe(
+      '668e33ef' + '0001' + '0005' + '0102030405060708' + '00000014' + '00000001' + '00001000' + '00000000' + '00002000' + '00000003',
+    );
+  });
+
   it('client side: flags, option, GO data, request (+ WRITE payload)', () => {
     expect(hex(encodeClientFlags(3))).toBe('00000003');
     expect(hex(encodeOption(Opt.STRUCTURED_REPLY))).toBe('49484156454f5054' + '00000008' + '00000000');
@@ -92,12 +107,14 @@ const handshake = Buffer.concat([
   encodeOption(Opt.LIST),
   encodeOption(Opt.INFO, encodeExportRequest('disk-é', [Info.BLOCK_SIZE, Info.NAME])),
   encodeOption(99, Buffer.from('whatever')),
+  encodeOption(Opt.SET_META_CONTEXT, encodeMetaContextRequest('disk-é', [BASE_ALLOCATION, 'x:y'])),
   encodeOption(Opt.GO, encodeExportRequest('disk-é', [])),
 ]);
 const transmission = Buffer.concat([
   encodeRequest({ type: Cmd.READ, cookie, offset: 65536 * 3 + 7, length: 100_000 }),
   encodeRequest({ type: Cmd.WRITE, flags: 1, cookie: Buffer.alloc(8, 9), offset: 512, length: 5, payload: Buffer.from('hello') }),
   encodeRequest({ type: Cmd.FLUSH, cookie, offset: 0, length: 0 }),
+  encodeRequest({ type: Cmd.BLOCK_STATUS, flags: 8, cookie, offset: 2 ** 33, length: 2 ** 31 }),
   encodeRequest({ type: Cmd.DISC, cookie, offset: 0, length: 0 }),
 ]);
 const stream = Buffer.concat([handshake, transmission]);
@@ -126,10 +143,17 @@ const expected = [
     exportRequest: { name: 'disk-é', infos: [Info.BLOCK_SIZE, Info.NAME] },
   },
   { kind: 'option', option: 99, data: hex(Buffer.from('whatever')) },
+  {
+    kind: 'option',
+    option: Opt.SET_META_CONTEXT,
+    data: hex(encodeMetaContextRequest('disk-é', [BASE_ALLOCATION, 'x:y'])),
+    metaContextRequest: { name: 'disk-é', queries: [BASE_ALLOCATION, 'x:y'] },
+  },
   { kind: 'option', option: Opt.GO, data: hex(encodeExportRequest('disk-é', [])), exportRequest: { name: 'disk-é', infos: [] } },
   { kind: 'request', flags: 0, type: Cmd.READ, cookie: hex(cookie), offset: 65536 * 3 + 7, length: 100_000 },
   { kind: 'request', flags: 1, type: Cmd.WRITE, cookie: '0909090909090909', offset: 512, length: 5, payload: hex(Buffer.from('hello')) },
   { kind: 'request', flags: 0, type: Cmd.FLUSH, cookie: hex(cookie), offset: 0, length: 0 },
+  { kind: 'request', flags: 8, type: Cmd.BLOCK_STATUS, cookie: hex(cookie), offset: 2 ** 33, length: 2 ** 31 },
   { kind: 'request', flags: 0, type: Cmd.DISC, cookie: hex(cookie), offset: 0, length: 0 },
 ];
 
@@ -185,6 +209,11 @@ describe('NbdServerDecoder', () => {
     const short = Buffer.from('00000009616200', 'hex');
     expect(parseExportRequest(short)).toBeUndefined();
     expect(parseExportRequest(encodeExportRequest('', []))).toEqual({ name: '', infos: [] });
+    const meta = encodeMetaContextRequest('ab', ['q']);
+    expect(parseMetaContextRequest(meta)).toEqual({ name: 'ab', queries: ['q'] });
+    expect(parseMetaContextRequest(meta.subarray(0, meta.length - 1))).toBeUndefined();
+    expect(parseMetaContextRequest(Buffer.concat([meta, Buffer.from([0])]))).toBeUndefined();
+    expect(parseMetaContextRequest(encodeMetaContextRequest('ab', []))).toEqual({ name: 'ab', queries: [] });
   });
 
   it('refuses a wrong option magic, an oversized option, a wrong request magic and an oversized write from the header alone', () => {

@@ -16,10 +16,11 @@ import { NbdServer } from '../../appliance/nbd/nbd-server.js';
 import {
   encodeClientFlags,
   encodeExportRequest,
+  encodeMetaContextRequest,
   encodeOption,
   encodeRequest,
 } from '../../appliance/nbd/nbd-codec.js';
-import { Cmd, Info, NbdErrno, Opt, Rep, ReplyFlag, ReplyType, TransmitFlag } from '../../appliance/nbd/nbd-layout.js';
+import { BASE_ALLOCATION, Cmd, CmdFlag, Info, NbdErrno, Opt, Rep, ReplyFlag, ReplyType, TransmitFlag } from '../../appliance/nbd/nbd-layout.js';
 import { TempDirs, compressibleChunk, randomChunk, sha256 } from '../../appliance/testing/store-fixtures.js';
 
 const run = promisify(execFile);
@@ -210,6 +211,27 @@ describe('NbdServer with the real libnbd clients', () => {
     expect(ex['block_size_preferred']).toBe(CS);
   });
 
+  it('nbdinfo --map shows exactly the ZERO chunks (and the ZERO page) as holes', async () => {
+    const server = await serve();
+    const { stdout } = await run('nbdinfo', ['--map', '--json', server.uri(NAME)], { timeout: 20_000 });
+    const got: Array<{ offset: number; length: number; type: number }> = [];
+    for (const e of JSON.parse(stdout) as Array<{ offset: number; length: number; type: number }>) {
+      const last = got.at(-1);
+      if (last && last.type === e.type && last.offset + last.length === e.offset) last.length += e.length;
+      else got.push({ offset: e.offset, length: e.length, type: e.type });
+    }
+    const want: typeof got = [];
+    for (let at = 0; at < SIZE; at += CS) {
+      const len = Math.min(CS, SIZE - at);
+      const type = volume.subarray(at, at + len).every((b) => b === 0) ? 3 : 0;
+      const last = want.at(-1);
+      if (last && last.type === type) last.length += len;
+      else want.push({ offset: at, length: len, type });
+    }
+    expect(want.length).toBeGreaterThan(100);
+    expect(got).toEqual(want);
+  });
+
   it('nbdcopy produces a file byte-identical to the volume (holes and a partial last chunk included)', async () => {
     const server = await serve();
     const out = join(await dirs.make('blocksnap-nbd-out-'), 'out.raw');
@@ -303,6 +325,48 @@ describe('NbdServer over a raw socket', () => {
     expect((await c.structuredRead(0, 1)).error).toBe(NbdErrno.EINVAL);
     c.send(encodeRequest({ type: Cmd.READ, cookie: cookie(12), offset: 0, length: 100 }));
     expect((await c.structuredRead(0, 100)).data.equals(volume.subarray(0, 100))).toBe(true);
+  });
+
+  it('BLOCK_STATUS: EINVAL unless base:allocation was set; REQ_ONE gives one extent; LIST_META_CONTEXT offers it', async () => {
+    const server = await serve();
+    const plainC = await RawClient.connect(server.port);
+    await plainC.open();
+    plainC.send(encodeRequest({ type: Cmd.BLOCK_STATUS, cookie: cookie(1), offset: 0, length: 4096 }));
+    expect((await plainC.structuredRead(0, 0)).error).toBe(NbdErrno.EINVAL);
+
+    const c = await RawClient.connect(server.port);
+    await c.read(18);
+    c.send(encodeClientFlags(3));
+    c.send(encodeOption(Opt.SET_META_CONTEXT, encodeMetaContextRequest(NAME, [BASE_ALLOCATION])));
+    expect((await c.optionReply()).type).toBe(Rep.ERR_INVALID); // structured replies first
+    c.send(encodeOption(Opt.STRUCTURED_REPLY));
+    expect((await c.optionReply()).type).toBe(Rep.ACK);
+    c.send(encodeOption(Opt.LIST_META_CONTEXT, encodeMetaContextRequest(NAME, [])));
+    const listed = await c.optionReply();
+    expect(listed.type).toBe(Rep.META_CONTEXT);
+    expect(listed.data.toString('utf8', 4)).toBe(BASE_ALLOCATION);
+    expect((await c.optionReply()).type).toBe(Rep.ACK);
+    c.send(encodeOption(Opt.SET_META_CONTEXT, encodeMetaContextRequest('other', [BASE_ALLOCATION])));
+    expect((await c.optionReply()).type).toBe(Rep.ERR_UNKNOWN);
+    c.send(encodeOption(Opt.SET_META_CONTEXT, encodeMetaContextRequest(NAME, ['qemu:dirty-bitmap:x', BASE_ALLOCATION])));
+    const set = await c.optionReply();
+    expect(set.type).toBe(Rep.META_CONTEXT);
+    const id = set.data.readUInt32BE(0);
+    expect((await c.optionReply()).type).toBe(Rep.ACK);
+    c.send(encodeOption(Opt.GO, encodeExportRequest(NAME)));
+    while ((await c.optionReply()).type !== Rep.ACK);
+    c.send(encodeRequest({ type: Cmd.BLOCK_STATUS, cookie: cookie(3), offset: 1024 * CS, length: 2048 * CS }));
+    expect((await c.structuredRead(0, 0)).error).toBe(NbdErrno.EINVAL); // past the end
+    // From the ZERO page into page 2, REQ_ONE: one extent only.
+    c.send(encodeRequest({ type: Cmd.BLOCK_STATUS, flags: CmdFlag.REQ_ONE, cookie: cookie(2), offset: 1024 * CS, length: 1100 * CS }));
+    const h = await c.read(20);
+    expect(h.readUInt16BE(6)).toBe(ReplyType.BLOCK_STATUS);
+    expect(h.readUInt16BE(4) & ReplyFlag.DONE).toBeTruthy();
+    const p = await c.read(h.readUInt32BE(16));
+    expect(p.readUInt32BE(0)).toBe(id);
+    expect(p.length).toBe(12);
+    // The ZERO page, then chunk 2048 (2048 % 7 = 4: data) stops the run.
+    expect([p.readUInt32BE(4), p.readUInt32BE(8)]).toEqual([1024 * CS, 3]);
   });
 
   it('a client that disconnects mid-request or sends garbage is dropped; others keep being served', async () => {
