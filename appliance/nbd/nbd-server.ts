@@ -41,9 +41,17 @@ export class NbdServer {
         write: (bytes) =>
           new Promise<void>((resolve, reject) => {
             if (socket.destroyed) return reject(new Error('nbd: connection closed'));
-            // Resolve once flushed to the kernel when the buffer is full (backpressure).
-            if (socket.write(bytes)) resolve();
-            else socket.once('drain', resolve).once('close', () => reject(new Error('nbd: connection closed')));
+            if (socket.write(bytes)) return resolve();
+            // Buffer full: wait for it to drain (backpressure), listeners removed either way.
+            const settle = (err?: Error): void => {
+              socket.off('drain', onDrain);
+              socket.off('close', onClose);
+              if (err) reject(err);
+              else resolve();
+            };
+            const onDrain = (): void => settle();
+            const onClose = (): void => settle(new Error('nbd: connection closed'));
+            socket.on('drain', onDrain).on('close', onClose);
           }),
         end: () => socket.end(),
       }, opts.logger);
