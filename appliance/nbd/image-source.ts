@@ -36,7 +36,7 @@ export class ImageSource {
       throw new BlocksnapError('E_CHUNK_RANGE', `read of ${length} at ${offset} outside the ${this.size}-byte image`);
     }
     const cs = this.chunkSize;
-    const out: Segment[] = [];
+    const out: Array<Segment | Promise<Segment>> = [];
     for (let pos = offset; pos < end;) {
       const index = Math.floor(pos / cs);
       const chunkStart = index * cs;
@@ -44,18 +44,21 @@ export class ImageSource {
       const digest = await this.reader.digestAt(index);
       const last = out.at(-1);
       if (digest.equals(ZERO_DIGEST)) {
-        if (last && 'hole' in last) last.hole += stop - pos;
+        if (last && !(last instanceof Promise) && 'hole' in last) last.hole += stop - pos;
         else out.push({ offset: pos, hole: stop - pos });
       } else {
-        const plain = await this.chunk(digest);
-        if (plain.length < stop - chunkStart) {
-          throw new BlocksnapError('E_STORE_CORRUPT', `chunk ${index} holds ${plain.length} bytes, ${stop - chunkStart} needed`);
-        }
-        out.push({ offset: pos, data: plain.subarray(pos - chunkStart, stop - chunkStart) });
+        // Chunks of one read are fetched at the same time.
+        const from = pos;
+        out.push(this.chunk(Buffer.from(digest)).then((plain): Segment => {
+          if (plain.length < stop - chunkStart) {
+            throw new BlocksnapError('E_STORE_CORRUPT', `chunk ${index} holds ${plain.length} bytes, ${stop - chunkStart} needed`);
+          }
+          return { offset: from, data: plain.subarray(from - chunkStart, stop - chunkStart) };
+        }));
       }
       pos = stop;
     }
-    return out;
+    return Promise.all(out);
   }
 
   /**

@@ -14,7 +14,8 @@
  * - The export is read-only (READ_ONLY, CAN_MULTI_CONN since nothing ever
  *   changes it): WRITE, TRIM, WRITE_ZEROES → EPERM; FLUSH → success;
  *   out-of-range or over-size READ → EINVAL; unknown commands → EINVAL.
- * - Requests are answered in order, one at a time.
+ * - Up to MAX_INFLIGHT requests of a connection are served at once; replies
+ *   may come out of order (the protocol allows it); DISC waits for the rest.
  */
 import type { Logger } from 'pino';
 import { isBlocksnapError } from '../../proto/errors.js';
@@ -53,6 +54,8 @@ import {
 const BASE_ALLOCATION_ID = 1;
 /** Extents per BLOCK_STATUS reply; a client asks again for the rest. */
 const MAX_EXTENTS = 1024;
+/** Requests of one connection served at the same time. */
+const MAX_INFLIGHT = 16;
 import type { ImageSource } from './image-source.js';
 
 export const READ_ONLY_FLAGS =
@@ -73,6 +76,7 @@ export class NbdSession {
   private noZeroes = false;
   private structured = false;
   private baseAllocation = false;
+  private readonly inflight = new Set<Promise<void>>();
 
   constructor(
     private readonly source: ImageSource,
@@ -121,6 +125,19 @@ export class NbdSession {
     try {
       while (!this.closed && this.queue.length > 0) {
         const msg = this.queue.shift()!;
+        if (msg.kind === 'request' && msg.type !== Cmd.DISC) {
+          // Requests are independent (replies carry the cookie, may come in any
+          // order, each written as whole buffers): overlap store reads, bounded.
+          while (this.inflight.size >= MAX_INFLIGHT) await Promise.race(this.inflight);
+          if (this.closed) break;
+          const p: Promise<void> = this.request(msg)
+            .catch((e: unknown) => this.fail(e))
+            .finally(() => this.inflight.delete(p));
+          this.inflight.add(p);
+          continue;
+        }
+        // DISC is answered after every earlier request (proto.md).
+        if (msg.kind === 'request') await Promise.all(this.inflight);
         const more = await this.handle(msg);
         if (more.length > 0) this.queue.push(...more);
       }

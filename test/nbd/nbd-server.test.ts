@@ -369,6 +369,27 @@ describe('NbdServer over a raw socket', () => {
     expect([p.readUInt32BE(4), p.readUInt32BE(8)]).toEqual([1024 * CS, 3]);
   });
 
+  it('pipelined READs are all answered (by cookie, any order), and DISC comes after every one of them', async () => {
+    const server = await serve();
+    const c = await RawClient.connect(server.port);
+    await c.open();
+    const reqs = Array.from({ length: 40 }, (_, i) => ({ offset: (i * 7919 * 13) % (SIZE - 70_000), length: 1 + ((i * 4099) % 70_000) }));
+    c.send(Buffer.concat(reqs.map((r, i) => encodeRequest({ type: Cmd.READ, cookie: cookie(i), offset: r.offset, length: r.length }))));
+    c.send(encodeRequest({ type: Cmd.DISC, cookie: cookie(999), offset: 0, length: 0 }));
+    const bufs = reqs.map((r) => Buffer.alloc(r.length));
+    const open = new Set(reqs.map((_, i) => i));
+    while (open.size > 0) {
+      const h = await c.read(20);
+      const i = h.readUInt32BE(12);
+      const p = await c.read(h.readUInt32BE(16));
+      expect(h.readUInt16BE(6)).not.toBe(ReplyType.ERROR);
+      if (h.readUInt16BE(6) === ReplyType.OFFSET_DATA) p.copy(bufs[i]!, Number(p.readBigUInt64BE(0)) - reqs[i]!.offset, 8);
+      if (h.readUInt16BE(4) & ReplyFlag.DONE) open.delete(i);
+    }
+    reqs.forEach((r, i) => expect(bufs[i]!.equals(volume.subarray(r.offset, r.offset + r.length)), `request ${i}`).toBe(true));
+    await c.waitClosed();
+  });
+
   it('a client that disconnects mid-request or sends garbage is dropped; others keep being served', async () => {
     const server = await serve();
     const a = await RawClient.connect(server.port);
