@@ -54,6 +54,8 @@ export class NbdServer {
             socket.on('drain', onDrain).on('close', onClose);
           }),
         end: () => socket.end(),
+        pause: () => socket.pause(),
+        resume: () => socket.resume(),
       }, opts.logger);
       socket.on('data', (b: Buffer) => session.receive(b));
       socket.on('error', (err) => opts.logger?.debug({ err }, 'nbd: socket error'));

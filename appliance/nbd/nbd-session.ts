@@ -66,7 +66,13 @@ export interface NbdPipe {
   write(bytes: Buffer): Promise<void>;
   /** Close the connection (after what was written). */
   end(): void;
+  /** Stop / restart reading from the client while too many requests wait. */
+  pause?(): void;
+  resume?(): void;
 }
+
+/** Decoded requests waiting beyond the in-flight ones before reading pauses. */
+export const MAX_QUEUED = 64;
 
 export class NbdSession {
   private readonly decoder = new NbdServerDecoder();
@@ -77,6 +83,7 @@ export class NbdSession {
   private structured = false;
   private baseAllocation = false;
   private readonly inflight = new Set<Promise<void>>();
+  private paused = false;
 
   constructor(
     private readonly source: ImageSource,
@@ -93,12 +100,20 @@ export class NbdSession {
   receive(bytes: Buffer): void {
     if (this.closed) return;
     try {
-      this.queue.push(...this.decoder.push(bytes));
+      this.enqueue(this.decoder.push(bytes));
     } catch (e) {
       this.fail(e);
       return;
     }
     void this.run();
+  }
+
+  private enqueue(msgs: NbdClientMessage[]): void {
+    this.queue.push(...msgs);
+    if (!this.paused && this.queue.length > MAX_QUEUED && this.pipe.pause) {
+      this.paused = true;
+      this.pipe.pause();
+    }
   }
 
   /** The transport closed: stop answering. */
@@ -125,6 +140,10 @@ export class NbdSession {
     try {
       while (!this.closed && this.queue.length > 0) {
         const msg = this.queue.shift()!;
+        if (this.paused && this.queue.length <= MAX_QUEUED / 4) {
+          this.paused = false;
+          this.pipe.resume?.();
+        }
         if (msg.kind === 'request' && msg.type !== Cmd.DISC) {
           // Requests are independent (replies carry the cookie, may come in any
           // order, each written as whole buffers): overlap store reads, bounded.
@@ -138,8 +157,7 @@ export class NbdSession {
         }
         // DISC is answered after every earlier request (proto.md).
         if (msg.kind === 'request') await Promise.all(this.inflight);
-        const more = await this.handle(msg);
-        if (more.length > 0) this.queue.push(...more);
+        this.enqueue(await this.handle(msg));
       }
     } catch (e) {
       this.fail(e);
