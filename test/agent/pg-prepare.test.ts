@@ -8,7 +8,6 @@ import { chmod, chown, mkdir, mkdtemp, readFile, readdir, realpath, rm, stat, wr
 import os from 'node:os';
 import path from 'node:path';
 import { execa } from 'execa';
-import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { prepareDataDir, quoteConf, type PrepareOptions } from '../../agent/pg/prepare.js';
 import { PgQuiescer } from '../../agent/pg/pg-quiescer.js';
@@ -16,6 +15,7 @@ import type { UnquiesceResult } from '../../agent/pg/quiescer.js';
 import { chownTo, findPgServers, PG15_CLIENT_BIN, type PgServerBuild } from '../../scripts/lab/version-lab.js';
 import { PgCluster } from '../../scripts/lab/pg-cluster.js';
 import { isBlocksnapError } from '../../proto/errors.js';
+import { PgTicker, tickIds } from '../support/pg-ticker.js';
 
 const builds = await findPgServers();
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -150,38 +150,6 @@ describe('prepareDataDir: files', () => {
   });
 });
 
-/** One session committing ids 1, 2, 3, … (about 8 rows per heap page); `acked` = last id whose commit returned. */
-class Ticker {
-  acked = 0;
-  private stopped = false;
-  private loop: Promise<void> = Promise.resolve();
-  async start(c: PgCluster): Promise<void> {
-    const client = new pg.Client(c.connectionConfig());
-    await client.connect();
-    this.loop = (async () => {
-      try {
-        while (!this.stopped) {
-          await client.query("INSERT INTO tick SELECT $1, repeat('x', 900)", [this.acked + 1]);
-          this.acked++;
-        }
-      } finally {
-        await client.end();
-      }
-    })();
-  }
-  async reach(n: number): Promise<void> {
-    for (const end = Date.now() + 30_000; this.acked < n; await sleep(10)) if (Date.now() > end) throw new Error(`ticker stuck at ${this.acked}`);
-  }
-  async stop(): Promise<void> {
-    this.stopped = true;
-    await this.loop;
-  }
-}
-
-async function ids(c: PgCluster): Promise<{ n: number; min: number; max: number }> {
-  const [r] = await c.query<{ n: string; min: string; max: string }>('SELECT count(*) AS n, min(id) AS min, max(id) AS max FROM tick');
-  return { n: Number(r!.n), min: Number(r!.min), max: Number(r!.max) };
-}
 
 /** pg_checksums 15 reads 13–16 clusters; for the others every page of the database is read through a fresh server, which verifies checksums on read. */
 async function checksumsClean(c: PgCluster, b: PgServerBuild): Promise<void> {
@@ -220,8 +188,8 @@ describe.each(builds)('recovery from a copy taken during a backup, PostgreSQL $v
   });
 
   it('with its label it comes back consistent, checksums clean, every acknowledged id present and contiguous; without it, wrong', async () => {
-    const ticker = new Ticker();
-    await ticker.start(src);
+    const ticker = new PgTicker(src.connectionConfig());
+    await ticker.start();
     let img: UnquiesceResult;
     let ackedBeforeStart: number, ackedBeforeCheckpoint: number, ackedBeforeStop: number;
     const copy = path.join(root, `copy-${b.major}`);
@@ -265,7 +233,7 @@ describe.each(builds)('recovery from a copy taken during a backup, PostgreSQL $v
     const log = await readFile(restored.logFile!, 'utf8');
     expect(log).toMatch(/consistent recovery state reached/);
     expect(log).toMatch(/recovery stopping after reaching consistency/);
-    const got = await ids(restored);
+    const got = await tickIds(restored);
     expect(got.min).toBe(1);
     expect(got.n).toBe(got.max); // contiguous
     expect(got.max).toBeGreaterThanOrEqual(ackedBeforeStop!);
@@ -318,8 +286,8 @@ describe.runIf(pg15)('PostgreSQL 15: a standby image carries its own WAL', () =>
   });
 
   it('a live copy of a paused standby + its label recovers with no archive', async () => {
-    const ticker = new Ticker();
-    await ticker.start(primary);
+    const ticker = new PgTicker(primary.connectionConfig());
+    await ticker.start();
     const copy = path.join(root, 'sb-copy');
     let img: UnquiesceResult;
     let ackedCaughtUp: number;
@@ -355,7 +323,7 @@ describe.runIf(pg15)('PostgreSQL 15: a standby image carries its own WAL', () =>
     for (const end = Date.now() + 30_000; (await restored.query<{ r: boolean }>('SELECT pg_is_in_recovery() AS r'))[0]!.r; await sleep(50)) {
       if (Date.now() > end) throw new Error('the restored copy did not promote');
     }
-    const got = await ids(restored);
+    const got = await tickIds(restored);
     expect(got.min).toBe(1);
     expect(got.n).toBe(got.max);
     expect(got.max).toBeGreaterThanOrEqual(ackedCaughtUp!);

@@ -1,6 +1,6 @@
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { PgRole, Quiescer } from '../../agent/pg/quiescer.js';
-import { isBlocksnapError } from '../../proto/errors.js';
+import { codeOf } from '../support/error-code.js';
 
 /**
  * The Quiescer contract (agent/pg/quiescer.ts), written once and run against
@@ -21,15 +21,6 @@ export interface QuiescerRig {
   teardown(): Promise<void>;
 }
 
-async function codeOf(p: Promise<unknown>): Promise<string> {
-  try {
-    await p;
-  } catch (e) {
-    if (isBlocksnapError(e)) return e.code;
-    throw e;
-  }
-  throw new Error('expected a rejection');
-}
 
 async function until(what: string, ms: number, fn: () => Promise<boolean>): Promise<void> {
   const end = Date.now() + ms;

@@ -12,6 +12,7 @@
  */
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { isBlocksnapError } from '../../proto/errors.js';
+import { codeOf } from '../support/error-code.js';
 import { BLOB_CHUNK, BLOB_PAGE, BLOB_ROOT, ZERO_DIGEST, type BlobLocation, type ChunkStore } from '../../appliance/store/chunk-store.js';
 import { compressibleChunk, makeBlob, randomChunk, sha256, zeroChunk, type TestBlob } from '../../appliance/testing/store-fixtures.js';
 
@@ -38,15 +39,6 @@ export interface ChunkStoreHarness {
   destroy(): Promise<void>;
 }
 
-async function codeOf(p: Promise<unknown>): Promise<string> {
-  try {
-    await p;
-  } catch (e) {
-    if (isBlocksnapError(e)) return e.code;
-    throw e;
-  }
-  throw new Error('expected a rejection');
-}
 
 export function chunkStoreContract(name: string, makeHarness: () => Promise<ChunkStoreHarness>): void {
   describe(`ChunkStore contract: ${name}`, () => {
