@@ -37,6 +37,11 @@
  * The decoder does not know whether the server accepts a GO or EXPORT_NAME,
  * so after emitting one it stops parsing (bytes stay buffered) until the
  * server calls `startTransmission()` (accepted) or `resumeOptions()` (refused).
+ * It stops after STARTTLS too: the bytes after it are the TLS handshake; the
+ * server upgrades the transport, checks nothing plaintext was left buffered
+ * (a client must wait for the reply) and calls `resumeOptions()`.
+ * A WRITE's payload length is checked against MAX_PAYLOAD from the 28-byte
+ * header alone, before any of the payload is held, at whatever split.
  */
 import { BlocksnapError } from '../../proto/errors.js';
 import {
@@ -87,6 +92,9 @@ export type NbdClientMessage =
   | { kind: 'request'; flags: number; type: number; cookie: Buffer; offset: number; length: number; payload?: Buffer };
 
 type Phase = 'clientFlags' | 'options' | 'paused' | 'transmission';
+
+/** Most bytes held while paused (one largest WRITE request). */
+export const MAX_PAUSED_BYTES = REQUEST_HEADER_BYTES + MAX_PAYLOAD;
 
 function protocolError(msg: string): BlocksnapError {
   return new BlocksnapError('E_PROTOCOL', `nbd: ${msg}`);
@@ -143,6 +151,11 @@ export class NbdServerDecoder {
     if (bytes.length > 0) {
       this.chunks.push(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length));
       this.held += bytes.length;
+    }
+    // While paused nothing is decoded, so nothing else bounds what is held:
+    // a client may pipeline at most one largest request behind its GO.
+    if (this.phase === 'paused' && this.held > MAX_PAUSED_BYTES) {
+      throw protocolError(`${this.held} bytes sent before the server answered`);
     }
     return this.drain();
   }
@@ -207,7 +220,9 @@ export class NbdServerDecoder {
         if (len > MAX_OPTION_DATA) throw protocolError(`option ${option} data of ${len} bytes (max ${MAX_OPTION_DATA})`);
         if (this.held < OPTION_HEADER_BYTES + len) return undefined;
         const data = this.take(OPTION_HEADER_BYTES + len).subarray(OPTION_HEADER_BYTES);
-        if (option === Opt.GO || option === Opt.EXPORT_NAME) this.phase = 'paused';
+        // GO/EXPORT_NAME: what follows depends on the server's answer.
+        // STARTTLS: what follows is TLS, decoded only after the upgrade.
+        if (option === Opt.GO || option === Opt.EXPORT_NAME || option === Opt.STARTTLS) this.phase = 'paused';
         if (option === Opt.GO || option === Opt.INFO) {
           return { kind: 'option', option, data, exportRequest: parseExportRequest(data) };
         }

@@ -19,8 +19,11 @@
  *   only after every write acknowledged before it is durable.
  * - `canMultiConn` is true only when every connection to the export sees the
  *   others' writes once they are flushed (one shared overlay object per export).
- * - `release` is called once per connection when it ends (the resolver may
- *   count connections, e.g. to refuse removing a mount in use).
+ * - `release` is called once for every time the resolver returned the export
+ *   to a session: when the connection ends for GO / EXPORT_NAME (after its
+ *   running requests), right after the answer for INFO and LIST_/
+ *   SET_META_CONTEXT (which name an export but do not keep it). A resolver
+ *   counting connections counts resolves minus releases.
  */
 import type { Segment } from './image-source.js';
 

@@ -1,69 +1,116 @@
 /**
- * A TCP server exporting ONE committed image read-only over NBD (issue 9,
- * item 1). Thin adapter: sockets here, the protocol in nbd-codec.ts and the
- * decisions in nbd-session.ts. Not wired into the appliance yet (mounts as
- * catalog objects come later); tests and a later mount command start it.
+ * The appliance's NBD server (issue 9): a TCP listener serving many exports,
+ * each found by an injected resolver (nbd-export.ts) when a client names it.
+ * Thin adapter: sockets and TLS here, the protocol in nbd-codec.ts and the
+ * decisions in nbd-session.ts.
+ *
+ * TLS: with `tls` set the server offers NBD_OPT_STARTTLS and requires it
+ * before any export is named; the plain socket is wrapped in place by a
+ * server-side TLSSocket (node:tls), and everything after goes through it.
  */
 import { createServer, type Server, type Socket } from 'node:net';
+import { TLSSocket, createSecureContext, type SecureContext } from 'node:tls';
 import type { Logger } from 'pino';
-import type { ChunkStore } from '../store/chunk-store.js';
-import { ImageSource } from './image-source.js';
+import type { NbdExport, NbdExportResolver } from './nbd-export.js';
 import { NbdSession } from './nbd-session.js';
 
 export interface NbdServerOptions {
-  store: ChunkStore;
-  /** Root digest of the image to export. */
-  rootDigest: Buffer;
-  exportName: string;
+  resolve: NbdExportResolver;
   host?: string;
   /** 0 (default) picks a free port. */
   port?: number;
-  /** Decompressed chunks kept per server (LRU). */
-  cacheChunks?: number;
+  /** PEM key and certificate: STARTTLS offered and required (nbds:// clients). */
+  tls?: { key: string | Buffer; cert: string | Buffer };
   logger?: Logger;
 }
+
+/** A resolver serving one export under one name to anyone (tests, tools). */
+export function fixedExport(name: string, exp: NbdExport): NbdExportResolver {
+  return async (asked) => (asked === name ? exp : undefined);
+}
+
+/** How long a client may take for its TLS handshake after STARTTLS. */
+const TLS_HANDSHAKE_MS = 30_000;
 
 export class NbdServer {
   private constructor(
     private readonly server: Server,
-    private readonly sockets: Set<Socket>,
+    private readonly sockets: Set<{ destroy(): void }>,
     readonly host: string,
     readonly port: number,
+    readonly tls: boolean,
   ) {}
 
   static async start(opts: NbdServerOptions): Promise<NbdServer> {
-    const source = await ImageSource.open(opts.store, opts.rootDigest, opts.cacheChunks);
     const host = opts.host ?? '127.0.0.1';
-    const sockets = new Set<Socket>();
-    const server = createServer({ noDelay: true }, (socket) => {
-      sockets.add(socket);
-      const session = new NbdSession(source, opts.exportName, {
-        write: (bytes) =>
+    const sockets = new Set<{ destroy(): void }>();
+    const secureContext: SecureContext | undefined = opts.tls ? createSecureContext({ key: opts.tls.key, cert: opts.tls.cert }) : undefined;
+    const server = createServer({ noDelay: true }, (raw) => {
+      const conn = { destroy: () => { io.destroy(); raw.destroy(); } };
+      sockets.add(conn);
+      // The stream the session talks through: the TCP socket, then its TLS wrapper.
+      let io: Socket = raw;
+      const onData = (b: Buffer): void => session.receive(b);
+      const pipe = {
+        write: (bytes: Buffer) =>
           new Promise<void>((resolve, reject) => {
-            if (socket.destroyed) return reject(new Error('nbd: connection closed'));
-            if (socket.write(bytes)) return resolve();
+            const s = io;
+            if (s.destroyed) return reject(new Error('nbd: connection closed'));
+            if (s.write(bytes)) return resolve();
             // Buffer full: wait for it to drain (backpressure), listeners removed either way.
             const settle = (err?: Error): void => {
-              socket.off('drain', onDrain);
-              socket.off('close', onClose);
+              s.off('drain', onDrain);
+              s.off('close', onClose);
               if (err) reject(err);
               else resolve();
             };
             const onDrain = (): void => settle();
             const onClose = (): void => settle(new Error('nbd: connection closed'));
-            socket.on('drain', onDrain).on('close', onClose);
+            s.on('drain', onDrain).on('close', onClose);
           }),
-        end: () => socket.end(),
-        pause: () => socket.pause(),
-        resume: () => socket.resume(),
-      }, opts.logger);
-      socket.on('data', (b: Buffer) => session.receive(b));
-      socket.on('error', (err) => opts.logger?.debug({ err }, 'nbd: socket error'));
-      socket.on('close', () => {
-        sockets.delete(socket);
-        session.dispose();
+        end: () => io.end(),
+        pause: () => io.pause(),
+        resume: () => io.resume(),
+        startTls: secureContext
+          ? (reply: Buffer) =>
+              new Promise<void>((resolve, reject) => {
+                // Same tick: the ACK is queued in plaintext and the raw socket
+                // stops feeding the session before the client's ClientHello.
+                raw.write(reply);
+                raw.off('data', onData);
+                const tls = new TLSSocket(raw, { isServer: true, secureContext });
+                io = tls;
+                const timer = setTimeout(() => tls.destroy(new Error('nbd: TLS handshake timed out')), TLS_HANDSHAKE_MS);
+                tls.on('close', onClose);
+                tls.once('secure', () => {
+                  clearTimeout(timer);
+                  tls.on('data', onData);
+                  resolve();
+                });
+                tls.on('error', (err) => {
+                  clearTimeout(timer);
+                  opts.logger?.debug({ err }, 'nbd: TLS error');
+                  reject(err);
+                  raw.destroy();
+                });
+              })
+          : undefined,
+      };
+      const session = new NbdSession(opts.resolve, { address: raw.remoteAddress ?? '' }, pipe, {
+        log: opts.logger,
+        tls: secureContext !== undefined,
       });
-      session.start().catch(() => socket.destroy());
+      raw.on('data', onData);
+      raw.on('error', (err) => opts.logger?.debug({ err }, 'nbd: socket error'));
+      let ended = false;
+      const onClose = (): void => {
+        if (ended) return;
+        ended = true;
+        sockets.delete(conn);
+        session.dispose();
+      };
+      raw.on('close', onClose);
+      session.start().catch(() => raw.destroy());
     });
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
@@ -74,12 +121,12 @@ export class NbdServer {
     });
     const addr = server.address();
     const port = typeof addr === 'object' && addr ? addr.port : 0;
-    return new NbdServer(server, sockets, host, port);
+    return new NbdServer(server, sockets, host, port, secureContext !== undefined);
   }
 
-  /** nbd://host:port/name, as libnbd clients take it. */
+  /** nbd://host:port/name (nbds:// with TLS), as libnbd clients take it. */
   uri(exportName: string): string {
-    return `nbd://${this.host}:${this.port}/${encodeURIComponent(exportName)}`;
+    return `${this.tls ? 'nbds' : 'nbd'}://${this.host}:${this.port}/${encodeURIComponent(exportName)}`;
   }
 
   get connections(): number { return this.sockets.size; }

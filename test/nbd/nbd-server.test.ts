@@ -12,7 +12,9 @@ import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { BLOB_CHUNK, ZERO_DIGEST } from '../../appliance/store/chunk-store.js';
 import { FsChunkStore } from '../../appliance/store/fs-chunk-store.js';
 import { ImageIndexBuilder } from '../../appliance/store/image-index.js';
-import { NbdServer } from '../../appliance/nbd/nbd-server.js';
+import { NbdServer, fixedExport } from '../../appliance/nbd/nbd-server.js';
+import { ImageSource } from '../../appliance/nbd/image-source.js';
+import { readOnlyExport } from '../../appliance/nbd/read-only-export.js';
 import {
   encodeClientFlags,
   encodeExportRequest,
@@ -78,7 +80,7 @@ beforeAll(() => {
 
 async function serve(): Promise<NbdServer> {
   const { store, rootDigest } = await buildImage(volume);
-  const server = await NbdServer.start({ store, rootDigest, exportName: NAME });
+  const server = await NbdServer.start({ resolve: fixedExport(NAME, readOnlyExport(await ImageSource.open(store, rootDigest))) });
   cleanups.push(() => server.close());
   return server;
 }

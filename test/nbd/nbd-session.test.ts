@@ -2,6 +2,7 @@ import { describe, expect, it } from 'vitest';
 import { BLOB_CHUNK } from '../../appliance/store/chunk-store.js';
 import { ImageIndexBuilder } from '../../appliance/store/image-index.js';
 import { ImageSource } from '../../appliance/nbd/image-source.js';
+import { readOnlyExport } from '../../appliance/nbd/read-only-export.js';
 import { MAX_QUEUED, NbdSession } from '../../appliance/nbd/nbd-session.js';
 import { encodeClientFlags, encodeExportRequest, encodeOption, encodeRequest } from '../../appliance/nbd/nbd-codec.js';
 import { Cmd, Opt } from '../../appliance/nbd/nbd-layout.js';
@@ -30,7 +31,7 @@ describe('NbdSession', () => {
 
     const events: string[] = [];
     let replies = 0;
-    const session = new NbdSession(source, 'n', {
+    const session = new NbdSession(async (name) => (name === 'n' ? readOnlyExport(source) : undefined), { address: '127.0.0.1' }, {
       write: async (bytes) => {
         // Simple READ replies: 16-byte header + 1 byte.
         if (bytes.length === 17 && bytes.readUInt32BE(0) === 0x67446698) replies++;
