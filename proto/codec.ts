@@ -299,8 +299,68 @@ export function validateEnvelope(env: Envelope): void {
       if (m.fileSize < 1 || m.fileSize > 1 << 30 || m.offset + m.plainLength > m.fileSize) fail('walPiece range outside the file');
       return;
     }
+    // Instant mount (DESIGN.md §4.5): shapes here, ownership and state in appliance/mounts/mount-protocol.ts.
+    case 'mountRequest':
+      id(env.mountRequest.requestId, 'mountRequest.requestId', true);
+      id(env.mountRequest.imageId, 'mountRequest.imageId', true);
+      if (env.mountRequest.ttlSeconds > MAX_MOUNT_TTL) fail(`mountRequest.ttlSeconds is above ${MAX_MOUNT_TTL}`);
+      return;
+    case 'mountGranted': {
+      const m = env.mountGranted;
+      id(m.requestId, 'mountGranted.requestId', true);
+      id(m.mountId, 'mountGranted.mountId', true);
+      id(m.imageId, 'mountGranted.imageId', true);
+      id(m.expiresAt, 'mountGranted.expiresAt', false);
+      if (m.nbdPort < 1 || m.nbdPort > 65535) fail('mountGranted.nbdPort must be 1..65535');
+      if (m.exports.length < 1 || m.exports.length > MAX_GROUP) fail(`mountGranted.exports must have 1..${MAX_GROUP} entries`);
+      m.exports.forEach((x, i) => {
+        id(x.volume, `mountGranted.exports[${i}].volume`, true);
+        id(x.imageId, `mountGranted.exports[${i}].imageId`, true);
+        if (!/^[a-z0-9]{26,64}$/.test(x.exportName)) fail(`mountGranted.exports[${i}].exportName is not an export name`);
+        if (x.size <= 0) fail(`mountGranted.exports[${i}].size must be positive`);
+        chunkSize(x.chunkSize, `mountGranted.exports[${i}].chunkSize`);
+        if (x.pg) {
+          if (x.pg.labelFile.length > 65536 || x.pg.spcmapFile.length > 1 << 20) fail(`mountGranted.exports[${i}].pg label or map too long`);
+          if (x.pg.stopLsn !== '' && !/^[0-9A-F]{1,8}\/[0-9A-F]{1,8}$/.test(x.pg.stopLsn)) fail(`mountGranted.exports[${i}].pg.stopLsn is not an LSN`);
+          if (x.pg.role !== 'primary' && x.pg.role !== 'standby') fail(`mountGranted.exports[${i}].pg.role`);
+          if (x.pg.wal.length > 64) fail(`mountGranted.exports[${i}].pg.wal has more than 64 segments`);
+          x.pg.wal.forEach((w) => { if (!/^[0-9A-F]{24}$/.test(w)) fail(`mountGranted.exports[${i}].pg.wal: not a WAL segment name`); });
+        }
+      });
+      return;
+    }
+    case 'mountRelease':
+      id(env.mountRelease.mountId, 'mountRelease.mountId', true);
+      text(env.mountRelease.reason, 'mountRelease.reason');
+      return;
+    case 'walFetch':
+      id(env.walFetch.mountId, 'walFetch.mountId', true);
+      if (!/^[0-9A-F]{24}$/.test(env.walFetch.name)) fail('walFetch.name is not a WAL segment name');
+      return;
+    case 'runMount':
+      id(env.runMount.requestId, 'runMount.requestId', true);
+      id(env.runMount.imageId, 'runMount.imageId', true);
+      if (env.runMount.pgPort > 65535) fail('runMount.pgPort must be 0..65535');
+      text(env.runMount.target, 'runMount.target', 1024);
+      return;
+    case 'mountResult': {
+      const m = env.mountResult;
+      id(m.requestId, 'mountResult.requestId', true);
+      id(m.mountId, 'mountResult.mountId', false);
+      if (!m.ok) errorCode(m.errorCode, 'mountResult.errorCode');
+      else if (m.errorCode !== '') fail('mountResult: ok with an errorCode');
+      text(m.errorMessage, 'mountResult.errorMessage');
+      text(m.connection, 'mountResult.connection', 1024);
+      text(m.target, 'mountResult.target', 1024);
+      if (!Number.isFinite(m.secondsToFirstQuery) || m.secondsToFirstQuery < 0) fail('mountResult.secondsToFirstQuery must be a finite number ≥ 0');
+      if (m.pgPort > 65535) fail('mountResult.pgPort must be 0..65535');
+      return;
+    }
   }
 }
+
+/** A mount may ask for at most a year of life; 0 is no expiry. */
+const MAX_MOUNT_TTL = 366 * 86400;
 
 const MAX_ID = 256;
 const MAX_TEXT = 4096;

@@ -106,6 +106,15 @@ export type ErrorMessage = MessageMap['error'];
 export type Ping = MessageMap['ping'];
 export type PgBackupInfo = MessageMap['pgBackupInfo'];
 export type WalPiece = MessageMap['walPiece'];
+/** Instant mount (DESIGN.md §4.5). */
+export type MountRequest = MessageMap['mountRequest'];
+export type MountGranted = MessageMap['mountGranted'];
+export type MountExport = Decoded<blocksnap.v1.MountExport.$Properties>;
+export type MountPgInfoMessage = Decoded<blocksnap.v1.MountPgInfo.$Properties>;
+export type MountRelease = MessageMap['mountRelease'];
+export type WalFetch = MessageMap['walFetch'];
+export type RunMount = MessageMap['runMount'];
+export type MountResult = MessageMap['mountResult'];
 /** WAL travels cut at this size: offset a multiple of it, length min(it, fileSize − offset) (DESIGN.md §4.2). */
 export const WAL_PIECE_BYTES = 4 << 20;
 

@@ -1522,6 +1522,546 @@ export namespace blocksnap {
         }
 
         /**
+         * Properties of a MountRequest.
+         * @deprecated Use blocksnap.v1.MountRequest.$Properties instead.
+         */
+        interface IMountRequest extends blocksnap.v1.MountRequest.$Properties {
+        }
+
+        /**
+         * Instant mount (DESIGN.md §4.5, issue 9). Agent → appliance: export the
+         * image (or image set) over NBD to this agent. request_id is chosen by the
+         * agent; an appliance-triggered mount (RunMount) uses RunMount's request_id,
+         * which is what lets an agent mount another agent's image.
+         */
+        class MountRequest {
+
+            /**
+             * Constructs a new MountRequest.
+             * @param [properties] Properties to set
+             */
+            constructor(properties?: blocksnap.v1.MountRequest.$Properties);
+
+            /** Unknown fields preserved while decoding when enabled */
+            $unknowns?: Uint8Array[];
+
+            /** MountRequest requestId. */
+            requestId: string;
+
+            /** an image id, or an image set id (every member) */
+            imageId: string;
+
+            /** writes go to a per-mount copy-on-write overlay */
+            writable: boolean;
+
+            /** 0 = no expiry */
+            ttlSeconds: number;
+        }
+
+        namespace MountRequest {
+
+            /** Properties of a MountRequest. */
+            interface $Properties {
+
+                /** MountRequest requestId */
+                requestId?: (string|null);
+
+                /** an image id, or an image set id (every member) */
+                imageId?: (string|null);
+
+                /** writes go to a per-mount copy-on-write overlay */
+                writable?: (boolean|null);
+
+                /** 0 = no expiry */
+                ttlSeconds?: (number|null);
+
+                /** Unknown fields preserved while decoding when enabled */
+                $unknowns?: Uint8Array[];
+            }
+
+            /** Shape of a MountRequest. */
+            type $Shape = blocksnap.v1.MountRequest.$Properties;
+        }
+
+        /**
+         * Properties of a MountPgInfo.
+         * @deprecated Use blocksnap.v1.MountPgInfo.$Properties instead.
+         */
+        interface IMountPgInfo extends blocksnap.v1.MountPgInfo.$Properties {
+        }
+
+        /** The PostgreSQL part of an image, as a mount needs it. */
+        class MountPgInfo {
+
+            /**
+             * Constructs a new MountPgInfo.
+             * @param [properties] Properties to set
+             */
+            constructor(properties?: blocksnap.v1.MountPgInfo.$Properties);
+
+            /** Unknown fields preserved while decoding when enabled */
+            $unknowns?: Uint8Array[];
+
+            /** MountPgInfo labelFile. */
+            labelFile: string;
+
+            /** MountPgInfo spcmapFile. */
+            spcmapFile: string;
+
+            /** MountPgInfo stopLsn. */
+            stopLsn: string;
+
+            /** MountPgInfo timeline. */
+            timeline: number;
+
+            /** MountPgInfo serverVersion. */
+            serverVersion: number;
+
+            /** MountPgInfo role. */
+            role: string;
+
+            /** WAL segment names, fetched with WalFetch */
+            wal: string[];
+        }
+
+        namespace MountPgInfo {
+
+            /** Properties of a MountPgInfo. */
+            interface $Properties {
+
+                /** MountPgInfo labelFile */
+                labelFile?: (string|null);
+
+                /** MountPgInfo spcmapFile */
+                spcmapFile?: (string|null);
+
+                /** MountPgInfo stopLsn */
+                stopLsn?: (string|null);
+
+                /** MountPgInfo timeline */
+                timeline?: (number|null);
+
+                /** MountPgInfo serverVersion */
+                serverVersion?: (number|null);
+
+                /** MountPgInfo role */
+                role?: (string|null);
+
+                /** WAL segment names, fetched with WalFetch */
+                wal?: (string[]|null);
+
+                /** Unknown fields preserved while decoding when enabled */
+                $unknowns?: Uint8Array[];
+            }
+
+            /** Shape of a MountPgInfo. */
+            type $Shape = blocksnap.v1.MountPgInfo.$Properties;
+        }
+
+        /**
+         * Properties of a MountExport.
+         * @deprecated Use blocksnap.v1.MountExport.$Properties instead.
+         */
+        interface IMountExport extends blocksnap.v1.MountExport.$Properties {
+        }
+
+        /** Represents a MountExport. */
+        class MountExport {
+
+            /**
+             * Constructs a new MountExport.
+             * @param [properties] Properties to set
+             */
+            constructor(properties?: blocksnap.v1.MountExport.$Properties);
+
+            /** Unknown fields preserved while decoding when enabled */
+            $unknowns?: Uint8Array[];
+
+            /** MountExport volume. */
+            volume: string;
+
+            /** MountExport imageId. */
+            imageId: string;
+
+            /** the NBD export name: ≥ 128 random bits, a secret */
+            exportName: string;
+
+            /** MountExport size. */
+            size: (number|Long);
+
+            /** MountExport chunkSize. */
+            chunkSize: number;
+
+            /** absent: a crash-consistent image */
+            pg?: (blocksnap.v1.MountPgInfo.$Properties|null);
+        }
+
+        namespace MountExport {
+
+            /** Properties of a MountExport. */
+            interface $Properties {
+
+                /** MountExport volume */
+                volume?: (string|null);
+
+                /** MountExport imageId */
+                imageId?: (string|null);
+
+                /** the NBD export name: ≥ 128 random bits, a secret */
+                exportName?: (string|null);
+
+                /** MountExport size */
+                size?: (number|Long|null);
+
+                /** MountExport chunkSize */
+                chunkSize?: (number|null);
+
+                /** absent: a crash-consistent image */
+                pg?: (blocksnap.v1.MountPgInfo.$Properties|null);
+
+                /** Unknown fields preserved while decoding when enabled */
+                $unknowns?: Uint8Array[];
+            }
+
+            /** Shape of a MountExport. */
+            type $Shape = blocksnap.v1.MountExport.$Properties;
+        }
+
+        /**
+         * Properties of a MountGranted.
+         * @deprecated Use blocksnap.v1.MountGranted.$Properties instead.
+         */
+        interface IMountGranted extends blocksnap.v1.MountGranted.$Properties {
+        }
+
+        /** Appliance → agent: the mount exists; connect to nbd_port (TLS if tls). */
+        class MountGranted {
+
+            /**
+             * Constructs a new MountGranted.
+             * @param [properties] Properties to set
+             */
+            constructor(properties?: blocksnap.v1.MountGranted.$Properties);
+
+            /** Unknown fields preserved while decoding when enabled */
+            $unknowns?: Uint8Array[];
+
+            /** MountGranted requestId. */
+            requestId: string;
+
+            /** MountGranted mountId. */
+            mountId: string;
+
+            /** MountGranted nbdPort. */
+            nbdPort: number;
+
+            /** MountGranted tls. */
+            tls: boolean;
+
+            /** MountGranted exports. */
+            exports: blocksnap.v1.MountExport.$Properties[];
+
+            /** MountGranted imageId. */
+            imageId: string;
+
+            /** MountGranted writable. */
+            writable: boolean;
+
+            /** ISO 8601, "" = none */
+            expiresAt: string;
+        }
+
+        namespace MountGranted {
+
+            /** Properties of a MountGranted. */
+            interface $Properties {
+
+                /** MountGranted requestId */
+                requestId?: (string|null);
+
+                /** MountGranted mountId */
+                mountId?: (string|null);
+
+                /** MountGranted nbdPort */
+                nbdPort?: (number|null);
+
+                /** MountGranted tls */
+                tls?: (boolean|null);
+
+                /** MountGranted exports */
+                exports?: (blocksnap.v1.MountExport.$Properties[]|null);
+
+                /** MountGranted imageId */
+                imageId?: (string|null);
+
+                /** MountGranted writable */
+                writable?: (boolean|null);
+
+                /** ISO 8601, "" = none */
+                expiresAt?: (string|null);
+
+                /** Unknown fields preserved while decoding when enabled */
+                $unknowns?: Uint8Array[];
+            }
+
+            /** Shape of a MountGranted. */
+            type $Shape = blocksnap.v1.MountGranted.$Properties;
+        }
+
+        /**
+         * Properties of a MountRelease.
+         * @deprecated Use blocksnap.v1.MountRelease.$Properties instead.
+         */
+        interface IMountRelease extends blocksnap.v1.MountRelease.$Properties {
+        }
+
+        /**
+         * Either side: the mount ends (agent: it unmounted; appliance: it was
+         * removed or expired, the agent unmounts).
+         */
+        class MountRelease {
+
+            /**
+             * Constructs a new MountRelease.
+             * @param [properties] Properties to set
+             */
+            constructor(properties?: blocksnap.v1.MountRelease.$Properties);
+
+            /** Unknown fields preserved while decoding when enabled */
+            $unknowns?: Uint8Array[];
+
+            /** MountRelease mountId. */
+            mountId: string;
+
+            /** MountRelease reason. */
+            reason: string;
+        }
+
+        namespace MountRelease {
+
+            /** Properties of a MountRelease. */
+            interface $Properties {
+
+                /** MountRelease mountId */
+                mountId?: (string|null);
+
+                /** MountRelease reason */
+                reason?: (string|null);
+
+                /** Unknown fields preserved while decoding when enabled */
+                $unknowns?: Uint8Array[];
+            }
+
+            /** Shape of a MountRelease. */
+            type $Shape = blocksnap.v1.MountRelease.$Properties;
+        }
+
+        /**
+         * Properties of a WalFetch.
+         * @deprecated Use blocksnap.v1.WalFetch.$Properties instead.
+         */
+        interface IWalFetch extends blocksnap.v1.WalFetch.$Properties {
+        }
+
+        /**
+         * Agent → appliance: a WAL segment of a mounted image; answered with
+         * WalPiece{job_id = mount_id} pieces (4 MiB, zstd, SHA-256 of the plain
+         * bytes) or Error{job_id = mount_id}.
+         */
+        class WalFetch {
+
+            /**
+             * Constructs a new WalFetch.
+             * @param [properties] Properties to set
+             */
+            constructor(properties?: blocksnap.v1.WalFetch.$Properties);
+
+            /** Unknown fields preserved while decoding when enabled */
+            $unknowns?: Uint8Array[];
+
+            /** WalFetch mountId. */
+            mountId: string;
+
+            /** WalFetch name. */
+            name: string;
+        }
+
+        namespace WalFetch {
+
+            /** Properties of a WalFetch. */
+            interface $Properties {
+
+                /** WalFetch mountId */
+                mountId?: (string|null);
+
+                /** WalFetch name */
+                name?: (string|null);
+
+                /** Unknown fields preserved while decoding when enabled */
+                $unknowns?: Uint8Array[];
+            }
+
+            /** Shape of a WalFetch. */
+            type $Shape = blocksnap.v1.WalFetch.$Properties;
+        }
+
+        /**
+         * Properties of a RunMount.
+         * @deprecated Use blocksnap.v1.RunMount.$Properties instead.
+         */
+        interface IRunMount extends blocksnap.v1.RunMount.$Properties {
+        }
+
+        /** Appliance → agent (`blocksnap-appliance mount IMAGE --on AGENT`). */
+        class RunMount {
+
+            /**
+             * Constructs a new RunMount.
+             * @param [properties] Properties to set
+             */
+            constructor(properties?: blocksnap.v1.RunMount.$Properties);
+
+            /** Unknown fields preserved while decoding when enabled */
+            $unknowns?: Uint8Array[];
+
+            /** RunMount requestId. */
+            requestId: string;
+
+            /** RunMount imageId. */
+            imageId: string;
+
+            /** 0 = a free port */
+            pgPort: number;
+
+            /** "" = under the agent's state directory */
+            target: string;
+
+            /** RunMount asStandby. */
+            asStandby: boolean;
+
+            /** RunMount writable. */
+            writable: boolean;
+        }
+
+        namespace RunMount {
+
+            /** Properties of a RunMount. */
+            interface $Properties {
+
+                /** RunMount requestId */
+                requestId?: (string|null);
+
+                /** RunMount imageId */
+                imageId?: (string|null);
+
+                /** 0 = a free port */
+                pgPort?: (number|null);
+
+                /** "" = under the agent's state directory */
+                target?: (string|null);
+
+                /** RunMount asStandby */
+                asStandby?: (boolean|null);
+
+                /** RunMount writable */
+                writable?: (boolean|null);
+
+                /** Unknown fields preserved while decoding when enabled */
+                $unknowns?: Uint8Array[];
+            }
+
+            /** Shape of a RunMount. */
+            type $Shape = blocksnap.v1.RunMount.$Properties;
+        }
+
+        /**
+         * Properties of a MountResult.
+         * @deprecated Use blocksnap.v1.MountResult.$Properties instead.
+         */
+        interface IMountResult extends blocksnap.v1.MountResult.$Properties {
+        }
+
+        /** Agent → appliance: how a RunMount ended. */
+        class MountResult {
+
+            /**
+             * Constructs a new MountResult.
+             * @param [properties] Properties to set
+             */
+            constructor(properties?: blocksnap.v1.MountResult.$Properties);
+
+            /** Unknown fields preserved while decoding when enabled */
+            $unknowns?: Uint8Array[];
+
+            /** MountResult requestId. */
+            requestId: string;
+
+            /** MountResult ok. */
+            ok: boolean;
+
+            /** MountResult errorCode. */
+            errorCode: string;
+
+            /** MountResult errorMessage. */
+            errorMessage: string;
+
+            /** MountResult mountId. */
+            mountId: string;
+
+            /** libpq connection string of the running copy */
+            connection: string;
+
+            /** MountResult secondsToFirstQuery. */
+            secondsToFirstQuery: number;
+
+            /** MountResult target. */
+            target: string;
+
+            /** MountResult pgPort. */
+            pgPort: number;
+        }
+
+        namespace MountResult {
+
+            /** Properties of a MountResult. */
+            interface $Properties {
+
+                /** MountResult requestId */
+                requestId?: (string|null);
+
+                /** MountResult ok */
+                ok?: (boolean|null);
+
+                /** MountResult errorCode */
+                errorCode?: (string|null);
+
+                /** MountResult errorMessage */
+                errorMessage?: (string|null);
+
+                /** MountResult mountId */
+                mountId?: (string|null);
+
+                /** libpq connection string of the running copy */
+                connection?: (string|null);
+
+                /** MountResult secondsToFirstQuery */
+                secondsToFirstQuery?: (number|null);
+
+                /** MountResult target */
+                target?: (string|null);
+
+                /** MountResult pgPort */
+                pgPort?: (number|null);
+
+                /** Unknown fields preserved while decoding when enabled */
+                $unknowns?: Uint8Array[];
+            }
+
+            /** Shape of a MountResult. */
+            type $Shape = blocksnap.v1.MountResult.$Properties;
+        }
+
+        /**
          * Properties of an Envelope.
          * @deprecated Use blocksnap.v1.Envelope.$Properties instead.
          */
@@ -1600,8 +2140,26 @@ export namespace blocksnap {
             /** Envelope authProof. */
             authProof?: (blocksnap.v1.AuthProof.$Properties|null);
 
+            /** Envelope mountRequest. */
+            mountRequest?: (blocksnap.v1.MountRequest.$Properties|null);
+
+            /** Envelope mountGranted. */
+            mountGranted?: (blocksnap.v1.MountGranted.$Properties|null);
+
+            /** Envelope mountRelease. */
+            mountRelease?: (blocksnap.v1.MountRelease.$Properties|null);
+
+            /** Envelope walFetch. */
+            walFetch?: (blocksnap.v1.WalFetch.$Properties|null);
+
+            /** Envelope runMount. */
+            runMount?: (blocksnap.v1.RunMount.$Properties|null);
+
+            /** Envelope mountResult. */
+            mountResult?: (blocksnap.v1.MountResult.$Properties|null);
+
             /** Envelope msg. */
-            msg?: ("hello"|"welcome"|"runJob"|"cancelJob"|"beginVolume"|"volumeReady"|"chunkBatch"|"ack"|"endVolume"|"committed"|"jobProgress"|"jobResult"|"error"|"ping"|"pong"|"pgBackupInfo"|"walPiece"|"commitSet"|"authChallenge"|"authProof");
+            msg?: ("hello"|"welcome"|"runJob"|"cancelJob"|"beginVolume"|"volumeReady"|"chunkBatch"|"ack"|"endVolume"|"committed"|"jobProgress"|"jobResult"|"error"|"ping"|"pong"|"pgBackupInfo"|"walPiece"|"commitSet"|"authChallenge"|"authProof"|"mountRequest"|"mountGranted"|"mountRelease"|"walFetch"|"runMount"|"mountResult");
         }
 
         namespace Envelope {
@@ -1669,8 +2227,26 @@ export namespace blocksnap {
                 /** Envelope authProof */
                 authProof?: (blocksnap.v1.AuthProof.$Properties|null);
 
+                /** Envelope mountRequest */
+                mountRequest?: (blocksnap.v1.MountRequest.$Properties|null);
+
+                /** Envelope mountGranted */
+                mountGranted?: (blocksnap.v1.MountGranted.$Properties|null);
+
+                /** Envelope mountRelease */
+                mountRelease?: (blocksnap.v1.MountRelease.$Properties|null);
+
+                /** Envelope walFetch */
+                walFetch?: (blocksnap.v1.WalFetch.$Properties|null);
+
+                /** Envelope runMount */
+                runMount?: (blocksnap.v1.RunMount.$Properties|null);
+
+                /** Envelope mountResult */
+                mountResult?: (blocksnap.v1.MountResult.$Properties|null);
+
                 /** Envelope msg */
-                msg?: ("hello"|"welcome"|"runJob"|"cancelJob"|"beginVolume"|"volumeReady"|"chunkBatch"|"ack"|"endVolume"|"committed"|"jobProgress"|"jobResult"|"error"|"ping"|"pong"|"pgBackupInfo"|"walPiece"|"commitSet"|"authChallenge"|"authProof");
+                msg?: ("hello"|"welcome"|"runJob"|"cancelJob"|"beginVolume"|"volumeReady"|"chunkBatch"|"ack"|"endVolume"|"committed"|"jobProgress"|"jobResult"|"error"|"ping"|"pong"|"pgBackupInfo"|"walPiece"|"commitSet"|"authChallenge"|"authProof"|"mountRequest"|"mountGranted"|"mountRelease"|"walFetch"|"runMount"|"mountResult");
 
                 /** Unknown fields preserved while decoding when enabled */
                 $unknowns?: Uint8Array[];
@@ -1698,9 +2274,15 @@ export namespace blocksnap {
               commitSet?: blocksnap.v1.CommitSet.$Shape|null;
               authChallenge?: blocksnap.v1.AuthChallenge.$Shape|null;
               authProof?: blocksnap.v1.AuthProof.$Shape|null;
+              mountRequest?: blocksnap.v1.MountRequest.$Shape|null;
+              mountGranted?: blocksnap.v1.MountGranted.$Shape|null;
+              mountRelease?: blocksnap.v1.MountRelease.$Shape|null;
+              walFetch?: blocksnap.v1.WalFetch.$Shape|null;
+              runMount?: blocksnap.v1.RunMount.$Shape|null;
+              mountResult?: blocksnap.v1.MountResult.$Shape|null;
               $unknowns?: Uint8Array[];
             } & (
-              ({ msg?: undefined; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null }|{ msg?: "hello"; hello: blocksnap.v1.Hello.$Shape; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null }|{ msg?: "welcome"; hello?: null; welcome: blocksnap.v1.Welcome.$Shape; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null }|{ msg?: "runJob"; hello?: null; welcome?: null; runJob: blocksnap.v1.RunJob.$Shape; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null }|{ msg?: "cancelJob"; hello?: null; welcome?: null; runJob?: null; cancelJob: blocksnap.v1.CancelJob.$Shape; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null }|{ msg?: "beginVolume"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume: blocksnap.v1.BeginVolume.$Shape; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null }|{ msg?: "volumeReady"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady: blocksnap.v1.VolumeReady.$Shape; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null }|{ msg?: "chunkBatch"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch: blocksnap.v1.ChunkBatch.$Shape; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null }|{ msg?: "ack"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack: blocksnap.v1.Ack.$Shape; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null }|{ msg?: "endVolume"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume: blocksnap.v1.EndVolume.$Shape; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null }|{ msg?: "committed"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed: blocksnap.v1.Committed.$Shape; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null }|{ msg?: "jobProgress"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress: blocksnap.v1.JobProgress.$Shape; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null }|{ msg?: "jobResult"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult: blocksnap.v1.JobResult.$Shape; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null }|{ msg?: "error"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error: blocksnap.v1.Error.$Shape; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null }|{ msg?: "ping"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping: blocksnap.v1.Ping.$Shape; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null }|{ msg?: "pong"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong: blocksnap.v1.Ping.$Shape; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null }|{ msg?: "pgBackupInfo"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo: blocksnap.v1.PgBackupInfo.$Shape; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null }|{ msg?: "walPiece"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece: blocksnap.v1.WalPiece.$Shape; commitSet?: null; authChallenge?: null; authProof?: null }|{ msg?: "commitSet"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet: blocksnap.v1.CommitSet.$Shape; authChallenge?: null; authProof?: null }|{ msg?: "authChallenge"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge: blocksnap.v1.AuthChallenge.$Shape; authProof?: null }|{ msg?: "authProof"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof: blocksnap.v1.AuthProof.$Shape })
+              ({ msg?: undefined; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "hello"; hello: blocksnap.v1.Hello.$Shape; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "welcome"; hello?: null; welcome: blocksnap.v1.Welcome.$Shape; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "runJob"; hello?: null; welcome?: null; runJob: blocksnap.v1.RunJob.$Shape; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "cancelJob"; hello?: null; welcome?: null; runJob?: null; cancelJob: blocksnap.v1.CancelJob.$Shape; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "beginVolume"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume: blocksnap.v1.BeginVolume.$Shape; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "volumeReady"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady: blocksnap.v1.VolumeReady.$Shape; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "chunkBatch"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch: blocksnap.v1.ChunkBatch.$Shape; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "ack"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack: blocksnap.v1.Ack.$Shape; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "endVolume"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume: blocksnap.v1.EndVolume.$Shape; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "committed"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed: blocksnap.v1.Committed.$Shape; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "jobProgress"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress: blocksnap.v1.JobProgress.$Shape; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "jobResult"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult: blocksnap.v1.JobResult.$Shape; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "error"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error: blocksnap.v1.Error.$Shape; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "ping"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping: blocksnap.v1.Ping.$Shape; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "pong"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong: blocksnap.v1.Ping.$Shape; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "pgBackupInfo"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo: blocksnap.v1.PgBackupInfo.$Shape; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "walPiece"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece: blocksnap.v1.WalPiece.$Shape; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "commitSet"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet: blocksnap.v1.CommitSet.$Shape; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "authChallenge"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge: blocksnap.v1.AuthChallenge.$Shape; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "authProof"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof: blocksnap.v1.AuthProof.$Shape; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "mountRequest"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest: blocksnap.v1.MountRequest.$Shape; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "mountGranted"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted: blocksnap.v1.MountGranted.$Shape; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "mountRelease"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease: blocksnap.v1.MountRelease.$Shape; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "walFetch"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch: blocksnap.v1.WalFetch.$Shape; runMount?: null; mountResult?: null }|{ msg?: "runMount"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount: blocksnap.v1.RunMount.$Shape; mountResult?: null }|{ msg?: "mountResult"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult: blocksnap.v1.MountResult.$Shape })
             );
         }
     }

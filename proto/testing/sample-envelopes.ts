@@ -80,5 +80,20 @@ export function sampleEnvelopes(): Envelope[] {
     envelope('commitSet', { jobId: 'job-1' }),
     envelope('authChallenge', { salt: Buffer.alloc(16, 1), iterations: 4096, serverNonce: Buffer.alloc(24, 2) }),
     envelope('authProof', { clientProof: Buffer.alloc(32, 3) }),
+    envelope('mountRequest', { requestId: 'mrq-1', imageId: 'img-def', writable: true, ttlSeconds: 3600 }),
+    envelope('mountGranted', {
+      requestId: 'mrq-1', mountId: 'mnt-1', nbdPort: 10809, tls: true, imageId: 'img-def', writable: true, expiresAt: '2026-01-01T00:00:00.000Z',
+      exports: [{
+        volume: 'pgdata', imageId: 'img-def', exportName: 'a'.repeat(32), size: 2 ** 33, chunkSize: 65536,
+        pg: { labelFile: 'START WAL LOCATION: 0/2000028\n', spcmapFile: '', stopLsn: '0/2000138', timeline: 1, serverVersion: 150010, role: 'primary', wal: ['000000010000000000000002'] },
+      }],
+    }),
+    envelope('mountRelease', { mountId: 'mnt-1', reason: 'unmounted' }),
+    envelope('walFetch', { mountId: 'mnt-1', name: '000000010000000000000002' }),
+    envelope('runMount', { requestId: 'mrq-2', imageId: 'img-def', pgPort: 5499, target: '/srv/copy', asStandby: true, writable: true }),
+    envelope('mountResult', {
+      requestId: 'mrq-2', ok: true, errorCode: '', errorMessage: '', mountId: 'mnt-1', connection: 'host=/tmp port=5499 dbname=postgres',
+      secondsToFirstQuery: 1.25, target: '/srv/copy', pgPort: 5499,
+    }),
   ];
 }
