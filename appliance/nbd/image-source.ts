@@ -13,18 +13,51 @@ import { SLOTS_PER_PAGE } from '../../proto/shared/image-root.js';
 /** A piece of a read: bytes, or a hole of zeros of `length` bytes. */
 export type Segment = { offset: number; data: Buffer } | { offset: number; hole: number };
 
+export interface ImageSourceOptions {
+  /** Decompressed chunks kept (LRU). Default 32. Ignored when cacheBytes is set. */
+  cacheChunks?: number;
+  /** Budget of the LRU in bytes of decompressed chunks (rounded down to whole chunks). */
+  cacheBytes?: number;
+  /**
+   * Chunks fetched ahead of a sequential reader (0 = off). A read that starts
+   * where an earlier read of the last few ended counts as sequential (any
+   * connection: nbdcopy reads one stream over several), and starts fetching
+   * the next `readAhead` chunks into the cache.
+   */
+  readAhead?: number;
+}
+
+/** Ends of recent reads remembered to recognise sequential streams. */
+const STREAMS = 16;
+
 export class ImageSource {
   private readonly lru = new Map<string, Buffer>();
+  /** Chunks being fetched (reads and read-ahead of one chunk share the fetch). */
+  private readonly fetching = new Map<string, Promise<Buffer>>();
+  /** End offsets of recent reads, newest last. */
+  private readonly streamEnds: number[] = [];
+  private readonly cacheChunks: number;
+  private readonly readAhead: number;
 
   private constructor(
     private readonly store: ChunkStore,
     private readonly reader: ImageIndexReader,
-    private readonly cacheChunks: number,
-  ) {}
-
-  static async open(store: ChunkStore, rootDigest: Buffer, cacheChunks = 32): Promise<ImageSource> {
-    return new ImageSource(store, await ImageIndexReader.open(store, rootDigest), cacheChunks);
+    readonly rootDigest: Buffer,
+    opts: ImageSourceOptions,
+  ) {
+    this.readAhead = Math.max(0, opts.readAhead ?? 0);
+    const chunks = opts.cacheBytes !== undefined ? Math.floor(opts.cacheBytes / reader.chunkSize) : (opts.cacheChunks ?? 32);
+    // Read-ahead needs room for what it fetched until the reader gets there.
+    this.cacheChunks = Math.max(chunks, this.readAhead > 0 ? 2 * this.readAhead : 0);
   }
+
+  static async open(store: ChunkStore, rootDigest: Buffer, opts: number | ImageSourceOptions = {}): Promise<ImageSource> {
+    const o = typeof opts === 'number' ? { cacheChunks: opts } : opts;
+    return new ImageSource(store, await ImageIndexReader.open(store, rootDigest), Buffer.from(rootDigest), o);
+  }
+
+  /** Decompressed chunks the LRU may hold. */
+  get cacheCapacity(): number { return this.cacheChunks; }
 
   get size(): number { return this.reader.volumeSize; }
   get chunkSize(): number { return this.reader.chunkSize; }
@@ -58,7 +91,30 @@ export class ImageSource {
       }
       pos = stop;
     }
+    if (this.readAhead > 0) this.noteRead(offset, end);
     return Promise.all(out);
+  }
+
+  /** Sequential detection and read-ahead (see ImageSourceOptions.readAhead). */
+  private noteRead(offset: number, end: number): void {
+    const k = this.streamEnds.indexOf(offset);
+    if (k >= 0) this.streamEnds.splice(k, 1);
+    this.streamEnds.push(end);
+    if (this.streamEnds.length > STREAMS) this.streamEnds.shift();
+    if (k < 0 || end >= this.size) return;
+    const cs = this.chunkSize;
+    const next = Math.ceil(end / cs);
+    const last = Math.min(Math.ceil(this.size / cs) - 1, next + this.readAhead - 1);
+    // Chunks cached or being fetched are not fetched again (chunk() shares them).
+    for (let i = next; i <= last; i++) {
+      void this.prefetch(i).catch(() => undefined); // a real read of it reports the error
+    }
+  }
+
+  private async prefetch(index: number): Promise<void> {
+    const digest = await this.reader.digestAt(index);
+    if (digest.equals(ZERO_DIGEST)) return;
+    await this.chunk(Buffer.from(digest));
   }
 
   /**
@@ -94,19 +150,24 @@ export class ImageSource {
     return out;
   }
 
-  private async chunk(digest: Buffer): Promise<Buffer> {
+  private chunk(digest: Buffer): Promise<Buffer> {
     const key = digest.toString('hex');
     const hit = this.lru.get(key);
     if (hit) {
       this.lru.delete(key);
       this.lru.set(key, hit);
-      return hit;
+      return Promise.resolve(hit);
     }
-    const plain = await this.store.get(digest);
-    if (this.cacheChunks > 0) {
-      this.lru.set(key, plain);
-      if (this.lru.size > this.cacheChunks) this.lru.delete(this.lru.keys().next().value!);
-    }
-    return plain;
+    const pending = this.fetching.get(key);
+    if (pending) return pending;
+    const p = this.store.get(digest).then((plain) => {
+      if (this.cacheChunks > 0) {
+        this.lru.set(key, plain);
+        if (this.lru.size > this.cacheChunks) this.lru.delete(this.lru.keys().next().value!);
+      }
+      return plain;
+    }).finally(() => this.fetching.delete(key));
+    this.fetching.set(key, p);
+    return p;
   }
 }
