@@ -116,6 +116,11 @@ export class Catalog {
     this.db.close();
   }
 
+  /** The database, for companion tables kept in their own modules (mounts: appliance/mounts/mount-catalog.ts). */
+  get database(): Database.Database {
+    return this.db;
+  }
+
   // ---- agents -------------------------------------------------------------
 
   /** Creates an agent and returns its token (shown once, stored hashed). */

@@ -61,4 +61,30 @@ export const MIGRATIONS: string[] = [
      PRIMARY KEY (image_id, object)
    );
    CREATE INDEX images_by_root ON images(root_digest);`,
+  // 5: instant mounts (DESIGN.md §6.2, appliance/mounts/mount-catalog.ts): one row per mount, one per
+  // exported volume. export_name is the NBD secret (128 random bits); overlay names a directory under
+  // DATA/mounts/ derived from the server-made mount id only. image_ref: an image id or an image set id.
+  `CREATE TABLE mounts (
+     id TEXT PRIMARY KEY,
+     image_ref TEXT NOT NULL,
+     agent_id INTEGER NOT NULL REFERENCES agents(id),
+     peer_address TEXT NOT NULL,
+     writable INTEGER NOT NULL,
+     requested_by TEXT NOT NULL,
+     created_at TEXT NOT NULL,
+     expires_at TEXT,
+     state TEXT NOT NULL,
+     ended_at TEXT,
+     end_reason TEXT
+   );
+   CREATE TABLE mount_exports (
+     mount_id TEXT NOT NULL REFERENCES mounts(id),
+     volume TEXT NOT NULL,
+     image_id TEXT NOT NULL,
+     export_name TEXT NOT NULL UNIQUE,
+     overlay TEXT,
+     PRIMARY KEY (mount_id, volume)
+   );
+   CREATE INDEX mounts_by_state ON mounts(state);
+   CREATE INDEX mount_exports_by_image ON mount_exports(image_id);`,
 ];
