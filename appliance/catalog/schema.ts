@@ -87,4 +87,27 @@ export const MIGRATIONS: string[] = [
    );
    CREATE INDEX mounts_by_state ON mounts(state);
    CREATE INDEX mount_exports_by_image ON mount_exports(image_id);`,
+  // 6: retention (DESIGN.md §11, appliance/retention/retention-catalog.ts): pinned images, per-volume
+  // keep policies, and image deletions in progress (a tombstone outlives its manifest's removal, so
+  // roll-forward never brings a deleted image back after a crash).
+  `CREATE TABLE image_pins (
+     image_id TEXT PRIMARY KEY,
+     pinned_at TEXT NOT NULL
+   );
+   CREATE TABLE retention_policies (
+     agent TEXT NOT NULL,
+     volume TEXT NOT NULL,
+     keep_last INTEGER NOT NULL DEFAULT 0,
+     keep_hourly INTEGER NOT NULL DEFAULT 0,
+     keep_daily INTEGER NOT NULL DEFAULT 0,
+     keep_weekly INTEGER NOT NULL DEFAULT 0,
+     keep_monthly INTEGER NOT NULL DEFAULT 0,
+     keep_yearly INTEGER NOT NULL DEFAULT 0,
+     updated_at TEXT NOT NULL,
+     PRIMARY KEY (agent, volume)
+   );
+   CREATE TABLE image_deletions (
+     image_id TEXT PRIMARY KEY,
+     deleted_at TEXT NOT NULL
+   );`,
 ];
