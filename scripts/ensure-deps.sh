@@ -18,6 +18,9 @@ command -v fsfreeze >/dev/null || pkgs+=(util-linux)
 command -v blkdiscard >/dev/null || pkgs+=(util-linux)
 command -v cmp >/dev/null || pkgs+=(diffutils)
 command -v nbdcopy >/dev/null || pkgs+=(libnbd-bin)   # nbdinfo, nbdcopy: real NBD clients in test/nbd
+command -v fusermount3 >/dev/null || pkgs+=(fuse3)    # nbdfuse (libnbd-bin) mounts and fusermount3 -u unmounts
+[ -f /usr/lib/python3/dist-packages/nbd.py ] || pkgs+=(python3-libnbd)   # libnbd's Python binding (test/nbd)
+command -v nbdkit >/dev/null || pkgs+=(nbdkit)        # the reference server scripts/bench-nbd.ts compares with
 command -v openssl >/dev/null || pkgs+=(openssl)
 [ -x /usr/lib/postgresql/15/bin/postgres ] || pkgs+=(postgresql-15)
 if [ ${#pkgs[@]} -gt 0 ]; then

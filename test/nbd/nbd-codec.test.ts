@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import {
+  MAX_PAUSED_BYTES,
   NbdServerDecoder,
   encodeBlockStatus,
   encodeClientFlags,
@@ -114,6 +115,9 @@ const transmission = Buffer.concat([
   encodeRequest({ type: Cmd.READ, cookie, offset: 65536 * 3 + 7, length: 100_000 }),
   encodeRequest({ type: Cmd.WRITE, flags: 1, cookie: Buffer.alloc(8, 9), offset: 512, length: 5, payload: Buffer.from('hello') }),
   encodeRequest({ type: Cmd.FLUSH, cookie, offset: 0, length: 0 }),
+  encodeRequest({ type: Cmd.TRIM, flags: 1, cookie, offset: 4096, length: 2 ** 31 }),
+  encodeRequest({ type: Cmd.WRITE_ZEROES, flags: 3, cookie, offset: 2 ** 40, length: 65537 }),
+  encodeRequest({ type: Cmd.WRITE, cookie: Buffer.alloc(8, 7), offset: 3, length: 300, payload: Buffer.alloc(300, 0x5a) }),
   encodeRequest({ type: Cmd.BLOCK_STATUS, flags: 8, cookie, offset: 2 ** 33, length: 2 ** 31 }),
   encodeRequest({ type: Cmd.DISC, cookie, offset: 0, length: 0 }),
 ]);
@@ -153,6 +157,9 @@ const expected = [
   { kind: 'request', flags: 0, type: Cmd.READ, cookie: hex(cookie), offset: 65536 * 3 + 7, length: 100_000 },
   { kind: 'request', flags: 1, type: Cmd.WRITE, cookie: '0909090909090909', offset: 512, length: 5, payload: hex(Buffer.from('hello')) },
   { kind: 'request', flags: 0, type: Cmd.FLUSH, cookie: hex(cookie), offset: 0, length: 0 },
+  { kind: 'request', flags: 1, type: Cmd.TRIM, cookie: hex(cookie), offset: 4096, length: 2 ** 31 },
+  { kind: 'request', flags: 3, type: Cmd.WRITE_ZEROES, cookie: hex(cookie), offset: 2 ** 40, length: 65537 },
+  { kind: 'request', flags: 0, type: Cmd.WRITE, cookie: '0707070707070707', offset: 3, length: 300, payload: '5a'.repeat(300) },
   { kind: 'request', flags: 8, type: Cmd.BLOCK_STATUS, cookie: hex(cookie), offset: 2 ** 33, length: 2 ** 31 },
   { kind: 'request', flags: 0, type: Cmd.DISC, cookie: hex(cookie), offset: 0, length: 0 },
 ];
@@ -193,6 +200,42 @@ describe('NbdServerDecoder', () => {
     expect(d.currentPhase).toBe('paused');
     expect(d.resumeOptions()).toEqual([{ kind: 'option', option: Opt.ABORT, data: Buffer.alloc(0) }]);
     expect(() => d.startTransmission()).toThrow(expect.objectContaining({ code: 'E_PROTOCOL' }));
+  });
+
+  it('STARTTLS pauses like GO (what follows is TLS); the server resumes options after the upgrade', () => {
+    const d = new NbdServerDecoder();
+    const out = d.push(Buffer.concat([encodeClientFlags(1), encodeOption(Opt.STARTTLS)]));
+    expect(out[1]).toMatchObject({ kind: 'option', option: Opt.STARTTLS });
+    expect(d.currentPhase).toBe('paused');
+    expect(d.push(Buffer.from([0x16, 3, 1]))).toEqual([]); // a TLS record is never parsed as an option
+    expect(d.buffered).toBe(3);
+  });
+
+  it('while paused, at most one largest request is held: more is a protocol error', () => {
+    const d = new NbdServerDecoder();
+    d.push(Buffer.concat([encodeClientFlags(1), encodeOption(Opt.GO, encodeExportRequest('x'))]));
+    expect(d.currentPhase).toBe('paused');
+    d.push(Buffer.alloc(MAX_PAUSED_BYTES));
+    expect(() => d.push(Buffer.alloc(1))).toThrow(expect.objectContaining({ code: 'E_PROTOCOL' }));
+  });
+
+  it('an oversized WRITE is refused from its header at every split of the header, before its payload is held', () => {
+    const header = encodeRequest({ type: Cmd.READ, cookie, offset: 0, length: MAX_PAYLOAD + 1 });
+    header.writeUInt16BE(Cmd.WRITE, 6);
+    for (let at = 0; at <= header.length; at++) {
+      const d = new NbdServerDecoder({ phase: 'transmission' });
+      const push = (): void => {
+        d.push(header.subarray(0, at));
+        d.push(header.subarray(at));
+      };
+      expect(push, `split at ${at}`).toThrow(expect.objectContaining({ code: 'E_PROTOCOL' }));
+    }
+    // Exactly MAX_PAYLOAD is accepted and waits for its payload.
+    const ok = encodeRequest({ type: Cmd.READ, cookie, offset: 0, length: MAX_PAYLOAD });
+    ok.writeUInt16BE(Cmd.WRITE, 6);
+    const d = new NbdServerDecoder({ phase: 'transmission' });
+    expect(d.push(ok)).toEqual([]);
+    expect(d.buffered).toBe(28);
   });
 
   it('EXPORT_NAME carries the name as its whole data and pauses too', () => {
