@@ -5,6 +5,7 @@ import { assertChunkSize, chunkCountOf } from '../../proto/shared/volume-geometr
 import { BLOB_CHUNK, ZERO_DIGEST, type BlobWriter, type ChunkStore } from '../store/chunk-store.js';
 import { ImageIndexBuilder } from '../store/image-index.js';
 import { zstdDecompress } from '../../proto/shared/zstd.js';
+import { assertReferencesPresent } from '../retention/reference-check.js';
 
 /**
  * The appliance side of one volume transfer: checks every chunk, stores it,
@@ -52,6 +53,8 @@ export class Ingest {
   readonly chunkCount: number;
   private readonly writer: BlobWriter;
   private readonly builder: ImageIndexBuilder;
+  /** The store's GC sweep epoch when this ingest opened (DESIGN.md §11.3). */
+  private readonly sweepEpoch: number | undefined;
   private nextIndex = 0;
   private durable = 0;
   private lastSeq = 0;
@@ -77,6 +80,8 @@ export class Ingest {
     return ingest;
   }
 
+  private readonly store: ChunkStore;
+
   private constructor(
     store: ChunkStore,
     readonly params: IngestParams,
@@ -95,6 +100,8 @@ export class Ingest {
       throw new BlocksnapError('E_PROTOCOL', `volume of ${params.volumeSize} bytes has ${this.chunkCount} chunks (max ${MAX_CHUNKS})`);
     }
     this.writer = store.openWriter();
+    this.sweepEpoch = store.sweepEpoch;
+    this.store = store;
     this.builder = new ImageIndexBuilder({
       store,
       writer: this.writer,
@@ -239,6 +246,11 @@ export class Ingest {
     this.stats.pagesWritten = r.pagesWritten;
     this.stats.pagesShared = r.pagesShared;
     await this.writer.flush();
+    if (this.store.sweepEpoch !== this.sweepEpoch) {
+      // A GC swept while this job ran: prove the map before it can be committed (its packs are
+      // pending, so a failure here is cleaned by the job's abort like any other).
+      await assertReferencesPresent(this.store, r.rootDigest, `job ${this.params.jobId}`);
+    }
     this.durable = this.chunkCount;
     this.closed = true;
     return { rootDigest: r.rootDigest };

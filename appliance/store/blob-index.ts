@@ -160,6 +160,47 @@ export class BlobIndex {
     })();
   }
 
+  // ---- garbage collection (DESIGN.md §11; appliance/retention/gc.ts) -------
+
+  /** Every blob row as [digest, pack, stored_len], in one synchronous scan (the GC's mark table). */
+  scanBlobs(each: (digest: Buffer, pack: string, storedLength: number) => void): void {
+    for (const r of this.db.prepare('SELECT digest, pack, stored_len FROM blobs').raw().iterate() as IterableIterator<[Buffer, string, number]>) {
+      each(r[0], r[1], r[2]);
+    }
+  }
+
+  /**
+   * GC sweep of one pack, one transaction: the rows of `dead` that still point
+   * at `pack` go; with `dropPack` its packs row too (the file is removed after
+   * this returns, so a crash in between leaves an unindexed pack that the next
+   * start indexes again: garbage, never a missing pack).
+   */
+  sweepRows(pack: string, dead: readonly Buffer[], dropPack: boolean): number {
+    return this.db.transaction(() => {
+      const del = this.db.prepare('DELETE FROM blobs WHERE digest = ? AND pack = ?');
+      let n = 0;
+      for (const d of dead) n += del.run(d, pack).changes;
+      if (dropPack) this.db.prepare('DELETE FROM packs WHERE id = ?').run(pack);
+      return n;
+    })();
+  }
+
+  /**
+   * GC rewrite, one transaction: `next` (durable, holding copies of the live
+   * blobs of `old`) is indexed, the live rows move from `old` to it, the dead
+   * rows of `old` and its packs row go.
+   */
+  movePack(old: string, next: IndexedPack, dead: readonly Buffer[]): void {
+    this.db.transaction(() => {
+      this.db.prepare('INSERT OR IGNORE INTO packs (id, size, blobs) VALUES (?, ?, ?)').run(next.id, next.size, next.entries.length);
+      const upd = this.db.prepare('UPDATE blobs SET pack = ?, offset = ?, stored_len = ?, codec = ? WHERE digest = ? AND pack = ?');
+      for (const e of next.entries) upd.run(next.id, e.offset, e.storedLength, e.codec, e.digest, old);
+      const del = this.db.prepare('DELETE FROM blobs WHERE digest = ? AND pack = ?');
+      for (const d of dead) del.run(d, old);
+      this.db.prepare('DELETE FROM packs WHERE id = ?').run(old);
+    })();
+  }
+
   // ---- pending-pack journal (DESIGN.md §5) --------------------------------
 
   /**

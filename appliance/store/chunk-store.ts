@@ -67,6 +67,12 @@ export interface ChunkStore {
   locate(digest: Buffer): BlobLocation | undefined;
   /** Durable packs, blobs and pack bytes (from the index). */
   stats(): { packs: number; blobs: number; bytes: number };
+  /**
+   * Bumped by every garbage-collection sweep that removed index rows (stores
+   * without a GC leave it undefined): an ingest that sees it change re-checks
+   * its map before the commit (DESIGN.md §11.3).
+   */
+  readonly sweepEpoch?: number;
   close(): Promise<void>;
 }
 

@@ -28,6 +28,7 @@ import { listPackFiles, PackReader, PackReaderCache } from './pack-reader.js';
 import { quarantineFile, type QuarantineRecord } from './quarantine.js';
 import { DEFAULT_WRITE_BUFFER, PackWriter } from './pack-writer.js';
 import { DEFAULT_ZSTD_LEVEL, zstdCompress, zstdDeclaredSize } from '../../proto/shared/zstd.js';
+import { HitFilter } from '../retention/hit-filter.js';
 
 export const DEFAULT_TARGET_PACK_SIZE = 32 * 1024 * 1024;
 export const DEFAULT_READ_HANDLES = 32;
@@ -84,6 +85,13 @@ export class FsChunkStore implements ChunkStore {
   /** Writers with pending packs, pins or roots not yet settled. */
   private readonly tracked = new Set<FsBlobWriter>();
   private committedRoot: ((rootHex: string) => boolean) | undefined;
+  // ---- GC hooks (DESIGN.md §11.3; the GC itself is appliance/retention/gc.ts) ----
+  /** Writers whose image is not known committed yet: each records its dedup hits. */
+  private readonly liveWriters = new Set<FsBlobWriter>();
+  /** While a GC runs: every writer alive since its mark began (the sweep keeps what they hit). */
+  private gcWindow: Set<FsBlobWriter> | null = null;
+  /** Bumped by every sweep that removed index rows: an ingest that saw it change re-checks its map (Ingest.finish). */
+  sweepEpoch = 0;
   recovery: StoreRecovery = { quarantined: [], missingPacks: [], lostBlobs: new Map() };
 
   private constructor(
@@ -191,16 +199,60 @@ export class FsChunkStore implements ChunkStore {
   openWriter(): BlobWriter {
     this.checkOpen();
     this.settleCommitted();
-    return new FsBlobWriter(this, randomUUID());
+    const w = new FsBlobWriter(this, randomUUID());
+    this.liveWriters.add(w);
+    this.gcWindow?.add(w);
+    return w;
+  }
+
+  /**
+   * GC hook: from now until `closeGcWindow`, every writer alive now or opened
+   * later stays consulted by `maybeHit`, even after it commits or aborts.
+   * Synchronous, so no put falls between the start of a mark and this.
+   */
+  openGcWindow(): void {
+    if (this.gcWindow) throw new BlocksnapError('E_BUSY', 'a garbage collection is already running on this store');
+    this.gcWindow = new Set(this.liveWriters);
+  }
+
+  closeGcWindow(): void {
+    this.gcWindow = null;
+  }
+
+  /** GC hook: false only if no writer of the window de-duplicated against `digest`. */
+  maybeHit(digest: Buffer): boolean {
+    for (const w of this.gcWindow ?? this.liveWriters) if (w.hits.mayHave(digest)) return true;
+    return false;
+  }
+
+  /** GC hook: packs the pending-pack journal (§5.2) owns: never swept (abort and start-up decide them). */
+  pendingPackSet(): Set<string> {
+    const out = this.index.pendingPackIds();
+    for (const p of this.pendingOwners.keys()) out.add(p);
+    return out;
+  }
+
+  /** GC hook: a removed pack's open read handle is closed (an open fd would keep its disk space). */
+  async forgetPack(pack: string): Promise<void> {
+    await this.readers.forget(pack);
   }
 
   async get(digest: Buffer): Promise<Buffer> {
     this.checkOpen();
     const hex = digest.toString('hex');
-    const loc = this.index.lookup(digest);
+    let loc = this.index.lookup(digest);
     if (!loc) throw new BlocksnapError('E_NOT_FOUND', `blob ${hex} not found`);
     try {
-      return await this.readers.use(loc.pack, (r) => r.readBlob(digest, loc));
+      try {
+        return await this.readers.use(loc.pack, (r) => r.readBlob(digest, loc!));
+      } catch (e) {
+        // GC rewrote the pack under this read (its live blobs moved, then the old file went):
+        // read the blob where the index says it is now.
+        const now = this.index.lookup(digest);
+        if (!now || now.pack === loc.pack) throw e;
+        loc = now;
+        return await this.readers.use(loc.pack, (r) => r.readBlob(digest, loc!));
+      }
     } catch (e) {
       // Every failure names pack and blob, so an operator can find both.
       if (e instanceof BlocksnapError && !e.message.includes(hex)) {
@@ -297,9 +349,16 @@ export class FsChunkStore implements ChunkStore {
   dedupHit(digest: Buffer, w: FsBlobWriter): boolean {
     // No pending pack: nothing to pin, and the index's key-only lookup is the cheaper one (it is
     // per chunk: a full of an unchanged volume is all dedup hits).
-    if (this.pendingOwners.size === 0) return this.index.has(digest);
+    // Every hit is recorded in the writer's filter in the same tick as the lookup: a sweep
+    // keeps what a live writer may have hit (DESIGN.md §11.3).
+    if (this.pendingOwners.size === 0) {
+      if (!this.index.has(digest)) return false;
+      w.hits.add(digest);
+      return true;
+    }
     const pack = this.index.packOf(digest);
     if (pack === undefined) return false;
+    w.hits.add(digest);
     this.pin(pack, w);
     return true;
   }
@@ -344,6 +403,7 @@ export class FsChunkStore implements ChunkStore {
    */
   async dropWriter(w: FsBlobWriter, uncommitted = false): Promise<void> {
     if (w.roots.size > 0 && !uncommitted) return;
+    this.liveWriters.delete(w); // no image of it will commit: its hits protect nothing (an open GC window keeps it anyway)
     const doomed: string[] = [];
     for (const pack of w.pins) {
       const owners = this.pendingOwners.get(pack);
@@ -377,6 +437,8 @@ export class FsChunkStore implements ChunkStore {
   /** Writers whose image committed: their packs and the packs they depend on are permanent. */
   private settleCommitted(): void {
     if (!this.committedRoot) return;
+    // A committed writer's image is in the catalog: a later mark sees it, its hit filter can go.
+    for (const w of this.liveWriters) if ([...w.roots].some((r) => this.committedRoot!(r))) this.liveWriters.delete(w);
     for (const w of this.tracked) {
       if (![...w.roots].some((r) => this.committedRoot!(r))) continue;
       for (const pack of w.pins) {
@@ -441,6 +503,8 @@ interface Borrowed {
 class FsBlobWriter implements BlobWriter {
   /** Pending packs this writer made or depends on (DESIGN.md §5). */
   readonly pins = new Set<string>();
+  /** Digests this writer de-duplicated against the index (GC safety, DESIGN.md §11.3). */
+  readonly hits = new HitFilter();
   /** Pins not yet in the journal. */
   readonly unsaved: string[] = [];
   /** Roots (hex) this writer stored or de-duplicated: it committed if a committed image has one. */

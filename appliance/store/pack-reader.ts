@@ -185,6 +185,18 @@ export class PackReaderCache {
     }
   }
 
+  /** Closes `id`'s handle once its users are done (GC removed the pack; an open fd would keep its space). */
+  async forget(id: string): Promise<void> {
+    const slot = this.slots.get(id);
+    if (!slot) return;
+    this.slots.delete(id);
+    const r = await slot.reader.catch(() => undefined);
+    if (!r) return;
+    // A user still reading finishes on its own handle; close after it (polling is cheap and rare).
+    while (slot.users > 0) await new Promise((res) => setTimeout(res, 5));
+    await r.close().catch(() => undefined);
+  }
+
   async close(): Promise<void> {
     const slots = [...this.slots.values()];
     this.slots.clear();
