@@ -7,7 +7,10 @@ import { agentPorts, composeAgent, registry, staleOfEveryTracker } from './compo
 import { loadAgentConfig } from './config.js';
 import { prepareFromExport } from './pg/prepare-from-export.js';
 import type { AuditResult } from './audit/audit-run.js';
-import { callAgent, type AgentStatus } from './control-server.js';
+import { agentSocketPath, callAgent, type AgentStatus } from './control-server.js';
+import type { RestoreResult } from './restore/restore-run.js';
+import { controlRequest } from '../proto/shared/control-socket.js';
+import { progressBar } from '../appliance/progress.js';
 
 const AFTER_HELP = `
 Exit status: 0 success; 1 failure; 2 usage or configuration error (the message names the bad argument
@@ -99,6 +102,37 @@ function program(setStatus: (s: number) => void): Command {
       const config = configOf(cmd);
       return printAudit(await callAgent<AuditResult>(config.stateDir, 'POST', '/v1/audit', { volume }), !!globals(cmd).json);
     }));
+  p.command('restore <image>')
+    .description('ask the running agent to restore IMAGE (one of this agent\'s images) from the appliance onto a block device or ' +
+      'a file: every chunk\'s SHA-256 checked against the image map, zero chunks written as holes. Refused (exit 2, nothing written): ' +
+      'a mounted or held device, a target smaller than the image, a configured volume (except --changed-only of its own image), ' +
+      'a volume\'s image file, a non-empty FILE without --force. A failed restore says what state the target is in')
+    .requiredOption('--to <target>', 'a block device, or a FILE (written to a temp file beside it, renamed into place when complete)')
+    .option('--changed-only', 'write only the chunks that differ between the image and the target now (the volume\'s change tracker when it ' +
+      'is valid, else a digest comparison)')
+    .option('--force', 'replace an existing non-empty FILE')
+    .option('--json', 'machine-readable result: bytes written, chunks fetched, chunks skipped as unchanged, holes, seconds, MB/s')
+    .action(run(async (image: string, o: { to: string; changedOnly?: boolean; force?: boolean }, cmd: Command) => {
+      const config = configOf(cmd);
+      const { resolve } = await import('node:path');
+      const bar = progressBar(`restore ${image}`);
+      let r: RestoreResult;
+      try {
+        r = await controlRequest<RestoreResult>(agentSocketPath(config.stateDir), 'POST', '/v1/restore',
+          { image, target: resolve(o.to), changedOnly: !!o.changedOnly, force: !!o.force },
+          {
+            onEvent: (e) => { if (e.event === 'progress' && e.phase === 'write') bar.update(e.chunksDone, e.chunksTotal); },
+            notRunning: (e) => new BlocksnapError('E_NOT_FOUND', `no agent running for state dir ${config.stateDir} (start it with: blocksnap-agent run)`, { cause: e }),
+          });
+      } finally {
+        bar.stop();
+      }
+      const mib = (b: number) => (b / 2 ** 20).toFixed(1);
+      process.stdout.write((globals(cmd).json ? JSON.stringify(r, null, 2) : `restored ${r.imageId} onto ${r.target}: ${r.chunksFetched} chunks fetched ` +
+        `(${mib(r.bytesWritten)} MiB), ${r.holes} zero chunks as holes, ${r.chunksSkipped} unchanged chunks skipped (${r.changeSource}` +
+        `${r.fallbackReason ? `: ${r.fallbackReason}` : ''}) in ${r.seconds.toFixed(1)} s, ${r.mbPerSecond.toFixed(0)} MB/s`) + '\n');
+      return 0;
+    }));
   p.command('prepare <datadir>')
     .description('make the data directory of a mounted exported image startable: backup_label and tablespace_map from the image, ' +
       'its WAL up to the stop LSN, recovery settings (no --config needed)')
@@ -106,9 +140,13 @@ function program(setStatus: (s: number) => void): Command {
     .option('--as-standby', 'start as a standby (with --primary-conninfo)')
     .option('--primary-conninfo <conninfo>', 'the primary a standby streams from')
     .option('--restore-command <cmd>', 'restore_command for WAL beyond the image')
+    .option('--port <port>', 'the copy\'s port (postgresql.auto.conf), to run it beside the source', (v: string) => {
+      if (!/^\d{1,5}$/.test(v) || Number(v) < 1 || Number(v) > 65535) throw new BlocksnapError('E_USAGE', `--port: not a port: ${v}`);
+      return Number(v);
+    })
     .option('--json', 'machine-readable output')
-    .action(run(async (dir: string, o: { image: string; asStandby?: boolean; primaryConninfo?: string; restoreCommand?: string }, cmd: Command) => {
-      const r = await prepareFromExport(dir, o.image, { asStandby: o.asStandby, primaryConninfo: o.primaryConninfo, restoreCommand: o.restoreCommand });
+    .action(run(async (dir: string, o: { image: string; asStandby?: boolean; primaryConninfo?: string; restoreCommand?: string; port?: number }, cmd: Command) => {
+      const r = await prepareFromExport(dir, o.image, { asStandby: o.asStandby, primaryConninfo: o.primaryConninfo, restoreCommand: o.restoreCommand, port: o.port });
       process.stdout.write((globals(cmd).json ? JSON.stringify(r, null, 2) : `prepared ${dir} from image ${r.imageId}: wrote ${r.written.join(', ')}; WAL ${r.walCopied.length} segment(s)`) + '\n');
       return 0;
     }));

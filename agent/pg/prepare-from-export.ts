@@ -19,6 +19,7 @@ export interface PrepareFromExportOptions {
   asStandby?: boolean;
   primaryConninfo?: string;
   restoreCommand?: string;
+  port?: number;
 }
 
 export async function prepareFromExport(dataDir: string, imageFile: string, o: PrepareFromExportOptions = {}): Promise<PrepareResult & { walCopied: string[]; imageId: string }> {
@@ -26,7 +27,7 @@ export async function prepareFromExport(dataDir: string, imageFile: string, o: P
   const pg = sidecar.pg;
   const opts: PrepareOptions = {
     labelFile: pg.labelFile, spcmapFile: pg.spcmapFile || null, stopLsn: pg.stopLsn, timeline: pg.timeline || null,
-    version: pg.serverVersion, asStandby: o.asStandby, primaryConninfo: o.primaryConninfo, restoreCommand: o.restoreCommand,
+    version: pg.serverVersion, asStandby: o.asStandby, primaryConninfo: o.primaryConninfo, restoreCommand: o.restoreCommand, port: o.port,
   };
   await checkDataDir(dataDir, opts);
   const walCopied: string[] = [];

@@ -63,6 +63,8 @@ export interface PrepareOptions {
   restoreCommand?: string;
   /** Leave archive_mode as the source had it. Default false. */
   keepArchiving?: boolean;
+  /** The copy's port (postgresql.auto.conf `port`), so it can run beside the source. */
+  port?: number;
 }
 
 export interface PrepareResult {
@@ -159,6 +161,10 @@ export async function prepareDataDir(dir: string, o: PrepareOptions): Promise<Pr
     if (sql.recovery.targetImmediate) settings.recovery_target = 'immediate';
     if (sql.recovery.promoteAtTarget) settings[sql.recovery.promoteAtTarget[0]] = sql.recovery.promoteAtTarget[1];
     if (o.timeline) settings.recovery_target_timeline = String(o.timeline);
+  }
+  if (o.port !== undefined) {
+    if (!Number.isInteger(o.port) || o.port < 1 || o.port > 65535) throw new BlocksnapError('E_USAGE', `invalid port ${o.port}`);
+    settings.port = String(o.port);
   }
   const lines = Object.entries(settings).map(([k, v]) => `${k} = ${quoteConf(v)}`);
   const header = `# written by blocksnap prepare: ${o.asStandby ? 'a standby of the image' : `recovery to the image's stop point ${o.stopLsn}`}\n`;

@@ -1,0 +1,161 @@
+/**
+ * Starting PostgreSQL on a mounted, prepared data directory and waiting for
+ * its first answer.
+ *
+ * The postmaster is spawned directly (not through pg_ctl: its pid is known
+ * the moment it exists, so the journal holds pid + start time before the
+ * first byte of recovery), as the data directory's owner, in a session of
+ * its own (setsid: it outlives a killed agent until cleanupOrphans stops it),
+ * with a socket directory of its own (the source's /var/run/postgresql holds
+ * the source's socket and lock file) and its log next to it.
+ *
+ * Ready: a primary copy answers `SELECT pg_is_in_recovery()` with false
+ * (recovery over, promoted, writable); a standby copy answers at all (hot
+ * standby: consistent at the image's stop point). Queries go over the Unix
+ * socket as the owner's role with the node client; if the copy's pg_hba
+ * wants peer authentication for it (a root process is not that OS user),
+ * psql is run as the owner instead.
+ */
+import { spawn } from 'node:child_process';
+import { closeSync, openSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import net from 'node:net';
+import path from 'node:path';
+import { execa } from 'execa';
+import pg from 'pg';
+import { BlocksnapError } from '../../proto/errors.js';
+import { processStartTime } from '../../proto/shared/proc.js';
+import type { MountJournal } from './mount-state.js';
+
+export interface PgOwner {
+  uid: number;
+  gid: number;
+  user: string;
+}
+
+export interface StartPgOptions {
+  dataDir: string;
+  binDir: string;
+  port: number;
+  runDir: string;
+  logFile: string;
+  owner: PgOwner;
+  /** Extra `-c name=value` settings for this start only (not written into the copy). */
+  settings: Record<string, string>;
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+export async function ownerOf(uid: number, gid: number): Promise<PgOwner> {
+  const line = (await readFile('/etc/passwd', 'utf8')).split('\n').find((l) => l.split(':')[2] === String(uid));
+  const user = line?.split(':')[0];
+  if (!user) throw new BlocksnapError('E_PG', `the data directory's owner uid ${uid} has no entry in /etc/passwd`);
+  return { uid, gid, user };
+}
+
+/** A port nothing listens on right now on 127.0.0.1 (a race with other programs remains: start retries). */
+export async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const port = (srv.address() as net.AddressInfo).port;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+export function postgresArgs(o: StartPgOptions): string[] {
+  return ['-D', o.dataDir, '-p', String(o.port), '-k', o.runDir, ...Object.entries(o.settings).flatMap(([k, v]) => ['-c', `${k}=${v}`])];
+}
+
+export interface Postmaster {
+  pid: number;
+  startTime: string | null;
+  /** Resolves with the exit code when the postmaster exits. */
+  exited: () => number | null | undefined;
+}
+
+/** Records the postmaster step, spawns it, completes the record with pid + start time. */
+export async function startPostmaster(o: StartPgOptions, journal: MountJournal): Promise<Postmaster> {
+  const done = await journal.step({ kind: 'postmaster', dataDir: o.dataDir });
+  const log = openSync(o.logFile, 'a', 0o600);
+  let child;
+  try {
+    child = spawn(path.join(o.binDir, 'postgres'), postgresArgs(o), {
+      uid: o.owner.uid, gid: o.owner.gid, cwd: '/', detached: true, stdio: ['ignore', log, log],
+      env: { PATH: '/usr/bin:/bin', LC_ALL: 'C', LANG: 'C', TZ: 'UTC' },
+    });
+  } finally {
+    closeSync(log);
+  }
+  let exited: number | null | undefined;
+  const spawnError = new Promise<Error>((resolve) => child.once('error', resolve));
+  child.once('exit', (code) => { exited = code; });
+  child.unref();
+  if (child.pid === undefined) throw new BlocksnapError('E_PG', `cannot start ${o.binDir}/postgres`, { cause: await spawnError });
+  const startTime = await processStartTime(child.pid);
+  await done({ pid: child.pid, startTime });
+  return { pid: child.pid, startTime, exited: () => exited };
+}
+
+async function logTail(file: string): Promise<string> {
+  return (await readFile(file, 'utf8').catch(() => '')).trim().split('\n').slice(-8).join('\n');
+}
+
+type Probe = () => Promise<boolean | null>;
+
+/** One query over the socket with the node client: true/false = in recovery, null = not answering yet. */
+function nodeProbe(o: StartPgOptions, onAuthRefused: () => void): Probe {
+  return async () => {
+    const c = new pg.Client({ host: o.runDir, port: o.port, user: o.owner.user, database: 'postgres', application_name: 'blocksnap-mount', connectionTimeoutMillis: 5_000 });
+    c.on('error', () => undefined);
+    try {
+      await c.connect();
+      const r = await c.query<{ r: boolean }>('SELECT pg_is_in_recovery() AS r');
+      return r.rows[0]!.r;
+    } catch (e) {
+      const code = (e as { code?: string }).code;
+      if (code === '28000' || code === '28P01') onAuthRefused();
+      return null;
+    } finally {
+      await c.end().catch(() => undefined);
+    }
+  };
+}
+
+function psqlProbe(o: StartPgOptions, psql: string): Probe {
+  return async () => {
+    const r = await execa(psql, ['-X', '-A', '-t', '-h', o.runDir, '-p', String(o.port), '-U', o.owner.user, '-d', 'postgres', '-c', 'SELECT pg_is_in_recovery()'], {
+      uid: o.owner.uid, gid: o.owner.gid, cwd: '/', reject: false, stdin: 'ignore', timeout: 10_000, extendEnv: false, env: { PATH: '/usr/bin:/bin', LC_ALL: 'C' },
+    });
+    if (r.exitCode !== 0) return null;
+    return String(r.stdout).trim() === 't';
+  };
+}
+
+/**
+ * Waits until the copy answers (and, unless `standby`, has left recovery).
+ * Fails early with the server log's tail if the postmaster exits.
+ */
+export async function waitFirstAnswer(o: StartPgOptions, pm: Postmaster, standby: boolean, timeoutMs: number): Promise<void> {
+  let useNode = true;
+  const viaNode = nodeProbe(o, () => { useNode = false; });
+  const psql = path.join(o.binDir, 'psql');
+  const viaPsql = psqlProbe(o, await readFile(psql).then(() => psql, () => '/usr/bin/psql'));
+  const end = Date.now() + timeoutMs;
+  for (;;) {
+    const inRecovery = await (useNode ? viaNode() : viaPsql());
+    if (inRecovery !== null && (standby || !inRecovery)) return;
+    if (pm.exited() !== undefined) {
+      throw new BlocksnapError('E_PG', `PostgreSQL on ${o.dataDir} exited (${pm.exited()}) before answering:\n${await logTail(o.logFile)}`);
+    }
+    if (Date.now() > end) throw new BlocksnapError('E_TIMEOUT', `PostgreSQL on ${o.dataDir} did not ${standby ? 'answer' : 'end recovery'} within ${timeoutMs} ms:\n${await logTail(o.logFile)}`);
+    await sleep(10);
+  }
+}
+
+/** True if the server log says the port was taken (the start is retried on another free port). */
+export async function portWasTaken(logFile: string): Promise<boolean> {
+  return /could not bind|address already in use|could not create any TCP\/IP sockets|could not create lock file .*\.s\.PGSQL/i.test(await logTail(logFile));
+}
