@@ -15,6 +15,7 @@ import { rebuildCatalog, recordVerifyReport, reindexStore } from './server/recov
 import { applianceBackends } from './compose.js';
 import { progressBar } from './progress.js';
 import { backupLine } from './backup-line.js';
+import { addMountCommands, mountedLine } from './mounts/mount-cli.js';
 
 const EXIT_HELP = `
 Exit status: 0 success; 1 failure; 2 usage or configuration error (the message names the bad argument);
@@ -60,7 +61,8 @@ function program(setStatus: (s: number) => void): Command {
     .option('--audit-every <n>', 'audit the tracker every N incrementals (default 10, 0 = off)', intOption(0))
     .option('--tls-cert <pem>', 'serve wss:// with this certificate (with --tls-key)')
     .option('--tls-key <pem>', 'the certificate\'s private key')
-    .action(run(async (o: { listen?: [string, number]; auditEvery?: number; tlsCert?: string; tlsKey?: string }, cmd: Command) => {
+    .option('--nbd-listen <host:port>', 'NBD listener of mounts (default: the --listen host, its port + 1; a free port when that is 0); TLS with the same certificate', parseListen)
+    .action(run(async (o: { listen?: [string, number]; auditEvery?: number; tlsCert?: string; tlsKey?: string; nbdListen?: [string, number] }, cmd: Command) => {
       const { dataDir } = ctx(cmd);
       const stop = untilStopSignal(log); // first: a signal during the start must not kill the process mid-way
       if (!!o.tlsCert !== !!o.tlsKey) throw usage('--tls-cert and --tls-key go together');
@@ -68,12 +70,13 @@ function program(setStatus: (s: number) => void): Command {
       if (tls) checkTls(tls, o.tlsCert!, o.tlsKey!);
       const [host, port] = o.listen ?? ['127.0.0.1', 7700];
       // The composition point of the appliance's ports (appliance/compose.ts).
-      const app = await Appliance.open({ dataDir, logger: log, auditEvery: o.auditEvery, tls, backends: applianceBackends() });
+      const nbd = o.nbdListen ? { host: o.nbdListen[0], port: o.nbdListen[1] } : undefined;
+      const app = await Appliance.open({ dataDir, logger: log, auditEvery: o.auditEvery, tls, nbd, backends: applianceBackends() });
       const addr = await app.listen(host, port).catch(async (e) => {
         await app.close(); // releases the data directory: nothing claims it after a failed start
         throw listenError(e, `${host}:${port}`);
       });
-      process.stdout.write(JSON.stringify({ event: 'listening', url: addr.url, port: addr.port, pid: process.pid }) + '\n');
+      process.stdout.write(JSON.stringify({ event: 'listening', url: addr.url, port: addr.port, nbdPort: addr.nbdPort, pid: process.pid }) + '\n');
       const signal = await stop;
       log.info({ signal }, 'stopping: failing running jobs, closing connections');
       await app.close();
@@ -123,12 +126,13 @@ function program(setStatus: (s: number) => void): Command {
         ...(i.damage.length ? [`DAMAGED: ${i.damage.map((d) => d.object).join(', ')}`] : [])].join('\t')).join('\n') || '(no images)', imgs);
       return 0;
     }));
-  images.command('show <image>').description('one image: transfer statistics, PostgreSQL label and LSNs').option('--json', 'machine-readable output')
-    .action(run((id: string, _o: unknown, cmd: Command) => {
+  images.command('show <image>').description('one image: transfer statistics, PostgreSQL label and LSNs, whether it is mounted').option('--json', 'machine-readable output')
+    .action(run(async (id: string, _o: unknown, cmd: Command) => {
       const c = ctx(cmd);
       const img = c.withCatalog((cat) => cat.image(id));
       if (!img) throw new BlocksnapError('E_NOT_FOUND', `no image ${id}`);
-      c.out(showImage(img), img);
+      const mounted = await mountedLine(c.dataDir, id, appliancePid(c.dataDir) !== null);
+      c.out(`${showImage(img)}\n${mounted.line}`, { ...img, mounts: mounted.mounts });
       return 0;
     }));
 
@@ -175,6 +179,8 @@ function program(setStatus: (s: number) => void): Command {
     .option('--force', 'replace an existing regular file (and its blocksnap sidecar and WAL directory)')
     .option('--json', 'machine-readable output')
     .action(run((imageId: string, o: { to: string; force?: boolean }, cmd: Command) => verifyOrExport(ctx(cmd), 'export', imageId, resolve(o.to), !!o.force)));
+
+  addMountCommands(p, { run, ctx, control, appliancePid, controlPost, controlGet });
 
   p.command('catalog').description('the catalog database')
     .command('rebuild').description('recreate the catalog\'s images from the store\'s manifests (appliance stopped); an unreadable catalog or manifest is quarantined and reported (exit 1)').option('--json', 'machine-readable output')

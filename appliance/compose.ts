@@ -7,6 +7,8 @@
  */
 import { WsTransportServer } from '../proto/ws-transport.js';
 import type { ApplianceBackends, StoreContext } from './server/appliance.js';
+import { nbdMountBackend } from './mounts/nbd-mount-backend.js';
+import { NbdServer } from './nbd/nbd-server.js';
 import type { RecoveringChunkStore } from './store/chunk-store.js';
 import { FsChunkStore } from './store/fs-chunk-store.js';
 import { FsManifestStore } from './store/fs-manifest-store.js';
@@ -41,5 +43,8 @@ export function applianceBackends(choice: Partial<BackendChoice> = {}): Applianc
     openChunkStore: pick(chunkStores, 'chunk store', choice.chunks ?? 'fs'),
     openManifestStore: pick(manifestStores, 'manifest store', choice.manifests ?? 'fs'),
     listen: pick(listeners, 'listener', choice.listener ?? 'ws'),
+    // Instant mounts (DESIGN.md §10): the NBD server beside the agent listener, exports from the chunk store.
+    listenNbd: (o) => NbdServer.start({ resolve: o.resolve, host: o.host, port: o.port, tls: o.tls, logger: o.logger }),
+    mountBackend: (store) => nbdMountBackend(store),
   };
 }

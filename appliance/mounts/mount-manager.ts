@@ -50,8 +50,6 @@ export interface MountManagerOptions {
   /** How often expired mounts are swept (default 10 s). */
   sweepEveryMs?: number;
   now?: () => number;
-  /** Called after a mount ended (removed, expired): the protocol tells its agent. */
-  onEnded?: (m: MountRow, reason: string) => void;
 }
 
 export interface CreateMount {
@@ -84,6 +82,8 @@ export class MountManager {
   private readonly limits: MountLimits;
   private readonly now: () => number;
   private timer: NodeJS.Timeout | null = null;
+  /** Called after a mount ended (removed, expired, stopping): the protocol tells its agent. */
+  onEnded: ((m: MountRow, reason: string) => void) | null = null;
 
   constructor(private readonly o: MountManagerOptions) {
     this.mounts = new MountCatalog(o.catalog);
@@ -252,7 +252,7 @@ export class MountManager {
     const ended = this.mounts.get(id)!;
     if (wasActive) {
       this.o.log.info({ mount: id, reason }, 'mount ended');
-      this.o.onEnded?.(ended, reason);
+      this.onEnded?.(ended, reason);
     }
     return ended;
   }

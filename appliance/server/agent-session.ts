@@ -74,6 +74,11 @@ export class AgentSession {
     });
   }
 
+  /** The remote IP address of the connection (an agent's NBD connections must come from it). */
+  get address(): string {
+    return this.limits.address ?? '';
+  }
+
   send(env: Envelope): void {
     this.transport.send(env).catch((e) => this.log.debug({ err: e, session: this.id }, 'send failed'));
   }

@@ -14,6 +14,12 @@ import { ControlServer } from './control-server.js';
 import { takeDataDirLock } from './data-lock.js';
 import { JobRouter } from './job-router.js';
 import { checkImages, lostAnything, openCatalogOrRecover, rollForward } from './recovery.js';
+import type { NbdExportResolver } from '../nbd/nbd-export.js';
+import type { ChunkStore } from '../store/chunk-store.js';
+import { BlocksnapError } from '../../proto/errors.js';
+import type { MountBackend } from '../mounts/mount-backend.js';
+import { MountManager } from '../mounts/mount-manager.js';
+import { MountProtocol } from '../mounts/mount-protocol.js';
 
 export { rollForward };
 
@@ -38,6 +44,20 @@ export interface AgentListener {
   close(): Promise<void>;
 }
 
+/** What the appliance asks of its NBD listener for mounts (appliance/nbd/nbd-server.ts). */
+export interface NbdListenOptions {
+  resolve: NbdExportResolver;
+  host: string;
+  port: number;
+  tls?: { cert: Buffer; key: Buffer };
+  logger: Logger;
+}
+export interface NbdListener {
+  readonly port: number;
+  readonly tls: boolean;
+  close(): Promise<void>;
+}
+
 /**
  * The appliance's ports, composed by its CLI (appliance/compose.ts) and test
  * fixtures: nothing below them names a concrete store or listener. Stores are
@@ -47,6 +67,10 @@ export interface ApplianceBackends {
   openChunkStore(ctx: StoreContext): Promise<RecoveringChunkStore>;
   openManifestStore(ctx: StoreContext): ManifestStore;
   listen(opts: ListenOptions, onTransport: (t: Transport, req: IncomingMessage) => void): Promise<AgentListener>;
+  /** The NBD listener of instant mounts (absent: no NBD is served, mount requests are refused). */
+  listenNbd?(opts: NbdListenOptions): Promise<NbdListener>;
+  /** Builds mount exports from the store (image source + copy-on-write overlay). */
+  mountBackend?(store: ChunkStore): MountBackend;
 }
 
 export interface ApplianceOptions {
@@ -67,6 +91,8 @@ export interface ApplianceOptions {
   preAuthBytes?: number;
   /** Pre-authentication connection and failed-attempt bounds (auth-guard.ts). */
   authGuard?: Partial<AuthGuardLimits>;
+  /** NBD listener of mounts (DESIGN.md §10): default the agent listener's host, its port + 1 (a free port when that is 0). */
+  nbd?: { host: string; port: number };
 }
 
 /**
@@ -82,6 +108,9 @@ export interface ApplianceOptions {
 export class Appliance {
   private ws: AgentListener | null = null;
   private control: ControlServer | null = null;
+  private nbd: NbdListener | null = null;
+  /** The instant-mount messages of agent sessions (DESIGN.md §4.5). */
+  readonly mountProtocol: MountProtocol;
   /** Every agent connection, authenticated or not (to end an agent's sessions on `agents rotate`). */
   private readonly sessions = new Set<AgentSession>();
   readonly guard: AuthGuard;
@@ -93,8 +122,13 @@ export class Appliance {
     readonly manifests: ManifestStore,
     readonly router: JobRouter,
     private readonly releaseLock: () => void,
+    /** Mounts as catalog objects; the NBD server's export resolver (DESIGN.md §6.2). */
+    readonly mounts: MountManager,
   ) {
     this.guard = new AuthGuard(opts.authGuard);
+    this.mountProtocol = new MountProtocol(mounts, store, () => (this.nbd ? { port: this.nbd.port, tls: this.nbd.tls } : null),
+      (name) => router.sessionOfAgent(name), opts.logger);
+    mounts.onEnded = (m, reason) => this.mountProtocol.ended(m, reason);
   }
 
   static async open(opts: ApplianceOptions): Promise<Appliance> {
@@ -132,7 +166,11 @@ export class Appliance {
         flushEveryBytes: opts.flushEveryBytes,
         auditEvery: opts.auditEvery ?? 10,
       }, log);
-      return new Appliance(opts, catalog, store, manifests, router, releaseLock);
+      // Every mount of a previous process ended with it: its rows are ended, its overlays removed (mount-manager.ts).
+      const backend = opts.backends.mountBackend?.(store) ?? noMountBackend;
+      const mounts = new MountManager({ catalog, backend, dataDir: opts.dataDir, log });
+      await mounts.start();
+      return new Appliance(opts, catalog, store, manifests, router, releaseLock, mounts);
     } catch (e) {
       await store?.close().catch(() => undefined);
       catalog?.close();
@@ -141,7 +179,7 @@ export class Appliance {
     }
   }
 
-  async listen(host: string, port: number): Promise<{ url: string; port: number }> {
+  async listen(host: string, port: number): Promise<{ url: string; port: number; nbdPort: number | null }> {
     const limits = {
       maxFrameBytes: this.opts.maxFrameBytes ?? 8 << 20,
       windowBytes: this.opts.windowBytes ?? 32 << 20,
@@ -164,9 +202,23 @@ export class Appliance {
       this.sessions.add(s);
       t.onClose(() => this.sessions.delete(s));
     });
+    if (this.opts.backends.listenNbd) {
+      const nbd = this.opts.nbd ?? { host, port: this.ws.port === 0 || port === 0 ? 0 : this.ws.port + 1 };
+      this.nbd = await this.opts.backends.listenNbd({ resolve: this.mounts.resolve, host: nbd.host, port: nbd.port, tls: this.opts.tls, logger: this.opts.logger })
+        .catch((e) => {
+          const errno = (e as NodeJS.ErrnoException)?.code;
+          throw new BlocksnapError(errno === 'EADDRINUSE' ? 'E_BUSY' : 'E_USAGE', `--nbd-listen ${nbd.host}:${nbd.port}: cannot listen: ${errno ?? (e as Error).message}`, { cause: e });
+        });
+      this.router.mountFrames = (s, env) => this.mountProtocol.onFrame(s, env);
+    }
     this.control = await ControlServer.listen(join(this.opts.dataDir, 'control.sock'), this, this.opts.logger);
-    this.opts.logger.info({ url: this.ws.url }, 'appliance listening');
-    return { url: this.ws.url, port: this.ws.port };
+    this.opts.logger.info({ url: this.ws.url, nbdPort: this.nbd?.port }, 'appliance listening');
+    return { url: this.ws.url, port: this.ws.port, nbdPort: this.nbd?.port ?? null };
+  }
+
+  /** The port NBD clients of mounts connect to; null when none is served. */
+  get nbdPort(): number | null {
+    return this.nbd?.port ?? null;
   }
 
   /**
@@ -187,8 +239,12 @@ export class Appliance {
 
   async close(): Promise<void> {
     await this.router.shutdown();
+    this.mountProtocol.close();
     await this.control?.close();
     await this.ws?.close();
+    // Mounts end with the process (DESIGN.md §6.2): their connections are dropped, their overlays removed.
+    await this.nbd?.close();
+    await this.mounts.close();
     // Let aborted ingests remove their temp packs before the store closes.
     await Promise.all(this.router.activeJobs().map((j) => j.chain));
     await this.store.close();
@@ -198,3 +254,13 @@ export class Appliance {
 }
 
 export { lockHolder } from './data-lock.js';
+
+/** Composed without a mount backend: nothing can be mounted. */
+const noMountBackend: MountBackend = {
+  createOverlay: async () => {
+    throw new BlocksnapError('E_NOT_FOUND', 'this appliance cannot mount images');
+  },
+  open: async () => {
+    throw new BlocksnapError('E_NOT_FOUND', 'this appliance cannot mount images');
+  },
+};

@@ -4,6 +4,7 @@ import { ControlSocketServer, type ControlRoutes } from '../../proto/shared/cont
 import { exportImageTo } from '../ops/export-image.js';
 import { verifyImage } from '../ops/verify-image.js';
 import { recordVerifyReport } from './recovery.js';
+import { mountRoutes } from '../mounts/mount-control.js';
 import type { Appliance } from './appliance.js';
 
 /**
@@ -17,6 +18,9 @@ import type { Appliance } from './appliance.js';
  *   POST /v1/agents/end {agent, reason}   ends the agent's sessions and jobs (after `agents rotate`) → {ok, ended}
  *   POST /v1/export {imageId, to, force?}  → progress*, result
  *   POST /v1/verify {imageId?}             → progress*, result {ok, reports}
+ *   GET  /v1/mounts                        live mounts (with their NBD connections)
+ *   POST /v1/mounts/remove {mountId}       ends a mount (appliance/mounts/mount-manager.ts) → the ended row
+ *   POST /v1/mount {agent, imageId, pgPort?, target?, asStandby?, writable?}  → started, result (a MountResult)
  *   errors                                 → 4xx/5xx or a last line {event: 'error', code, message} (proto/shared/control-socket)
  */
 export class ControlServer {
@@ -78,5 +82,6 @@ function routes(app: Appliance): ControlRoutes {
     },
     'POST /v1/export': exportOrVerify('export'),
     'POST /v1/verify': exportOrVerify('verify'),
+    ...mountRoutes(app),
   };
 }

@@ -51,6 +51,8 @@ export class JobRouter {
   private readonly sessions = new Map<string, AgentSession>();
   private readonly jobs = new Map<string, ActiveJob>();
   private readonly idleTimer: NodeJS.Timeout;
+  /** Instant-mount frames (appliance/mounts/mount-protocol.ts); null while the appliance serves no NBD. */
+  mountFrames: ((s: AgentSession, env: Envelope) => void) | null = null;
 
   constructor(
     readonly catalog: Catalog,
@@ -80,6 +82,11 @@ export class JobRouter {
 
   connectedAgents(): { agent: string; session: string; volumes: string[] }[] {
     return [...this.sessions.values()].map((s) => ({ agent: s.agent!.name, session: s.id, volumes: [...s.volumes.keys()] }));
+  }
+
+  /** The live session of an agent, if connected. */
+  sessionOfAgent(name: string): AgentSession | undefined {
+    return this.sessions.get(name);
   }
 
   activeJobs(): ActiveJob[] {
@@ -219,6 +226,16 @@ export class JobRouter {
       }
       case 'pong':
         return;
+      case 'mountRequest':
+      case 'mountRelease':
+      case 'walFetch':
+      case 'mountResult':
+        if (!this.mountFrames) {
+          const id = env.kind === 'mountRequest' ? env.mountRequest.requestId : env.kind === 'mountResult' ? env.mountResult.requestId
+            : env.kind === 'walFetch' ? env.walFetch.mountId : env.mountRelease.mountId;
+          return s.send(envelope('error', { jobId: id, code: 'E_NOT_FOUND', message: 'this appliance does not serve NBD mounts' }));
+        }
+        return this.mountFrames(s, env);
       default:
         throw new BlocksnapError('E_PROTOCOL', `an agent may not send ${env.kind}`);
     }
