@@ -90,7 +90,8 @@ export function decidePrune(images: readonly PruneCandidate[], opts: KeepOptions
     for (const i of images) keep.set(i.id, 'last');
     return { keep, remove: [] };
   }
-  const newestFirst = [...images].sort((a, b) => (a.createdAt === b.createdAt ? (a.id < b.id ? 1 : -1) : a.createdAt < b.createdAt ? 1 : -1));
+  const t = (i: PruneCandidate) => Date.parse(i.createdAt);
+  const newestFirst = [...images].sort((a, b) => (t(a) === t(b) ? (a.id < b.id ? 1 : -1) : t(b) - t(a)));
   // An older image of a period some option kept is marked removed for good: a later option does
   // not pick it up again (PBS: mark_selections skips every image already marked).
   const removed = new Set<string>();
