@@ -13,6 +13,8 @@ import { connectionOf } from './capture.js';
 import { cleanupStaleInstances } from './cbt/tracefs/tracefs-instance.js';
 import { TracefsTracker } from './cbt/tracefs/tracefs-tracker.js';
 import type { AgentConfig } from './config.js';
+import { NbdLocalMounter } from './mount/nbd-local-mounter.js';
+import type { LocalMounter } from './mount/mount-port.js';
 import { PgQuiescer } from './pg/pg-quiescer.js';
 import type { AgentPorts, Dialer, QuiescerPort, TrackerPort } from './ports.js';
 import { ReflinkSnapshotProvider } from './snapshot/reflink-snapshot-provider.js';
@@ -120,4 +122,13 @@ export async function staleOfEveryTracker(config: AgentConfig, log: Logger, r: A
   const released: string[] = [];
   for (const make of Object.values(r.trackers)) if (make) released.push(...(await make({ config, log }).cleanupStale()));
   return released;
+}
+
+/**
+ * The agent's LocalMounter (instant mount, issue 9): nbdfuse + loop here, the
+ * kernel nbd-client where /dev/nbd0 exists (agent/mount/nbd-attacher.ts);
+ * state files under STATE/mounts/. Call its cleanupOrphans() on every start.
+ */
+export function composeMounter(config: AgentConfig, log: Logger): LocalMounter {
+  return new NbdLocalMounter({ stateDir: config.stateDir, log });
 }
