@@ -18,6 +18,8 @@ import { reconnectDelayMs } from './reconnect-backoff.js';
 import type { AgentPorts } from './ports.js';
 import { runAudit, type AuditResult } from './audit/audit-run.js';
 import { AgentControlServer, type AgentStatus, type ControlledAgent } from './control-server.js';
+import { runRestore, type RestoreProgress, type RestoreRequestOptions, type RestoreResult } from './restore/restore-run.js';
+import { RestoreSession } from './restore/restore-session.js';
 
 export const AGENT_VERSION = '0.1.0';
 
@@ -118,6 +120,7 @@ export class Agent implements ControlledAgent {
     this.control = null;
     const stopping = new BlocksnapError('E_CANCELLED', 'agent stopping');
     for (const a of this.audits.values()) a.abort(stopping);
+    for (const r of this.restores.values()) r.fail(stopping);
     // Jobs are cancelled while the connection is still up: each releases its snapshot, gives the
     // changes it took back to the tracker and tells the appliance (E_CANCELLED), which then fails
     // the job at once instead of holding it for a resume that will never come.
@@ -137,6 +140,9 @@ export class Agent implements ControlledAgent {
   private readonly running = new Set<Promise<unknown>>();
   private readonly tracking = new Map<string, VolumeTracking>();
   private control: AgentControlServer | null = null;
+  /** Restores in progress by request id (their wire exchange), and the configured volumes they hold (DESIGN.md §4.6). */
+  private readonly restores = new Map<string, RestoreSession>();
+  private readonly restoring = new Set<string>();
   /** Volumes held by an audit (control socket), with its cancel switch. */
   private readonly audits = new Map<string, AbortController>();
   /** SCRAM keys derived from the token (PBKDF2 once per salt, not per reconnect). */
@@ -162,6 +168,7 @@ export class Agent implements ControlledAgent {
         const err = await closed;
         this.transport = null;
         for (const r of this.runners.values()) r.disconnected();
+        for (const r of this.restores.values()) r.fail(new BlocksnapError('E_DISCONNECTED', 'the connection to the appliance was lost during the restore'));
         if (!this.stopped) this.log.warn({ err: err?.code, message: err?.message }, 'connection to appliance closed');
       } catch (e) {
         // A failed handshake closes its socket now, not when the appliance's auth timeout does.
@@ -259,6 +266,11 @@ export class Agent implements ControlledAgent {
         else if (env.kind === 'error') this.log.warn({ code: env.error.code, message: env.error.message }, 'appliance error');
         return;
       }
+      case 'restoreMap':
+      case 'restoreChunks':
+      case 'restoreEnd':
+        this.restores.get((env as any)[env.kind].requestId as string)?.deliver(env);
+        return;
       default:
         this.log.warn({ kind: env.kind }, 'unexpected frame from appliance');
     }
@@ -312,6 +324,7 @@ export class Agent implements ControlledAgent {
   /** What holds a volume exclusively now (DESIGN.md §4.3), or null. */
   private holderOf(volume: string): string | null {
     if (this.audits.has(volume)) return 'an audit';
+    if (this.restoring.has(volume)) return 'a restore';
     for (const r of this.runners.values()) if (!r.released && r.volumeNames.includes(volume)) return `job ${r.jobId}`;
     return null;
   }
@@ -334,6 +347,30 @@ export class Agent implements ControlledAgent {
       this.audits.delete(name);
       this.running.delete(p);
     });
+    this.running.add(p);
+    return p;
+  }
+
+  /** Restores an image of this agent onto a device or file (restore/restore-run.ts), over the appliance session. */
+  async restoreImage(req: RestoreRequestOptions, signal?: AbortSignal, onProgress?: (p: RestoreProgress) => void): Promise<RestoreResult> {
+    if (this.stopped) throw new BlocksnapError('E_CANCELLED', 'agent stopping');
+    if (!this.transport) throw new BlocksnapError('E_DISCONNECTED', 'not connected to the appliance: a restore needs it');
+    const p = runRestore(req, {
+      volumes: this.config.volumes, stateDir: this.config.stateDir, workers: this.config.workers, log: this.log, signal, onProgress,
+      trackingOf: (name) => this.tracking.get(name),
+      hold: (name) => {
+        const holder = this.holderOf(name);
+        if (holder) throw new BlocksnapError('E_BUSY', `${name} is busy: ${holder} is running on it`);
+        this.restoring.add(name);
+        return () => this.restoring.delete(name);
+      },
+      openSession: (id) => {
+        const s = new RestoreSession(id, (e) => this.send(e));
+        this.restores.set(id, s);
+        return s;
+      },
+      closeSession: (id) => this.restores.delete(id),
+    }).finally(() => this.running.delete(p));
     this.running.add(p);
     return p;
   }

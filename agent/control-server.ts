@@ -5,6 +5,7 @@ import { BlocksnapError } from '../proto/errors.js';
 import { ControlSocketServer, controlRequest, socketAnswers, type ControlRoutes } from '../proto/shared/control-socket.js';
 import type { AuditResult } from './audit/audit-run.js';
 import type { Validity } from './cbt/tracker.js';
+import type { RestoreProgress, RestoreRequestOptions, RestoreResult } from './restore/restore-run.js';
 
 /**
  * The agent CLI's way into the running agent, which alone holds the live
@@ -14,6 +15,7 @@ import type { Validity } from './cbt/tracker.js';
  *
  *   GET  /v1/status            → AgentStatus
  *   POST /v1/audit {volume}    → AuditResult (when the client goes away, the audit is cancelled)
+ *   POST /v1/restore {image, target, changedOnly, force} → NDJSON progress events, then RestoreResult
  *   errors                     → 4xx/5xx {event: 'error', code, message} (proto/shared/control-socket)
  */
 export interface VolumeStatus {
@@ -40,6 +42,7 @@ export interface AgentStatus {
 export interface ControlledAgent {
   status(): AgentStatus;
   auditVolume(name: string, signal?: AbortSignal): Promise<AuditResult>;
+  restoreImage?(req: RestoreRequestOptions, signal?: AbortSignal, onProgress?: (p: RestoreProgress) => void): Promise<RestoreResult>;
 }
 
 export const agentSocketPath = (stateDir: string) => join(stateDir, 'agent.sock');
@@ -70,6 +73,16 @@ function routes(agent: ControlledAgent): ControlRoutes {
     'POST /v1/audit': ({ body, signal }) => {
       if (typeof body.volume !== 'string' || body.volume === '') throw new BlocksnapError('E_USAGE', '"volume" is required');
       return agent.auditVolume(body.volume, signal); // the client going away cancels the audit
+    },
+    // Restore (DESIGN.md §4.6): NDJSON progress events, then the result; the client going away cancels it.
+    'POST /v1/restore': async ({ body, signal, events }) => {
+      if (!agent.restoreImage) throw new BlocksnapError('E_USAGE', 'this agent cannot restore');
+      if (typeof body.image !== 'string' || body.image === '' || typeof body.target !== 'string' || body.target === '') {
+        throw new BlocksnapError('E_USAGE', '"image" and "target" are required');
+      }
+      const emit = events();
+      return agent.restoreImage({ imageId: body.image, target: body.target, changedOnly: body.changedOnly === true, force: body.force === true },
+        signal, (p) => emit({ event: 'progress', ...p }));
     },
   };
 }

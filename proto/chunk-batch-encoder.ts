@@ -39,7 +39,11 @@ function chunkBodySize(c: ChunkBatch['chunks'][number]): number {
   return uintField(c.index) + bytesField(c.digest.length) + (c.zero ? 2 : 0) + bytesField(c.data.length) + uintField(c.plainLength);
 }
 
-export function encodeChunkBatchFrame(b: ChunkBatch, maxFrameBytes: number): Buffer {
+/**
+ * `envelopeField`: the Envelope field holding the batch — 7 (chunk_batch), or
+ * 53 (restore_chunks, the same shape with job_id = request_id).
+ */
+export function encodeChunkBatchFrame(b: ChunkBatch, maxFrameBytes: number, envelopeField = 7): Buffer {
   for (const c of b.chunks) {
     if (!Number.isSafeInteger(c.index) || c.index < 0 || !Number.isInteger(c.plainLength) || c.plainLength < 0 || c.plainLength > 0xffffffff) {
       throw new BlocksnapError('E_INTERNAL', `cannot encode chunk ${c.index} with plain length ${c.plainLength}`);
@@ -50,14 +54,15 @@ export function encodeChunkBatchFrame(b: ChunkBatch, maxFrameBytes: number): Buf
   const sizes = b.chunks.map(chunkBodySize);
   let batchSize = bytesField(jobIdLen) + uintField(b.seq);
   for (const s of sizes) batchSize += 1 + varintSize(s) + s;
-  const bodyLen = 1 + varintSize(batchSize) + batchSize;
+  const tag = (envelopeField << 3) | 2;
+  const bodyLen = varintSize(tag) + varintSize(batchSize) + batchSize;
   if (bodyLen > maxFrameBytes) {
-    throw new BlocksnapError('E_FRAME_TOO_LARGE', `chunkBatch envelope of ${bodyLen} bytes exceeds the ${maxFrameBytes} byte frame limit`);
+    throw new BlocksnapError('E_FRAME_TOO_LARGE', `${envelopeField === 7 ? 'chunkBatch' : 'restoreChunks'} envelope of ${bodyLen} bytes exceeds the ${maxFrameBytes} byte frame limit`);
   }
   const buf = Buffer.allocUnsafe(4 + bodyLen);
   buf.writeUInt32LE(bodyLen, 0);
   let p = 4;
-  buf[p++] = (7 << 3) | 2;
+  p = writeVarint(buf, p, tag);
   p = writeVarint(buf, p, batchSize);
   const uint = (tag: number, v: number) => {
     if (v === 0) return;

@@ -4,6 +4,7 @@ import { BlocksnapError } from './errors.js';
 import { decodeEnvelopeBody, JobMode, writeEnvelopeBody, type Chunk, type Envelope, type TransferStats } from './messages.js';
 import { KEY_BYTES, MAX_NONCE_BYTES, MIN_NONCE_BYTES, SCRAM_MAX_ITERATIONS, SCRAM_MIN_ITERATIONS } from './scram.js';
 import { assertChunkSize, MAX_CHUNK_SIZE } from './shared/volume-geometry.js';
+import { validateRestoreMessage } from './shared/restore-protocol.js';
 
 /**
  * Frame codec (DESIGN.md §4.1). Pure: no sockets, no timers.
@@ -28,6 +29,7 @@ export const DEFAULT_MAX_FRAME_BYTES = 8 * 1024 * 1024;
 export function encodeFrame(env: Envelope, maxFrameBytes = DEFAULT_MAX_FRAME_BYTES): Buffer {
   // The hot path (every chunk of every backup) has its own encoder; same bytes.
   if (env.kind === 'chunkBatch') return encodeChunkBatchFrame(env.chunkBatch, maxFrameBytes);
+  if (env.kind === 'restoreChunks') return encodeChunkBatchFrame({ jobId: env.restoreChunks.requestId, seq: env.restoreChunks.seq, chunks: env.restoreChunks.chunks }, maxFrameBytes, 53);
   const writer = protobuf.Writer.create();
   writer.fixed32(0);
   writeEnvelopeBody(env, writer);
@@ -356,6 +358,17 @@ export function validateEnvelope(env: Envelope): void {
       if (m.pgPort > 65535) fail('mountResult.pgPort must be 0..65535');
       return;
     }
+    // Restore (DESIGN.md §4.6): shapes here, bounds and state in proto/shared/restore-protocol.ts.
+    case 'restoreRequest':
+    case 'restoreMap':
+    case 'restoreWant':
+    case 'restoreAck':
+    case 'restoreEnd':
+      return validateRestoreMessage(env);
+    case 'restoreChunks':
+      id(env.restoreChunks.requestId, 'restoreChunks.requestId', true);
+      chunks(env.restoreChunks.chunks);
+      return;
   }
 }
 

@@ -13,6 +13,7 @@ import { commitImage, commitImageSet, type CommitContext, type SealedMember } fr
 import { ActiveJob, outcomeFromResult, type JobOutcome, type MemberTransfer } from './active-job.js';
 import type { AgentSession } from './agent-session.js';
 import { Ingest } from './ingest.js';
+import { RestoreServer } from '../restore/restore-server.js';
 import type { ManifestStore } from '../store/manifest-store.js';
 
 export interface RouterOptions {
@@ -53,6 +54,8 @@ export class JobRouter {
   private readonly idleTimer: NodeJS.Timeout;
   /** Instant-mount frames (appliance/mounts/mount-protocol.ts); null while the appliance serves no NBD. */
   mountFrames: ((s: AgentSession, env: Envelope) => void) | null = null;
+  /** Restores agents ask for over their sessions (DESIGN.md §4.6). */
+  readonly restores: RestoreServer;
 
   constructor(
     readonly catalog: Catalog,
@@ -60,6 +63,7 @@ export class JobRouter {
     private readonly opts: RouterOptions,
     private readonly log: Logger,
   ) {
+    this.restores = new RestoreServer(catalog, store, log);
     const idle = opts.jobIdleTimeoutMs ?? 5 * 60_000;
     this.idleTimer = setInterval(() => this.expireIdleJobs(idle), Math.max(50, Math.min(5_000, idle / 4)));
     this.idleTimer.unref();
@@ -109,6 +113,7 @@ export class JobRouter {
 
   sessionClosed(s: AgentSession, err?: BlocksnapError): void {
     if (this.sessions.get(s.agent!.name) === s) this.sessions.delete(s.agent!.name);
+    this.restores.sessionClosed(s.id);
     for (const job of this.jobs.values()) {
       if (job.sessionId !== s.id || job.finished) continue;
       if (job.state === 'committed') {
@@ -236,6 +241,11 @@ export class JobRouter {
           return s.send(envelope('error', { jobId: id, code: 'E_NOT_FOUND', message: 'this appliance does not serve NBD mounts' }));
         }
         return this.mountFrames(s, env);
+      case 'restoreRequest':
+      case 'restoreWant':
+      case 'restoreAck':
+      case 'restoreEnd':
+        return this.restores.onFrame({ id: s.id, agentName: s.agent!.name, send: (e) => s.transport.send(e) }, env);
       default:
         throw new BlocksnapError('E_PROTOCOL', `an agent may not send ${env.kind}`);
     }
@@ -467,6 +477,7 @@ export class JobRouter {
 
   async shutdown(): Promise<void> {
     clearInterval(this.idleTimer);
+    this.restores.close();
     for (const job of this.jobs.values()) this.fail(job, new BlocksnapError('E_CANCELLED', 'appliance shutting down'));
   }
 }

@@ -2062,6 +2062,409 @@ export namespace blocksnap {
         }
 
         /**
+         * Properties of a RestoreRequest.
+         * @deprecated Use blocksnap.v1.RestoreRequest.$Properties instead.
+         */
+        interface IRestoreRequest extends blocksnap.v1.RestoreRequest.$Properties {
+        }
+
+        /**
+         * Restore (DESIGN.md §4.6, issue 9 items 6-7), over the agent's session.
+         * Agent → appliance: restore this image (one of this agent's own images).
+         */
+        class RestoreRequest {
+
+            /**
+             * Constructs a new RestoreRequest.
+             * @param [properties] Properties to set
+             */
+            constructor(properties?: blocksnap.v1.RestoreRequest.$Properties);
+
+            /** Unknown fields preserved while decoding when enabled */
+            $unknowns?: Uint8Array[];
+
+            /** chosen by the agent: "rst-" + hex */
+            requestId: string;
+
+            /** RestoreRequest imageId. */
+            imageId: string;
+
+            /** informational (logs): the agent decides what it fetches */
+            changedOnly: boolean;
+        }
+
+        namespace RestoreRequest {
+
+            /** Properties of a RestoreRequest. */
+            interface $Properties {
+
+                /** chosen by the agent: "rst-" + hex */
+                requestId?: (string|null);
+
+                /** RestoreRequest imageId */
+                imageId?: (string|null);
+
+                /** informational (logs): the agent decides what it fetches */
+                changedOnly?: (boolean|null);
+
+                /** Unknown fields preserved while decoding when enabled */
+                $unknowns?: Uint8Array[];
+            }
+
+            /** Shape of a RestoreRequest. */
+            type $Shape = blocksnap.v1.RestoreRequest.$Properties;
+        }
+
+        /**
+         * Properties of a RestoreMap.
+         * @deprecated Use blocksnap.v1.RestoreMap.$Properties instead.
+         */
+        interface IRestoreMap extends blocksnap.v1.RestoreMap.$Properties {
+        }
+
+        /**
+         * Appliance → agent: the image's geometry and its digest map, in pages.
+         * Geometry and root repeat in every message; digests of the ZERO pages are
+         * not sent (the agent fills ZERO). `last`: the map is complete.
+         */
+        class RestoreMap {
+
+            /**
+             * Constructs a new RestoreMap.
+             * @param [properties] Properties to set
+             */
+            constructor(properties?: blocksnap.v1.RestoreMap.$Properties);
+
+            /** Unknown fields preserved while decoding when enabled */
+            $unknowns?: Uint8Array[];
+
+            /** RestoreMap requestId. */
+            requestId: string;
+
+            /** RestoreMap imageId. */
+            imageId: string;
+
+            /** RestoreMap volume. */
+            volume: string;
+
+            /** RestoreMap volumeSize. */
+            volumeSize: (number|Long);
+
+            /** RestoreMap chunkSize. */
+            chunkSize: number;
+
+            /** SHA-256 of the image root: the agent checks the map against it */
+            rootDigest: Uint8Array;
+
+            /** a multiple of 1024 (a page boundary) */
+            firstIndex: (number|Long);
+
+            /** 1..64 pages of 1024 × 32 bytes (the last page of the volume may be short) */
+            digests: Uint8Array;
+
+            /** RestoreMap last. */
+            last: boolean;
+        }
+
+        namespace RestoreMap {
+
+            /** Properties of a RestoreMap. */
+            interface $Properties {
+
+                /** RestoreMap requestId */
+                requestId?: (string|null);
+
+                /** RestoreMap imageId */
+                imageId?: (string|null);
+
+                /** RestoreMap volume */
+                volume?: (string|null);
+
+                /** RestoreMap volumeSize */
+                volumeSize?: (number|Long|null);
+
+                /** RestoreMap chunkSize */
+                chunkSize?: (number|null);
+
+                /** SHA-256 of the image root: the agent checks the map against it */
+                rootDigest?: (Uint8Array|null);
+
+                /** a multiple of 1024 (a page boundary) */
+                firstIndex?: (number|Long|null);
+
+                /** 1..64 pages of 1024 × 32 bytes (the last page of the volume may be short) */
+                digests?: (Uint8Array|null);
+
+                /** RestoreMap last */
+                last?: (boolean|null);
+
+                /** Unknown fields preserved while decoding when enabled */
+                $unknowns?: Uint8Array[];
+            }
+
+            /** Shape of a RestoreMap. */
+            type $Shape = blocksnap.v1.RestoreMap.$Properties;
+        }
+
+        /**
+         * Properties of a ChunkRange.
+         * @deprecated Use blocksnap.v1.ChunkRange.$Properties instead.
+         */
+        interface IChunkRange extends blocksnap.v1.ChunkRange.$Properties {
+        }
+
+        /** Represents a ChunkRange. */
+        class ChunkRange {
+
+            /**
+             * Constructs a new ChunkRange.
+             * @param [properties] Properties to set
+             */
+            constructor(properties?: blocksnap.v1.ChunkRange.$Properties);
+
+            /** Unknown fields preserved while decoding when enabled */
+            $unknowns?: Uint8Array[];
+
+            /** ChunkRange first. */
+            first: (number|Long);
+
+            /** ChunkRange count. */
+            count: (number|Long);
+        }
+
+        namespace ChunkRange {
+
+            /** Properties of a ChunkRange. */
+            interface $Properties {
+
+                /** ChunkRange first */
+                first?: (number|Long|null);
+
+                /** ChunkRange count */
+                count?: (number|Long|null);
+
+                /** Unknown fields preserved while decoding when enabled */
+                $unknowns?: Uint8Array[];
+            }
+
+            /** Shape of a ChunkRange. */
+            type $Shape = blocksnap.v1.ChunkRange.$Properties;
+        }
+
+        /**
+         * Properties of a RestoreWant.
+         * @deprecated Use blocksnap.v1.RestoreWant.$Properties instead.
+         */
+        interface IRestoreWant extends blocksnap.v1.RestoreWant.$Properties {
+        }
+
+        /**
+         * Agent → appliance: the chunks it needs (non-ZERO ones), in increasing
+         * order, no overlap; `last`: nothing more will be asked for.
+         */
+        class RestoreWant {
+
+            /**
+             * Constructs a new RestoreWant.
+             * @param [properties] Properties to set
+             */
+            constructor(properties?: blocksnap.v1.RestoreWant.$Properties);
+
+            /** Unknown fields preserved while decoding when enabled */
+            $unknowns?: Uint8Array[];
+
+            /** RestoreWant requestId. */
+            requestId: string;
+
+            /** RestoreWant ranges. */
+            ranges: blocksnap.v1.ChunkRange.$Properties[];
+
+            /** RestoreWant last. */
+            last: boolean;
+        }
+
+        namespace RestoreWant {
+
+            /** Properties of a RestoreWant. */
+            interface $Properties {
+
+                /** RestoreWant requestId */
+                requestId?: (string|null);
+
+                /** RestoreWant ranges */
+                ranges?: (blocksnap.v1.ChunkRange.$Properties[]|null);
+
+                /** RestoreWant last */
+                last?: (boolean|null);
+
+                /** Unknown fields preserved while decoding when enabled */
+                $unknowns?: Uint8Array[];
+            }
+
+            /** Shape of a RestoreWant. */
+            type $Shape = blocksnap.v1.RestoreWant.$Properties;
+        }
+
+        /**
+         * Properties of a RestoreChunks.
+         * @deprecated Use blocksnap.v1.RestoreChunks.$Properties instead.
+         */
+        interface IRestoreChunks extends blocksnap.v1.RestoreChunks.$Properties {
+        }
+
+        /**
+         * Appliance → agent: chunks in increasing index order; the shape of
+         * ChunkBatch (job_id = request_id), encoded by the same direct encoder.
+         */
+        class RestoreChunks {
+
+            /**
+             * Constructs a new RestoreChunks.
+             * @param [properties] Properties to set
+             */
+            constructor(properties?: blocksnap.v1.RestoreChunks.$Properties);
+
+            /** Unknown fields preserved while decoding when enabled */
+            $unknowns?: Uint8Array[];
+
+            /** RestoreChunks requestId. */
+            requestId: string;
+
+            /** RestoreChunks seq. */
+            seq: (number|Long);
+
+            /** RestoreChunks chunks. */
+            chunks: blocksnap.v1.Chunk.$Properties[];
+        }
+
+        namespace RestoreChunks {
+
+            /** Properties of a RestoreChunks. */
+            interface $Properties {
+
+                /** RestoreChunks requestId */
+                requestId?: (string|null);
+
+                /** RestoreChunks seq */
+                seq?: (number|Long|null);
+
+                /** RestoreChunks chunks */
+                chunks?: (blocksnap.v1.Chunk.$Properties[]|null);
+
+                /** Unknown fields preserved while decoding when enabled */
+                $unknowns?: Uint8Array[];
+            }
+
+            /** Shape of a RestoreChunks. */
+            type $Shape = blocksnap.v1.RestoreChunks.$Properties;
+        }
+
+        /**
+         * Properties of a RestoreAck.
+         * @deprecated Use blocksnap.v1.RestoreAck.$Properties instead.
+         */
+        interface IRestoreAck extends blocksnap.v1.RestoreAck.$Properties {
+        }
+
+        /** Agent → appliance: batch `seq` is written; its bytes leave the window. */
+        class RestoreAck {
+
+            /**
+             * Constructs a new RestoreAck.
+             * @param [properties] Properties to set
+             */
+            constructor(properties?: blocksnap.v1.RestoreAck.$Properties);
+
+            /** Unknown fields preserved while decoding when enabled */
+            $unknowns?: Uint8Array[];
+
+            /** RestoreAck requestId. */
+            requestId: string;
+
+            /** RestoreAck seq. */
+            seq: (number|Long);
+        }
+
+        namespace RestoreAck {
+
+            /** Properties of a RestoreAck. */
+            interface $Properties {
+
+                /** RestoreAck requestId */
+                requestId?: (string|null);
+
+                /** RestoreAck seq */
+                seq?: (number|Long|null);
+
+                /** Unknown fields preserved while decoding when enabled */
+                $unknowns?: Uint8Array[];
+            }
+
+            /** Shape of a RestoreAck. */
+            type $Shape = blocksnap.v1.RestoreAck.$Properties;
+        }
+
+        /**
+         * Properties of a RestoreEnd.
+         * @deprecated Use blocksnap.v1.RestoreEnd.$Properties instead.
+         */
+        interface IRestoreEnd extends blocksnap.v1.RestoreEnd.$Properties {
+        }
+
+        /**
+         * Either side: the restore ended (agent: ok or why it stopped; appliance:
+         * only a failure, e.g. E_NOT_FOUND, E_CHUNK_RANGE, E_STORE_CORRUPT).
+         */
+        class RestoreEnd {
+
+            /**
+             * Constructs a new RestoreEnd.
+             * @param [properties] Properties to set
+             */
+            constructor(properties?: blocksnap.v1.RestoreEnd.$Properties);
+
+            /** Unknown fields preserved while decoding when enabled */
+            $unknowns?: Uint8Array[];
+
+            /** RestoreEnd requestId. */
+            requestId: string;
+
+            /** RestoreEnd ok. */
+            ok: boolean;
+
+            /** RestoreEnd code. */
+            code: string;
+
+            /** RestoreEnd message. */
+            message: string;
+        }
+
+        namespace RestoreEnd {
+
+            /** Properties of a RestoreEnd. */
+            interface $Properties {
+
+                /** RestoreEnd requestId */
+                requestId?: (string|null);
+
+                /** RestoreEnd ok */
+                ok?: (boolean|null);
+
+                /** RestoreEnd code */
+                code?: (string|null);
+
+                /** RestoreEnd message */
+                message?: (string|null);
+
+                /** Unknown fields preserved while decoding when enabled */
+                $unknowns?: Uint8Array[];
+            }
+
+            /** Shape of a RestoreEnd. */
+            type $Shape = blocksnap.v1.RestoreEnd.$Properties;
+        }
+
+        /**
          * Properties of an Envelope.
          * @deprecated Use blocksnap.v1.Envelope.$Properties instead.
          */
@@ -2158,8 +2561,26 @@ export namespace blocksnap {
             /** Envelope mountResult. */
             mountResult?: (blocksnap.v1.MountResult.$Properties|null);
 
+            /** Envelope restoreRequest. */
+            restoreRequest?: (blocksnap.v1.RestoreRequest.$Properties|null);
+
+            /** Envelope restoreMap. */
+            restoreMap?: (blocksnap.v1.RestoreMap.$Properties|null);
+
+            /** Envelope restoreWant. */
+            restoreWant?: (blocksnap.v1.RestoreWant.$Properties|null);
+
+            /** Envelope restoreChunks. */
+            restoreChunks?: (blocksnap.v1.RestoreChunks.$Properties|null);
+
+            /** Envelope restoreAck. */
+            restoreAck?: (blocksnap.v1.RestoreAck.$Properties|null);
+
+            /** Envelope restoreEnd. */
+            restoreEnd?: (blocksnap.v1.RestoreEnd.$Properties|null);
+
             /** Envelope msg. */
-            msg?: ("hello"|"welcome"|"runJob"|"cancelJob"|"beginVolume"|"volumeReady"|"chunkBatch"|"ack"|"endVolume"|"committed"|"jobProgress"|"jobResult"|"error"|"ping"|"pong"|"pgBackupInfo"|"walPiece"|"commitSet"|"authChallenge"|"authProof"|"mountRequest"|"mountGranted"|"mountRelease"|"walFetch"|"runMount"|"mountResult");
+            msg?: ("hello"|"welcome"|"runJob"|"cancelJob"|"beginVolume"|"volumeReady"|"chunkBatch"|"ack"|"endVolume"|"committed"|"jobProgress"|"jobResult"|"error"|"ping"|"pong"|"pgBackupInfo"|"walPiece"|"commitSet"|"authChallenge"|"authProof"|"mountRequest"|"mountGranted"|"mountRelease"|"walFetch"|"runMount"|"mountResult"|"restoreRequest"|"restoreMap"|"restoreWant"|"restoreChunks"|"restoreAck"|"restoreEnd");
         }
 
         namespace Envelope {
@@ -2245,8 +2666,26 @@ export namespace blocksnap {
                 /** Envelope mountResult */
                 mountResult?: (blocksnap.v1.MountResult.$Properties|null);
 
+                /** Envelope restoreRequest */
+                restoreRequest?: (blocksnap.v1.RestoreRequest.$Properties|null);
+
+                /** Envelope restoreMap */
+                restoreMap?: (blocksnap.v1.RestoreMap.$Properties|null);
+
+                /** Envelope restoreWant */
+                restoreWant?: (blocksnap.v1.RestoreWant.$Properties|null);
+
+                /** Envelope restoreChunks */
+                restoreChunks?: (blocksnap.v1.RestoreChunks.$Properties|null);
+
+                /** Envelope restoreAck */
+                restoreAck?: (blocksnap.v1.RestoreAck.$Properties|null);
+
+                /** Envelope restoreEnd */
+                restoreEnd?: (blocksnap.v1.RestoreEnd.$Properties|null);
+
                 /** Envelope msg */
-                msg?: ("hello"|"welcome"|"runJob"|"cancelJob"|"beginVolume"|"volumeReady"|"chunkBatch"|"ack"|"endVolume"|"committed"|"jobProgress"|"jobResult"|"error"|"ping"|"pong"|"pgBackupInfo"|"walPiece"|"commitSet"|"authChallenge"|"authProof"|"mountRequest"|"mountGranted"|"mountRelease"|"walFetch"|"runMount"|"mountResult");
+                msg?: ("hello"|"welcome"|"runJob"|"cancelJob"|"beginVolume"|"volumeReady"|"chunkBatch"|"ack"|"endVolume"|"committed"|"jobProgress"|"jobResult"|"error"|"ping"|"pong"|"pgBackupInfo"|"walPiece"|"commitSet"|"authChallenge"|"authProof"|"mountRequest"|"mountGranted"|"mountRelease"|"walFetch"|"runMount"|"mountResult"|"restoreRequest"|"restoreMap"|"restoreWant"|"restoreChunks"|"restoreAck"|"restoreEnd");
 
                 /** Unknown fields preserved while decoding when enabled */
                 $unknowns?: Uint8Array[];
@@ -2280,9 +2719,15 @@ export namespace blocksnap {
               walFetch?: blocksnap.v1.WalFetch.$Shape|null;
               runMount?: blocksnap.v1.RunMount.$Shape|null;
               mountResult?: blocksnap.v1.MountResult.$Shape|null;
+              restoreRequest?: blocksnap.v1.RestoreRequest.$Shape|null;
+              restoreMap?: blocksnap.v1.RestoreMap.$Shape|null;
+              restoreWant?: blocksnap.v1.RestoreWant.$Shape|null;
+              restoreChunks?: blocksnap.v1.RestoreChunks.$Shape|null;
+              restoreAck?: blocksnap.v1.RestoreAck.$Shape|null;
+              restoreEnd?: blocksnap.v1.RestoreEnd.$Shape|null;
               $unknowns?: Uint8Array[];
             } & (
-              ({ msg?: undefined; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "hello"; hello: blocksnap.v1.Hello.$Shape; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "welcome"; hello?: null; welcome: blocksnap.v1.Welcome.$Shape; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "runJob"; hello?: null; welcome?: null; runJob: blocksnap.v1.RunJob.$Shape; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "cancelJob"; hello?: null; welcome?: null; runJob?: null; cancelJob: blocksnap.v1.CancelJob.$Shape; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "beginVolume"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume: blocksnap.v1.BeginVolume.$Shape; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "volumeReady"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady: blocksnap.v1.VolumeReady.$Shape; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "chunkBatch"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch: blocksnap.v1.ChunkBatch.$Shape; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "ack"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack: blocksnap.v1.Ack.$Shape; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "endVolume"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume: blocksnap.v1.EndVolume.$Shape; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "committed"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed: blocksnap.v1.Committed.$Shape; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "jobProgress"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress: blocksnap.v1.JobProgress.$Shape; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "jobResult"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult: blocksnap.v1.JobResult.$Shape; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "error"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error: blocksnap.v1.Error.$Shape; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "ping"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping: blocksnap.v1.Ping.$Shape; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "pong"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong: blocksnap.v1.Ping.$Shape; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "pgBackupInfo"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo: blocksnap.v1.PgBackupInfo.$Shape; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "walPiece"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece: blocksnap.v1.WalPiece.$Shape; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "commitSet"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet: blocksnap.v1.CommitSet.$Shape; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "authChallenge"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge: blocksnap.v1.AuthChallenge.$Shape; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "authProof"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof: blocksnap.v1.AuthProof.$Shape; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "mountRequest"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest: blocksnap.v1.MountRequest.$Shape; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "mountGranted"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted: blocksnap.v1.MountGranted.$Shape; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "mountRelease"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease: blocksnap.v1.MountRelease.$Shape; walFetch?: null; runMount?: null; mountResult?: null }|{ msg?: "walFetch"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch: blocksnap.v1.WalFetch.$Shape; runMount?: null; mountResult?: null }|{ msg?: "runMount"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount: blocksnap.v1.RunMount.$Shape; mountResult?: null }|{ msg?: "mountResult"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult: blocksnap.v1.MountResult.$Shape })
+              ({ msg?: undefined; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "hello"; hello: blocksnap.v1.Hello.$Shape; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "welcome"; hello?: null; welcome: blocksnap.v1.Welcome.$Shape; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "runJob"; hello?: null; welcome?: null; runJob: blocksnap.v1.RunJob.$Shape; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "cancelJob"; hello?: null; welcome?: null; runJob?: null; cancelJob: blocksnap.v1.CancelJob.$Shape; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "beginVolume"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume: blocksnap.v1.BeginVolume.$Shape; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "volumeReady"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady: blocksnap.v1.VolumeReady.$Shape; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "chunkBatch"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch: blocksnap.v1.ChunkBatch.$Shape; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "ack"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack: blocksnap.v1.Ack.$Shape; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "endVolume"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume: blocksnap.v1.EndVolume.$Shape; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "committed"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed: blocksnap.v1.Committed.$Shape; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "jobProgress"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress: blocksnap.v1.JobProgress.$Shape; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "jobResult"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult: blocksnap.v1.JobResult.$Shape; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "error"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error: blocksnap.v1.Error.$Shape; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "ping"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping: blocksnap.v1.Ping.$Shape; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "pong"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong: blocksnap.v1.Ping.$Shape; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "pgBackupInfo"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo: blocksnap.v1.PgBackupInfo.$Shape; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "walPiece"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece: blocksnap.v1.WalPiece.$Shape; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "commitSet"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet: blocksnap.v1.CommitSet.$Shape; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "authChallenge"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge: blocksnap.v1.AuthChallenge.$Shape; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "authProof"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof: blocksnap.v1.AuthProof.$Shape; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "mountRequest"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest: blocksnap.v1.MountRequest.$Shape; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "mountGranted"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted: blocksnap.v1.MountGranted.$Shape; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "mountRelease"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease: blocksnap.v1.MountRelease.$Shape; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "walFetch"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch: blocksnap.v1.WalFetch.$Shape; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "runMount"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount: blocksnap.v1.RunMount.$Shape; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "mountResult"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult: blocksnap.v1.MountResult.$Shape; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "restoreRequest"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest: blocksnap.v1.RestoreRequest.$Shape; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "restoreMap"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap: blocksnap.v1.RestoreMap.$Shape; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "restoreWant"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant: blocksnap.v1.RestoreWant.$Shape; restoreChunks?: null; restoreAck?: null; restoreEnd?: null }|{ msg?: "restoreChunks"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks: blocksnap.v1.RestoreChunks.$Shape; restoreAck?: null; restoreEnd?: null }|{ msg?: "restoreAck"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck: blocksnap.v1.RestoreAck.$Shape; restoreEnd?: null }|{ msg?: "restoreEnd"; hello?: null; welcome?: null; runJob?: null; cancelJob?: null; beginVolume?: null; volumeReady?: null; chunkBatch?: null; ack?: null; endVolume?: null; committed?: null; jobProgress?: null; jobResult?: null; error?: null; ping?: null; pong?: null; pgBackupInfo?: null; walPiece?: null; commitSet?: null; authChallenge?: null; authProof?: null; mountRequest?: null; mountGranted?: null; mountRelease?: null; walFetch?: null; runMount?: null; mountResult?: null; restoreRequest?: null; restoreMap?: null; restoreWant?: null; restoreChunks?: null; restoreAck?: null; restoreEnd: blocksnap.v1.RestoreEnd.$Shape })
             );
         }
     }

@@ -95,5 +95,17 @@ export function sampleEnvelopes(): Envelope[] {
       requestId: 'mrq-2', ok: true, errorCode: '', errorMessage: '', mountId: 'mnt-1', connection: 'host=/tmp port=5499 dbname=postgres',
       secondsToFirstQuery: 1.25, target: '/srv/copy', pgPort: 5499,
     }),
+    envelope('restoreRequest', { requestId: 'rst-0123456789abcdef', imageId: 'img-def', changedOnly: true }),
+    envelope('restoreMap', {
+      requestId: 'rst-0123456789abcdef', imageId: 'img-def', volume: 'pgdata', volumeSize: 2 ** 33, chunkSize: 65536,
+      rootDigest: Buffer.alloc(32, 4), firstIndex: 1024, digests: Buffer.alloc(64, 5), last: true,
+    }),
+    envelope('restoreWant', { requestId: 'rst-0123456789abcdef', ranges: [{ first: 3, count: 2 }, { first: 9, count: 1 }], last: true }),
+    envelope('restoreChunks', {
+      requestId: 'rst-0123456789abcdef', seq: 2,
+      chunks: [{ index: 3, digest: Buffer.alloc(32, 6), zero: false, data: Buffer.from([9, 9]), plainLength: 65536 }],
+    }),
+    envelope('restoreAck', { requestId: 'rst-0123456789abcdef', seq: 2 }),
+    envelope('restoreEnd', { requestId: 'rst-0123456789abcdef', ok: false, code: 'E_DIGEST_MISMATCH', message: 'chunk 3' }),
   ];
 }

@@ -1,0 +1,93 @@
+import { createHash } from 'node:crypto';
+import type { FileHandle } from 'node:fs/promises';
+import { BlocksnapError } from '../../proto/errors.js';
+import { DIGEST_BYTES } from '../../proto/shared/image-root.js';
+import { zstdDecompress } from '../../proto/shared/zstd.js';
+import type { RestoreChunks } from './restore-session.js';
+
+/**
+ * Checks and writes the chunks of one restore (DESIGN.md §4.6). Every chunk
+ * must be one the agent asked for, not yet written, carry the map's digest
+ * and the chunk's real length, decompress to exactly that length and hash to
+ * the digest (E_DIGEST_MISMATCH otherwise: nothing of that batch is written).
+ * Runs of consecutive chunks go out as one positional writev.
+ */
+export class ChunkWriter {
+  /** Chunks written so far (of the wanted ones). */
+  written = 0;
+  bytesWritten = 0;
+  private readonly done: Uint8Array;
+
+  constructor(
+    private readonly handle: FileHandle,
+    private readonly volumeSize: number,
+    private readonly chunkSize: number,
+    private readonly digests: Buffer,
+    /** The chunks asked for: bit set = expected once. */
+    private readonly wanted: (index: number) => boolean,
+    chunkCount: number,
+  ) {
+    this.done = new Uint8Array(chunkCount);
+  }
+
+  /** Verifies the whole batch, then writes it; resolves when the bytes are handed to the kernel. */
+  async write(batch: RestoreChunks): Promise<void> {
+    const runs: { offset: number; bufs: Buffer[] }[] = [];
+    let prev = -2;
+    for (const c of batch.chunks) {
+      const i = c.index;
+      if (!Number.isSafeInteger(i) || i < 0 || i >= this.done.length || !this.wanted(i)) {
+        throw new BlocksnapError('E_PROTOCOL', `the appliance sent chunk ${i}, which was not asked for`);
+      }
+      if (this.done[i]) throw new BlocksnapError('E_PROTOCOL', `the appliance sent chunk ${i} twice`);
+      const expected = this.digests.subarray(i * DIGEST_BYTES, (i + 1) * DIGEST_BYTES);
+      const length = Math.min(this.chunkSize, this.volumeSize - i * this.chunkSize);
+      if (c.zero || !expected.equals(c.digest) || c.plainLength !== length) {
+        throw new BlocksnapError('E_DIGEST_MISMATCH', `chunk ${i}: the appliance sent another chunk than the image map names (digest, length or zero flag differ)`);
+      }
+      let plain: Buffer;
+      try {
+        plain = zstdDecompress(c.data, length);
+      } catch (e) {
+        throw new BlocksnapError('E_DIGEST_MISMATCH', `chunk ${i}: its data does not decompress to ${length} bytes: ${(e as Error).message}`, { cause: e });
+      }
+      if (!createHash('sha256').update(plain).digest().equals(expected)) {
+        throw new BlocksnapError('E_DIGEST_MISMATCH', `chunk ${i}: SHA-256 of the received data is not the image's digest ${expected.toString('hex')}`);
+      }
+      const last = runs[runs.length - 1];
+      if (last && i === prev + 1) last.bufs.push(plain);
+      else runs.push({ offset: i * this.chunkSize, bufs: [plain] });
+      prev = i;
+    }
+    for (const c of batch.chunks) this.done[c.index] = 1;
+    await Promise.all(runs.map((r) => this.writeRun(r.offset, r.bufs)));
+    this.written += batch.chunks.length;
+  }
+
+  private async writeRun(offset: number, bufs: Buffer[]): Promise<void> {
+    let total = 0;
+    for (const b of bufs) total += b.length;
+    let done = 0;
+    while (done < total) {
+      const { bytesWritten } = await this.handle.writev(sliceFrom(bufs, done), offset + done);
+      if (bytesWritten <= 0) throw new BlocksnapError('E_DEVICE', `write at ${offset + done} wrote nothing`);
+      done += bytesWritten;
+    }
+    this.bytesWritten += total;
+  }
+}
+
+/** The buffers from byte `skip` on (a short writev continues where it stopped). */
+function sliceFrom(bufs: Buffer[], skip: number): Buffer[] {
+  if (skip === 0) return bufs;
+  const out: Buffer[] = [];
+  for (const b of bufs) {
+    if (skip >= b.length) {
+      skip -= b.length;
+      continue;
+    }
+    out.push(skip > 0 ? b.subarray(skip) : b);
+    skip = 0;
+  }
+  return out;
+}
