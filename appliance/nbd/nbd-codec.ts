@@ -342,6 +342,14 @@ function chunkHeader(b: Buffer, cookie: Buffer, type: number, done: boolean, len
   b.writeUInt32BE(length, 16);
 }
 
+/** The 28 bytes before an OFFSET_DATA chunk's data (sent with the data without copying it). */
+export function encodeOffsetDataHeader(cookie: Buffer, offset: number, dataLength: number, done: boolean): Buffer {
+  const b = Buffer.alloc(STRUCTURED_REPLY_HEADER_BYTES + 8);
+  chunkHeader(b, cookie, ReplyType.OFFSET_DATA, done, 8 + dataLength);
+  b.writeBigUInt64BE(BigInt(offset), 20);
+  return b;
+}
+
 export function encodeOffsetData(cookie: Buffer, offset: number, data: Buffer, done: boolean): Buffer {
   const b = Buffer.alloc(STRUCTURED_REPLY_HEADER_BYTES + 8 + data.length);
   chunkHeader(b, cookie, ReplyType.OFFSET_DATA, done, 8 + data.length);

@@ -51,22 +51,40 @@ export class NbdServer {
       // The stream the session talks through: the TCP socket, then its TLS wrapper.
       let io: Socket = raw;
       const onData = (b: Buffer): void => session.receive(b);
+      let drained: Promise<void> | undefined;
+      const waitDrain = (s: Socket): Promise<void> => {
+        drained ??= new Promise<void>((resolve, reject) => {
+          const settle = (err?: Error): void => {
+            s.off('drain', onDrain);
+            s.off('close', onClose);
+            drained = undefined;
+            if (err) reject(err);
+            else resolve();
+          };
+          const onDrain = (): void => settle();
+          const onClose = (): void => settle(new Error('nbd: connection closed'));
+          s.on('drain', onDrain).on('close', onClose);
+        });
+        return drained;
+      };
       const pipe = {
-        write: (bytes: Buffer) =>
+        write: (bytes: Buffer | Buffer[]) =>
           new Promise<void>((resolve, reject) => {
             const s = io;
             if (s.destroyed) return reject(new Error('nbd: connection closed'));
-            if (s.write(bytes)) return resolve();
-            // Buffer full: wait for it to drain (backpressure), listeners removed either way.
-            const settle = (err?: Error): void => {
-              s.off('drain', onDrain);
-              s.off('close', onClose);
-              if (err) reject(err);
-              else resolve();
-            };
-            const onDrain = (): void => settle();
-            const onClose = (): void => settle(new Error('nbd: connection closed'));
-            s.on('drain', onDrain).on('close', onClose);
+            let ok: boolean;
+            if (Array.isArray(bytes)) {
+              // Corked: the pieces go out together (one writev), nothing in between.
+              s.cork();
+              ok = true;
+              for (const b of bytes) ok = s.write(b) && ok;
+              s.uncork();
+            } else {
+              ok = s.write(bytes);
+            }
+            if (ok) return resolve();
+            // Buffer full: every writer waits for the same drain (one listener pair per connection).
+            waitDrain(s).then(resolve, reject);
           }),
         end: () => io.end(),
         pause: () => io.pause(),

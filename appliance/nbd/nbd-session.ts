@@ -41,7 +41,7 @@ import {
   encodeInfoExport,
   encodeMetaContext,
   encodeNoneDone,
-  encodeOffsetData,
+  encodeOffsetDataHeader,
   encodeOffsetHole,
   encodeOptionReply,
   encodeSimpleReply,
@@ -83,8 +83,12 @@ export function transmitFlagsOf(exp: Pick<NbdExport, 'readOnly' | 'canMultiConn'
 }
 
 export interface NbdPipe {
-  /** Resolves when the bytes are handed to the transport (backpressure). */
-  write(bytes: Buffer): Promise<void>;
+  /**
+   * Resolves when the bytes are handed to the transport (backpressure). An
+   * array is written as one piece (nothing of another reply in between):
+   * a chunk's header and its data, without copying the data.
+   */
+  write(bytes: Buffer | Buffer[]): Promise<void>;
   /** Close the connection (after what was written). */
   end(): void;
   /** Stop / restart reading from the client while too many requests wait. */
@@ -457,7 +461,7 @@ export class NbdSession {
     for (let i = 0; i < segments.length; i++) {
       const s = segments[i]!;
       const done = i === segments.length - 1;
-      await this.pipe.write('data' in s ? encodeOffsetData(cookie, s.offset, s.data, done) : encodeOffsetHole(cookie, s.offset, s.hole, done));
+      await this.pipe.write('data' in s ? [encodeOffsetDataHeader(cookie, s.offset, s.data.length, done), s.data] : encodeOffsetHole(cookie, s.offset, s.hole, done));
     }
   }
 }

@@ -92,4 +92,31 @@ describe('ImageSource', () => {
     await src.read(3 * CS, 1); // still cached
     expect(c.gets - base).toBe(3);
   });
+  it('the LRU budget can be given in bytes (whole chunks); concurrent reads of one chunk share one fetch', async () => {
+    const { store, root } = await image();
+    const c = counting(store);
+    const src = await ImageSource.open(c, root, { cacheBytes: 3 * CS + 100 });
+    expect(src.cacheCapacity).toBe(3);
+    await src.read(0, 1);
+    const base = c.gets;
+    await Promise.all([src.read(2 * CS, 10), src.read(2 * CS + 100, 10), src.read(2 * CS + 200, 10)]);
+    expect(c.gets - base).toBe(1);
+  });
+
+  it('read-ahead: a read continuing where another ended fetches the next chunks before they are asked for', async () => {
+    const { store, root, vol } = await image();
+    const c = counting(store);
+    const src = await ImageSource.open(c, root, { readAhead: 2 });
+    await src.read(0, 100); // a first read: not sequential yet, nothing fetched ahead
+    await new Promise((r) => setImmediate(r));
+    const afterFirst = c.gets;
+    await src.read(100, CS - 100); // continues: chunks 1 (ZERO: skipped) and 2 fetched ahead
+    const deadline = Date.now() + 5000;
+    while (c.gets < afterFirst + 1 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
+    const fetched = c.gets;
+    expect(fetched).toBe(afterFirst + 1);
+    const segs = await src.read(2 * CS, CS); // chunk 2 comes from the cache (not sequential: nothing more ahead)
+    expect(c.gets).toBe(fetched);
+    expect((segs[0] as { data: Buffer }).data.equals(vol.subarray(2 * CS, 3 * CS))).toBe(true);
+  });
 });
