@@ -62,7 +62,7 @@ async function fetchWal(a: ScriptedAgent, mountId: string, name: string): Promis
     if (have >= p.fileSize) break;
   }
   const out = Buffer.alloc(parts[0]!.fileSize);
-  for (const p of parts) p.data.copy(out, p.offset);
+  for (const p of parts) Buffer.from(p.data).copy(out, p.offset);
   return out;
 }
 
