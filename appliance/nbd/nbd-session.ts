@@ -202,22 +202,21 @@ export class NbdSession {
     try {
       while (!this.closed && this.queue.length > 0) {
         const msg = this.queue.shift()!;
-        if (msg.kind === 'request' && msg.payload) this.queuedBytes -= msg.payload.length;
-        if (this.paused && this.queue.length <= MAX_QUEUED / 4 && this.queuedBytes <= MAX_QUEUED_BYTES / 2) {
-          this.paused = false;
-          this.pipe.resume?.();
-        }
         if (msg.kind === 'request' && msg.type !== Cmd.DISC) {
           // Requests are independent (replies carry the cookie, may come in any
           // order, each written as whole buffers): overlap store reads, bounded.
           while (this.inflight.size >= MAX_INFLIGHT) await Promise.race(this.inflight);
           if (this.closed) break;
+          // A payload counts as queued until its request starts.
+          if (msg.payload) this.queuedBytes -= msg.payload.length;
+          this.maybeResume();
           const p: Promise<void> = this.request(msg)
             .catch((e: unknown) => this.fail(e))
             .finally(() => this.inflight.delete(p));
           this.inflight.add(p);
           continue;
         }
+        this.maybeResume();
         // DISC is answered after every earlier request (proto.md).
         if (msg.kind === 'request') await Promise.all(this.inflight);
         this.enqueue(await this.handle(msg));
@@ -226,6 +225,13 @@ export class NbdSession {
       this.fail(e);
     } finally {
       this.running = false;
+    }
+  }
+
+  private maybeResume(): void {
+    if (this.paused && this.queue.length <= MAX_QUEUED / 4 && this.queuedBytes <= MAX_QUEUED_BYTES / 2) {
+      this.paused = false;
+      this.pipe.resume?.();
     }
   }
 
