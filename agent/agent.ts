@@ -18,6 +18,7 @@ import { reconnectDelayMs } from './reconnect-backoff.js';
 import type { AgentPorts } from './ports.js';
 import { runAudit, type AuditResult } from './audit/audit-run.js';
 import { AgentControlServer, type AgentStatus, type ControlledAgent } from './control-server.js';
+import { AgentMounts } from './agent-mounts.js';
 import { runRestore, type RestoreProgress, type RestoreRequestOptions, type RestoreResult } from './restore/restore-run.js';
 import { RestoreSession } from './restore/restore-session.js';
 
@@ -55,7 +56,13 @@ export class Agent implements ControlledAgent {
     private readonly hooks: AgentHooks = {},
   ) {
     this.provider = ports.provider;
+    this.mounts = new AgentMounts({
+      mounter: ports.mounter ?? null, applianceUrl: config.appliance, send: (e) => this.send(e), waitConnected: (ms) => this.waitConnected(ms), log,
+    });
   }
+
+  /** Instant mounts of images on this host (DESIGN.md §4.5; the LocalMounter port does the local steps). */
+  readonly mounts: AgentMounts;
 
   async start(): Promise<void> {
     // Plain ws:// to another host is refused before anything starts (E_CONFIG), unless the operator said insecure.
@@ -70,6 +77,8 @@ export class Agent implements ControlledAgent {
       const released = await this.provider.cleanupStale();
       if (released.length) this.log.warn({ released }, 'released resources left by an earlier run');
       if (this.ports.quiescer) await this.releasePostgres();
+      // Mounts a killed earlier run left (FUSE, loop, filesystem, postmaster): released before anything new.
+      await this.mounts.cleanupOrphans().catch((e) => this.log.error({ err: e }, 'cannot release the mounts an earlier run left'));
       await this.volumeInfos(); // a missing image or device: E_CONFIG now (exit 2), not a redial loop
       // Refuse a configuration whose device, image and mountpoint are not one volume (DESIGN.md §7.3).
       await proveVolumes(this.provider, this.config.volumes);
@@ -120,6 +129,8 @@ export class Agent implements ControlledAgent {
     this.control = null;
     const stopping = new BlocksnapError('E_CANCELLED', 'agent stopping');
     for (const a of this.audits.values()) a.abort(stopping);
+    // Mounts go while the connection is up, so the appliance ends them (MountRelease) and drops their overlays.
+    await this.mounts.unmountAll();
     for (const r of this.restores.values()) r.fail(stopping);
     // Jobs are cancelled while the connection is still up: each releases its snapshot, gives the
     // changes it took back to the tracker and tells the appliance (E_CANCELLED), which then fails
@@ -168,6 +179,7 @@ export class Agent implements ControlledAgent {
         const err = await closed;
         this.transport = null;
         for (const r of this.runners.values()) r.disconnected();
+        this.mounts.disconnected();
         for (const r of this.restores.values()) r.fail(new BlocksnapError('E_DISCONNECTED', 'the connection to the appliance was lost during the restore'));
         if (!this.stopped) this.log.warn({ err: err?.code, message: err?.message }, 'connection to appliance closed');
       } catch (e) {
@@ -263,9 +275,16 @@ export class Agent implements ControlledAgent {
         const jobId = (env as any)[env.kind].jobId as string;
         const r = this.runners.get(jobId);
         if (r) r.deliver(env);
+        else if (env.kind === 'error' && this.mounts.deliver(env)) return;
         else if (env.kind === 'error') this.log.warn({ code: env.error.code, message: env.error.message }, 'appliance error');
         return;
       }
+      case 'mountGranted':
+      case 'walPiece':
+      case 'runMount':
+      case 'mountRelease':
+        this.mounts.deliver(env);
+        return;
       case 'restoreMap':
       case 'restoreChunks':
       case 'restoreEnd':

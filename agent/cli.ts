@@ -6,6 +6,7 @@ import { createLogger } from '../proto/shared/log.js';
 import { agentPorts, composeAgent, registry, staleOfEveryTracker } from './compose.js';
 import { loadAgentConfig } from './config.js';
 import { prepareFromExport } from './pg/prepare-from-export.js';
+import { addMountCommands } from './mount-cli.js';
 import type { AuditResult } from './audit/audit-run.js';
 import { agentSocketPath, callAgent, type AgentStatus } from './control-server.js';
 import type { RestoreResult } from './restore/restore-run.js';
@@ -133,6 +134,7 @@ function program(setStatus: (s: number) => void): Command {
         `${r.fallbackReason ? `: ${r.fallbackReason}` : ''}) in ${r.seconds.toFixed(1)} s, ${r.mbPerSecond.toFixed(0)} MB/s`) + '\n');
       return 0;
     }));
+  addMountCommands(p, { run, configOf, json: (cmd) => !!globals(cmd).json });
   p.command('prepare <datadir>')
     .description('make the data directory of a mounted exported image startable: backup_label and tablespace_map from the image, ' +
       'its WAL up to the stop LSN, recovery settings (no --config needed)')

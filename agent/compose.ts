@@ -107,7 +107,8 @@ export function agentPorts(config: AgentConfig, log: Logger, r: AgentRegistry = 
   const tracker = overrides.tracker !== undefined ? overrides.tracker : entry(r.trackers, 'tracking', config.tracking)?.(ctx) ?? null;
   const q = quiescerName(config);
   const quiescer = overrides.quiescer !== undefined ? overrides.quiescer : q === null ? null : entry(r.quiescers, 'quiescer', q)(ctx);
-  return { provider, tracker, quiescer, dial: overrides.dial ?? r.dial };
+  const mounter = overrides.mounter !== undefined ? overrides.mounter : composeMounter(config, log);
+  return { provider, tracker, quiescer, dial: overrides.dial ?? r.dial, mounter };
 }
 
 /** An Agent composed from its config (the CLI's `run`, and test fixtures). */

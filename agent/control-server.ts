@@ -5,6 +5,8 @@ import { BlocksnapError } from '../proto/errors.js';
 import { ControlSocketServer, controlRequest, socketAnswers, type ControlRoutes } from '../proto/shared/control-socket.js';
 import type { AuditResult } from './audit/audit-run.js';
 import type { Validity } from './cbt/tracker.js';
+import type { AgentMounts } from './agent-mounts.js';
+import { mountRoutes } from './mount-control.js';
 import type { RestoreProgress, RestoreRequestOptions, RestoreResult } from './restore/restore-run.js';
 
 /**
@@ -14,6 +16,7 @@ import type { RestoreProgress, RestoreRequestOptions, RestoreResult } from './re
  * appliance.
  *
  *   GET  /v1/status            → AgentStatus
+ *   POST /v1/mount, POST /v1/unmount, GET /v1/mounts: instant mounts (agent/mount-control.ts)
  *   POST /v1/audit {volume}    → AuditResult (when the client goes away, the audit is cancelled)
  *   POST /v1/restore {image, target, changedOnly, force} → NDJSON progress events, then RestoreResult
  *   errors                     → 4xx/5xx {event: 'error', code, message} (proto/shared/control-socket)
@@ -40,6 +43,8 @@ export interface AgentStatus {
 }
 
 export interface ControlledAgent {
+  /** Instant mounts (agent/mount-control.ts routes). */
+  readonly mounts?: AgentMounts;
   status(): AgentStatus;
   auditVolume(name: string, signal?: AbortSignal): Promise<AuditResult>;
   restoreImage?(req: RestoreRequestOptions, signal?: AbortSignal, onProgress?: (p: RestoreProgress) => void): Promise<RestoreResult>;
@@ -69,6 +74,7 @@ export class AgentControlServer {
 
 function routes(agent: ControlledAgent): ControlRoutes {
   return {
+    ...mountRoutes(agent.mounts),
     'GET /v1/status': () => agent.status(),
     'POST /v1/audit': ({ body, signal }) => {
       if (typeof body.volume !== 'string' || body.volume === '') throw new BlocksnapError('E_USAGE', '"volume" is required');

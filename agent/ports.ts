@@ -1,4 +1,5 @@
 import type { Transport } from '../proto/transport.js';
+import type { LocalMounter } from './mount/mount-port.js';
 import type { Tracker } from './cbt/tracker.js';
 import type { QuiescerFactory } from './pg/quiescer.js';
 import type { SnapshotProvider, VolumeSpec } from './snapshot/snapshot-provider.js';
@@ -16,6 +17,8 @@ export interface AgentPorts {
   quiescer: QuiescerPort | null;
   /** Opens a connection to the appliance. */
   dial: Dialer;
+  /** Instant mount's local steps (agent/mount/); null or absent: `mount` is refused. */
+  mounter?: LocalMounter | null;
 }
 
 /** Makes one Tracker per volume, and releases what an earlier (killed) run of its kind left. */
