@@ -6,47 +6,20 @@
  * appliance-triggered RunMount, and malformed mount frames.
  */
 import { execa } from 'execa';
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { chunkCountOf, goodChunk, makeVolume, nonZeroIndexes, ScriptedAgent, type TestVolume } from '../../appliance/testing/scripted-agent.js';
+import { makeVolume, ScriptedAgent } from '../../appliance/testing/scripted-agent.js';
 import { envelope, type WalPiece } from '../../proto/messages.js';
-import { zstdCompress, zstdDecompress } from '../../proto/shared/zstd.js';
+import { zstdDecompress } from '../../proto/shared/zstd.js';
 import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
+import { backupPgImage, MOUNT_WAL_BYTES, MOUNT_WAL_NAME } from '../support/mount-images.js';
 
-const WAL_NAME = '000000010000000000000003';
-/** 6 MiB: two pieces (4 MiB + 2 MiB), as the agent cuts WAL (DESIGN.md §4.2). */
-const WAL_BYTES = randomBytes(6 << 20);
+const WAL_NAME = MOUNT_WAL_NAME;
+const WAL_BYTES = MOUNT_WAL_BYTES;
 const sha = (b: Uint8Array) => createHash('sha256').update(b).digest();
-
-async function backupPg(a: ScriptedAgent, h: ApplianceHarness, agent: string, v: TestVolume): Promise<string> {
-  const job = h.app.router.startJob(agent, v.name, 'full');
-  await a.next('runJob', job.id);
-  await a.begin(job.id, v);
-  await a.next('volumeReady', job.id);
-  const idx = nonZeroIndexes(v);
-  for (let i = 0; i < idx.length; i += 4) {
-    await a.batch(job.id, idx.slice(i, i + 4).map((n) => goodChunk(v, n)));
-    await a.next('ack', job.id);
-  }
-  await a.send(envelope('pgBackupInfo', {
-    jobId: job.id, labelFile: 'START WAL LOCATION: 0/3000028 (file 000000010000000000000003)\nCHECKPOINT LOCATION: 0/3000060\n',
-    spcmapFile: '', startLsn: '0/3000028', stopLsn: '0/3000138', timeline: 1, replayLsn: '', exclusive: false,
-    serverVersion: 150010, role: 'primary', pausedSeconds: 0, backupSeconds: 0.1, walSegmentSize: 16 << 20,
-  }));
-  for (const offset of [0, 4 << 20]) {
-    const plain = WAL_BYTES.subarray(offset, Math.min(offset + (4 << 20), WAL_BYTES.length));
-    await a.send(envelope('walPiece', {
-      jobId: job.id, fileName: WAL_NAME, offset, data: zstdCompress(plain), plainLength: plain.length, digest: sha(plain), fileSize: WAL_BYTES.length,
-    }));
-  }
-  await a.end(job.id, chunkCountOf(v), v);
-  const committed = await a.next('committed', job.id);
-  await a.result(job.id, true, committed.imageId);
-  await job.done;
-  return committed.imageId;
-}
+const backupPg = backupPgImage;
 
 /** Every WalPiece of `mountId` until the file is whole; checks each digest like the agent does. */
 async function fetchWal(a: ScriptedAgent, mountId: string, name: string): Promise<Buffer> {
