@@ -35,6 +35,8 @@ import { BlobTable } from './blob-table.js';
 
 export const DEFAULT_REWRITE_BELOW = 0.5;
 
+export type GcStep = (name: string) => void | Promise<void>;
+
 export interface LiveImage {
   imageId: string;
   agent: string;
@@ -54,8 +56,8 @@ export interface GcOptions {
   dryRun?: boolean;
   rewriteBelow?: number;
   log?: Logger;
-  /** Test hook: called at every durable step of the sweep (the kill -9 tests stop the process there). */
-  step?: (name: string) => void;
+  /** Test hook: awaited after the mark and at every durable step of the sweep (kill -9 and race tests stop there). */
+  step?: GcStep;
 }
 
 export interface VolumeUsage {
@@ -148,6 +150,7 @@ export async function collectGarbage(o: GcOptions): Promise<GcResult> {
       v.usage.referencedBytes = bytes;
     }
     const markSeconds = (performance.now() - t0) / 1000;
+    await o.step?.('marked');
     // ---- plan ----
     const plans = new Map<string, PackPlan>();
     for (const [pack, size] of packSizes) plans.set(pack, { pack, size, live: [], dead: [], liveBytes: 0 });
@@ -179,6 +182,9 @@ export async function collectGarbage(o: GcOptions): Promise<GcResult> {
     };
     // ---- sweep ----
     const t1 = performance.now();
+    // Packs this sweep wrote (or found already there byte for byte, a rewrite a crash left behind):
+    // they hold live rows now, whatever the T0 plan said about them.
+    const written = new Set<string>();
     for (const plan of plans.values()) {
       if (pending.has(plan.pack)) {
         res.packsPending++;
@@ -193,7 +199,8 @@ export async function collectGarbage(o: GcOptions): Promise<GcResult> {
         continue;
       }
       try {
-        const r = plan.live.length === 0 ? await deletePack(store, table, plan, o.step) : await rewritePack(store, table, plan, o.step);
+        const r = written.has(plan.pack) ? 'kept'
+          : plan.live.length === 0 ? await deletePack(store, table, plan, o.step) : await rewritePack(store, table, plan, written, o.step);
         if (r === 'kept') res.packsKeptForIngest++;
         else {
           res.reclaimedBytes += r;
@@ -283,27 +290,27 @@ function anyHit(store: FsChunkStore, table: BlobTable, ids: readonly number[]): 
   return false;
 }
 
-async function removeFile(store: FsChunkStore, pack: string, step?: (n: string) => void): Promise<void> {
+async function removeFile(store: FsChunkStore, pack: string, step?: GcStep): Promise<void> {
   const path = join(store.packsDir, packRelPath(pack));
   await store.forgetPack(pack);
   await rm(path, { force: true });
   await fsyncDir(dirname(path)).catch(() => undefined);
-  step?.('pack-file-removed');
+  await step?.('pack-file-removed');
 }
 
 /** Deletes a pack with no live blob; 'kept' if a running writer may have de-duplicated against one of them. */
-async function deletePack(store: FsChunkStore, table: BlobTable, plan: PackPlan, step?: (n: string) => void): Promise<number | 'kept'> {
+async function deletePack(store: FsChunkStore, table: BlobTable, plan: PackPlan, step?: GcStep): Promise<number | 'kept'> {
   // Synchronous: the check and the row removal see the same index (no put runs in between).
   if (anyHit(store, table, plan.dead)) return 'kept';
   store.index.sweepRows(plan.pack, plan.dead.map((id) => Buffer.from(table.digest(id))), true);
   store.sweepEpoch++;
-  step?.('pack-rows-removed');
+  await step?.('pack-rows-removed');
   await removeFile(store, plan.pack, step);
   return plan.size;
 }
 
 /** Copies a pack's live blobs (and any a running writer may have hit) into a new pack, moves the index, removes the old one. */
-async function rewritePack(store: FsChunkStore, table: BlobTable, plan: PackPlan, step?: (n: string) => void): Promise<number | 'kept'> {
+async function rewritePack(store: FsChunkStore, table: BlobTable, plan: PackPlan, written: Set<string>, step?: GcStep): Promise<number | 'kept'> {
   const keepIds = [...plan.live];
   let dead: number[] = [];
   for (const id of plan.dead) (store.maybeHit(Buffer.from(table.digest(id))) ? keepIds : dead).push(id);
@@ -324,24 +331,28 @@ async function rewritePack(store: FsChunkStore, table: BlobTable, plan: PackPlan
     if (copied.size !== keep.size) {
       throw new BlocksnapError('E_STORE_CORRUPT', `pack ${plan.pack}: ${keep.size - copied.size} indexed blob(s) missing from its trailer`);
     }
-    finished = await writer.finish();
+    // The same live blobs in the same order make the same bytes, so the same pack id: a rewrite a
+    // crash interrupted after its rename may already be there (then indexed as shadowed copies, and
+    // planned for deletion at T0). Mark it before the rename so this sweep never deletes it.
+    finished = await writer.finish((id) => written.add(id));
   } catch (e) {
     await writer.abort().catch(() => undefined);
     throw e;
   } finally {
     await reader.close();
   }
-  step?.('rewritten-pack-installed');
+  await step?.('rewritten-pack-installed');
   // Synchronous from here to movePack: blobs hit while we copied are live too, and were not copied.
   dead = dead.filter((id) => !keep.has(table.digest(id).toString('hex')));
   if (anyHit(store, table, dead)) {
-    // The new pack is not indexed: remove it; the old one stays whole until the next GC.
-    await rm(finished.path, { force: true });
+    // Rows not moved: the old pack stays whole until the next GC. The new file goes unless the index
+    // already knows that pack (a crash's leftover, whose shadowed rows the next GC handles).
+    if (!store.index.hasPack(finished.id)) await rm(finished.path, { force: true });
     return 'kept';
   }
   store.index.movePack(plan.pack, { id: finished.id, size: finished.size, entries: finished.entries }, dead.map((id) => Buffer.from(table.digest(id))));
   store.sweepEpoch++;
-  step?.('pack-rows-moved');
+  await step?.('pack-rows-moved');
   await removeFile(store, plan.pack, step);
   return plan.size - finished.size;
 }

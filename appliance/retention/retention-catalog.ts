@@ -90,13 +90,15 @@ export class RetentionCatalog {
  * then the tombstone. Run after a deletion, and at start before roll-forward
  * (a crash between the steps would otherwise bring the image back).
  */
-export async function finishDeletions(catalog: Catalog, manifests: ManifestStore): Promise<string[]> {
+export async function finishDeletions(catalog: Catalog, manifests: ManifestStore, step?: (name: string) => void | Promise<void>): Promise<string[]> {
   const rc = new RetentionCatalog(catalog);
   const ids = rc.tombstones();
   for (const id of ids) {
     await manifests.remove(id);
+    await step?.('manifest-removed');
     rc.tombstone([id]); // a row roll-forward put back meanwhile goes too (idempotent)
     rc.clearTombstone(id);
+    await step?.('tombstone-cleared');
   }
   return ids;
 }

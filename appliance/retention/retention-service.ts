@@ -21,7 +21,7 @@ import type { ChunkStore } from '../store/chunk-store.js';
 import { FsChunkStore } from '../store/fs-chunk-store.js';
 import type { ManifestStore } from '../store/manifest-store.js';
 import type { PgImageInfo } from '../store/pg-image-info.js';
-import { collectGarbage, DEFAULT_REWRITE_BELOW, type GcResult, type LiveImage, type VolumeUsage } from './gc.js';
+import { collectGarbage, DEFAULT_REWRITE_BELOW, type GcResult, type GcStep, type LiveImage, type VolumeUsage } from './gc.js';
 import { ImageLeases } from './image-leases.js';
 import { decidePrune, hasKeepOption, KEEP_KINDS, type KeepKind, type KeepOptions } from './prune-policy.js';
 import { checkKeep, finishDeletions, RetentionCatalog, type PolicyRow } from './retention-catalog.js';
@@ -36,8 +36,8 @@ export interface RetentionDeps {
   /** Images running jobs build on (their basis, or the basis they are about to take), with the job id. */
   runningBases?: () => { imageId: string; jobId: string }[];
   leases?: ImageLeases;
-  /** Test hook passed to the GC sweep (kill -9 points). */
-  gcStep?: (name: string) => void;
+  /** Test hook: awaited at every durable step of deletions and GC (kill -9 points, race tests). */
+  step?: GcStep;
 }
 
 export interface PruneRequest {
@@ -157,8 +157,9 @@ export class Retention {
   private async remove(ids: string[]): Promise<void> {
     if (ids.length === 0) return;
     this.rc.tombstone(ids);
+    await this.deps.step?.('tombstoned');
     this.deps.log.info({ images: ids }, 'images deleted from the catalog; removing their manifests');
-    await finishDeletions(this.deps.catalog, this.deps.manifests);
+    await finishDeletions(this.deps.catalog, this.deps.manifests, this.deps.step);
   }
 
   /** `prune`: per volume, PBS semantics; sets whole; protections first. */
@@ -209,14 +210,15 @@ export class Retention {
     const store = this.deps.store;
     if (!(store instanceof FsChunkStore)) throw new BlocksnapError('E_USAGE', 'this chunk store backend has no garbage collection');
     return this.exclusive(async () => {
-      await finishDeletions(this.deps.catalog, this.deps.manifests);
+      await finishDeletions(this.deps.catalog, this.deps.manifests, this.deps.step);
       const result = await collectGarbage({
-        store, dryRun: opts.dryRun, rewriteBelow: opts.rewriteBelow ?? DEFAULT_REWRITE_BELOW, log: this.deps.log, step: this.deps.gcStep,
+        store, dryRun: opts.dryRun, rewriteBelow: opts.rewriteBelow ?? DEFAULT_REWRITE_BELOW, log: this.deps.log, step: this.deps.step,
         liveNow: () => this.liveNow(),
         liveLater: () => this.liveFromManifests(),
       });
       const state: GcState = { format: 'blocksnap-gc-state', version: 1, result };
       await writeFileDurably(gcStatePath(store), JSON.stringify(state) + '\n');
+      await this.deps.step?.('gc-state-written');
       return result;
     });
   }

@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { exportImage } from '../../appliance/ops/export-image.js';
 import { verifyImage } from '../../appliance/ops/verify-image.js';
-import { StoreRig } from '../../appliance/retention/testing/store-rig.js';
+import { StoreRig } from '../../appliance/retention/store-rig.js';
 import { ImageIndexReader } from '../../appliance/store/image-index.js';
 import { ZERO_DIGEST } from '../../appliance/store/chunk-store.js';
 import { makeVolume, mutateVolume, type TestVolume } from '../../appliance/testing/scripted-agent.js';

@@ -4,19 +4,57 @@
  * Ingest and the real commit (no agent, no socket): the GC and prune tests
  * and the GC benchmark build many images in seconds with it.
  */
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import pino, { type Logger } from 'pino';
-import { Catalog } from '../../catalog/catalog.js';
-import { commitImage } from '../../jobs/image-commit.js';
-import { Ingest, type IngestChunk } from '../../server/ingest.js';
-import { FsChunkStore, type FsChunkStoreOptions } from '../../store/fs-chunk-store.js';
-import { FsManifestStore } from '../../store/fs-manifest-store.js';
-import type { Manifest } from '../../store/manifest.js';
-import { chunkCountOf, expectedRootOf, goodChunk, type TestVolume } from '../../testing/scripted-agent.js';
-import { Retention, type RetentionDeps } from '../retention-service.js';
-import { finishDeletions } from '../retention-catalog.js';
-import { rollForward } from '../../jobs/image-commit.js';
+import { Catalog } from '../catalog/catalog.js';
+import { commitImage, rollForward } from '../jobs/image-commit.js';
+import { Ingest, type IngestChunk } from '../server/ingest.js';
+import { FsChunkStore, type FsChunkStoreOptions } from '../store/fs-chunk-store.js';
+import { FsManifestStore } from '../store/fs-manifest-store.js';
+import type { Manifest } from '../store/manifest.js';
+import { imageRootDigest } from '../../proto/shared/image-root.js';
+import { zstdCompress } from '../../proto/shared/zstd.js';
+import { Retention, type RetentionDeps } from './retention-service.js';
+import { finishDeletions } from './retention-catalog.js';
+
+/** A volume held in memory (the shape of appliance/testing/scripted-agent.ts's, which is not built into dist/). */
+export interface RigVolume { name: string; size: number; chunkSize: number; data: Buffer }
+
+/** Random content, the listed chunks all-zero. */
+export function rigVolume(name: string, size: number, chunkSize: number, zeroChunks: number[] = []): RigVolume {
+  const v = { name, size, chunkSize, data: randomBytes(size) };
+  for (const i of zeroChunks) plainOf(v, i).fill(0);
+  return v;
+}
+
+/** A copy of `v` whose listed chunks got new random content. */
+export function mutateRigVolume(v: RigVolume, chunks: number[]): RigVolume {
+  const next = { ...v, data: Buffer.from(v.data) };
+  for (const i of chunks) randomBytes(plainOf(next, i).length).copy(plainOf(next, i));
+  return next;
+}
+
+const chunkCountOf = (v: RigVolume) => Math.ceil(v.size / v.chunkSize);
+const plainOf = (v: RigVolume, i: number) => v.data.subarray(i * v.chunkSize, Math.min((i + 1) * v.chunkSize, v.size));
+const sha256 = (b: Uint8Array) => createHash('sha256').update(b).digest();
+const isZero = (b: Buffer) => b.every((x) => x === 0);
+
+function goodChunk(v: RigVolume, i: number): IngestChunk {
+  const plain = plainOf(v, i);
+  if (isZero(plain)) return { index: i, digest: Buffer.alloc(0), zero: true, data: Buffer.alloc(0), plainLength: plain.length };
+  return { index: i, digest: sha256(plain), zero: false, data: zstdCompress(plain), plainLength: plain.length };
+}
+
+function expectedRootOf(v: RigVolume): Buffer {
+  const n = chunkCountOf(v);
+  const digests = Buffer.alloc(n * 32);
+  for (let i = 0; i < n; i++) {
+    const plain = plainOf(v, i);
+    if (!isZero(plain)) sha256(plain).copy(digests, i * 32);
+  }
+  return imageRootDigest(v.size, v.chunkSize, digests);
+}
 
 export interface RigOptions extends FsChunkStoreOptions {
   retention?: Partial<RetentionDeps>;
@@ -55,7 +93,7 @@ export class StoreRig {
   }
 
   /** Opens an ingest for `v` (incremental on the volume's last image when asked and there is one). */
-  async begin(v: TestVolume, incremental: boolean, agent = 'db1'): Promise<{ ingest: Ingest; basisImageId: string | null; volumeId: number }> {
+  async begin(v: RigVolume, incremental: boolean, agent = 'db1'): Promise<{ ingest: Ingest; basisImageId: string | null; volumeId: number }> {
     const a = this.catalog.agent(agent)!;
     const vol = this.catalog.upsertVolume(a.id, v.name, v.size, v.chunkSize);
     const basis = incremental ? this.catalog.lastImage(vol.id) : undefined;
@@ -67,16 +105,16 @@ export class StoreRig {
   }
 
   /** Sends chunks `indexes` (all when omitted) of `v` in batches. */
-  static async send(ingest: Ingest, v: TestVolume, indexes?: number[], batch = 64): Promise<void> {
+  static async send(ingest: Ingest, v: RigVolume, indexes?: number[], batch = 64): Promise<void> {
     const list = indexes ?? Array.from({ length: chunkCountOf(v) }, (_, i) => i);
     for (let i = 0; i < list.length; i += batch) {
-      const chunks = list.slice(i, i + batch).map((n) => goodChunk(v, n)) as IngestChunk[];
+      const chunks = list.slice(i, i + batch).map((n) => goodChunk(v, n));
       await ingest.addBatch(ingest.seq + 1, chunks);
     }
   }
 
   /** Seals and commits what `ingest` received as an image of `v`. */
-  async seal(ingest: Ingest, v: TestVolume, basisImageId: string | null, agent = 'db1'): Promise<Manifest> {
+  async seal(ingest: Ingest, v: RigVolume, basisImageId: string | null, agent = 'db1'): Promise<Manifest> {
     const { rootDigest } = await ingest.finish(chunkCountOf(v), expectedRootOf(v));
     const s = ingest.stats;
     return commitImage({ catalog: this.catalog, manifests: this.manifests, log: this.log, agent, jobId: ingest.params.jobId, pg: undefined }, {
@@ -90,7 +128,7 @@ export class StoreRig {
   }
 
   /** One image of `v`: a full, or an incremental sending only `changed` (every chunk when omitted). */
-  async commit(v: TestVolume, changed?: number[], agent = 'db1'): Promise<Manifest> {
+  async commit(v: RigVolume, changed?: number[], agent = 'db1'): Promise<Manifest> {
     const { ingest, basisImageId } = await this.begin(v, changed !== undefined, agent);
     try {
       await StoreRig.send(ingest, v, basisImageId ? changed : undefined);
