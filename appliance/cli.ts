@@ -15,6 +15,8 @@ import { rebuildCatalog, recordVerifyReport, reindexStore } from './server/recov
 import { applianceBackends } from './compose.js';
 import { progressBar } from './progress.js';
 import { backupLine } from './backup-line.js';
+import { addRetentionCommands } from './retention/retention-cli.js';
+import { RetentionCatalog } from './retention/retention-catalog.js';
 import { addMountCommands, mountedLine } from './mounts/mount-cli.js';
 
 const EXIT_HELP = `
@@ -129,10 +131,12 @@ function program(setStatus: (s: number) => void): Command {
   images.command('show <image>').description('one image: transfer statistics, PostgreSQL label and LSNs, whether it is mounted').option('--json', 'machine-readable output')
     .action(run(async (id: string, _o: unknown, cmd: Command) => {
       const c = ctx(cmd);
-      const img = c.withCatalog((cat) => cat.image(id));
+      const [img, pinned] = c.withCatalog((cat) => [cat.image(id), new RetentionCatalog(cat).pinned().has(id)] as const);
       if (!img) throw new BlocksnapError('E_NOT_FOUND', `no image ${id}`);
       const mounted = await mountedLine(c.dataDir, id, appliancePid(c.dataDir) !== null);
-      c.out(`${showImage(img)}\n${mounted.line}`, { ...img, mounts: mounted.mounts });
+      // Every image is a full map (DESIGN.md §3.3): deleting its basis never breaks it (§11).
+      const kept = `map:         full (every chunk mapped: deleting its basis never breaks it)${pinned ? '\npinned:      yes (delete and prune leave it alone)' : ''}`;
+      c.out(`${showImage(img)}\n${mounted.line}\n${kept}`, { ...img, mounts: mounted.mounts, fullMap: true, pinned });
       return 0;
     }));
 
@@ -193,8 +197,8 @@ function program(setStatus: (s: number) => void): Command {
         ...r.damaged.map((d) => `DAMAGED ${d.imageId}: ${d.objects.map((o) => o.object).join(', ')}`)].join('\n'), r);
       return r.quarantined.length || r.damaged.length ? 1 : 0;
     }));
-  p.command('store').description('the chunk store')
-    .command('reindex').description('rebuild the blob index from the pack files (appliance stopped); an unreadable pack is quarantined and reported (exit 1)').option('--json', 'machine-readable output')
+  const storeCmd = p.command('store').description('the chunk store');
+  storeCmd.command('reindex').description('rebuild the blob index from the pack files (appliance stopped); an unreadable pack is quarantined and reported (exit 1)').option('--json', 'machine-readable output')
     .action(run(async (_o: unknown, cmd: Command) => {
       const c = ctx(cmd);
       needDataDir(c.dataDir);
@@ -204,6 +208,11 @@ function program(setStatus: (s: number) => void): Command {
         ...r.damaged.map((d) => `DAMAGED ${d.imageId}: ${d.objects.map((o) => o.object).join(', ')}`)].join('\n'), r);
       return r.skipped.length || r.damaged.length ? 1 : 0;
     }));
+  // Retention (DESIGN.md §11): images delete/pin/unpin, prune, policies, gc, store usage.
+  addRetentionCommands(p, images, storeCmd, {
+    run, ctx, appliancePid, backends: () => applianceBackends(), log, fmtBytes,
+    request: (dataDir, method, path, body) => (method === 'GET' ? controlGet(dataDir, path) : controlPost(dataDir, path, body ?? {})),
+  });
   return p;
 }
 

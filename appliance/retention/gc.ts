@@ -80,6 +80,8 @@ export interface GcResult {
   liveBytes: number;
   deadBlobs: number;
   deadBytes: number;
+  /** Dead stored bytes still in packs after the sweep (kept packs above the threshold; = deadBytes for a dry run). */
+  deadBytesAfter: number;
   /** Distinct index pages loaded by the mark. */
   pagesVisited: number;
   /** Blobs a live image needs that the index does not hold (already damaged images; verify names them). */
@@ -174,7 +176,7 @@ export async function collectGarbage(o: GcOptions): Promise<GcResult> {
     }
     const res: GcResult = {
       dryRun: !!o.dryRun, startedAt, images: live.length, blobs: table.count, liveBlobs, liveBytes,
-      deadBlobs: table.count - liveBlobs, deadBytes, pagesVisited: marker.pagesVisited, missingChunks: marker.missingChunks,
+      deadBlobs: table.count - liveBlobs, deadBytes, deadBytesAfter: deadBytes, pagesVisited: marker.pagesVisited, missingChunks: marker.missingChunks,
       packsBefore: packSizes.size, bytesBefore: [...packSizes.values()].reduce((a, b) => a + b, 0),
       packsDeleted: 0, packsRewritten: 0, packsKeptForIngest: 0, packsPending: 0, reclaimedBytes: 0, reclaimableBytes: 0,
       bytesAfter: 0, markSeconds, sweepSeconds: 0,
@@ -204,6 +206,7 @@ export async function collectGarbage(o: GcOptions): Promise<GcResult> {
         if (r === 'kept') res.packsKeptForIngest++;
         else {
           res.reclaimedBytes += r;
+          for (const id of plan.dead) res.deadBytesAfter -= table.storedLength(id);
           if (plan.live.length === 0) res.packsDeleted++;
           else res.packsRewritten++;
         }

@@ -79,7 +79,7 @@ export interface StoreUsage {
   logicalBytes: number;
   /** logical / physical (0 when nothing is stored). */
   dedupRatio: number;
-  /** From the last mark: dead bytes (what a GC at a 100 % threshold would free) and when it ran. */
+  /** From the last mark: dead stored bytes left after that GC (what one at a 100 % threshold would still free), and when it ran. */
   reclaimableBytes: number | null;
   lastMarkAt: string | null;
   volumes: (VolumeUsage & { referencedBytesAt: string | null })[];
@@ -275,7 +275,7 @@ export class Retention {
     return {
       physicalBytes: st.bytes, packs: st.packs, blobs: st.blobs, images: imgs.length, logicalBytes: logical,
       dedupRatio: st.bytes > 0 ? logical / st.bytes : 0,
-      reclaimableBytes: last ? last.deadBytes : null, lastMarkAt: last?.startedAt ?? null,
+      reclaimableBytes: last ? (last.deadBytesAfter ?? last.deadBytes) : null, lastMarkAt: last?.startedAt ?? null,
       volumes: [...vols.values()].sort((a, b) => (a.agent + a.volume < b.agent + b.volume ? -1 : 1)),
     };
   }

@@ -14,6 +14,9 @@ import { ControlServer } from './control-server.js';
 import { takeDataDirLock } from './data-lock.js';
 import { JobRouter } from './job-router.js';
 import { checkImages, lostAnything, openCatalogOrRecover, rollForward } from './recovery.js';
+import { Retention } from '../retention/retention-service.js';
+import { finishDeletions } from '../retention/retention-catalog.js';
+import { runningBasesOf } from '../retention/running-bases.js';
 import type { NbdExportResolver } from '../nbd/nbd-export.js';
 import type { ChunkStore } from '../store/chunk-store.js';
 import { BlocksnapError } from '../../proto/errors.js';
@@ -114,6 +117,8 @@ export class Appliance {
   /** Every agent connection, authenticated or not (to end an agent's sessions on `agents rotate`). */
   private readonly sessions = new Set<AgentSession>();
   readonly guard: AuthGuard;
+  /** Delete, pin, prune, GC, store usage (DESIGN.md §11): never removes a mounted image, a running job's basis, or a leased one. */
+  readonly retention: Retention;
 
   private constructor(
     readonly opts: ApplianceOptions,
@@ -126,6 +131,9 @@ export class Appliance {
     readonly mounts: MountManager,
   ) {
     this.guard = new AuthGuard(opts.authGuard);
+    this.retention = new Retention({
+      catalog, store, manifests, log: opts.logger, isMounted: (id) => mounts.isMounted(id), runningBases: () => runningBasesOf(router, catalog),
+    });
     this.mountProtocol = new MountProtocol(mounts, store, () => (this.nbd ? { port: this.nbd.port, tls: this.nbd.tls } : null),
       (name) => router.sessionOfAgent(name), opts.logger);
     mounts.onEnded = (m, reason) => this.mountProtocol.ended(m, reason);
@@ -145,6 +153,8 @@ export class Appliance {
       store = await opts.backends.openChunkStore(where);
       const manifests = opts.backends.openManifestStore(where);
       const q = { quarantined: [...store.recovery.quarantined] };
+      // Deletions a crash interrupted finish first, or roll-forward would bring their images back (§11.1).
+      await finishDeletions(catalog, manifests);
       const rolled = await rollForward(catalog, manifests, recovered.rebuilt !== null, log, q);
       const cat = catalog;
       const cleanup = await store.resolvePending((root) => cat.hasRoot(root));

@@ -5,6 +5,7 @@ import { exportImageTo } from '../ops/export-image.js';
 import { verifyImage } from '../ops/verify-image.js';
 import { recordVerifyReport } from './recovery.js';
 import { mountRoutes } from '../mounts/mount-control.js';
+import { retentionRoutes } from '../retention/retention-routes.js';
 import type { Appliance } from './appliance.js';
 
 /**
@@ -44,6 +45,8 @@ function routes(app: Appliance): ControlRoutes {
     if (what === 'export' && (typeof body.to !== 'string' || !body.to.startsWith('/'))) throw new BlocksnapError('E_USAGE', '"to" must be an absolute path');
     const write = events();
     const progress = (done: number, total: number) => write({ event: 'progress', chunksDone: done, chunksTotal: total });
+    // Leased while we read them: delete and prune leave them alone (DESIGN.md §11.1).
+    return app.retention.leases.with(images.map((i) => i!.id), what, async () => {
     if (what === 'export') {
       // Checked before a byte is written; the data directory is never a target.
       const r = await exportImageTo(app.store, images[0]!, body.to as string, { force: body.force === true, dataDir: app.opts.dataDir, onProgress: progress });
@@ -56,6 +59,7 @@ function routes(app: Appliance): ControlRoutes {
       reports.push(r);
     }
     return { ok: reports.every((r) => r.ok), reports };
+    });
   };
   return {
     'GET /v1/agents': () => app.router.connectedAgents(),
@@ -78,10 +82,13 @@ function routes(app: Appliance): ControlRoutes {
       // The CLI going away does not cancel the job: backups outlive terminals.
       const outcome = await job.done;
       job.off('progress', onProgress);
+      // The volumes' retention policies, then a GC, in the background (DESIGN.md §11.1).
+      if (outcome.ok) void app.retention.afterBackup(job.agent, job.members);
       return outcome;
     },
     'POST /v1/export': exportOrVerify('export'),
     'POST /v1/verify': exportOrVerify('verify'),
     ...mountRoutes(app),
+    ...retentionRoutes(() => app.retention),
   };
 }
