@@ -31,7 +31,7 @@ import type { LocalMount, LocalMountOptions, LocalMounter, MountGrant, MountGran
 import { defaultAttacher, type NbdAttacher } from './nbd-attacher.js';
 import { MountJournal, mountsDir, ownerAlive, readMountStates, checkMountId, type MountState } from './mount-state.js';
 import { releaseSteps, type MountStep } from './mount-steps.js';
-import { freePort, ownerOf, portWasTaken, startPostmaster, waitFirstAnswer, type StartPgOptions } from './pg-start.js';
+import { freePort, ownerOf, portWasTaken, startPostmaster, waitFirstAnswer, type StartPgOptions, type WaitOptions } from './pg-start.js';
 import { findDataDir } from './pg-data-dir.js';
 
 export interface NbdLocalMounterOptions {
@@ -57,7 +57,17 @@ export interface NbdLocalMount extends LocalMount {
 }
 
 /**
+ * How a primary copy leaves recovery: prepared to PAUSE at the image's stop
+ * point (recovery_target = 'immediate'), then promoted by us (promote file +
+ * SIGUSR1, pg_ctl promote's way). A triggered promotion writes an
+ * end-of-recovery record and lets the checkpoint run in the background;
+ * recovery_target_action = 'promote' instead waits for a full end-of-recovery
+ * checkpoint before the first write may happen (measured: ≈1.7 s of a 4.2 s
+ * mount of a 1 GiB pgbench image under load). Same durability either way.
+ *
  * Per-start settings of a copy (command line, never written into it):
+ * - hot_standby = on: the copy must answer while paused at its target (and a
+ *   standby copy must answer at all), whatever the source had.
  * - recovery_init_sync_method = syncfs (14+): a server starting after a crash
  *   (which a snapshot is, to PostgreSQL) first fsyncs every file of the data
  *   directory; over NBD that is one open + fsync per file. syncfs is one call
@@ -66,7 +76,7 @@ export interface NbdLocalMount extends LocalMount {
  *   it silently (its writes land in the appliance's overlay).
  */
 export function defaultPgSettings(serverVersion: number): Record<string, string> {
-  return serverVersion >= 140000 ? { recovery_init_sync_method: 'syncfs' } : {};
+  return { hot_standby: 'on', ...(serverVersion >= 140000 ? { recovery_init_sync_method: 'syncfs' } : {}) };
 }
 
 async function isEmptyDir(dir: string): Promise<boolean | undefined> {
@@ -158,12 +168,15 @@ export class NbdLocalMounter implements LocalMounter {
       const st = await stat(dataDir);
       const owner = await ownerOf(st.uid, st.gid);
       const port = opts.pgPort ?? (await freePort());
+      const promoteHere = !opts.asStandby && pgSqlFor(info.serverVersion).recovery.promoteAtTarget !== null;
       const prep: PrepareOptions = {
         labelFile: info.labelFile, spcmapFile: null, stopLsn: info.stopLsn, timeline: info.timeline || null, version: info.serverVersion,
         asStandby: opts.asStandby,
         // A standby of the image has no primary to follow: it replays to the image's stop point and serves reads.
         restoreCommand: opts.asStandby ? '/bin/false' : undefined,
         port,
+        // Fast promotion (see defaultPgSettings): pause at the stop point, promote from here.
+        pauseAtTarget: promoteHere,
       };
       await checkDataDir(dataDir, prep);
       await this.copyWal(grant.imageId, pgx, wal, dataDir, owner);
@@ -183,7 +196,8 @@ export class NbdLocalMounter implements LocalMounter {
         dataDir, binDir, port, runDir, logFile: path.join(runDir, 'postgres.log'), owner,
         settings: { ...defaultPgSettings(info.serverVersion), ...this.o.pgSettings },
       };
-      const pgPort = await this.startPg(journal, start, !!opts.asStandby, opts.pgPort === undefined ? (p) => prepareDataDir(dataDir, { ...prep, port: p }) : null);
+      const wait = { serverVersion: info.serverVersion, standby: !!opts.asStandby, promoteWhenPaused: promoteHere, timeoutMs: this.o.startTimeoutMs ?? 300_000 };
+      const pgPort = await this.startPg(journal, start, wait, opts.pgPort === undefined ? (p) => prepareDataDir(dataDir, { ...prep, port: p }) : null);
       phases.start = (performance.now() - t) / 1000;
       const secondsToFirstQuery = since();
       phases.total = secondsToFirstQuery;
@@ -237,11 +251,11 @@ export class NbdLocalMounter implements LocalMounter {
   }
 
   /** Starts the copy; on a port taken between freePort and bind (only when we chose it) retries on another. */
-  private async startPg(journal: MountJournal, o: StartPgOptions, standby: boolean, reprepare: ((port: number) => Promise<unknown>) | null): Promise<number> {
+  private async startPg(journal: MountJournal, o: StartPgOptions, wait: WaitOptions, reprepare: ((port: number) => Promise<unknown>) | null): Promise<number> {
     for (let attempt = 1; ; attempt++) {
       const pm = await startPostmaster(o, journal);
       try {
-        await waitFirstAnswer(o, pm, standby, this.o.startTimeoutMs ?? 300_000);
+        await waitFirstAnswer(o, pm, wait);
         return o.port;
       } catch (e) {
         if (!reprepare || attempt >= 3 || pm.exited() === undefined || !(await portWasTaken(o.logFile))) throw e;

@@ -18,7 +18,7 @@
  */
 import { spawn } from 'node:child_process';
 import { closeSync, openSync } from 'node:fs';
-import { readFile } from 'node:fs/promises';
+import { chown, readFile, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { execa } from 'execa';
@@ -103,17 +103,25 @@ async function logTail(file: string): Promise<string> {
   return (await readFile(file, 'utf8').catch(() => '')).trim().split('\n').slice(-8).join('\n');
 }
 
-type Probe = () => Promise<boolean | null>;
+/** What one probe saw: null = not answering yet. */
+type Seen = { inRecovery: boolean; paused: boolean } | null;
+type Probe = () => Promise<Seen>;
 
-/** One query over the socket with the node client: true/false = in recovery, null = not answering yet. */
-function nodeProbe(o: StartPgOptions, onAuthRefused: () => void): Probe {
+/** In recovery, and paused (at the recovery target)? The pause function's name changed in 10. */
+function probeSql(serverVersion: number): string {
+  const paused = serverVersion >= 100000 ? 'pg_is_wal_replay_paused()' : 'pg_is_xlog_replay_paused()';
+  return `SELECT pg_is_in_recovery() AS r, CASE WHEN pg_is_in_recovery() THEN ${paused} ELSE false END AS p`;
+}
+
+/** One query over the socket with the node client. */
+function nodeProbe(o: StartPgOptions, sql: string, onAuthRefused: () => void): Probe {
   return async () => {
     const c = new pg.Client({ host: o.runDir, port: o.port, user: o.owner.user, database: 'postgres', application_name: 'blocksnap-mount', connectionTimeoutMillis: 5_000 });
     c.on('error', () => undefined);
     try {
       await c.connect();
-      const r = await c.query<{ r: boolean }>('SELECT pg_is_in_recovery() AS r');
-      return r.rows[0]!.r;
+      const r = await c.query<{ r: boolean; p: boolean }>(sql);
+      return { inRecovery: r.rows[0]!.r, paused: r.rows[0]!.p };
     } catch (e) {
       const code = (e as { code?: string }).code;
       if (code === '28000' || code === '28P01') onAuthRefused();
@@ -124,34 +132,86 @@ function nodeProbe(o: StartPgOptions, onAuthRefused: () => void): Probe {
   };
 }
 
-function psqlProbe(o: StartPgOptions, psql: string): Probe {
+function psqlProbe(o: StartPgOptions, sql: string, psql: string): Probe {
   return async () => {
-    const r = await execa(psql, ['-X', '-A', '-t', '-h', o.runDir, '-p', String(o.port), '-U', o.owner.user, '-d', 'postgres', '-c', 'SELECT pg_is_in_recovery()'], {
+    const r = await execa(psql, ['-X', '-A', '-t', '-F', ' ', '-h', o.runDir, '-p', String(o.port), '-U', o.owner.user, '-d', 'postgres', '-c', sql], {
       uid: o.owner.uid, gid: o.owner.gid, cwd: '/', reject: false, stdin: 'ignore', timeout: 10_000, extendEnv: false, env: { PATH: '/usr/bin:/bin', LC_ALL: 'C' },
     });
     if (r.exitCode !== 0) return null;
-    return String(r.stdout).trim() === 't';
+    const [rec, paused] = String(r.stdout).trim().split(' ');
+    return { inRecovery: rec === 't', paused: paused === 't' };
   };
 }
 
 /**
- * Waits until the copy answers (and, unless `standby`, has left recovery).
- * Fails early with the server log's tail if the postmaster exits.
+ * Triggers promotion the way pg_ctl promote does: a `promote` file in the
+ * data directory (owned by the server's user), then SIGUSR1 to the postmaster.
  */
-export async function waitFirstAnswer(o: StartPgOptions, pm: Postmaster, standby: boolean, timeoutMs: number): Promise<void> {
+export async function triggerPromote(o: StartPgOptions, pm: Postmaster): Promise<void> {
+  const file = path.join(o.dataDir, 'promote');
+  await writeFile(file, '', { mode: 0o600 });
+  await chown(file, o.owner.uid, o.owner.gid);
+  process.kill(pm.pid, 'SIGUSR1');
+}
+
+/** The postmaster's startup (recovery) process, once forked: its children named "postgres: startup". */
+async function startupProcess(pm: Postmaster): Promise<number | null> {
+  const kids = await readFile(`/proc/${pm.pid}/task/${pm.pid}/children`, 'utf8').catch(() => '');
+  for (const k of kids.split(' ').filter((x) => /^\d+$/.test(x))) {
+    const cmd = await readFile(`/proc/${k}/cmdline`, 'utf8').catch(() => '');
+    if (cmd.startsWith('postgres: startup')) return Number(k);
+  }
+  return null;
+}
+
+export interface WaitOptions {
+  serverVersion: number;
+  /** Answer at all (standby) or out of recovery (primary). */
+  standby: boolean;
+  /** A primary prepared to pause at its target: promote once it is paused there. */
+  promoteWhenPaused: boolean;
+  timeoutMs: number;
+}
+
+/**
+ * Waits until the copy answers (and, unless a standby, has left recovery,
+ * promoting it once paused at its target when asked to). Fails early with
+ * the server log's tail if the postmaster exits.
+ */
+export async function waitFirstAnswer(o: StartPgOptions, pm: Postmaster, w: WaitOptions): Promise<void> {
   let useNode = true;
-  const viaNode = nodeProbe(o, () => { useNode = false; });
+  const sql = probeSql(w.serverVersion);
+  const viaNode = nodeProbe(o, sql, () => { useNode = false; });
   const psql = path.join(o.binDir, 'psql');
-  const viaPsql = psqlProbe(o, await readFile(psql).then(() => psql, () => '/usr/bin/psql'));
-  const end = Date.now() + timeoutMs;
+  const viaPsql = psqlProbe(o, sql, await readFile(psql).then(() => psql, () => '/usr/bin/psql'));
+  // Promotion is triggered as soon as the startup process runs, BEFORE recovery
+  // pauses at the target: a trigger that arrives while it is paused is only
+  // seen when its 1 s pause sleep times out (measured: ≈1 s lost), while one
+  // that is already there when it reaches the target promotes at once.
+  // Archive recovery (not standby mode) looks at the trigger only at that
+  // pause; were it ever acted on before the image's end of backup,
+  // PostgreSQL stops with "WAL ends before end of online backup": a failed
+  // mount, never an inconsistent copy.
+  let promotedAt = 0;
+  const end = Date.now() + w.timeoutMs;
   for (;;) {
-    const inRecovery = await (useNode ? viaNode() : viaPsql());
-    if (inRecovery !== null && (standby || !inRecovery)) return;
+    if (w.promoteWhenPaused && !promotedAt && (await startupProcess(pm)) !== null) {
+      await triggerPromote(o, pm);
+      promotedAt = Date.now();
+    }
+    const seen = await (useNode ? viaNode() : viaPsql());
+    if (seen && (w.standby || !seen.inRecovery)) return;
+    if (seen?.paused && w.promoteWhenPaused && Date.now() - promotedAt > 2_000) {
+      // Not taken (the trigger came before the postmaster could pass it on): again.
+      await triggerPromote(o, pm);
+      promotedAt = Date.now();
+      continue;
+    }
     if (pm.exited() !== undefined) {
       throw new BlocksnapError('E_PG', `PostgreSQL on ${o.dataDir} exited (${pm.exited()}) before answering:\n${await logTail(o.logFile)}`);
     }
-    if (Date.now() > end) throw new BlocksnapError('E_TIMEOUT', `PostgreSQL on ${o.dataDir} did not ${standby ? 'answer' : 'end recovery'} within ${timeoutMs} ms:\n${await logTail(o.logFile)}`);
-    await sleep(10);
+    if (Date.now() > end) throw new BlocksnapError('E_TIMEOUT', `PostgreSQL on ${o.dataDir} did not ${w.standby ? 'answer' : 'end recovery'} within ${w.timeoutMs} ms:\n${await logTail(o.logFile)}`);
+    await sleep(w.promoteWhenPaused && !promotedAt ? 2 : 10);
   }
 }
 

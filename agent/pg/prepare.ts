@@ -65,6 +65,14 @@ export interface PrepareOptions {
   keepArchiving?: boolean;
   /** The copy's port (postgresql.auto.conf `port`), so it can run beside the source. */
   port?: number;
+  /**
+   * Pause at the image's stop point instead of promoting there (9.4+); the
+   * caller then promotes (promote file + SIGUSR1, as pg_ctl promote does):
+   * a triggered promotion ends recovery with an end-of-recovery record and a
+   * background checkpoint, where promoting at the target waits for a full
+   * checkpoint first (the instant mount's choice).
+   */
+  pauseAtTarget?: boolean;
 }
 
 export interface PrepareResult {
@@ -159,7 +167,10 @@ export async function prepareDataDir(dir: string, o: PrepareOptions): Promise<Pr
   } else {
     settings.restore_command = o.restoreCommand ?? '/bin/false';
     if (sql.recovery.targetImmediate) settings.recovery_target = 'immediate';
-    if (sql.recovery.promoteAtTarget) settings[sql.recovery.promoteAtTarget[0]] = sql.recovery.promoteAtTarget[1];
+    if (sql.recovery.promoteAtTarget) {
+      const [name, promote] = sql.recovery.promoteAtTarget;
+      settings[name] = !o.pauseAtTarget ? promote : name === 'pause_at_recovery_target' ? 'true' : 'pause';
+    }
     if (o.timeline) settings.recovery_target_timeline = String(o.timeline);
   }
   if (o.port !== undefined) {

@@ -65,8 +65,8 @@ describe('command lines and options', () => {
   });
 
   it('syncfs at start only where PostgreSQL has it (14+)', () => {
-    expect(defaultPgSettings(150004)).toEqual({ recovery_init_sync_method: 'syncfs' });
-    expect(defaultPgSettings(130010)).toEqual({});
+    expect(defaultPgSettings(150004)).toEqual({ hot_standby: 'on', recovery_init_sync_method: 'syncfs' });
+    expect(defaultPgSettings(130010)).toEqual({ hot_standby: 'on' });
   });
 });
 
@@ -80,6 +80,17 @@ describe('prepare --port', () => {
     expect(r.settings.port).toBe('5544');
     expect(await readFile(path.join(dir, 'postgresql.auto.conf'), 'utf8')).toMatch(/^port = '5544'$/m);
     expect(await codeOf(prepareDataDir(dir, { labelFile: label, stopLsn: '0/2000100', version: 150004, port: 70000 }))).toBe('E_USAGE');
+  });
+
+  it('pauseAtTarget: pauses at the stop point for the caller to promote (fast promotion)', async () => {
+    const dir = await fresh();
+    await writeFile(path.join(dir, 'PG_VERSION'), '15\n');
+    const r = await prepareDataDir(dir, { labelFile: label, stopLsn: '0/2000100', version: 150004, pauseAtTarget: true });
+    expect(r.settings).toMatchObject({ recovery_target: 'immediate', recovery_target_action: 'pause' });
+    const dir94 = await fresh();
+    await writeFile(path.join(dir94, 'PG_VERSION'), '9.4\n');
+    expect((await prepareDataDir(dir94, { labelFile: label, stopLsn: '0/2000100', version: 90410, pauseAtTarget: true })).settings)
+      .toMatchObject({ pause_at_recovery_target: 'true' });
   });
 });
 

@@ -1,0 +1,152 @@
+/**
+ * Instant-mount benchmark (`node dist/scripts/bench-mount.js` after
+ * `npm run build`; not a test): seconds from the start of the agent's
+ * LocalMounter.mount to PostgreSQL's first answer out of recovery (primary
+ * copy) and to its first answer at all (standby copy), for app-consistent
+ * pgbench images of a ≈1 GiB and a ≈8 GiB volume, served by the appliance's
+ * NbdServer from the chunk store, each mount with its own copy-on-write
+ * layer (nbdkit's cow filter in front: see test/agent/mount-image-fixture.ts),
+ * attached with nbdfuse + a loop device. Medians of BENCH_RUNS (3) mounts;
+ * the ratio 8 GiB / 1 GiB; where the time goes (attach, mount, WAL, prepare,
+ * start = postmaster spawn to first answer; inside start, from the server
+ * log: redo, end-of-recovery checkpoint); clone creation time for the 1st
+ * and the 10th of 10 clones of the 1 GiB image running at once.
+ *
+ * Env: BENCH_SIZES_GIB ("1,8"), BENCH_SCALES ("10,80": pgbench -i scale per
+ * size), BENCH_RUNS (3), BENCH_CLONES (10), BENCH_DIRECT_IO (0/1).
+ * Writes .bench/mount.json.
+ */
+import { chmod, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { loadavg, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { NbdLocalMounter, type NbdLocalMount } from '../agent/mount/nbd-local-mounter.js';
+import { NbdfuseAttacher } from '../agent/mount/nbdfuse-attacher.js';
+import { e2eFixture, type E2eFixture } from '../test/support/e2e-fixture.js';
+import { buildPgImage, grantOf, serveCow, serveImage, walSourceOf, type PgImage } from '../test/agent/mount-image-fixture.js';
+
+const GiB = 1024 ** 3;
+const SIZES = (process.env.BENCH_SIZES_GIB ?? '1,8').split(',').map(Number);
+const SCALES = (process.env.BENCH_SCALES ?? '10,80').split(',').map(Number);
+const RUNS = Number(process.env.BENCH_RUNS ?? 3);
+const CLONES = Number(process.env.BENCH_CLONES ?? 10);
+const DIRECT_IO = process.env.BENCH_DIRECT_IO === '1';
+const say = (m: string) => process.stdout.write(m + '\n');
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)]!;
+const r3 = (x: number) => Math.round(x * 1000) / 1000;
+
+/** Seconds between server log events (log_line_prefix '%m '): start → redo done → end-of-recovery checkpoint done → ready. */
+async function logPhases(logFile: string): Promise<Record<string, number>> {
+  const lines = (await readFile(logFile, 'utf8')).split('\n');
+  const at = (re: RegExp) => {
+    const l = lines.find((x) => re.test(x));
+    const m = l && /^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})/.exec(l);
+    return m ? Date.parse(m[1]!.replace(' ', 'T') + 'Z') : NaN;
+  };
+  const start = at(/starting PostgreSQL/);
+  const out: Record<string, number> = {};
+  const rel = (name: string, re: RegExp) => {
+    const t = at(re);
+    if (!Number.isNaN(t) && !Number.isNaN(start)) out[name] = (t - start) / 1000;
+  };
+  rel('redoStarts', /redo starts at/);
+  rel('consistent', /consistent recovery state reached/);
+  rel('redoDone', /redo done at/);
+  rel('checkpointDone', /checkpoint complete/);
+  rel('ready', /database system is ready to accept/);
+  return out;
+}
+
+interface SizeResult {
+  volumeGiB: number;
+  scale: number;
+  primary: number[];
+  standby: number[];
+  phases: Array<Record<string, number>>;
+  logPhases: Array<Record<string, number>>;
+}
+
+async function mountOnce(fx: E2eFixture, mounter: NbdLocalMounter, img: PgImage, nbd: Awaited<ReturnType<typeof serveImage>>, asStandby: boolean): Promise<NbdLocalMount> {
+  const uri = await serveCow(fx, nbd.server.uri(nbd.newName()));
+  return mounter.mount(grantOf(img, uri), walSourceOf(img), { asStandby });
+}
+
+async function benchSize(volumeGiB: number, scale: number): Promise<{ size: SizeResult; clones?: number[] }> {
+  const fx = e2eFixture();
+  const stateDir = await mkdtemp(join(tmpdir(), 'bsn-bench-mount-'));
+  const runBase = await mkdtemp(join(tmpdir(), 'bsn-bench-mounts-'));
+  await chmod(runBase, 0o711);
+  fx.defer('dirs', async () => {
+    await rm(stateDir, { recursive: true, force: true });
+    await rm(runBase, { recursive: true, force: true });
+  });
+  const mounter = new NbdLocalMounter({
+    stateDir, runBase, attacher: new NbdfuseAttacher({ directIo: DIRECT_IO }), pgSettings: { log_line_prefix: '%m ' },
+  });
+  try {
+    let t = Date.now();
+    const img = await buildPgImage(fx, { volumeSize: volumeGiB * GiB, poolSize: 2 * volumeGiB * GiB + GiB, pgbenchScale: scale });
+    say(`  image of ${volumeGiB} GiB (pgbench scale ${scale}) built in ${((Date.now() - t) / 1000).toFixed(0)} s`);
+    const nbd = await serveImage(fx, img);
+    const size: SizeResult = { volumeGiB, scale, primary: [], standby: [], phases: [], logPhases: [] };
+    for (let i = 0; i < RUNS; i++) {
+      for (const standby of [false, true]) {
+        const m = await mountOnce(fx, mounter, img, nbd, standby);
+        (standby ? size.standby : size.primary).push(m.secondsToFirstQuery);
+        if (!standby) {
+          size.phases.push(m.phases);
+          size.logPhases.push(await logPhases(join(runBase, `${m.mountId}.run`, 'postgres.log')));
+        }
+        say(`  ${standby ? 'standby' : 'primary'} #${i + 1}: ${m.secondsToFirstQuery.toFixed(3)} s ${JSON.stringify(Object.fromEntries(Object.entries(m.phases).map(([k, v]) => [k, r3(v)])))}`);
+        await mounter.unmount(m.mountId);
+      }
+    }
+    let clones: number[] | undefined;
+    if (CLONES > 0 && volumeGiB === SIZES[0]) {
+      clones = [];
+      const up: string[] = [];
+      try {
+        for (let i = 0; i < CLONES; i++) {
+          t = Date.now();
+          const m = await mountOnce(fx, mounter, img, nbd, false);
+          up.push(m.mountId);
+          clones.push(m.secondsToFirstQuery);
+          say(`  clone ${i + 1}: ${m.secondsToFirstQuery.toFixed(3)} s (with its cow layer: ${((Date.now() - t) / 1000).toFixed(3)} s)`);
+        }
+      } finally {
+        for (const id of up.reverse()) await mounter.unmount(id).catch((e: unknown) => say(`  unmount ${id}: ${String(e)}`));
+      }
+    }
+    return { size, clones };
+  } finally {
+    await fx.dispose();
+  }
+}
+
+async function main(): Promise<void> {
+  say(`mount benchmark: sizes ${SIZES.join(', ')} GiB, ${RUNS} runs each, ${CLONES} clones, loop direct-io ${DIRECT_IO ? 'on' : 'off'}, load ${loadavg()[0]!.toFixed(2)}`);
+  const results: SizeResult[] = [];
+  let clones: number[] | undefined;
+  for (const [i, gib] of SIZES.entries()) {
+    const r = await benchSize(gib, SCALES[i] ?? 10);
+    results.push(r.size);
+    clones ??= r.clones;
+  }
+  const summary = results.map((r) => ({
+    volumeGiB: r.volumeGiB, scale: r.scale, primaryMedian: r3(median(r.primary)), standbyMedian: r3(median(r.standby)),
+    phasesMedian: Object.fromEntries(Object.keys(r.phases[0] ?? {}).map((k) => [k, r3(median(r.phases.map((p) => p[k]!)))])),
+    serverLogMedian: Object.fromEntries(Object.keys(r.logPhases[0] ?? {}).map((k) => [k, r3(median(r.logPhases.map((p) => p[k] ?? NaN)))])),
+  }));
+  for (const s of summary) {
+    say(`${s.volumeGiB} GiB: primary ${s.primaryMedian} s, standby ${s.standbyMedian} s (medians); phases ${JSON.stringify(s.phasesMedian)}; server log ${JSON.stringify(s.serverLogMedian)}`);
+  }
+  const ratio = summary.length >= 2 ? r3(summary[summary.length - 1]!.primaryMedian / summary[0]!.primaryMedian) : undefined;
+  if (ratio !== undefined) say(`ratio ${summary[summary.length - 1]!.volumeGiB} GiB / ${summary[0]!.volumeGiB} GiB (primary): ${ratio} (goal ≤ 1.2)`);
+  if (clones?.length) say(`clones: 1st ${clones[0]!.toFixed(3)} s, ${clones.length}th ${clones[clones.length - 1]!.toFixed(3)} s`);
+  await mkdir('.bench', { recursive: true });
+  await writeFile('.bench/mount.json', JSON.stringify({ at: new Date().toISOString(), directIo: DIRECT_IO, results, summary, ratio, clones }, null, 2) + '\n');
+}
+
+main().then(() => process.exit(0), (e: unknown) => {
+  console.error(e);
+  process.exit(1);
+});
