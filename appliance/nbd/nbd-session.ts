@@ -115,6 +115,14 @@ export const MAX_QUEUED_BYTES = 2 * MAX_PAYLOAD;
 
 type Request = Extract<NbdClientMessage, { kind: 'request' }>;
 
+/** Zeros written for WRITE_ZEROES + NO_HOLE, in bounded pieces (its length may be 4 GiB). */
+const ZERO_PIECE = Buffer.alloc(4 * 1024 * 1024);
+async function writeZeros(exp: NbdExport, offset: number, length: number): Promise<void> {
+  for (let done = 0; done < length; done += ZERO_PIECE.length) {
+    await exp.write!(offset + done, ZERO_PIECE.subarray(0, Math.min(ZERO_PIECE.length, length - done)));
+  }
+}
+
 export class NbdSession {
   private readonly decoder = new NbdServerDecoder();
   private queue: NbdClientMessage[] = [];
@@ -408,7 +416,7 @@ export class NbdSession {
     return this.attempt(r, async () => {
       if (r.type === Cmd.WRITE) await exp.write!(r.offset, r.payload!);
       // NO_HOLE: the range must read as zeros *and* stay allocated (data, not a hole).
-      else if (r.type === Cmd.WRITE_ZEROES && (r.flags & CmdFlag.NO_HOLE) !== 0) await exp.write!(r.offset, Buffer.alloc(r.length));
+      else if (r.type === Cmd.WRITE_ZEROES && (r.flags & CmdFlag.NO_HOLE) !== 0) await writeZeros(exp, r.offset, r.length);
       else await exp.zero!(r.offset, r.length, { trim: r.type === Cmd.TRIM });
       if (fua) await exp.flush?.();
     });

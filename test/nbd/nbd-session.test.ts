@@ -6,7 +6,7 @@ import { readOnlyExport } from '../../appliance/nbd/read-only-export.js';
 import type { NbdExport } from '../../appliance/nbd/nbd-export.js';
 import { MAX_QUEUED, MAX_QUEUED_BYTES, NbdSession } from '../../appliance/nbd/nbd-session.js';
 import { encodeClientFlags, encodeExportRequest, encodeOption, encodeRequest } from '../../appliance/nbd/nbd-codec.js';
-import { Cmd, MAX_PAYLOAD, Opt } from '../../appliance/nbd/nbd-layout.js';
+import { Cmd, CmdFlag, MAX_PAYLOAD, Opt } from '../../appliance/nbd/nbd-layout.js';
 import { MemoryChunkStore } from '../../appliance/testing/memory-chunk-store.js';
 import { randomChunk, sha256 } from '../../appliance/testing/store-fixtures.js';
 
@@ -98,5 +98,32 @@ describe('NbdSession', () => {
     await waitFor(() => events.includes('resume'));
     session.dispose();
     await waitFor(() => released === 2);
+  });
+  it('WRITE_ZEROES with NO_HOLE over 4 GiB writes bounded pieces (never one 4 GiB buffer); without NO_HOLE it zeroes', async () => {
+    const pieces: number[] = [];
+    const zeroed: number[] = [];
+    const exp: NbdExport = {
+      size: 2 ** 33, chunkSize: 65536, readOnly: false, canMultiConn: true,
+      read: async () => [], runs: async () => [],
+      write: async (_o, d) => { pieces.push(d.length); },
+      zero: async (_o, l) => { zeroed.push(l); },
+    };
+    const replies: number[] = [];
+    const session = new NbdSession(async () => exp, { address: '127.0.0.1' }, {
+      write: async (b) => { if (Buffer.isBuffer(b) && b.length === 16) replies.push(b.readUInt32BE(4)); },
+      end: () => undefined,
+    });
+    await session.start();
+    session.receive(Buffer.concat([
+      encodeClientFlags(3),
+      encodeOption(Opt.GO, encodeExportRequest('any')),
+      encodeRequest({ type: Cmd.WRITE_ZEROES, flags: CmdFlag.NO_HOLE, cookie: Buffer.alloc(8, 1), offset: 5, length: 0xffffffff }),
+      encodeRequest({ type: Cmd.WRITE_ZEROES, cookie: Buffer.alloc(8, 2), offset: 0, length: 0xffffffff }),
+    ]));
+    await waitFor(() => replies.length === 2, 20_000);
+    expect(replies).toEqual([0, 0]);
+    expect(Math.max(...pieces)).toBeLessThanOrEqual(4 * 1024 * 1024);
+    expect(pieces.reduce((a, b) => a + b, 0)).toBe(0xffffffff);
+    expect(zeroed).toEqual([0xffffffff]);
   });
 });
