@@ -1,0 +1,134 @@
+import { createHash, randomBytes } from 'node:crypto';
+import { open, readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { digestDiffSet, indexesOf, setOfWords, unionOf } from '../../agent/restore/changed-set.js';
+import { ChunkWriter } from '../../agent/restore/chunk-writer.js';
+import { RestoreSession } from '../../agent/restore/restore-session.js';
+import { envelope, type Envelope } from '../../proto/messages.js';
+import { imageRootDigest } from '../../proto/shared/image-root.js';
+import { zstdCompress } from '../../proto/shared/zstd.js';
+import { codeOf } from '../support/error-code.js';
+import { tempDirEach } from '../support/temp-dir.js';
+
+/**
+ * The agent's side of the restore exchange against a lying appliance (a
+ * scripted one: the frames are handed to the session directly): a map that
+ * does not hash to its root, a geometry beyond the bound, pages out of
+ * place; chunks that were not asked for, sent twice or with other bytes.
+ */
+const RID = 'rst-00000000000000aa';
+const CS = 4096;
+
+function mapMsg(o: { size: number; digests: Buffer; root: Buffer; first?: number; last?: boolean }): Envelope {
+  return envelope('restoreMap', {
+    requestId: RID, imageId: 'img-x', volume: 'vol', volumeSize: o.size, chunkSize: CS, rootDigest: o.root,
+    firstIndex: o.first ?? 0, digests: o.digests, last: o.last ?? true,
+  });
+}
+
+function volume(chunks: number) {
+  const data = randomBytes(chunks * CS);
+  const digests = Buffer.alloc(chunks * 32);
+  for (let i = 0; i < chunks; i++) createHash('sha256').update(data.subarray(i * CS, (i + 1) * CS)).digest().copy(digests, i * 32);
+  return { data, digests, root: imageRootDigest(chunks * CS, CS, digests) };
+}
+
+describe('RestoreSession against a lying appliance', () => {
+  const sent: Envelope[] = [];
+  const session = () => new RestoreSession(RID, async (e) => void sent.push(e), 1 << 20);
+
+  it('accepts a map that hashes to its root', async () => {
+    const v = volume(10);
+    const s = session();
+    s.deliver(mapMsg({ size: 10 * CS, digests: v.digests, root: v.root }));
+    const m = await s.imageMap();
+    expect(m.digests.equals(v.digests)).toBe(true);
+  });
+
+  it('refuses a map whose digests do not hash to the root: E_INTEGRITY', async () => {
+    const v = volume(10);
+    const lie = Buffer.from(v.digests);
+    lie[5 * 32] ^= 1;
+    const s = session();
+    s.deliver(mapMsg({ size: 10 * CS, digests: lie, root: v.root }));
+    expect(await codeOf(s.imageMap())).toBe('E_INTEGRITY');
+  });
+
+  it('refuses a geometry whose map is above the bound before allocating it, and pages past the end or going back', async () => {
+    const s1 = session();
+    s1.deliver(mapMsg({ size: 2 ** 50, digests: Buffer.alloc(0), root: Buffer.alloc(32, 1), last: false }));
+    expect(await codeOf(s1.imageMap())).toBe('E_PROTOCOL');
+    const v = volume(10);
+    const s2 = session();
+    s2.deliver(mapMsg({ size: 10 * CS, digests: Buffer.alloc(32 * 20, 1), root: v.root }));
+    expect(await codeOf(s2.imageMap())).toBe('E_PROTOCOL');
+    const s3 = session();
+    const big = volume(3000);
+    s3.deliver(mapMsg({ size: 3000 * CS, digests: big.digests.subarray(1024 * 32, 2048 * 32), root: big.root, first: 1024, last: false }));
+    s3.deliver(mapMsg({ size: 3000 * CS, digests: big.digests.subarray(0, 1024 * 32), root: big.root, first: 0, last: false }));
+    expect(await codeOf(s3.imageMap())).toBe('E_PROTOCOL');
+  });
+
+  it('refuses chunks before the map is complete, and an appliance that ends the restore with a code', async () => {
+    const s = session();
+    s.deliver(envelope('restoreChunks', { requestId: RID, seq: 1, chunks: [] }));
+    expect(await codeOf(s.imageMap())).toBe('E_PROTOCOL');
+    const s2 = session();
+    s2.deliver(envelope('restoreEnd', { requestId: RID, ok: false, code: 'E_NOT_FOUND', message: 'no image' }));
+    expect(await codeOf(s2.imageMap())).toBe('E_NOT_FOUND');
+  });
+});
+
+describe('ChunkWriter', () => {
+  const dir = tempDirEach('blocksnap-restore-');
+
+  async function writerFor(chunks: number, wanted: (i: number) => boolean) {
+    const v = volume(chunks);
+    const file = join(dir.path, 'target');
+    const fh = await open(file, 'w+');
+    await fh.truncate(chunks * CS);
+    return { v, file, fh, w: new ChunkWriter(fh, chunks * CS, CS, v.digests, wanted, chunks) };
+  }
+  const chunk = (v: ReturnType<typeof volume>, i: number, data?: Buffer) => ({
+    index: i, digest: v.digests.subarray(i * 32, (i + 1) * 32), zero: false, plainLength: CS,
+    data: zstdCompress(data ?? v.data.subarray(i * CS, (i + 1) * CS)),
+  });
+
+  it('writes checked chunks at their offsets (runs coalesced)', async () => {
+    const { v, file, fh, w } = await writerFor(8, () => true);
+    await w.write({ requestId: RID, seq: 1, chunks: [0, 1, 2, 5, 7].map((i) => chunk(v, i)) });
+    await fh.close();
+    const out = await readFile(file);
+    for (const i of [0, 1, 2, 5, 7]) expect(out.subarray(i * CS, (i + 1) * CS).equals(v.data.subarray(i * CS, (i + 1) * CS))).toBe(true);
+    expect(out.subarray(3 * CS, 4 * CS).equals(Buffer.alloc(CS))).toBe(true);
+    expect(w.written).toBe(5);
+  });
+
+  it('refuses other bytes (E_DIGEST_MISMATCH, nothing of the batch written), unasked and repeated chunks (E_PROTOCOL)', async () => {
+    const { v, file, fh, w } = await writerFor(8, (i) => i !== 6);
+    const bad = Buffer.from(v.data.subarray(2 * CS, 3 * CS));
+    bad[17] ^= 0x55;
+    expect(await codeOf(w.write({ requestId: RID, seq: 1, chunks: [chunk(v, 1), chunk(v, 2, bad)] }))).toBe('E_DIGEST_MISMATCH');
+    expect((await readFile(file)).subarray(CS, 2 * CS).equals(Buffer.alloc(CS))).toBe(true);
+    expect(await codeOf(w.write({ requestId: RID, seq: 2, chunks: [chunk(v, 6)] }))).toBe('E_PROTOCOL');
+    await w.write({ requestId: RID, seq: 3, chunks: [chunk(v, 0)] });
+    expect(await codeOf(w.write({ requestId: RID, seq: 4, chunks: [chunk(v, 0)] }))).toBe('E_PROTOCOL');
+    await fh.close();
+  });
+});
+
+describe('changed-set (bitset)', () => {
+  it('unions tracker words with the digest difference of two maps', () => {
+    const words = new Uint32Array(4);
+    words[0] = 0b1010;
+    words[3] = 1 << 31;
+    const a = Buffer.alloc(128 * 32);
+    const b = Buffer.from(a);
+    b[5 * 32] = 1;
+    b[100 * 32 + 31] = 1;
+    const u = unionOf(setOfWords(words), digestDiffSet(a, b, 128));
+    expect([...indexesOf(u, 128)]).toEqual([1, 3, 5, 100, 127]);
+    expect(u.cardinality()).toBe(5);
+  });
+});
