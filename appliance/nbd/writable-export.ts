@@ -149,26 +149,35 @@ export function writableExport(source: ImageSource, overlay: CowOverlay): NbdExp
     async zero(offset: number, length: number): Promise<void> {
       if (length === 0) return;
       const end = offset + length;
-      const first = chunkOf(offset);
-      const last = chunkOf(end - 1);
-      await overlay.withChunks(first, last, async () => {
-        for (let i = first; i <= last; i++) {
-          const cStart = i * cs;
-          const cEnd = cStart + overlay.extentLength(i);
-          if (offset <= cStart && end >= cEnd) {
-            overlay.setState(i, ChunkState.ZERO);
-            continue;
-          }
-          const st = overlay.state(i);
-          if (st === ChunkState.ZERO) continue;
-          const from = Math.max(offset, cStart);
-          const to = Math.min(end, cEnd);
-          if (st === ChunkState.IMAGE && (await source.runs(cStart, cEnd - cStart, 2)).every((r) => r.zero)) continue; // already zeros
-          await writeLocked(from, Buffer.alloc(to - from));
-        }
-      });
+      // A TRIM may span 4 GiB: lock and zero at most ZERO_WINDOW chunks at a time.
+      for (let w = chunkOf(offset); w <= chunkOf(end - 1); w += ZERO_WINDOW) {
+        await zeroWindow(offset, end, w, Math.min(chunkOf(end - 1), w + ZERO_WINDOW - 1));
+      }
     },
 
     flush: () => overlay.flush(),
   };
+
+  /** Zeroes [offset, end) ∩ chunks first..last. */
+  async function zeroWindow(offset: number, end: number, first: number, last: number): Promise<void> {
+    await overlay.withChunks(first, last, async () => {
+      for (let i = first; i <= last; i++) {
+        const cStart = i * cs;
+        const cEnd = cStart + overlay.extentLength(i);
+        if (offset <= cStart && end >= cEnd) {
+          overlay.setState(i, ChunkState.ZERO);
+          continue;
+        }
+        const st = overlay.state(i);
+        if (st === ChunkState.ZERO) continue;
+        const from = Math.max(offset, cStart);
+        const to = Math.min(end, cEnd);
+        if (st === ChunkState.IMAGE && (await source.runs(cStart, cEnd - cStart, 2)).every((r) => r.zero)) continue; // already zeros
+        await writeLocked(from, Buffer.alloc(to - from));
+      }
+    });
+  }
 }
+
+/** Chunks locked and zeroed at a time by one TRIM / WRITE_ZEROES. */
+const ZERO_WINDOW = 1024;

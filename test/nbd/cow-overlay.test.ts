@@ -254,4 +254,30 @@ describe('CowOverlay + writableExport', () => {
     await o.flush();
     expect(order).toEqual(['data.sync', 'map.write', 'map.sync']);
   });
+  it('a TRIM over more chunks than one lock window (3000 chunks) zeroes all of them', async () => {
+    const size = 3000 * CS;
+    const store = new MemoryChunkStore();
+    const w = store.openWriter();
+    const b = await ImageIndexBuilder.create({ store, writer: w, volumeSize: size, chunkSize: CS });
+    const vol = Buffer.alloc(size);
+    for (let i = 0; i < 3000; i++) {
+      if (i % 500 !== 7) {
+        await b.set(i, ZERO_DIGEST);
+        continue;
+      }
+      const plain = randomChunk(CS);
+      plain.copy(vol, i * CS);
+      await w.put(BLOB_CHUNK, sha256(plain), plain);
+      await b.set(i, sha256(plain));
+    }
+    const { rootDigest } = await b.finish();
+    await w.flush();
+    const source = await ImageSource.open(store, rootDigest);
+    const exp = writableExport(source, await overlayFor(source));
+    await exp.zero!(100, size - 200, { trim: true });
+    const model = Buffer.from(vol);
+    model.fill(0, 100, size - 100);
+    expect(assemble(await exp.read(0, size), 0, size).equals(model)).toBe(true);
+    expect(await exp.runs(CS, size - 2 * CS, 10)).toEqual([{ length: size - 2 * CS, zero: true }]);
+  });
 });
