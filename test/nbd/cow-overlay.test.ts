@@ -280,4 +280,22 @@ describe('CowOverlay + writableExport', () => {
     expect(assemble(await exp.read(0, size), 0, size).equals(model)).toBe(true);
     expect(await exp.runs(CS, size - 2 * CS, 10)).toEqual([{ length: size - 2 * CS, zero: true }]);
   });
+  it('after a crash (reopened without close) the flushed writes are there and unflushed new chunks read as the image', async () => {
+    const { source, vol } = await image();
+    const dir = join(await dirs.make('blocksnap-cow-'), 'ov');
+    const o = await CowOverlay.create(dir, idOf(source));
+    opened.push(o);
+    const exp = writableExport(source, o);
+    await exp.write!(2 * CS + 1, Buffer.alloc(10, 1));
+    await exp.flush!();
+    await exp.write!(6 * CS + 1, Buffer.alloc(10, 2)); // never flushed
+    // A second open of the files as they are on disk = the state a restart after a crash finds.
+    const after = await CowOverlay.open(dir, idOf(source));
+    opened.push(after);
+    const model = Buffer.from(vol);
+    model.fill(1, 2 * CS + 1, 2 * CS + 11);
+    expect(after.state(2)).toBe(ChunkState.DATA);
+    expect(after.state(6)).toBe(ChunkState.IMAGE);
+    expect(assemble(await writableExport(source, after).read(0, vol.length), 0, vol.length).equals(model)).toBe(true);
+  });
 });
