@@ -99,7 +99,8 @@ export function addRetentionCommands(p: Command, images: Command, store: Command
   const policies = p.command('policies').description('per-volume retention policies, applied after every successful backup of the volume');
   const agentOf = (cat: Catalog, volume: string, agent?: string): string => {
     if (agent) return agent;
-    const agents = [...new Set(cat.listImages({ volume }).map((i) => i.agent))];
+    const agents = [...new Set([...cat.listImages({ volume }).map((i) => i.agent),
+      ...new RetentionCatalog(cat).policies().filter((x) => x.volume === volume).map((x) => x.agent)])];
     if (agents.length === 1) return agents[0]!;
     throw new BlocksnapError('E_USAGE', agents.length ? `volume ${volume} exists on agents ${agents.join(', ')}: give --agent` : `no images of volume ${volume} yet: give --agent`);
   };
