@@ -19,7 +19,7 @@
  * /dev/shm to measure without the disk. Writes .bench/restore.json.
  */
 import { execa } from 'execa';
-import { mkdir, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { digestDiffSet, setOfWords, unionOf } from '../agent/restore/changed-set.js';
 import type { RestoreResult } from '../agent/restore/restore-run.js';
@@ -49,8 +49,7 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 interface Setup { lab: VolumeLab; appl: ApplianceHarness; agent: Daemon; configFile: string; kept: string }
 
-async function setUp(name: string, appl: ApplianceHarness, postgres?: PgCluster, labIn?: VolumeLab): Promise<Setup> {
-  const lab = labIn ?? await createVolumeLab({ volumeSize: GiB, poolSize: 8 * GiB, name: 'vol' });
+async function setUp(name: string, appl: ApplianceHarness, lab: VolumeLab): Promise<Setup> {
   const stateDir = join(lab.root, `state-${name}`);
   const kept = join(lab.poolMount, `kept-${name}`);
   await mkdir(stateDir, { recursive: true });
@@ -59,10 +58,13 @@ async function setUp(name: string, appl: ApplianceHarness, postgres?: PgCluster,
   await writeFile(configFile, JSON.stringify({
     appliance: appl.url, agent: 'db1', token: appl.tokens.db1, stateDir, volumes: [lab.volume], retainSnapshotsDir: kept,
   }));
-  const agent = spawnAgent(configFile, join(lab.root, `agent-${name}.log`));
-  for (let i = 0; i < 300 && !appl.app.router.connectedAgents().some((a) => a.agent === 'db1'); i++) await sleep(100);
-  if (!appl.app.router.connectedAgents().some((a) => a.agent === 'db1')) throw new Error('agent did not connect');
-  void postgres;
+  const logFile = join(lab.root, `agent-${name}.log`);
+  const agent = spawnAgent(configFile, logFile);
+  for (let i = 0; i < 600 && !appl.app.router.connectedAgents().some((a) => a.agent === 'db1') && agent.child.exitCode === null; i++) await sleep(100);
+  if (!appl.app.router.connectedAgents().some((a) => a.agent === 'db1')) {
+    await agent.stop().catch(() => undefined);
+    throw new Error(`agent did not connect; its log:\n${(await readFile(logFile, 'utf8').catch(() => '')).slice(-2000)}`);
+  }
   return { lab, appl, agent, configFile, kept };
 }
 
@@ -80,8 +82,10 @@ async function restoreCli(s: Setup, imageId: string, target: string, ...flags: s
 }
 
 async function fullRestoreBench(appl: ApplianceHarness): Promise<Record<string, unknown>> {
-  const s = await setUp('random', appl);
+  const lab = await createVolumeLab({ volumeSize: GiB, poolSize: 8 * GiB, name: 'vol' });
+  let s: Setup | null = null;
   try {
+    s = await setUp('random', appl, lab);
     for (let i = 0; i * 128 < DATA_MIB; i++) {
       await execa('dd', ['if=/dev/urandom', `of=${join(s.lab.volumeMount, `r${i}`)}`, 'bs=1M', `count=${Math.min(128, DATA_MIB - i * 128)}`, 'status=none']);
     }
@@ -120,8 +124,8 @@ async function fullRestoreBench(appl: ApplianceHarness): Promise<Record<string, 
     say(`restore MB/s of allocated data (median of ${RUNS}): file ${res.fileMBps.toFixed(0)}, loop device ${res.deviceMBps.toFixed(0)}, dd of the raw file ${res.ddMBps.toFixed(0)}`);
     return res;
   } finally {
-    await s.agent.stop();
-    await s.lab.destroy();
+    await s?.agent.stop();
+    await lab.destroy();
   }
 }
 
@@ -134,7 +138,7 @@ async function changedOnlyBench(appl: ApplianceHarness): Promise<Record<string, 
     await pg.start();
     await pg.pgbenchInit(SCALE);
     await pg.query('checkpoint');
-    s = await setUp('pg', appl, pg, lab);
+    s = await setUp('pg', appl, lab);
     const img = await backup(s, 'full');
     await pg.pgbench({ transactions: TX, clients: 2 });
     await pg.query('checkpoint');
@@ -173,20 +177,25 @@ function bitsetBench(): Record<string, unknown> {
     const i = Math.floor(Math.random() * n);
     words[i >>> 5]! |= 1 << (i & 31);
   }
-  // Two digest maps differing in 0.5 % of the chunks are 512 MiB each at this size: the diff set is built directly instead.
+  // The union's second operand as the tracker's words are: 0.5 % of the bits (the digest diff is timed separately below).
   const diffWords = new Uint32Array(n / 32);
   for (let k = 0; k < n / 200; k++) {
     const i = Math.floor(Math.random() * n);
     diffWords[i >>> 5]! |= 1 << (i & 31);
   }
   const bs: number[] = [];
+  const bsOr: number[] = [];
   const plain: number[] = [];
   let cardB = 0;
   let cardP = 0;
   for (let r = 0; r < 7; r++) {
     let t = performance.now();
-    const u = unionOf(setOfWords(words), setOfWords(diffWords));
+    const a = setOfWords(words);
+    const b = setOfWords(diffWords);
+    const t1 = performance.now();
+    const u = unionOf(a, b);
     cardB = u.cardinality();
+    bsOr.push(performance.now() - t1);
     bs.push(performance.now() - t);
     t = performance.now();
     const out = new Uint32Array(words);
@@ -197,11 +206,19 @@ function bitsetBench(): Record<string, unknown> {
     plain.push(performance.now() - t);
   }
   if (cardB !== cardP) throw new Error(`bitset union ${cardB} != Uint32Array union ${cardP}`);
-  // The digest diff of two small maps through the module, as a sanity check of the path.
-  void digestDiffSet(Buffer.alloc(64), Buffer.alloc(64, 1), 2);
-  const res = { bits: n, setBits: cardB, bitsetMs: median(bs), uint32ArrayMs: median(plain), bitsetBytes: (n / 32 + 1) * 8 * 3, uint32ArrayBytes: n / 8 * 2 };
-  say(`changed-only union of 16 Mi chunks (${cardB} set): bitset ${res.bitsetMs.toFixed(1)} ms (words copied in + or + cardinality), ` +
-    `Uint32Array ${res.uint32ArrayMs.toFixed(1)} ms (median of 7)`);
+  // The digest-diff half at full size: two 512 MiB maps differing in 0.5 % of the chunks, pages compared first.
+  const mapA = Buffer.alloc(n * 32);
+  const mapB = Buffer.from(mapA);
+  for (let k = 0; k < n / 200; k++) mapB[Math.floor(Math.random() * n) * 32] = 1;
+  const tDiff = performance.now();
+  const diff = digestDiffSet(mapA, mapB, n);
+  const diffMs = performance.now() - tDiff;
+  const res = {
+    bits: n, setBits: cardB, bitsetMs: median(bs), bitsetOrMs: median(bsOr), uint32ArrayMs: median(plain), digestDiffMs: diffMs, diffBits: diff.cardinality(),
+  };
+  say(`changed-only union of 16 Mi chunks (${cardB} set), median of 7: bitset ${res.bitsetMs.toFixed(1)} ms (of which or + cardinality ` +
+    `${res.bitsetOrMs.toFixed(1)} ms, the rest copying the tracker words in), Uint32Array OR + popcount ${res.uint32ArrayMs.toFixed(1)} ms; ` +
+    `digest diff of two 512 MiB maps ${diffMs.toFixed(0)} ms (${res.diffBits} differ)`);
   return res;
 }
 

@@ -1,5 +1,5 @@
 import BitSet from 'bitset';
-import { DIGEST_BYTES } from '../../proto/shared/image-root.js';
+import { DIGEST_BYTES, SLOTS_PER_PAGE } from '../../proto/shared/image-root.js';
 
 /**
  * Sets of chunk indexes for a changed-only restore (DESIGN.md §4.6), with the
@@ -37,9 +37,15 @@ export function digestDiffSet(a: Uint8Array, b: Uint8Array, chunkCount: number):
   const s = emptySet(chunkCount);
   const A = Buffer.from(a.buffer, a.byteOffset, a.byteLength);
   const B = Buffer.from(b.buffer, b.byteOffset, b.byteLength);
-  for (let i = 0; i < chunkCount; i++) {
-    const off = i * DIGEST_BYTES;
-    if (A.compare(B, off, off + DIGEST_BYTES, off, off + DIGEST_BYTES) !== 0) s.set(i, 1);
+  // Page by page first: maps of related images share most pages, and one compare of 32 KiB
+  // costs far less than 1024 compares of 32 bytes.
+  for (let p = 0; p < chunkCount; p += SLOTS_PER_PAGE) {
+    const end = Math.min(chunkCount, p + SLOTS_PER_PAGE);
+    if (A.compare(B, p * DIGEST_BYTES, end * DIGEST_BYTES, p * DIGEST_BYTES, end * DIGEST_BYTES) === 0) continue;
+    for (let i = p; i < end; i++) {
+      const off = i * DIGEST_BYTES;
+      if (A.compare(B, off, off + DIGEST_BYTES, off, off + DIGEST_BYTES) !== 0) s.set(i, 1);
+    }
   }
   return s;
 }
