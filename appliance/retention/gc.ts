@@ -92,6 +92,8 @@ export interface GcResult {
   packsRewritten: number;
   /** Packs left alone because a running job de-duplicated against a blob of them during the sweep. */
   packsKeptForIngest: number;
+  /** Rewrites that failed before their index move (e.g. no space for the new pack): the old pack stays. */
+  packsRewriteFailed: number;
   /** Pending packs (a running or unresolved job's) not considered. */
   packsPending: number;
   reclaimedBytes: number;
@@ -178,7 +180,7 @@ export async function collectGarbage(o: GcOptions): Promise<GcResult> {
       dryRun: !!o.dryRun, startedAt, images: live.length, blobs: table.count, liveBlobs, liveBytes,
       deadBlobs: table.count - liveBlobs, deadBytes, deadBytesAfter: deadBytes, pagesVisited: marker.pagesVisited, missingChunks: marker.missingChunks,
       packsBefore: packSizes.size, bytesBefore: [...packSizes.values()].reduce((a, b) => a + b, 0),
-      packsDeleted: 0, packsRewritten: 0, packsKeptForIngest: 0, packsPending: 0, reclaimedBytes: 0, reclaimableBytes: 0,
+      packsDeleted: 0, packsRewritten: 0, packsKeptForIngest: 0, packsRewriteFailed: 0, packsPending: 0, reclaimedBytes: 0, reclaimableBytes: 0,
       bytesAfter: 0, markSeconds, sweepSeconds: 0,
       volumes: [...byVolume.values()].map((v) => v.usage).sort((a, b) => (a.agent + a.volume < b.agent + b.volume ? -1 : 1)),
     };
@@ -187,32 +189,47 @@ export async function collectGarbage(o: GcOptions): Promise<GcResult> {
     // Packs this sweep wrote (or found already there byte for byte, a rewrite a crash left behind):
     // they hold live rows now, whatever the T0 plan said about them.
     const written = new Set<string>();
+    // Deletions first (they only free space), then rewrites, the emptiest packs first: on a full
+    // disk the deletions make the room a rewrite needs for its new pack.
+    const todo: PackPlan[] = [];
     for (const plan of plans.values()) {
       if (pending.has(plan.pack)) {
         res.packsPending++;
         continue;
       }
       if (plan.size > 0 && plan.liveBytes >= rewriteBelow * plan.size && plan.live.length > 0) continue;
-      const reclaim = plan.live.length === 0 ? plan.size : Math.max(0, plan.size - plan.liveBytes);
-      res.reclaimableBytes += reclaim;
+      res.reclaimableBytes += plan.live.length === 0 ? plan.size : Math.max(0, plan.size - plan.liveBytes);
+      todo.push(plan);
+    }
+    todo.sort((a, b) => a.liveBytes / Math.max(1, a.size) - b.liveBytes / Math.max(1, b.size));
+    for (const plan of todo) {
+      const del = plan.live.length === 0;
       if (o.dryRun) {
-        if (plan.live.length === 0) res.packsDeleted++;
+        if (del) res.packsDeleted++;
         else res.packsRewritten++;
         continue;
       }
+      if (written.has(plan.pack)) continue;
+      let r: number | 'kept';
       try {
-        const r = written.has(plan.pack) ? 'kept'
-          : plan.live.length === 0 ? await deletePack(store, table, plan, o.step) : await rewritePack(store, table, plan, written, o.step);
-        if (r === 'kept') res.packsKeptForIngest++;
-        else {
-          res.reclaimedBytes += r;
-          for (const id of plan.dead) res.deadBytesAfter -= table.storedLength(id);
-          if (plan.live.length === 0) res.packsDeleted++;
-          else res.packsRewritten++;
-        }
+        r = del ? await deletePack(store, table, plan, o.step) : await rewritePack(store, table, plan, written, o.step);
       } catch (e) {
-        throw toBlocksnapError(e, 'E_STORE_IO');
+        const err = toBlocksnapError(e, 'E_STORE_IO');
+        // A rewrite that fails before its index move changed nothing (a full disk, a pack unreadable):
+        // the old pack stays whole; the next GC tries again. Anything else stops the GC.
+        if (del || err.code === 'E_INTERNAL') throw err;
+        res.packsRewriteFailed++;
+        o.log?.warn({ pack: plan.pack, err: err.message }, 'could not rewrite a pack; it stays as it is');
+        continue;
       }
+      if (r === 'kept') {
+        res.packsKeptForIngest++;
+        continue;
+      }
+      res.reclaimedBytes += r;
+      for (const id of plan.dead) res.deadBytesAfter -= table.storedLength(id);
+      if (del) res.packsDeleted++;
+      else res.packsRewritten++;
     }
     res.sweepSeconds = (performance.now() - t1) / 1000;
     res.bytesAfter = store.stats().bytes;

@@ -15,6 +15,7 @@ import { FsManifestStore } from '../store/fs-manifest-store.js';
 import type { Manifest } from '../store/manifest.js';
 import { imageRootDigest } from '../../proto/shared/image-root.js';
 import { zstdCompress } from '../../proto/shared/zstd.js';
+import { makePrivateDir } from '../../proto/shared/durable-file.js';
 import { Retention, type RetentionDeps } from './retention-service.js';
 import { finishDeletions } from './retention-catalog.js';
 
@@ -76,6 +77,7 @@ export class StoreRig {
   }
 
   static async open(dataDir: string, opts: RigOptions = {}): Promise<StoreRig> {
+    await makePrivateDir(dataDir);
     const catalog = Catalog.open(join(dataDir, 'catalog.sqlite'));
     const log = opts.logger ?? pino({ level: 'silent' });
     const store = await FsChunkStore.open(join(dataDir, 'store'), { ...opts, logger: log, dataDir });
