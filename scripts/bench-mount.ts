@@ -5,7 +5,8 @@
  * copy) and to its first answer at all (standby copy), for app-consistent
  * pgbench images of a ≈1 GiB and a ≈8 GiB volume, served by the appliance's
  * NbdServer from the chunk store, each mount with its own copy-on-write
- * layer (nbdkit's cow filter in front: see test/agent/mount-image-fixture.ts),
+ * overlay (appliance/nbd/cow-overlay.ts; BENCH_COW=nbdkit puts nbdkit's cow
+ * filter in front of a read-only export instead),
  * attached with nbdfuse + a loop device. Medians of BENCH_RUNS (3) mounts;
  * the ratio 8 GiB / 1 GiB; where the time goes (attach, mount, WAL, prepare,
  * start = postmaster spawn to first answer; inside start, from the server
@@ -13,7 +14,9 @@
  * and the 10th of 10 clones of the 1 GiB image running at once.
  *
  * Env: BENCH_SIZES_GIB ("1,8"), BENCH_SCALES ("10,80": pgbench -i scale per
- * size), BENCH_RUNS (3), BENCH_CLONES (10), BENCH_DIRECT_IO (0/1).
+ * size), BENCH_RUNS (3), BENCH_CLONES (10), BENCH_DIRECT_IO (0/1),
+ * BENCH_PG_SETTINGS (JSON of extra per-start settings, e.g.
+ * '{"recovery_init_sync_method":"fsync"}' to compare with the default syncfs).
  * Writes .bench/mount.json.
  */
 import { chmod, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
@@ -30,6 +33,8 @@ const SCALES = (process.env.BENCH_SCALES ?? '10,80').split(',').map(Number);
 const RUNS = Number(process.env.BENCH_RUNS ?? 3);
 const CLONES = Number(process.env.BENCH_CLONES ?? 10);
 const DIRECT_IO = process.env.BENCH_DIRECT_IO === '1';
+const COW = process.env.BENCH_COW ?? 'overlay';
+const PG_SETTINGS = JSON.parse(process.env.BENCH_PG_SETTINGS ?? '{}') as Record<string, string>;
 const say = (m: string) => process.stdout.write(m + '\n');
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)]!;
 const r3 = (x: number) => Math.round(x * 1000) / 1000;
@@ -65,8 +70,9 @@ interface SizeResult {
   logPhases: Array<Record<string, number>>;
 }
 
+/** One mount with its own writable layer: the appliance's overlay (default) or nbdkit's cow filter (BENCH_COW=nbdkit). */
 async function mountOnce(fx: E2eFixture, mounter: NbdLocalMounter, img: PgImage, nbd: Awaited<ReturnType<typeof serveImage>>, asStandby: boolean): Promise<NbdLocalMount> {
-  const uri = await serveCow(fx, nbd.server.uri(nbd.newName()));
+  const uri = COW === 'nbdkit' ? await serveCow(fx, nbd.server.uri(nbd.newName())) : nbd.server.uri(await nbd.newWritableName());
   return mounter.mount(grantOf(img, uri), walSourceOf(img), { asStandby });
 }
 
@@ -80,7 +86,7 @@ async function benchSize(volumeGiB: number, scale: number): Promise<{ size: Size
     await rm(runBase, { recursive: true, force: true });
   });
   const mounter = new NbdLocalMounter({
-    stateDir, runBase, attacher: new NbdfuseAttacher({ directIo: DIRECT_IO }), pgSettings: { log_line_prefix: '%m ' },
+    stateDir, runBase, attacher: new NbdfuseAttacher({ directIo: DIRECT_IO }), pgSettings: { log_line_prefix: '%m ', ...PG_SETTINGS },
   });
   try {
     let t = Date.now();
@@ -110,7 +116,7 @@ async function benchSize(volumeGiB: number, scale: number): Promise<{ size: Size
           const m = await mountOnce(fx, mounter, img, nbd, false);
           up.push(m.mountId);
           clones.push(m.secondsToFirstQuery);
-          say(`  clone ${i + 1}: ${m.secondsToFirstQuery.toFixed(3)} s (with its cow layer: ${((Date.now() - t) / 1000).toFixed(3)} s)`);
+          say(`  clone ${i + 1}: ${m.secondsToFirstQuery.toFixed(3)} s (with creating its overlay: ${((Date.now() - t) / 1000).toFixed(3)} s)`);
         }
       } finally {
         for (const id of up.reverse()) await mounter.unmount(id).catch((e: unknown) => say(`  unmount ${id}: ${String(e)}`));
@@ -123,7 +129,7 @@ async function benchSize(volumeGiB: number, scale: number): Promise<{ size: Size
 }
 
 async function main(): Promise<void> {
-  say(`mount benchmark: sizes ${SIZES.join(', ')} GiB, ${RUNS} runs each, ${CLONES} clones, loop direct-io ${DIRECT_IO ? 'on' : 'off'}, load ${loadavg()[0]!.toFixed(2)}`);
+  say(`mount benchmark: sizes ${SIZES.join(', ')} GiB, ${RUNS} runs each, ${CLONES} clones, loop direct-io ${DIRECT_IO ? 'on' : 'off'}, cow ${COW}, settings ${JSON.stringify(PG_SETTINGS)}, load ${loadavg()[0]!.toFixed(2)}`);
   const results: SizeResult[] = [];
   let clones: number[] | undefined;
   for (const [i, gib] of SIZES.entries()) {
@@ -143,7 +149,7 @@ async function main(): Promise<void> {
   if (ratio !== undefined) say(`ratio ${summary[summary.length - 1]!.volumeGiB} GiB / ${summary[0]!.volumeGiB} GiB (primary): ${ratio} (goal ≤ 1.2)`);
   if (clones?.length) say(`clones: 1st ${clones[0]!.toFixed(3)} s, ${clones.length}th ${clones[clones.length - 1]!.toFixed(3)} s`);
   await mkdir('.bench', { recursive: true });
-  await writeFile('.bench/mount.json', JSON.stringify({ at: new Date().toISOString(), directIo: DIRECT_IO, results, summary, ratio, clones }, null, 2) + '\n');
+  await writeFile('.bench/mount.json', JSON.stringify({ at: new Date().toISOString(), directIo: DIRECT_IO, cow: COW, pgSettings: PG_SETTINGS, results, summary, ratio, clones }, null, 2) + '\n');
 }
 
 main().then(() => process.exit(0), (e: unknown) => {

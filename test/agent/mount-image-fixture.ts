@@ -5,14 +5,12 @@
  * appliance's own NbdServer, the grant a mount manager would hand out, and
  * the WAL source reading the image's WAL pieces from the chunk store.
  *
- * Writable exports: each mount gets its own copy-on-write layer. Until the
- * appliance overlay is wired for tests here, `serveCow` puts nbdkit's cow
- * filter in front of the read-only export (nbdkit's nbd plugin reading our
- * server): writes land in nbdkit's private temporary overlay, never in the
- * image, one overlay per nbdkit process (= per mount).
+ * Writable exports: each mount gets its own copy-on-write overlay of the
+ * appliance (`newWritableName`). `serveCow` is the other way, kept for
+ * comparison: nbdkit's cow filter in front of a read-only export.
  */
 import { spawn } from 'node:child_process';
-import { readFile, rm } from 'node:fs/promises';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -20,6 +18,8 @@ import { randomBytes } from 'node:crypto';
 import { ImageSource } from '../../appliance/nbd/image-source.js';
 import { NbdServer } from '../../appliance/nbd/nbd-server.js';
 import { readOnlyExport } from '../../appliance/nbd/read-only-export.js';
+import { writableExport } from '../../appliance/nbd/writable-export.js';
+import { CowOverlay } from '../../appliance/nbd/cow-overlay.js';
 import type { NbdExport } from '../../appliance/nbd/nbd-export.js';
 import type { ChunkStore } from '../../appliance/store/chunk-store.js';
 import type { PgImageInfo } from '../../appliance/store/pg-image-info.js';
@@ -90,17 +90,33 @@ export function walSourceOf(img: PgImage): WalSource {
   };
 }
 
-/** The appliance's NbdServer serving the image read-only under random export names it hands out (`name()`). */
-export async function serveImage(fx: E2eFixture, img: PgImage): Promise<{ server: NbdServer; newName(): string }> {
-  const exp: NbdExport = readOnlyExport(await ImageSource.open(img.store, img.rootDigest));
-  const names = new Set<string>();
-  const server = await NbdServer.start({ resolve: async (asked) => (names.has(asked) ? exp : undefined) });
+/**
+ * The appliance's NbdServer serving the image under random export names it
+ * hands out: `newName()` read-only, `newWritableName()` writable through a
+ * copy-on-write overlay of its own (appliance/nbd/cow-overlay.ts, one per
+ * name = per mount, as the mount manager gives each mount), created in O(1).
+ */
+export async function serveImage(fx: E2eFixture, img: PgImage): Promise<{ server: NbdServer; newName(): string; newWritableName(): Promise<string> }> {
+  const source = await ImageSource.open(img.store, img.rootDigest);
+  const ro: NbdExport = readOnlyExport(source);
+  const names = new Map<string, NbdExport>();
+  const server = await NbdServer.start({ resolve: async (asked) => names.get(asked) });
   fx.add('nbd server', server, (s) => s.close());
+  const overlays = await mkdtemp(join(tmpdir(), 'bsn-overlays-'));
+  fx.defer('overlays', () => rm(overlays, { recursive: true, force: true }));
+  const name = () => randomBytes(16).toString('hex');
   return {
     server,
     newName: () => {
-      const n = randomBytes(16).toString('hex');
-      names.add(n);
+      const n = name();
+      names.set(n, ro);
+      return n;
+    },
+    newWritableName: async () => {
+      const n = name();
+      const overlay = await CowOverlay.create(join(overlays, n), { volumeSize: img.volumeSize, chunkSize: img.chunkSize, rootDigest: img.rootDigest });
+      fx.add(`overlay ${n}`, overlay, (o) => o.close());
+      names.set(n, writableExport(source, overlay));
       return n;
     },
   };

@@ -22,7 +22,7 @@ import { isAlive } from '../../proto/shared/proc.js';
 import { e2eFixture, testLogger } from '../support/e2e-fixture.js';
 import { codeOf } from '../support/error-code.js';
 import { waitFor } from '../support/wait-for.js';
-import { buildPgImage, grantOf, serveCow, serveImage, walSourceOf, type PgImage } from './mount-image-fixture.js';
+import { buildPgImage, grantOf, serveImage, walSourceOf, type PgImage } from './mount-image-fixture.js';
 import { loopsBackedBy } from '../../agent/mount/loop-device.js';
 
 const fx = e2eFixture();
@@ -52,8 +52,9 @@ afterEach(async () => {
   await mounter.cleanupOrphans().catch(() => undefined);
 });
 
+/** A writable export with its own overlay in the appliance's NbdServer, as the mount manager hands out. */
 async function writableUri(): Promise<string> {
-  return serveCow(fx, nbd.server.uri(nbd.newName()));
+  return nbd.server.uri(await nbd.newWritableName());
 }
 
 async function client(m: LocalMount): Promise<pg.Client> {
