@@ -1,5 +1,5 @@
 import BitSet from 'bitset';
-import { DIGEST_BYTES, SLOTS_PER_PAGE } from '../../proto/shared/image-root.js';
+import { DIGEST_BYTES } from '../../proto/shared/image-root.js';
 
 /**
  * Sets of chunk indexes for a changed-only restore (DESIGN.md §4.6), with the
@@ -35,19 +35,23 @@ export function setOfWords(words: Uint32Array): ChunkSet {
 /** Chunks whose 32-byte digests differ between two maps of the same geometry. */
 export function digestDiffSet(a: Uint8Array, b: Uint8Array, chunkCount: number): ChunkSet {
   const s = emptySet(chunkCount);
-  const A = Buffer.from(a.buffer, a.byteOffset, a.byteLength);
-  const B = Buffer.from(b.buffer, b.byteOffset, b.byteLength);
-  // Page by page first: maps of related images share most pages, and one compare of 32 KiB
-  // costs far less than 1024 compares of 32 bytes.
-  for (let p = 0; p < chunkCount; p += SLOTS_PER_PAGE) {
-    const end = Math.min(chunkCount, p + SLOTS_PER_PAGE);
-    if (A.compare(B, p * DIGEST_BYTES, end * DIGEST_BYTES, p * DIGEST_BYTES, end * DIGEST_BYTES) === 0) continue;
-    for (let i = p; i < end; i++) {
-      const off = i * DIGEST_BYTES;
-      if (A.compare(B, off, off + DIGEST_BYTES, off, off + DIGEST_BYTES) !== 0) s.set(i, 1);
-    }
+  const A = words32(a, chunkCount);
+  const B = words32(b, chunkCount);
+  // Eight u32 compares per digest in one loop: a native compare call per digest costs far more
+  // (measured: 7.4 s vs well under a second for 16 Mi digests on a loaded host).
+  for (let i = 0, w = 0; i < chunkCount; i++, w += 8) {
+    if (A[w] !== B[w] || A[w + 1] !== B[w + 1] || A[w + 2] !== B[w + 2] || A[w + 3] !== B[w + 3] ||
+      A[w + 4] !== B[w + 4] || A[w + 5] !== B[w + 5] || A[w + 6] !== B[w + 6] || A[w + 7] !== B[w + 7]) s.set(i, 1);
   }
   return s;
+}
+
+/** A u32 view of chunkCount digests (copied when the bytes are not 4-byte aligned). */
+function words32(m: Uint8Array, chunkCount: number): Uint32Array {
+  const bytes = chunkCount * DIGEST_BYTES;
+  if (m.length < bytes) throw new RangeError(`digest map of ${m.length} bytes is shorter than ${chunkCount} digests`);
+  if (m.byteOffset % 4 === 0) return new Uint32Array(m.buffer, m.byteOffset, bytes / 4);
+  return new Uint32Array(m.slice(0, bytes).buffer);
 }
 
 /** The union of the sets (a new set). */
