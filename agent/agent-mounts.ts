@@ -236,13 +236,16 @@ export class AgentMounts {
     });
   }
 
-  /** The appliance ended a mount (removed, expired): its exports no longer answer, so unmount here. */
+  /** The appliance ends a mount (an operator's removal, expiry): unmount here, then say so. */
   private async onAppliancesRelease(mountId: string, reason: string): Promise<void> {
     if (!this.d.mounter) return;
     const mine = (await this.d.mounter.list().catch(() => [] as LocalMount[])).some((m) => m.mountId === mountId);
-    if (!mine) return;
-    this.d.log.warn({ mount: mountId, reason }, 'the appliance ended a mount: unmounting it');
-    await this.d.mounter.unmount(mountId).catch((e) => this.d.log.error({ mount: mountId, err: e }, 'unmount after the appliance ended the mount failed'));
+    if (mine) {
+      this.d.log.warn({ mount: mountId, reason }, 'the appliance ends a mount: unmounting it');
+      await this.d.mounter.unmount(mountId).catch((e) => this.d.log.error({ mount: mountId, err: e }, 'unmount after the appliance ended the mount failed'));
+    }
+    // An operator's removal waits for this to drop the export only after the copy is down.
+    await this.release(mountId, 'unmounted: the appliance asked');
   }
 
   /** `blocksnap-appliance mount IMAGE --on AGENT`: the same mount, its result sent back. */

@@ -23,7 +23,8 @@ export function mountRoutes(app: Appliance): ControlRoutes {
       if (!m) throw new BlocksnapError('E_NOT_FOUND', `no mount ${String(body.mountId ?? '')}`);
       return view(m);
     },
-    'POST /v1/mounts/remove': async ({ body }) => view(await app.mounts.remove(String(body.mountId ?? ''), 'removed by operator')),
+    // The agent unmounts first (its PostgreSQL stops cleanly), then the export goes.
+    'POST /v1/mounts/remove': async ({ body }) => view(await app.mountProtocol.removeGracefully(String(body.mountId ?? ''), 'removed by operator')),
     'POST /v1/mount': async ({ body, events }) => {
       const agent = String(body.agent ?? '');
       const imageId = String(body.imageId ?? '');

@@ -54,6 +54,8 @@ export class MountProtocol {
   private readonly walQueues = new Map<string, { chain: Promise<void>; queued: number }>();
   /** Mounts the agent itself released: no MountRelease goes back. */
   private readonly releasedByAgent = new Set<string>();
+  /** Mounts the operator removes, waiting for their agent to unmount first (removeGracefully). */
+  private readonly awaitingRelease = new Map<string, { reason: string; done: () => void }>();
 
   constructor(
     private readonly manager: MountManager,
@@ -116,12 +118,38 @@ export class MountProtocol {
     const row = this.manager.mounts.get(mountId);
     if (!row || row.agentId !== s.agent!.id) throw new BlocksnapError('E_NOT_FOUND', `no mount ${mountId} of agent ${s.agent!.name}`);
     if (row.state !== 'active') return; // released twice, or it ended meanwhile: nothing to do
+    const asked = this.awaitingRelease.get(mountId);
     this.releasedByAgent.add(mountId);
     try {
-      await this.manager.remove(mountId, 'released by the agent');
+      await this.manager.remove(mountId, asked?.reason ?? 'released by the agent');
     } finally {
       this.releasedByAgent.delete(mountId);
+      asked?.done();
     }
+  }
+
+  /**
+   * The operator's removal: the agent is asked to unmount first (MountRelease),
+   * so its PostgreSQL stops and its filesystems unmount while the export
+   * still answers; its MountRelease back ends the mount. An agent that is not
+   * connected, or does not answer within `waitMs`, loses the export anyway.
+   */
+  async removeGracefully(mountId: string, reason: string, waitMs = 60_000): Promise<MountRow> {
+    const row = this.manager.mounts.get(mountId);
+    const s = row?.state === 'active' ? this.sessionOf(row.agent) : undefined;
+    if (row && s?.agent?.id === row.agentId && !this.awaitingRelease.has(mountId)) {
+      const released = new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, waitMs);
+        timer.unref();
+        this.awaitingRelease.set(mountId, { reason, done: () => (clearTimeout(timer), resolve()) });
+        s.transport.onClose(() => resolve());
+      });
+      await s.transport.send(envelope('mountRelease', { mountId, reason: reason.slice(0, 1000) })).catch(() => this.awaitingRelease.get(mountId)?.done());
+      await released;
+      this.awaitingRelease.delete(mountId);
+    }
+    // Ended by the agent's release meanwhile: remove answers the ended row and does nothing more.
+    return this.manager.remove(mountId, reason);
   }
 
   /**
