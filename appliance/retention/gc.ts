@@ -21,7 +21,6 @@
  */
 import { rm } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
-import BitSet from 'bitset';
 import type { Logger } from 'pino';
 import { BlocksnapError, toBlocksnapError } from '../../proto/errors.js';
 import { fsyncDir } from '../../proto/shared/durable-file.js';
@@ -31,7 +30,7 @@ import type { FsChunkStore } from '../store/fs-chunk-store.js';
 import { packRelPath, type TrailerEntry } from '../store/pack-format.js';
 import { PackReader } from '../store/pack-reader.js';
 import { PackWriter } from '../store/pack-writer.js';
-import { BlobTable } from './blob-table.js';
+import { BlobTable, MarkBits } from './blob-table.js';
 
 export const DEFAULT_REWRITE_BELOW = 0.5;
 
@@ -131,15 +130,15 @@ export async function collectGarbage(o: GcOptions): Promise<GcResult> {
     const later = (await o.liveLater?.()) ?? [];
     const seen = new Set(live.map((l) => l.imageId));
     for (const l of later) if (!seen.has(l.imageId)) live.push(l);
-    const mark = new BitSet();
+    const mark = new MarkBits(table.count);
     const marker = new Marker(store, table, mark);
-    const byVolume = new Map<string, { usage: VolumeUsage; ids: InstanceType<typeof BitSet>; pages: InstanceType<typeof BitSet> }>();
+    const byVolume = new Map<string, { usage: VolumeUsage; ids: MarkBits; pages: MarkBits }>();
     const rootsDone = new Set<string>();
     for (const img of live) {
       const key = `${img.agent}\u0000${img.volume}`;
       let v = byVolume.get(key);
       if (!v) {
-        v = { usage: { agent: img.agent, volume: img.volume, images: 0, logicalBytes: 0, referencedBytes: 0 }, ids: new BitSet(), pages: new BitSet() };
+        v = { usage: { agent: img.agent, volume: img.volume, images: 0, logicalBytes: 0, referencedBytes: 0 }, ids: new MarkBits(table.count), pages: new MarkBits(table.count) };
         byVolume.set(key, v);
       }
       v.usage.images++;
@@ -150,7 +149,7 @@ export async function collectGarbage(o: GcOptions): Promise<GcResult> {
     }
     for (const v of byVolume.values()) {
       let bytes = 0;
-      for (const id of v.ids) bytes += table.storedLength(id);
+      for (const id of v.ids.ids()) bytes += table.storedLength(id);
       v.usage.referencedBytes = bytes;
     }
     const markSeconds = (performance.now() - t0) / 1000;
@@ -166,7 +165,7 @@ export async function collectGarbage(o: GcOptions): Promise<GcResult> {
       let plan = plans.get(pack);
       if (!plan) plans.set(pack, (plan = { pack, size: 0, live: [], dead: [], liveBytes: 0 }));
       const len = table.storedLength(id);
-      if (mark.get(id)) {
+      if (mark.has(id)) {
         plan.live.push(id);
         plan.liveBytes += len;
         liveBlobs++;
@@ -244,20 +243,22 @@ export async function collectGarbage(o: GcOptions): Promise<GcResult> {
 class Marker {
   pagesVisited = 0;
   missingChunks = 0;
-  private readonly pagesSeen = new BitSet();
+  private readonly pagesSeen: MarkBits;
 
   constructor(
     private readonly store: FsChunkStore,
     private readonly table: BlobTable,
-    private readonly mark: InstanceType<typeof BitSet>,
-  ) {}
-
-  private markId(id: number, vol: InstanceType<typeof BitSet>): void {
-    this.mark.set(id, 1);
-    vol.set(id, 1);
+    private readonly mark: MarkBits,
+  ) {
+    this.pagesSeen = new MarkBits(table.count);
   }
 
-  async image(img: LiveImage, vol: InstanceType<typeof BitSet>, volPages: InstanceType<typeof BitSet>): Promise<void> {
+  private markId(id: number, vol: MarkBits): void {
+    this.mark.set(id);
+    vol.set(id);
+  }
+
+  async image(img: LiveImage, vol: MarkBits, volPages: MarkBits): Promise<void> {
     const rootDigest = Buffer.from(img.rootHex, 'hex');
     const rootId = this.table.idOf(rootDigest);
     if (rootId >= 0) this.markId(rootId, vol);
@@ -275,13 +276,13 @@ class Marker {
       const pid = this.table.idOf(pageDigest);
       if (pid >= 0) {
         // Shared pages: the chunks of a page are marked once (per volume, for its accounting).
-        if (volPages.get(pid)) continue;
-        volPages.set(pid, 1);
+        if (volPages.has(pid)) continue;
+        volPages.set(pid);
         this.markId(pid, vol);
       }
       const page = await this.read(Buffer.from(pageDigest), `page ${p} of image ${img.imageId}`);
-      if (pid < 0 || !this.pagesSeen.get(pid)) this.pagesVisited++;
-      if (pid >= 0) this.pagesSeen.set(pid, 1);
+      if (pid < 0 || !this.pagesSeen.has(pid)) this.pagesVisited++;
+      if (pid >= 0) this.pagesSeen.set(pid);
       for (let s = 0; s < page.length; s += DIGEST_BYTES) {
         if (page.compare(ZERO_DIGEST, 0, DIGEST_BYTES, s, s + DIGEST_BYTES) === 0) continue;
         const id = this.table.idOf(page, s);

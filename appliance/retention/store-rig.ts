@@ -22,6 +22,13 @@ import { finishDeletions } from './retention-catalog.js';
 /** A volume held in memory (the shape of appliance/testing/scripted-agent.ts's, which is not built into dist/). */
 export interface RigVolume { name: string; size: number; chunkSize: number; data: Buffer }
 
+/**
+ * Chunk digests (null = ZERO) by the volume's data buffer, filled on first use
+ * and carried over by mutateRigVolume, so a 1 GiB volume is not re-hashed per
+ * image. Keyed by the buffer: a copy made elsewhere starts without one.
+ */
+const digestCache = new WeakMap<Buffer, (Buffer | null | undefined)[]>();
+
 /** Random content, the listed chunks all-zero. */
 export function rigVolume(name: string, size: number, chunkSize: number, zeroChunks: number[] = []): RigVolume {
   const v = { name, size, chunkSize, data: randomBytes(size) };
@@ -32,14 +39,21 @@ export function rigVolume(name: string, size: number, chunkSize: number, zeroChu
 /** A copy of `v` whose listed chunks got new random content. */
 export function mutateRigVolume(v: RigVolume, chunks: number[]): RigVolume {
   const next = { ...v, data: Buffer.from(v.data) };
-  for (const i of chunks) randomBytes(plainOf(next, i).length).copy(plainOf(next, i));
+  const known = digestCache.get(v.data);
+  const digests = known ? [...known] : undefined;
+  for (const i of chunks) {
+    randomBytes(plainOf(next, i).length).copy(plainOf(next, i));
+    if (digests) digests[i] = undefined;
+  }
+  if (digests) digestCache.set(next.data, digests);
   return next;
 }
 
 const chunkCountOf = (v: RigVolume) => Math.ceil(v.size / v.chunkSize);
 const plainOf = (v: RigVolume, i: number) => v.data.subarray(i * v.chunkSize, Math.min((i + 1) * v.chunkSize, v.size));
 const sha256 = (b: Uint8Array) => createHash('sha256').update(b).digest();
-const isZero = (b: Buffer) => b.every((x) => x === 0);
+const ZEROS = Buffer.alloc(4 << 20);
+const isZero = (b: Buffer) => b.equals(ZEROS.subarray(0, b.length));
 
 function goodChunk(v: RigVolume, i: number): IngestChunk {
   const plain = plainOf(v, i);
@@ -49,10 +63,16 @@ function goodChunk(v: RigVolume, i: number): IngestChunk {
 
 function expectedRootOf(v: RigVolume): Buffer {
   const n = chunkCountOf(v);
+  let cached = digestCache.get(v.data);
+  if (!cached) digestCache.set(v.data, (cached = new Array(n)));
   const digests = Buffer.alloc(n * 32);
   for (let i = 0; i < n; i++) {
-    const plain = plainOf(v, i);
-    if (!isZero(plain)) sha256(plain).copy(digests, i * 32);
+    let d = cached[i];
+    if (d === undefined) {
+      const plain = plainOf(v, i);
+      d = cached[i] = isZero(plain) ? null : sha256(plain);
+    }
+    d?.copy(digests, i * 32);
   }
   return imageRootDigest(v.size, v.chunkSize, digests);
 }
