@@ -57,7 +57,9 @@ async function logPhases(logFile: string): Promise<Record<string, number>> {
   rel('consistent', /consistent recovery state reached/);
   rel('redoDone', /redo done at/);
   rel('checkpointDone', /checkpoint complete/);
-  rel('ready', /database system is ready to accept/);
+  rel('readOnlyReady', /ready to accept read-only connections/);
+  rel('ready', /ready to accept connections/);
+  if (process.env.BENCH_PRINT_LOG === '1') say(lines.join('\n'));
   return out;
 }
 

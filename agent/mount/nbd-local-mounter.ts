@@ -19,7 +19,7 @@
  *                                   while the state dir is root's alone.
  *   /run/blocksnap-mounts/<id>.run/ the copy's socket dir and server log (owner's)
  */
-import { chmod, chown, mkdir, readdir, rename, stat, writeFile } from 'node:fs/promises';
+import { chmod, chown, mkdir, readFile, readdir, rename, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { execa } from 'execa';
@@ -93,14 +93,55 @@ async function fsType(device: string): Promise<string> {
   return String(r.stdout).trim();
 }
 
-/** mount(8) options: a read-only mount must not replay a journal (noload/norecovery); XFS copies beside their source need nouuid. */
+/**
+ * mount(8) options: a read-only mount must not replay a journal
+ * (noload/norecovery); XFS copies beside their source need nouuid. A
+ * writable ext4 is mounted with barrier=0 while the mount is being prepared
+ * (journal replay, WAL, label, recovery settings): each fsync there would be
+ * a flush through loop, FUSE and NBD into the overlay on the appliance's
+ * disk (≈0.1–0.2 s each, measured here under load), and nothing of it needs
+ * to be durable before PostgreSQL starts — a mount does not outlive its
+ * host. `barrierOn` turns barriers back on and syncs the filesystem (one
+ * flush) before the postmaster is spawned, so PostgreSQL runs with every
+ * fsync meaning what it says.
+ */
 export function mountOptions(type: string, writable: boolean): string[] {
   const o = writable ? ['noatime'] : ['ro'];
   if (type === 'xfs') o.push('nouuid', ...(writable ? [] : ['norecovery']));
-  else if (type === 'ext4' || type === 'ext3') {
-    if (!writable) o.push('noload');
-  }
+  else if (type === 'ext4' || type === 'ext3') o.push(writable ? 'barrier=0' : 'noload');
   return o;
+}
+
+/** Barriers back on, then syncfs: what the preparation wrote is on the device, flushed, before PostgreSQL starts. */
+async function barrierOn(mp: string): Promise<void> {
+  const r = await execa('mount', ['-o', 'remount,barrier=1', mp], { reject: false, stdin: 'ignore', timeout: 60_000 });
+  if (r.exitCode !== 0) throw new BlocksnapError('E_DEVICE', `remount ${mp} with barriers failed: ${String(r.stderr).trim()}`, { cause: r });
+  const s = await execa('sync', ['-f', mp], { reject: false, stdin: 'ignore', timeout: 300_000 });
+  if (s.exitCode !== 0) throw new BlocksnapError('E_DEVICE', `sync -f ${mp} failed: ${String(s.stderr).trim()}`, { cause: s });
+}
+
+/** server_version_num of a data directory's major (PG_VERSION): enough to pick binaries and SQL. */
+async function versionOf(dataDir: string): Promise<number> {
+  const v = (await readFile(path.join(dataDir, 'PG_VERSION'), 'utf8')).trim();
+  const m = /^(\d+)(?:\.(\d+))?$/.exec(v);
+  if (!m) throw new BlocksnapError('E_PG', `${dataDir}/PG_VERSION says ${JSON.stringify(v)}`);
+  return Number(m[1]) >= 10 ? Number(m[1]) * 10000 : Number(m[1]) * 10000 + Number(m[2] ?? 0) * 100;
+}
+
+/**
+ * A crash-consistent image (no label): PostgreSQL's crash recovery from
+ * pg_control is right for a snapshot taken at one instant. Only the source's
+ * postmaster.pid goes (its pid may be a live process on this host, and
+ * PostgreSQL would refuse to start); an image of a standby is refused (it
+ * would follow the source's primary with the source's slot).
+ */
+async function prepareCrashConsistent(dataDir: string): Promise<void> {
+  for (const f of ['standby.signal', 'recovery.signal', 'recovery.conf']) {
+    if (await stat(path.join(dataDir, f)).then(() => true, () => false)) {
+      throw new BlocksnapError('E_USAGE', `the crash-consistent image holds ${f}: a standby's image needs its backup label to be mounted`);
+    }
+  }
+  await rm(path.join(dataDir, 'postmaster.pid'), { force: true });
 }
 
 export class NbdLocalMounter implements LocalMounter {
@@ -120,11 +161,13 @@ export class NbdLocalMounter implements LocalMounter {
     checkMountId(grant.mountId);
     const pgExports = grant.exports.filter((e) => e.pg);
     if (!grant.exports.length) throw new BlocksnapError('E_USAGE', `mount ${grant.mountId}: the grant has no exports`);
-    if (pgExports.length !== 1) throw new BlocksnapError('E_USAGE', `mount ${grant.mountId}: ${pgExports.length} exports carry PostgreSQL data; exactly one must`);
-    const pgx = pgExports[0]!;
-    const info = pgx.pg!;
+    if (pgExports.length > 1) throw new BlocksnapError('E_USAGE', `mount ${grant.mountId}: ${pgExports.length} exports carry PostgreSQL data; at most one may`);
+    // No export with PostgreSQL data: a crash-consistent image (PostgreSQL's own crash recovery, from pg_control).
+    const pgx = pgExports[0];
+    const info = pgx?.pg;
     if (!grant.writable) throw new BlocksnapError('E_USAGE', `mount ${grant.mountId}: PostgreSQL cannot run on a read-only grant`);
-    if (info.spcmapFile) throw new BlocksnapError('E_USAGE', `mount ${grant.mountId}: images with tablespaces cannot be mounted yet (their links name the source's paths)`);
+    if (!info && opts.asStandby) throw new BlocksnapError('E_USAGE', `mount ${grant.mountId}: a crash-consistent image cannot be mounted as a standby (no backup label to start from)`);
+    if (info?.spcmapFile) throw new BlocksnapError('E_USAGE', `mount ${grant.mountId}: images with tablespaces cannot be mounted yet (their links name the source's paths)`);
     if (this.mounts.has(grant.mountId) || this.inProgress.has(grant.mountId)) throw new BlocksnapError('E_BUSY', `mount ${grant.mountId} exists`);
     if (opts.pgPort !== undefined && (!Number.isInteger(opts.pgPort) || opts.pgPort < 1 || opts.pgPort > 65535)) throw new BlocksnapError('E_USAGE', `invalid port ${opts.pgPort}`);
 
@@ -148,6 +191,7 @@ export class NbdLocalMounter implements LocalMounter {
 
       const attacher = this.o.attacher ?? (await defaultAttacher());
       const roots: string[] = [];
+      const unbarriered: string[] = [];
       for (const x of [...grant.exports].sort((a, b) => a.volume.localeCompare(b.volume))) {
         const mp = grant.exports.length === 1 ? target : path.join(target, x.volume);
         if (mp !== target) {
@@ -158,7 +202,8 @@ export class NbdLocalMounter implements LocalMounter {
         const device = await attacher.attach(x.uri, { workDir, name: x.volume, readOnly: !grant.writable }, journal);
         phases.attach += (performance.now() - t) / 1000;
         t = performance.now();
-        await this.mountFs(journal, device, mp, grant.writable);
+        const type = await this.mountFs(journal, device, mp, grant.writable);
+        if (grant.writable && (type === 'ext4' || type === 'ext3')) unbarriered.push(mp);
         phases.mount += (performance.now() - t) / 1000;
         roots.push(mp);
       }
@@ -168,36 +213,47 @@ export class NbdLocalMounter implements LocalMounter {
       const st = await stat(dataDir);
       const owner = await ownerOf(st.uid, st.gid);
       const port = opts.pgPort ?? (await freePort());
-      const promoteHere = !opts.asStandby && pgSqlFor(info.serverVersion).recovery.promoteAtTarget !== null;
-      const prep: PrepareOptions = {
-        labelFile: info.labelFile, spcmapFile: null, stopLsn: info.stopLsn, timeline: info.timeline || null, version: info.serverVersion,
-        asStandby: opts.asStandby,
-        // A standby of the image has no primary to follow: it replays to the image's stop point and serves reads.
-        restoreCommand: opts.asStandby ? '/bin/false' : undefined,
-        port,
-        // Fast promotion (see defaultPgSettings): pause at the stop point, promote from here.
-        pauseAtTarget: promoteHere,
-      };
-      await checkDataDir(dataDir, prep);
-      await this.copyWal(grant.imageId, pgx, wal, dataDir, owner);
-      phases.wal = (performance.now() - t) / 1000;
-      t = performance.now();
-      await prepareDataDir(dataDir, prep);
-
+      const serverVersion = info?.serverVersion ?? (await versionOf(dataDir));
+      const promoteHere = !!info && !opts.asStandby && pgSqlFor(serverVersion).recovery.promoteAtTarget !== null;
+      let reprepare: ((port: number) => Promise<unknown>) | null = null;
+      const extra: Record<string, string> = {};
+      if (info && pgx) {
+        const prep: PrepareOptions = {
+          labelFile: info.labelFile, spcmapFile: null, stopLsn: info.stopLsn, timeline: info.timeline || null, version: info.serverVersion,
+          asStandby: opts.asStandby,
+          // A standby of the image has no primary to follow: it replays to the image's stop point and serves reads.
+          restoreCommand: opts.asStandby ? '/bin/false' : undefined,
+          port,
+          // Fast promotion (see defaultPgSettings): pause at the stop point, promote from here.
+          pauseAtTarget: promoteHere,
+        };
+        await checkDataDir(dataDir, prep);
+        await this.copyWal(grant.imageId, pgx, wal, dataDir, owner);
+        phases.wal = (performance.now() - t) / 1000;
+        t = performance.now();
+        await prepareDataDir(dataDir, prep);
+        reprepare = (p) => prepareDataDir(dataDir, { ...prep, port: p });
+      } else {
+        await prepareCrashConsistent(dataDir);
+        // Not written into the copy (no prepare ran): on the command line. archive_mode off: the copy must
+        // not archive into the source's archive.
+        extra.archive_mode = 'off';
+      }
       await this.makeRunBase(this.runBase);
       await journal.step({ kind: 'dir', path: runDir, recursive: true });
       await mkdir(runDir, { mode: 0o755 });
       await chown(runDir, owner.uid, owner.gid);
+      for (const mp of unbarriered) await barrierOn(mp);
       phases.prepare = (performance.now() - t) / 1000;
 
       t = performance.now();
-      const binDir = this.o.binDirFor?.(info.serverVersion) ?? `/usr/lib/postgresql/${majorOf(info.serverVersion)}/bin`;
+      const binDir = this.o.binDirFor?.(serverVersion) ?? `/usr/lib/postgresql/${majorOf(serverVersion)}/bin`;
       const start: StartPgOptions = {
         dataDir, binDir, port, runDir, logFile: path.join(runDir, 'postgres.log'), owner,
-        settings: { ...defaultPgSettings(info.serverVersion), ...this.o.pgSettings },
+        settings: { ...defaultPgSettings(serverVersion), ...extra, ...this.o.pgSettings },
       };
-      const wait = { serverVersion: info.serverVersion, standby: !!opts.asStandby, promoteWhenPaused: promoteHere, timeoutMs: this.o.startTimeoutMs ?? 300_000 };
-      const pgPort = await this.startPg(journal, start, wait, opts.pgPort === undefined ? (p) => prepareDataDir(dataDir, { ...prep, port: p }) : null);
+      const wait = { serverVersion, standby: !!opts.asStandby, promoteWhenPaused: promoteHere, timeoutMs: this.o.startTimeoutMs ?? 300_000 };
+      const pgPort = await this.startPg(journal, start, wait, opts.pgPort === undefined ? reprepare ?? (async () => undefined) : null);
       phases.start = (performance.now() - t) / 1000;
       const secondsToFirstQuery = since();
       phases.total = secondsToFirstQuery;
@@ -229,12 +285,13 @@ export class NbdLocalMounter implements LocalMounter {
     if (created !== undefined) await chmod(dir, 0o711);
   }
 
-  private async mountFs(journal: MountJournal, device: string, mp: string, writable: boolean): Promise<void> {
+  private async mountFs(journal: MountJournal, device: string, mp: string, writable: boolean): Promise<string> {
     const type = await fsType(device);
     if (!type) throw new BlocksnapError('E_DEVICE', `no filesystem found on ${device}`);
     await journal.step({ kind: 'fs', target: mp, device });
     const r = await execa('mount', ['-t', type, '-o', mountOptions(type, writable).join(','), device, mp], { reject: false, stdin: 'ignore', timeout: 120_000 });
     if (r.exitCode !== 0) throw new BlocksnapError('E_DEVICE', `mount ${device} on ${mp} failed: ${String(r.stderr).trim()}`, { cause: r });
+    return type;
   }
 
   /** The image's WAL into the data dir's WAL directory, each segment complete under a temp name first (no fsync: the start's sync covers it). */

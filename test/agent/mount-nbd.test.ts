@@ -114,6 +114,10 @@ describe('NbdLocalMounter: a real image over NBD', () => {
     made.push(m);
     expect(m.secondsToFirstQuery).toBeGreaterThan(0);
     expect(m.pgPort).not.toBe(img.source.port);
+    // Prepared without barriers, but PostgreSQL runs on a filesystem whose fsyncs flush.
+    const line = (await readFile('/proc/self/mountinfo', 'utf8')).split('\n').find((l) => l.split(' ')[4] === m.target);
+    expect(line).toMatch(/ - ext4 /);
+    expect(line).not.toMatch(/nobarrier|barrier=0/);
     const c = await client(m);
     try {
       const [r] = (await c.query<{ rec: boolean; n: string; min: string; max: string }>(
@@ -180,6 +184,30 @@ describe('NbdLocalMounter: a real image over NBD', () => {
     await mounter.unmount(m.mountId);
     made.length = 0;
     await expectNothingLeft(s);
+  }, 180_000);
+
+  it('a crash-consistent grant (no label): PostgreSQL crash-recovers the snapshot, every acknowledged tick, no gap', async () => {
+    const grant = grantOf(img, await writableUri());
+    delete grant.exports[0]!.pg;
+    const m = await mounter.mount(grant, walSourceOf(img), {});
+    made.push(m);
+    const c = await client(m);
+    try {
+      const [r] = (await c.query<{ rec: boolean; n: string; min: string; max: string; arch: string }>(
+        "SELECT pg_is_in_recovery() AS rec, count(*)::text AS n, min(id)::text AS min, max(id)::text AS max, current_setting('archive_mode') AS arch FROM tick")).rows;
+      expect(r).toMatchObject({ rec: false, min: '1', arch: 'off' });
+      expect(Number(r!.max)).toBeGreaterThanOrEqual(img.ackedBefore);
+      expect(Number(r!.n)).toBe(Number(r!.max));
+    } finally {
+      await c.end();
+    }
+    const s = await stateOf(m.mountId);
+    await mounter.unmount(m.mountId);
+    made.length = 0;
+    await expectNothingLeft(s);
+    // Without a label there is no standby to make: refused before any step.
+    expect(await codeOf(mounter.mount(grant, walSourceOf(img), { asStandby: true }))).toBe('E_USAGE');
+    await expectNothingOf(grant.mountId);
   }, 180_000);
 
   it('three clones at once: each its own port and NBD connection, each sees only its own writes', async () => {
