@@ -134,7 +134,7 @@ function program(setStatus: (s: number) => void): Command {
       const [img, pinned] = c.withCatalog((cat) => [cat.image(id), new RetentionCatalog(cat).pinned().has(id)] as const);
       if (!img) throw new BlocksnapError('E_NOT_FOUND', `no image ${id}`);
       const mounted = await mountedLine(c.dataDir, id, appliancePid(c.dataDir) !== null);
-      // Every image is a full map (DESIGN.md §3.3): deleting its basis never breaks it (§11).
+      // Every image is a full map (DESIGN.md §3.3): deleting its basis never breaks it (§12).
       const kept = `map:         full (every chunk mapped: deleting its basis never breaks it)${pinned ? '\npinned:      yes (delete and prune leave it alone)' : ''}`;
       c.out(`${showImage(img)}\n${mounted.line}\n${kept}`, { ...img, mounts: mounted.mounts, fullMap: true, pinned });
       return 0;
@@ -208,7 +208,7 @@ function program(setStatus: (s: number) => void): Command {
         ...r.damaged.map((d) => `DAMAGED ${d.imageId}: ${d.objects.map((o) => o.object).join(', ')}`)].join('\n'), r);
       return r.skipped.length || r.damaged.length ? 1 : 0;
     }));
-  // Retention (DESIGN.md §11): images delete/pin/unpin, prune, policies, gc, store usage.
+  // Retention (DESIGN.md §12): images delete/pin/unpin, prune, policies, gc, store usage.
   addRetentionCommands(p, images, storeCmd, {
     run, ctx, appliancePid, backends: () => applianceBackends(), log, fmtBytes,
     request: (dataDir, method, path, body) => (method === 'GET' ? controlGet(dataDir, path) : controlPost(dataDir, path, body ?? {})),

@@ -1,6 +1,6 @@
 /**
  * Dense integer ids for the blobs of the index at the start of a GC (the
- * mark set is a bitmap over them, MarkBits below, DESIGN.md §11.2): id = position in one
+ * mark set is a bitmap over them, MarkBits below, DESIGN.md §12.2): id = position in one
  * synchronous scan of the blob index. Lookup digest → id is an
  * open-addressing hash table in typed arrays (the digest's first 4 bytes are
  * the hash: SHA-256 is uniform), 32 + 4 + 4 + 8 bytes per blob, so 16 M blobs

@@ -1,11 +1,11 @@
 /**
- * Garbage collection of the chunk store (DESIGN.md §11.2, §11.3): mark every
+ * Garbage collection of the chunk store (DESIGN.md §12.2, §12.3): mark every
  * blob a live image needs, then sweep packs: a pack with no live blob is
  * deleted, a pack whose live bytes are below `rewriteBelow` of its size is
  * rewritten (live blobs copied into a new pack, index moved, old pack
  * removed). Runs while backups, exports and verifies run.
  *
- * Safety (the argument is in DESIGN.md §11.3), in code order:
+ * Safety (the argument is in DESIGN.md §12.3), in code order:
  * 1. T0, one synchronous section: the store's GC window opens (every writer
  *    alive from now on keeps its dedup-hit filter consulted), the blob index
  *    is scanned (the only packs that may be swept are the ones indexed now and

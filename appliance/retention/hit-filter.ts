@@ -1,6 +1,6 @@
 /**
  * The set of blob digests one blob writer de-duplicated against the index
- * (DESIGN.md §11.3): the sweep keeps every blob any writer alive since its
+ * (DESIGN.md §12.3): the sweep keeps every blob any writer alive since its
  * mark began may have hit. A Bloom filter, because a full of a large
  * unchanged volume is one hit per chunk (16 M for 1 TiB at 64 KiB) and an
  * exact set would cost ~40 bytes each: here ~1.2 bytes per hit at a 1 %

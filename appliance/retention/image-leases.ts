@@ -1,6 +1,6 @@
 /**
  * Images in use by an operation of this appliance process (export, verify,
- * restore): an in-memory registry (DESIGN.md §11.1). A lease lives exactly as
+ * restore): an in-memory registry (DESIGN.md §12.1). A lease lives exactly as
  * long as the operation, and the process that holds it is the only one that
  * may delete images (the data directory's lock), so nothing needs to be
  * durable: after a crash there is no operation left to protect.

@@ -1,5 +1,5 @@
 /**
- * Which images a retention policy keeps (DESIGN.md §11.1), with Proxmox
+ * Which images a retention policy keeps (DESIGN.md §12.1), with Proxmox
  * Backup Server's documented semantics, in UTC:
  *
  * - keep-last N: the N newest images.

@@ -1,5 +1,5 @@
 /**
- * The seal's last line of defence against a sweep (DESIGN.md §11.3): when a
+ * The seal's last line of defence against a sweep (DESIGN.md §12.3): when a
  * GC swept index rows while an ingest ran, the ingest proves, before its
  * image can be committed, that every blob its map names is still in the
  * store. The sweep protocol already keeps every blob a running writer

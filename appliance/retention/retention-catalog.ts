@@ -1,5 +1,5 @@
 /**
- * Retention's catalog tables (migration 6, DESIGN.md §11.1): pins, per-volume
+ * Retention's catalog tables (migration 6, DESIGN.md §12.1): pins, per-volume
  * keep policies, and deletion tombstones. Plain SQL on the catalog's
  * database; decisions live in retention-service.ts.
  */
@@ -60,7 +60,7 @@ export class RetentionCatalog {
   }
 
   /**
-   * Step 1 of a deletion (DESIGN.md §11.1), one transaction: tombstones in,
+   * Step 1 of a deletion (DESIGN.md §12.1), one transaction: tombstones in,
    * catalog rows (and their pins and damage rows) out. From here on the
    * images are invisible: not listed, never a basis.
    */

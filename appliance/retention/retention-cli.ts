@@ -1,5 +1,5 @@
 /**
- * The retention commands of `blocksnap-appliance` (DESIGN.md §11, README):
+ * The retention commands of `blocksnap-appliance` (DESIGN.md §12, README):
  * `images delete|pin|unpin`, `prune`, `policies set|list|show|remove`, `gc`,
  * `store usage`. Work that removes data goes to the running appliance's
  * control socket; with no appliance running the CLI takes the data

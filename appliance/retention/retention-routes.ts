@@ -1,5 +1,5 @@
 /**
- * The control-socket routes of retention (DESIGN.md §11), served by the
+ * The control-socket routes of retention (DESIGN.md §12), served by the
  * running appliance (control-server.ts adds them):
  *
  *   POST /v1/images/delete {imageId, dryRun?}        → {dryRun, removed}

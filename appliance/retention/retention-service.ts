@@ -1,5 +1,5 @@
 /**
- * Retention in the appliance (DESIGN.md §11): delete, pin, prune by policy,
+ * Retention in the appliance (DESIGN.md §12): delete, pin, prune by policy,
  * garbage collection and store usage, with the protections that make them
  * safe while jobs, mounts, exports and verifies run. The running appliance
  * owns one instance (Appliance.retention, reached through the control
@@ -64,7 +64,7 @@ export interface PruneResult {
   removed: string[];
 }
 
-/** The last GC's summary (store/gc-state.json, DESIGN.md §11.4). */
+/** The last GC's summary (store/gc-state.json, DESIGN.md §12.4). */
 export interface GcState {
   format: 'blocksnap-gc-state';
   version: 1;
@@ -153,7 +153,7 @@ export class Retention {
     });
   }
 
-  /** Tombstone + rows (one transaction), then manifests, then tombstones (DESIGN.md §11.1). */
+  /** Tombstone + rows (one transaction), then manifests, then tombstones (DESIGN.md §12.1). */
   private async remove(ids: string[]): Promise<void> {
     if (ids.length === 0) return;
     this.rc.tombstone(ids);

@@ -1,5 +1,5 @@
 /**
- * The images running jobs build on (DESIGN.md §11.1): never removed while the
+ * The images running jobs build on (DESIGN.md §12.1): never removed while the
  * job runs. For a member being transferred it is the basis it took; for a
  * member not begun yet (or a job just dispatched) it is the volume's last
  * image, the one `beginVolume` would take (basis-policy.ts), so a prune can

@@ -45,7 +45,7 @@ function routes(app: Appliance): ControlRoutes {
     if (what === 'export' && (typeof body.to !== 'string' || !body.to.startsWith('/'))) throw new BlocksnapError('E_USAGE', '"to" must be an absolute path');
     const write = events();
     const progress = (done: number, total: number) => write({ event: 'progress', chunksDone: done, chunksTotal: total });
-    // Leased while we read them: delete and prune leave them alone (DESIGN.md §11.1).
+    // Leased while we read them: delete and prune leave them alone (DESIGN.md §12.1).
     return app.retention.leases.with(images.map((i) => i!.id), what, async () => {
     if (what === 'export') {
       // Checked before a byte is written; the data directory is never a target.
@@ -82,7 +82,7 @@ function routes(app: Appliance): ControlRoutes {
       // The CLI going away does not cancel the job: backups outlive terminals.
       const outcome = await job.done;
       job.off('progress', onProgress);
-      // The volumes' retention policies, then a GC, in the background (DESIGN.md §11.1).
+      // The volumes' retention policies, then a GC, in the background (DESIGN.md §12.1).
       if (outcome.ok) void app.retention.afterBackup(job.agent, job.members);
       return outcome;
     },

@@ -53,7 +53,7 @@ export class Ingest {
   readonly chunkCount: number;
   private readonly writer: BlobWriter;
   private readonly builder: ImageIndexBuilder;
-  /** The store's GC sweep epoch when this ingest opened (DESIGN.md §11.3). */
+  /** The store's GC sweep epoch when this ingest opened (DESIGN.md §12.3). */
   private readonly sweepEpoch: number | undefined;
   private nextIndex = 0;
   private durable = 0;

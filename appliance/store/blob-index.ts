@@ -160,7 +160,7 @@ export class BlobIndex {
     })();
   }
 
-  // ---- garbage collection (DESIGN.md §11; appliance/retention/gc.ts) -------
+  // ---- garbage collection (DESIGN.md §12; appliance/retention/gc.ts) -------
 
   /** Every blob row as [digest, pack, stored_len], in one synchronous scan (the GC's mark table). */
   scanBlobs(each: (digest: Buffer, pack: string, storedLength: number) => void): void {

@@ -1,5 +1,5 @@
 /**
- * The race between ingest and sweep (issue 11, DESIGN.md §11.3): a job that
+ * The race between ingest and sweep (issue 11, DESIGN.md §12.3): a job that
  * de-duplicates against exactly the blobs the GC is about to remove. The
  * blobs of a deleted image are dead at the mark; a new backup of the same
  * content hits them in the index — before the GC starts, between mark and
