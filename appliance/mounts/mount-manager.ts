@@ -82,8 +82,10 @@ export class MountManager {
   private readonly limits: MountLimits;
   private readonly now: () => number;
   private timer: NodeJS.Timeout | null = null;
-  /** Called after a mount ended (removed, expired, stopping): the protocol tells its agent. */
+  /** Called after a mount ended (removed, expired): the protocol tells its agent. */
   onEnded: ((m: MountRow, reason: string) => void) | null = null;
+  /** Mounts of the previous process that `start` ended, to tell their agents when they connect. */
+  readonly endedAtStart: MountRow[] = [];
 
   constructor(private readonly o: MountManagerOptions) {
     this.mounts = new MountCatalog(o.catalog);
@@ -102,7 +104,10 @@ export class MountManager {
   async start(): Promise<{ ended: string[]; removedOverlays: string[] }> {
     const ended: string[] = [];
     for (const m of this.mounts.list()) {
-      if (this.mounts.end(m.id, 'appliance restarted: the mount\'s NBD connections ended with the previous process')) ended.push(m.id);
+      if (this.mounts.end(m.id, 'appliance restarted: the mount\'s NBD connections ended with the previous process')) {
+        ended.push(m.id);
+        this.endedAtStart.push(this.mounts.get(m.id)!);
+      }
     }
     await makePrivateDir(this.dir);
     const removedOverlays: string[] = [];
@@ -274,11 +279,21 @@ export class MountManager {
     return this.mounts.activeMountsOf(imageId).length > 0;
   }
 
-  /** Appliance stop: every live mount ends now (its connections end with the process anyway). */
+  /**
+   * Appliance stop: exports closed, rows left active. The next start ends
+   * them (and removes their overlays) like after a crash, so the agents that
+   * connect to it are told (DESIGN.md §6.2).
+   */
   async close(): Promise<void> {
     if (this.timer) clearInterval(this.timer);
     this.timer = null;
-    for (const id of [...this.live.keys()]) await this.remove(id, 'appliance stopped').catch(() => undefined);
+    for (const m of this.live.values()) m.ended = true;
+    for (const x of this.byExport.values()) {
+      const opened = await x.opened?.catch(() => null);
+      await opened?.close().catch(() => undefined);
+    }
+    this.byExport.clear();
+    this.live.clear();
   }
 
   private expired(row: MountRow): boolean {

@@ -225,7 +225,28 @@ export class MountProtocol {
     return { requestId, result };
   }
 
-  /** A mount ended on the appliance (removed, expired, stopping): its agent unmounts. */
+  /** Mounts a previous appliance process left, ended at this start: told to each agent when it connects. */
+  private readonly endedEarlier = new Map<string, MountRow[]>();
+
+  endedBeforeStart(rows: MountRow[]): void {
+    for (const r of rows) {
+      const l = this.endedEarlier.get(r.agent) ?? [];
+      l.push(r);
+      this.endedEarlier.set(r.agent, l);
+    }
+  }
+
+  /** An agent connected: it unmounts what the previous appliance process had granted it (its exports are gone). */
+  sessionReady(s: MountPeer): void {
+    const rows = this.endedEarlier.get(s.agent!.name);
+    if (!rows) return;
+    this.endedEarlier.delete(s.agent!.name);
+    for (const r of rows) {
+      s.transport.send(envelope('mountRelease', { mountId: r.id, reason: (r.endReason ?? 'appliance restarted').slice(0, 1000) })).catch(() => undefined);
+    }
+  }
+
+  /** A mount ended on the appliance (removed, expired): its agent unmounts. */
   ended(m: MountRow, reason: string): void {
     if (this.releasedByAgent.has(m.id)) return;
     this.sessionOf(m.agent)?.transport.send(envelope('mountRelease', { mountId: m.id, reason: reason.slice(0, 1000) })).catch(() => undefined);

@@ -137,6 +137,7 @@ export class Appliance {
     this.mountProtocol = new MountProtocol(mounts, store, () => (this.nbd ? { port: this.nbd.port, tls: this.nbd.tls } : null),
       (name) => router.sessionOfAgent(name), opts.logger);
     mounts.onEnded = (m, reason) => this.mountProtocol.ended(m, reason);
+    this.mountProtocol.endedBeforeStart(mounts.endedAtStart);
   }
 
   static async open(opts: ApplianceOptions): Promise<Appliance> {
@@ -220,6 +221,7 @@ export class Appliance {
           throw new BlocksnapError(errno === 'EADDRINUSE' ? 'E_BUSY' : 'E_USAGE', `--nbd-listen ${nbd.host}:${nbd.port}: cannot listen: ${errno ?? (e as Error).message}`, { cause: e });
         });
       this.router.mountFrames = (s, env) => this.mountProtocol.onFrame(s, env);
+      this.router.onSessionReady = (s) => this.mountProtocol.sessionReady(s);
     }
     this.control = await ControlServer.listen(join(this.opts.dataDir, 'control.sock'), this, this.opts.logger);
     this.opts.logger.info({ url: this.ws.url, nbdPort: this.nbd?.port }, 'appliance listening');
@@ -252,7 +254,7 @@ export class Appliance {
     this.mountProtocol.close();
     await this.control?.close();
     await this.ws?.close();
-    // Mounts end with the process (DESIGN.md §6.2): their connections are dropped, their overlays removed.
+    // Mount connections end with the process; the next start ends the rows and tells the agents (DESIGN.md §6.2).
     await this.nbd?.close();
     await this.mounts.close();
     // Let aborted ingests remove their temp packs before the store closes.

@@ -54,6 +54,8 @@ export class JobRouter {
   private readonly idleTimer: NodeJS.Timeout;
   /** Instant-mount frames (appliance/mounts/mount-protocol.ts); null while the appliance serves no NBD. */
   mountFrames: ((s: AgentSession, env: Envelope) => void) | null = null;
+  /** Called when an agent's session is ready (the mount protocol tells it which of its mounts ended). */
+  onSessionReady: ((s: AgentSession) => void) | null = null;
   /** Restores agents ask for over their sessions (DESIGN.md §4.6). */
   readonly restores: RestoreServer;
 
@@ -103,6 +105,7 @@ export class JobRouter {
     // One live connection per agent: a reconnect replaces the old socket.
     if (old && old !== s) old.refuse('E_PROTOCOL', 'replaced by a newer connection of the same agent');
     this.sessions.set(name, s);
+    this.onSessionReady?.(s);
     // A new agent process cannot resume what the old one was doing: end those jobs now, not after the grace period.
     for (const job of this.jobs.values()) {
       if (job.agent === name && !job.finished && job.instanceId !== s.instanceId) {

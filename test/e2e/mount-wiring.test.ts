@@ -18,6 +18,9 @@ import { parseAgentConfig } from '../../agent/config.js';
 import { makeVolume, ScriptedAgent } from '../../appliance/testing/scripted-agent.js';
 import { MOUNTS_DIR } from '../../appliance/mounts/mount-manager.js';
 import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
+import { applianceBackends } from '../../appliance/compose.js';
+import { Appliance } from '../../appliance/server/appliance.js';
+import { createLogger } from '../../proto/shared/log.js';
 import { agentCli, applianceCmd } from '../../scripts/lab/processes.js';
 import { FakeMounter } from '../support/fake-mounter.js';
 import { backupPgImage, MOUNT_WAL_BYTES, MOUNT_WAL_NAME } from '../support/mount-images.js';
@@ -33,6 +36,8 @@ describe('instant mount wiring (fake LocalMounter)', () => {
   const v2 = makeVolume('other', 3 * 65536, 65536);
   let img1: string;
   let img2: string;
+  /** The appliance after the restart test reopened the data directory (closed, and the directory removed, at the end). */
+  let reopened: Appliance | null = null;
 
   /** `blocksnap-agent ARGS --config <agent's config>`, parsed when --json. */
   const agentCmd = async (name: string, args: string[]) => {
@@ -66,7 +71,11 @@ describe('instant mount wiring (fake LocalMounter)', () => {
   }, 120_000);
   afterAll(async () => {
     for (const a of agents) await a.stop();
-    await h?.close();
+    await h?.close({ keepData: !!reopened });
+    if (reopened) {
+      await reopened.close();
+      await rm(h.dataDir, { recursive: true, force: true });
+    }
     if (root) await rm(root, { recursive: true, force: true });
   });
 
@@ -146,4 +155,23 @@ describe('instant mount wiring (fake LocalMounter)', () => {
       expect(r.stdout).toContain('--json');
     }
   }, 60_000);
+
+  it('an appliance restart ends the mounts of the previous process, removes their overlays, and the agent unmounts when it reconnects', async () => {
+    const r = await agentCmd('db1', ['mount', img1, '--json']);
+    expect(r.exitCode, r.stderr).toBe(0);
+    expect(await readdir(join(h.dataDir, MOUNTS_DIR))).toEqual([`${r.json.mountId}.0`]);
+    const port = Number(new URL(h.url).port);
+    await h.close({ keepData: true });
+    reopened = await Appliance.open({
+      dataDir: h.dataDir, logger: createLogger('test-appliance', process.env.BLOCKSNAP_LOG ?? 'warn'), authGuard: { failBurst: 10_000 },
+      backends: applianceBackends(),
+    });
+    // Ended at start, before any agent is back: its overlay is gone and its exports are never served again.
+    expect(reopened.mounts.mounts.get(r.json.mountId)).toMatchObject({ state: 'ended', endReason: expect.stringMatching(/appliance restarted/) });
+    expect(await readdir(join(h.dataDir, MOUNTS_DIR))).toEqual([]);
+    await reopened.listen('127.0.0.1', port);
+    // The agent redials; told the mount ended, it unmounts it.
+    await expect.poll(() => fakes.db1!.unmounted.includes(r.json.mountId), { timeout: 60_000, interval: 200 }).toBe(true);
+    expect((await agentCmd('db1', ['mounts', '--json'])).json).toEqual([]);
+  }, 120_000);
 });
