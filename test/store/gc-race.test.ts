@@ -114,6 +114,25 @@ describe('GC sweep vs. a job de-duplicating against the blobs it sweeps', () => 
     await verifyAll();
   });
 
+  it('a blob two jobs stored at once, indexed from the other job\'s pack, counts as hit: its later deleted image takes nothing of the first job\'s', async () => {
+    const vw = rigVolume('w', CHUNK * 8, CHUNK);
+    const vx = rigVolume('x', CHUNK * 8, CHUNK);
+    vw.data.subarray(0, CHUNK).copy(vx.data, 0); // chunk 0 is the same blob B in both
+    const w = await rig.begin(vw, false);
+    await StoreRig.send(w.ingest, vw, [0]); // B in W's open pack, not yet durable
+    const x = await rig.begin(vx, false);
+    await StoreRig.send(x.ingest, vx); // X borrows B, then stores its own copy at its flush (W's is not durable yet)
+    const ix = await rig.seal(x.ingest, vx, null); // X's pack, with B, is indexed first
+    await w.ingest.flush(); // W's copy of B is durable too, but the index keeps reading B from X's pack
+    (await rig.begin(vw, false)).ingest.abort(); // a new writer settles X's committed packs: no longer pending
+    await rig.retention.deleteImage(ix.imageId); // B is dead to the mark: no listed image needs it
+    const gc = await rig.retention.gc({});
+    expect(gc.packsKeptForIngest).toBe(1); // X's pack stays: W may reference B through it
+    await StoreRig.send(w.ingest, vw, [1, 2, 3, 4, 5, 6, 7]);
+    await rig.seal(w.ingest, vw, null);
+    await verifyAll();
+  });
+
   it('without the hit check the sweep removes them and the seal refuses the job (E_INTEGRITY), committing nothing', async () => {
     vi.spyOn(rig.store, 'maybeHit').mockReturnValue(false);
     const { ingest } = await rig.begin(v1, false);
