@@ -7,7 +7,8 @@
  */
 import { execa } from 'execa';
 import { createHash } from 'node:crypto';
-import { readFile, rm } from 'node:fs/promises';
+import { copyFile, mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeVolume, ScriptedAgent } from '../../appliance/testing/scripted-agent.js';
@@ -176,4 +177,40 @@ describe('mount protocol', () => {
     await bad.close();
     await db1.ping();
   });
+});
+
+describe('mount protocol over TLS', () => {
+  let h: ApplianceHarness | undefined;
+  let dir: string;
+  afterAll(async () => {
+    await h?.close();
+    if (dir) await rm(dir, { recursive: true, force: true });
+  });
+
+  it('an appliance serving TLS serves NBD with the same certificate: the grant says tls, nbds:// with that certificate trusted works', async () => {
+    dir = await mkdtemp(join(tmpdir(), 'bsn-mount-tls-'));
+    await execa('openssl', [
+      'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '2', '-keyout', join(dir, 'key.pem'), '-out', join(dir, 'cert.pem'),
+      '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1', '-addext', 'basicConstraints=critical,CA:TRUE',
+    ], { timeout: 30_000 });
+    const cert = await readFile(join(dir, 'cert.pem'));
+    await mkdir(join(dir, 'ca'));
+    await copyFile(join(dir, 'cert.pem'), join(dir, 'ca', 'ca-cert.pem')); // libnbd trusts DIR/ca-cert.pem
+    h = await startAppliance(['db1'], { tls: { cert, key: await readFile(join(dir, 'key.pem')) } });
+    expect(h.url.startsWith('wss://')).toBe(true);
+    const a = await ScriptedAgent.connect(h.url, undefined, { ca: cert });
+    const v = makeVolume('pgdata', 4 * 65536, 65536);
+    await a.login('db1', h.tokens.db1!, [v]);
+    const img = await backupPg(a, h, 'db1', v);
+    await a.send(envelope('mountRequest', { requestId: 'mrq-tls', imageId: img, writable: false, ttlSeconds: 0 }));
+    const g = await granted(a, 'mrq-tls');
+    expect(g.tls).toBe(true);
+    const name = g.exports[0]!.exportName;
+    const ok = await execa('nbdinfo', ['--size', `nbds://127.0.0.1:${g.nbdPort}/${name}?tls-certificates=${join(dir, 'ca')}`], { timeout: 20_000 });
+    expect(Number(ok.stdout.trim())).toBe(v.size);
+    // Plaintext is refused: the export is never named before STARTTLS.
+    const plain = await execa('nbdinfo', ['--size', `nbd://127.0.0.1:${g.nbdPort}/${name}`], { timeout: 20_000, reject: false });
+    expect(plain.exitCode).not.toBe(0);
+    await a.close();
+  }, 60_000);
 });
