@@ -6,7 +6,7 @@
  * byte-identical. The agent is the scripted one (real protocol, real socket);
  * the CLI is the built one (dist/). Needs `npm run build`.
  */
-import { readFile } from 'node:fs/promises';
+import { readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
@@ -59,6 +59,7 @@ describe('retention commands on a running appliance', () => {
   afterAll(async () => {
     await agent?.close();
     await h?.close();
+    if (h) await rm(h.dataDir, { recursive: true, force: true }); // the offline part keeps it past close
     await tmp.cleanup();
   });
 
@@ -124,5 +125,17 @@ describe('retention commands on a running appliance', () => {
     const ex = await applianceCmd(h.dataDir, ['export', id5, '--to', out]);
     expect(ex.exitCode, ex.stderr).toBe(0);
     expect((await readFile(out)).equals(contents.get(id5)!)).toBe(true);
+
+    // With the appliance stopped the CLI does it itself, under the data directory's lock.
+    await agent.close();
+    await h.close({ keepData: true });
+    const off = await applianceCmd(h.dataDir, ['gc', '--json']);
+    expect(off.exitCode, off.stderr).toBe(0);
+    expect(off.json).toMatchObject({ images: 1, dryRun: false });
+    const offPrune = await applianceCmd(h.dataDir, ['prune', '--keep-last', '1', '--json']);
+    expect(offPrune.exitCode, offPrune.stderr).toBe(0);
+    expect(offPrune.json.prune.removed).toEqual([]);
+    expect((await applianceCmd(h.dataDir, ['store', 'usage', '--json'])).json).toMatchObject({ images: 1 });
+    expect((await applianceCmd(h.dataDir, ['verify', id5])).exitCode).toBe(0);
   });
 });

@@ -104,4 +104,23 @@ describe('gc after prune of a changing volume', () => {
     expect(rig.store.stats()).toEqual(after);
     for (const k of kept) expect((await verifyImage(rig.store, rig.manifests, k.imageId, rig.catalog.image(k.imageId)!.rootDigest)).ok).toBe(true);
   });
+
+  it('reclaims the packs of a failed job whose pending-pack journal was lost (the index rebuilt): garbage only GC can see', async () => {
+    const v = makeVolume('lost', 16 * CHUNK, CHUNK);
+    const { ingest } = await rig.begin(v, false);
+    await StoreRig.send(ingest, v);
+    await ingest.flush(); // its packs are durable and journalled as pending
+    const packs = rig.store.stats().packs;
+    // What an unreadable index.sqlite rebuilt from the packs leaves (DESIGN.md §6.1): no journal.
+    const jobPacks = [...rig.store.index.pendingWriters().values()].flatMap((w) => [...w.packs]);
+    expect(jobPacks.length).toBeGreaterThan(0);
+    for (const w of rig.store.index.pendingWriters().keys()) rig.store.index.forgetWriter(w);
+    await rig.reopen(); // the job is gone with the process; start-up finds nothing pending to remove
+    expect(rig.store.stats().packs).toBe(packs);
+    const gc = await rig.retention.gc({});
+    expect(gc.packsDeleted).toBeGreaterThanOrEqual(jobPacks.length);
+    for (const p of jobPacks) expect(rig.store.index.hasPack(p)).toBe(false);
+    expect(rig.store.stats().packs).toBeLessThan(packs);
+    for (const img of rig.catalog.listImages()) expect((await verifyImage(rig.store, rig.manifests, img.id, img.rootDigest)).ok).toBe(true);
+  });
 });
