@@ -117,7 +117,7 @@ export class Appliance {
   /** Every agent connection, authenticated or not (to end an agent's sessions on `agents rotate`). */
   private readonly sessions = new Set<AgentSession>();
   readonly guard: AuthGuard;
-  /** Delete, pin, prune, GC, store usage (DESIGN.md §11): never removes a mounted image, a running job's basis, or a leased one. */
+  /** Delete, pin, prune, GC, store usage (DESIGN.md §12): never removes a mounted image, a running job's basis, or a leased one. */
   readonly retention: Retention;
 
   private constructor(
@@ -154,7 +154,7 @@ export class Appliance {
       store = await opts.backends.openChunkStore(where);
       const manifests = opts.backends.openManifestStore(where);
       const q = { quarantined: [...store.recovery.quarantined] };
-      // Deletions a crash interrupted finish first, or roll-forward would bring their images back (§11.1).
+      // Deletions a crash interrupted finish first, or roll-forward would bring their images back (§12.1).
       await finishDeletions(catalog, manifests);
       const rolled = await rollForward(catalog, manifests, recovered.rebuilt !== null, log, q);
       const cat = catalog;
