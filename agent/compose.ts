@@ -12,12 +12,14 @@ import { Agent, type AgentHooks } from './agent.js';
 import { connectionOf } from './capture.js';
 import { cleanupStaleInstances } from './cbt/tracefs/tracefs-instance.js';
 import { TracefsTracker } from './cbt/tracefs/tracefs-tracker.js';
+import { ThinDeltaTracker, cleanupStaleThinDelta } from './cbt/thin-delta/thin-delta-tracker.js';
 import type { AgentConfig } from './config.js';
 import { NbdLocalMounter } from './mount/nbd-local-mounter.js';
 import type { LocalMounter } from './mount/mount-port.js';
 import { PgQuiescer } from './pg/pg-quiescer.js';
 import type { AgentPorts, Dialer, QuiescerPort, TrackerPort } from './ports.js';
 import { ReflinkSnapshotProvider } from './snapshot/reflink-snapshot-provider.js';
+import { LvmSnapshotProvider } from './snapshot/lvm/lvm-snapshot-provider.js';
 import { RetainingSnapshotProvider } from './snapshot/retaining-provider.js';
 import type { SnapshotProvider } from './snapshot/snapshot-provider.js';
 import { join } from 'node:path';
@@ -38,12 +40,19 @@ export interface AgentRegistry {
 export const registry: AgentRegistry = {
   providers: {
     reflink: ({ config, log }) => new ReflinkSnapshotProvider({ stateDir: config.stateDir, logger: log, volumes: config.volumes }),
+    'lvm-classic': ({ config, log }) => new LvmSnapshotProvider({ mode: 'classic', agent: config.agent, stateDir: config.stateDir, logger: log }),
+    'lvm-thin': ({ config, log }) => new LvmSnapshotProvider({ mode: 'thin', agent: config.agent, stateDir: config.stateDir, logger: log }),
   },
   trackers: {
     tracefs: ({ config, log }) => ({
       kind: 'tracefs',
       cleanupStale: async () => (await cleanupStaleInstances()).map((i) => `tracing instance ${i}`),
       create: () => new TracefsTracker({ log, bufferSizeKb: config.trackerBufferKb }),
+    }),
+    'thin-delta': ({ log }) => ({
+      kind: 'thin-delta',
+      cleanupStale: () => cleanupStaleThinDelta(),
+      create: () => new ThinDeltaTracker({ log }),
     }),
     off: null,
   },

@@ -89,6 +89,7 @@ const volumeSchema = z.strictObject({
   name,
   device: absPath,
   image: absPath.optional(),
+  lv: z.string({ error: 'must be VG/LV' }).regex(/^[A-Za-z0-9+_.-]+\/[A-Za-z0-9+_.-]+$/, { error: 'must be VG/LV' }).optional(),
   mountpoint: absPath,
   chunkSize: int(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE).refine(isValidChunkSize, { error: `must be a power of two from ${MIN_CHUNK_SIZE} to ${MAX_CHUNK_SIZE}` }).default(65536),
 });
@@ -197,7 +198,7 @@ export function parseAgentConfig(raw: unknown, source = 'config', known: Registr
       throw new BlocksnapError('E_CONFIG', `${source}: caFile: cannot read caFile ${c.caFile}: ${(e as Error).message}`, { cause: e });
     }
   }
-  const volumes: VolumeSpec[] = c.volumes.map((v) => ({ name: v.name, device: v.device, image: v.image, mountpoint: v.mountpoint, chunkSize: v.chunkSize }));
+  const volumes: VolumeSpec[] = c.volumes.map((v) => ({ name: v.name, device: v.device, image: v.image, ...(v.lv ? { lv: v.lv } : {}), mountpoint: v.mountpoint, chunkSize: v.chunkSize }));
   const pg = c.postgres;
   return {
     appliance: c.appliance, insecure: c.insecure, agent: c.agent, token, stateDir: c.stateDir, volumes,

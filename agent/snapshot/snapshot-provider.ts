@@ -36,6 +36,8 @@ export interface VolumeSpec {
   device: string;
   /** Backing image file of a file-backed volume (reflink provider). */
   image?: string;
+  /** The logical volume "VG/LV" of an LVM volume (lvm-classic, lvm-thin); default: from a /dev/VG/LV device path. */
+  lv?: string;
   /** Where the volume's filesystem is mounted (frozen during the snapshot). */
   mountpoint: string;
   chunkSize: number;

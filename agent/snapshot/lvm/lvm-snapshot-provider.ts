@@ -1,0 +1,244 @@
+/**
+ * LVM snapshots (DESIGN.md §7, issue 10): "lvm-classic" (`lvcreate
+ * --snapshot -L SIZE`, a copy-on-write area sized by a policy) and
+ * "lvm-thin" (`lvcreate -s` of a thin LV, activated with `-K`).
+ *
+ * - Every snapshot LV carries the tags `blocksnap`, `bsn.agent.<agent>`,
+ *   `bsn.vol.<volume>` and `bsn.job.<tag>`: list/cleanupStale find this
+ *   agent's snapshots by tag from LVM alone (a restarted agent removes its
+ *   orphans, and never another agent's or a human's snapshot).
+ * - The filesystem is frozen by lvcreate itself: LVM suspends the origin
+ *   with lockfs (freeze_bdev) for the instant of the snapshot, and nothing
+ *   of ours stays frozen if the agent is killed. Measured in the lab: an
+ *   fsfreeze of our own before lvcreate makes that suspend fail with EBUSY
+ *   (freeze_super of an already frozen superblock), and a `dmsetup suspend`
+ *   of every member before lvcreate works for classic snapshots but leaves a
+ *   thin pool's transaction id out of step. So there is no createGroup:
+ *   consistency groups of LVM volumes are not offered (agents refuse them).
+ * - A failure anywhere (lvcreate failing midway, no free extents) removes
+ *   the job's snapshot LV by its tags: nothing is left.
+ * - Classic: a watcher polls the snapshot's `data_percent` while the job
+ *   reads it; at `fillLimitPercent` (or if the kernel already invalidated
+ *   it) it replaces the snapshot's table with the error target, so the job
+ *   fails on its next read instead of reading an invalidated snapshot, and
+ *   logs why. lvm-thin watches the pool's fill the same way.
+ */
+import { BlocksnapError, toBlocksnapError } from '../../../proto/errors.js';
+import { createLogger, type Logger } from '../../../proto/shared/log.js';
+import { findMount } from '../fsfreeze.js';
+import type { Snapshot, SnapshotProvider, VolumeSpec } from '../snapshot-provider.js';
+import type { VolumeIdentity } from '../volume-identity.js';
+import { isInvalidSnapshot, listLvs, lvInfo, lvm, vgInfo, type LvInfo } from './lvm-cli.js';
+import { lvNameOf, proveLvmVolume } from './lvm-volume-identity.js';
+
+export type LvmSnapshotMode = 'classic' | 'thin';
+
+const VOLUME_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+const TAG = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$/;
+export const BLOCKSNAP_TAG = 'blocksnap';
+
+export interface LvmSnapshotProviderOptions {
+  mode: LvmSnapshotMode;
+  /** The agent's name: snapshots are tagged bsn.agent.<agent>. */
+  agent: string;
+  stateDir: string;
+  logger?: Logger;
+  /** Classic CoW area: `percent` of the origin, at least `minBytes` (default 20 %, 32 MiB). */
+  cow?: { percent: number; minBytes: number };
+  /** Fail the job when the CoW area (classic) or the thin pool (thin) is this full (default 90). */
+  fillLimitPercent?: number;
+  /** Fill poll interval while a snapshot exists (default 2 s). */
+  pollMs?: number;
+}
+
+export const agentTag = (agent: string) => `bsn.agent.${agent}`;
+const volTag = (v: string) => `bsn.vol.${v}`;
+const jobTag = (t: string) => `bsn.job.${t}`;
+
+/**
+ * The snapshot LV's name: bsn.<volume>.<tag>, characters LVM refuses in
+ * names as '+'. No '_' is added: LVM reserves names containing _cdata,
+ * _tmeta, _rimage … for its sub-LVs.
+ */
+export function snapshotLvName(volume: string, tag: string): string {
+  return `bsn.${volume}.${tag}`.replace(/[^A-Za-z0-9+_.-]/g, '+').slice(0, 120);
+}
+
+interface Item {
+  volume: VolumeSpec;
+  origin: LvInfo;
+  name: string;
+  cowBytes: number;
+}
+
+export class LvmSnapshotProvider implements SnapshotProvider {
+  readonly kind: string;
+  private readonly log: Logger;
+  private readonly inFlight = new Set<string>();
+  private readonly watchers = new Map<string, NodeJS.Timeout>();
+  private readonly cow: { percent: number; minBytes: number };
+  private readonly fillLimit: number;
+
+  constructor(private readonly opts: LvmSnapshotProviderOptions) {
+    this.kind = `lvm-${opts.mode}`;
+    this.log = opts.logger ?? createLogger(this.kind);
+    this.cow = opts.cow ?? { percent: 20, minBytes: 32 << 20 };
+    this.fillLimit = opts.fillLimitPercent ?? 90;
+  }
+
+  proveIdentity(volume: VolumeSpec): Promise<VolumeIdentity> {
+    return proveLvmVolume(volume);
+  }
+
+  async volumeSize(volume: VolumeSpec): Promise<number> {
+    return (await lvInfo(lvNameOf(volume))).size;
+  }
+
+  async create(volume: VolumeSpec, tag: string): Promise<Snapshot> {
+    if (!TAG.test(tag)) throw new BlocksnapError('E_CONFIG', `invalid snapshot tag ${JSON.stringify(tag)}`);
+    if (!VOLUME_NAME.test(volume.name)) throw new BlocksnapError('E_CONFIG', `invalid volume name ${JSON.stringify(volume.name)}`);
+    if (this.inFlight.has(volume.name)) throw new BlocksnapError('E_BUSY', `a snapshot of ${volume.name} is already being taken`);
+    this.inFlight.add(volume.name);
+    try {
+      return await this.createLocked(volume, tag);
+    } finally {
+      this.inFlight.delete(volume.name);
+    }
+  }
+
+  private async plan(volume: VolumeSpec, tag: string): Promise<Item> {
+    const origin = await lvInfo(lvNameOf(volume));
+    if (this.opts.mode === 'thin' && origin.segtype !== 'thin') {
+      throw new BlocksnapError('E_CONFIG', `LV ${origin.vg}/${origin.name} of volume ${volume.name} is not a thin LV (segtype ${origin.segtype}): lvm-thin snapshots thin LVs`);
+    }
+    if (await findMount(volume.mountpoint) === undefined) throw new BlocksnapError('E_CONFIG', `${volume.mountpoint} of volume ${volume.name} is not a mount point`);
+    const existing = await listLvs([`@${jobTag(tag)}`]);
+    if (existing.some((l) => l.tags.includes(volTag(volume.name)))) {
+      throw new BlocksnapError('E_SNAPSHOT', `snapshot ${volume.name}@${tag} already exists`);
+    }
+    let cowBytes = 0;
+    if (this.opts.mode === 'classic') {
+      const vg = await vgInfo(origin.vg);
+      const want = Math.max(this.cow.minBytes, Math.ceil((origin.size * this.cow.percent) / 100));
+      cowBytes = Math.ceil(want / vg.extentSize) * vg.extentSize;
+      if (cowBytes > vg.free) {
+        throw new BlocksnapError('E_SNAPSHOT', `no free extents in volume group ${origin.vg} for the copy-on-write area of ${volume.name}: need ${cowBytes} bytes, ${vg.free} free`);
+      }
+    }
+    return { volume, origin, name: snapshotLvName(volume.name, tag), cowBytes };
+  }
+
+  private async createLocked(volume: VolumeSpec, tag: string): Promise<Snapshot> {
+    const started = performance.now();
+    const it = await this.plan(volume, tag);
+    const id = `${volume.name}@${tag}`;
+    const vgLv = `${it.origin.vg}/${it.name}`;
+    let freezeSeconds = 0;
+    try {
+      const tags = [BLOCKSNAP_TAG, agentTag(this.opts.agent), volTag(volume.name), jobTag(tag)].flatMap((t) => ['--addtag', t]);
+      const size = this.opts.mode === 'classic' ? ['-L', `${it.cowBytes}b`, '-p', 'r'] : [];
+      // lvcreate freezes the origin's filesystem itself (dm suspend with lockfs) for the instant of the
+      // snapshot; an fsfreeze of our own before it makes that suspend fail with EBUSY (see the file comment).
+      const t0 = performance.now();
+      await lvm('lvcreate', ['-q', '-s', ...size, '-n', it.name, ...tags, `${it.origin.vg}/${it.origin.name}`]);
+      freezeSeconds = (performance.now() - t0) / 1000;
+      if (this.opts.mode === 'thin') await lvm('lvchange', ['-q', '-ay', '-K', vgLv]);
+      const lv = await lvInfo(vgLv);
+      if (isInvalidSnapshot(lv)) throw new BlocksnapError('E_SNAPSHOT', `snapshot ${vgLv} is invalid right after creation`);
+    } catch (e) {
+      await this.removeJob(it, tag).catch((err: unknown) => this.log.error({ err }, 'cannot remove the snapshot of a failed job'));
+      this.log.warn({ kind: this.kind, snapshot: id, err: e }, 'snapshot failed; nothing left');
+      throw toBlocksnapError(e, 'E_SNAPSHOT');
+    }
+    const snapshotSeconds = (performance.now() - started) / 1000;
+    const s: Snapshot = { id, volume: volume.name, path: `/dev/${vgLv}`, createdAt: new Date(), freezeSeconds, snapshotSeconds };
+    this.watch(it, s);
+    this.log.info({ kind: this.kind, snapshot: s.path, freezeSeconds, snapshotSeconds }, 'snapshot created');
+    return s;
+  }
+
+  /** Removes every snapshot LV this agent made for `tag` on this volume (lvcreate failing midway). */
+  private async removeJob(it: Item, tag: string): Promise<void> {
+    const mine = await listLvs([`@${jobTag(tag)}`]).catch(() => [] as LvInfo[]);
+    for (const lv of mine) {
+      if (!lv.tags.includes(agentTag(this.opts.agent))) continue;
+      if (!lv.tags.includes(volTag(it.volume.name))) continue;
+      await lvm('lvremove', ['-q', '-f', `${lv.vg}/${lv.name}`]);
+    }
+  }
+
+  /**
+   * Polls the fill that could overflow while the snapshot is read (see the
+   * file comment); stops by itself once the snapshot is gone.
+   */
+  private watch(it: Item, s: Snapshot): void {
+    const vgLv = `${it.origin.vg}/${it.name}`;
+    const pool = this.opts.mode === 'thin' && it.origin.pool ? `${it.origin.vg}/${it.origin.pool}` : null;
+    let busy = false;
+    const stop = () => {
+      clearInterval(timer);
+      this.watchers.delete(s.id);
+    };
+    const timer = setInterval(() => {
+      if (busy) return;
+      busy = true;
+      void (async () => {
+        const lvs = await listLvs(pool ? [vgLv, pool] : [vgLv]).catch(() => null);
+        const snap = lvs?.find((l) => l.name === it.name);
+        if (!lvs || !snap) return stop();
+        const target = pool ? lvs.find((l) => `${l.vg}/${l.name}` === pool) : snap;
+        if (!target) return;
+        if (target.dataPercent < this.fillLimit && !isInvalidSnapshot(snap)) return;
+        stop();
+        const why = isInvalidSnapshot(snap)
+          ? `snapshot ${vgLv} was invalidated by the kernel (its CoW area overflowed)`
+          : `${pool ? `thin pool ${pool}` : `CoW area of snapshot ${vgLv}`} is ${target.dataPercent}% full (limit ${this.fillLimit}%)`;
+        this.log.error({ snapshot: s.id, reason: why }, 'snapshot unusable: its device now fails every read, the job fails and commits no image');
+        // The error target makes every further read fail with EIO: the job stops instead of reading
+        // a snapshot that is (or is about to be) invalid.
+        await lvm('dmsetup', ['wipe_table', `${it.origin.vg.replace(/-/g, '--')}-${it.name.replace(/-/g, '--')}`]).catch((err: unknown) =>
+          this.log.error({ err, snapshot: s.id }, 'cannot fail the snapshot device'));
+      })().finally(() => (busy = false));
+    }, this.opts.pollMs ?? 2000);
+    timer.unref();
+    this.watchers.set(s.id, timer);
+  }
+
+  async remove(snapshot: Snapshot): Promise<void> {
+    const timer = this.watchers.get(snapshot.id);
+    if (timer) clearInterval(timer);
+    this.watchers.delete(snapshot.id);
+    const m = /^\/dev\/([^/]+)\/([^/]+)$/.exec(snapshot.path);
+    if (!m) throw new BlocksnapError('E_SNAPSHOT', `${snapshot.path} is not an LVM snapshot of ${snapshot.id}`);
+    const found = await listLvs([`${m[1]}`]).then((l) => l.find((x) => x.name === m[2]), () => undefined);
+    if (!found) return;
+    if (!found.tags.includes(agentTag(this.opts.agent))) {
+      throw new BlocksnapError('E_SNAPSHOT', `${m[1]}/${m[2]} is not a snapshot of agent ${this.opts.agent}: not removed`);
+    }
+    await lvm('lvremove', ['-q', '-f', `${m[1]}/${m[2]}`]);
+  }
+
+  async list(): Promise<Snapshot[]> {
+    const lvs = await listLvs([`@${agentTag(this.opts.agent)}`]);
+    const out: Snapshot[] = [];
+    for (const lv of lvs) {
+      const vol = lv.tags.find((t) => t.startsWith('bsn.vol.'))?.slice('bsn.vol.'.length);
+      const tag = lv.tags.find((t) => t.startsWith('bsn.job.'))?.slice('bsn.job.'.length);
+      if (!vol || !tag) continue; // e.g. a tracker's basis snapshot
+      out.push({ id: `${vol}@${tag}`, volume: vol, path: `/dev/${lv.vg}/${lv.name}`, createdAt: new Date(lv.time), freezeSeconds: 0, snapshotSeconds: 0 });
+    }
+    return out;
+  }
+
+  async cleanupStale(keep: Set<string> = new Set()): Promise<string[]> {
+    const released: string[] = [];
+    const errors: unknown[] = [];
+    for (const s of await this.list()) {
+      if (keep.has(s.id) || this.inFlight.has(s.volume)) continue;
+      await this.remove(s).then(() => released.push(`snapshot:${s.id}`), (e: unknown) => errors.push(e));
+    }
+    if (released.length) this.log.info({ released }, 'released stale LVM snapshot state');
+    if (errors.length) throw new BlocksnapError('E_SNAPSHOT', `cleanup of stale LVM snapshots failed ${errors.length} time(s)`, { cause: new AggregateError(errors) });
+    return released;
+  }
+}

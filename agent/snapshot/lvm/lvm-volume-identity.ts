@@ -1,0 +1,73 @@
+/**
+ * The identity proof of an LVM volume (volume-identity.ts): the configured
+ * LV exists in the named VG and is active; the configured device is that
+ * LV's dm device (same major:minor); the filesystem mounted at the
+ * mountpoint is on that device. A volume names its LV as `lv: "VG/LV"`;
+ * without it the device path (/dev/VG/LV) names it.
+ */
+import { stat } from 'node:fs/promises';
+import { readBlockDeviceInfo, splitDev } from '../../cbt/device-identity.js';
+import { findMount } from '../fsfreeze.js';
+import type { VolumeSpec } from '../snapshot-provider.js';
+import { devString, VolumeIdentityError, type IdentityMismatch, type VolumeIdentity } from '../volume-identity.js';
+import { lvInfo, type LvInfo } from './lvm-cli.js';
+
+/** "VG/LV" of a volume: its `lv`, or its device path /dev/VG/LV. */
+export function lvNameOf(volume: VolumeSpec): string {
+  if (volume.lv) return volume.lv;
+  const m = /^\/dev\/([^/]+)\/([^/]+)$/.exec(volume.device);
+  if (!m || m[1] === 'mapper') {
+    throw new VolumeIdentityError(volume.name, [{ field: 'device', configured: volume.device, found: 'not /dev/VG/LV and no "lv" configured' }]);
+  }
+  return `${m[1]}/${m[2]}`;
+}
+
+export async function proveLvmVolume(volume: VolumeSpec): Promise<VolumeIdentity & { lv: LvInfo }> {
+  const name = lvNameOf(volume);
+  let lv: LvInfo;
+  try {
+    lv = await lvInfo(name, 'E_IDENTITY');
+  } catch (e) {
+    throw new VolumeIdentityError(volume.name, [{ field: 'device', configured: `LV ${name}`, found: (e as Error).message }], { cause: e });
+  }
+  const lvDev = devString(lv.major, lv.minor);
+  if (!(lv.major >= 0)) {
+    throw new VolumeIdentityError(volume.name, [{ field: 'device', configured: `LV ${name}`, found: 'the LV is not active' }]);
+  }
+  const mismatches: IdentityMismatch[] = [];
+  let devId = volume.device;
+  let identity;
+  try {
+    const info = await readBlockDeviceInfo(volume.device);
+    identity = info.identity;
+    devId = `${volume.device} (${devString(identity.major, identity.minor)})`;
+    if (identity.major !== lv.major || identity.minor !== lv.minor) {
+      mismatches.push({ field: 'device', configured: devId, found: `LV ${name} is ${lvDev}` });
+    }
+  } catch (e) {
+    throw new VolumeIdentityError(volume.name, [{ field: 'device', configured: volume.device, found: (e as Error).message }], { cause: e });
+  }
+  const mount = await findMount(volume.mountpoint);
+  if (!mount) {
+    mismatches.push({ field: 'mountpoint', configured: volume.mountpoint, found: 'not a mount point' });
+  } else {
+    // mountinfo's major:minor and the directory's st_dev must both be the LV's.
+    const st = await stat(volume.mountpoint, { bigint: true });
+    const d = splitDev(st.dev);
+    if (mount.device !== lvDev || devString(d.major, d.minor) !== lvDev) {
+      mismatches.push({
+        field: 'mountpoint',
+        configured: `${volume.mountpoint} on LV ${name} (${lvDev})`,
+        found: `the ${mount.fstype} filesystem of ${mount.source} (${mount.device}) is mounted there`,
+      });
+    }
+  }
+  if (mismatches.length) throw new VolumeIdentityError(volume.name, mismatches);
+  return {
+    volume: volume.name,
+    device: { path: volume.device, ...identity },
+    backing: { kind: `lvm-${lv.segtype}`, path: name, dev: lvDev, ino: '0', size: lv.size },
+    mount: { path: mount!.mountPoint, dev: mount!.device, fstype: mount!.fstype },
+    lv,
+  };
+}
