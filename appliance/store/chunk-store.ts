@@ -70,7 +70,7 @@ export interface ChunkStore {
   /**
    * Bumped by every garbage-collection sweep that removed index rows (stores
    * without a GC leave it undefined): an ingest that sees it change re-checks
-   * its map before the commit (DESIGN.md §11.3).
+   * its map before the commit (DESIGN.md §12.3).
    */
   readonly sweepEpoch?: number;
   close(): Promise<void>;

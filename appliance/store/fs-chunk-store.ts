@@ -85,7 +85,7 @@ export class FsChunkStore implements ChunkStore {
   /** Writers with pending packs, pins or roots not yet settled. */
   private readonly tracked = new Set<FsBlobWriter>();
   private committedRoot: ((rootHex: string) => boolean) | undefined;
-  // ---- GC hooks (DESIGN.md §11.3; the GC itself is appliance/retention/gc.ts) ----
+  // ---- GC hooks (DESIGN.md §12.3; the GC itself is appliance/retention/gc.ts) ----
   /** Writers whose image is not known committed yet: each records its dedup hits. */
   private readonly liveWriters = new Set<FsBlobWriter>();
   /** While a GC runs: every writer alive since its mark began (the sweep keeps what they hit). */
@@ -350,7 +350,7 @@ export class FsChunkStore implements ChunkStore {
     // No pending pack: nothing to pin, and the index's key-only lookup is the cheaper one (it is
     // per chunk: a full of an unchanged volume is all dedup hits).
     // Every hit is recorded in the writer's filter in the same tick as the lookup: a sweep
-    // keeps what a live writer may have hit (DESIGN.md §11.3).
+    // keeps what a live writer may have hit (DESIGN.md §12.3).
     if (this.pendingOwners.size === 0) {
       if (!this.index.has(digest)) return false;
       w.hits.add(digest);
@@ -385,6 +385,9 @@ export class FsChunkStore implements ChunkStore {
   packIndexed(pack: string, size: number, digests: Buffer[], winners: Set<string>, w: FsBlobWriter): void {
     this.pendingPacks.set(pack, { digests, size });
     for (const other of winners) if (other !== pack) this.pin(other, w);
+    // The index reads some of these blobs from an earlier pack (first copy wins): to a GC sweep
+    // that is the same as a dedup hit of w on them (DESIGN.md §12.3). Rare: only then the lookups.
+    if (winners.size > 0) for (const d of digests) if (this.index.packOf(d) !== pack) w.hits.add(d);
   }
 
   /** @internal Makes the pins and roots `w` gathered durable (before its flush resolves, so before any commit). */
@@ -503,7 +506,7 @@ interface Borrowed {
 class FsBlobWriter implements BlobWriter {
   /** Pending packs this writer made or depends on (DESIGN.md §5). */
   readonly pins = new Set<string>();
-  /** Digests this writer de-duplicated against the index (GC safety, DESIGN.md §11.3). */
+  /** Digests this writer de-duplicated against the index (GC safety, DESIGN.md §12.3). */
   readonly hits = new HitFilter();
   /** Pins not yet in the journal. */
   readonly unsaved: string[] = [];
