@@ -20,6 +20,7 @@
  */
 import { execa } from 'execa';
 import { mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { digestDiffSet, setOfWords, unionOf } from '../agent/restore/changed-set.js';
 import type { RestoreResult } from '../agent/restore/restore-run.js';
@@ -100,10 +101,18 @@ async function fullRestoreBench(appl: ApplianceHarness): Promise<Record<string, 
     const file: number[] = [];
     const device: number[] = [];
     const dd: number[] = [];
+    const agentCpu: number[] = [];
+    const applianceCpu: number[] = [];
     try {
       for (let run = 0; run < RUNS; run++) {
         const out = join(TARGET_DIR ?? s.lab.poolMount, `restored-${run}.raw`);
+        const cpuAgent0 = await cpuSeconds(s.agent.pid);
+        const cpuAppl0 = process.cpuUsage();
         const r = await restoreCli(s, img.imageId, out);
+        const gib = r.bytesWritten / GiB;
+        agentCpu.push((await cpuSeconds(s.agent.pid) - cpuAgent0) / gib);
+        const cu = process.cpuUsage(cpuAppl0);
+        applianceCpu.push((cu.user + cu.system) / 1e6 / gib);
         file.push(r.mbPerSecond);
         await rm(out, { force: true });
         const rd = await restoreCli(s, img.imageId, dev);
@@ -113,15 +122,21 @@ async function fullRestoreBench(appl: ApplianceHarness): Promise<Record<string, 
         await execa('dd', [`if=${img.snap}`, `of=${ddOut}`, 'bs=4M', 'conv=fsync,sparse', 'status=none']);
         dd.push(snapBytes / MB / ((performance.now() - t0) / 1000));
         await rm(ddOut, { force: true });
-        say(`  run ${run + 1}: restore to file ${r.mbPerSecond.toFixed(0)} MB/s (${r.chunksFetched} chunks, ${r.holes} holes, ${r.seconds.toFixed(2)} s), ` +
+        say(`  run ${run + 1}: restore to file ${r.mbPerSecond.toFixed(0)} MB/s (${r.chunksFetched} chunks, ${r.holes} holes, ${r.seconds.toFixed(2)} s; ` +
+          `CPU per GiB: agent ${agentCpu[run]!.toFixed(2)} s, appliance ${applianceCpu[run]!.toFixed(2)} s), ` +
           `to loop device ${device[run]!.toFixed(0)} MB/s (${rd.seconds.toFixed(2)} s incl. zeroing ${(rd.bytesZeroed / 2 ** 20).toFixed(0)} MiB), dd ${dd[run]!.toFixed(0)} MB/s`);
       }
     } finally {
       await detachLoop(dev, { backingFile: devFile }).catch(() => undefined);
       await rm(devFile, { force: true });
     }
-    const res = { allocatedMiB: snapBytes / 2 ** 20, fileMBps: median(file), deviceMBps: median(device), ddMBps: median(dd), runs: { file, device, dd } };
-    say(`restore MB/s of allocated data (median of ${RUNS}): file ${res.fileMBps.toFixed(0)}, loop device ${res.deviceMBps.toFixed(0)}, dd of the raw file ${res.ddMBps.toFixed(0)}`);
+    const res = {
+      allocatedMiB: snapBytes / 2 ** 20, fileMBps: median(file), deviceMBps: median(device), ddMBps: median(dd),
+      agentCpuPerGiB: median(agentCpu), applianceCpuPerGiB: median(applianceCpu), loadavg: loadavg()[0], runs: { file, device, dd, agentCpu, applianceCpu },
+    };
+    say(`restore MB/s of allocated data (median of ${RUNS}): file ${res.fileMBps.toFixed(0)}, loop device ${res.deviceMBps.toFixed(0)}, dd of the raw file ` +
+      `${res.ddMBps.toFixed(0)}; CPU per GiB restored: agent ${res.agentCpuPerGiB.toFixed(2)} s, appliance ${res.applianceCpuPerGiB.toFixed(2)} s ` +
+      `(each side on its own idle core could do ${(GiB / MB / Math.max(res.agentCpuPerGiB, res.applianceCpuPerGiB)).toFixed(0)} MB/s); load average ${res.loadavg.toFixed(1)}`);
     return res;
   } finally {
     await s?.agent.stop();
@@ -220,6 +235,13 @@ function bitsetBench(): Record<string, unknown> {
     `${res.bitsetOrMs.toFixed(1)} ms, the rest copying the tracker words in), Uint32Array OR + popcount ${res.uint32ArrayMs.toFixed(1)} ms; ` +
     `digest diff of two 512 MiB maps ${diffMs.toFixed(0)} ms (${res.diffBits} differ)`);
   return res;
+}
+
+/** User + system CPU seconds of a process so far (all its threads), from /proc/PID/stat. */
+async function cpuSeconds(pid: number): Promise<number> {
+  const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(f[11]) + Number(f[12])) / 100; // utime, stime in clock ticks (USER_HZ = 100)
 }
 
 function popcount(v: number): number {

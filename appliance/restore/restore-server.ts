@@ -222,11 +222,10 @@ class RestoreStream {
       }
       want.first = end;
       if (want.first >= want.end) this.wants.shift();
-      const plains = await Promise.all(items.map((it) => this.store.get(it.digest)));
+      const frames = await Promise.all(items.map((it) => this.frameOf(it.digest)));
       for (let k = 0; k < items.length; k++) {
-        const plain = plains[k]!;
-        const data = zstdCompress(plain);
-        batch.push({ index: items[k]!.index, digest: items[k]!.digest, zero: false, data, plainLength: plain.length });
+        const { data, plainLength } = frames[k]!;
+        batch.push({ index: items[k]!.index, digest: items[k]!.digest, zero: false, data, plainLength });
         batchBytes += data.length + RESTORE_CHUNK_OVERHEAD;
         this.chunksSent++;
         if (batchBytes >= RESTORE_BATCH_BYTES) flush();
@@ -238,6 +237,22 @@ class RestoreStream {
       // Everything asked for was sent; the agent ends the restore with RestoreEnd once written.
       while (!this.ended) await this.waitEvent();
     }
+  }
+
+  /**
+   * A chunk as a zstd frame. The stored frame goes as it is when the store
+   * can hand it out (no decompress, hash and recompress here: the agent
+   * decompresses and checks every chunk's SHA-256 itself); else the plain
+   * bytes are read (checked by the store) and compressed.
+   */
+  private async frameOf(digest: Buffer): Promise<{ data: Buffer; plainLength: number }> {
+    if (this.store.getStored) {
+      const s = await this.store.getStored(digest);
+      if (s.codec === 1) return { data: s.data, plainLength: s.plainLength };
+      if (s.codec === 0 && s.data.length === s.plainLength) return { data: zstdCompress(s.data), plainLength: s.plainLength };
+    }
+    const plain = await this.store.get(digest);
+    return { data: zstdCompress(plain), plainLength: plain.length };
   }
 
   /** The map in RestoreMap messages of up to RESTORE_MAP_PAGES non-ZERO pages each (ZERO pages are not sent). */

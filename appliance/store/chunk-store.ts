@@ -63,6 +63,13 @@ export interface BlobLocation {
 export interface ChunkStore {
   openWriter(): BlobWriter;
   get(digest: Buffer): Promise<Buffer>;
+  /**
+   * The blob as stored (codec 1: its zstd frame, 0: plain), unverified, for a
+   * reader that checks the plain bytes itself (a restore: the agent hashes
+   * every chunk) and would otherwise decompress, hash and recompress it.
+   * Optional: without it such a reader uses get().
+   */
+  getStored?(digest: Buffer): Promise<{ codec: number; data: Buffer; plainLength: number }>;
   has(digest: Buffer): boolean;
   locate(digest: Buffer): BlobLocation | undefined;
   /** Durable packs, blobs and pack bytes (from the index). */

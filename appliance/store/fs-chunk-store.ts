@@ -262,6 +262,24 @@ export class FsChunkStore implements ChunkStore {
     }
   }
 
+  async getStored(digest: Buffer): Promise<{ codec: number; data: Buffer; plainLength: number }> {
+    this.checkOpen();
+    let loc = this.index.lookup(digest);
+    if (!loc) throw new BlocksnapError('E_NOT_FOUND', `blob ${digest.toString('hex')} not found`);
+    const read = (l: BlobLocation) => this.readers.use(l.pack, (r) => r.readStored(l.offset, l.storedLength));
+    let data: Buffer;
+    try {
+      data = await read(loc);
+    } catch (e) {
+      // As in get(): GC may have moved the blob to a rewritten pack under this read.
+      const now = this.index.lookup(digest);
+      if (!now || now.pack === loc.pack) throw e;
+      loc = now;
+      data = await read(loc);
+    }
+    return { codec: loc.codec, data, plainLength: loc.plainLength };
+  }
+
   has(digest: Buffer): boolean {
     this.checkOpen();
     return this.index.has(digest);

@@ -9,6 +9,7 @@ import type { RestoreResult } from '../../agent/restore/restore-run.js';
 import type { RetainingSnapshotProvider } from '../../agent/snapshot/retaining-provider.js';
 import type { ChunkStore } from '../../appliance/store/chunk-store.js';
 import { isBlocksnapError } from '../../proto/errors.js';
+import { zstdCompress } from '../../proto/shared/zstd.js';
 import type { ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
 import { attachLoop, detachLoop } from '../../scripts/lab/loop.js';
 import { agentCli } from '../../scripts/lab/processes.js';
@@ -114,15 +115,15 @@ describe('restore an image onto a device or file', () => {
     const restores = appl.app.router.restores as unknown as { store: ChunkStore };
     const real = restores.store;
     let flipped = 0;
-    // A lying appliance: its store hands out one chunk with a flipped byte.
+    // A lying appliance: its store hands out one chunk with a flipped byte (as a valid zstd frame of the wrong bytes).
+    const lie = async (d: Buffer) => {
+      const plain = Buffer.from(await real.get(d));
+      if (plain.length === CHUNK && flipped++ === 5) plain[100] ^= 0xff;
+      return plain;
+    };
     restores.store = Object.create(real, {
-      get: {
-        value: async (d: Buffer) => {
-          const plain = Buffer.from(await real.get(d));
-          if (plain.length === CHUNK && flipped++ === 5) plain[100] ^= 0xff;
-          return plain;
-        },
-      },
+      get: { value: lie },
+      getStored: { value: async (d: Buffer) => ({ codec: 1, data: zstdCompress(await lie(d)), plainLength: CHUNK }) },
     });
     const out = join(lab.poolMount, 'corrupt.raw');
     try {
@@ -136,7 +137,7 @@ describe('restore an image onto a device or file', () => {
     }
   });
 
-  it('refuses a mounted target, a too small one, a non-empty file and the volume itself: exit 2, nothing written', async () => {
+  it('refuses a mounted target, a too small one, a non-empty file, a loop\'s backing file and the volume itself: exit 2, nothing written', async () => {
     const small = await scratchDevice('small.img', 128 << 20);
     await ddWrite(small, { bs: 1 << 20, count: 4, source: '/dev/urandom', noTruncate: true });
     const smallBefore = await sha(small);
@@ -150,6 +151,7 @@ describe('restore an image onto a device or file', () => {
       [small, /smaller than the image/],
       [nonEmpty, /exists and is not empty/],
       [lab.volumeImage, /image file of configured volume vol/],
+      [join(lab.poolMount, 'small.img'), /backs loop device/],
     ];
     for (const [target, why] of cases) {
       const r = await cli(target);
