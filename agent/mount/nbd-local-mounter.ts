@@ -19,7 +19,7 @@
  *                                   while the state dir is root's alone.
  *   /run/blocksnap-mounts/<id>.run/ the copy's socket dir and server log (owner's)
  */
-import { chmod, chown, mkdir, readFile, readdir, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, chown, mkdir, open, readFile, readdir, rename, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { execa } from 'execa';
@@ -47,6 +47,8 @@ export interface NbdLocalMounterOptions {
   pgSettings?: Record<string, string>;
   /** How long PostgreSQL may take to answer (default 300 s: a big image's replay). */
   startTimeoutMs?: number;
+  /** ext4 without barriers while preparing, one flush before PostgreSQL starts (default true; see mountOptions). */
+  deferFlush?: boolean;
 }
 
 /** What a mount took, step by step, in seconds (the benchmark's breakdown). */
@@ -105,10 +107,10 @@ async function fsType(device: string): Promise<string> {
  * flush) before the postmaster is spawned, so PostgreSQL runs with every
  * fsync meaning what it says.
  */
-export function mountOptions(type: string, writable: boolean): string[] {
+export function mountOptions(type: string, writable: boolean, deferFlush = true): string[] {
   const o = writable ? ['noatime'] : ['ro'];
   if (type === 'xfs') o.push('nouuid', ...(writable ? [] : ['norecovery']));
-  else if (type === 'ext4' || type === 'ext3') o.push(writable ? 'barrier=0' : 'noload');
+  else if (type === 'ext4' || type === 'ext3') o.push(...(writable ? (deferFlush ? ['barrier=0'] : []) : ['noload']));
   return o;
 }
 
@@ -142,6 +144,35 @@ async function prepareCrashConsistent(dataDir: string): Promise<void> {
     }
   }
   await rm(path.join(dataDir, 'postmaster.pid'), { force: true });
+}
+
+const SPARSE_BLOCK = 64 * 1024;
+const ZEROS = Buffer.alloc(SPARSE_BLOCK);
+
+/**
+ * Writes `bytes` leaving all-zero 64 KiB blocks as holes (they read as
+ * zeros). A WAL segment past the image's stop point is mostly zeros, and
+ * every byte written here crosses loop, FUSE and NBD into the overlay.
+ */
+export async function writeSparse(file: string, bytes: Buffer): Promise<void> {
+  const fh = await open(file, 'wx', 0o600);
+  try {
+    let runStart = -1;
+    const flush = async (end: number) => {
+      if (runStart >= 0) await fh.write(bytes, runStart, end - runStart, runStart);
+      runStart = -1;
+    };
+    for (let at = 0; at < bytes.length; at += SPARSE_BLOCK) {
+      const end = Math.min(bytes.length, at + SPARSE_BLOCK);
+      const zero = bytes.subarray(at, end).equals(ZEROS.subarray(0, end - at));
+      if (zero) await flush(at);
+      else if (runStart < 0) runStart = at;
+    }
+    await flush(bytes.length);
+    await fh.truncate(bytes.length);
+  } finally {
+    await fh.close();
+  }
 }
 
 export class NbdLocalMounter implements LocalMounter {
@@ -203,7 +234,7 @@ export class NbdLocalMounter implements LocalMounter {
         phases.attach += (performance.now() - t) / 1000;
         t = performance.now();
         const type = await this.mountFs(journal, device, mp, grant.writable);
-        if (grant.writable && (type === 'ext4' || type === 'ext3')) unbarriered.push(mp);
+        if (grant.writable && (this.o.deferFlush ?? true) && (type === 'ext4' || type === 'ext3')) unbarriered.push(mp);
         phases.mount += (performance.now() - t) / 1000;
         roots.push(mp);
       }
@@ -289,7 +320,7 @@ export class NbdLocalMounter implements LocalMounter {
     const type = await fsType(device);
     if (!type) throw new BlocksnapError('E_DEVICE', `no filesystem found on ${device}`);
     await journal.step({ kind: 'fs', target: mp, device });
-    const r = await execa('mount', ['-t', type, '-o', mountOptions(type, writable).join(','), device, mp], { reject: false, stdin: 'ignore', timeout: 120_000 });
+    const r = await execa('mount', ['-t', type, '-o', mountOptions(type, writable, this.o.deferFlush ?? true).join(','), device, mp], { reject: false, stdin: 'ignore', timeout: 120_000 });
     if (r.exitCode !== 0) throw new BlocksnapError('E_DEVICE', `mount ${device} on ${mp} failed: ${String(r.stderr).trim()}`, { cause: r });
     return type;
   }
@@ -301,7 +332,7 @@ export class NbdLocalMounter implements LocalMounter {
       if (!/^[0-9A-F]{24}$/.test(name)) throw new BlocksnapError('E_FORMAT', `not a WAL segment name: ${JSON.stringify(name)}`);
       const bytes = await wal(x.imageId || imageId, name);
       const tmp = path.join(walDir, `.${name}.blocksnap.tmp`);
-      await writeFile(tmp, bytes, { mode: 0o600 });
+      await writeSparse(tmp, bytes);
       await chown(tmp, owner.uid, owner.gid);
       await rename(tmp, path.join(walDir, name));
     }

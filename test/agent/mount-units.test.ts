@@ -12,7 +12,7 @@ import { describe, expect, it } from 'vitest';
 import { losetupArgs } from '../../agent/mount/loop-device.js';
 import { MountJournal, mountStatePath, mountsDir, readMountStates } from '../../agent/mount/mount-state.js';
 import { nbdClientArgs, nbdClientDetachArgs, parseNbdUri } from '../../agent/mount/nbd-client-attacher.js';
-import { defaultPgSettings, mountOptions, NbdLocalMounter } from '../../agent/mount/nbd-local-mounter.js';
+import { defaultPgSettings, mountOptions, NbdLocalMounter, writeSparse } from '../../agent/mount/nbd-local-mounter.js';
 import { nbdfuseArgs } from '../../agent/mount/nbdfuse-attacher.js';
 import { findDataDirs } from '../../agent/mount/pg-data-dir.js';
 import { postgresArgs } from '../../agent/mount/pg-start.js';
@@ -91,6 +91,22 @@ describe('prepare --port', () => {
     await writeFile(path.join(dir94, 'PG_VERSION'), '9.4\n');
     expect((await prepareDataDir(dir94, { labelFile: label, stopLsn: '0/2000100', version: 90410, pauseAtTarget: true })).settings)
       .toMatchObject({ pause_at_recovery_target: 'true' });
+  });
+});
+
+describe('WAL written sparse', () => {
+  it('zero 64 KiB blocks become holes; the file reads back equal, at full size', async () => {
+    const dir = await fresh();
+    const seg = Buffer.alloc(1024 * 1024 + 100);
+    seg.fill(7, 0, 70_000); // first block and part of the second
+    seg.fill(9, 500_000, 500_010);
+    seg[seg.length - 1] = 1; // in the short last block
+    const file = path.join(dir, 'seg');
+    await writeSparse(file, seg);
+    expect((await readFile(file)).equals(seg)).toBe(true);
+    const st = await stat(file);
+    expect(st.size).toBe(seg.length);
+    expect(st.blocks * 512).toBeLessThan(4 * 65536 + 8192); // 3 blocks written (+ fs slack), not 1 MiB
   });
 });
 
