@@ -21,7 +21,8 @@ import { startAppliance, type ApplianceHarness } from '../../scripts/lab/applian
 import { applianceBackends } from '../../appliance/compose.js';
 import { Appliance } from '../../appliance/server/appliance.js';
 import { createLogger } from '../../proto/shared/log.js';
-import { agentCli, applianceCmd } from '../../scripts/lab/processes.js';
+import { agentCli, applianceCli, applianceCmd } from '../../scripts/lab/processes.js';
+import { createServer, type AddressInfo } from 'node:net';
 import { FakeMounter } from '../support/fake-mounter.js';
 import { backupPgImage, MOUNT_WAL_BYTES, MOUNT_WAL_NAME } from '../support/mount-images.js';
 import { testLogger } from '../support/e2e-fixture.js';
@@ -148,6 +149,18 @@ describe('instant mount wiring (fake LocalMounter)', () => {
       const r = await applianceCmd(h.dataDir, [...args, '--help']);
       expect(r.exitCode, args.join(' ')).toBe(0);
       expect(r.stdout).toContain('--json');
+    }
+    // serve: an NBD port in use is E_BUSY (exit 75), before anything is served.
+    const held = createServer();
+    await new Promise<void>((r) => held.listen(0, '127.0.0.1', r));
+    try {
+      const port = (held.address() as AddressInfo).port;
+      const busy = await execa(process.execPath, [applianceCli(), 'serve', '--data', join(root, 'busy-data'), '--listen', '127.0.0.1:0', '--nbd-listen', `127.0.0.1:${port}`],
+        { reject: false, stdin: 'ignore', timeout: 30_000 });
+      expect(busy.exitCode, String(busy.stderr)).toBe(75);
+      expect(String(busy.stderr)).toMatch(/--nbd-listen 127\.0\.0\.1:\d+: cannot listen: EADDRINUSE/);
+    } finally {
+      await new Promise((r) => held.close(r));
     }
     for (const args of [['mount'], ['unmount'], ['mounts']]) {
       const r = await agentCmd('db1', [...args, '--help']);
