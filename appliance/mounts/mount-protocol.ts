@@ -31,6 +31,8 @@ export interface MountPeer {
   /** The remote IP of the agent's connection: its NBD connections must come from there. */
   readonly address: string;
   readonly transport: Transport;
+  /** Hello.instance_id: random per agent process. */
+  readonly instanceId: string;
 }
 
 export interface NbdEndpoint {
@@ -54,6 +56,8 @@ export class MountProtocol {
   private readonly walQueues = new Map<string, { chain: Promise<void>; queued: number }>();
   /** Mounts the agent itself released: no MountRelease goes back. */
   private readonly releasedByAgent = new Set<string>();
+  /** The agent process (instance id) each live mount was granted to. */
+  private readonly grantedTo = new Map<string, string>();
   /** Mounts the operator removes, waiting for their agent to unmount first (removeGracefully). */
   private readonly awaitingRelease = new Map<string, { reason: string; done: () => void }>();
 
@@ -106,6 +110,7 @@ export class MountProtocol {
       imageRef: req.imageId, agent, peerAddress: s.address, writable: req.writable, ttlSeconds: req.ttlSeconds,
       requestedBy: operator ? 'operator' : 'agent',
     });
+    this.grantedTo.set(row.id, s.instanceId);
     const members = this.manager.imagesOfMount(row.id)!;
     const exports: MountExport[] = row.exports.map((x) => exportOf(x, members.find((m) => m.imageId === x.imageId)!));
     await s.transport.send(envelope('mountGranted', {
@@ -236,8 +241,22 @@ export class MountProtocol {
     }
   }
 
-  /** An agent connected: it unmounts what the previous appliance process had granted it (its exports are gone). */
+  /**
+   * An agent connected. A new agent process (another instance id) released
+   * at its start every mount an earlier one left (LocalMounter.cleanupOrphans):
+   * those mounts end here. And it unmounts what a previous appliance process
+   * had granted it (its exports are gone).
+   */
   sessionReady(s: MountPeer): void {
+    for (const m of this.manager.mounts.list()) {
+      const granted = this.grantedTo.get(m.id);
+      if (m.agentId !== s.agent!.id || granted === undefined || granted === s.instanceId) continue;
+      this.grantedTo.delete(m.id);
+      this.releasedByAgent.add(m.id);
+      void this.manager.remove(m.id, 'the agent restarted: it releases what an earlier run left at its start')
+        .catch((e) => this.log.error({ mount: m.id, err: e }, 'cannot end the mount of a restarted agent'))
+        .finally(() => this.releasedByAgent.delete(m.id));
+    }
     const rows = this.endedEarlier.get(s.agent!.name);
     if (!rows) return;
     this.endedEarlier.delete(s.agent!.name);
@@ -248,6 +267,7 @@ export class MountProtocol {
 
   /** A mount ended on the appliance (removed, expired): its agent unmounts. */
   ended(m: MountRow, reason: string): void {
+    this.grantedTo.delete(m.id);
     if (this.releasedByAgent.has(m.id)) return;
     this.sessionOf(m.agent)?.transport.send(envelope('mountRelease', { mountId: m.id, reason: reason.slice(0, 1000) })).catch(() => undefined);
   }

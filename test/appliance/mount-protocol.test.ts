@@ -169,6 +169,25 @@ describe('mount protocol', () => {
     expect(h.app.mounts.isMounted(img2)).toBe(false);
   }, 60_000);
 
+  it('a reconnect of the same agent process keeps its mounts; a new process of the agent ends them (it released them at its start)', async () => {
+    const id = requestId();
+    await db2.send(envelope('mountRequest', { requestId: id, imageId: img2, writable: true, ttlSeconds: 0 }));
+    const g = await granted(db2, id);
+    // The same process (instance id) reconnects: the mount stays.
+    await db2.close();
+    db2 = await ScriptedAgent.connect(h.url, db2.instanceId);
+    await db2.login('db2', h.tokens.db2!, [v2]);
+    await db2.ping();
+    expect(h.app.mounts.mounts.get(g.mountId)?.state).toBe('active');
+    // A new process of db2: what the old one mounted is gone (LocalMounter.cleanupOrphans at its start).
+    await db2.close();
+    db2 = await ScriptedAgent.connect(h.url);
+    await db2.login('db2', h.tokens.db2!, [v2]);
+    await expect.poll(() => h.app.mounts.mounts.get(g.mountId)?.state, { timeout: 10_000 }).toBe('ended');
+    expect(h.app.mounts.mounts.get(g.mountId)?.endReason).toMatch(/agent restarted/);
+    expect(h.app.mounts.isMounted(img2)).toBe(false);
+  });
+
   it('a malformed mount frame ends the session (not a job frame), other agents unaffected', async () => {
     const bad = await ScriptedAgent.connect(h.url);
     await bad.login('db2', h.tokens.db2!, [v2]);
