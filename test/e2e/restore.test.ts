@@ -103,12 +103,16 @@ describe('restore an image onto a device or file', () => {
     expect(st.blocks * 512).toBeLessThanOrEqual(r.chunksFetched * CHUNK + (1 << 20));
   });
 
-  it('restores onto a loop device: byte-identical, zero chunks written as zeros over old data', async () => {
+  it('restores onto a loop device: byte-identical, zero chunks punched over old data (holes in the loop\'s file)', async () => {
     const dev = await scratchDevice('dev-target.img', 256 << 20);
     await ddWrite(dev, { bs: 1 << 20, count: 256, source: '/dev/urandom', noTruncate: true }); // old data everywhere
     const r = await restore(imageA.id, dev);
     expect(r.targetKind).toBe('device');
     await cmp(dev, imageA.snap);
+    expect(r.bytesZeroed).toBe(r.holes * CHUNK);
+    // Zero ranges of 1 MiB and more became holes in the backing file, not written zeros.
+    const backing = await stat(join(lab.poolMount, 'dev-target.img'));
+    expect(backing.blocks * 512).toBeLessThan((256 << 20) - r.bytesZeroed / 2);
   });
 
   it('a chunk the appliance corrupts is detected: E_DIGEST_MISMATCH, and the failure says the target state', async () => {
