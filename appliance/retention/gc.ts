@@ -7,9 +7,10 @@
  *
  * Safety (the argument is in DESIGN.md §12.3), in code order:
  * 1. T0, one synchronous section: the store's GC window opens (every writer
- *    alive from now on keeps its dedup-hit filter consulted), the blob index
- *    is scanned (the only packs that may be swept are the ones indexed now and
- *    not pending), and the live images are listed.
+ *    alive from now on keeps its dedup-hit filter consulted), the indexed and
+ *    the pending packs are read (the only packs that may be swept are the ones
+ *    indexed now and not pending), and the live images are listed. Then the
+ *    blob index is scanned in batches into dense ids.
  * 2. Mark (async): every live image's root, pages (each distinct page loaded
  *    once) and chunks, its WAL pieces, and the basis of every running job.
  *    A root or page that cannot be read stops the GC before any sweep.
@@ -120,12 +121,17 @@ export async function collectGarbage(o: GcOptions): Promise<GcResult> {
   // ---- T0: one synchronous section ----
   store.openGcWindow();
   try {
-    const table = new BlobTable(store.stats().blobs + 16);
-    store.index.scanBlobs((d, p, len) => table.add(d, p, len));
-    table.seal();
     const packSizes = store.index.packSizes();
     const pending = store.pendingPackSet();
     const live = o.liveNow();
+    // The index scan may take batches (a million rows take seconds): the rows of the packs that can
+    // be swept (indexed at T0, not pending) do not change until this GC changes them; rows of packs
+    // indexed later are read or not, and such packs are never swept.
+    const table = new BlobTable(store.stats().blobs + 16);
+    for (let after = store.index.scanBlobs((d, p, len) => table.add(d, p, len)); after; after = store.index.scanBlobs((d, p, len) => table.add(d, p, len), after)) {
+      await new Promise((r) => setImmediate(r));
+    }
+    table.seal();
     // ---- mark ----
     const later = (await o.liveLater?.()) ?? [];
     const seen = new Set(live.map((l) => l.imageId));
@@ -162,8 +168,8 @@ export async function collectGarbage(o: GcOptions): Promise<GcResult> {
     let deadBytes = 0;
     for (let id = 0; id < table.count; id++) {
       const pack = table.packOf(id);
-      let plan = plans.get(pack);
-      if (!plan) plans.set(pack, (plan = { pack, size: 0, live: [], dead: [], liveBytes: 0 }));
+      const plan = plans.get(pack);
+      if (!plan) continue; // a pack indexed after T0: never swept
       const len = table.storedLength(id);
       if (mark.has(id)) {
         plan.live.push(id);

@@ -162,11 +162,17 @@ export class BlobIndex {
 
   // ---- garbage collection (DESIGN.md §12; appliance/retention/gc.ts) -------
 
-  /** Every blob row as [digest, pack, stored_len], in one synchronous scan (the GC's mark table). */
-  scanBlobs(each: (digest: Buffer, pack: string, storedLength: number) => void): void {
-    for (const r of this.db.prepare('SELECT digest, pack, stored_len FROM blobs').raw().iterate() as IterableIterator<[Buffer, string, number]>) {
-      each(r[0], r[1], r[2]);
-    }
+  /**
+   * Blob rows as [digest, pack, stored_len] in digest order, at most `limit`
+   * after `after` (the GC's mark table, read in batches so a large index does
+   * not hold the event loop); returns the last digest, or undefined at the end.
+   */
+  scanBlobs(each: (digest: Buffer, pack: string, storedLength: number) => void, after?: Buffer, limit = 20_000): Buffer | undefined {
+    const rows = (after
+      ? this.db.prepare('SELECT digest, pack, stored_len FROM blobs WHERE digest > ? ORDER BY digest LIMIT ?').raw().all(after, limit)
+      : this.db.prepare('SELECT digest, pack, stored_len FROM blobs ORDER BY digest LIMIT ?').raw().all(limit)) as [Buffer, string, number][];
+    for (const r of rows) each(r[0], r[1], r[2]);
+    return rows.length === limit ? rows[rows.length - 1]![0] : undefined;
   }
 
   /**
