@@ -16,7 +16,7 @@ import type { GcResult } from './gc.js';
 import { withOfflineRetention } from './offline-retention.js';
 import { KEEP_KINDS, type KeepOptions } from './prune-policy.js';
 import { RetentionCatalog, type PolicyRow } from './retention-catalog.js';
-import { Retention, type PruneResult, type StoreUsage } from './retention-service.js';
+import { pinImage, setPolicy, type PruneResult, type Retention, type StoreUsage } from './retention-service.js';
 
 export interface RetentionCliDeps {
   run: <A extends unknown[]>(fn: (...a: A) => Promise<number> | number) => (...a: A) => Promise<void>;
@@ -69,10 +69,7 @@ export function addRetentionCommands(p: Command, images: Command, store: Command
       .option('--json', 'machine-readable output')
       .action(run((id: string, _o: unknown, cmd: Command) => {
         const c = ctx(cmd);
-        const rows = c.withCatalog((cat) => {
-          const r = new Retention({ catalog: cat, store: null as never, manifests: null as never, log: d.log });
-          return pin ? r.pin(id) : r.unpin(id);
-        });
+        const rows = c.withCatalog((cat) => pinImage(cat, id, pin));
         c.out(`${pin ? 'pinned' : 'unpinned'}: ${rows.map((i) => i.id).join(' ')}`, { pinned: pin, images: rows.map((i) => i.id) });
         return 0;
       }));
@@ -108,7 +105,7 @@ export function addRetentionCommands(p: Command, images: Command, store: Command
     .option('--json', 'machine-readable output'))
     .action(run((volume: string, o: KeepFlags & { agent?: string }, cmd: Command) => {
       const c = ctx(cmd);
-      const row = c.withCatalog((cat) => new Retention({ catalog: cat, store: null as never, manifests: null as never, log: d.log }).setPolicy(agentOf(cat, volume, o.agent), volume, keepOf(o)));
+      const row = c.withCatalog((cat) => setPolicy(cat, agentOf(cat, volume, o.agent), volume, keepOf(o)));
       c.out(policyLine(row), row);
       return 0;
     }));

@@ -114,26 +114,19 @@ export class Retention {
   }
 
   private image(id: string): ImageRow {
-    const img = this.deps.catalog.image(id);
-    if (!img || img.kind === 'unknown') throw new BlocksnapError('E_NOT_FOUND', `no image ${id}`);
-    return img;
+    return imageOf(this.deps.catalog, id);
   }
 
-  /** The image and, for a set member, every member of its set. */
   private withSet(img: ImageRow, all: ImageRow[]): ImageRow[] {
-    return img.setId ? all.filter((i) => i.setId === img.setId) : [img];
+    return withSet(img, all);
   }
 
   pin(id: string): ImageRow[] {
-    const members = this.withSet(this.image(id), this.deps.catalog.listImages());
-    for (const m of members) this.rc.pin(m.id);
-    return members;
+    return pinImage(this.deps.catalog, id, true);
   }
 
   unpin(id: string): ImageRow[] {
-    const members = this.withSet(this.image(id), this.deps.catalog.listImages());
-    for (const m of members) this.rc.unpin(m.id);
-    return members;
+    return pinImage(this.deps.catalog, id, false);
   }
 
   /** `images delete`: the image (with its whole set); refused (E_BUSY) while protected. */
@@ -178,9 +171,7 @@ export class Retention {
   }
 
   setPolicy(agent: string, volume: string, keep: KeepOptions): PolicyRow {
-    checkKeep(keep);
-    if (!hasKeepOption(keep)) throw new BlocksnapError('E_USAGE', 'a policy needs at least one --keep-… option above 0 (policies remove deletes one)');
-    return this.rc.setPolicy(agent, volume, keep);
+    return setPolicy(this.deps.catalog, agent, volume, keep);
   }
 
   /**
@@ -279,6 +270,35 @@ export class Retention {
       volumes: [...vols.values()].sort((a, b) => (a.agent + a.volume < b.agent + b.volume ? -1 : 1)),
     };
   }
+}
+
+function imageOf(catalog: Catalog, id: string): ImageRow {
+  const img = catalog.image(id);
+  if (!img || img.kind === 'unknown') throw new BlocksnapError('E_NOT_FOUND', `no image ${id}`);
+  return img;
+}
+
+/** The image and, for a set member, every member of its set. */
+function withSet(img: ImageRow, all: ImageRow[]): ImageRow[] {
+  return img.setId ? all.filter((i) => i.setId === img.setId) : [img];
+}
+
+/** `images pin|unpin`: a catalog row per member of the image's set (no store needed: the CLI does it directly). */
+export function pinImage(catalog: Catalog, id: string, pin: boolean): ImageRow[] {
+  const rc = new RetentionCatalog(catalog);
+  const members = withSet(imageOf(catalog, id), catalog.listImages());
+  for (const m of members) {
+    if (pin) rc.pin(m.id);
+    else rc.unpin(m.id);
+  }
+  return members;
+}
+
+/** `policies set`: checked, then stored. */
+export function setPolicy(catalog: Catalog, agent: string, volume: string, keep: KeepOptions): PolicyRow {
+  checkKeep(keep);
+  if (!hasKeepOption(keep)) throw new BlocksnapError('E_USAGE', 'a policy needs at least one --keep-… option above 0 (policies remove deletes one)');
+  return new RetentionCatalog(catalog).setPolicy(agent, volume, keep);
 }
 
 /**
