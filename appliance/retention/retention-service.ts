@@ -36,6 +36,8 @@ export interface RetentionDeps {
   /** Images running jobs build on (their basis, or the basis they are about to take), with the job id. */
   runningBases?: () => { imageId: string; jobId: string }[];
   leases?: ImageLeases;
+  /** Images other parts of the appliance are reading now (a restore stream to an agent), with what. */
+  inUse?: () => { imageId: string; what: string }[];
   /** Test hook: awaited at every durable step of deletions and GC (kill -9 points, race tests). */
   step?: GcStep;
 }
@@ -108,7 +110,7 @@ export class Retention {
     if (this.deps.isMounted?.(id)) return 'mounted';
     const job = this.deps.runningBases?.().find((b) => b.imageId === id);
     if (job) return `basis of running job ${job.jobId}`;
-    const lease = this.leases.purposeOf(id);
+    const lease = this.leases.purposeOf(id) ?? this.deps.inUse?.().find((u) => u.imageId === id)?.what;
     if (lease) return `in use (${lease})`;
     return null;
   }

@@ -133,6 +133,7 @@ export class Appliance {
     this.guard = new AuthGuard(opts.authGuard);
     this.retention = new Retention({
       catalog, store, manifests, log: opts.logger, isMounted: (id) => mounts.isMounted(id), runningBases: () => runningBasesOf(router, catalog),
+      inUse: () => router.restores.active().map((r) => ({ imageId: r.imageId, what: `restore to agent ${r.agent}` })),
     });
     this.mountProtocol = new MountProtocol(mounts, store, () => (this.nbd ? { port: this.nbd.port, tls: this.nbd.tls } : null),
       (name) => router.sessionOfAgent(name), opts.logger);
