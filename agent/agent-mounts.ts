@@ -31,9 +31,10 @@ export interface AgentMountsDeps {
   send: (env: Envelope) => Promise<void>;
   waitConnected: (ms: number) => Promise<void>;
   log: Logger;
-  /** How long the appliance may take to grant (default 60 s) and to send one WAL segment (default 120 s). */
+  /** How long the appliance may take to grant (default 60 s), to send one WAL segment (default 120 s), to acknowledge a release (default 10 s). */
   grantTimeoutMs?: number;
   walTimeoutMs?: number;
+  releaseAckMs?: number;
 }
 
 interface Pending<T> {
@@ -55,6 +56,8 @@ const MAX_WAL_FILE = 1 << 30;
 export class AgentMounts {
   private readonly grants = new Map<string, Pending<MountGranted>>();
   private readonly wal = new Set<WalAssembly>();
+  /** Releases sent, waiting for the appliance's MountRelease back. */
+  private readonly releaseAcks = new Map<string, () => void>();
 
   constructor(private readonly d: AgentMountsDeps) {}
 
@@ -115,9 +118,12 @@ export class AgentMounts {
       case 'runMount':
         void this.runMount(env.runMount);
         return true;
-      case 'mountRelease':
-        void this.onAppliancesRelease(env.mountRelease.mountId, env.mountRelease.reason);
+      case 'mountRelease': {
+        const ack = this.releaseAcks.get(env.mountRelease.mountId);
+        if (ack) ack(); // the appliance ended the mount we released
+        else void this.onAppliancesRelease(env.mountRelease.mountId, env.mountRelease.reason);
         return true;
+      }
       case 'error':
         return this.error(env.error);
       default:
@@ -130,6 +136,7 @@ export class AgentMounts {
     const e = new BlocksnapError('E_DISCONNECTED', 'the connection to the appliance was lost');
     for (const id of [...this.grants.keys()]) this.settle(this.grants, id, (p) => p.reject(e));
     for (const w of [...this.wal]) this.endWal(w, e);
+    for (const ack of [...this.releaseAcks.values()]) ack();
   }
 
   private async requestGrant(requestId: string, req: MountImageRequest): Promise<MountGranted> {
@@ -229,11 +236,29 @@ export class AgentMounts {
     fn(p);
   }
 
+  /**
+   * Tells the appliance the mount is gone and waits (bounded) for its
+   * MountRelease back: then the mount is ended there and its overlay deleted,
+   * so an `unmount` that returned means the image is no longer mounted.
+   */
   private async release(mountId: string, reason: string): Promise<void> {
-    await this.d.send(envelope('mountRelease', { mountId, reason })).catch((e) => {
-      // The appliance ends the mount anyway when it stops; an agent unmounting while disconnected cannot tell it now.
-      this.d.log.warn({ mount: mountId, err: toBlocksnapError(e).code }, 'could not tell the appliance the mount was released');
+    const acked = new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, this.d.releaseAckMs ?? 10_000);
+      this.releaseAcks.set(mountId, () => {
+        clearTimeout(timer);
+        this.releaseAcks.delete(mountId);
+        resolve();
+      });
     });
+    try {
+      await this.d.send(envelope('mountRelease', { mountId, reason }));
+    } catch (e) {
+      // The appliance ends the mount anyway when it stops, or when this agent's next process connects.
+      this.d.log.warn({ mount: mountId, err: toBlocksnapError(e).code }, 'could not tell the appliance the mount was released');
+      this.releaseAcks.get(mountId)?.();
+    }
+    await acked;
+    this.releaseAcks.delete(mountId);
   }
 
   /** The appliance ends a mount (an operator's removal, expiry): unmount here, then say so. */

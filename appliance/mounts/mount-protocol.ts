@@ -122,15 +122,19 @@ export class MountProtocol {
   private async release(s: MountPeer, mountId: string): Promise<void> {
     const row = this.manager.mounts.get(mountId);
     if (!row || row.agentId !== s.agent!.id) throw new BlocksnapError('E_NOT_FOUND', `no mount ${mountId} of agent ${s.agent!.name}`);
-    if (row.state !== 'active') return; // released twice, or it ended meanwhile: nothing to do
-    const asked = this.awaitingRelease.get(mountId);
-    this.releasedByAgent.add(mountId);
-    try {
-      await this.manager.remove(mountId, asked?.reason ?? 'released by the agent');
-    } finally {
-      this.releasedByAgent.delete(mountId);
-      asked?.done();
+    // Released twice, or ended meanwhile: nothing to do but the acknowledgement.
+    if (row.state === 'active') {
+      const asked = this.awaitingRelease.get(mountId);
+      this.releasedByAgent.add(mountId);
+      try {
+        await this.manager.remove(mountId, asked?.reason ?? 'released by the agent');
+      } finally {
+        this.releasedByAgent.delete(mountId);
+        asked?.done();
+      }
     }
+    // The agent's `unmount` returns once the mount is ended here (its overlay gone): MountRelease back acknowledges.
+    await s.transport.send(envelope('mountRelease', { mountId, reason: 'released' })).catch(() => undefined);
   }
 
   /**

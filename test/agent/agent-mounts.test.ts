@@ -21,7 +21,7 @@ const sha = (b: Uint8Array) => createHash('sha256').update(b).digest();
 
 function rig(url = 'ws://127.0.0.1:7700', mounter: LocalMounter | null = null) {
   const sent: Envelope[] = [];
-  const m = new AgentMounts({ mounter, applianceUrl: url, send: async (e) => void sent.push(e), waitConnected: async () => undefined, log, walTimeoutMs: 5_000 });
+  const m = new AgentMounts({ mounter, applianceUrl: url, send: async (e) => void sent.push(e), waitConnected: async () => undefined, log, walTimeoutMs: 5_000, releaseAckMs: 50 });
   return { m, sent };
 }
 

@@ -11,7 +11,7 @@
  * clean afterwards.
  */
 import { execa } from 'execa';
-import { readdir, readFile, writeFile } from 'node:fs/promises';
+import { readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -76,8 +76,9 @@ async function expectNothingLeft(mountId: string): Promise<void> {
     if (cmd.includes(mountId)) procs.push(`${pid}: ${cmd.replace(/\0/g, ' ')}`);
   }
   expect(procs).toEqual([]);
-  expect(appl.app.mounts.mounts.get(mountId)?.state).toBe('ended');
-  expect((await readdir(join(appl.dataDir, MOUNTS_DIR))).filter((n) => n.startsWith(mountId))).toEqual([]);
+  // The agent's MountRelease is handled after its unmount answered: wait for the appliance's side.
+  await expect.poll(() => appl.app.mounts.mounts.get(mountId)?.state, { timeout: 10_000 }).toBe('ended');
+  await expect.poll(async () => (await readdir(join(appl.dataDir, MOUNTS_DIR))).filter((n) => n.startsWith(mountId)), { timeout: 10_000 }).toEqual([]);
 }
 
 beforeAll(async () => {
@@ -144,5 +145,30 @@ describe('instant mount of a real PostgreSQL image', () => {
     const v = await applianceCmd(appl.dataDir, ['verify', imageId, '--json']);
     expect(v.exitCode, v.stderr).toBe(0);
     expect(v.json[0]).toMatchObject({ ok: true, imageId });
+  }, 240_000);
+
+  it('kill -9 of an agent with a mount up: its next start releases the mount, the appliance ends it; nothing left, the image intact', async () => {
+    const token = appl.app.catalog.addAgent('db3');
+    const stateDir = join(appl.dataDir, '..', `agent-db3-${process.pid}`);
+    const config = join(appl.dataDir, '..', `db3-${process.pid}.json`);
+    await writeFile(config, JSON.stringify({ appliance: appl.url, agent: 'db3', token, stateDir, volumes: [], tracking: 'off' }));
+    fx.defer('db3 files', () => rm(stateDir, { recursive: true, force: true }).then(() => rm(config, { force: true })));
+    const connected = () => appl.app.router.connectedAgents().some((a) => a.agent === 'db3');
+    const first = fx.agentProcess(config, join(appl.dataDir, '..', 'db3-1.log'));
+    await expect.poll(connected, { timeout: 30_000, interval: 100 }).toBe(true);
+    const r = await applianceCmd(appl.dataDir, ['mount', imageId, '--on', 'db3', '--json']);
+    expect(r.exitCode, r.stderr + r.stdout).toBe(0);
+    const mountId = r.json.mountId as string;
+    await checkCopy(r.json.connection, 1_000_003);
+    await first.kill9();
+    // The copy outlives the killed agent (its nbdfuse and postmaster are not its process group's)...
+    expect((await query<{ one: number }>(r.json.connection, 'SELECT 1 AS one'))[0]!.one).toBe(1);
+    expect(appl.app.mounts.mounts.get(mountId)?.state).toBe('active');
+    // ...until the agent starts again: it releases what the killed run left, and the appliance ends the mount.
+    fx.agentProcess(config, join(appl.dataDir, '..', 'db3-2.log'));
+    await expect.poll(() => appl.app.mounts.mounts.get(mountId)?.state, { timeout: 60_000, interval: 200 }).toBe('ended');
+    await expectNothingLeft(mountId);
+    const v = await applianceCmd(appl.dataDir, ['verify', imageId, '--json']);
+    expect(v.exitCode, v.stderr).toBe(0);
   }, 240_000);
 });
