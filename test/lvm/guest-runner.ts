@@ -25,8 +25,13 @@ export interface GuestSuiteOptions {
   shared?: string[];
 }
 
-/** Runs `test/lvm/guest/<file>` in a new guest; the disks are removed afterwards. */
-export async function runGuestSuite(file: string, opts: GuestSuiteOptions = {}): Promise<GuestResult> {
+/** Runs `test/lvm/guest/<file>` under vitest in a new guest; the disks are removed afterwards. */
+export function runGuestSuite(file: string, opts: GuestSuiteOptions = {}): Promise<GuestResult> {
+  return runGuestScript(`cd ${repoRoot()} && exec node node_modules/vitest/vitest.mjs run --config test/lvm/vitest.guest.config.ts test/lvm/guest/${file}\n`, opts);
+}
+
+/** Runs a shell script in a new guest with fresh sparse disks; the disks are removed afterwards. */
+export async function runGuestScript(script: string, opts: GuestSuiteOptions = {}): Promise<GuestResult> {
   const dir = await mkdtemp(path.join(os.tmpdir(), 'bsn-lvm-disks-'));
   try {
     const disks = [];
@@ -36,11 +41,7 @@ export async function runGuestSuite(file: string, opts: GuestSuiteOptions = {}):
       await truncate(f, mib * 1024 * 1024);
       disks.push({ file: f });
     }
-    const root = repoRoot();
-    return await runInGuest({
-      disks, network: opts.network, env: opts.env, shared: opts.shared, timeoutMs: opts.timeoutMs ?? 240_000,
-      script: `cd ${root} && exec node node_modules/vitest/vitest.mjs run --config test/lvm/vitest.guest.config.ts test/lvm/guest/${file}\n`,
-    });
+    return await runInGuest({ disks, network: opts.network, env: opts.env, shared: opts.shared, timeoutMs: opts.timeoutMs ?? 240_000, script });
   } finally {
     await rm(dir, { recursive: true, force: true });
   }

@@ -4,7 +4,7 @@ import { explain, labSkipReason, runGuestSuite } from './guest-runner.js';
 
 describe.skipIf(labSkipReason)('LVM snapshot providers in the guest', () => {
   it('lvm-thin and lvm-classic pass the SnapshotProvider contract', async () => {
-    const r = await runGuestSuite('snapshot-provider.guest.ts', { disksMiB: [2048] });
+    const r = await runGuestSuite('snapshot-provider.guest.ts', { disksMiB: [2048], timeoutMs: 570_000 });
     expect(r.code, explain(r)).toBe(0);
-  }, 300_000);
+  }, 600_000);
 });

@@ -31,7 +31,7 @@ export interface LvmRigOptions {
   mkfs?: boolean;
 }
 
-export async function makeVg(disk = '/dev/ubda'): Promise<void> {
+export async function makeVg(disk = process.env.BSN_LVM_DISK ?? '/dev/ubda'): Promise<void> {
   await sh('pvcreate', ['-q', '-ff', '-y', disk]);
   await sh('vgcreate', ['-q', VG, disk]);
 }
@@ -59,7 +59,7 @@ export async function makeLvmRig(opts: LvmRigOptions): Promise<LvmRig> {
     teardown: async () => {
       for (const v of volumes) await execa('umount', [v.mountpoint], { reject: false });
       await execa('vgremove', ['-q', '-f', VG], { reject: false });
-      await execa('pvremove', ['-q', '-f', opts.disk ?? '/dev/ubda'], { reject: false });
+      await execa('pvremove', ['-q', '-f', opts.disk ?? process.env.BSN_LVM_DISK ?? '/dev/ubda'], { reject: false });
     },
   };
 }

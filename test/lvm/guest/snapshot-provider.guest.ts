@@ -19,7 +19,7 @@ function lvmContract(mode: LvmSnapshotMode): void {
     const rig = await makeLvmRig({ kind: mode === 'thin' ? 'thin' : 'plain', names: ['cdata', 'cwal'], sizeMiB: 64, poolMiB: 400 });
     const logger = pino({ level: 'silent' });
     return {
-      provider: () => new LvmSnapshotProvider({ mode, agent: 'guest1', stateDir: '/tmp/bsn-state', logger, cow: { percent: 25, minBytes: 16 * MiB } }),
+      provider: () => new LvmSnapshotProvider({ mode, agent: 'guest1', stateDir: '/tmp/bsn-state', logger, cow: { percent: 25, minBytes: 16 * MiB }, pollMs: 600_000 }),
       volumes: [rig.volumes[0]!, rig.volumes[1]!],
       size: () => 64 * MiB,
       write: async (v: VolumeSpec, data: Buffer) => {

@@ -1,0 +1,144 @@
+/**
+ * Bad input for the LVM providers (issue 10), on real LVM in the guest:
+ * each case is a clear error and leaves nothing behind (no snapshot LV of
+ * the agent); a CoW area that fills is caught before the job can read an
+ * invalid snapshot; a killed agent's orphans are removed by the next one,
+ * and only its own.
+ */
+import { open } from 'node:fs/promises';
+import { execa } from 'execa';
+import { pino } from 'pino';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { listLvs } from '../../../agent/snapshot/lvm/lvm-cli.js';
+import { LvmSnapshotProvider, type LvmSnapshotProviderOptions } from '../../../agent/snapshot/lvm/lvm-snapshot-provider.js';
+import type { VolumeSpec } from '../../../agent/snapshot/snapshot-provider.js';
+import { isBlocksnapError } from '../../../proto/errors.js';
+import { makeLvmRig, sh, VG, type LvmRig } from './lvm-rig.js';
+
+const MiB = 1024 * 1024;
+const log = pino({ level: 'silent' });
+const provider = (o: Partial<LvmSnapshotProviderOptions> = {}) =>
+  new LvmSnapshotProvider({ mode: 'classic', agent: 'bad1', stateDir: '/tmp/bsn-bad', logger: log, pollMs: 300, ...o });
+
+async function rejection(p: Promise<unknown>): Promise<Error> {
+  return p.then(() => {
+    throw new Error('expected a rejection');
+  }, (e: Error) => e);
+}
+
+async function writeFile(v: VolumeSpec, bytes: number): Promise<void> {
+  const fh = await open(`${v.mountpoint}/fill.dat`, 'w');
+  try {
+    const buf = Buffer.alloc(MiB);
+    for (let off = 0; off < bytes; off += MiB) {
+      buf.fill(off & 0xff);
+      await fh.write(buf, 0, MiB, off);
+    }
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/** True once reading the device fails (the watcher put the error target in). */
+async function readFails(path: string): Promise<boolean> {
+  const r = await execa('dd', [`if=${path}`, 'of=/dev/null', 'bs=64k', 'count=16', 'iflag=direct'], { reject: false });
+  return r.exitCode !== 0;
+}
+
+async function until(what: string, cond: () => Promise<boolean>, ms = 60_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!(await cond())) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+const agentLvs = async (agent = 'bad1') => (await listLvs([VG])).filter((l) => l.tags.includes(`bsn.agent.${agent}`)).map((l) => l.name);
+
+describe('LVM providers: bad input', () => {
+  let rig: LvmRig;
+  let a: VolumeSpec;
+  let b: VolumeSpec;
+  beforeAll(async () => {
+    rig = await makeLvmRig({ kind: 'plain', names: ['bada', 'badb'], sizeMiB: 64 });
+    [a, b] = rig.volumes as [VolumeSpec, VolumeSpec];
+  });
+  afterAll(async () => {
+    await rig?.teardown();
+  });
+
+  it('a missing volume group, a missing LV: clear errors naming them, nothing left', async () => {
+    const p = provider();
+    const noVg = await rejection(p.create({ ...a, device: '/dev/novg/data' }, 'j1'));
+    expect(isBlocksnapError(noVg), String(noVg)).toBe(true);
+    expect(noVg.message).toMatch(/volume group novg not found/);
+    const noLv = await rejection(p.create({ ...a, device: `/dev/${VG}/nolv` }, 'j1'));
+    expect(noLv.message).toMatch(new RegExp(`logical volume ${VG}/nolv not found`));
+    expect(await agentLvs()).toEqual([]);
+  });
+
+  it('an LV that is not the device of the mountpoint is refused by proveIdentity (E_IDENTITY) with both devices named', async () => {
+    const e = await rejection(provider().proveIdentity({ ...a, mountpoint: b.mountpoint }));
+    expect(isBlocksnapError(e, 'E_IDENTITY'), String(e)).toBe(true);
+    expect(e.message).toMatch(/mountpoint/);
+    expect(e.message).toContain(b.mountpoint);
+  });
+
+  it('no free extents for the CoW area: a clear error before anything is created', async () => {
+    const free = Number((await sh('vgs', ['--noheadings', '--units', 'b', '--nosuffix', '-o', 'vg_free', VG])).trim());
+    await sh('lvcreate', ['-q', '-L', `${free}b`, '-n', 'filler', VG]);
+    try {
+      const e = await rejection(provider().create(a, 'j2'));
+      expect(e.message).toMatch(/no free extents in volume group bsnvg/);
+      expect(await agentLvs()).toEqual([]);
+    } finally {
+      await sh('lvremove', ['-q', '-f', `${VG}/filler`]);
+    }
+  });
+
+  it('a CoW area filling past the limit: the snapshot device fails every read before it overflows, and remove leaves nothing', async () => {
+    const p = provider({ cow: { percent: 1, minBytes: 8 * MiB }, fillLimitPercent: 50 });
+    const s = await p.create(a, 'j3');
+    expect(await readFails(s.path)).toBe(false);
+    await writeFile(a, 5 * MiB); // > 50 % of 8 MiB, < 100 %
+    await until('the watcher to fail the snapshot', () => readFails(s.path));
+    const lv = (await listLvs([VG])).find((l) => s.path.endsWith(`/${l.name}`));
+    expect(lv?.attr[4]).not.toBe('I'); // caught before the kernel invalidated it
+    await p.remove(s);
+    expect(await agentLvs()).toEqual([]);
+  });
+
+  it('a CoW area that overflows (invalidated by the kernel) is never read: its device fails, remove leaves nothing', async () => {
+    const p = provider({ cow: { percent: 1, minBytes: 8 * MiB }, fillLimitPercent: 101 });
+    const s = await p.create(a, 'j4');
+    await writeFile(a, 24 * MiB);
+    await until('the kernel to invalidate the snapshot', async () => (await listLvs([VG])).some((l) => s.path.endsWith(`/${l.name}`) && l.attr[4] === 'I'));
+    await until('the watcher to fail the snapshot', () => readFails(s.path));
+    await p.remove(s);
+    expect(await agentLvs()).toEqual([]);
+  });
+
+  it('kill -9 of an agent holding a snapshot: the restarted agent removes its orphan, and not another agent\'s snapshot', async () => {
+    const other = provider({ agent: 'other1' });
+    const theirs = await other.create(b, 'keep');
+    const script = `import { LvmSnapshotProvider } from '/work/main/dist/agent/snapshot/lvm/lvm-snapshot-provider.js';
+const p = new LvmSnapshotProvider({ mode: 'classic', agent: 'bad1', stateDir: '/tmp/bsn-bad', pollMs: 60000 });
+await p.create(${JSON.stringify(a)}, 'orphan');
+console.log('READY');
+setInterval(() => {}, 1000);`;
+    const child = execa('node', ['--input-type=module', '-e', script], { reject: false, buffer: false });
+    await new Promise<void>((resolve, reject) => {
+      child.stdout!.on('data', (d: Buffer) => d.toString().includes('READY') && resolve());
+      void child.then((r) => reject(new Error(`child exited ${r.exitCode}: ${String(r.stderr ?? '')}`)));
+    });
+    child.kill('SIGKILL');
+    await child;
+    expect(await agentLvs()).toEqual(['bsn.bada.orphan']);
+    const released = await provider().cleanupStale();
+    expect(released).toEqual(['snapshot:bada@orphan']);
+    expect(await agentLvs()).toEqual([]);
+    expect(await agentLvs('other1')).toEqual(['bsn.badb.keep']);
+    await other.remove(theirs);
+  });
+});
