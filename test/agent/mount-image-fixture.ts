@@ -143,11 +143,14 @@ export async function serveCow(fx: E2eFixture, roUri: string): Promise<string> {
   child.unref();
   const pid = child.pid!;
   fx.defer(`nbdkit cow ${pid}`, async () => {
-    if (await isAlive(pid)) {
-      process.kill(pid, 'SIGTERM');
-      await waitFor(`nbdkit ${pid} to exit`, async () => !(await isAlive(pid)), { timeoutMs: 20_000 });
+    try {
+      if (await isAlive(pid)) {
+        process.kill(pid, 'SIGTERM');
+        await waitFor(`nbdkit ${pid} to exit`, async () => !(await isAlive(pid)), { timeoutMs: 20_000 });
+      }
+    } finally {
+      await rm(pidFile, { force: true });
     }
-    await rm(pidFile, { force: true });
   });
   await waitFor('nbdkit to listen', async () => /^\d+/.test(await readFile(pidFile, 'utf8').catch(() => '')), { timeoutMs: 20_000, everyMs: 10 });
   return `nbd://127.0.0.1:${port}/`;
