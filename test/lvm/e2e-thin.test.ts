@@ -3,9 +3,10 @@
  * guest, the compiled agent (`npm run build`) inside the guest with
  * provider lvm-thin and tracking thin-delta, the appliance in this process
  * on 127.0.0.1 (10.0.2.2 from the guest). A full, pgbench, then an audited
- * incremental: the thin-delta generation is used (changeSource tracker) and
- * the audit against a full digest comparison finds 0 missed chunks. After
- * the agent stops, no job snapshot of the agent is left in the guest.
+ * incremental (the audit checks the thin-delta bitmap against a full digest
+ * comparison: 0 missed chunks), then a plain incremental that reads only the
+ * chunks thin_delta marked. After the agent stops, no job snapshot of the
+ * agent is left in the guest (the thin-delta basis stays, by design).
  */
 import { existsSync } from 'node:fs';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
@@ -78,12 +79,23 @@ describe.skipIf(labSkipReason)('LVM thin end to end in the guest', () => {
       const inc = await job.done;
       expect(inc, JSON.stringify(inc)).toMatchObject({ ok: true });
       const stats = appl.app.catalog.job(job.id)!.stats as Stats;
-      expect(stats.changeSource, JSON.stringify(stats)).toBe('tracker');
+      // An audited job sends what a full digest comparison finds and checks the tracker's bitmap against it.
+      expect(stats.changeSource, JSON.stringify(stats)).toBe('digest-compare (audit)');
       expect(stats.fallbackReason).toBe('');
       expect(stats.audited).toBe(true);
       expect(stats.auditMissed).toBe(0);
       expect(stats.trackedChunks).toBeGreaterThan(0);
-      console.log(`lvm-thin e2e: incremental tracked ${stats.trackedChunks} chunks, audit changed ${String(stats.auditChanged)}, missed ${stats.auditMissed}`);
+      console.log(`lvm-thin e2e audit: tracked ${stats.trackedChunks} chunks, really changed ${String(stats.auditChanged)}, missed ${stats.auditMissed}, ` +
+        `digest compare read ${String(stats.bytesRead)} bytes, snapshot frozen ${String(stats.freezeSeconds)} s`);
+
+      // The audit gave its generation back: the next incremental reads only what thin_delta marked.
+      const next = appl.app.router.startJob('db1', 'pgdata', 'incremental');
+      expect(await next.done).toMatchObject({ ok: true });
+      const ns = appl.app.catalog.job(next.id)!.stats as Stats;
+      expect(ns.changeSource, JSON.stringify(ns)).toBe('tracker');
+      expect(ns.fallbackReason).toBe('');
+      expect(Number(ns.chunksRead)).toBeLessThan(Number(ns.chunksTotal));
+      console.log(`lvm-thin e2e tracker incremental: read ${String(ns.bytesRead)} bytes (${String(ns.chunksRead)} of ${String(ns.chunksTotal)} chunks)`);
 
       await writeFile(path.join(shared, 'stop'), '');
       const r = await guest;
