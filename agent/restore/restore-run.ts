@@ -57,6 +57,8 @@ export interface RestoreResult {
   chunksFetched: number;
   /** Chunks left as they were because they already equal the image (changed-only). */
   chunksSkipped: number;
+  /** Changed-only: chunks read and hashed to find those that differ (the tracker's candidates, or every chunk). */
+  chunksCompared: number;
   /** ZERO chunks of the image made zero (holes/zeros; on a new file they are holes without a write). */
   holes: number;
   bytesWritten: number;
@@ -111,11 +113,13 @@ export async function runRestore(req: RestoreRequestOptions, ctx: RestoreContext
     let changeSource = 'full';
     let fallbackReason = '';
     let considered: ChunkSet | null = null; // null: every chunk
+    let chunksCompared = 0;
     if (req.changedOnly) {
       const c = await changedChunks(map, target, ctx, log);
       considered = c.set;
       changeSource = c.source;
       fallbackReason = c.reason;
+      chunksCompared = c.candidates;
     }
     const need = considered ? considered.and(nonZero) : nonZero;
     const needCount = need.cardinality();
@@ -162,7 +166,7 @@ export async function runRestore(req: RestoreRequestOptions, ctx: RestoreContext
     const result: RestoreResult = {
       imageId: map.imageId, volume: map.volume, target: req.target, targetKind: target.kind, changedOnly: req.changedOnly,
       changeSource, fallbackReason, volumeSize: map.volumeSize, chunkSize: map.chunkSize, chunkCount: n,
-      chunksFetched: writer.written, chunksSkipped, holes: zeroCount, bytesWritten: writer.bytesWritten, bytesZeroed,
+      chunksFetched: writer.written, chunksSkipped, chunksCompared, holes: zeroCount, bytesWritten: writer.bytesWritten, bytesZeroed,
       seconds, mbPerSecond: writer.bytesWritten / 1e6 / Math.max(seconds, 1e-9),
     };
     log.info(result, 'restore done');
@@ -189,7 +193,9 @@ export async function runRestore(req: RestoreRequestOptions, ctx: RestoreContext
  * I = B the local map must hash to the image's root (a cross-check of what
  * the appliance sent). Otherwise: read and hash the target.
  */
-async function changedChunks(map: RestoreImageMap, target: OpenTarget, ctx: RestoreContext, log: Logger): Promise<{ set: ChunkSet; source: string; reason: string }> {
+async function changedChunks(
+  map: RestoreImageMap, target: OpenTarget, ctx: RestoreContext, log: Logger,
+): Promise<{ set: ChunkSet; source: string; reason: string; candidates: number }> {
   let reason = 'the target is not a configured volume';
   if (target.volume) {
     const v = target.volume;
@@ -208,21 +214,33 @@ async function changedChunks(map: RestoreImageMap, target: OpenTarget, ctx: Rest
         reason = `the local digest map of ${local.imageId} does not hash to the image's root`;
       } else {
         const tracked = setOfWords(cp.bitmap.words);
-        const set = local.imageId === map.imageId ? tracked : unionOf(tracked, digestDiffSet(map.digests, local.bytes(), map.chunkCount));
-        log.info({ tracked: tracked.cardinality(), union: set.cardinality(), basis: local.imageId }, 'changed chunks from the tracker');
-        return { set, source: 'tracker', reason: '' };
+        const candidates = local.imageId === map.imageId ? tracked : unionOf(tracked, digestDiffSet(map.digests, local.bytes(), map.chunkCount));
+        // The candidates are a superset (a chunk written back with the same bytes, filesystem
+        // metadata rewritten): reading and hashing just those is cheaper than writing them, and
+        // leaves exactly the chunks that differ.
+        const set = await differingChunks(map, target, ctx, candidates);
+        log.info({ tracked: tracked.cardinality(), candidates: candidates.cardinality(), differing: set.cardinality(), basis: local.imageId }, 'changed chunks from the tracker');
+        return { set, source: 'tracker', reason: '', candidates: candidates.cardinality() };
       }
     }
   }
   log.info({ reason }, 'changed-only restore compares digests');
-  ctx.onProgress?.({ phase: 'compare', chunksDone: 0, chunksTotal: map.chunkCount, bytesWritten: 0 });
-  const set = emptySet(map.chunkCount);
+  return { set: await differingChunks(map, target, ctx, null), source: 'digest-compare', reason, candidates: map.chunkCount };
+}
+
+/** Of `candidates` (null: every chunk), those whose bytes on the target differ from the image: read and hashed by the reader workers. */
+async function differingChunks(map: RestoreImageMap, target: OpenTarget, ctx: RestoreContext, candidates: ChunkSet | null): Promise<ChunkSet> {
+  const n = map.chunkCount;
+  ctx.onProgress?.({ phase: 'compare', chunksDone: 0, chunksTotal: candidates ? candidates.cardinality() : n, bytesWritten: 0 });
+  const set = emptySet(n);
+  if (candidates?.isEmpty()) return set;
+  const select = candidates ? Uint32Array.from(candidates.data.slice(0, Math.ceil(n / 32)), (w) => w >>> 0) : undefined;
   const stream = readChunks(
-    { path: target.path, volumeSize: map.volumeSize, chunkSize: map.chunkSize, startIndex: 0, basisDigests: map.digests, mode: 'incremental' },
+    { path: target.path, volumeSize: map.volumeSize, chunkSize: map.chunkSize, startIndex: 0, basisDigests: map.digests, mode: 'incremental', select },
     { workers: ctx.workers, signal: ctx.signal },
   );
   for await (const c of stream) set.set(c.index, 1);
-  return { set, source: 'digest-compare', reason };
+  return set;
 }
 
 function nonZeroSet(map: RestoreImageMap): ChunkSet {
