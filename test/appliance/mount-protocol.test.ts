@@ -11,8 +11,8 @@ import { copyFile, mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { makeVolume, ScriptedAgent } from '../../appliance/testing/scripted-agent.js';
-import { envelope, type WalPiece } from '../../proto/messages.js';
+import { chunkCountOf, goodChunk, makeVolume, nonZeroIndexes, ScriptedAgent } from '../../appliance/testing/scripted-agent.js';
+import { envelope, JobMode, type WalPiece } from '../../proto/messages.js';
 import { zstdDecompress } from '../../proto/shared/zstd.js';
 import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
 import { backupPgImage, MOUNT_WAL_BYTES, MOUNT_WAL_NAME } from '../support/mount-images.js';
@@ -59,7 +59,7 @@ describe('mount protocol', () => {
   const requestId = () => `mrq-test-${++rq}`;
 
   beforeAll(async () => {
-    h = await startAppliance(['db1', 'db2']);
+    h = await startAppliance(['db1', 'db2', 'db3']);
     db1 = await ScriptedAgent.connect(h.url);
     await db1.login('db1', h.tokens.db1!, [v1]);
     db2 = await ScriptedAgent.connect(h.url);
@@ -187,6 +187,41 @@ describe('mount protocol', () => {
     expect(h.app.mounts.mounts.get(g.mountId)?.endReason).toMatch(/agent restarted/);
     expect(h.app.mounts.isMounted(img2)).toBe(false);
   });
+
+  it('an image set (consistency group) is mounted whole: one export per member, each served', async () => {
+    const data = makeVolume('gdata', 6 * 65536, 65536);
+    const wal = makeVolume('gwal', 3 * 65536, 65536, [1]);
+    const a = await ScriptedAgent.connect(h.url);
+    await a.sendHello('db3', h.tokens.db3!, [data, wal], { groups: [{ name: 'g', volumes: ['gdata', 'gwal'] }] });
+    await a.next('welcome');
+    const job = h.app.router.startJob('db3', 'g', 'full');
+    await a.next('runJob', job.id);
+    let seq = 0;
+    for (const v of [data, wal]) {
+      await a.send(envelope('beginVolume', { jobId: job.id, volume: v.name, volumeSize: v.size, chunkSize: v.chunkSize, basisImageId: '', mode: JobMode.FULL, resume: false }));
+      await a.next('volumeReady', job.id);
+      await a.batch(job.id, nonZeroIndexes(v).map((n) => goodChunk(v, n)), ++seq);
+      await a.next('ack', job.id);
+      await a.end(job.id, chunkCountOf(v), v);
+    }
+    await a.send(envelope('commitSet', { jobId: job.id }));
+    const committed = await a.next('committed', job.id);
+    await a.result(job.id, true, committed.imageId);
+    await job.done;
+    const id = requestId();
+    await a.send(envelope('mountRequest', { requestId: id, imageId: committed.setId!, writable: true, ttlSeconds: 0 }));
+    const g = await granted(a, id);
+    expect(g.imageId).toBe(committed.setId);
+    expect(g.exports.map((x) => [x.volume, x.size])).toEqual([['gdata', data.size], ['gwal', wal.size]]);
+    for (const x of g.exports) {
+      const r = await execa('nbdinfo', ['--size', `nbd://127.0.0.1:${g.nbdPort}/${x.exportName}`], { timeout: 20_000 });
+      expect(Number(r.stdout.trim())).toBe(x.size);
+    }
+    for (const m of committed.images!) expect(h.app.mounts.isMounted(m.imageId)).toBe(true);
+    await a.send(envelope('mountRelease', { mountId: g.mountId, reason: '' }));
+    await expect.poll(() => h.app.mounts.mounts.get(g.mountId)?.state, { timeout: 10_000 }).toBe('ended');
+    await a.close();
+  }, 60_000);
 
   it('a malformed mount frame ends the session (not a job frame), other agents unaffected', async () => {
     const bad = await ScriptedAgent.connect(h.url);
