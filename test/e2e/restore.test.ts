@@ -115,7 +115,7 @@ describe('restore an image onto a device or file', () => {
     expect(backing.blocks * 512).toBeLessThan((256 << 20) - r.bytesZeroed / 2);
   });
 
-  it('a chunk the appliance corrupts is detected: E_DIGEST_MISMATCH, and the failure says the target state', async () => {
+  it('a chunk the appliance corrupts is detected: E_DIGEST_MISMATCH, and the failure says the target state (file not created, device partly restored)', async () => {
     const restores = appl.app.router.restores as unknown as { store: ChunkStore };
     const real = restores.store;
     let flipped = 0;
@@ -136,6 +136,12 @@ describe('restore an image onto a device or file', () => {
       expect(String(err.message)).toMatch(/SHA-256 of the received data is not the image's digest/);
       expect(String(err.message)).toMatch(/was not created/);
       expect(existsSync(out)).toBe(false);
+      // Onto a device the failure says it is partly restored (zero ranges were already punched).
+      const dev = await scratchDevice('corrupt-dev.img', 256 << 20);
+      flipped = 0;
+      const devErr = await restore(imageA.id, dev).catch((e) => e);
+      expect(isBlocksnapError(devErr, 'E_DIGEST_MISMATCH'), String(devErr)).toBe(true);
+      expect(String(devErr.message)).toMatch(/is partly restored .*run the restore again/);
     } finally {
       restores.store = real;
     }
