@@ -373,7 +373,10 @@ export class Agent implements ControlledAgent {
   /** Restores an image of this agent onto a device or file (restore/restore-run.ts), over the appliance session. */
   async restoreImage(req: RestoreRequestOptions, signal?: AbortSignal, onProgress?: (p: RestoreProgress) => void): Promise<RestoreResult> {
     if (this.stopped) throw new BlocksnapError('E_CANCELLED', 'agent stopping');
-    if (!this.transport) throw new BlocksnapError('E_DISCONNECTED', 'not connected to the appliance: a restore needs it');
+    // A restore needs the session: wait for a redial in progress, not longer.
+    await this.waitConnected(15_000).catch((e) => {
+      throw new BlocksnapError('E_DISCONNECTED', `not connected to the appliance: a restore needs it (${(e as Error).message})`, { cause: e });
+    });
     const p = runRestore(req, {
       volumes: this.config.volumes, stateDir: this.config.stateDir, workers: this.config.workers, log: this.log, signal, onProgress,
       trackingOf: (name) => this.tracking.get(name),

@@ -1,5 +1,5 @@
 import { constants } from 'node:fs';
-import { link, open, readdir, readFile, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { link, lstat, open, readdir, readFile, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { BlocksnapError } from '../../proto/errors.js';
@@ -94,6 +94,8 @@ export async function loopsBackedBy(dev: number, ino: number): Promise<string[]>
 }
 
 export async function openTarget(spec: TargetSpec, imageSize: number, volumes: readonly ConfiguredVolume[], imageVolume: string): Promise<OpenTarget> {
+  const entry = await lstat(spec.path).catch(() => null);
+  if (entry?.isSymbolicLink()) throw usage(spec.path, 'is a symbolic link: name the device or file itself');
   let st;
   try {
     st = await stat(spec.path);

@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { mkdir, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, open, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -147,7 +147,7 @@ describe('restore an image onto a device or file', () => {
     }
   });
 
-  it('refuses a mounted target, a too small one, a non-empty file, a loop\'s backing file and the volume itself: exit 2, nothing written', async () => {
+  it('refuses a mounted target, a too small one, a non-empty file, a loop\'s backing file, a symlink and the volume itself: exit 2, nothing written', async () => {
     const small = await scratchDevice('small.img', 128 << 20);
     await ddWrite(small, { bs: 1 << 20, count: 4, source: '/dev/urandom', noTruncate: true });
     const smallBefore = await sha(small);
@@ -162,7 +162,10 @@ describe('restore an image onto a device or file', () => {
       [nonEmpty, /exists and is not empty/],
       [lab.volumeImage, /image file of configured volume vol/],
       [join(lab.poolMount, 'small.img'), /backs loop device/],
+      [join(lab.poolMount, 'link.raw'), /symbolic link/],
     ];
+    await symlink(join(lab.poolMount, 'missing.raw'), join(lab.poolMount, 'link.raw'));
+    fx.defer('remove link.raw', () => rm(join(lab.poolMount, 'link.raw'), { force: true }));
     for (const [target, why] of cases) {
       const r = await cli(target);
       expect(r.exitCode, `${target}: ${String(r.stderr)}`).toBe(2);
