@@ -17,8 +17,9 @@
  * size), BENCH_RUNS (3), BENCH_CLONES (10), BENCH_DIRECT_IO (0/1),
  * BENCH_PG_SETTINGS (JSON of extra per-start settings, e.g.
  * '{"recovery_init_sync_method":"fsync"}' to compare with the default syncfs).
- * BENCH_AB=deferFlush: every run mounts twice more, with and without
- * deferFlush (barrier=0 while preparing), alternating, and prints both medians.
+ * BENCH_AB=deferFlush|directIo: every run mounts twice more, with and
+ * without deferFlush (barrier=0 while preparing) or loop direct I/O,
+ * alternating, and prints both medians.
  * Writes .bench/mount.json.
  */
 import { chmod, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
@@ -99,13 +100,20 @@ async function benchSize(volumeGiB: number, scale: number): Promise<{ size: Size
     const nbd = await serveImage(fx, img);
     const size: SizeResult = { volumeGiB, scale, primary: [], standby: [], phases: [], logPhases: [] };
     const ab: Record<string, number[]> = { on: [], off: [] };
-    const noDefer = new NbdLocalMounter({ stateDir, runBase, attacher: new NbdfuseAttacher({ directIo: DIRECT_IO }), pgSettings: PG_SETTINGS, deferFlush: false });
+    // The A/B pair: the same mounter with one choice flipped (deferFlush off, or loop direct I/O on).
+    const AB = process.env.BENCH_AB;
+    const on = AB === 'directIo'
+      ? new NbdLocalMounter({ stateDir, runBase, attacher: new NbdfuseAttacher({ directIo: true }), pgSettings: PG_SETTINGS })
+      : mounter;
+    const off = AB === 'directIo'
+      ? new NbdLocalMounter({ stateDir, runBase, attacher: new NbdfuseAttacher({ directIo: false }), pgSettings: PG_SETTINGS })
+      : new NbdLocalMounter({ stateDir, runBase, attacher: new NbdfuseAttacher({ directIo: DIRECT_IO }), pgSettings: PG_SETTINGS, deferFlush: false });
     for (let i = 0; i < RUNS; i++) {
-      if (process.env.BENCH_AB === 'deferFlush') {
-        for (const [k, mm] of (i % 2 ? [['off', noDefer], ['on', mounter]] : [['on', mounter], ['off', noDefer]]) as Array<[string, NbdLocalMounter]>) {
+      if (AB === 'deferFlush' || AB === 'directIo') {
+        for (const [k, mm] of (i % 2 ? [['off', off], ['on', on]] : [['on', on], ['off', off]]) as Array<[string, NbdLocalMounter]>) {
           const m = await mountOnce(fx, mm, img, nbd, false);
           ab[k]!.push(m.secondsToFirstQuery);
-          say(`  deferFlush ${k}: ${m.secondsToFirstQuery.toFixed(3)} s ${JSON.stringify(Object.fromEntries(Object.entries(m.phases).map(([x, v]) => [x, r3(v)])))}`);
+          say(`  ${AB} ${k}: ${m.secondsToFirstQuery.toFixed(3)} s ${JSON.stringify(Object.fromEntries(Object.entries(m.phases).map(([x, v]) => [x, r3(v)])))}`);
           await mm.unmount(m.mountId);
         }
       }
@@ -120,7 +128,7 @@ async function benchSize(volumeGiB: number, scale: number): Promise<{ size: Size
         await mounter.unmount(m.mountId);
       }
     }
-    if (process.env.BENCH_AB === 'deferFlush') say(`  deferFlush medians: on ${r3(median(ab.on!))} s, off ${r3(median(ab.off!))} s`);
+    if (AB) say(`  ${AB} medians: on ${r3(median(ab.on!))} s, off ${r3(median(ab.off!))} s`);
     let clones: number[] | undefined;
     if (CLONES > 0 && volumeGiB === SIZES[0]) {
       clones = [];
