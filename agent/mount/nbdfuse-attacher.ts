@@ -10,10 +10,10 @@
  * Ready = it wrote its pid file (-P). It is released by `fusermount3 -u DIR`
  * (then it exits by itself), never killed first.
  *
- * The loop device: `--direct-io=off` by default. measured in
- * scripts/bench-mount.ts: with direct I/O the loop device reads the FUSE file
- * with O_DIRECT, bypassing its page cache (no double caching) — see
- * DESIGN.md for which one wins here.
+ * The loop device: `--direct-io=off` by default. With direct I/O the loop
+ * device would use the FUSE file with O_DIRECT (no double caching); measured
+ * in scripts/bench-mount.ts (BENCH_AB=directIo, alternating pairs) it made no
+ * difference to mount-to-first-query, so the simpler buffered mode stays.
  */
 import { spawn } from 'node:child_process';
 import { closeSync, openSync } from 'node:fs';
