@@ -30,37 +30,57 @@ export class ChunkWriter {
     this.done = new Uint8Array(chunkCount);
   }
 
-  /** Verifies the whole batch, then writes it; resolves when the bytes are handed to the kernel. */
+  /**
+   * Verifies the whole batch, then writes it; resolves when the bytes are
+   * handed to the kernel. Each run of consecutive chunks is decompressed into
+   * one buffer (one allocation and one write per run, not per chunk).
+   */
   async write(batch: RestoreChunks): Promise<void> {
-    const runs: { offset: number; bufs: Buffer[] }[] = [];
+    const runs: { offset: number; total: number; chunks: { c: RestoreChunks['chunks'][number]; length: number }[] }[] = [];
     let prev = -2;
     for (const c of batch.chunks) {
       const i = c.index;
       if (!Number.isSafeInteger(i) || i < 0 || i >= this.done.length || !this.wanted(i)) {
         throw new BlocksnapError('E_PROTOCOL', `the appliance sent chunk ${i}, which was not asked for`);
       }
-      if (this.done[i]) throw new BlocksnapError('E_PROTOCOL', `the appliance sent chunk ${i} twice`);
+      if (this.done[i] || i === prev) throw new BlocksnapError('E_PROTOCOL', `the appliance sent chunk ${i} twice`);
       const expected = this.digests.subarray(i * DIGEST_BYTES, (i + 1) * DIGEST_BYTES);
       const length = Math.min(this.chunkSize, this.volumeSize - i * this.chunkSize);
       if (c.zero || !expected.equals(c.digest) || c.plainLength !== length) {
         throw new BlocksnapError('E_DIGEST_MISMATCH', `chunk ${i}: the appliance sent another chunk than the image map names (digest, length or zero flag differ)`);
       }
-      let plain: Buffer;
-      try {
-        plain = zstdDecompress(c.data, length);
-      } catch (e) {
-        throw new BlocksnapError('E_DIGEST_MISMATCH', `chunk ${i}: its data does not decompress to ${length} bytes: ${(e as Error).message}`, { cause: e });
-      }
-      if (!createHash('sha256').update(plain).digest().equals(expected)) {
-        throw new BlocksnapError('E_DIGEST_MISMATCH', `chunk ${i}: SHA-256 of the received data is not the image's digest ${expected.toString('hex')}`);
-      }
       const last = runs[runs.length - 1];
-      if (last && i === prev + 1) last.bufs.push(plain);
-      else runs.push({ offset: i * this.chunkSize, bufs: [plain] });
+      if (last && i === prev + 1) {
+        last.chunks.push({ c, length });
+        last.total += length;
+      } else {
+        runs.push({ offset: i * this.chunkSize, total: length, chunks: [{ c, length }] });
+      }
       prev = i;
     }
+    const out: { offset: number; buf: Buffer }[] = [];
+    for (const r of runs) {
+      // One spare byte: zstdDecompress detects data longer than declared by filling it.
+      const buf = Buffer.allocUnsafe(r.total + 1);
+      let pos = 0;
+      for (const { c, length } of r.chunks) {
+        const i = c.index;
+        let plain: Buffer;
+        try {
+          plain = zstdDecompress(c.data, length, buf.subarray(pos));
+        } catch (e) {
+          throw new BlocksnapError('E_DIGEST_MISMATCH', `chunk ${i}: its data does not decompress to ${length} bytes: ${(e as Error).message}`, { cause: e });
+        }
+        const expected = this.digests.subarray(i * DIGEST_BYTES, (i + 1) * DIGEST_BYTES);
+        if (!createHash('sha256').update(plain).digest().equals(expected)) {
+          throw new BlocksnapError('E_DIGEST_MISMATCH', `chunk ${i}: SHA-256 of the received data is not the image's digest ${expected.toString('hex')}`);
+        }
+        pos += length;
+      }
+      out.push({ offset: r.offset, buf: buf.subarray(0, r.total) });
+    }
     for (const c of batch.chunks) this.done[c.index] = 1;
-    await Promise.all(runs.map((r) => this.writeRun(r.offset, r.bufs)));
+    await Promise.all(out.map((r) => this.writeRun(r.offset, [r.buf])));
     this.written += batch.chunks.length;
   }
 
