@@ -176,17 +176,21 @@ export class BlobIndex {
   }
 
   /**
-   * GC sweep of one pack, one transaction: the rows of `dead` that still point
-   * at `pack` go; with `dropPack` its packs row too (the file is removed after
-   * this returns, so a crash in between leaves an unindexed pack that the next
-   * start indexes again: garbage, never a missing pack).
+   * GC sweep of whole packs, one transaction (one fsync for many packs): the
+   * rows of each pack's `dead` digests that still point at it go, and its
+   * packs row. The files are removed after this returns, so a crash in
+   * between leaves unindexed packs that the next start indexes again:
+   * garbage, never a missing pack.
    */
-  sweepRows(pack: string, dead: readonly Buffer[], dropPack: boolean): number {
+  sweepPacks(packs: readonly { pack: string; dead: readonly Buffer[] }[]): number {
     return this.db.transaction(() => {
       const del = this.db.prepare('DELETE FROM blobs WHERE digest = ? AND pack = ?');
+      const drop = this.db.prepare('DELETE FROM packs WHERE id = ?');
       let n = 0;
-      for (const d of dead) n += del.run(d, pack).changes;
-      if (dropPack) this.db.prepare('DELETE FROM packs WHERE id = ?').run(pack);
+      for (const p of packs) {
+        for (const d of p.dead) n += del.run(d, p.pack).changes;
+        drop.run(p.pack);
+      }
       return n;
     })();
   }
