@@ -13,6 +13,7 @@ import { connectionOf } from './capture.js';
 import { cleanupStaleInstances } from './cbt/tracefs/tracefs-instance.js';
 import { TracefsTracker } from './cbt/tracefs/tracefs-tracker.js';
 import { ThinDeltaTracker, cleanupStaleThinDelta } from './cbt/thin-delta/thin-delta-tracker.js';
+import { DmEraTracker, cleanupStaleDmEra } from './cbt/dm-era/dm-era-tracker.js';
 import type { AgentConfig } from './config.js';
 import { NbdLocalMounter } from './mount/nbd-local-mounter.js';
 import type { LocalMounter } from './mount/mount-port.js';
@@ -53,6 +54,11 @@ export const registry: AgentRegistry = {
       kind: 'thin-delta',
       cleanupStale: () => cleanupStaleThinDelta(),
       create: () => new ThinDeltaTracker({ log }),
+    }),
+    'dm-era': ({ log }) => ({
+      kind: 'dm-era',
+      cleanupStale: () => cleanupStaleDmEra(),
+      create: () => new DmEraTracker({ log }),
     }),
     off: null,
   },

@@ -1,0 +1,70 @@
+/**
+ * The Tracker contract (test/agent/tracker.contract.ts) against the dm-era
+ * tracker in the guest: per test a fresh era target (64 KiB blocks) over a
+ * plain LV, with its metadata on a second LV.
+ */
+import { constants } from 'node:fs';
+import { open } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import { execa } from 'execa';
+import { pino } from 'pino';
+import { afterAll, describe, expect, it } from 'vitest';
+import { DmEraTracker, cleanupStaleDmEra } from '../../../agent/cbt/dm-era/dm-era-tracker.js';
+import { CONTRACT_CHUNK, trackerContract, type ContractRig } from '../../agent/tracker.contract.js';
+import { VG, makeVg, sh } from './lvm-rig.js';
+
+const SIZE = 4 * 1024 * 1024;
+let vgReady: Promise<void> | null = null;
+let n = 0;
+const log = pino({ level: 'silent' });
+
+async function makeRig(): Promise<ContractRig> {
+  vgReady ??= makeVg();
+  await vgReady;
+  const name = `e${++n}`;
+  await sh('lvcreate', ['-q', '-L', `${SIZE / 1024 / 1024}M`, '-n', name, VG]);
+  await sh('lvcreate', ['-q', '-L', '4M', '-n', `${name}meta`, VG]);
+  await sh('dd', ['if=/dev/zero', `of=/dev/${VG}/${name}meta`, 'bs=4k', 'count=1', 'oflag=direct', 'status=none']);
+  const era = `${name}era`;
+  await sh('dmsetup', ['create', era, '--table', `0 ${SIZE / 512} era /dev/${VG}/${name}meta /dev/${VG}/${name} ${CONTRACT_CHUNK / 512}`]);
+  await sh('dmsetup', ['mknodes']);
+  const device = `/dev/mapper/${era}`;
+  return {
+    tracker: new DmEraTracker({ log }),
+    device,
+    deviceSize: SIZE,
+    write: async (offset, length) => {
+      const fh = await open(device, constants.O_WRONLY | constants.O_SYNC);
+      try {
+        await fh.write(randomBytes(length), 0, length, offset);
+      } finally {
+        await fh.close();
+      }
+    },
+    discard: async (offset, length) => void (await sh('blkdiscard', ['-o', String(offset), '-l', String(length), device])),
+    another: () => new DmEraTracker({ log }),
+    teardown: async () => {
+      await execa('dmsetup', ['remove', era], { reject: false });
+      await sh('lvremove', ['-q', '-f', `${VG}/${name}`, `${VG}/${name}meta`]);
+    },
+  };
+}
+
+trackerContract('dm-era (era target over an LV in a user-mode-linux guest)', makeRig);
+
+describe('dm-era specifics', () => {
+  afterAll(async () => {
+    await execa('vgremove', ['-q', '-f', VG], { reject: false });
+  });
+
+  it('cleanupStale drops a metadata snapshot a killed run left held', async () => {
+    const rig = await makeRig();
+    try {
+      await sh('dmsetup', ['message', rig.device.split('/').pop()!, '0', 'take_metadata_snap']);
+      expect(await cleanupStaleDmEra()).toEqual([`era metadata snapshot of ${rig.device.split('/').pop()}`]);
+      expect(await cleanupStaleDmEra()).toEqual([]);
+    } finally {
+      await rig.teardown();
+    }
+  });
+});
