@@ -212,7 +212,8 @@ async function main(): Promise<void> {
       await loop;
       loopGc.push(r.rate);
       const loopImage = r.imageId;
-      // One GC with work: the two images just made are deleted, their packs go while the next ingest runs.
+      // One GC with work: the two images just made are deleted, their packs go while the next ingest runs
+      // (the newer one's packs only if its writer was settled before the GC's T0: pending packs are left).
       await rig.retention.deleteImage(previous);
       await rig.retention.deleteImage(loopImage);
       const single = rig.retention.gc({});
