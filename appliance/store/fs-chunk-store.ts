@@ -212,6 +212,7 @@ export class FsChunkStore implements ChunkStore {
    */
   openGcWindow(): void {
     if (this.gcWindow) throw new BlocksnapError('E_BUSY', 'a garbage collection is already running on this store');
+    this.settleCommitted(); // packs of committed jobs leave the journal now: pending packs are never swept
     this.gcWindow = new Set(this.liveWriters);
   }
 
