@@ -54,6 +54,8 @@ export interface GuestResult {
   console: string;
   seconds: number;
   timedOut: boolean;
+  /** The run folder the guest used (already removed). */
+  runDir: string;
 }
 
 const DM_MODULES = [
@@ -166,7 +168,7 @@ export async function runInGuest(opts: GuestRunOptions): Promise<GuestResult> {
     const setup = await readFile(path.join(run, 'setup.log'), 'utf8').catch(() => '');
     const rc = await readFile(rcFile, 'utf8').catch(() => null);
     const code = rc === null ? (timedOut ? 124 : 125) : Number(rc.trim());
-    return { code, output: setup ? `${setup}${output}` : output, console: consoleOut, seconds: (performance.now() - started) / 1000, timedOut };
+    return { code, output: setup ? `${setup}${output}` : output, console: consoleOut, seconds: (performance.now() - started) / 1000, timedOut, runDir: run };
   } catch (e) {
     throw new BlocksnapError('E_INTERNAL', `user-mode-linux guest failed: ${(e as Error).message}`, { cause: e });
   } finally {
