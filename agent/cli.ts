@@ -11,7 +11,7 @@ import type { AuditResult } from './audit/audit-run.js';
 import { agentSocketPath, callAgent, type AgentStatus } from './control-server.js';
 import type { RestoreResult } from './restore/restore-run.js';
 import { controlRequest } from '../proto/shared/control-socket.js';
-import { progressBar } from '../appliance/progress.js';
+import { progressBar } from '../proto/shared/progress.js';
 
 const AFTER_HELP = `
 Exit status: 0 success; 1 failure; 2 usage or configuration error (the message names the bad argument

@@ -13,7 +13,7 @@ import { verifyImage } from './ops/verify-image.js';
 import { Appliance, lockHolder } from './server/appliance.js';
 import { rebuildCatalog, recordVerifyReport, reindexStore } from './server/recovery.js';
 import { applianceBackends } from './compose.js';
-import { progressBar } from './progress.js';
+import { progressBar } from '../proto/shared/progress.js';
 import { backupLine } from './backup-line.js';
 import { addRetentionCommands } from './retention/retention-cli.js';
 import { RetentionCatalog } from './retention/retention-catalog.js';
