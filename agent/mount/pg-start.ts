@@ -19,13 +19,13 @@
 import { spawn } from 'node:child_process';
 import { closeSync, openSync } from 'node:fs';
 import { chown, readFile, writeFile } from 'node:fs/promises';
-import net from 'node:net';
 import path from 'node:path';
 import { execa } from 'execa';
 import pg from 'pg';
 import { BlocksnapError } from '../../proto/errors.js';
 import { processStartTime } from '../../proto/shared/proc.js';
 import type { MountJournal } from './mount-state.js';
+export { freePort } from '../../proto/shared/free-port.js';
 
 export interface PgOwner {
   uid: number;
@@ -53,17 +53,6 @@ export async function ownerOf(uid: number, gid: number): Promise<PgOwner> {
   return { uid, gid, user };
 }
 
-/** A port nothing listens on right now on 127.0.0.1 (a race with other programs remains: start retries). */
-export async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const port = (srv.address() as net.AddressInfo).port;
-      srv.close(() => resolve(port));
-    });
-  });
-}
 
 export function postgresArgs(o: StartPgOptions): string[] {
   return ['-D', o.dataDir, '-p', String(o.port), '-k', o.runDir, ...Object.entries(o.settings).flatMap(([k, v]) => ['-c', `${k}=${v}`])];

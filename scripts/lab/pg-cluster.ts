@@ -7,7 +7,6 @@
  * so a killed run's cluster is stopped by `cleanupLeftovers`, by PID only.
  */
 import { chown, mkdir, mkdtemp, readFile, realpath } from 'node:fs/promises';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { execa, type Options as ExecaOptions } from 'execa';
@@ -16,6 +15,7 @@ import { BlocksnapError } from '../../proto/errors.js';
 import { isPostmasterOf, releaseResources, stopPostmasterByPid } from './cleanup.js';
 import { Ledger } from './ledger.js';
 import { isAlive, processStartTime } from '../../proto/shared/proc.js';
+import { freePort } from '../../proto/shared/free-port.js';
 
 export interface PgClusterOptions {
   /** Data directory (created, owned by the OS user); its parents must be traversable by that user. */
@@ -49,16 +49,6 @@ async function osUserIds(user: string): Promise<{ uid: number; gid: number }> {
   return { uid: Number(uid), gid: Number(gid) };
 }
 
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const port = (srv.address() as net.AddressInfo).port;
-      srv.close(() => resolve(port));
-    });
-  });
-}
 
 export class PgCluster {
   readonly dataDir: string;

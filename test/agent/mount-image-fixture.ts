@@ -11,7 +11,6 @@
  */
 import { spawn } from 'node:child_process';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
-import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
@@ -29,6 +28,7 @@ import type { E2eFixture } from '../support/e2e-fixture.js';
 import { PgTicker, TICK_TABLE_SQL } from '../support/pg-ticker.js';
 import { waitFor } from '../support/wait-for.js';
 import type { PgCluster } from '../../scripts/lab/pg-cluster.js';
+import { freePort } from '../../proto/shared/free-port.js';
 
 export interface PgImage {
   store: ChunkStore;
@@ -122,16 +122,6 @@ export async function serveImage(fx: E2eFixture, img: PgImage): Promise<{ server
   };
 }
 
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const port = (srv.address() as net.AddressInfo).port;
-      srv.close(() => resolve(port));
-    });
-  });
-}
 
 /** nbdkit's cow filter over `roUri`: a writable export of its own (stopped by PID at dispose). */
 export async function serveCow(fx: E2eFixture, roUri: string): Promise<string> {
