@@ -356,6 +356,20 @@ export function validateEnvelope(env: Envelope): void {
       text(m.target, 'mountResult.target', 1024);
       if (!Number.isFinite(m.secondsToFirstQuery) || m.secondsToFirstQuery < 0) fail('mountResult.secondsToFirstQuery must be a finite number ≥ 0');
       if (m.pgPort > 65535) fail('mountResult.pgPort must be 0..65535');
+      if (m.check) {
+        // A restore check (verify --restore): bounded lists of bounded names.
+        const c = m.check;
+        text(c.method, 'mountResult.check.method', 1024);
+        if (c.tables.length > 100_000) fail('mountResult.check.tables has more than 100000 entries');
+        if (c.problems.length > 1000) fail('mountResult.check.problems has more than 1000 entries');
+        for (const t of c.tables) for (const v of [t.database, t.schema, t.table]) text(v, 'mountResult.check.tables[]', 256);
+        for (const p of c.problems) {
+          text(p.database, 'mountResult.check.problems[].database', 256);
+          text(p.relation, 'mountResult.check.problems[].relation', 1024);
+          text(p.message, 'mountResult.check.problems[].message', 4096);
+        }
+        if (!Number.isFinite(c.seconds) || c.seconds < 0) fail('mountResult.check.seconds must be a finite number ≥ 0');
+      }
       return;
     }
     // Restore (DESIGN.md §4.6): shapes here, bounds and state in proto/shared/restore-protocol.ts.

@@ -71,9 +71,9 @@ export type EnvelopeKind = Exclude<SchemaKeys<EnvelopeProps>, 'msg'>;
  * Fields optional by design, per envelope kind: decoding always fills them, a
  * sender may omit them. Hello.groups: always an array after decoding, omitted
  * when the agent has no groups. Committed.setId/images: group jobs only
- * ("" and [] otherwise).
+ * ("" and [] otherwise). RunMount.verify: only `verify --restore` sets it.
  */
-interface OptionalByDesign { hello: 'groups'; committed: 'setId' | 'images' }
+interface OptionalByDesign { hello: 'groups'; committed: 'setId' | 'images'; runMount: 'verify' }
 type OptionalOf<K extends EnvelopeKind> = K extends keyof OptionalByDesign ? OptionalByDesign[K] : never;
 
 /** Envelope oneof member name → message type. */

@@ -1941,6 +1941,13 @@ export namespace blocksnap {
 
             /** RunMount writable. */
             writable: boolean;
+
+            /**
+             * `blocksnap-appliance verify IMAGE --restore --on AGENT`: once PostgreSQL
+             * answers, check it (amcheck of every heap and btree index, a row count of
+             * every table), unmount, and answer MountResult with `check`.
+             */
+            verify: boolean;
         }
 
         namespace RunMount {
@@ -1966,12 +1973,214 @@ export namespace blocksnap {
                 /** RunMount writable */
                 writable?: (boolean|null);
 
+                /**
+                 * `blocksnap-appliance verify IMAGE --restore --on AGENT`: once PostgreSQL
+                 * answers, check it (amcheck of every heap and btree index, a row count of
+                 * every table), unmount, and answer MountResult with `check`.
+                 */
+                verify?: (boolean|null);
+
                 /** Unknown fields preserved while decoding when enabled */
                 $unknowns?: Uint8Array[];
             }
 
             /** Shape of a RunMount. */
             type $Shape = blocksnap.v1.RunMount.$Properties;
+        }
+
+        /**
+         * Properties of a RestoreCheckTable.
+         * @deprecated Use blocksnap.v1.RestoreCheckTable.$Properties instead.
+         */
+        interface IRestoreCheckTable extends blocksnap.v1.RestoreCheckTable.$Properties {
+        }
+
+        /** A table's row count in a restore check. */
+        class RestoreCheckTable {
+
+            /**
+             * Constructs a new RestoreCheckTable.
+             * @param [properties] Properties to set
+             */
+            constructor(properties?: blocksnap.v1.RestoreCheckTable.$Properties);
+
+            /** Unknown fields preserved while decoding when enabled */
+            $unknowns?: Uint8Array[];
+
+            /** RestoreCheckTable database. */
+            database: string;
+
+            /** RestoreCheckTable schema. */
+            schema: string;
+
+            /** RestoreCheckTable table. */
+            table: string;
+
+            /** RestoreCheckTable rows. */
+            rows: (number|Long);
+        }
+
+        namespace RestoreCheckTable {
+
+            /** Properties of a RestoreCheckTable. */
+            interface $Properties {
+
+                /** RestoreCheckTable database */
+                database?: (string|null);
+
+                /** RestoreCheckTable schema */
+                schema?: (string|null);
+
+                /** RestoreCheckTable table */
+                table?: (string|null);
+
+                /** RestoreCheckTable rows */
+                rows?: (number|Long|null);
+
+                /** Unknown fields preserved while decoding when enabled */
+                $unknowns?: Uint8Array[];
+            }
+
+            /** Shape of a RestoreCheckTable. */
+            type $Shape = blocksnap.v1.RestoreCheckTable.$Properties;
+        }
+
+        /**
+         * Properties of a RestoreCheckProblem.
+         * @deprecated Use blocksnap.v1.RestoreCheckProblem.$Properties instead.
+         */
+        interface IRestoreCheckProblem extends blocksnap.v1.RestoreCheckProblem.$Properties {
+        }
+
+        /** What amcheck (or a count) found wrong, or could not do. */
+        class RestoreCheckProblem {
+
+            /**
+             * Constructs a new RestoreCheckProblem.
+             * @param [properties] Properties to set
+             */
+            constructor(properties?: blocksnap.v1.RestoreCheckProblem.$Properties);
+
+            /** Unknown fields preserved while decoding when enabled */
+            $unknowns?: Uint8Array[];
+
+            /** RestoreCheckProblem database. */
+            database: string;
+
+            /** RestoreCheckProblem relation. */
+            relation: string;
+
+            /** RestoreCheckProblem message. */
+            message: string;
+        }
+
+        namespace RestoreCheckProblem {
+
+            /** Properties of a RestoreCheckProblem. */
+            interface $Properties {
+
+                /** RestoreCheckProblem database */
+                database?: (string|null);
+
+                /** RestoreCheckProblem relation */
+                relation?: (string|null);
+
+                /** RestoreCheckProblem message */
+                message?: (string|null);
+
+                /** Unknown fields preserved while decoding when enabled */
+                $unknowns?: Uint8Array[];
+            }
+
+            /** Shape of a RestoreCheckProblem. */
+            type $Shape = blocksnap.v1.RestoreCheckProblem.$Properties;
+        }
+
+        /**
+         * Properties of a RestoreCheck.
+         * @deprecated Use blocksnap.v1.RestoreCheck.$Properties instead.
+         */
+        interface IRestoreCheck extends blocksnap.v1.RestoreCheck.$Properties {
+        }
+
+        /** Agent → appliance, in MountResult: the restore check of a RunMount{verify}. */
+        class RestoreCheck {
+
+            /**
+             * Constructs a new RestoreCheck.
+             * @param [properties] Properties to set
+             */
+            constructor(properties?: blocksnap.v1.RestoreCheck.$Properties);
+
+            /** Unknown fields preserved while decoding when enabled */
+            $unknowns?: Uint8Array[];
+
+            /** RestoreCheck ok. */
+            ok: boolean;
+
+            /** how it was checked, e.g. "amcheck (SQL): verify_heapam + bt_index_check(heapallindexed)" */
+            method: string;
+
+            /** server_version_num of the copy */
+            serverVersion: number;
+
+            /** RestoreCheck databases. */
+            databases: number;
+
+            /** RestoreCheck heapsChecked. */
+            heapsChecked: number;
+
+            /** RestoreCheck indexesChecked. */
+            indexesChecked: number;
+
+            /** RestoreCheck tables. */
+            tables: blocksnap.v1.RestoreCheckTable.$Properties[];
+
+            /** RestoreCheck problems. */
+            problems: blocksnap.v1.RestoreCheckProblem.$Properties[];
+
+            /** RestoreCheck seconds. */
+            seconds: number;
+        }
+
+        namespace RestoreCheck {
+
+            /** Properties of a RestoreCheck. */
+            interface $Properties {
+
+                /** RestoreCheck ok */
+                ok?: (boolean|null);
+
+                /** how it was checked, e.g. "amcheck (SQL): verify_heapam + bt_index_check(heapallindexed)" */
+                method?: (string|null);
+
+                /** server_version_num of the copy */
+                serverVersion?: (number|null);
+
+                /** RestoreCheck databases */
+                databases?: (number|null);
+
+                /** RestoreCheck heapsChecked */
+                heapsChecked?: (number|null);
+
+                /** RestoreCheck indexesChecked */
+                indexesChecked?: (number|null);
+
+                /** RestoreCheck tables */
+                tables?: (blocksnap.v1.RestoreCheckTable.$Properties[]|null);
+
+                /** RestoreCheck problems */
+                problems?: (blocksnap.v1.RestoreCheckProblem.$Properties[]|null);
+
+                /** RestoreCheck seconds */
+                seconds?: (number|null);
+
+                /** Unknown fields preserved while decoding when enabled */
+                $unknowns?: Uint8Array[];
+            }
+
+            /** Shape of a RestoreCheck. */
+            type $Shape = blocksnap.v1.RestoreCheck.$Properties;
         }
 
         /**
@@ -2019,6 +2228,9 @@ export namespace blocksnap {
 
             /** MountResult pgPort. */
             pgPort: number;
+
+            /** RunMount{verify}: absent when PostgreSQL never answered */
+            check?: (blocksnap.v1.RestoreCheck.$Properties|null);
         }
 
         namespace MountResult {
@@ -2052,6 +2264,9 @@ export namespace blocksnap {
 
                 /** MountResult pgPort */
                 pgPort?: (number|null);
+
+                /** RunMount{verify}: absent when PostgreSQL never answered */
+                check?: (blocksnap.v1.RestoreCheck.$Properties|null);
 
                 /** Unknown fields preserved while decoding when enabled */
                 $unknowns?: Uint8Array[];

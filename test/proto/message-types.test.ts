@@ -61,7 +61,9 @@ describe('message types derived from the schema', () => {
     expectTypeOf<OptionalKeys<EndVolume>>().toEqualTypeOf<'stats'>();
     expectTypeOf<OptionalKeys<JobResult>>().toEqualTypeOf<'stats'>();
     expectTypeOf<EndVolume['stats']>().toEqualTypeOf<TransferStats | undefined>();
-    type Others = Exclude<EnvelopeKind, 'hello' | 'committed' | 'endVolume' | 'jobResult'>;
+    expectTypeOf<OptionalKeys<MessageMap['runMount']>>().toEqualTypeOf<'verify'>();
+    expectTypeOf<OptionalKeys<MessageMap['mountResult']>>().toEqualTypeOf<'check'>();
+    type Others = Exclude<EnvelopeKind, 'hello' | 'committed' | 'endVolume' | 'jobResult' | 'runMount' | 'mountResult'>;
     expectTypeOf<{ [K in Others]: OptionalKeys<MessageMap[K]> }>().toEqualTypeOf<{ [K in Others]: never }>();
   });
 
