@@ -110,4 +110,15 @@ export const MIGRATIONS: string[] = [
      image_id TEXT PRIMARY KEY,
      deleted_at TEXT NOT NULL
    );`,
+  // 7: restore verifications (`verify IMAGE --restore --on AGENT`, appliance/ops/verify-restore.ts): one row
+  // per run and image (a set's members each get one); result is the JSON of the agent's check.
+  `CREATE TABLE restore_verifications (
+     image_id TEXT NOT NULL,
+     verified_at TEXT NOT NULL,
+     agent TEXT NOT NULL,
+     ok INTEGER NOT NULL,
+     reason TEXT,
+     result TEXT NOT NULL,
+     PRIMARY KEY (image_id, verified_at)
+   );`,
 ];
