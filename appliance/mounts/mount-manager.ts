@@ -73,6 +73,8 @@ interface LiveMount {
   row: MountRow;
   images: MountImage[];
   ended: boolean;
+  /** Aborted when the mount ends: the NBD server closes its open connections (nbd-export.ts `revoked`). */
+  revoke: AbortController;
 }
 
 export class MountManager {
@@ -181,7 +183,7 @@ export class MountManager {
       throw toBlocksnapError(e, 'E_STORE_IO');
     }
     const row = this.mounts.get(id)!;
-    this.live.set(id, { row, images: members, ended: false });
+    this.live.set(id, { row, images: members, ended: false, revoke: new AbortController() });
     exports.forEach((x, n) => {
       this.byExport.set(x.exportName, { mountId: id, image: members[n]!, overlayDir: x.overlay ? this.overlayDir(x.overlay) : null, opened: null, connections: 0 });
     });
@@ -225,7 +227,7 @@ export class MountManager {
     x.connections++;
     return guarded(opened.export, () => m.ended, () => {
       x.connections--;
-    });
+    }, m.revoke.signal);
   };
 
   /** NBD connections open to a mount's exports. */
@@ -236,8 +238,8 @@ export class MountManager {
   }
 
   /**
-   * Ends a mount: its exports stop answering (every later request of an open
-   * connection fails), its exports are closed and its overlays deleted.
+   * Ends a mount: its open NBD connections are closed (a request racing the
+   * removal fails), its exports are closed and its overlays deleted.
    */
   async remove(id: string, reason: string): Promise<MountRow> {
     if (!MOUNT_ID_RE.test(id)) throw new BlocksnapError('E_NOT_FOUND', `no mount ${JSON.stringify(id.slice(0, 80))}`);
@@ -245,6 +247,7 @@ export class MountManager {
     if (!row) throw new BlocksnapError('E_NOT_FOUND', `no mount ${id}`);
     const m = this.live.get(id);
     if (m) m.ended = true;
+    m?.revoke.abort(); // its open NBD connections end now, before the overlay goes
     const wasActive = this.mounts.end(id, reason);
     for (const [name, x] of this.byExport) {
       if (x.mountId !== id) continue;
@@ -316,7 +319,7 @@ export function normalizeAddress(a: string): string {
 }
 
 /** The export as one connection sees it: every call refused once the mount ended; release counted once. */
-function guarded(exp: NbdExport, ended: () => boolean, onRelease: () => void): NbdExport {
+function guarded(exp: NbdExport, ended: () => boolean, onRelease: () => void, revoked: AbortSignal): NbdExport {
   const check = () => {
     if (ended()) throw new BlocksnapError('E_NOT_FOUND', 'the mount was removed');
   };
@@ -326,6 +329,7 @@ function guarded(exp: NbdExport, ended: () => boolean, onRelease: () => void): N
     chunkSize: exp.chunkSize,
     readOnly: exp.readOnly,
     canMultiConn: exp.canMultiConn,
+    revoked,
     read: async (o, l) => (check(), exp.read(o, l)),
     runs: async (o, l, n) => (check(), exp.runs(o, l, n)),
     release: () => {

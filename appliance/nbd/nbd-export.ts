@@ -24,6 +24,10 @@
  *   running requests), right after the answer for INFO and LIST_/
  *   SET_META_CONTEXT (which name an export but do not keep it). A resolver
  *   counting connections counts resolves minus releases.
+ * - `revoked`, when given, is aborted when the export is withdrawn (its mount
+ *   removed): every connection serving it is closed at once (requests still
+ *   running get no reply; the client sees the connection end), and a GO for
+ *   an export already revoked closes too. `release` still follows.
  */
 import type { Segment } from './image-source.js';
 
@@ -42,6 +46,8 @@ export interface NbdExport {
   zero?(offset: number, length: number, opts: { trim: boolean }): Promise<void>;
   flush?(): Promise<void>;
   release?(): void;
+  /** Aborted when the export is withdrawn: its connections are closed. */
+  readonly revoked?: AbortSignal;
 }
 
 export interface NbdPeer {

@@ -87,6 +87,7 @@ export class NbdServer {
             waitDrain(s).then(resolve, reject);
           }),
         end: () => io.end(),
+        destroy: () => conn.destroy(),
         pause: () => io.pause(),
         resume: () => io.resume(),
         startTls: secureContext

@@ -91,6 +91,8 @@ export interface NbdPipe {
   write(bytes: Buffer | Buffer[]): Promise<void>;
   /** Close the connection (after what was written). */
   end(): void;
+  /** Close the connection now, unsent replies dropped (the export was revoked). Absent: end(). */
+  destroy?(): void;
   /** Stop / restart reading from the client while too many requests wait. */
   pause?(): void;
   resume?(): void;
@@ -186,9 +188,23 @@ export class NbdSession {
     this.queuedBytes = 0;
     const exp = this.exp;
     this.exp = undefined;
+    exp?.revoked?.removeEventListener('abort', this.onRevoked);
     if (exp?.release) {
       void Promise.allSettled([...this.inflight]).then(() => exp.release!());
     }
+  }
+
+  /** The export was withdrawn: this connection ends now (nbd-export.ts `revoked`). */
+  private readonly onRevoked = (): void => {
+    this.log?.info('nbd: export revoked, closing the connection');
+    this.close();
+    this.pipe.destroy?.();
+  };
+
+  /** From GO / EXPORT_NAME on, this connection serves `exp` until it ends or the export is revoked. */
+  private serve(exp: NbdExport): void {
+    this.exp = exp;
+    exp.revoked?.addEventListener('abort', this.onRevoked, { once: true });
   }
 
   private fail(e: unknown): void {
@@ -268,7 +284,12 @@ export class NbdSession {
   /** The resolver's answer; a resolver that throws serves nothing (logged). */
   private async lookup(name: string): Promise<NbdExport | undefined> {
     try {
-      return await this.resolve(name, this.peer);
+      const exp = await this.resolve(name, this.peer);
+      if (exp?.revoked?.aborted) {
+        exp.release?.();
+        return undefined;
+      }
+      return exp;
     } catch (e) {
       this.log?.error({ err: e }, 'nbd: export resolver failed');
       return undefined;
@@ -295,7 +316,7 @@ export class NbdSession {
           this.close();
           return [];
         }
-        this.exp = exp;
+        this.serve(exp);
         this.baseAllocation = false; // EXPORT_NAME clients never negotiated structured replies' contexts
         await this.pipe.write(encodeExportNameReply(exp.size, transmitFlagsOf(exp), this.noZeroes));
         return this.decoder.startTransmission();
@@ -310,7 +331,7 @@ export class NbdSession {
           return option === Opt.GO ? this.decoder.resumeOptions() : [];
         }
         const keep = option === Opt.GO && !this.closed;
-        if (keep) this.exp = exp;
+        if (keep) this.serve(exp);
         try {
           await this.reply(option, Rep.INFO, encodeInfoExport(exp.size, transmitFlagsOf(exp)));
           // Any alignment is served; a chunk is the efficient unit.

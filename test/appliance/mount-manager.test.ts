@@ -6,10 +6,48 @@ import type { MountBackend, MountImage } from '../../appliance/mounts/mount-back
 import { MountManager, MOUNTS_DIR } from '../../appliance/mounts/mount-manager.js';
 import type { NbdExport } from '../../appliance/nbd/nbd-export.js';
 import { createLogger } from '../../proto/shared/log.js';
+import { connect, type Socket } from 'node:net';
+import { NbdServer } from '../../appliance/nbd/nbd-server.js';
+import { encodeClientFlags, encodeExportRequest, encodeOption } from '../../appliance/nbd/nbd-codec.js';
+import { Opt, Rep } from '../../appliance/nbd/nbd-layout.js';
 import { codeOf } from '../support/error-code.js';
 import { tempDirEach } from '../support/temp-dir.js';
 
 const log = createLogger('test-mounts', 'silent');
+
+/** A raw NBD client through GO (fixed newstyle): resolves once the export is being served. */
+async function nbdClient(port: number, name: string): Promise<{ socket: Socket; closed: Promise<void>; isClosed(): boolean }> {
+  const socket = connect(port, '127.0.0.1');
+  let isClosed = false;
+  const closed = new Promise<void>((resolve) => socket.on('close', () => { isClosed = true; resolve(); }));
+  socket.on('error', () => undefined);
+  let buf = Buffer.alloc(0);
+  const acked = new Promise<void>((resolve, reject) => {
+    socket.on('data', (d: Buffer) => {
+      buf = Buffer.concat([buf, d]);
+      // greeting (18) then option replies (20-byte header + data) until ACK (type 1)
+      let at = 18;
+      while (buf.length >= at + 20) {
+        const len = buf.readUInt32BE(at + 16);
+        if (buf.readUInt32BE(at + 12) === Rep.ACK) return resolve();
+        if (buf.readUInt32BE(at + 12) >= 0x80000000) return reject(new Error('GO refused'));
+        at += 20 + len;
+      }
+    });
+    void closed.then(() => reject(new Error('closed during GO')));
+  });
+  socket.write(Buffer.concat([encodeClientFlags(3), encodeOption(Opt.GO, encodeExportRequest(name, []))]));
+  await acked;
+  return { socket, closed, isClosed: () => isClosed };
+}
+
+async function waitFor(cond: () => boolean, ms = 10_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error('condition not met in time');
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
 const ROOT = 'ab'.repeat(32);
 
 /** A backend that records what it was asked: overlays are directories with one file, exports serve zeros. */
@@ -137,6 +175,30 @@ describe('MountManager', () => {
     cat.recordDamage('img-2', 'pack p1', 'gone');
     expect(await codeOf(m.create({ imageRef: 'img-2', agent: agent('db1'), peerAddress: '127.0.0.1', writable: false, ttlSeconds: 0, requestedBy: 'agent' }))).toBe('E_STORE_CORRUPT');
     expect((await readdir(join(tmp.path, MOUNTS_DIR))).sort()).toEqual([`${set.id}.0`, `${set.id}.1`]);
+  });
+
+  it('remove closes the open NBD connections of the mount (the server is told through the export), not those of another mount', async () => {
+    const { backend } = fakeBackend();
+    const m = manager(backend);
+    await m.start();
+    const server = await NbdServer.start({ resolve: m.resolve });
+    try {
+      const req = { imageRef: 'img-1', agent: agent('db1'), peerAddress: '127.0.0.1', writable: true, ttlSeconds: 0, requestedBy: 'agent' as const };
+      const gone = await m.create(req);
+      const kept = await m.create(req);
+      const a = await nbdClient(server.port, gone.exports[0]!.exportName);
+      const b = await nbdClient(server.port, kept.exports[0]!.exportName);
+      expect(m.connectionsOf(gone.id)).toBe(1);
+      await m.remove(gone.id, 'removed by operator');
+      // Before: the connection stayed open and each later request failed (EIO) while the client kept its device.
+      await a.closed;
+      await waitFor(() => m.connectionsOf(gone.id) === 0);
+      expect(b.isClosed()).toBe(false);
+      expect(m.connectionsOf(kept.id)).toBe(1);
+      b.socket.destroy();
+    } finally {
+      await server.close();
+    }
   });
 
   it('bounds live mounts per agent', async () => {

@@ -430,6 +430,39 @@ describe('NbdServer over a raw socket', () => {
     await no.waitClosed();
   });
 
+  it('revoking an export (its `revoked` signal) closes every connection serving it at once; other exports and new clients go on', async () => {
+    const { store, rootDigest } = await buildImage(volume);
+    const exp = readOnlyExport(await ImageSource.open(store, rootDigest));
+    const revoke = new AbortController();
+    let released = 0;
+    const revocable = { ...exp, revoked: revoke.signal, release: () => void released++ };
+    const server = await NbdServer.start({ resolve: async (n) => (n === NAME ? revocable : n === 'other' ? exp : undefined) });
+    cleanups.push(() => server.close());
+    const a = await RawClient.connect(server.port);
+    const b = await RawClient.connect(server.port);
+    const other = await RawClient.connect(server.port);
+    await a.open();
+    await b.open(NAME, false);
+    await other.open('other');
+    a.send(encodeRequest({ type: Cmd.READ, cookie: cookie(1), offset: 0, length: 100 }));
+    expect((await a.structuredRead(0, 100)).error).toBe(0);
+    expect(server.connections).toBe(3);
+    revoke.abort();
+    // Before: nothing listened to a removal, both connections stayed open and kept being served.
+    await a.waitClosed();
+    await b.waitClosed();
+    expect(released).toBe(2);
+    other.send(encodeRequest({ type: Cmd.READ, cookie: cookie(2), offset: 10, length: 10 }));
+    expect((await other.structuredRead(10, 10)).data.equals(volume.subarray(10, 20))).toBe(true);
+    // A revoked export is no longer served: GO answers ERR_UNKNOWN (and its resolve is released).
+    const late = await RawClient.connect(server.port);
+    await late.read(18);
+    late.send(encodeClientFlags(3));
+    late.send(encodeOption(Opt.GO, encodeExportRequest(NAME, [])));
+    expect((await late.optionReply()).type).toBe(Rep.ERR_UNKNOWN);
+    expect(released).toBe(3);
+  });
+
   it('close() drops connected clients and frees the port', async () => {
     const server = await serve();
     const c = await RawClient.connect(server.port);
