@@ -13,6 +13,7 @@ import { BlocksnapError, toBlocksnapError } from '../proto/errors.js';
 import { envelope, type Envelope, type ErrorMessage, type MountGranted, type RunMount, type WalPiece } from '../proto/messages.js';
 import { zstdDecompress } from '../proto/shared/zstd.js';
 import type { LocalMount, LocalMounter, MountGrant, WalSource } from './mount/mount-port.js';
+import { checkRestoredCluster, type RestoreCheckResult } from './mount/restore-check.js';
 
 export interface MountImageRequest {
   imageId: string;
@@ -273,6 +274,19 @@ export class AgentMounts {
     await this.release(mountId, 'unmounted: the appliance asked');
   }
 
+  /** The restore check of a RunMount{verify} (agent/mount/restore-check.ts), then the unmount. */
+  private async checkAndUnmount(m: LocalMount): Promise<RestoreCheckResult> {
+    let check: RestoreCheckResult;
+    try {
+      check = await checkRestoredCluster(m.connection);
+    } catch (e) {
+      check = checkFailed(e);
+    }
+    this.d.log.info({ mount: m.mountId, ok: check.ok, problems: check.problems.length, seconds: check.seconds }, 'restore check done');
+    await this.unmount(m.mountId);
+    return check;
+  }
+
   /** `blocksnap-appliance mount IMAGE --on AGENT`: the same mount, its result sent back. */
   private async runMount(r: RunMount): Promise<void> {
     let result;
@@ -281,6 +295,8 @@ export class AgentMounts {
       result = {
         requestId: r.requestId, ok: true, errorCode: '', errorMessage: '', mountId: m.mountId, connection: m.connection,
         secondsToFirstQuery: m.secondsToFirstQuery, target: m.target, pgPort: m.pgPort,
+        // verify --restore: check the running copy, then unmount it (also when the check throws).
+        ...(r.verify ? { check: await this.checkAndUnmount(m) } : {}),
       };
     } catch (e) {
       const err = toBlocksnapError(e);
@@ -292,6 +308,14 @@ export class AgentMounts {
     }
     await this.d.send(envelope('mountResult', result)).catch(() => undefined);
   }
+}
+
+/** A check that could not run at all is a failed check saying why. */
+function checkFailed(e: unknown): RestoreCheckResult {
+  return {
+    ok: false, method: 'amcheck (SQL)', serverVersion: 0, databases: 0, heapsChecked: 0, indexesChecked: 0, tables: [],
+    problems: [{ database: '', relation: '', message: toBlocksnapError(e).message.slice(0, 4000) }], seconds: 0,
+  };
 }
 
 function codeOf(code: string): BlocksnapError['code'] {

@@ -10,6 +10,7 @@ import { ControlAnswerError, controlRequest } from '../proto/shared/control-sock
 import { Catalog, type ImageRow } from './catalog/catalog.js';
 import { exportImageTo } from './ops/export-image.js';
 import { verifyImage } from './ops/verify-image.js';
+import { lastRestoreVerification, restoreVerificationLine } from './ops/verify-restore.js';
 import { Appliance, lockHolder } from './server/appliance.js';
 import { rebuildCatalog, recordVerifyReport, reindexStore } from './server/recovery.js';
 import { applianceBackends } from './compose.js';
@@ -131,12 +132,12 @@ function program(setStatus: (s: number) => void): Command {
   images.command('show <image>').description('one image: transfer statistics, PostgreSQL label and LSNs, whether it is mounted').option('--json', 'machine-readable output')
     .action(run(async (id: string, _o: unknown, cmd: Command) => {
       const c = ctx(cmd);
-      const [img, pinned] = c.withCatalog((cat) => [cat.image(id), new RetentionCatalog(cat).pinned().has(id)] as const);
+      const [img, pinned, restoreCheck] = c.withCatalog((cat) => [cat.image(id), new RetentionCatalog(cat).pinned().has(id), lastRestoreVerification(cat, id)] as const);
       if (!img) throw new BlocksnapError('E_NOT_FOUND', `no image ${id}`);
       const mounted = await mountedLine(c.dataDir, id, appliancePid(c.dataDir) !== null);
       // Every image is a full map (DESIGN.md §3.3): deleting its basis never breaks it (§12).
       const kept = `map:         full (every chunk mapped: deleting its basis never breaks it)${pinned ? '\npinned:      yes (delete and prune leave it alone)' : ''}`;
-      c.out(`${showImage(img)}\n${mounted.line}\n${kept}`, { ...img, mounts: mounted.mounts, fullMap: true, pinned });
+      c.out(`${showImage(img)}\n${mounted.line}\n${kept}\n${restoreVerificationLine(restoreCheck)}`, { ...img, mounts: mounted.mounts, fullMap: true, pinned, restoreVerification: restoreCheck });
       return 0;
     }));
 
@@ -174,9 +175,22 @@ function program(setStatus: (s: number) => void): Command {
       return result.ok ? 0 : 1;
     }));
 
-  p.command('verify [image]').description('re-read and re-hash every chunk (all images if none given); exit 1 if any is bad')
+  p.command('verify [image]').description('re-read and re-hash every chunk (all images if none given); exit 1 if any is bad. ' +
+      'With --restore --on AGENT: mount the image on that agent, start PostgreSQL, run amcheck and count every table\'s rows, unmount; recorded with the image')
+    .option('--restore', 'prove the image restores (needs --on; recorded, shown by images show)')
+    .option('--on <agent>', 'with --restore: the connected agent that mounts and checks it')
     .option('--json', 'machine-readable output')
-    .action(run((imageId: string | undefined, _o: unknown, cmd: Command) => verifyOrExport(ctx(cmd), 'verify', imageId, undefined)));
+    .action(run(async (imageId: string | undefined, o: { restore?: boolean; on?: string }, cmd: Command) => {
+      if (!o.restore) {
+        if (o.on) throw usage('--on goes with --restore');
+        return verifyOrExport(ctx(cmd), 'verify', imageId, undefined);
+      }
+      if (!imageId || !o.on) throw usage('verify --restore wants an image and --on AGENT');
+      const c = ctx(cmd);
+      const v = await control(c.dataDir, '/v1/verify-restore', { imageId, agent: o.on }, null);
+      c.out(restoreVerificationLine(v).replace(/^restorable: +/, `${imageId}: restore `), v);
+      return v.ok ? 0 : 1;
+    }));
   p.command('export <image>')
     .description('write the image as a raw (sparse) file; for a PostgreSQL image also FILE.blocksnap.json (label, LSNs) and FILE.wal/')
     .requiredOption('--to <file>', 'the file to write (refused if it exists, is a symlink, directory or device, or is inside the data directory)')

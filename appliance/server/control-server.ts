@@ -5,6 +5,7 @@ import { exportImageTo } from '../ops/export-image.js';
 import { verifyImage } from '../ops/verify-image.js';
 import { recordVerifyReport } from './recovery.js';
 import { mountRoutes } from '../mounts/mount-control.js';
+import { verifyRestoreRoutes } from '../ops/verify-restore.js';
 import { retentionRoutes } from '../retention/retention-routes.js';
 import type { Appliance } from './appliance.js';
 
@@ -22,6 +23,7 @@ import type { Appliance } from './appliance.js';
  *   GET  /v1/mounts                        live mounts (with their NBD connections)
  *   POST /v1/mounts/remove {mountId}       ends a mount (appliance/mounts/mount-manager.ts) → the ended row
  *   POST /v1/mount {agent, imageId, pgPort?, target?, asStandby?, writable?}  → started, result (a MountResult)
+ *   POST /v1/verify-restore {imageId, agent}  → started, result (appliance/ops/verify-restore.ts)
  *   errors                                 → 4xx/5xx or a last line {event: 'error', code, message} (proto/shared/control-socket)
  */
 export class ControlServer {
@@ -89,6 +91,7 @@ function routes(app: Appliance): ControlRoutes {
     'POST /v1/export': exportOrVerify('export'),
     'POST /v1/verify': exportOrVerify('verify'),
     ...mountRoutes(app),
+    ...verifyRestoreRoutes(app),
     ...retentionRoutes(() => app.retention),
   };
 }
