@@ -56,7 +56,7 @@ export async function checkRestoredCluster(connection: string): Promise<RestoreC
     if (r.problems.length < MAX_PROBLEMS) r.problems.push({ database, relation, message: String((e as Error)?.message ?? e).slice(0, 4000) });
   };
   const dbs = await withClient(base, 'postgres', async (c) => {
-    r.serverVersion = Number((await c.query<{ v: string }>('SHOW server_version_num')).rows[0]!.v);
+    r.serverVersion = Number((await c.query<{ v: string }>("SELECT current_setting('server_version_num') AS v")).rows[0]!.v);
     return (await c.query<{ datname: string }>('SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY datname')).rows.map((x) => x.datname);
   });
   const heap = r.serverVersion >= 140000;
