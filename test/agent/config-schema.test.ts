@@ -56,9 +56,9 @@ describe('agent config schema', () => {
     const { stateDir: _s, ...noState } = base;
     expect(problems(noState)).toEqual(['config.json: stateDir: must be an absolute path']);
     expect(problems({ ...base, appliance: 'http://x' })).toEqual(['config.json: appliance: must be a ws:// or wss:// URL']);
-    expect(problems({ ...base, tracking: 'ebpf' })).toEqual(['config.json: tracking: must be "tracefs" or "off"']);
+    expect(problems({ ...base, tracking: 'ebpf' })).toEqual(['config.json: tracking: must be "tracefs", "thin-delta", "dm-era" or "off"']);
     // provider, tracking and quiescer name entries of the composition registry (agent/compose.ts)
-    expect(problems({ ...base, provider: 'lvm', quiescer: 'mysql' })).toEqual(['config.json: provider: must be "reflink"', 'config.json: quiescer: must be "postgres"']);
+    expect(problems({ ...base, provider: 'lvm', quiescer: 'mysql' })).toEqual(['config.json: provider: must be "reflink", "lvm-classic" or "lvm-thin"', 'config.json: quiescer: must be "postgres"']);
     expect(problems({ ...base, quiescer: 'postgres' })).toEqual(['config.json: quiescer: "postgres" needs the "postgres" section']);
     expect(parseAgentConfig({ ...base, provider: 'reflink', tracking: 'off', quiescer: 'postgres', postgres: {} })).toMatchObject({ provider: 'reflink', quiescer: 'postgres' });
     const known = { providers: ['reflink', 'fake'], trackers: ['tracefs', 'off', 'memory'], quiescers: [] };
@@ -102,6 +102,12 @@ describe('agent config schema', () => {
     expect(c.volumes.map((v) => v.chunkSize)).toEqual([4096, 65536]);
     expect(c).toMatchObject({ workers: 4, compressionLevel: -3, tracking: 'off', trackerBufferKb: 64, retainSnapshotsDir: '/keep' });
     expect(c.postgres).toEqual({ host: 'h', port: 5433, user: 'u', password: 'p', database: 'd', role: 'standby', fast: false, dataDirectory: '/pg', pauseTimeoutMs: 100, watchdogSeconds: 5 });
+  });
+
+  it('an LVM volume may name its logical volume as VG/LV', () => {
+    const lvVol = { name: 'pgdata', device: '/dev/bsnvg/pgdata', lv: 'bsnvg/pgdata', mountpoint: '/srv/pg' };
+    expect(parseAgentConfig({ ...base, provider: 'lvm-thin', tracking: 'thin-delta', volumes: [lvVol] }).volumes[0]).toMatchObject({ lv: 'bsnvg/pgdata' });
+    expect(problems({ ...base, volumes: [{ ...lvVol, lv: 'pgdata' }] })).toEqual(['config.json: volumes[0].lv: must be VG/LV']);
   });
 
   it('names the file and the JSON error of an unparsable file', async () => {
