@@ -103,8 +103,8 @@ for (const [stores, backends] of [['filesystem stores', undefined], ['memory sto
       }
       expect(err).toMatchObject({ code: 'E_CONFIG' });
       expect((err as Error).message.split('\n')).toEqual([
-        'config.json: provider: must be "reflink"',
-        'config.json: tracking: must be "tracefs" or "off"',
+        'config.json: provider: must be "reflink", "lvm-classic" or "lvm-thin"',
+        'config.json: tracking: must be "tracefs", "thin-delta", "dm-era" or "off"',
         'config.json: quiescer: must be "postgres"',
       ]);
     });
