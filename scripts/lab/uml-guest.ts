@@ -14,7 +14,10 @@
  *
  * Everything a run makes — its RUN folder (uml_dir, COW files, logs), the
  * UML process group — is released before runInGuest returns, whatever the
- * outcome. Disk images passed in belong to the caller.
+ * outcome. Disk images passed in belong to the caller. If this process is
+ * killed, the guest still powers off at its own deadline (`timeout` around
+ * the script inside) and the RUN folder is in a test ledger (ledger.ts) that
+ * `npm run cleanup` releases.
  */
 import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
@@ -22,6 +25,7 @@ import { chmod, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises
 import os from 'node:os';
 import path from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
+import { Ledger } from './ledger.js';
 import { ensureUmlKit, type UmlKit } from './uml-kit.js';
 
 export interface GuestDisk {
@@ -124,7 +128,8 @@ timeout 2 bash -c 'exec 3<>/dev/tcp/10.0.2.2/9' >/dev/null 2>&1 || true` : 'ip l
 ${env}
 export BSN_RUN=${run}
 cd ${run}
-sh ${run}/script.sh > ${run}/out.log 2>&1
+# The guest's own deadline: if the host side died (kill -9 of the test), the guest still powers off.
+timeout -k 5 ${Math.ceil((opts.timeoutMs ?? 120_000) / 1000) + 5} sh ${run}/script.sh > ${run}/out.log 2>&1
 echo $? > ${run}/rc.tmp
 sync
 mv ${run}/rc.tmp ${run}/rc
@@ -137,6 +142,9 @@ sleep 30
 export async function runInGuest(opts: GuestRunOptions): Promise<GuestResult> {
   const kit = await ensureUmlKit();
   const run = await mkdtemp(path.join(os.tmpdir(), 'bsn-uml-'));
+  // A killed test leaves the run folder: the ledger lets `npm run cleanup` remove it once this process is dead.
+  const ledger = await Ledger.create(`uml guest ${run}`);
+  await ledger.add({ kind: 'dir', path: run });
   const started = performance.now();
   let child: ReturnType<typeof spawn> | null = null;
   try {
@@ -174,6 +182,7 @@ export async function runInGuest(opts: GuestRunOptions): Promise<GuestResult> {
   } finally {
     if (child?.pid) killGroup(child.pid);
     await rm(run, { recursive: true, force: true });
+    await ledger.delete();
   }
 }
 
