@@ -14,14 +14,16 @@ export function nbdMountBackend(store: ChunkStore, opts: { cacheChunks?: number 
   const identity = (img: MountImage) => ({ volumeSize: img.size, chunkSize: img.chunkSize, rootDigest: img.rootDigest });
   return {
     async createOverlay(dir, image) {
-      const o = await CowOverlay.create(dir, identity(image));
+      const o = await CowOverlay.create(dir, identity(image), { volatile: true });
       await o.close();
     },
     async open(image, overlayDir): Promise<OpenedExport> {
       const source = await ImageSource.open(store, image.rootDigest, opts.cacheChunks);
       if (!overlayDir) return { export: readOnlyExport(source), close: async () => undefined };
       // The overlay proves it belongs to this image (root, size, chunk size) before anything reads through it.
-      const overlay = await CowOverlay.open(overlayDir, identity(image));
+      // Volatile: the manager removes every overlay at its next start, so none outlives this process and a
+      // client's FLUSH needs no fsync (DESIGN §10).
+      const overlay = await CowOverlay.open(overlayDir, identity(image), { volatile: true });
       try {
         return { export: writableExport(source, overlay), close: () => overlay.close() };
       } catch (e) {

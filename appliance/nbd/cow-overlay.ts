@@ -41,6 +41,15 @@
  * Zeroing whole chunks only flips their state: Node has no hole punching, so
  * TRIM does not give the space of already written extents back (documented
  * in DESIGN §10).
+ *
+ * A flush does the least that keeps that order: nothing when nothing was
+ * written or zeroed since the last one; fdatasync of `data` (its size never
+ * changes, only the extents written are new); the map pages and a map
+ * fdatasync only when a state changed. `volatile` overlays (the mount
+ * manager's: it removes every overlay at the next start, so none outlives
+ * its process, DESIGN §6.2) skip the syncs: a flush returns at once (every
+ * acknowledged write is already in the page cache, read back by every
+ * connection) and close writes the changed map pages without syncing.
  */
 import { createHash } from 'node:crypto';
 import { open, stat, type FileHandle } from 'node:fs/promises';
@@ -68,6 +77,14 @@ export interface OverlayIdentity {
 
 /** Map pages written at flush (the unit of dirtiness). */
 const MAP_PAGE = 4096;
+
+export interface CowOverlayOptions {
+  /**
+   * The overlay never outlives this process (it is removed at the next
+   * start): flush does not fsync, close writes the map without syncing.
+   */
+  volatile?: boolean;
+}
 
 export function encodeCowHeader(id: OverlayIdentity): Buffer {
   const b = Buffer.alloc(COW_HEADER_SIZE);
@@ -114,6 +131,8 @@ export class CowOverlay {
   private readonly lockTails = new Map<number, Promise<void>>();
   private flushing: Promise<void> = Promise.resolve();
   private closed = false;
+  /** Data written since the last flush took its copy of the states. */
+  private written = false;
 
   private constructor(
     readonly dir: string,
@@ -122,6 +141,7 @@ export class CowOverlay {
     private readonly data: FileHandle,
     /** Chunk states, in memory: the map file's bytes after the header. */
     private readonly states: Uint8Array,
+    readonly volatile: boolean,
   ) {}
 
   get volumeSize(): number { return this.identity.volumeSize; }
@@ -129,7 +149,7 @@ export class CowOverlay {
   get rootDigest(): Buffer { return this.identity.rootDigest; }
 
   /** A new, empty overlay for an image in `dir` (created; must not hold one already). */
-  static async create(dir: string, id: OverlayIdentity): Promise<CowOverlay> {
+  static async create(dir: string, id: OverlayIdentity, opts: CowOverlayOptions = {}): Promise<CowOverlay> {
     await makePrivateDir(dir);
     if (await stat(join(dir, MAP_FILE)).then(() => true, () => false)) {
       throw new BlocksnapError('E_BUSY', `${dir} already holds an overlay`);
@@ -144,11 +164,11 @@ export class CowOverlay {
       await fh.truncate(COW_HEADER_SIZE + mapBytes(id)); // sparse: every chunk "image"
     });
     await fsyncDir(dir);
-    return CowOverlay.open(dir, id);
+    return CowOverlay.open(dir, id, opts);
   }
 
   /** Opens the overlay in `dir`, proving it belongs to the image `expected` describes. */
-  static async open(dir: string, expected: OverlayIdentity): Promise<CowOverlay> {
+  static async open(dir: string, expected: OverlayIdentity, opts: CowOverlayOptions = {}): Promise<CowOverlay> {
     let map: FileHandle | undefined;
     let data: FileHandle | undefined;
     try {
@@ -177,7 +197,7 @@ export class CowOverlay {
       }
       data = await open(join(dir, DATA_FILE), 'r+');
       if ((await data.stat()).size !== id.volumeSize) throw new BlocksnapError('E_FORMAT', `overlay data file is not ${id.volumeSize} bytes`);
-      return new CowOverlay(dir, id, map, data, states);
+      return new CowOverlay(dir, id, map, data, states, opts.volatile === true);
     } catch (e) {
       await map?.close().catch(() => undefined);
       await data?.close().catch(() => undefined);
@@ -194,7 +214,9 @@ export class CowOverlay {
   setState(i: number, s: ChunkStateValue): void {
     const shift = 2 * (i & 3);
     const at = i >> 2;
-    this.states[at] = (this.states[at]! & ~(3 << shift)) | (s << shift);
+    const next = (this.states[at]! & ~(3 << shift)) | (s << shift);
+    if (next === this.states[at]) return; // unchanged (a rewrite of a data chunk): no map write at the next flush
+    this.states[at] = next;
     this.dirtyPages.add(Math.floor(at / MAP_PAGE));
   }
 
@@ -263,6 +285,8 @@ export class CowOverlay {
       const { bytesWritten } = await this.data.write(bytes, put, bytes.length - put, offset + put);
       put += bytesWritten;
     }
+    // Set once the bytes are in: a flush that began before then need not cover them, the next one must.
+    this.written = true;
   }
 
   /**
@@ -270,26 +294,36 @@ export class CowOverlay {
    * fsync, then the changed map pages, then map fsync. Flushes run one at a time.
    */
   flush(): Promise<void> {
-    const run = this.flushing.then(() => this.flushOnce());
+    if (this.volatile) return Promise.resolve();
+    return this.flushSerial(true);
+  }
+
+  private flushSerial(sync: boolean): Promise<void> {
+    const run = this.flushing.then(() => this.flushOnce(sync));
     this.flushing = run.catch(() => undefined);
     return run;
   }
 
-  private async flushOnce(): Promise<void> {
+  private async flushOnce(sync: boolean): Promise<void> {
     if (this.closed) return;
+    // Nothing written or zeroed since the last flush: nothing to make durable.
+    if (!this.written && this.dirtyPages.size === 0) return;
     // Copy the states first: anything set after this point may describe data
     // the fsync below does not cover, so it waits for the next flush.
     const pages = [...this.dirtyPages].sort((a, b) => a - b);
     this.dirtyPages.clear();
+    const written = this.written;
+    this.written = false;
     const copies = pages.map((p) => Buffer.from(this.states.subarray(p * MAP_PAGE, Math.min(this.states.length, (p + 1) * MAP_PAGE))));
     try {
-      await this.data.sync();
+      if (sync && written) await this.data.datasync();
       for (let k = 0; k < pages.length; k++) {
         const c = copies[k]!;
         await this.map.write(c, 0, c.length, COW_HEADER_SIZE + pages[k]! * MAP_PAGE);
       }
-      await this.map.sync();
+      if (sync && pages.length > 0) await this.map.datasync();
     } catch (e) {
+      if (written) this.written = true;
       for (const p of pages) this.dirtyPages.add(p);
       throw new BlocksnapError('E_STORE_IO', `overlay flush failed: ${(e as Error).message}`, { cause: e });
     }
@@ -301,10 +335,10 @@ export class CowOverlay {
     return (d.blocks + m.blocks) * 512;
   }
 
-  /** Flushes, then closes the files. */
+  /** Flushes (a volatile overlay: writes its map pages, no sync), then closes the files. */
   async close(): Promise<void> {
     if (this.closed) return;
-    await this.flush();
+    await this.flushSerial(!this.volatile);
     this.closed = true;
     await Promise.allSettled([this.map.close(), this.data.close()]);
   }

@@ -114,7 +114,8 @@ export async function serveImage(fx: E2eFixture, img: PgImage): Promise<{ server
     },
     newWritableName: async () => {
       const n = name();
-      const overlay = await CowOverlay.create(join(overlays, n), { volumeSize: img.volumeSize, chunkSize: img.chunkSize, rootDigest: img.rootDigest });
+      // Volatile, as the appliance's mount backend opens them (appliance/mounts/nbd-mount-backend.ts).
+      const overlay = await CowOverlay.create(join(overlays, n), { volumeSize: img.volumeSize, chunkSize: img.chunkSize, rootDigest: img.rootDigest }, { volatile: process.env.BENCH_COW_DURABLE !== '1' });
       fx.add(`overlay ${n}`, overlay, (o) => o.close());
       names.set(n, writableExport(source, overlay));
       return n;

@@ -235,25 +235,65 @@ describe('CowOverlay + writableExport', () => {
     await expect(CowOverlay.open(dir, idOf(a.source))).rejects.toMatchObject({ code: 'E_FORMAT' });
   });
 
-  it('flush writes the map only after the data is synced (write ordering)', async () => {
-    const { source } = await image();
-    const o = await overlayFor(source);
+  /** Records the overlay's file syncs and map writes, in order. */
+  function recordIo(o: CowOverlay): string[] {
     const order: string[] = [];
-    const priv = o as unknown as { data: { sync(): Promise<void> }; map: { sync(): Promise<void>; write(...a: unknown[]): Promise<unknown> } };
-    const wrap = <T extends object, K extends keyof T>(obj: T, key: K, label: string): void => {
-      const orig = (obj[key] as (...a: unknown[]) => unknown).bind(obj);
-      (obj as Record<K, unknown>)[key] = (...a: unknown[]) => {
+    const priv = o as unknown as { data: object; map: object };
+    const wrap = (obj: object, key: string, label: string): void => {
+      const rec = obj as Record<string, (...a: unknown[]) => unknown>;
+      const orig = rec[key]!.bind(obj);
+      rec[key] = (...a: unknown[]) => {
         order.push(label);
         return orig(...a);
       };
     };
-    wrap(priv.data, 'sync', 'data.sync');
+    for (const k of ['sync', 'datasync']) {
+      wrap(priv.data, k, `data.${k}`);
+      wrap(priv.map, k, `map.${k}`);
+    }
     wrap(priv.map, 'write', 'map.write');
-    wrap(priv.map, 'sync', 'map.sync');
-    await writableExport(source, o).write!(0, Buffer.alloc(CS, 1));
+    return order;
+  }
+
+  it('flush writes the map only after the data is synced (write ordering), and does no more than needed', async () => {
+    const { source } = await image();
+    const o = await overlayFor(source);
+    const order = recordIo(o);
+    const exp = writableExport(source, o);
+    await exp.write!(0, Buffer.alloc(CS, 1));
     await o.flush();
-    expect(order).toEqual(['data.sync', 'map.write', 'map.sync']);
+    expect(order.splice(0)).toEqual(['data.datasync', 'map.write', 'map.datasync']);
+    // Nothing written since: nothing to do (PostgreSQL fsyncs files it did not change).
+    await o.flush();
+    expect(order.splice(0)).toEqual([]);
+    // A rewrite of a chunk already in the overlay changes no state: the data alone.
+    await exp.write!(100, Buffer.alloc(10, 2));
+    await o.flush();
+    expect(order.splice(0)).toEqual(['data.datasync']);
+    // Zeroing a whole chunk changes a state and writes no data: the map alone.
+    await exp.zero!(CS, CS, { trim: true });
+    await o.flush();
+    expect(order.splice(0)).toEqual(['map.write', 'map.datasync']);
   });
+
+  it('a volatile overlay (the mount manager\'s) never syncs: flush returns at once, close writes the map unsynced, reopening reads it back', async () => {
+    const { source } = await image();
+    const dir = join(await dirs.make('blocksnap-cow-'), 'ov');
+    const o = await CowOverlay.create(dir, idOf(source), { volatile: true });
+    const order = recordIo(o);
+    const exp = writableExport(source, o);
+    await exp.write!(CS + 5, Buffer.alloc(10, 9));
+    await o.flush();
+    expect(order).toEqual([]);
+    expect((await exp.read(CS + 5, 10))[0]).toMatchObject({ data: Buffer.alloc(10, 9) });
+    await o.close();
+    expect(order).toEqual(['map.write']);
+    const again = await CowOverlay.open(dir, idOf(source));
+    opened.push(again);
+    expect(again.state(1)).toBe(ChunkState.DATA);
+    expect(assemble(await writableExport(source, again).read(CS + 5, 10), CS + 5, 10)).toEqual(Buffer.alloc(10, 9));
+  });
+
   it('a TRIM over more chunks than one lock window (3000 chunks) zeroes all of them', async () => {
     const size = 3000 * CS;
     const store = new MemoryChunkStore();
