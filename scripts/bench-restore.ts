@@ -37,6 +37,8 @@ const TX = Number(process.env.BENCH_TX ?? 2000);
 const SCALE = Number(process.env.BENCH_SCALE ?? 10);
 /** Where the file targets go (default: the lab's XFS pool); e.g. /dev/shm to take the disk out of the measurement. */
 const TARGET_DIR = process.env.BENCH_TARGET_DIR;
+/** BENCH_RESTORE_PARTS=full runs only part 1 (e.g. to compare variants or profile with NODE_OPTIONS=--cpu-prof). */
+const PARTS = (process.env.BENCH_RESTORE_PARTS ?? 'bitset,full,changed').split(',');
 const GiB = 1024 ** 3;
 const MB = 1e6;
 
@@ -255,11 +257,11 @@ function popcount(v: number): number {
 
 async function main(): Promise<void> {
   const out: Record<string, unknown> = { at: new Date().toISOString() };
-  out.bitset = bitsetBench();
+  if (PARTS.includes('bitset')) out.bitset = bitsetBench();
   const appl = await startAppliance(['db1'], { auditEvery: 0 });
   try {
-    out.full = await fullRestoreBench(appl);
-    out.changedOnly = await changedOnlyBench(appl);
+    if (PARTS.includes('full')) out.full = await fullRestoreBench(appl);
+    if (PARTS.includes('changed')) out.changedOnly = await changedOnlyBench(appl);
   } finally {
     await appl.close();
   }

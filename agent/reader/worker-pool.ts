@@ -23,9 +23,10 @@ export function liveReaderWorkers(): number {
   return live;
 }
 
-function spawn(config: WorkerConfig): Worker {
+/** Starts a worker thread running `file` (relative to this module, without extension; the restore's worker shares this). */
+export function spawnWorker(config: unknown, file = './chunk-worker'): Worker {
   const ext = import.meta.url.endsWith('.ts') ? '.ts' : '.js';
-  const entry = new URL('./chunk-worker' + ext, import.meta.url);
+  const entry = new URL(file + ext, import.meta.url);
   if (ext === '.js') return new Worker(entry, { workerData: config });
   const tsxApi = createRequire(import.meta.url).resolve('tsx/esm/api').replace(/\.cjs$/, '.mjs');
   const boot =
@@ -47,7 +48,7 @@ export class WorkerPool {
 
   constructor(size: number, config: WorkerConfig, events: PoolEvents) {
     for (let i = 0; i < size; i++) {
-      const w = spawn(config);
+      const w = spawnWorker(config);
       live++;
       const slot = { w, outstanding: 0, exited: new Promise<void>((res) => w.once('exit', () => { live--; res(); })) };
       w.unref();

@@ -99,6 +99,8 @@ export async function runRestore(req: RestoreRequestOptions, ctx: RestoreContext
   let target: OpenTarget | null = null;
   let release: (() => void) | null = null;
   let touched = false;
+  let writer: ChunkWriter | null = null;
+  let inFlight = new Set<Promise<void>>();
   const onAbort = () => session.fail(new BlocksnapError('E_CANCELLED', 'restore cancelled', { cause: ctx.signal?.reason }));
   ctx.signal?.addEventListener('abort', onAbort, { once: true });
   try {
@@ -137,18 +139,20 @@ export async function runRestore(req: RestoreRequestOptions, ctx: RestoreContext
     const zeroing = zeroRanges(target, byteRanges(rangesOf(indexesOf(zeroSet, n)), map));
     zeroing.catch(() => undefined);
 
-    const writer = new ChunkWriter(target.handle, map.volumeSize, map.chunkSize, map.digests, (i) => need.get(i) === 1, n);
+    // Decompress, SHA-256 and write in the reader's number of worker threads (1 at least).
+    const w = new ChunkWriter(target.handle, map.volumeSize, map.chunkSize, map.digests, (i) => need.get(i) === 1, n, Math.max(1, ctx.workers));
+    writer = w;
     let received = 0;
-    const inFlight = new Set<Promise<void>>();
+    inFlight = new Set<Promise<void>>();
     let writeError: BlocksnapError | null = null;
     while (received < needCount) {
       if (writeError) throw writeError;
       const batch = await withTimeout(session.nextBatch(), BATCH_TIMEOUT_MS, 'the next chunks');
       received += batch.chunks.length;
       if (received > needCount) throw new BlocksnapError('E_PROTOCOL', `the appliance sent more chunks than asked for (${received} > ${needCount})`);
-      const p: Promise<void> = writer.write(batch)
+      const p: Promise<void> = w.write(batch)
         .then(() => session.ack(batch.seq))
-        .then(() => ctx.onProgress?.({ phase: 'write', chunksDone: writer.written, chunksTotal: needCount, bytesWritten: writer.bytesWritten }))
+        .then(() => ctx.onProgress?.({ phase: 'write', chunksDone: w.written, chunksTotal: needCount, bytesWritten: w.bytesWritten }))
         .catch((e) => {
           writeError ??= toBlocksnapError(e, 'E_DEVICE');
           session.fail(writeError);
@@ -158,6 +162,7 @@ export async function runRestore(req: RestoreRequestOptions, ctx: RestoreContext
       if (inFlight.size >= WRITES_IN_FLIGHT) await Promise.race(inFlight);
     }
     await Promise.all(inFlight);
+    await w.close();
     if (writeError) throw writeError;
     const bytesZeroed = await zeroing;
     await target.commit();
@@ -166,8 +171,8 @@ export async function runRestore(req: RestoreRequestOptions, ctx: RestoreContext
     const result: RestoreResult = {
       imageId: map.imageId, volume: map.volume, target: req.target, targetKind: target.kind, changedOnly: req.changedOnly,
       changeSource, fallbackReason, volumeSize: map.volumeSize, chunkSize: map.chunkSize, chunkCount: n,
-      chunksFetched: writer.written, chunksSkipped, chunksCompared, holes: zeroCount, bytesWritten: writer.bytesWritten, bytesZeroed,
-      seconds, mbPerSecond: writer.bytesWritten / 1e6 / Math.max(seconds, 1e-9),
+      chunksFetched: w.written, chunksSkipped, chunksCompared, holes: zeroCount, bytesWritten: w.bytesWritten, bytesZeroed,
+      seconds, mbPerSecond: w.bytesWritten / 1e6 / Math.max(seconds, 1e-9),
     };
     log.info(result, 'restore done');
     return result;
@@ -175,6 +180,9 @@ export async function runRestore(req: RestoreRequestOptions, ctx: RestoreContext
     const cause = toBlocksnapError(e);
     session.fail(cause);
     await session.end(false, cause.code, cause.message).catch(() => undefined);
+    // No worker may still write into the target while it is abandoned (a temp file is removed).
+    await Promise.allSettled(inFlight);
+    await writer?.close().catch(() => undefined);
     const state = target ? await target.abandon(touched).catch((x) => `state unknown: ${(x as Error).message}`) : `${req.target} was not touched`;
     log.warn({ code: cause.code, message: cause.message, state }, 'restore failed');
     throw new BlocksnapError(cause.code, `restore of ${req.imageId} onto ${req.target} failed: ${cause.message}; ${state}`, { cause: e });

@@ -80,7 +80,9 @@ describe('RestoreSession against a lying appliance', () => {
   });
 });
 
-describe('ChunkWriter', () => {
+// 0: checked and written on the main thread; 2: in the restore's worker threads (as the agent runs it).
+// keepBytes 1 chunk: a worker decompresses the batch again while writing (the path of very compressible batches).
+describe.each([{ workers: 0 }, { workers: 2 }, { workers: 1, keepBytes: 4096 }])('ChunkWriter %o', ({ workers, keepBytes }) => {
   const dir = tempDirEach('blocksnap-restore-');
 
   async function writerFor(chunks: number, wanted: (i: number) => boolean) {
@@ -88,7 +90,7 @@ describe('ChunkWriter', () => {
     const file = join(dir.path, 'target');
     const fh = await open(file, 'w+');
     await fh.truncate(chunks * CS);
-    return { v, file, fh, w: new ChunkWriter(fh, chunks * CS, CS, v.digests, wanted, chunks) };
+    return { v, file, fh, w: new ChunkWriter(fh, chunks * CS, CS, v.digests, wanted, chunks, workers, keepBytes) };
   }
   const chunk = (v: ReturnType<typeof volume>, i: number, data?: Buffer) => ({
     index: i, digest: v.digests.subarray(i * 32, (i + 1) * 32), zero: false, plainLength: CS,
@@ -98,6 +100,7 @@ describe('ChunkWriter', () => {
   it('writes checked chunks at their offsets (runs coalesced)', async () => {
     const { v, file, fh, w } = await writerFor(8, () => true);
     await w.write({ requestId: RID, seq: 1, chunks: [0, 1, 2, 5, 7].map((i) => chunk(v, i)) });
+    await w.close();
     await fh.close();
     const out = await readFile(file);
     for (const i of [0, 1, 2, 5, 7]) expect(out.subarray(i * CS, (i + 1) * CS).equals(v.data.subarray(i * CS, (i + 1) * CS))).toBe(true);
@@ -114,6 +117,7 @@ describe('ChunkWriter', () => {
     expect(await codeOf(w.write({ requestId: RID, seq: 2, chunks: [chunk(v, 6)] }))).toBe('E_PROTOCOL');
     await w.write({ requestId: RID, seq: 3, chunks: [chunk(v, 0)] });
     expect(await codeOf(w.write({ requestId: RID, seq: 4, chunks: [chunk(v, 0)] }))).toBe('E_PROTOCOL');
+    await w.close();
     await fh.close();
   });
 });
