@@ -94,7 +94,14 @@ async function logTail(file: string): Promise<string> {
 
 /** What one probe saw: null = not answering yet. */
 type Seen = { inRecovery: boolean; paused: boolean } | null;
-type Probe = () => Promise<Seen>;
+/** Runs the probe's query, or `other` (then what it saw is not a probe's answer). */
+type Probe = (other?: string) => Promise<Seen>;
+
+/** Ends a pause at the recovery target before 14 (the function's name changed in 10). */
+function resumeSql(serverVersion: number): string {
+  const resume = serverVersion >= 100000 ? 'pg_wal_replay_resume()' : 'pg_xlog_replay_resume()';
+  return `SELECT ${resume}, true AS r, false AS p`;
+}
 
 /** In recovery, and paused (at the recovery target)? The pause function's name changed in 10. */
 function probeSql(serverVersion: number): string {
@@ -104,12 +111,12 @@ function probeSql(serverVersion: number): string {
 
 /** One query over the socket with the node client. */
 function nodeProbe(o: StartPgOptions, sql: string, onAuthRefused: () => void): Probe {
-  return async () => {
+  return async (other) => {
     const c = new pg.Client({ host: o.runDir, port: o.port, user: o.owner.user, database: 'postgres', application_name: 'blocksnap-mount', connectionTimeoutMillis: 5_000 });
     c.on('error', () => undefined);
     try {
       await c.connect();
-      const r = await c.query<{ r: boolean; p: boolean }>(sql);
+      const r = await c.query<{ r: boolean; p: boolean }>(other ?? sql);
       return { inRecovery: r.rows[0]!.r, paused: r.rows[0]!.p };
     } catch (e) {
       const code = (e as { code?: string }).code;
@@ -122,8 +129,8 @@ function nodeProbe(o: StartPgOptions, sql: string, onAuthRefused: () => void): P
 }
 
 function psqlProbe(o: StartPgOptions, sql: string, psql: string): Probe {
-  return async () => {
-    const r = await execa(psql, ['-X', '-A', '-t', '-F', ' ', '-h', o.runDir, '-p', String(o.port), '-U', o.owner.user, '-d', 'postgres', '-c', sql], {
+  return async (other) => {
+    const r = await execa(psql, ['-X', '-A', '-t', '-F', ' ', '-h', o.runDir, '-p', String(o.port), '-U', o.owner.user, '-d', 'postgres', '-c', other ?? sql], {
       uid: o.owner.uid, gid: o.owner.gid, cwd: '/', reject: false, stdin: 'ignore', timeout: 10_000, extendEnv: false, env: { PATH: '/usr/bin:/bin', LC_ALL: 'C' },
     });
     if (r.exitCode !== 0) return null;
@@ -181,10 +188,15 @@ export async function waitFirstAnswer(o: StartPgOptions, pm: Postmaster, w: Wait
   // pause; were it ever acted on before the image's end of backup,
   // PostgreSQL stops with "WAL ends before end of online backup": a failed
   // mount, never an inconsistent copy.
+  // Before 14 a promotion request does not end a pause at the recovery target
+  // (14 made promote end a pause): there, once paused, pg_wal_replay_resume()
+  // ends recovery at the target (documented: resuming a paused target ends
+  // recovery), and no trigger is sent.
+  const promoteEndsPause = w.serverVersion >= 140000;
   let promotedAt = 0;
   const end = Date.now() + w.timeoutMs;
   for (;;) {
-    if (w.promoteWhenPaused && !promotedAt && (await startupProcess(pm)) !== null) {
+    if (w.promoteWhenPaused && promoteEndsPause && !promotedAt && (await startupProcess(pm)) !== null) {
       await triggerPromote(o, pm);
       promotedAt = Date.now();
     }
@@ -192,7 +204,8 @@ export async function waitFirstAnswer(o: StartPgOptions, pm: Postmaster, w: Wait
     if (seen && (w.standby || !seen.inRecovery)) return;
     if (seen?.paused && w.promoteWhenPaused && Date.now() - promotedAt > 2_000) {
       // Not taken (the trigger came before the postmaster could pass it on): again.
-      await triggerPromote(o, pm);
+      if (promoteEndsPause) await triggerPromote(o, pm);
+      else await (useNode ? viaNode : viaPsql)(resumeSql(w.serverVersion));
       promotedAt = Date.now();
       continue;
     }
