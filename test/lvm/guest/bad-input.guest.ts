@@ -126,6 +126,32 @@ describe('LVM providers: bad input', () => {
     expect(await agentLvs()).toEqual([]);
   });
 
+  it('a thin pool filling past the limit during the job: the snapshot device fails every read, the reason is logged, remove leaves nothing', async () => {
+    await sh('lvcreate', ['-q', '-L', '64M', '--chunksize', '64k', '-Zn', '-T', `${VG}/tpool`]);
+    await sh('lvcreate', ['-q', '-V', '128M', '-T', `${VG}/tpool`, '-n', 'badt']); // over-provisioned on purpose
+    const t: VolumeSpec = { name: 'badt', device: `/dev/${VG}/badt`, mountpoint: '/mnt/badt', chunkSize: 65536 };
+    await sh('mkfs.ext4', ['-q', '-E', 'nodiscard', t.device]);
+    await sh('mkdir', ['-p', t.mountpoint]);
+    await sh('mount', [t.device, t.mountpoint]);
+    const lines: string[] = [];
+    const logger = pino({ level: 'error' }, { write: (l: string) => void lines.push(l) });
+    const p = provider({ mode: 'thin', fillLimitPercent: 50, logger });
+    try {
+      const s = await p.create(t, 'j5');
+      try {
+        await writeFile(t, 40 * MiB, 0x33); // the pool passes 50 % (40 of 64 MiB), far from full
+        await until('the watcher to report the pool', async () => /thin pool bsnvg\/tpool is [\d.]+% full \(limit 50%\)/.test(lines.join('')));
+        expect(await readFails(s.path)).toBe(true);
+      } finally {
+        await p.remove(s);
+      }
+      expect(await agentLvs()).toEqual([]);
+    } finally {
+      await execa('umount', [t.mountpoint], { reject: false });
+      await sh('lvremove', ['-q', '-f', `${VG}/badt`, `${VG}/tpool`]);
+    }
+  });
+
   it('kill -9 of an agent holding a snapshot: the restarted agent removes its orphan, and not another agent\'s snapshot', async () => {
     const other = provider({ agent: 'other1' });
     const theirs = await other.create(b, 'keep');
