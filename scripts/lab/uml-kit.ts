@@ -4,7 +4,7 @@
  * lvm2, thin-provisioning-tools, kmod and slirp, fetched with `apt-get
  * download` and unpacked with `dpkg -x` — nothing is installed on the host.
  *
- * Layout of the cache (kept between runs; `npm run cleanup` may delete it):
+ * Layout of the cache (kept between runs, like apt's own; delete the folder to refetch):
  *   KIT/debs/*.deb    what apt downloaded
  *   KIT/root/         the unpacked layer the guest puts over the host's `/`
  *                     (merged-/usr: bin, sbin, lib folded into usr/, the UML
