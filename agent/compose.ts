@@ -146,5 +146,5 @@ export async function staleOfEveryTracker(config: AgentConfig, log: Logger, r: A
  * state files under STATE/mounts/. Call its cleanupOrphans() on every start.
  */
 export function composeMounter(config: AgentConfig, log: Logger): LocalMounter {
-  return new NbdLocalMounter({ stateDir: config.stateDir, log });
+  return new NbdLocalMounter({ stateDir: config.stateDir, log, ...(config.ca ? { ca: config.ca } : {}) });
 }

@@ -18,6 +18,8 @@ export interface AttachOptions {
   /** Distinguishes this export's files inside workDir (the volume name). */
   name: string;
   readOnly: boolean;
+  /** nbds:// only: a directory with ca-cert.pem, the CA the appliance's certificate is checked against. */
+  tlsCertificates?: string;
 }
 
 export interface NbdAttacher {

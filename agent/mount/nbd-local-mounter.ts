@@ -19,7 +19,7 @@
  *                                   while the state dir is root's alone.
  *   /run/blocksnap-mounts/<id>.run/ the copy's socket dir and server log (owner's)
  */
-import { chmod, chown, mkdir, open, readFile, readdir, rename, rm, stat } from 'node:fs/promises';
+import { chmod, chown, mkdir, open, readFile, readdir, rename, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { execa } from 'execa';
@@ -43,6 +43,12 @@ export interface NbdLocalMounterOptions {
   runBase?: string;
   /** Server binaries for a server_version_num (default Debian's /usr/lib/postgresql/MAJOR/bin). */
   binDirFor?: (serverVersion: number) => string;
+  /**
+   * The CA the agent trusts for the appliance (config caFile, as for wss://):
+   * nbds:// exports are verified against it (libnbd's tls-certificates=DIR
+   * with DIR/ca-cert.pem); without it, against the system's trust store.
+   */
+  ca?: Buffer;
   /** Settings for every start of a copy, over the defaults below. */
   pgSettings?: Record<string, string>;
   /** How long PostgreSQL may take to answer (default 300 s: a big image's replay). */
@@ -181,6 +187,15 @@ export class NbdLocalMounter implements LocalMounter {
   private readonly stateDir: string;
   private readonly runBase: string;
 
+  /** nbds:// with a configured CA: the CA written to WORKDIR/tls/ca-cert.pem (removed with the work dir), that directory returned. */
+  private async tlsCertificates(uri: string, workDir: string): Promise<string | undefined> {
+    if (!uri.startsWith('nbds://') || !this.o.ca) return undefined;
+    const dir = path.join(workDir, 'tls');
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    await writeFile(path.join(dir, 'ca-cert.pem'), this.o.ca, { mode: 0o600 });
+    return dir;
+  }
+
   constructor(private readonly o: NbdLocalMounterOptions) {
     this.stateDir = path.resolve(o.stateDir);
     this.runBase = o.runBase ?? '/run/blocksnap-mounts';
@@ -230,7 +245,8 @@ export class NbdLocalMounter implements LocalMounter {
           await mkdir(mp, { mode: 0o755 });
         }
         let t = performance.now();
-        const device = await attacher.attach(x.uri, { workDir, name: x.volume, readOnly: !grant.writable }, journal);
+        const tlsCertificates = await this.tlsCertificates(x.uri, workDir);
+        const device = await attacher.attach(x.uri, { workDir, name: x.volume, readOnly: !grant.writable, ...(tlsCertificates ? { tlsCertificates } : {}) }, journal);
         phases.attach += (performance.now() - t) / 1000;
         t = performance.now();
         const type = await this.mountFs(journal, device, mp, grant.writable);

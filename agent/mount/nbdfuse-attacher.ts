@@ -33,8 +33,15 @@ export interface NbdfuseOptions {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-export function nbdfuseArgs(dir: string, uri: string, pidFile: string, readOnly: boolean): string[] {
-  return ['-P', pidFile, ...(readOnly ? ['-r'] : []), dir, uri];
+export function nbdfuseArgs(dir: string, uri: string, pidFile: string, readOnly: boolean, tlsCertificates?: string): string[] {
+  if (!tlsCertificates) return ['-P', pidFile, ...(readOnly ? ['-r'] : []), dir, uri];
+  // nbdfuse refuses tls-certificates=DIR in a URI (libnbd's allow_local_file, no
+  // option of nbdfuse's): the TLS client is then nbdkit's nbd plugin, serving
+  // nbdfuse over stdin/stdout (-s) and exiting with it.
+  const u = new URL(uri);
+  return ['-P', pidFile, ...(readOnly ? ['-r'] : []), dir, '--command', 'nbdkit', '-s', '--exit-with-parent', ...(readOnly ? ['-r'] : []),
+    'nbd', `hostname=${u.hostname.replace(/^\[(.*)\]$/, '$1')}`, `port=${u.port}`, `export=${decodeURIComponent(u.pathname.slice(1))}`,
+    'tls=require', `tls-certificates=${tlsCertificates}`];
 }
 
 export class NbdfuseAttacher implements NbdAttacher {
@@ -54,7 +61,7 @@ export class NbdfuseAttacher implements NbdAttacher {
     let exited: number | null | undefined;
     let child;
     try {
-      child = spawn('nbdfuse', nbdfuseArgs(dir, uri, pidFile, o.readOnly), { detached: true, stdio: ['ignore', log, log] });
+      child = spawn('nbdfuse', nbdfuseArgs(dir, uri, pidFile, o.readOnly, o.tlsCertificates), { detached: true, stdio: ['ignore', log, log] });
     } finally {
       closeSync(log);
     }
