@@ -24,6 +24,7 @@ let appl: ApplianceHarness;
 let source: PgCluster;
 let goodImage: string;
 let badImage: string;
+let brokenImage: string;
 const agents: Record<string, Agent> = {};
 
 const ROWS = 20_000;
@@ -49,7 +50,7 @@ beforeAll(async () => {
     INSERT INTO accounts SELECT g, 'owner ' || g FROM generate_series(1, ${ROWS}) g;
     CREATE SCHEMA audit; CREATE TABLE audit.events (at timestamptz, what text); INSERT INTO audit.events SELECT now(), 'e' FROM generate_series(1, 7);
     CHECKPOINT`);
-  appl = await fx.appliance(['db1', 'db2']);
+  appl = await fx.appliance(['db1', 'db2', 'db3']);
   const postgres = { host: '127.0.0.1', port: source.port, user: 'postgres', role: 'primary' };
   agents.db1 = await fx.pgAgent({ url: appl.url, name: 'db1', token: appl.tokens.db1!, volume: lab.volume, stateDir: join(lab.root, 'agent-db1'), postgres });
   agents.db2 = (await fx.agent({ url: appl.url, name: 'db2', token: appl.tokens.db2!, volumes: [], stateDir: join(lab.root, 'agent-db2'), tracking: 'off' })).agent;
@@ -70,6 +71,22 @@ beforeAll(async () => {
   }
   await source.start();
   badImage = await backup();
+
+  // A crash-consistent image of a data directory whose pg_control does not match its CRC: PostgreSQL cannot start on it.
+  const lab3 = await fx.lab({ volumeSize: 128 << 20, poolSize: 512 << 20, name: 'broken' });
+  const broken = await fx.pg({ dataDir: join(lab3.volumeMount, 'pg') }, false);
+  await broken.initdb();
+  const ctl = await open(join(broken.dataDir, 'global', 'pg_control'), 'r+');
+  try {
+    await ctl.write(Buffer.alloc(8, 0xff), 0, 8, 16);
+    await ctl.sync();
+  } finally {
+    await ctl.close();
+  }
+  await fx.agent({ url: appl.url, name: 'db3', token: appl.tokens.db3!, volumes: [lab3.volume], stateDir: join(lab3.root, 'agent-db3'), tracking: 'off' });
+  const b3 = await appl.app.router.startJob('db3', 'broken', 'full').done;
+  if (!b3.ok) throw new Error(`backup failed: ${JSON.stringify(b3)}`);
+  brokenImage = b3.imageId!;
 }, 300_000);
 
 afterAll(() => fx?.dispose(), 300_000);
@@ -115,6 +132,16 @@ describe('verify --restore', () => {
     expect((await applianceCmd(appl.dataDir, ['verify', badImage, '--json'])).exitCode).toBe(0);
     // The clean image keeps its own result.
     expect((await applianceCmd(appl.dataDir, ['images', 'show', goodImage, '--json'])).json.restoreVerification.ok).toBe(true);
+  }, 240_000);
+
+  it('an image PostgreSQL cannot start on: the mount fails, exit 1, recorded FAILED with PostgreSQL\'s reason; nothing left mounted', async () => {
+    const r = await applianceCmd(appl.dataDir, ['verify', brokenImage, '--restore', '--on', 'db2', '--json']);
+    expect(r.exitCode, r.stderr + r.stdout).toBe(1);
+    expect(r.json).toMatchObject({ ok: false, check: null });
+    expect(r.json.reason).toMatch(/^mount failed: E_PG: .*exited.*control file/s);
+    await expectNoMount();
+    const show = await applianceCmd(appl.dataDir, ['images', 'show', brokenImage, '--json']);
+    expect(show.json.restoreVerification).toMatchObject({ ok: false, reason: r.json.reason });
   }, 240_000);
 
   it('usage: --restore without --on, or --on without --restore, exits 2; an unknown agent fails without a record', async () => {
