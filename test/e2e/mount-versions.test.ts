@@ -18,7 +18,7 @@ import type { Agent } from '../../agent/agent.js';
 import { composeAgent } from '../../agent/compose.js';
 import { parseAgentConfig } from '../../agent/config.js';
 import { NbdLocalMounter } from '../../agent/mount/nbd-local-mounter.js';
-import { parseConnection } from '../../agent/mount/restore-check.js';
+import { checkRestoredCluster, parseConnection } from '../../agent/mount/restore-check.js';
 import { ReflinkSnapshotProvider } from '../../agent/snapshot/reflink-snapshot-provider.js';
 import type { ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
 import { currentLsn, waitReplayed } from '../../scripts/lab/pg-standby.js';
@@ -118,6 +118,13 @@ describe.each(builds.flatMap((b) => [{ b, role: 'primary' as const }, { b, role:
     expect(Number(s!.n)).toBe(Number(s!.max));
     await query(r.connection, "INSERT INTO tick VALUES (1000000, 'on the mount'); CHECKPOINT");
     expect((await query<{ n: string }>(r.connection, 'SELECT count(*)::text AS n FROM tick WHERE id = 1000000'))[0]!.n).toBe('1');
+    // verify --restore's check on this major: amcheck through SQL (verify_heapam only from 14), every table counted.
+    const check = await checkRestoredCluster(r.connection);
+    expect(check.problems).toEqual([]);
+    expect(check).toMatchObject({ ok: true, serverVersion: Number(s!.v) });
+    expect(check.indexesChecked).toBeGreaterThan(10);
+    expect(check.heapsChecked > 0).toBe(Number(b.major) >= 14);
+    expect(check.tables).toContainEqual({ database: 'postgres', schema: 'public', table: 'tick', rows: Number(s!.n) + 1 });
     await mounter.mounts.unmount(r.mountId);
     expect(await mounter.mounts.list()).toEqual([]);
     expect(appl.app.mounts.mounts.get(r.mountId)?.state).toBe('ended');
