@@ -82,6 +82,10 @@ export class WorkerPool {
   async close(): Promise<void> {
     this.closing = true;
     await Promise.all(this.workers.map(async (s) => {
+      // An idle worker is unref'ed: ref it while it terminates, or a process
+      // with nothing else alive can end with this await (and the consumer's
+      // abort) unsettled — Node exits 13 (seen under load in the abort test).
+      s.w.ref();
       await s.w.terminate();
       await s.exited;
     }));

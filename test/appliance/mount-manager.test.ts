@@ -12,6 +12,7 @@ import { encodeClientFlags, encodeExportRequest, encodeOption } from '../../appl
 import { Opt, Rep } from '../../appliance/nbd/nbd-layout.js';
 import { codeOf } from '../support/error-code.js';
 import { tempDirEach } from '../support/temp-dir.js';
+import { waitFor } from '../support/wait-for.js';
 
 const log = createLogger('test-mounts', 'silent');
 
@@ -41,13 +42,6 @@ async function nbdClient(port: number, name: string): Promise<{ socket: Socket; 
   return { socket, closed, isClosed: () => isClosed };
 }
 
-async function waitFor(cond: () => boolean, ms = 10_000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error('condition not met in time');
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}
 const ROOT = 'ab'.repeat(32);
 
 /** A backend that records what it was asked: overlays are directories with one file, exports serve zeros. */
@@ -192,7 +186,7 @@ describe('MountManager', () => {
       await m.remove(gone.id, 'removed by operator');
       // Before: the connection stayed open and each later request failed (EIO) while the client kept its device.
       await a.closed;
-      await waitFor(() => m.connectionsOf(gone.id) === 0);
+      await waitFor('the removed mount\'s connections to close', () => m.connectionsOf(gone.id) === 0);
       expect(b.isClosed()).toBe(false);
       expect(m.connectionsOf(kept.id)).toBe(1);
       b.socket.destroy();
