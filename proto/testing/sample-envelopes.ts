@@ -90,10 +90,15 @@ export function sampleEnvelopes(): Envelope[] {
     }),
     envelope('mountRelease', { mountId: 'mnt-1', reason: 'unmounted' }),
     envelope('walFetch', { mountId: 'mnt-1', name: '000000010000000000000002' }),
-    envelope('runMount', { requestId: 'mrq-2', imageId: 'img-def', pgPort: 5499, target: '/srv/copy', asStandby: true, writable: true }),
+    envelope('runMount', { requestId: 'mrq-2', imageId: 'img-def', pgPort: 5499, target: '/srv/copy', asStandby: true, writable: true, verify: true }),
     envelope('mountResult', {
       requestId: 'mrq-2', ok: true, errorCode: '', errorMessage: '', mountId: 'mnt-1', connection: 'host=/tmp port=5499 dbname=postgres',
       secondsToFirstQuery: 1.25, target: '/srv/copy', pgPort: 5499,
+      check: {
+        ok: false, method: 'amcheck (SQL)', serverVersion: 150004, databases: 2, heapsChecked: 40, indexesChecked: 31, seconds: 0.75,
+        tables: [{ database: 'postgres', schema: 'public', table: 'tick', rows: 1234 }],
+        problems: [{ database: 'postgres', relation: 'tick_pkey', message: 'item order invariant violated' }],
+      },
     }),
     envelope('restoreRequest', { requestId: 'rst-0123456789abcdef', imageId: 'img-def', changedOnly: true }),
     envelope('restoreMap', {
