@@ -4,11 +4,13 @@
  * appliance and agent CLIs as separate processes, PostgreSQL quiesced around
  * each snapshot, a full backup, pgbench, an incremental (chosen by the kernel
  * write tracker), both images exported and compared byte for byte with the
- * snapshots they came from, and PostgreSQL started on the exported
- * incremental with `blocksnap-agent prepare`. Everything it creates is released at the end,
+ * snapshots they came from, PostgreSQL started on the exported
+ * incremental with `blocksnap-agent prepare`, and the incremental mounted
+ * instantly (`blocksnap-agent mount`) with PostgreSQL answering from it. Everything it creates is released at the end,
  * also on failure.
  */
 import { execa } from 'execa';
+import pg from 'pg';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { PgCluster } from './lab/pg-cluster.js';
@@ -91,6 +93,10 @@ async function main(): Promise<void> {
     const restoredRows = await startOnExport(lab, join(lab.poolMount, `${rows[1]!.imageId}.raw`));
     say(`  restored server answers: pgbench_history has ${restoredRows} rows (source had ${expected} after the incremental's pgbench run)`);
     if (restoredRows !== expected) throw new Error('restored data differs from the source');
+    say('instant mount of the incremental (blocksnap-agent mount: NBD export + copy-on-write overlay, PostgreSQL started on it)');
+    const mounted = await instantMount(configFile, rows[1]!.imageId);
+    say(`  first query answered ${mounted.secondsToFirstQuery.toFixed(2)} s after the mount command; pgbench_history has ${mounted.rows} rows; unmounted`);
+    if (mounted.rows !== expected) throw new Error('the mounted image\'s data differs from the source');
     const verify = await applianceCmd(dataDir, ['verify']);
     say(`verify: ${verify.stdout.trim().split('\n').join('; ')}`);
 
@@ -133,6 +139,30 @@ async function startOnExport(lab: VolumeLab, raw: string): Promise<number> {
     await restored?.destroy().catch(() => undefined);
     if (mounted) await execa('umount', [mnt]).catch(() => undefined);
     await detachLoop(dev).catch(() => undefined);
+  }
+}
+
+/** `blocksnap-agent mount IMAGE`, count rows on the running copy, `blocksnap-agent unmount` (also when the count fails). */
+async function instantMount(configFile: string, imageId: string): Promise<{ secondsToFirstQuery: number; rows: number }> {
+  const agentCmd = (args: string[]) => execa(process.execPath, [agentCli(), ...args, '--config', configFile], { reject: false, stdin: 'ignore' });
+  const m = await agentCmd(['mount', imageId, '--json']);
+  if (m.exitCode !== 0) throw new Error(`mount failed: ${m.stderr}`);
+  const mount = JSON.parse(String(m.stdout)) as { mountId: string; connection: string; secondsToFirstQuery: number };
+  try {
+    say(`  ${mount.connection}`);
+    // The copy's libpq connection string (host = its own socket directory, port, user, dbname).
+    const kv = Object.fromEntries(mount.connection.split(' ').map((p) => p.split('=') as [string, string]));
+    const client = new pg.Client({ host: kv.host, port: Number(kv.port), user: kv.user, database: kv.dbname });
+    await client.connect();
+    try {
+      const rows = Number((await client.query<{ n: string }>('select count(*)::text as n from pgbench_history')).rows[0]!.n);
+      return { secondsToFirstQuery: mount.secondsToFirstQuery, rows };
+    } finally {
+      await client.end().catch(() => undefined);
+    }
+  } finally {
+    const u = await agentCmd(['unmount', mount.mountId]);
+    if (u.exitCode !== 0) say(`  unmount failed: ${u.stderr}`);
   }
 }
 
