@@ -19,9 +19,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import BitSet from 'bitset';
-import { StoreRig, mutateRigVolumeInPlace, rigVolume, type RigVolume } from '../appliance/retention/store-rig.js';
-import { ImageIndexReader } from '../appliance/store/image-index.js';
-import { ZERO_DIGEST } from '../appliance/store/chunk-store.js';
+import { StoreRig, neededBytes, mutateRigVolumeInPlace, rigVolume, type RigVolume } from '../appliance/retention/store-rig.js';
 
 const MiB = 1 << 20;
 const VOLUME_MIB = Number(process.env.BENCH_GC_VOLUME_MIB ?? 1024);
@@ -103,28 +101,6 @@ function benchMarkSets(n: number): Record<string, { markMs: number; sweepMs: num
   return out;
 }
 
-async function neededBytes(rig: StoreRig): Promise<number> {
-  const seen = new Set<string>();
-  let bytes = 0;
-  const add = (d: Buffer) => {
-    const hex = d.toString('hex');
-    if (d.equals(ZERO_DIGEST) || seen.has(hex)) return;
-    seen.add(hex);
-    bytes += rig.store.locate(d)!.storedLength;
-  };
-  for (const img of rig.catalog.listImages()) {
-    const root = Buffer.from(img.rootDigest, 'hex');
-    add(root);
-    const r = await ImageIndexReader.open(rig.store, root);
-    for (let p = 0; p < r.pageCount; p++) {
-      add(r.pageDigest(p));
-      const page = await r.loadPage(p);
-      for (let s = 0; page && s < page.length; s += 32) add(page.subarray(s, s + 32));
-    }
-  }
-  return bytes;
-}
-
 async function main(): Promise<void> {
   const report: Record<string, unknown> = { volumeMiB: VOLUME_MIB, images: IMAGES, chunkSize: CHUNK, changedPerImage: CHANGED };
   // 1. mark sets
@@ -164,7 +140,7 @@ async function main(): Promise<void> {
     const before = rig.store.stats();
     await rig.retention.prune({ keep: { last: 10 } });
     const mark10 = await rig.retention.gc({ dryRun: true });
-    const needed = await neededBytes(rig);
+    const needed = await neededBytes(rig.store, rig.catalog.listImages().map((i) => i.rootDigest));
     t = performance.now();
     const gc = await rig.retention.gc({});
     const gcS = ms(t) / 1000;

@@ -12,6 +12,8 @@ import { commitImage, rollForward } from '../jobs/image-commit.js';
 import { Ingest, type IngestChunk } from '../server/ingest.js';
 import { FsChunkStore, type FsChunkStoreOptions } from '../store/fs-chunk-store.js';
 import { FsManifestStore } from '../store/fs-manifest-store.js';
+import { ImageIndexReader } from '../store/image-index.js';
+import { ZERO_DIGEST } from '../store/chunk-store.js';
 import type { Manifest } from '../store/manifest.js';
 import { imageRootDigest } from '../../proto/shared/image-root.js';
 import { zstdCompress } from '../../proto/shared/zstd.js';
@@ -185,4 +187,34 @@ export class StoreRig {
     await this.store.close();
     this.catalog.close();
   }
+}
+
+/**
+ * Stored bytes of the distinct blobs (roots, index pages, chunks) the images
+ * with these roots need, counted from the blob index independently of GC's
+ * mark: what a store holding exactly those images would keep. A blob missing
+ * from the index throws.
+ */
+export async function neededBytes(store: FsChunkStore, roots: string[]): Promise<number> {
+  const seen = new Set<string>();
+  let bytes = 0;
+  const add = (d: Buffer): void => {
+    const hex = d.toString('hex');
+    if (d.equals(ZERO_DIGEST) || seen.has(hex)) return;
+    seen.add(hex);
+    const loc = store.locate(d);
+    if (!loc) throw new Error(`blob ${hex} is missing`);
+    bytes += loc.storedLength;
+  };
+  for (const r of roots) {
+    const root = Buffer.from(r, 'hex');
+    add(root);
+    const reader = await ImageIndexReader.open(store, root);
+    for (let p = 0; p < reader.pageCount; p++) {
+      add(reader.pageDigest(p));
+      const page = await reader.loadPage(p);
+      for (let k = 0; page && k < page.length; k += 32) add(page.subarray(k, k + 32));
+    }
+  }
+  return bytes;
 }

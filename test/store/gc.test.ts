@@ -8,39 +8,12 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { exportImage } from '../../appliance/ops/export-image.js';
 import { verifyImage } from '../../appliance/ops/verify-image.js';
-import { StoreRig } from '../../appliance/retention/store-rig.js';
-import { ImageIndexReader } from '../../appliance/store/image-index.js';
-import { ZERO_DIGEST } from '../../appliance/store/chunk-store.js';
+import { StoreRig, neededBytes } from '../../appliance/retention/store-rig.js';
 import { makeVolume, mutateVolume, type TestVolume } from '../../appliance/testing/scripted-agent.js';
 import { TempDirs } from '../../appliance/testing/store-fixtures.js';
 
 const CHUNK = 4096;
 const CHUNKS = 64;
-
-/** Stored bytes of the distinct blobs (roots, pages, chunks) the images need, read from the index. */
-async function neededBytes(rig: StoreRig, roots: string[]): Promise<number> {
-  const seen = new Set<string>();
-  let bytes = 0;
-  const add = (d: Buffer) => {
-    const hex = d.toString('hex');
-    if (d.equals(ZERO_DIGEST) || seen.has(hex)) return;
-    seen.add(hex);
-    const loc = rig.store.locate(d);
-    if (!loc) throw new Error(`blob ${hex} is missing`);
-    bytes += loc.storedLength;
-  };
-  for (const r of roots) {
-    const root = Buffer.from(r, 'hex');
-    add(root);
-    const reader = await ImageIndexReader.open(rig.store, root);
-    for (let p = 0; p < reader.pageCount; p++) {
-      add(reader.pageDigest(p));
-      const page = await reader.loadPage(p);
-      for (let s = 0; page && s < page.length; s += 32) add(page.subarray(s, s + 32));
-    }
-  }
-  return bytes;
-}
 
 describe('gc after prune of a changing volume', () => {
   const tmp = new TempDirs();
@@ -77,7 +50,7 @@ describe('gc after prune of a changing volume', () => {
     expect(gc.reclaimableBytes).toBe(dry.reclaimableBytes);
     expect(gc.packsDeleted + gc.packsRewritten).toBeGreaterThan(0);
     const after = rig.store.stats();
-    const needed = await neededBytes(rig, rig.catalog.listImages().map((i) => i.rootDigest));
+    const needed = await neededBytes(rig.store, rig.catalog.listImages().map((i) => i.rootDigest));
     expect(gc.liveBytes).toBe(needed);
     // Every pack kept holds ≥ 50 % live bytes, so the store is at most twice what is needed, and
     // never less: pack headers, trailers and footers are the only other bytes.
