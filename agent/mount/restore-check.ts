@@ -18,21 +18,12 @@
  * relation; any problem makes the check fail.
  */
 import pg from 'pg';
+import type { MountResult } from '../../proto/messages.js';
 
-export interface RestoreCheckTable { database: string; schema: string; table: string; rows: number }
-export interface RestoreCheckProblem { database: string; relation: string; message: string }
-
-export interface RestoreCheckResult {
-  ok: boolean;
-  method: string;
-  serverVersion: number;
-  databases: number;
-  heapsChecked: number;
-  indexesChecked: number;
-  tables: RestoreCheckTable[];
-  problems: RestoreCheckProblem[];
-  seconds: number;
-}
+/** The generated RestoreCheck message (proto/blocksnap.proto) as decoded: what MountResult.check carries. */
+export type RestoreCheckResult = NonNullable<MountResult['check']>;
+export type RestoreCheckTable = RestoreCheckResult['tables'][number];
+export type RestoreCheckProblem = RestoreCheckResult['problems'][number];
 
 /** Tables listed in a result (the count of every table is still checked). */
 const MAX_TABLES_LISTED = 10_000;
