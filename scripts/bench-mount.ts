@@ -27,8 +27,8 @@ import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { NbdLocalMounter, type NbdLocalMount } from '../agent/mount/nbd-local-mounter.js';
 import { NbdfuseAttacher } from '../agent/mount/nbdfuse-attacher.js';
-import { e2eFixture, type E2eFixture } from '../test/support/e2e-fixture.js';
-import { buildPgImage, grantOf, serveCow, serveImage, walSourceOf, type PgImage } from '../test/agent/mount-image-fixture.js';
+import { e2eFixture, type E2eFixture } from './lab/e2e-fixture.js';
+import { buildPgImage, grantOf, serveCow, serveImage, walSourceOf, type PgImage } from './lab/mount-image-fixture.js';
 
 const GiB = 1024 ** 3;
 const SIZES = (process.env.BENCH_SIZES_GIB ?? '1,8').split(',').map(Number);
