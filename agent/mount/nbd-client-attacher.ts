@@ -1,8 +1,10 @@
 /**
  * The kernel NBD client (nbd-client from the nbd-client package) as an
- * NbdAttacher, for hosts with /dev/nbd*. UNTESTED against a real kernel:
- * this machine has no nbd module (LAB.md); only the command building and
- * URI parsing are unit-tested. A free device is one whose sysfs `pid` is
+ * NbdAttacher, for hosts with /dev/nbd*. This host's kernel has no NBD
+ * (LAB.md): test/lvm/nbd-kernel.test.ts runs it for real in a
+ * user-mode-linux guest (the kit's nbd.ko, Debian's nbd-client 3.24, which
+ * connects through netlink and exits) against the appliance's NBD server;
+ * the command building and URI parsing are unit-tested. A free device is one whose sysfs `pid` is
  * absent and size is 0; the step is recorded before nbd-client runs, and
  * released with `nbd-client -d` while the device is still connected.
  */
