@@ -26,6 +26,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
 import { Ledger } from './ledger.js';
+import { repoRoot } from './processes.js';
 import { ensureUmlKit, type UmlKit } from './uml-kit.js';
 
 export interface GuestDisk {
@@ -48,6 +49,12 @@ export interface GuestRunOptions {
   env?: Record<string, string>;
   /** Host folders the guest mounts read-write at the same path (besides RUN). */
   shared?: string[];
+  /**
+   * Host folders the guest mounts read-only at the same path. The project's
+   * checkout (repoRoot) is always one: the guest mounts its own tmpfs on
+   * /tmp and /run, so a checkout there would otherwise be hidden.
+   */
+  readOnly?: string[];
 }
 
 export interface GuestResult {
@@ -68,7 +75,7 @@ const DM_MODULES = [
 ];
 
 /** PID 1: builds the writable root and chroots into it. */
-function initScript(kit: UmlKit, run: string, shared: string[]): string {
+function initScript(kit: UmlKit, run: string, shared: string[], readOnly: string[]): string {
   return `#!/bin/sh
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
@@ -87,6 +94,7 @@ mkdir -p dev/pts dev/shm && mount -t devpts devpts dev/pts && mount -t tmpfs tmp
 mount -t tmpfs tmpfs tmp
 mount -t tmpfs tmpfs run
 mount -t tracefs tracefs sys/kernel/tracing 2>/dev/null
+${readOnly.map((d) => `mkdir -p .${d} && mount -r -t hostfs -o ${d} hostfs .${d}`).join('\n')}
 ${[run, ...shared].map((d) => `mkdir -p .${d} && mount -t hostfs -o ${d} hostfs .${d}`).join('\n')}
 exec chroot . /bin/sh ${run}/stage2.sh
 `;
@@ -148,7 +156,7 @@ export async function runInGuest(opts: GuestRunOptions): Promise<GuestResult> {
   const started = performance.now();
   let child: ReturnType<typeof spawn> | null = null;
   try {
-    await writeFile(path.join(run, 'init.sh'), initScript(kit, run, opts.shared ?? []));
+    await writeFile(path.join(run, 'init.sh'), initScript(kit, run, opts.shared ?? [], [...new Set([repoRoot(), ...(opts.readOnly ?? [])])]));
     await chmod(path.join(run, 'init.sh'), 0o755);
     await writeFile(path.join(run, 'stage2.sh'), stage2Script(kit, run, opts));
     await writeFile(path.join(run, 'script.sh'), opts.script);

@@ -27,7 +27,7 @@ export interface GuestSuiteOptions {
 
 /** Runs `test/lvm/guest/<file>` under vitest in a new guest; the disks are removed afterwards. */
 export function runGuestSuite(file: string, opts: GuestSuiteOptions = {}): Promise<GuestResult> {
-  return runGuestScript(`cd ${repoRoot()} && exec node node_modules/vitest/vitest.mjs run --config test/lvm/vitest.guest.config.ts test/lvm/guest/${file}\n`, opts);
+  return runGuestScript(`cd ${repoRoot()} && exec node node_modules/vitest/vitest.mjs run --config test/lvm/vitest.guest.config.ts ${process.env.BSN_LVM_VERBOSE ? '--reporter=verbose ' : ''}test/lvm/guest/${file}\n`, opts);
 }
 
 /** Runs a shell script in a new guest with fresh sparse disks; the disks are removed afterwards. */
@@ -41,7 +41,10 @@ export async function runGuestScript(script: string, opts: GuestSuiteOptions = {
       await truncate(f, mib * 1024 * 1024);
       disks.push({ file: f });
     }
-    return await runInGuest({ disks, network: opts.network, env: opts.env, shared: opts.shared, timeoutMs: opts.timeoutMs ?? 240_000, script });
+    const r = await runInGuest({ disks, network: opts.network, env: opts.env, shared: opts.shared, timeoutMs: opts.timeoutMs ?? 240_000, script });
+    // BSN_LVM_VERBOSE=1: the guest's own report (per-test durations inside the guest) also on success.
+    if (process.env.BSN_LVM_VERBOSE) console.log(`guest ${r.seconds.toFixed(1)} s, exit ${r.code}\n${r.output}`);
+    return r;
   } finally {
     await rm(dir, { recursive: true, force: true });
   }

@@ -6,6 +6,7 @@
  * and only its own.
  */
 import { open } from 'node:fs/promises';
+import { fileURLToPath } from 'node:url';
 import { execa } from 'execa';
 import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -16,6 +17,8 @@ import { isBlocksnapError } from '../../../proto/errors.js';
 import { makeLvmRig, sh, VG, type LvmRig } from './lvm-rig.js';
 
 const MiB = 1024 * 1024;
+/** The compiled provider of this checkout (wherever it is: the guest mounts it at the same path). */
+const COMPILED_PROVIDER = fileURLToPath(new URL('../../../dist/agent/snapshot/lvm/lvm-snapshot-provider.js', import.meta.url));
 const log = pino({ level: 'silent' });
 const provider = (o: Partial<LvmSnapshotProviderOptions> = {}) =>
   new LvmSnapshotProvider({ mode: 'classic', agent: 'bad1', stateDir: '/tmp/bsn-bad', logger: log, pollMs: 300, ...o });
@@ -155,7 +158,7 @@ describe('LVM providers: bad input', () => {
   it('kill -9 of an agent holding a snapshot: the restarted agent removes its orphan, and not another agent\'s snapshot', async () => {
     const other = provider({ agent: 'other1' });
     const theirs = await other.create(b, 'keep');
-    const script = `import { LvmSnapshotProvider } from '/work/main/dist/agent/snapshot/lvm/lvm-snapshot-provider.js';
+    const script = `import { LvmSnapshotProvider } from '${COMPILED_PROVIDER}';
 const p = new LvmSnapshotProvider({ mode: 'classic', agent: 'bad1', stateDir: '/tmp/bsn-bad', pollMs: 60000 });
 await p.create(${JSON.stringify(a)}, 'orphan');
 console.log('READY');
