@@ -33,6 +33,7 @@ import { MountJournal, mountsDir, ownerAlive, readMountStates, checkMountId, typ
 import { releaseSteps, type MountStep } from './mount-steps.js';
 import { freePort, ownerOf, portWasTaken, startPostmaster, waitFirstAnswer, type StartPgOptions, type WaitOptions } from './pg-start.js';
 import { findDataDir } from './pg-data-dir.js';
+import { pointWalLinkIntoCopy } from './wal-link.js';
 
 export interface NbdLocalMounterOptions {
   /** The agent's state directory (mount state files go to STATE/mounts/). */
@@ -207,7 +208,10 @@ export class NbdLocalMounter implements LocalMounter {
     checkMountId(grant.mountId);
     const pgExports = grant.exports.filter((e) => e.pg);
     if (!grant.exports.length) throw new BlocksnapError('E_USAGE', `mount ${grant.mountId}: the grant has no exports`);
-    if (pgExports.length > 1) throw new BlocksnapError('E_USAGE', `mount ${grant.mountId}: ${pgExports.length} exports carry PostgreSQL data; at most one may`);
+    // The members of an image set carry one capture's PostgreSQL part (the same label): one PostgreSQL.
+    if (new Set(pgExports.map((e) => `${e.pg!.labelFile}\0${e.pg!.stopLsn}`)).size > 1) {
+      throw new BlocksnapError('E_USAGE', `mount ${grant.mountId}: ${pgExports.length} exports carry PostgreSQL data of different backups; at most one backup may`);
+    }
     // No export with PostgreSQL data: a crash-consistent image (PostgreSQL's own crash recovery, from pg_control).
     const pgx = pgExports[0];
     const info = pgx?.pg;
@@ -257,6 +261,8 @@ export class NbdLocalMounter implements LocalMounter {
 
       let t = performance.now();
       const dataDir = await findDataDir(roots);
+      // A pg_wal link (initdb --waldir) names the source's WAL directory: re-pointed into the mounted set before anything is written.
+      await pointWalLinkIntoCopy(dataDir, roots);
       const st = await stat(dataDir);
       const owner = await ownerOf(st.uid, st.gid);
       const port = opts.pgPort ?? (await freePort());

@@ -1,5 +1,5 @@
 import { execa } from 'execa';
-import { lstat, mkdir, readdir, readlink, realpath, rm, rmdir, symlink, unlink } from 'node:fs/promises';
+import { lstat, mkdir, readdir, stat, readlink, realpath, rm, rmdir, symlink, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Agent } from '../../agent/agent.js';
@@ -14,6 +14,7 @@ import { initdbSplitWal } from '../support/pg-split-wal.js';
 import { PgTicker, TICK_TABLE_SQL, tickIds } from '../support/pg-ticker.js';
 import type { VolumeLab } from '../../scripts/lab/volume-lab.js';
 import { exportImageTo } from '../../appliance/ops/export-image.js';
+import { lastRestoreVerification, verifyRestore } from '../../appliance/ops/verify-restore.js';
 import type { PgImageInfo } from '../../appliance/store/pg-image-info.js';
 import type { ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
 import { isBlocksnapError } from '../../proto/errors.js';
@@ -157,4 +158,27 @@ describe('consistency group: data directory and pg_wal on two volumes (PostgreSQ
     expect(isBlocksnapError(err, 'E_USAGE')).toBe(true);
     expect(String((err as Error).message)).toMatch(/back up group pg instead/);
   });
+
+  it('verify --restore of the image set: both volumes mounted on the agent, pg_wal re-pointed into the mounted WAL volume, checked; the live WAL directory untouched', async () => {
+    const setId = appl.app.catalog.listImages().filter((i) => i.setId).at(-1)!.setId!;
+    const members = appl.app.catalog.listImages().filter((i) => i.setId === setId);
+    expect(members.map((i) => i.volume).sort()).toEqual(['pgdata', 'pgwal']);
+    // The source stopped, so its WAL directory (where the image's pg_wal link points) must not change at all.
+    await pgc.stop();
+    const walDir = join(walLab.volumeMount, 'wal');
+    const listing = async () => Promise.all((await readdir(walDir)).sort().map(async (n) => {
+      const st = await stat(join(walDir, n));
+      return `${n} ${st.size} ${st.mtimeMs} ${st.ino}`;
+    }));
+    const before = await listing();
+    try {
+      const v = await verifyRestore({ catalog: appl.app.catalog, mountProtocol: appl.app.mountProtocol, mounts: appl.app.mounts }, setId, 'db1', 180_000);
+      expect(v.ok, JSON.stringify(v)).toBe(true);
+      expect(v.check!.tables.find((t) => t.table === 'tick')!.rows).toBeGreaterThan(0);
+      expect(await listing()).toEqual(before);
+      for (const m of members) expect(lastRestoreVerification(appl.app.catalog, m.id)).toMatchObject({ ok: true, imageId: m.id });
+    } finally {
+      await pgc.start();
+    }
+  }, 240_000);
 });
