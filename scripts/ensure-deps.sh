@@ -34,5 +34,6 @@ mountpoint -q /sys/kernel/tracing || mount -t tracefs none /sys/kernel/tracing 2
 if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ] \
    || ! node -e "require('better-sqlite3'); require('zstd-napi')" 2>/dev/null; then
   npm ci --no-audit --no-fund
+  node scripts/seed-prebuilds.cjs   # the next npm ci reuses the addons compiled here (no GitHub downloads)
 fi
 npm run build --silent
