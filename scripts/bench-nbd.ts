@@ -4,11 +4,15 @@
  * chunks) is committed to a real FsChunkStore and also written as a raw file
  * on the same filesystem. Measured, median of BENCH_RUNS (default 3) each:
  *
- *  - sequential read with nbdcopy to null: from the appliance's NBD server
- *    (read-ahead off and on) and from `nbdkit file` serving the raw file;
+ *  - sequential read with nbdcopy to null: from `nbdkit file` serving the
+ *    raw file and from the appliance's NBD server, its chunks read and
+ *    re-hashed on the main thread or in the store's read workers
+ *    (BENCH_NBD_READ_WORKERS, default 2), the three taking turns in every
+ *    round (BENCH_NBD_READ_AHEAD: read-ahead chunks, default 0);
  *  - `dd` of the raw file to /dev/null (bs=1M);
  *  - nbdcopy of the raw file into a writable export (a new copy-on-write
- *    overlay each run, nbdcopy's final flush included).
+ *    overlay each run, nbdcopy's final flush included; BENCH_NBD_WRITE=0
+ *    skips it).
  *
  * Everything is warm in the page cache (the raw file and the packs were
  * just written): this compares the servers' own cost, not the disk.
@@ -35,6 +39,7 @@ const MIB = Number(process.env.BENCH_NBD_MIB ?? 384);
 const CS = 65536;
 const NAME = randomBytes(16).toString('hex');
 const MB = 1e6;
+const READ_AHEAD = Number(process.env.BENCH_NBD_READ_AHEAD ?? 0);
 
 const median = (xs: number[]): number => {
   const s = [...xs].sort((a, b) => a - b);
@@ -64,7 +69,7 @@ async function main(): Promise<void> {
     const size = MIB * 1024 * 1024;
     const raw = join(work, 'image.raw');
     say(`NBD: building a ${MIB} MiB image of random data (${size / CS} chunks of ${CS / 1024} KiB)`);
-    const store = await FsChunkStore.open(join(work, 'store'));
+    const store = await FsChunkStore.open(join(work, 'store'), { readWorkers: Number(process.env.BENCH_NBD_READ_WORKERS ?? 2) });
     stops.push(() => store.close());
     const writer = store.openWriter();
     const builder = await ImageIndexBuilder.create({ store, writer, volumeSize: size, chunkSize: CS });
@@ -81,11 +86,20 @@ async function main(): Promise<void> {
     await writer.flush();
 
     const results: Record<string, number> = {};
-    const measure = async (label: string, fn: () => Promise<unknown>): Promise<void> => {
-      const secs: number[] = [];
-      for (let r = 0; r < RUNS; r++) secs.push(await timed(fn));
+    const secsOf = new Map<string, number[]>();
+    const timedRound = async (label: string, fn: () => Promise<unknown>): Promise<void> => {
+      const t = await timed(fn);
+      if (!secsOf.has(label)) secsOf.set(label, []);
+      secsOf.get(label)!.push(t);
+    };
+    const report = (label: string): void => {
+      const secs = secsOf.get(label)!;
       results[label] = size / median(secs) / MB;
-      say(`  ${label.padEnd(44)} ${results[label]!.toFixed(0).padStart(6)} MB/s  (runs: ${secs.map((s) => s.toFixed(2)).join(', ')} s)`);
+      say(`  ${label.padEnd(44)} ${results[label]!.toFixed(0).padStart(6)} MB/s  (runs: ${secs.map((x) => x.toFixed(2)).join(', ')} s)`);
+    };
+    const measure = async (label: string, fn: () => Promise<unknown>): Promise<void> => {
+      for (let r = 0; r < RUNS; r++) await timedRound(label, fn);
+      report(label);
     };
     const nbdcopyToNull = (uri: string) => () => execa('nbdcopy', [uri, 'null:']);
 
@@ -100,16 +114,33 @@ async function main(): Promise<void> {
       if (Date.now() > deadline) throw new Error('nbdkit did not start');
       await new Promise((r) => setTimeout(r, 50));
     }
-    await measure('nbdcopy from nbdkit file (raw file)', nbdcopyToNull(kitUri));
 
-    for (const readAhead of [0, 8]) {
-      const source = await ImageSource.open(store, rootDigest, { cacheChunks: 64, readAhead });
-      const server = await NbdServer.start({ resolve: fixedExport(NAME, readOnlyExport(source)) });
-      await measure(`nbdcopy from blocksnap NBD (read-ahead ${readAhead})`, nbdcopyToNull(server.uri(NAME)));
-      await server.close();
+    // The load of this shared machine swings: nbdkit and the two read paths
+    // take turns in every round (A/B alternating), medians over the rounds.
+    // "main thread" hides the store's getMany, so chunks are read and
+    // re-hashed one by one on the JS thread (the path before the workers).
+    const mainOnly = Object.create(store, { getMany: { value: undefined } }) as FsChunkStore;
+    for (const until = Date.now() + 60_000; Number(process.env.BENCH_NBD_READ_WORKERS ?? 2) > 0 && !store.readWorkersReady;) {
+      if (Date.now() > until) throw new Error('the read workers did not start');
+      await store.getMany([]);
+      await new Promise((r) => setTimeout(r, 20));
     }
+    const servers: Array<{ label: string; uri: string; close(): Promise<void> }> = [];
+    for (const [label, s] of [['nbdcopy from blocksnap NBD (main thread)', mainOnly], ['nbdcopy from blocksnap NBD (read workers)', store]] as const) {
+      const source = await ImageSource.open(s, rootDigest, { cacheChunks: 64, readAhead: READ_AHEAD });
+      const server = await NbdServer.start({ resolve: fixedExport(NAME, readOnlyExport(source)) });
+      stops.push(() => server.close());
+      servers.push({ label, uri: server.uri(NAME), close: () => server.close() });
+    }
+    const KIT = 'nbdcopy from nbdkit file (raw file)';
+    for (let r = 0; r < RUNS; r++) {
+      await timedRound(KIT, nbdcopyToNull(kitUri));
+      for (const s of r % 2 ? [...servers].reverse() : servers) await timedRound(s.label, nbdcopyToNull(s.uri));
+    }
+    report(KIT);
+    for (const s of servers) report(s.label);
 
-    {
+    if (process.env.BENCH_NBD_WRITE !== '0') {
       const source = await ImageSource.open(store, rootDigest);
       let n = 0;
       let overlay: CowOverlay | undefined;
@@ -125,9 +156,8 @@ async function main(): Promise<void> {
       await overlay?.close();
     }
 
-    const ours = Math.max(results['nbdcopy from blocksnap NBD (read-ahead 0)']!, results['nbdcopy from blocksnap NBD (read-ahead 8)']!);
-    const ratio = ours / results['nbdcopy from nbdkit file (raw file)']!;
-    say(`  blocksnap / nbdkit: ${ratio.toFixed(2)}× (goal ≥ 0.8×)`);
+    const ratio = results['nbdcopy from blocksnap NBD (read workers)']! / results[KIT]!;
+    say(`  blocksnap / nbdkit: ${ratio.toFixed(2)}× (goal ≥ 0.8×); main thread: ${(results['nbdcopy from blocksnap NBD (main thread)']! / results[KIT]!).toFixed(2)}×`);
     await mkdir('.bench', { recursive: true });
     await writeFile('.bench/nbd-results.json', JSON.stringify({ mib: MIB, chunkSize: CS, runs: RUNS, mbPerSec: results, ratioToNbdkit: ratio }, null, 2) + '\n');
   } finally {

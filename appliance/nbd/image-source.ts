@@ -69,7 +69,8 @@ export class ImageSource {
       throw new BlocksnapError('E_CHUNK_RANGE', `read of ${length} at ${offset} outside the ${this.size}-byte image`);
     }
     const cs = this.chunkSize;
-    const out: Array<Segment | Promise<Segment>> = [];
+    const out: Array<Segment | { offset: number; from: number; to: number; index: number; k: number }> = [];
+    const wanted: Buffer[] = [];
     for (let pos = offset; pos < end;) {
       const index = Math.floor(pos / cs);
       const chunkStart = index * cs;
@@ -77,22 +78,25 @@ export class ImageSource {
       const digest = await this.reader.digestAt(index);
       const last = out.at(-1);
       if (digest.equals(ZERO_DIGEST)) {
-        if (last && !(last instanceof Promise) && 'hole' in last) last.hole += stop - pos;
+        if (last && 'hole' in last) last.hole += stop - pos;
         else out.push({ offset: pos, hole: stop - pos });
       } else {
-        // Chunks of one read are fetched at the same time.
-        const from = pos;
-        out.push(this.chunk(Buffer.from(digest)).then((plain): Segment => {
-          if (plain.length < stop - chunkStart) {
-            throw new BlocksnapError('E_STORE_CORRUPT', `chunk ${index} holds ${plain.length} bytes, ${stop - chunkStart} needed`);
-          }
-          return { offset: from, data: plain.subarray(from - chunkStart, stop - chunkStart) };
-        }));
+        out.push({ offset: pos, from: pos - chunkStart, to: stop - chunkStart, index, k: wanted.length });
+        wanted.push(Buffer.from(digest));
       }
       pos = stop;
     }
     if (this.readAhead > 0) this.noteRead(offset, end);
-    return Promise.all(out);
+    // Chunks of one read are fetched together (one store call: a worker reads and re-hashes them).
+    const fetched = this.chunks(wanted);
+    return Promise.all(out.map(async (s): Promise<Segment> => {
+      if (!('k' in s)) return s;
+      const plain = await fetched[s.k]!;
+      if (plain.length < s.to) {
+        throw new BlocksnapError('E_STORE_CORRUPT', `chunk ${s.index} holds ${plain.length} bytes, ${s.to} needed`);
+      }
+      return { offset: s.offset, data: plain.subarray(s.from, s.to) };
+    }));
   }
 
   /** Sequential detection and read-ahead (see ImageSourceOptions.readAhead). */
@@ -151,23 +155,45 @@ export class ImageSource {
   }
 
   private chunk(digest: Buffer): Promise<Buffer> {
-    const key = digest.toString('hex');
-    const hit = this.lru.get(key);
-    if (hit) {
-      this.lru.delete(key);
-      this.lru.set(key, hit);
-      return Promise.resolve(hit);
-    }
-    const pending = this.fetching.get(key);
-    if (pending) return pending;
-    const p = this.store.get(digest).then((plain) => {
-      if (this.cacheChunks > 0) {
-        this.lru.set(key, plain);
-        if (this.lru.size > this.cacheChunks) this.lru.delete(this.lru.keys().next().value!);
+    return this.chunks([digest])[0]!;
+  }
+
+  /** Each digest's plain bytes: from the LRU, a fetch already running, or one store call for the rest. */
+  private chunks(digests: Buffer[]): Promise<Buffer>[] {
+    const out = new Array<Promise<Buffer>>(digests.length);
+    const missing: Array<{ k: number; key: string }> = [];
+    for (let k = 0; k < digests.length; k++) {
+      const key = digests[k]!.toString('hex');
+      const hit = this.lru.get(key);
+      if (hit) {
+        this.lru.delete(key);
+        this.lru.set(key, hit);
+        out[k] = Promise.resolve(hit);
+        continue;
       }
-      return plain;
-    }).finally(() => this.fetching.delete(key));
-    this.fetching.set(key, p);
-    return p;
+      const pending = this.fetching.get(key);
+      if (pending) out[k] = pending;
+      else if (!missing.some((m) => m.key === key)) missing.push({ k, key });
+    }
+    if (missing.length === 0) return out;
+    const store = this.store;
+    const batch = store.getMany
+      ? store.getMany(missing.map((m) => digests[m.k]!))
+      : Promise.all(missing.map((m) => store.get(digests[m.k]!)));
+    missing.forEach(({ k, key }, i) => {
+      const p = batch.then((plains) => {
+        const plain = plains[i]!;
+        if (this.cacheChunks > 0) {
+          this.lru.set(key, plain);
+          if (this.lru.size > this.cacheChunks) this.lru.delete(this.lru.keys().next().value!);
+        }
+        return plain;
+      }).finally(() => this.fetching.delete(key));
+      this.fetching.set(key, p);
+      out[k] = p;
+    });
+    // Same digest twice in one read: the later ones share the first one's fetch.
+    for (let k = 0; k < digests.length; k++) out[k] ??= this.fetching.get(digests[k]!.toString('hex'))!;
+    return out;
   }
 }

@@ -493,10 +493,21 @@ export class NbdSession {
       return this.pipe.write(encodeSimpleReply(cookie, 0, buf));
     }
     if (segments.length === 0) return this.pipe.write(encodeNoneDone(cookie));
-    for (let i = 0; i < segments.length; i++) {
+    // The whole reply in one write (one writev): back-to-back data segments
+    // become one OFFSET_DATA chunk whose header precedes their buffers, uncopied.
+    const parts: Buffer[] = [];
+    for (let i = 0; i < segments.length;) {
       const s = segments[i]!;
-      const done = i === segments.length - 1;
-      await this.pipe.write('data' in s ? [encodeOffsetDataHeader(cookie, s.offset, s.data.length, done), s.data] : encodeOffsetHole(cookie, s.offset, s.hole, done));
+      if (!('data' in s)) {
+        parts.push(encodeOffsetHole(cookie, s.offset, s.hole, ++i === segments.length));
+        continue;
+      }
+      let j = i + 1;
+      let len = s.data.length;
+      for (let t; j < segments.length && 'data' in (t = segments[j]!); j++) len += t.data.length;
+      parts.push(encodeOffsetDataHeader(cookie, s.offset, len, j === segments.length));
+      for (; i < j; i++) parts.push((segments[i] as { data: Buffer }).data);
     }
+    return this.pipe.write(parts);
   }
 }

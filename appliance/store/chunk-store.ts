@@ -64,6 +64,11 @@ export interface ChunkStore {
   openWriter(): BlobWriter;
   get(digest: Buffer): Promise<Buffer>;
   /**
+   * `get` of several blobs at once, same checks and errors (optional; the
+   * file store reads and re-hashes them in worker threads: the NBD read path).
+   */
+  getMany?(digests: Buffer[]): Promise<Buffer[]>;
+  /**
    * The blob as stored (codec 1: its zstd frame, 0: plain), unverified, for a
    * reader that checks the plain bytes itself (a restore: the agent hashes
    * every chunk) and would otherwise decompress, hash and recompress it.

@@ -25,6 +25,7 @@ import { BlobIndex, indexPacksFromFiles, type SkippedPack } from './blob-index.j
 import { ZERO_DIGEST, type BlobLocation, type BlobType, type BlobWriter, type ChunkStore, type PutResult } from './chunk-store.js';
 import { CODEC_NONE, CODEC_ZSTD, packRelPath, type Codec } from './pack-format.js';
 import { listPackFiles, PackReader, PackReaderCache } from './pack-reader.js';
+import { BlobReadPool } from './blob-read-pool.js';
 import { quarantineFile, type QuarantineRecord } from './quarantine.js';
 import { DEFAULT_WRITE_BUFFER, PackWriter } from './pack-writer.js';
 import { DEFAULT_ZSTD_LEVEL, zstdCompress, zstdDeclaredSize } from '../../proto/shared/zstd.js';
@@ -45,6 +46,12 @@ export interface FsChunkStoreOptions {
   logger?: Logger;
   /** The appliance data directory (quarantine lives there); default: the store's parent. */
   dataDir?: string;
+  /**
+   * Worker threads of `getMany` (started at its first use). Default 0: it
+   * reads like `get`, on the main thread — on this 2-core shared host the
+   * workers measured slower under load (README Benchmarks, NBD export).
+   */
+  readWorkers?: number;
 }
 
 /** What opening the store found and repaired (DESIGN.md §6). */
@@ -77,6 +84,8 @@ export class FsChunkStore implements ChunkStore {
   /** Writers holding digests in packs not yet indexed (they have temp files). */
   private readonly active = new Set<FsBlobWriter>();
   private readonly readers: PackReaderCache;
+  private readPool: BlobReadPool | undefined;
+  private readonly readWorkers: number;
   private closed = false;
   /** Pending packs of this process's writers → ids of the writers that made or depend on them. */
   private readonly pendingOwners = new Map<string, Set<string>>();
@@ -101,7 +110,9 @@ export class FsChunkStore implements ChunkStore {
     readHandles: number,
     readonly dataDir: string,
     readonly log: Logger | undefined,
+    readWorkers = 0,
   ) {
+    this.readWorkers = readWorkers;
     this.packsDir = join(dir, 'packs');
     this.tmpDir = join(dir, 'tmp');
     this.readers = new PackReaderCache(this.packsDir, readHandles);
@@ -143,7 +154,7 @@ export class FsChunkStore implements ChunkStore {
       opts.logger?.error({ reason: e.message, movedTo: indexRecord.to }, 'the blob index was unreadable: quarantined, rebuilding it from the packs');
       index = BlobIndex.open(indexFile);
     }
-    const store = new FsChunkStore(dir, index, options, opts.readHandles ?? DEFAULT_READ_HANDLES, dataDir, opts.logger);
+    const store = new FsChunkStore(dir, index, options, opts.readHandles ?? DEFAULT_READ_HANDLES, dataDir, opts.logger, opts.readWorkers);
     if (indexRecord) store.recovery.quarantined.push(indexRecord);
     try {
       await store.reconcile();
@@ -263,6 +274,71 @@ export class FsChunkStore implements ChunkStore {
     }
   }
 
+  /**
+   * `get` of several blobs: those of one pack are read, decoded and re-hashed
+   * together in a worker thread (adjacent frames with one pread), the plain
+   * bytes transferred back as slices of one buffer. Anything that fails there
+   * (a damaged blob, a pack GC rewrote under the read) is read again by
+   * `get`, which retries a moved blob and names pack and digest in its error.
+   */
+  async getMany(digests: Buffer[]): Promise<Buffer[]> {
+    this.checkOpen();
+    if (this.readWorkers > 0) this.readPool ??= new BlobReadPool(this.readWorkers);
+    const pool = this.readPool;
+    if (!pool?.ready) return Promise.all(digests.map((d) => this.get(d)));
+    const out = new Array<Promise<Buffer>>(digests.length);
+    const byPack = new Map<string, Array<{ k: number; loc: BlobLocation }>>();
+    for (let k = 0; k < digests.length; k++) {
+      const loc = this.index.lookup(digests[k]!);
+      if (!loc) {
+        out[k] = this.get(digests[k]!); // E_NOT_FOUND, worded as get() does
+        continue;
+      }
+      let g = byPack.get(loc.pack);
+      if (!g) byPack.set(loc.pack, (g = []));
+      g.push({ k, loc });
+    }
+    for (const [pack, group] of byPack) {
+      group.sort((a, b) => a.loc.offset - b.loc.offset);
+      const done = this.readers.use(pack, async (r) => {
+        const n = group.length;
+        const task = {
+          fd: r.fd,
+          offset: new Float64Array(n),
+          stored: new Uint32Array(n),
+          plain: new Uint32Array(n),
+          codec: new Uint8Array(n),
+          digests: new Uint8Array(32 * n),
+        };
+        group.forEach(({ k, loc }, i) => {
+          task.offset[i] = loc.offset;
+          task.stored[i] = loc.storedLength;
+          task.plain[i] = loc.plainLength;
+          task.codec[i] = loc.codec;
+          task.digests.set(digests[k]!, 32 * i);
+        });
+        return pool.run(task);
+      });
+      const slices = done.then((reply) => {
+        const bad = new Set(reply.bad.map((b) => b.k));
+        const res: Array<Buffer | undefined> = [];
+        for (let i = 0, pos = 0; i < group.length; pos += group[i]!.loc.plainLength, i++) {
+          res.push(bad.has(i) ? undefined : Buffer.from(reply.out, pos, group[i]!.loc.plainLength));
+        }
+        return res;
+      }, () => group.map(() => undefined));
+      group.forEach(({ k }, i) => {
+        out[k] = slices.then((res) => res[i] ?? this.get(digests[k]!));
+      });
+    }
+    return Promise.all(out);
+  }
+
+  /** `getMany`'s worker threads have started (before that it reads like `get`). */
+  get readWorkersReady(): boolean {
+    return this.readPool?.ready ?? false;
+  }
+
   async getStored(digest: Buffer): Promise<{ codec: number; data: Buffer; plainLength: number }> {
     this.checkOpen();
     let loc = this.index.lookup(digest);
@@ -357,6 +433,7 @@ export class FsChunkStore implements ChunkStore {
     this.settleCommitted(); // keeps the journal short: committed writers leave it now
     this.closed = true;
     await Promise.allSettled([...this.active].map((w) => w.abort()));
+    await this.readPool?.close();
     await this.readers.close();
     this.index.close();
   }

@@ -257,10 +257,17 @@ export interface EntriesOptions {
   skipZero?: boolean;
 }
 
+/** Pages an ImageIndexReader keeps loaded (32 KiB each). */
+const PAGE_CACHE = 16;
+
 /** Read access to one committed image's map. */
 export class ImageIndexReader {
-  private cachedPage = -1;
-  private cached: Buffer | null = null;
+  /**
+   * Recently loaded pages (LRU, loads shared): readers that walk several
+   * regions at once (nbdcopy's connections each take their own part of the
+   * image) would otherwise reload and re-hash a 32 KiB page per chunk.
+   */
+  private readonly pageCache = new Map<number, Promise<Buffer>>();
 
   private constructor(
     private readonly store: ChunkStore,
@@ -295,11 +302,19 @@ export class ImageIndexReader {
   async loadPage(p: number): Promise<Buffer | null> {
     const digest = this.pageDigest(p);
     if (digest.equals(ZERO_DIGEST)) return null;
-    if (p === this.cachedPage) return this.cached;
-    const page = await this.store.get(digest);
-    checkPage(page, p, this.root);
-    this.cachedPage = p;
-    this.cached = page;
+    let page = this.pageCache.get(p);
+    if (page) {
+      this.pageCache.delete(p);
+    } else {
+      page = this.store.get(digest).then((b) => {
+        checkPage(b, p, this.root);
+        return b;
+      });
+      // A failed load is not kept: the next read tries again.
+      page.catch(() => { if (this.pageCache.get(p) === page) this.pageCache.delete(p); });
+    }
+    this.pageCache.set(p, page);
+    if (this.pageCache.size > PAGE_CACHE) this.pageCache.delete(this.pageCache.keys().next().value!);
     return page;
   }
 

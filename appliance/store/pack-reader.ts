@@ -99,6 +99,11 @@ export class PackReader {
     }
   }
 
+  /** The open descriptor, for a worker thread that reads this pack while a `use()` of it holds it open. */
+  get fd(): number {
+    return this.fh.fd;
+  }
+
   /** The stored (possibly compressed) bytes of a blob. */
   async readStored(offset: number, length: number): Promise<Buffer> {
     return this.readExact(offset, length);
