@@ -25,7 +25,8 @@
  */
 import { BlocksnapError, toBlocksnapError } from '../../../proto/errors.js';
 import { createLogger, type Logger } from '../../../proto/shared/log.js';
-import { findMount } from '../fsfreeze.js';
+import { readBlockDeviceInfo } from '../../cbt/device-identity.js';
+import { findMount, freezeFilesystem, thawFilesystem } from '../fsfreeze.js';
 import type { Snapshot, SnapshotProvider, VolumeSpec } from '../snapshot-provider.js';
 import type { VolumeIdentity } from '../volume-identity.js';
 import { isInvalidSnapshot, listLvs, lvInfo, lvm, vgInfo, type LvInfo } from './lvm-cli.js';
@@ -139,8 +140,16 @@ export class LvmSnapshotProvider implements SnapshotProvider {
       const size = this.opts.mode === 'classic' ? ['-L', `${it.cowBytes}b`, '-p', 'r'] : [];
       // lvcreate freezes the origin's filesystem itself (dm suspend with lockfs) for the instant of the
       // snapshot; an fsfreeze of our own before it makes that suspend fail with EBUSY (see the file comment).
+      // A filesystem on a device stacked over the LV (dm-era's era target) is not frozen by the LV's
+      // suspend: freeze it ourselves around lvcreate (no conflict: its superblock is not on the LV).
+      const stacked = await isStackedOver(volume.device, it.origin);
       const t0 = performance.now();
-      await lvm('lvcreate', ['-q', '-s', ...size, '-n', it.name, ...tags, `${it.origin.vg}/${it.origin.name}`]);
+      if (stacked) await freezeFilesystem(volume.mountpoint);
+      try {
+        await lvm('lvcreate', ['-q', '-s', ...size, '-n', it.name, ...tags, `${it.origin.vg}/${it.origin.name}`]);
+      } finally {
+        if (stacked) await thawFilesystem(volume.mountpoint);
+      }
       freezeSeconds = (performance.now() - t0) / 1000;
       if (this.opts.mode === 'thin') await lvm('lvchange', ['-q', '-ay', '-K', vgLv]);
       const lv = await lvInfo(vgLv);
@@ -248,4 +257,10 @@ export class LvmSnapshotProvider implements SnapshotProvider {
     if (errors.length) throw new BlocksnapError('E_SNAPSHOT', `cleanup of stale LVM snapshots failed ${errors.length} time(s)`, { cause: new AggregateError(errors) });
     return released;
   }
+}
+
+/** Whether the volume's device is not the LV itself but a device over it (proven an era target by proveIdentity). */
+async function isStackedOver(device: string, origin: LvInfo): Promise<boolean> {
+  const { identity } = await readBlockDeviceInfo(device);
+  return identity.major !== origin.major || identity.minor !== origin.minor;
 }

@@ -2,7 +2,8 @@
  * The identity proof of an LVM volume (volume-identity.ts): the configured
  * LV exists in the named VG and is active; the configured device is that
  * LV's dm device (same major:minor); the filesystem mounted at the
- * mountpoint is on that device. A volume names its LV as `lv: "VG/LV"`;
+ * mountpoint is on that device. For dm-era tracking the device may instead
+ * be an era target over the whole LV (the filesystem mounted on it). A volume names its LV as `lv: "VG/LV"`;
  * without it the device path (/dev/VG/LV) names it.
  */
 import { stat } from 'node:fs/promises';
@@ -10,6 +11,7 @@ import { readBlockDeviceInfo, splitDev } from '../../cbt/device-identity.js';
 import { findMount } from '../fsfreeze.js';
 import type { VolumeSpec } from '../snapshot-provider.js';
 import { devString, VolumeIdentityError, type IdentityMismatch, type VolumeIdentity } from '../volume-identity.js';
+import { eraStackOf } from '../../cbt/dm-era/era-origin.js';
 import { lvInfo, type LvInfo } from './lvm-cli.js';
 
 /** "VG/LV" of a volume: its `lv`, or its device path /dev/VG/LV. */
@@ -37,12 +39,17 @@ export async function proveLvmVolume(volume: VolumeSpec): Promise<VolumeIdentity
   const mismatches: IdentityMismatch[] = [];
   let devId = volume.device;
   let identity;
+  /** The device the filesystem must be on: the LV, or an era target over it. */
+  let fsDev = lvDev;
   try {
     const info = await readBlockDeviceInfo(volume.device);
     identity = info.identity;
     devId = `${volume.device} (${devString(identity.major, identity.minor)})`;
     if (identity.major !== lv.major || identity.minor !== lv.minor) {
-      mismatches.push({ field: 'device', configured: devId, found: `LV ${name} is ${lvDev}` });
+      // dm-era: the filesystem is on an era target over the whole LV (its bytes are the LV's).
+      const era = await eraStackOf(identity.major, identity.minor);
+      if (era && era.origin === lvDev && era.bytes === lv.size) fsDev = devString(identity.major, identity.minor);
+      else mismatches.push({ field: 'device', configured: devId, found: `LV ${name} is ${lvDev}${era ? ` (${volume.device} is an era target over ${era.origin}, ${era.bytes} bytes)` : ''}` });
     }
   } catch (e) {
     throw new VolumeIdentityError(volume.name, [{ field: 'device', configured: volume.device, found: (e as Error).message }], { cause: e });
@@ -54,10 +61,10 @@ export async function proveLvmVolume(volume: VolumeSpec): Promise<VolumeIdentity
     // mountinfo's major:minor and the directory's st_dev must both be the LV's.
     const st = await stat(volume.mountpoint, { bigint: true });
     const d = splitDev(st.dev);
-    if (mount.device !== lvDev || devString(d.major, d.minor) !== lvDev) {
+    if (mount.device !== fsDev || devString(d.major, d.minor) !== fsDev) {
       mismatches.push({
         field: 'mountpoint',
-        configured: `${volume.mountpoint} on LV ${name} (${lvDev})`,
+        configured: `${volume.mountpoint} on ${fsDev === lvDev ? `LV ${name}` : volume.device} (${fsDev})`,
         found: `the ${mount.fstype} filesystem of ${mount.source} (${mount.device}) is mounted there`,
       });
     }
