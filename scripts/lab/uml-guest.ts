@@ -50,9 +50,11 @@ export interface GuestRunOptions {
   /** Host folders the guest mounts read-write at the same path (besides RUN). */
   shared?: string[];
   /**
-   * Host folders the guest mounts read-only at the same path. The project's
-   * checkout (repoRoot) is always one: the guest mounts its own tmpfs on
-   * /tmp and /run, so a checkout there would otherwise be hidden.
+   * Host folders the guest sees at the same path, read-only on the host: a
+   * hostfs mount under a tmpfs overlay, so the guest's writes (vite's
+   * node_modules/.vite-temp) land in its memory, as for the rest of `/`.
+   * The project's checkout (repoRoot) is always one: the guest mounts its
+   * own tmpfs on /tmp and /run, so a checkout there would otherwise be hidden.
    */
   readOnly?: string[];
 }
@@ -90,11 +92,15 @@ cd /run/ov/m
 mount -t proc proc proc
 mount -t sysfs sysfs sys
 mount -t devtmpfs devtmpfs dev 2>/dev/null || mount -t tmpfs tmpfs dev
+# UML's devtmpfs holds ~600 tty nodes; every LVM command stats all of /dev (no udev), and each
+# syscall costs a ptrace round trip: without them an lvs takes about half the time (measured).
+rm -f dev/ttyS* dev/pty[a-z]* dev/tty[a-z][0-9a-f] dev/tty[2-9] dev/tty[1-9][0-9]*
 mkdir -p dev/pts dev/shm && mount -t devpts devpts dev/pts && mount -t tmpfs tmpfs dev/shm
 mount -t tmpfs tmpfs tmp
 mount -t tmpfs tmpfs run
 mount -t tracefs tracefs sys/kernel/tracing 2>/dev/null
-${readOnly.map((d) => `mkdir -p .${d} && mount -r -t hostfs -o ${d} hostfs .${d}`).join('\n')}
+${readOnly.map((d, i) => `mkdir -p /run/ro${i}/l /run/ro${i}/u /run/ro${i}/w .${d} && mount -r -t hostfs -o ${d} hostfs /run/ro${i}/l && ` +
+    `mount -t overlay overlay -o lowerdir=/run/ro${i}/l,upperdir=/run/ro${i}/u,workdir=/run/ro${i}/w .${d}`).join('\n')}
 ${[run, ...shared].map((d) => `mkdir -p .${d} && mount -t hostfs -o ${d} hostfs .${d}`).join('\n')}
 exec chroot . /bin/sh ${run}/stage2.sh
 `;
@@ -113,6 +119,10 @@ devices {
   scan = [ "/dev" ]
   # Only the guest's disks: every command scans less (the guest CPU is slow).
   global_filter = [ "a|^/dev/ubd[a-z]$|", "r|.*|" ]
+  md_component_detection = 0
+  fw_raid_component_detection = 0
+  multipath_component_detection = 0
+  hints = "none"
 }
 backup {
   backup = 0
@@ -123,10 +133,18 @@ activation {
   udev_rules = 0
   monitoring = 0
   thin_pool_autoextend_threshold = 100
+  # Less work per command on the slow ptrace CPU (measured: a thin snapshot create + activate +
+  # remove 3.6 s -> 1.9 s): no 8 MiB reserve touched and no per-mapping mlock, no extra table checks.
+  reserved_memory = 0
+  use_mlockall = 1
+  verify_udev_operations = 0
+  checks = 0
 }
 global {
   event_activation = 0
   use_lvmetad = 0
+  notify_dbus = 0
+  use_lvmpolld = 0
 }
 EOF
 ${opts.network ? `ip link set lo up
