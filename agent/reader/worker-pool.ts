@@ -53,7 +53,10 @@ export class WorkerPool {
       const slot = { w, outstanding: 0, exited: new Promise<void>((res) => w.once('exit', () => { live--; res(); })) };
       w.unref();
       w.on('message', (m: TaskResult | TaskFailure) => {
-        if (--slot.outstanding === 0) w.unref();
+        // Not while closing: a result already queued when close() began would
+        // unref the worker terminate() just ref'ed, and a process with nothing
+        // else alive would end with close() unsettled (exit 13; test/agent/worker-pool-close.test.ts).
+        if (--slot.outstanding === 0 && !this.closing) w.unref();
         if ('failure' in m) events.failure(m);
         else events.result(m);
       });
@@ -82,9 +85,9 @@ export class WorkerPool {
   async close(): Promise<void> {
     this.closing = true;
     await Promise.all(this.workers.map(async (s) => {
-      // An idle worker is unref'ed: ref it while it terminates, or a process
-      // with nothing else alive can end with this await (and the consumer's
-      // abort) unsettled — Node exits 13 (seen under load in the abort test).
+      // An idle worker is unref'ed: ref it while it terminates (Node 20's
+      // terminate() refs it too), or a process with nothing else alive can end
+      // with this await (and the consumer's abort) unsettled — Node exits 13.
       s.w.ref();
       await s.w.terminate();
       await s.exited;
