@@ -17,9 +17,11 @@
  * size), BENCH_RUNS (3), BENCH_CLONES (10), BENCH_DIRECT_IO (0/1),
  * BENCH_PG_SETTINGS (JSON of extra per-start settings, e.g.
  * '{"recovery_init_sync_method":"fsync"}' to compare with the default syncfs).
- * BENCH_AB=deferFlush|directIo: every run mounts twice more, with and
- * without deferFlush (barrier=0 while preparing) or loop direct I/O,
- * alternating, and prints both medians.
+ * BENCH_AB=deferFlush|directIo|pageCache: every run mounts twice more, with
+ * and without deferFlush (barrier=0 while preparing), loop direct I/O, or
+ * the index reader's page cache (1 page vs the default; each from a fresh
+ * ImageSource), alternating, and prints both medians. Every mount prints
+ * its store reads (chunk and page loads that missed the caches).
  * Writes .bench/mount.json.
  */
 import { chmod, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
@@ -28,6 +30,7 @@ import { join } from 'node:path';
 import { NbdLocalMounter, type NbdLocalMount } from '../agent/mount/nbd-local-mounter.js';
 import { NbdfuseAttacher } from '../agent/mount/nbdfuse-attacher.js';
 import { e2eFixture, type E2eFixture } from './lab/e2e-fixture.js';
+import { ImageIndexReader } from '../appliance/store/image-index.js';
 import { buildPgImage, grantOf, serveCow, serveImage, walSourceOf, type PgImage } from './lab/mount-image-fixture.js';
 
 const GiB = 1024 ** 3;
@@ -38,6 +41,7 @@ const CLONES = Number(process.env.BENCH_CLONES ?? 10);
 const DIRECT_IO = process.env.BENCH_DIRECT_IO === '1';
 const COW = process.env.BENCH_COW ?? 'overlay';
 const PG_SETTINGS = JSON.parse(process.env.BENCH_PG_SETTINGS ?? '{}') as Record<string, string>;
+const PAGE_CACHE_DEFAULT = ImageIndexReader.pageCacheSize;
 const say = (m: string) => process.stdout.write(m + '\n');
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)]!;
 const r3 = (x: number) => Math.round(x * 1000) / 1000;
@@ -97,6 +101,13 @@ async function benchSize(volumeGiB: number, scale: number): Promise<{ size: Size
     let t = Date.now();
     const img = await buildPgImage(fx, { volumeSize: volumeGiB * GiB, poolSize: 2 * volumeGiB * GiB + GiB, pgbenchScale: scale });
     say(`  image of ${volumeGiB} GiB (pgbench scale ${scale}) built in ${((Date.now() - t) / 1000).toFixed(0)} s`);
+    // Store reads per mount (cache misses of the export's chunk LRU and page cache): what grows with the image?
+    const reads = { n: 0, ms: 0 };
+    const inner = img.store.get.bind(img.store);
+    img.store.get = async (d: Buffer) => {
+      const t0 = performance.now();
+      try { return await inner(d); } finally { reads.n++; reads.ms += performance.now() - t0; }
+    };
     const nbd = await serveImage(fx, img);
     const size: SizeResult = { volumeGiB, scale, primary: [], standby: [], phases: [], logPhases: [] };
     const ab: Record<string, number[]> = { on: [], off: [] };
@@ -109,6 +120,20 @@ async function benchSize(volumeGiB: number, scale: number): Promise<{ size: Size
       ? new NbdLocalMounter({ stateDir, runBase, attacher: new NbdfuseAttacher({ directIo: false }), pgSettings: PG_SETTINGS })
       : new NbdLocalMounter({ stateDir, runBase, attacher: new NbdfuseAttacher({ directIo: DIRECT_IO }), pgSettings: PG_SETTINGS, deferFlush: false });
     for (let i = 0; i < RUNS; i++) {
+      if (AB === 'pageCache') {
+        // One map page cached (as before 2026-11-30) vs the default, alternating.
+        for (const k of i % 2 ? ['off', 'on'] : ['on', 'off']) {
+          ImageIndexReader.pageCacheSize = k === 'on' ? PAGE_CACHE_DEFAULT : 1;
+          const src = await serveImage(fx, img); // a fresh source: cold caches, as each appliance mount has
+          reads.n = 0;
+          reads.ms = 0;
+          const m = await mountOnce(fx, mounter, img, src, false);
+          ab[k]!.push(m.secondsToFirstQuery);
+          say(`  ${AB} ${k}: ${m.secondsToFirstQuery.toFixed(3)} s, store reads ${reads.n} (${reads.ms.toFixed(0)} ms) ${JSON.stringify(Object.fromEntries(Object.entries(m.phases).map(([x, v]) => [x, r3(v)])))}`);
+          await mounter.unmount(m.mountId);
+        }
+        ImageIndexReader.pageCacheSize = PAGE_CACHE_DEFAULT;
+      }
       if (AB === 'deferFlush' || AB === 'directIo') {
         for (const [k, mm] of (i % 2 ? [['off', off], ['on', on]] : [['on', on], ['off', off]]) as Array<[string, NbdLocalMounter]>) {
           const m = await mountOnce(fx, mm, img, nbd, false);
@@ -118,7 +143,10 @@ async function benchSize(volumeGiB: number, scale: number): Promise<{ size: Size
         }
       }
       for (const standby of [false, true]) {
+        reads.n = 0;
+        reads.ms = 0;
         const m = await mountOnce(fx, mounter, img, nbd, standby);
+        say(`  store reads during the mount: ${reads.n} (${reads.ms.toFixed(0)} ms summed)`);
         (standby ? size.standby : size.primary).push(m.secondsToFirstQuery);
         if (!standby) {
           size.phases.push(m.phases);

@@ -257,11 +257,16 @@ export interface EntriesOptions {
   skipZero?: boolean;
 }
 
-/** Pages an ImageIndexReader keeps loaded (32 KiB each). */
-const PAGE_CACHE = 16;
+/**
+ * Pages an ImageIndexReader keeps loaded (32 KiB each, only pages touched:
+ * ≤ 4 MiB per open image; 128 pages map 8 GiB at 64 KiB chunks).
+ */
+const PAGE_CACHE = 128;
 
 /** Read access to one committed image's map. */
 export class ImageIndexReader {
+  /** PAGE_CACHE; benchmarks set it to compare (scripts/bench-mount.ts BENCH_PAGE_CACHE). */
+  static pageCacheSize = PAGE_CACHE;
   /**
    * Recently loaded pages (LRU, loads shared): readers that walk several
    * regions at once (nbdcopy's connections each take their own part of the
@@ -314,7 +319,7 @@ export class ImageIndexReader {
       page.catch(() => { if (this.pageCache.get(p) === page) this.pageCache.delete(p); });
     }
     this.pageCache.set(p, page);
-    if (this.pageCache.size > PAGE_CACHE) this.pageCache.delete(this.pageCache.keys().next().value!);
+    if (this.pageCache.size > ImageIndexReader.pageCacheSize) this.pageCache.delete(this.pageCache.keys().next().value!);
     return page;
   }
 
