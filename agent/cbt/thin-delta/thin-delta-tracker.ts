@@ -47,6 +47,21 @@ export interface ThinDeltaTrackerOptions {
 
 let seq = 0;
 
+/**
+ * A pool holds one metadata snapshot at a time: a second reserve_metadata_snap
+ * fails with EBUSY. Seen in the lab's e2e (a checkpoint's thin_delta racing a
+ * switch's), and trackers of several LVs of one pool would race the same way:
+ * every reserve … release of a pool runs after the previous one in this process.
+ */
+const poolQueues = new Map<string, Promise<void>>();
+function onePerPool<T>(tpool: string, fn: () => Promise<T>): Promise<T> {
+  const run = fn(); // TEMP-NOFIX
+  const tail = run.then(() => undefined, () => undefined);
+  poolQueues.set(tpool, tail);
+  void tail.then(() => poolQueues.get(tpool) === tail && poolQueues.delete(tpool));
+  return run;
+}
+
 export class ThinDeltaTracker extends GenerationTracker {
   readonly kind = 'thin-delta';
   private dev: BlockDeviceInfo | null = null;
@@ -108,13 +123,14 @@ export class ThinDeltaTracker extends GenerationTracker {
     const tmeta = `/dev/mapper/${dmName(o.vg, `${o.pool}_tmeta`)}`;
     try {
       await lvm('dmsetup', ['mknodes'], { code: 'E_TRACKER' });
-      await lvm('dmsetup', ['message', tpool, '0', 'reserve_metadata_snap'], { code: 'E_TRACKER' });
-      let xml: string;
-      try {
-        xml = await lvm('thin_delta', ['-m', '--snap1', String(from.thinId), '--snap2', String((to ?? o).thinId), tmeta], { code: 'E_TRACKER' });
-      } finally {
-        await lvm('dmsetup', ['message', tpool, '0', 'release_metadata_snap'], { code: 'E_TRACKER' });
-      }
+      const xml = await onePerPool(tpool, async () => {
+        await this.reserve(tpool);
+        try {
+          return await lvm('thin_delta', ['-m', '--snap1', String(from.thinId), '--snap2', String((to ?? o).thinId), tmeta], { code: 'E_TRACKER' });
+        } finally {
+          await lvm('dmsetup', ['message', tpool, '0', 'release_metadata_snap'], { code: 'E_TRACKER' });
+        }
+      });
       const delta = parseThinDelta(xml);
       const size = this.dev!.identity.size;
       for (const [begin, length] of delta.changed) {
@@ -127,6 +143,27 @@ export class ThinDeltaTracker extends GenerationTracker {
       }
     } catch (e) {
       gens.invalidate(`thin_delta of ${o.vg}/${o.name} failed: ${(e as Error).message}`);
+    }
+  }
+
+  /**
+   * reserve_metadata_snap; EBUSY means a metadata snapshot is held already
+   * (not by this process: every reserve here is paired with a release in one
+   * queue). Retried a few times in case its holder is about to release it;
+   * then the failure names the held root, for the log and the fallback reason.
+   */
+  private async reserve(tpool: string): Promise<void> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await lvm('dmsetup', ['message', tpool, '0', 'reserve_metadata_snap'], { code: 'E_TRACKER' });
+        return;
+      } catch (e) {
+        if (!/busy/i.test((e as Error).message)) throw e;
+        const status = await lvm('dmsetup', ['status', tpool], { code: 'E_TRACKER' }).catch((err: unknown) => String(err));
+        this.opts.log?.warn({ pool: tpool, attempt, status: status.trim() }, 'reserve_metadata_snap: the pool holds a metadata snapshot already');
+        if (attempt >= 4) throw new BlocksnapError('E_TRACKER', `${(e as Error).message} (pool status: ${status.trim()})`, { cause: e });
+        await new Promise((r) => setTimeout(r, 1000 * attempt));
+      }
     }
   }
 
