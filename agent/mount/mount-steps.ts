@@ -156,7 +156,9 @@ export async function releaseSteps(steps: MountStep[], onReleased?: (s: MountSte
   const errors: unknown[] = [];
   for (const s of [...steps].reverse()) {
     try {
-      onReleased?.(s, await releaseStep(s));
+      // Not `onReleased?.(s, await releaseStep(s))`: without a callback the optional call skips its arguments — nothing was released.
+      const outcome = await releaseStep(s);
+      onReleased?.(s, outcome);
     } catch (e) {
       errors.push(e);
     }

@@ -13,6 +13,7 @@ import path from 'node:path';
 import { execa } from 'execa';
 import { BlocksnapError } from '../../proto/errors.js';
 import type { AttachOptions, NbdAttacher } from './nbd-attacher.js';
+import { NbdfuseAttacher } from './nbdfuse-attacher.js';
 import type { MountJournal } from './mount-state.js';
 
 export interface NbdUri {
@@ -75,6 +76,9 @@ export class KernelNbdAttacher implements NbdAttacher {
 
   async attach(uri: string, o: AttachOptions, journal: MountJournal): Promise<string> {
     const parsed = parseNbdUri(uri);
+    // nbd-client's TLS needs it to stay up as the kernel's TLS proxy (and its own CA
+    // options); nbds:// goes through nbdfuse + nbdkit's TLS client instead, as on hosts without NBD.
+    if (parsed.tls) return new NbdfuseAttacher().attach(uri, o, journal);
     const device = await freeDevice();
     const args = nbdClientArgs(parsed, device, o.readOnly);
     await journal.step({ kind: 'nbd-kernel', device });
