@@ -102,10 +102,11 @@ async function benchSize(volumeGiB: number, scale: number): Promise<{ size: Size
     const img = await buildPgImage(fx, { volumeSize: volumeGiB * GiB, poolSize: 2 * volumeGiB * GiB + GiB, pgbenchScale: scale });
     say(`  image of ${volumeGiB} GiB (pgbench scale ${scale}) built in ${((Date.now() - t) / 1000).toFixed(0)} s`);
     // Store reads per mount (cache misses of the export's chunk LRU and page cache): what grows with the image?
-    const reads = { n: 0, ms: 0 };
+    const reads = { n: 0, ms: 0, seen: new Set<string>() };
     const inner = img.store.get.bind(img.store);
     img.store.get = async (d: Buffer) => {
       const t0 = performance.now();
+      reads.seen.add(d.toString('hex'));
       try { return await inner(d); } finally { reads.n++; reads.ms += performance.now() - t0; }
     };
     const nbd = await serveImage(fx, img);
@@ -145,8 +146,9 @@ async function benchSize(volumeGiB: number, scale: number): Promise<{ size: Size
       for (const standby of [false, true]) {
         reads.n = 0;
         reads.ms = 0;
+        reads.seen.clear();
         const m = await mountOnce(fx, mounter, img, nbd, standby);
-        say(`  store reads during the mount: ${reads.n} (${reads.ms.toFixed(0)} ms summed)`);
+        say(`  store reads during the mount: ${reads.n} of ${reads.seen.size} blobs (${reads.ms.toFixed(0)} ms summed)`);
         (standby ? size.standby : size.primary).push(m.secondsToFirstQuery);
         if (!standby) {
           size.phases.push(m.phases);

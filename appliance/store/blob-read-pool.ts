@@ -70,6 +70,15 @@ export class BlobReadPool {
     return !this.closing && this.slots.some((s) => s.ready);
   }
 
+  /**
+   * Every ready worker already has `depth` tasks waiting: a caller does
+   * better reading on its own thread than queueing behind them (on a loaded
+   * host the workers are the ones that do not get the CPU).
+   */
+  busy(depth = 2): boolean {
+    return !this.slots.some((s) => s.ready && s.pending.size < depth);
+  }
+
   /** Reads, decodes and checks the task's blobs in a ready worker (see `ready`); the task's arrays are transferred. */
   run(task: Omit<BlobReadTask, 'seq'>): Promise<BlobReadReply> {
     if (!this.ready) return Promise.reject(new BlocksnapError('E_CANCELLED', 'no blob read worker is ready'));

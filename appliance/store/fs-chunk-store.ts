@@ -285,7 +285,7 @@ export class FsChunkStore implements ChunkStore {
     this.checkOpen();
     if (this.readWorkers > 0) this.readPool ??= new BlobReadPool(this.readWorkers);
     const pool = this.readPool;
-    if (!pool?.ready) return Promise.all(digests.map((d) => this.get(d)));
+    if (!pool?.ready || pool.busy()) return Promise.all(digests.map((d) => this.get(d)));
     const out = new Array<Promise<Buffer>>(digests.length);
     const byPack = new Map<string, Array<{ k: number; loc: BlobLocation }>>();
     for (let k = 0; k < digests.length; k++) {
