@@ -55,7 +55,7 @@ let seq = 0;
  */
 const poolQueues = new Map<string, Promise<void>>();
 function onePerPool<T>(tpool: string, fn: () => Promise<T>): Promise<T> {
-  const run = fn(); // TEMP-NOFIX
+  const run = (poolQueues.get(tpool) ?? Promise.resolve()).then(fn);
   const tail = run.then(() => undefined, () => undefined);
   poolQueues.set(tpool, tail);
   void tail.then(() => poolQueues.get(tpool) === tail && poolQueues.delete(tpool));

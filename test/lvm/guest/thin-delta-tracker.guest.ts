@@ -83,6 +83,32 @@ describe('thin-delta specifics', () => {
     }
   });
 
+  it('trackers of two LVs of one pool checkpointing at once (and a periodic save racing a switch): no EBUSY from the pool, both stay valid', async () => {
+    // A pool holds one metadata snapshot at a time; before the per-pool queue the second
+    // reserve_metadata_snap failed with EBUSY and invalidated that tracker (seen in the e2e).
+    const rigs = [await makeRig(), await makeRig()];
+    try {
+      for (const r of rigs) {
+        await r.tracker.start({ device: r.device, chunkSize: CONTRACT_CHUNK, generation: 1 });
+        await r.tracker.prepareSwitch(); // generation 1 is invalid (no saved bitmap); 2 starts valid
+        await r.tracker.completeSwitch();
+      }
+      await rigs[0]!.write(0, 4096);
+      // Several rounds of four at once: reserve … release windows overlap for sure without the queue.
+      for (let round = 0; round < 2; round++) {
+        const cps = await Promise.all([...rigs, ...rigs].map((r) => r.tracker.checkpoint()));
+        for (const c of cps) expect(c.validity, JSON.stringify(c.validity)).toEqual({ valid: true });
+      }
+      const [c] = await Promise.all([rigs[1]!.tracker.checkpoint(), rigs[0]!.tracker.prepareSwitch()]);
+      expect(c.validity, JSON.stringify(c.validity)).toEqual({ valid: true });
+      const g = await rigs[0]!.tracker.completeSwitch();
+      expect(g.validity, JSON.stringify(g.validity)).toEqual({ valid: true });
+    } finally {
+      for (const r of rigs) if (r.tracker.phase !== 'stopped') await r.tracker.stop();
+      for (const r of rigs) await r.teardown();
+    }
+  });
+
   it('cleanupStale releases a metadata snapshot a killed run left reserved', async () => {
     await (vgReady ?? makeRig());
     await sh('dmsetup', ['message', `${VG}-${POOL}-tpool`, '0', 'reserve_metadata_snap']);
