@@ -9,6 +9,7 @@ import { zstdCompress } from '../../proto/shared/zstd.js';
 import type { Catalog } from '../catalog/catalog.js';
 import { ZERO_DIGEST, type ChunkStore } from '../store/chunk-store.js';
 import { ImageIndexReader } from '../store/image-index.js';
+import { zstdRawFrame } from './zstd-raw-frame.js';
 
 /** What the restore server needs of a session: who it is and how to answer. */
 export interface RestorePeer {
@@ -249,7 +250,8 @@ class RestoreStream {
     if (this.store.getStored) {
       const s = await this.store.getStored(digest);
       if (s.codec === 1) return { data: s.data, plainLength: s.plainLength };
-      if (s.codec === 0 && s.data.length === s.plainLength) return { data: zstdCompress(s.data), plainLength: s.plainLength };
+      // Stored plain (it did not compress): wrapped as raw zstd blocks, not compressed again.
+      if (s.codec === 0 && s.data.length === s.plainLength) return { data: zstdRawFrame(s.data), plainLength: s.plainLength };
     }
     const plain = await this.store.get(digest);
     return { data: zstdCompress(plain), plainLength: plain.length };
