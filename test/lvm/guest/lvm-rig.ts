@@ -39,12 +39,12 @@ export async function makeVg(disk = process.env.BSN_LVM_DISK ?? '/dev/ubda'): Pr
 export async function makeLvmRig(opts: LvmRigOptions): Promise<LvmRig> {
   await makeVg(opts.disk);
   if (opts.kind === 'thin') {
-    await sh('lvcreate', ['-q', '-L', `${opts.poolMiB ?? 512}M`, '--chunksize', `${opts.poolChunkKiB ?? 64}k`, '-Zn', '-T', `${VG}/${POOL}`]);
+    await sh('lvcreate', ['-q', '-y', '-L', `${opts.poolMiB ?? 512}M`, '--chunksize', `${opts.poolChunkKiB ?? 64}k`, '-Zn', '-T', `${VG}/${POOL}`]);
   }
   const volumes: VolumeSpec[] = [];
   for (const name of opts.names) {
-    if (opts.kind === 'thin') await sh('lvcreate', ['-q', '-V', `${opts.sizeMiB}M`, '-T', `${VG}/${POOL}`, '-n', name]);
-    else await sh('lvcreate', ['-q', '-L', `${opts.sizeMiB}M`, '-n', name, VG]);
+    if (opts.kind === 'thin') await sh('lvcreate', ['-q', '-y', '-V', `${opts.sizeMiB}M`, '-T', `${VG}/${POOL}`, '-n', name]);
+    else await sh('lvcreate', ['-q', '-y', '-L', `${opts.sizeMiB}M`, '-n', name, VG]); // -y: wipe an old filesystem signature left where an earlier suite's LV was
     const device = `/dev/${VG}/${name}`;
     const mountpoint = `/mnt/${name}`;
     if (opts.mkfs !== false) {
