@@ -1,8 +1,10 @@
 /**
  * Bad input for the LVM providers, inside a user-mode-linux guest: missing
  * VG or LV, an LV that is not the mountpoint's device, no free extents, a
- * CoW area that fills (failed before overflow) or overflows (never read),
- * and the orphans of a kill -9 removed by the next agent, only its own.
+ * CoW area that fills (failed before overflow) or overflows (never read), a
+ * thin pool filling during the job, lvcreate failing midway (snapshot made,
+ * activation failing), and the orphans of a kill -9 removed by the next
+ * agent, only its own. (A consistency group failing midway: snapshot-provider.)
  * The kill -9 case runs the compiled provider (`npm run build`).
  */
 import { describe, expect, it } from 'vitest';

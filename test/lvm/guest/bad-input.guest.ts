@@ -5,7 +5,7 @@
  * invalid snapshot; a killed agent's orphans are removed by the next one,
  * and only its own.
  */
-import { open } from 'node:fs/promises';
+import { mkdir, open, writeFile as writeFileRaw } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
 import { execa } from 'execa';
 import { pino } from 'pino';
@@ -149,9 +149,39 @@ describe('LVM providers: bad input', () => {
         await p.remove(s);
       }
       expect(await agentLvs()).toEqual([]);
+      expect((await sh('dmsetup', ['status', `${VG}-tpool-tpool`])).trim().split(/\s+/)[6]).toBe('-'); // no reserved metadata snapshot
     } finally {
       await execa('umount', [t.mountpoint], { reject: false });
       await sh('lvremove', ['-q', '-f', `${VG}/badt`, `${VG}/tpool`]);
+    }
+  });
+
+  it('lvcreate failing midway (the thin snapshot made, its activation failing): a clear error, the snapshot removed, no metadata snapshot held, the volume writable', async () => {
+    await sh('lvcreate', ['-q', '-y', '-L', '64M', '--chunksize', '64k', '-Zn', '-T', `${VG}/mpool`]);
+    await sh('lvcreate', ['-q', '-y', '-V', '32M', '-T', `${VG}/mpool`, '-n', 'badm']);
+    const m: VolumeSpec = { name: 'badm', device: `/dev/${VG}/badm`, mountpoint: '/mnt/badm', chunkSize: 65536 };
+    await sh('mkfs.ext4', ['-q', '-E', 'nodiscard', m.device]);
+    await sh('mkdir', ['-p', m.mountpoint]);
+    await sh('mount', [m.device, m.mountpoint]);
+    // The second LVM step fails for real reasons too (activation refused, out of memory); here an
+    // lvchange that fails stands in for them, after lvcreate has made the snapshot LV.
+    await mkdir('/tmp/bsn-shim', { recursive: true });
+    await writeFileRaw('/tmp/bsn-shim/lvchange', '#!/bin/sh\necho "  Activation of logical volume refused (injected)." >&2\nexit 5\n', { mode: 0o755 });
+    const path = process.env.PATH;
+    try {
+      process.env.PATH = `/tmp/bsn-shim:${path}`;
+      const e = await rejection(provider({ mode: 'thin' }).create(m, 'j6'));
+      process.env.PATH = path;
+      expect(isBlocksnapError(e), String(e)).toBe(true);
+      expect(e.message).toMatch(/lvchange .*Activation of logical volume refused/);
+      expect(await agentLvs()).toEqual([]);
+      const status = (await sh('dmsetup', ['status', `${VG}-mpool-tpool`])).trim().split(/\s+/);
+      expect(status[6], status.join(' ')).toBe('-'); // no reserved metadata snapshot
+      await writeFileRaw(`${m.mountpoint}/after`, 'writable'); // would hang on a frozen filesystem
+    } finally {
+      process.env.PATH = path;
+      await execa('umount', [m.mountpoint], { reject: false });
+      await sh('lvremove', ['-q', '-f', `${VG}/badm`, `${VG}/mpool`]);
     }
   });
 
