@@ -139,6 +139,12 @@ export class LvmSnapshotProvider implements SnapshotProvider {
     for (const v of volumes) items.push(await this.plan(v, tag));
     const origins = new Set(items.map((it) => `${it.origin.vg}/${it.origin.name}`));
     if (origins.size !== items.length) throw new BlocksnapError('E_CONFIG', 'two volumes of the group are one logical volume');
+    // The origin's suspend does not freeze a filesystem on a device stacked over the LV (dm-era): not offered yet.
+    for (const it of items) {
+      if (await isStackedOver(it.volume.device, it.origin)) {
+        throw new BlocksnapError('E_CONFIG', `volume ${it.volume.name} is on a device stacked over its LV (${it.volume.device}): lvm-classic consistency groups take volumes on the LV itself`);
+      }
+    }
     // Each member's CoW area was checked alone; together they must fit too.
     const needs = new Map<string, number>();
     for (const it of items) needs.set(it.origin.vg, (needs.get(it.origin.vg) ?? 0) + it.cowBytes);
