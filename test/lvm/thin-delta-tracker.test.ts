@@ -4,7 +4,7 @@ import { explain, labSkipReason, runGuestSuite } from './guest-runner.js';
 
 describe.skipIf(labSkipReason)('thin-delta tracker in the guest', () => {
   it('passes the Tracker contract; keeps one basis; a removed basis invalidates; cleanupStale releases a reserved metadata snapshot', async () => {
-    const r = await runGuestSuite('thin-delta-tracker.guest.ts', { disksMiB: [1024], timeoutMs: 570_000 });
+    const r = await runGuestSuite('thin-delta-tracker.guest.ts', { disksMiB: [1024], timeoutMs: 840_000 }); // 460 s measured at load 13
     expect(r.code, explain(r)).toBe(0);
-  }, 600_000);
+  }, 900_000);
 });
