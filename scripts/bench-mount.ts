@@ -31,6 +31,8 @@ import { NbdLocalMounter, type NbdLocalMount } from '../agent/mount/nbd-local-mo
 import { NbdfuseAttacher } from '../agent/mount/nbdfuse-attacher.js';
 import { e2eFixture, type E2eFixture } from './lab/e2e-fixture.js';
 import { ImageIndexReader } from '../appliance/store/image-index.js';
+import { ImageSource } from '../appliance/nbd/image-source.js';
+import { CowOverlay } from '../appliance/nbd/cow-overlay.js';
 import { buildPgImage, grantOf, serveCow, serveImage, walSourceOf, type PgImage } from './lab/mount-image-fixture.js';
 
 const GiB = 1024 ** 3;
@@ -42,6 +44,34 @@ const DIRECT_IO = process.env.BENCH_DIRECT_IO === '1';
 const COW = process.env.BENCH_COW ?? 'overlay';
 const PG_SETTINGS = JSON.parse(process.env.BENCH_PG_SETTINGS ?? '{}') as Record<string, string>;
 const PAGE_CACHE_DEFAULT = ImageIndexReader.pageCacheSize;
+
+/** What the appliance did for one mount (load-independent, unlike its time): image reads, overlay writes, flushes. */
+const io = { reads: 0, readBytes: 0, writes: 0, writeBytes: 0, flushes: 0 };
+/** Wall-clock times of overlay writes and flushes, to place them between the server log's events. */
+const ioTimes: Array<{ t: number; kind: 'w' | 'f' }> = [];
+function countIo(): void {
+  const read = ImageSource.prototype.read;
+  ImageSource.prototype.read = function (offset: number, length: number) {
+    io.reads++;
+    io.readBytes += length;
+    return read.call(this, offset, length);
+  };
+  const writeData = CowOverlay.prototype.writeData;
+  CowOverlay.prototype.writeData = function (offset: number, bytes: Buffer) {
+    io.writes++;
+    io.writeBytes += bytes.length;
+    ioTimes.push({ t: Date.now(), kind: 'w' });
+    return writeData.call(this, offset, bytes);
+  };
+  const flush = CowOverlay.prototype.flush;
+  CowOverlay.prototype.flush = function () {
+    io.flushes++;
+    ioTimes.push({ t: Date.now(), kind: 'f' });
+    return flush.call(this);
+  };
+}
+countIo();
+const ioLine = (): string => `image reads ${io.reads} (${(io.readBytes / 2 ** 20).toFixed(1)} MiB), overlay writes ${io.writes} (${(io.writeBytes / 2 ** 20).toFixed(1)} MiB), flushes ${io.flushes}`;
 const say = (m: string) => process.stdout.write(m + '\n');
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)]!;
 const r3 = (x: number) => Math.round(x * 1000) / 1000;
@@ -67,6 +97,20 @@ async function logPhases(logFile: string): Promise<Record<string, number>> {
   rel('readOnlyReady', /ready to accept read-only connections/);
   rel('ready', /ready to accept connections/);
   if (process.env.BENCH_PRINT_LOG === '1') say(lines.join('\n'));
+  // Overlay writes / flushes between the log's events (PostgreSQL's steps), from the postmaster's start on.
+  const marks: Array<[string, number]> = [
+    ['start', start], ['consistent', at(/consistent recovery state reached/)], ['newTimeline', at(/selected new timeline ID/)],
+    ['archiveRecoveryComplete', at(/archive recovery complete/)], ['ready', at(/ready to accept connections/)],
+  ].filter(([, t]) => !Number.isNaN(t)) as Array<[string, number]>;
+  const parts: string[] = [];
+  for (let k = 0; k < marks.length; k++) {
+    const from = marks[k]![1];
+    const to = k + 1 < marks.length ? marks[k + 1]![1] : Infinity;
+    const inside = ioTimes.filter((x) => x.t >= from && x.t < to);
+    parts.push(`${marks[k]![0]}→: ${inside.filter((x) => x.kind === 'w').length}w ${inside.filter((x) => x.kind === 'f').length}f`);
+  }
+  const before = ioTimes.filter((x) => x.t < start);
+  say(`    before the postmaster: ${before.filter((x) => x.kind === 'w').length}w ${before.filter((x) => x.kind === 'f').length}f; ${parts.join(', ')}`);
   return out;
 }
 
@@ -147,8 +191,10 @@ async function benchSize(volumeGiB: number, scale: number): Promise<{ size: Size
         reads.n = 0;
         reads.ms = 0;
         reads.seen.clear();
+        Object.assign(io, { reads: 0, readBytes: 0, writes: 0, writeBytes: 0, flushes: 0 });
+        ioTimes.length = 0;
         const m = await mountOnce(fx, mounter, img, nbd, standby);
-        say(`  store reads during the mount: ${reads.n} of ${reads.seen.size} blobs (${reads.ms.toFixed(0)} ms summed)`);
+        say(`  store reads during the mount: ${reads.n} of ${reads.seen.size} blobs (${reads.ms.toFixed(0)} ms summed); ${ioLine()}`);
         (standby ? size.standby : size.primary).push(m.secondsToFirstQuery);
         if (!standby) {
           size.phases.push(m.phases);

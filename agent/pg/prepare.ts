@@ -40,8 +40,10 @@
  *   restored copy promoted to a new timeline must not push its history file
  *   into the source's archive, where the source's own PITR would follow it.
  * postmaster.pid is removed, after checking no postmaster runs on the directory.
+ * A copy that ends recovery at the stop point loses pg_wal's recycled segment
+ *   files past the stop LSN's segment (removeWalPast).
  */
-import { readFile, rm, stat } from 'node:fs/promises';
+import { lstat, readdir, readFile, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { fsyncDir, writeDurable } from '../../proto/shared/durable-file.js';
 import { processCwd } from '../../proto/shared/proc.js';
@@ -99,12 +101,42 @@ async function writeOwned(file: string, data: string, owner: { uid: number; gid:
   }
 }
 
-async function removeIfPresent(file: string, removed: string[]): Promise<void> {
+async function removeIfPresent(file: string, removed: string[], as = path.basename(file)): Promise<void> {
   try {
     await rm(file);
-    removed.push(path.basename(file));
+    removed.push(as);
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw new BlocksnapError('E_STORE_IO', `cannot remove ${file}`, { cause: e });
+  }
+}
+
+const WAL_SEGMENT = /^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$/;
+
+/**
+ * Removes pg_wal's segment files whose segment number is past the stop
+ * LSN's: written before the snapshot (which precedes the stop point) they
+ * are recycled files, never WAL this recovery replays. The segment size is
+ * the segment files' own size; without a plausible one (or with pg_wal a
+ * symlink, whose target is the source host's path) nothing is removed.
+ */
+async function removeWalPast(dir: string, stopLsn: string, removed: string[]): Promise<void> {
+  const walDir = path.join(dir, 'pg_wal');
+  const st = await lstat(walDir).catch(() => null);
+  if (!st?.isDirectory()) return;
+  const segs: Array<{ name: string; hi: number; lo: number; size: number }> = [];
+  for (const name of await readdir(walDir)) {
+    const m = WAL_SEGMENT.exec(name);
+    if (!m) continue;
+    const f = await lstat(path.join(walDir, name)).catch(() => null);
+    if (f?.isFile()) segs.push({ name, hi: parseInt(m[2]!, 16), lo: parseInt(m[3]!, 16), size: f.size });
+  }
+  const size = Math.max(0, ...segs.map((x) => x.size));
+  // wal_segment_size: a power of two from 1 MiB to 1 GiB.
+  if (size < 2 ** 20 || size > 2 ** 30 || (size & (size - 1)) !== 0) return;
+  const perId = 2 ** 32 / size;
+  const stopSeg = parseLsn(stopLsn) / BigInt(size);
+  for (const x of segs) {
+    if (BigInt(x.hi * perId + x.lo) > stopSeg) await removeIfPresent(path.join(walDir, x.name), removed, `pg_wal/${x.name}`);
   }
 }
 
@@ -157,6 +189,13 @@ export async function prepareDataDir(dir: string, o: PrepareOptions): Promise<Pr
   if (o.spcmapFile) await put('tablespace_map', o.spcmapFile);
   else await removeIfPresent(path.join(dir, 'tablespace_map'), removed);
   for (const f of ['recovery.conf', 'recovery.signal', 'standby.signal']) await removeIfPresent(path.join(dir, f), removed);
+
+  // A copy that ends recovery at the stop point (and promotes) has no use
+  // for the source's recycled WAL files past it; PostgreSQL removes or
+  // recycles them at the promotion, each with fsyncs (durable rename) —
+  // dozens on a bigger database, measured as what made an 8 GiB mount's
+  // promotion slower than a 1 GiB one. Gone here they cost nothing.
+  if (!o.asStandby && sql.recovery.targetImmediate) await removeWalPast(dir, o.stopLsn, removed);
 
   const settings: Record<string, string> = {};
   if (o.asStandby) {
