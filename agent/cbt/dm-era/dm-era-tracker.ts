@@ -101,12 +101,26 @@ export class DmEraTracker extends GenerationTracker {
   }
 
   /**
+   * One metadata snapshot at a time: a second take_metadata_snap fails with
+   * EINVAL ("metadata snapshot already exists"). The periodic checkpoint
+   * (tracker-state's save) and a job's switch both read the era, and in the
+   * lab's bench they overlapped and invalidated the tracker: they queue here.
+   */
+  private queue: Promise<unknown> = Promise.resolve();
+
+  private recordSince(since: number): Promise<number | null> {
+    const run = this.queue.then(() => this.recordSinceNow(since));
+    this.queue = run.catch(() => undefined);
+    return run;
+  }
+
+  /**
    * Takes a metadata snapshot (rolling the era over), records every block
    * written in an era ≥ `since` into the open generation(s), drops the
    * snapshot. Returns the era later writes get, or null if it failed (then
    * the open generations are invalid).
    */
-  private async recordSince(since: number): Promise<number | null> {
+  private async recordSinceNow(since: number): Promise<number | null> {
     const t = this.target!;
     const gens = this.gens!;
     try {

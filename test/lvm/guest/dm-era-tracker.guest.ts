@@ -57,6 +57,25 @@ describe('dm-era specifics', () => {
     await execa('vgremove', ['-q', '-f', VG], { reject: false });
   });
 
+  it('a checkpoint racing a switch (both take the era\'s metadata snapshot) leaves the tracker valid', async () => {
+    const rig = await makeRig();
+    try {
+      await rig.tracker.start({ device: rig.device, chunkSize: CONTRACT_CHUNK, generation: 1 });
+      await rig.tracker.prepareSwitch(); // a fresh start is invalid until the first switch
+      await rig.tracker.completeSwitch();
+      await rig.write(0, CONTRACT_CHUNK);
+      // Before the queue, the second take_metadata_snap failed with EINVAL and invalidated the generation.
+      await Promise.all([rig.tracker.checkpoint(), rig.tracker.prepareSwitch(), rig.tracker.checkpoint()]);
+      await rig.tracker.checkpoint();
+      const sw = await rig.tracker.completeSwitch();
+      expect(sw.validity, JSON.stringify(sw.validity)).toMatchObject({ valid: true });
+      expect(rig.tracker.validity()).toMatchObject({ valid: true });
+      await rig.tracker.stop();
+    } finally {
+      await rig.teardown();
+    }
+  });
+
   it('cleanupStale drops a metadata snapshot a killed run left held', async () => {
     const rig = await makeRig();
     try {
