@@ -4,12 +4,14 @@
  * plain LV, with its metadata on a second LV.
  */
 import { constants } from 'node:fs';
-import { open } from 'node:fs/promises';
+import { mkdir, open } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
 import { execa } from 'execa';
 import { pino } from 'pino';
 import { afterAll, describe, expect, it } from 'vitest';
 import { DmEraTracker, cleanupStaleDmEra } from '../../../agent/cbt/dm-era/dm-era-tracker.js';
+import { proveLvmVolume } from '../../../agent/snapshot/lvm/lvm-volume-identity.js';
+import { VolumeIdentityError } from '../../../agent/snapshot/volume-identity.js';
 import { CONTRACT_CHUNK, trackerContract, type ContractRig } from '../../agent/tracker.contract.js';
 import { VG, makeVg, sh } from './lvm-rig.js';
 
@@ -72,6 +74,30 @@ describe('dm-era specifics', () => {
       expect(rig.tracker.validity()).toMatchObject({ valid: true });
       await rig.tracker.stop();
     } finally {
+      await rig.teardown();
+    }
+  });
+
+  it('volume identity: an era target over the whole LV is the volume\'s device; an era over another LV is refused', async () => {
+    const rig = await makeRig(); // era e<n>era over LV e<n>
+    const other = await makeRig();
+    const lv = (r: ContractRig) => `${VG}/${r.device.split('/').pop()!.replace(/era$/, '')}`;
+    const mnt = '/mnt/era-identity';
+    try {
+      await sh('mkfs.ext4', ['-q', '-F', '-E', 'nodiscard', rig.device]);
+      await mkdir(mnt, { recursive: true });
+      await sh('mount', [rig.device, mnt]);
+      const ok = await proveLvmVolume({ name: 'v', device: rig.device, lv: lv(rig), mountpoint: mnt, chunkSize: CONTRACT_CHUNK });
+      expect(ok.device.path).toBe(rig.device);
+      // The same mount, but the configuration names the LV under another era target.
+      const err = await proveLvmVolume({ name: 'v', device: other.device, lv: lv(rig), mountpoint: mnt, chunkSize: CONTRACT_CHUNK }).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(VolumeIdentityError);
+      expect((err as VolumeIdentityError).mismatches.map((m) => m.field).sort()).toEqual(['device', 'mountpoint']);
+    } finally {
+      await execa('umount', [mnt], { reject: false });
+      // The next LV on these extents would find the ext4 signature and refuse to be created.
+      await execa('wipefs', ['-a', '-q', rig.device], { reject: false });
+      await other.teardown();
       await rig.teardown();
     }
   });
