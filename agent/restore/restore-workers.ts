@@ -26,7 +26,11 @@ export class RestoreWorkers {
       w.on('message', (m: RestoreTaskReply) => {
         const p = slot.pending.get(m.seq);
         slot.pending.delete(m.seq);
-        if (slot.pending.size === 0) w.unref();
+        // Not while closing: a reply already queued when close() began would
+        // unref the worker terminate() refs, and a process with nothing else
+        // alive could end with close() unsettled (exit 13) — the race the
+        // reader's pool had (test/agent/worker-pool-close.test.ts).
+        if (slot.pending.size === 0 && !this.closing) w.unref();
         p?.resolve(m);
       });
       w.on('error', (e) => failAll(new BlocksnapError('E_INTERNAL', `restore worker failed: ${e.message}`, { cause: e })));
@@ -53,6 +57,7 @@ export class RestoreWorkers {
   async close(): Promise<void> {
     this.closing = true;
     await Promise.all(this.slots.map(async (s) => {
+      s.w.ref();
       await s.w.terminate();
       await s.exited;
     }));
