@@ -16,7 +16,7 @@
  */
 import { createHash } from 'node:crypto';
 import { execFile } from 'node:child_process';
-import { readFile, readdir, stat } from 'node:fs/promises';
+import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -25,6 +25,7 @@ import { verifyImage } from '../../appliance/ops/verify-image.js';
 import { MOUNTS_DIR } from '../../appliance/mounts/mount-manager.js';
 import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
 import { TempDirs } from '../../appliance/testing/store-fixtures.js';
+import { storeFingerprint } from '../../appliance/testing/stored-image.js';
 import { waitFor } from '../support/wait-for.js';
 
 const run = promisify(execFile);
@@ -44,20 +45,6 @@ let appl: ApplianceHarness;
 let vol: RigVolume;
 let imageId: string;
 let rootDigest: string;
-
-/** Name and bytes of every file under the store: the image's chunks must never change. */
-async function storeFingerprint(dir: string): Promise<string> {
-  const h = createHash('sha256');
-  const walk = async (d: string): Promise<void> => {
-    for (const e of (await readdir(d, { withFileTypes: true })).sort((a, b) => a.name.localeCompare(b.name))) {
-      const p = join(d, e.name);
-      if (e.isDirectory()) await walk(p);
-      else h.update(p).update(await readFile(p));
-    }
-  };
-  await walk(dir);
-  return h.digest('hex');
-}
 
 /** What clone i must read: the image, its own chunk filled with i + 1, its bytes at SHARED_AT, its trim (even clones). */
 function expectedOf(i: number): Buffer {

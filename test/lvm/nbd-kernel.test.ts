@@ -14,16 +14,15 @@ import os from 'node:os';
 import path from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { BLOB_CHUNK, ZERO_DIGEST } from '../../appliance/store/chunk-store.js';
 import { FsChunkStore } from '../../appliance/store/fs-chunk-store.js';
-import { ImageIndexBuilder } from '../../appliance/store/image-index.js';
 import { ImageSource } from '../../appliance/nbd/image-source.js';
 import { CowOverlay } from '../../appliance/nbd/cow-overlay.js';
 import { NbdServer } from '../../appliance/nbd/nbd-server.js';
 import { readOnlyExport } from '../../appliance/nbd/read-only-export.js';
 import { writableExport } from '../../appliance/nbd/writable-export.js';
 import type { NbdExport } from '../../appliance/nbd/nbd-export.js';
-import { TempDirs, randomChunk, sha256 } from '../../appliance/testing/store-fixtures.js';
+import { TempDirs } from '../../appliance/testing/store-fixtures.js';
+import { storeRandomImage } from '../../appliance/testing/stored-image.js';
 import { repoRoot } from '../../scripts/lab/processes.js';
 import { ensureUmlKit } from '../../scripts/lab/uml-kit.js';
 import { waitFor } from '../support/wait-for.js';
@@ -66,23 +65,8 @@ let volume: Buffer;
 
 beforeAll(async () => {
   if (kitSkip) return;
-  volume = Buffer.alloc(SIZE);
   store = await FsChunkStore.open(await dirs.make('blocksnap-nbdk-store-'));
-  const writer = store.openWriter();
-  const builder = await ImageIndexBuilder.create({ store, writer, volumeSize: SIZE, chunkSize: CS });
-  for (let i = 0; i < CHUNKS; i++) {
-    const len = Math.min(CS, SIZE - i * CS);
-    if (i % 5 === 2) {
-      await builder.set(i, ZERO_DIGEST);
-      continue;
-    }
-    const plain = randomChunk(len);
-    plain.copy(volume, i * CS);
-    await writer.put(BLOB_CHUNK, sha256(plain), plain);
-    await builder.set(i, sha256(plain));
-  }
-  rootDigest = (await builder.finish()).rootDigest;
-  await writer.flush();
+  ({ rootDigest, volume } = await storeRandomImage(store, { size: SIZE, chunkSize: CS, zeroAt: (i) => i % 5 === 2 }));
 });
 
 afterAll(async () => {

@@ -4,16 +4,13 @@
  * (python3-libnbd), plus a raw socket for what those never send. The image is
  * built once per file in a real FsChunkStore; each test gets a new overlay.
  */
-import { createHash } from 'node:crypto';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { connect } from 'node:net';
-import { open, readFile, readdir, stat, writeFile } from 'node:fs/promises';
+import { open, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { BLOB_CHUNK, ZERO_DIGEST } from '../../appliance/store/chunk-store.js';
 import { FsChunkStore } from '../../appliance/store/fs-chunk-store.js';
-import { ImageIndexBuilder } from '../../appliance/store/image-index.js';
 import { verifyImage } from '../../appliance/ops/verify-image.js';
 import type { ManifestStore } from '../../appliance/store/manifest-store.js';
 import { NbdServer, fixedExport } from '../../appliance/nbd/nbd-server.js';
@@ -23,7 +20,8 @@ import { writableExport } from '../../appliance/nbd/writable-export.js';
 import type { NbdExport, NbdExportResolver } from '../../appliance/nbd/nbd-export.js';
 import { encodeClientFlags, encodeExportRequest, encodeOption, encodeRequest } from '../../appliance/nbd/nbd-codec.js';
 import { Cmd, CmdFlag, NbdErrno, Opt, Rep, TransmitFlag } from '../../appliance/nbd/nbd-layout.js';
-import { TempDirs, randomChunk, sha256 } from '../../appliance/testing/store-fixtures.js';
+import { TempDirs, randomChunk } from '../../appliance/testing/store-fixtures.js';
+import { storeFingerprint as fingerprintOf, storeRandomImage } from '../../appliance/testing/stored-image.js';
 
 const run = promisify(execFile);
 const CS = 65536;
@@ -43,24 +41,9 @@ let volume: Buffer;
 let storeDir: string;
 
 beforeAll(async () => {
-  volume = Buffer.alloc(SIZE);
   storeDir = await dirs.make('blocksnap-nbdw-store-');
   store = await FsChunkStore.open(storeDir);
-  const writer = store.openWriter();
-  const builder = await ImageIndexBuilder.create({ store, writer, volumeSize: SIZE, chunkSize: CS });
-  for (let i = 0; i < CHUNKS; i++) {
-    const len = Math.min(CS, SIZE - i * CS);
-    if (i % 4 === 1) {
-      await builder.set(i, ZERO_DIGEST);
-      continue;
-    }
-    const plain = randomChunk(len);
-    plain.copy(volume, i * CS);
-    await writer.put(BLOB_CHUNK, sha256(plain), plain);
-    await builder.set(i, sha256(plain));
-  }
-  rootDigest = (await builder.finish()).rootDigest;
-  await writer.flush();
+  ({ rootDigest, volume } = await storeRandomImage(store, { size: SIZE, chunkSize: CS, zeroAt: (i) => i % 4 === 1 }));
 });
 
 afterAll(async () => {
@@ -69,18 +52,7 @@ afterAll(async () => {
 });
 
 /** Name and bytes of every file under the store: the image's chunks must never change. */
-async function storeFingerprint(): Promise<string> {
-  const h = createHash('sha256');
-  const walk = async (d: string): Promise<void> => {
-    for (const e of (await readdir(d, { withFileTypes: true })).sort((a, b) => a.name.localeCompare(b.name))) {
-      const p = join(d, e.name);
-      if (e.isDirectory()) await walk(p);
-      else h.update(p).update(await readFile(p));
-    }
-  };
-  await walk(storeDir);
-  return h.digest('hex');
-}
+const storeFingerprint = (): Promise<string> => fingerprintOf(storeDir);
 
 interface Served {
   server: NbdServer;
