@@ -18,13 +18,12 @@ import { KernelNbdAttacher } from '../../agent/mount/nbd-client-attacher.js';
 import { MountJournal } from '../../agent/mount/mount-state.js';
 import { releaseSteps } from '../../agent/mount/mount-steps.js';
 import { readMountTable } from '../../agent/snapshot/fsfreeze.js';
-import { BLOB_CHUNK } from '../../appliance/store/chunk-store.js';
-import { ImageIndexBuilder } from '../../appliance/store/image-index.js';
 import { ImageSource } from '../../appliance/nbd/image-source.js';
 import { NbdServer, fixedExport } from '../../appliance/nbd/nbd-server.js';
 import { readOnlyExport } from '../../appliance/nbd/read-only-export.js';
 import { MemoryChunkStore } from '../../appliance/testing/memory-chunk-store.js';
-import { TempDirs, randomChunk, sha256 } from '../../appliance/testing/store-fixtures.js';
+import { TempDirs, sha256 } from '../../appliance/testing/store-fixtures.js';
+import { storeRandomImage } from '../../appliance/testing/stored-image.js';
 
 const run = promisify(execFile);
 const CS = 65536;
@@ -45,17 +44,9 @@ beforeAll(async () => {
   await mkdir(caDir);
   await writeFile(join(caDir, 'ca-cert.pem'), await readFile(join(dir, 'cert.pem')));
   const store = new MemoryChunkStore();
-  const w = store.openWriter();
-  volume = Buffer.alloc(8 * CS);
-  const b = await ImageIndexBuilder.create({ store, writer: w, volumeSize: volume.length, chunkSize: CS });
-  for (let i = 0; i < 8; i++) {
-    const plain = randomChunk(CS);
-    plain.copy(volume, i * CS);
-    await w.put(BLOB_CHUNK, sha256(plain), plain);
-    await b.set(i, sha256(plain));
-  }
-  const { rootDigest } = await b.finish();
-  await w.flush();
+  const image = await storeRandomImage(store, { size: 8 * CS, chunkSize: CS, zeroAt: () => false });
+  volume = image.volume;
+  const { rootDigest } = image;
   const source = await ImageSource.open(store, rootDigest);
   server = await NbdServer.start({ resolve: fixedExport(NAME, readOnlyExport(source)), tls: { key: await readFile(join(dir, 'key.pem')), cert: await readFile(join(dir, 'cert.pem')) } });
 });

@@ -10,15 +10,14 @@ import { copyFile, mkdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { BLOB_CHUNK } from '../../appliance/store/chunk-store.js';
-import { ImageIndexBuilder } from '../../appliance/store/image-index.js';
 import { NbdServer, fixedExport } from '../../appliance/nbd/nbd-server.js';
 import { ImageSource } from '../../appliance/nbd/image-source.js';
 import { readOnlyExport } from '../../appliance/nbd/read-only-export.js';
 import { encodeClientFlags, encodeExportRequest, encodeOption } from '../../appliance/nbd/nbd-codec.js';
 import { Opt, Rep } from '../../appliance/nbd/nbd-layout.js';
 import { MemoryChunkStore } from '../../appliance/testing/memory-chunk-store.js';
-import { TempDirs, randomChunk, sha256 } from '../../appliance/testing/store-fixtures.js';
+import { TempDirs } from '../../appliance/testing/store-fixtures.js';
+import { storeRandomImage } from '../../appliance/testing/stored-image.js';
 
 const run = promisify(execFile);
 const CS = 4096;
@@ -46,17 +45,9 @@ beforeAll(async () => {
   await copyFile(join(dir, 'cert.pem'), join(caDir, 'ca-cert.pem'));
 
   const store = new MemoryChunkStore();
-  const w = store.openWriter();
-  volume = Buffer.alloc(8 * CS);
-  const b = await ImageIndexBuilder.create({ store, writer: w, volumeSize: volume.length, chunkSize: CS });
-  for (let i = 0; i < 8; i++) {
-    const plain = randomChunk(CS);
-    plain.copy(volume, i * CS);
-    await w.put(BLOB_CHUNK, sha256(plain), plain);
-    await b.set(i, sha256(plain));
-  }
-  const { rootDigest } = await b.finish();
-  await w.flush();
+  const image = await storeRandomImage(store, { size: 8 * CS, chunkSize: CS, zeroAt: () => false });
+  volume = image.volume;
+  const { rootDigest } = image;
   source = await ImageSource.open(store, rootDigest);
 });
 afterEach(async () => {
