@@ -55,7 +55,7 @@ describe('lvm-classic consistency group (two LVs, two filesystems)', () => {
   let a: VolumeSpec;
   let b: VolumeSpec;
   const log = pino({ level: 'silent' });
-  const provider = () => new LvmSnapshotProvider({ mode: 'classic', agent: 'grp1', stateDir: '/tmp/bsn-grp', logger: log, cow: { percent: 25, minBytes: 16 * MiB }, pollMs: 600_000 });
+  const provider = () => new LvmSnapshotProvider({ mode: 'classic', agent: 'grp1', stateDir: '/tmp/bsn-grp', logger: log, cow: { percent: 25, minBytes: 16 * MiB }, pollMs: 600_000, experimentalGroups: true });
   const seqOf = async (path: string) => Number((await execa('debugfs', ['-R', 'cat /seq', path], { stdin: 'ignore' })).stdout.trim());
   /** dm devices that are suspended now (attr "L-sw"). */
   const suspended = async () => (await execa('dmsetup', ['info', '-c', '--noheadings', '--separator', ',', '-o', 'name,attr'])).stdout
