@@ -53,7 +53,7 @@ export class BlobReadPool {
         }
         const p = slot.pending.get(m.seq);
         slot.pending.delete(m.seq);
-        if (slot.pending.size === 0) w.unref();
+        if (slot.pending.size === 0 && !this.closing) w.unref(); // not while closing: the reader pool's exit-13 race
         p?.resolve(m);
       });
       w.on('error', (e) => failAll(new BlocksnapError('E_INTERNAL', `blob read worker failed: ${e.message}`, { cause: e })));
