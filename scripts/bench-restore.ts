@@ -105,16 +105,24 @@ async function fullRestoreBench(appl: ApplianceHarness): Promise<Record<string, 
     const dd: number[] = [];
     const agentCpu: number[] = [];
     const applianceCpu: number[] = [];
+    const split: { agent: ReturnType<typeof cpuSplit>; appliance: ReturnType<typeof cpuSplit> }[] = [];
     try {
       for (let run = 0; run < RUNS; run++) {
         const out = join(TARGET_DIR ?? s.lab.poolMount, `restored-${run}.raw`);
         const cpuAgent0 = await cpuSeconds(s.agent.pid);
         const cpuAppl0 = process.cpuUsage();
+        const thAgent0 = await threadCpu(s.agent.pid);
+        const thAppl0 = await threadCpu(process.pid);
         const r = await restoreCli(s, img.imageId, out);
         const gib = r.bytesWritten / GiB;
         agentCpu.push((await cpuSeconds(s.agent.pid) - cpuAgent0) / gib);
         const cu = process.cpuUsage(cpuAppl0);
         applianceCpu.push((cu.user + cu.system) / 1e6 / gib);
+        const sa = cpuSplit(s.agent.pid, thAgent0, await threadCpu(s.agent.pid), gib);
+        const sp = cpuSplit(process.pid, thAppl0, await threadCpu(process.pid), gib);
+        say(`  CPU s/GiB by thread: agent main ${sa.main.toFixed(2)}, restore workers (ended) ${sa.rest.toFixed(2)}, other threads ${sa.others.toFixed(2)}; ` +
+          `appliance main ${sp.main.toFixed(2)}, other threads ${sp.others.toFixed(2)} (+${sp.rest.toFixed(2)} new/ended)`);
+        split.push({ agent: sa, appliance: sp });
         file.push(r.mbPerSecond);
         await rm(out, { force: true });
         const rd = await restoreCli(s, img.imageId, dev);
@@ -134,7 +142,7 @@ async function fullRestoreBench(appl: ApplianceHarness): Promise<Record<string, 
     }
     const res = {
       allocatedMiB: snapBytes / 2 ** 20, fileMBps: median(file), deviceMBps: median(device), ddMBps: median(dd),
-      agentCpuPerGiB: median(agentCpu), applianceCpuPerGiB: median(applianceCpu), loadavg: loadavg()[0], runs: { file, device, dd, agentCpu, applianceCpu },
+      agentCpuPerGiB: median(agentCpu), applianceCpuPerGiB: median(applianceCpu), loadavg: loadavg()[0], runs: { file, device, dd, agentCpu, applianceCpu, split },
     };
     say(`restore MB/s of allocated data (median of ${RUNS}): file ${res.fileMBps.toFixed(0)}, loop device ${res.deviceMBps.toFixed(0)}, dd of the raw file ` +
       `${res.ddMBps.toFixed(0)}; CPU per GiB restored: agent ${res.agentCpuPerGiB.toFixed(2)} s, appliance ${res.applianceCpuPerGiB.toFixed(2)} s ` +
@@ -241,6 +249,33 @@ function bitsetBench(): Record<string, unknown> {
     `digest diff of two 512 MiB maps ${diffMs.toFixed(0)} ms (${res.diffBits} differ)`);
   return res;
 }
+
+/**
+ * CPU seconds of a process (all its threads, exited ones included), of its
+ * main thread, and of its other threads alive now — from /proc. Taken
+ * before and after a restore: threads that ended in between (the agent's
+ * restore workers) are total − main − others.
+ */
+async function threadCpu(pid: number): Promise<{ total: number; main: number; threads: Map<string, number> }> {
+  const threads = new Map<string, number>();
+  const { readdir } = await import('node:fs/promises');
+  for (const tid of await readdir(`/proc/${pid}/task`).catch(() => [] as string[])) {
+    const v = await readFile(`/proc/${pid}/task/${tid}/stat`, 'utf8').catch(() => '');
+    if (!v) continue;
+    const f = v.slice(v.lastIndexOf(')') + 2).split(' ');
+    threads.set(tid, (Number(f[11]) + Number(f[12])) / 100);
+  }
+  return { total: await cpuSeconds(pid), main: threads.get(String(pid)) ?? 0, threads };
+}
+
+/** Per-GiB CPU between two threadCpu snapshots of `pid`: main thread, other threads alive at both, the rest (threads that ended or started in between). */
+function cpuSplit(pid: number, a: ThreadCpu, b: ThreadCpu, gib: number): { main: number; others: number; rest: number } {
+  let others = 0;
+  for (const [tid, v] of b.threads) if (tid !== String(pid) && a.threads.has(tid)) others += v - a.threads.get(tid)!;
+  const main = b.main - a.main;
+  return { main: main / gib, others: others / gib, rest: (b.total - a.total - main - others) / gib };
+}
+type ThreadCpu = Awaited<ReturnType<typeof threadCpu>>;
 
 /** User + system CPU seconds of a process so far (all its threads), from /proc/PID/stat. */
 async function cpuSeconds(pid: number): Promise<number> {

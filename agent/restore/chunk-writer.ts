@@ -23,6 +23,8 @@ export class ChunkWriter {
   /** Chunks written so far (of the wanted ones). */
   written = 0;
   bytesWritten = 0;
+  /** Batches handed to a worker in their received message, uncopied (for tests and the bench). */
+  transferred = 0;
   private readonly done: Uint8Array;
   private readonly pool: RestoreWorkers | null;
 
@@ -102,35 +104,47 @@ export class ChunkWriter {
   }
 
   /**
-   * The batch's frames copied into one transferable buffer (the decoded
-   * frames alias the WebSocket message, which must not be detached) and
-   * checked + written by a worker. Its chunks count as taken from now on, so
+   * The batch checked + written by a worker. The frames go to it in the
+   * received WebSocket message itself when this batch owns that message's
+   * whole ArrayBuffer (transferred: no copy; see ownedMessage), else copied
+   * into one transferable buffer. Its chunks count as taken from now on, so
    * a later batch repeating one is refused while this one is in flight.
+   * After the call the batch's buffers may be detached: nothing reads them.
    */
   private async writeInWorker(batch: RestoreChunks): Promise<void> {
     const n = batch.chunks.length;
-    let total = 0;
-    for (const c of batch.chunks) total += c.data.length;
-    const data = Buffer.allocUnsafeSlow(total);
     const digests = Buffer.allocUnsafeSlow(n * DIGEST_BYTES);
     const index = new Float64Array(n);
+    const frameAt = new Uint32Array(n);
     const frameLen = new Uint32Array(n);
     const plainLen = new Uint32Array(n);
+    const owned = ownedMessage(batch);
+    let data = owned;
     let pos = 0;
     batch.chunks.forEach((c, k) => {
-      data.set(c.data, pos);
-      pos += c.data.length;
       digests.set(c.digest, k * DIGEST_BYTES);
       index[k] = c.index;
+      frameAt[k] = data ? c.data.byteOffset : pos;
       frameLen[k] = c.data.length;
       plainLen[k] = c.plainLength;
+      pos += c.data.length;
       this.done[c.index] = 1;
     });
+    if (!data) {
+      const copy = Buffer.allocUnsafeSlow(pos);
+      pos = 0;
+      for (const c of batch.chunks) {
+        copy.set(c.data, pos);
+        pos += c.data.length;
+      }
+      data = copy.buffer as ArrayBuffer;
+    }
+    if (owned) this.transferred++;
     const reply = await this.pool!.run({
-      seq: batch.seq, data: data.buffer as ArrayBuffer, index, frameLen, plainLen, digests: digests.buffer as ArrayBuffer, chunkSize: this.chunkSize,
+      seq: batch.seq, data, frameAt, index, frameLen, plainLen, digests: digests.buffer as ArrayBuffer, chunkSize: this.chunkSize,
     });
     if (!reply.ok) {
-      for (const c of batch.chunks) this.done[c.index] = 0;
+      for (let k = 0; k < n; k++) this.done[index[k]!] = 0;
       throw new BlocksnapError(reply.code, reply.message);
     }
     this.bytesWritten += reply.bytesWritten;
@@ -163,4 +177,24 @@ function sliceFrom(bufs: Buffer[], skip: number): Buffer[] {
     skip = 0;
   }
   return out;
+}
+
+/**
+ * The ArrayBuffer of the message a batch was decoded from, when the batch may
+ * give it away: every chunk's data lies in it, and it holds exactly one
+ * frame (its first 4 bytes are the frame length, + 4 = its size) — the ws
+ * receiver assembles a message of more than one socket read in a buffer of
+ * its own (Buffer.allocUnsafe of the payload size, above Node's pool), so
+ * nothing else is in it and nobody else reads it after the decode. A batch
+ * decoded from a shared buffer (a socket read holding more than this frame,
+ * Node's pool, a test's buffer) gets null and is copied.
+ */
+function ownedMessage(batch: RestoreChunks): ArrayBuffer | null {
+  const first = batch.chunks[0]?.data;
+  if (!first) return null;
+  const ab = first.buffer;
+  if (!(ab instanceof ArrayBuffer) || ab.byteLength <= Buffer.poolSize || ab.byteLength < 4) return null;
+  if (new DataView(ab).getUint32(0, true) + 4 !== ab.byteLength) return null;
+  for (const c of batch.chunks) if (c.data.buffer !== ab) return null;
+  return ab;
 }

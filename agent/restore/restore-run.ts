@@ -88,6 +88,8 @@ const MAP_TIMEOUT_MS = 120_000;
 const BATCH_TIMEOUT_MS = 120_000;
 /** Batches being written at once (each ≤ ~2 MiB): overlaps hashing with the kernel's writes. */
 const WRITES_IN_FLIGHT = 4;
+/** Write progress events at most this often. */
+const PROGRESS_MS = 100;
 
 export const newRestoreId = () => 'rst-' + randomBytes(8).toString('hex');
 
@@ -143,6 +145,7 @@ export async function runRestore(req: RestoreRequestOptions, ctx: RestoreContext
     const w = new ChunkWriter(target.handle, map.volumeSize, map.chunkSize, map.digests, (i) => need.get(i) === 1, n, Math.max(1, ctx.workers));
     writer = w;
     let received = 0;
+    let lastProgress = 0;
     inFlight = new Set<Promise<void>>();
     let writeError: BlocksnapError | null = null;
     while (received < needCount) {
@@ -152,7 +155,14 @@ export async function runRestore(req: RestoreRequestOptions, ctx: RestoreContext
       if (received > needCount) throw new BlocksnapError('E_PROTOCOL', `the appliance sent more chunks than asked for (${received} > ${needCount})`);
       const p: Promise<void> = w.write(batch)
         .then(() => session.ack(batch.seq))
-        .then(() => ctx.onProgress?.({ phase: 'write', chunksDone: w.written, chunksTotal: needCount, bytesWritten: w.bytesWritten }))
+        .then(() => {
+          // At most every PROGRESS_MS (and the last batch): an event per ~2 MiB batch cost the agent's
+          // main thread more than the acks (a JSON line to the control socket each).
+          const now = performance.now();
+          if (now - lastProgress < PROGRESS_MS && w.written < needCount) return;
+          lastProgress = now;
+          ctx.onProgress?.({ phase: 'write', chunksDone: w.written, chunksTotal: needCount, bytesWritten: w.bytesWritten });
+        })
         .catch((e) => {
           writeError ??= toBlocksnapError(e, 'E_DEVICE');
           session.fail(writeError);

@@ -5,7 +5,10 @@
  * every chunk is decompressed with its plain length as the limit and its
  * SHA-256 compared with the map's digest; only when the whole batch checks
  * are its runs of consecutive chunks written, each with one positional
- * write (nothing of a failing batch is written).
+ * writev (nothing of a failing batch is written). A frame of raw blocks (a
+ * chunk the appliance stores plain) is not run through the decoder: its
+ * bytes are hashed and written where they lie in the received message
+ * (raw-frame-view.ts), which the main thread transfers here uncopied.
  *
  * The plain bytes of a batch are kept for the write when they fit in
  * KEEP_BYTES (always, for incompressible data: a batch is ~2 MiB of frames);
@@ -15,9 +18,10 @@
  * main thread (a terminated worker runs no cleanup code).
  */
 import { createHash } from 'node:crypto';
-import { writeSync } from 'node:fs';
+import { writevSync } from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
 import { zstdDecompress } from '../../proto/shared/zstd.js';
+import { rawFrameView } from './raw-frame-view.js';
 
 export interface RestoreWorkerConfig {
   fd: number;
@@ -27,8 +31,10 @@ export interface RestoreWorkerConfig {
 
 export interface RestoreTask {
   seq: number;
-  /** The batch's zstd frames back to back. */
+  /** The batch's zstd frames: back to back, or where `frameAt` says (the received message itself). */
   data: ArrayBuffer;
+  /** Per chunk: where its frame starts in `data` (absent: back to back). */
+  frameAt?: Uint32Array;
   /** Per chunk: index, frame length, plain length; digests 32 bytes each. */
   index: Float64Array;
   frameLen: Uint32Array;
@@ -42,6 +48,8 @@ export type RestoreTaskReply =
   | { seq: number; ok: false; code: 'E_DIGEST_MISMATCH' | 'E_DEVICE' | 'E_INTERNAL'; message: string; errno?: string };
 
 const KEEP_BYTES = 64 << 20;
+/** Buffers per writev (Linux IOV_MAX). */
+const IOV_MAX = 1024;
 
 class Refused extends Error {
   constructor(readonly code: 'E_DIGEST_MISMATCH' | 'E_DEVICE', message: string, readonly errno?: string) {
@@ -51,33 +59,43 @@ class Refused extends Error {
 
 function run(cfg: RestoreWorkerConfig): void {
   let scratch = Buffer.allocUnsafeSlow(4 << 20);
-  const one = () => scratch;
+  let single = Buffer.allocUnsafeSlow(64 << 10);
+  const one = (bytes: number) => {
+    if (single.length < bytes) single = Buffer.allocUnsafeSlow(bytes);
+    return single;
+  };
   const ensure = (bytes: number) => {
     if (scratch.length < bytes) scratch = Buffer.allocUnsafeSlow(bytes);
     return scratch;
   };
 
-  function decompress(t: RestoreTask, k: number, frames: Buffer, dst: Buffer): Buffer {
+  function decompress(t: RestoreTask, k: number, frame: Buffer, dst: Buffer): Buffer {
     const len = t.plainLen[k]!;
     try {
-      return zstdDecompress(frames, len, dst);
+      return zstdDecompress(frame, len, dst);
     } catch (e) {
       throw new Refused('E_DIGEST_MISMATCH', `chunk ${t.index[k]}: its data does not decompress to ${len} bytes: ${(e as Error).message}`);
     }
   }
 
-  function writeAll(buf: Buffer, position: number): number {
+  /** Writes `bufs` back to back at `position` (a short writev continues where it stopped). */
+  function writeAll(bufs: Buffer[], position: number): number {
+    let total = 0;
+    for (const b of bufs) total += b.length;
     let done = 0;
-    while (done < buf.length) {
+    let rest = bufs;
+    while (done < total) {
       let n: number;
+      const iov = rest.length > IOV_MAX ? rest.slice(0, IOV_MAX) : rest;
       try {
-        n = writeSync(cfg.fd, buf, done, buf.length - done, position + done);
+        n = writevSync(cfg.fd, iov, position + done);
       } catch (e) {
         const err = e as NodeJS.ErrnoException;
         throw new Refused('E_DEVICE', `write at ${position + done}: ${err.message}`, err.code);
       }
       if (n <= 0) throw new Refused('E_DEVICE', `write at ${position + done} wrote nothing`);
       done += n;
+      rest = sliceFrom(rest, n);
     }
     return done;
   }
@@ -86,44 +104,69 @@ function run(cfg: RestoreWorkerConfig): void {
     const n = t.index.length;
     const data = Buffer.from(t.data);
     const digests = Buffer.from(t.digests);
-    const frameAt = new Array<number>(n + 1);
-    frameAt[0] = 0;
-    let plainTotal = 0;
+    const frameAt = new Array<number>(n);
+    for (let k = 0, pos = 0; k < n; pos += t.frameLen[k]!, k++) frameAt[k] = t.frameAt ? t.frameAt[k]! : pos;
+    const frame = (k: number) => data.subarray(frameAt[k]!, frameAt[k]! + t.frameLen[k]!);
+    // Frames of raw blocks are used where they lie (rawFrameView); only the others are decompressed.
+    const parts = new Array<Buffer[] | null>(n);
+    let decodedTotal = 0;
+    let decodedMax = 0;
     for (let k = 0; k < n; k++) {
-      frameAt[k + 1] = frameAt[k]! + t.frameLen[k]!;
-      plainTotal += t.plainLen[k]!;
+      parts[k] = rawFrameView(frame(k), t.plainLen[k]!);
+      if (!parts[k]) {
+        decodedTotal += t.plainLen[k]!;
+        decodedMax = Math.max(decodedMax, t.plainLen[k]!);
+      }
     }
-    const keep = plainTotal <= (cfg.keepBytes ?? KEEP_BYTES);
+    const keep = decodedTotal <= (cfg.keepBytes ?? KEEP_BYTES);
     // One spare byte after the last chunk: zstdDecompress detects data longer than declared by filling it.
-    const buf = keep ? ensure(plainTotal + 1) : ensure(Math.max(...t.plainLen) + 1);
+    const buf = keep ? ensure(decodedTotal + 1) : one(decodedMax + 1);
     let pos = 0;
     for (let k = 0; k < n; k++) {
-      const plain = decompress(t, k, data.subarray(frameAt[k]!, frameAt[k + 1]!), keep ? buf.subarray(pos) : one());
+      const h = createHash('sha256');
+      let p = parts[k];
+      if (p) {
+        for (const b of p) h.update(b);
+      } else {
+        const plain = decompress(t, k, frame(k), keep ? buf.subarray(pos) : buf);
+        h.update(plain);
+        if (keep) {
+          parts[k] = p = [plain];
+          pos += plain.length;
+        }
+      }
       const expected = digests.subarray(k * 32, k * 32 + 32);
-      if (!createHash('sha256').update(plain).digest().equals(expected)) {
+      if (!h.digest().equals(expected)) {
         throw new Refused('E_DIGEST_MISMATCH', `chunk ${t.index[k]}: SHA-256 of the received data is not the image's digest ${expected.toString('hex')}`);
       }
-      pos += plain.length;
     }
-    // The whole batch checks: write each run of consecutive chunks with one write.
+    // The whole batch checks: write each run of consecutive chunks with one writev
+    // (a chunk decompressed a second time goes alone: it reuses one buffer).
     let written = 0;
-    if (keep) {
-      let k = 0;
-      pos = 0;
-      while (k < n) {
-        let end = k + 1;
-        let bytes = t.plainLen[k]!;
-        while (end < n && t.index[end] === t.index[end - 1]! + 1) bytes += t.plainLen[end++]!;
-        written += writeAll(buf.subarray(pos, pos + bytes), t.index[k]! * t.chunkSize);
-        pos += bytes;
-        k = end;
+    let iov: Buffer[] = [];
+    let at = 0;
+    let next = -1;
+    const flush = () => {
+      if (iov.length > 0) written += writeAll(iov, at);
+      iov = [];
+    };
+    for (let k = 0; k < n; k++) {
+      const i = t.index[k]!;
+      const p = parts[k] ?? null;
+      if (!p) {
+        flush();
+        written += writeAll([decompress(t, k, frame(k), buf)], i * t.chunkSize);
+        next = -1;
+        continue;
       }
-    } else {
-      for (let k = 0; k < n; k++) {
-        const plain = decompress(t, k, data.subarray(frameAt[k]!, frameAt[k + 1]!), one());
-        written += writeAll(plain, t.index[k]! * t.chunkSize);
+      if (i !== next) {
+        flush();
+        at = i * t.chunkSize;
       }
+      for (const b of p) iov.push(b);
+      next = i + 1;
     }
+    flush();
     return written;
   }
 
@@ -142,3 +185,17 @@ function run(cfg: RestoreWorkerConfig): void {
 }
 
 if (parentPort && workerData) run(workerData as RestoreWorkerConfig);
+
+/** The buffers from byte `skip` on. */
+function sliceFrom(bufs: Buffer[], skip: number): Buffer[] {
+  const out: Buffer[] = [];
+  for (const b of bufs) {
+    if (skip >= b.length) {
+      skip -= b.length;
+      continue;
+    }
+    out.push(skip > 0 ? b.subarray(skip) : b);
+    skip = 0;
+  }
+  return out;
+}

@@ -19,22 +19,43 @@ const BLOCK_MAX = 128 * 1024;
 const HEADER = 9;
 
 export function zstdRawFrame(plain: Uint8Array): Buffer {
-  if (plain.length > 0xffff_ffff) throw new RangeError(`zstdRawFrame: ${plain.length} bytes do not fit a 4-byte content size`);
-  const blocks = Math.max(1, Math.ceil(plain.length / BLOCK_MAX));
-  const out = Buffer.allocUnsafe(HEADER + 3 * blocks + plain.length);
-  out.writeUInt32LE(MAGIC, 0);
-  out[4] = 0xa0;
-  out.writeUInt32LE(plain.length, 5);
-  let o = HEADER;
+  const out = Buffer.allocUnsafe(zstdRawFrameLength(plain.length));
+  let p = 0;
+  for (const slot of zstdRawFrameSlots(out, 0, plain.length)) {
+    slot.set(plain.subarray(p, p + slot.length));
+    p += slot.length;
+  }
+  return out;
+}
+
+/** Length of the raw frame of `plainLength` bytes. */
+export function zstdRawFrameLength(plainLength: number): number {
+  return HEADER + 3 * Math.max(1, Math.ceil(plainLength / BLOCK_MAX)) + plainLength;
+}
+
+/**
+ * Writes the frame header and block headers of a raw frame of `plainLength`
+ * bytes into `out` at `pos` (zstdRawFrameLength bytes) and returns the views
+ * of `out` the plain bytes go to, in order — so a reader can put them there
+ * itself (the restore server reads a pack's bytes straight into them).
+ */
+export function zstdRawFrameSlots(out: Buffer, pos: number, plainLength: number): Buffer[] {
+  if (plainLength > 0xffff_ffff) throw new RangeError(`zstdRawFrame: ${plainLength} bytes do not fit a 4-byte content size`);
+  const blocks = Math.max(1, Math.ceil(plainLength / BLOCK_MAX));
+  out.writeUInt32LE(MAGIC, pos);
+  out[pos + 4] = 0xa0;
+  out.writeUInt32LE(plainLength, pos + 5);
+  const slots: Buffer[] = [];
+  let o = pos + HEADER;
   for (let k = 0, p = 0; k < blocks; k++) {
-    const n = Math.min(BLOCK_MAX, plain.length - p);
+    const n = Math.min(BLOCK_MAX, plainLength - p);
     const h = n * 8 + (k === blocks - 1 ? 1 : 0);
     out[o] = h & 0xff;
     out[o + 1] = (h >>> 8) & 0xff;
     out[o + 2] = (h >>> 16) & 0xff;
-    out.set(plain.subarray(p, p + n), o + 3);
+    slots.push(out.subarray(o + 3, o + 3 + n));
     o += 3 + n;
     p += n;
   }
-  return out;
+  return slots;
 }

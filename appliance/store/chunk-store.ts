@@ -75,6 +75,13 @@ export interface ChunkStore {
    * Optional: without it such a reader uses get().
    */
   getStored?(digest: Buffer): Promise<{ codec: number; data: Buffer; plainLength: number }>;
+  /**
+   * Stored bytes of pack `pack` from `offset` on into `buffers`, back to back
+   * (one vectored read for adjacent blobs found with `locate`), unverified as
+   * getStored. Optional; it fails if GC moved the blobs meanwhile (the caller
+   * then uses getStored, which retries).
+   */
+  readStoredv?(pack: string, offset: number, buffers: Uint8Array[]): Promise<void>;
   has(digest: Buffer): boolean;
   locate(digest: Buffer): BlobLocation | undefined;
   /** Durable packs, blobs and pack bytes (from the index). */

@@ -339,6 +339,11 @@ export class FsChunkStore implements ChunkStore {
     return this.readPool?.ready ?? false;
   }
 
+  async readStoredv(pack: string, offset: number, buffers: Uint8Array[]): Promise<void> {
+    this.checkOpen();
+    await this.readers.use(pack, (r) => r.readStoredv(offset, buffers));
+  }
+
   async getStored(digest: Buffer): Promise<{ codec: number; data: Buffer; plainLength: number }> {
     this.checkOpen();
     let loc = this.index.lookup(digest);

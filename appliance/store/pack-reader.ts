@@ -109,6 +109,36 @@ export class PackReader {
     return this.readExact(offset, length);
   }
 
+  /**
+   * `buffers.length`-many stored bytes from `offset` on, back to back into
+   * `buffers` (vectored reads; a short read continues). For a restore, which
+   * reads adjacent blobs with one call straight into its outgoing layout.
+   */
+  async readStoredv(offset: number, buffers: Uint8Array[]): Promise<void> {
+    let rest = buffers.filter((b) => b.length > 0);
+    let at = offset;
+    while (rest.length > 0) {
+      let n: number;
+      try {
+        ({ bytesRead: n } = await this.fh.readv(rest.slice(0, 1024), at));
+      } catch (e) {
+        throw new BlocksnapError('E_STORE_IO', `pack ${this.id}: read at ${at}: ${(e as Error).message}`, { cause: e });
+      }
+      if (n === 0) throw corrupt(this.id, `short read at ${at}, file ends first`);
+      at += n;
+      while (n > 0) {
+        const b = rest[0]!;
+        if (n >= b.length) {
+          n -= b.length;
+          rest = rest.slice(1);
+        } else {
+          rest = [b.subarray(n), ...rest.slice(1)];
+          n = 0;
+        }
+      }
+    }
+  }
+
   /** The plain bytes of a blob, decompressed and re-hashed. */
   async readBlob(digest: Buffer, ref: StoredBlobRef): Promise<Buffer> {
     return decodeBlob(this.id, digest, await this.readExact(ref.offset, ref.storedLength), ref);

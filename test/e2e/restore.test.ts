@@ -128,6 +128,8 @@ describe('restore an image onto a device or file', () => {
     restores.store = Object.create(real, {
       get: { value: lie },
       getStored: { value: async (d: Buffer) => ({ codec: 1, data: zstdCompress(await lie(d)), plainLength: CHUNK }) },
+      // No vectored pack reads: every chunk comes through the lying getStored.
+      readStoredv: { value: undefined },
     });
     const out = join(lab.poolMount, 'corrupt.raw');
     try {
