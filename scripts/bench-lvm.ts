@@ -70,7 +70,7 @@ const pct = (xs: number[], q: number) => [...xs].sort((a, b) => a - b)[Math.min(
 async function incrementals(): Promise<void> {
   const appl = await startAppliance(['db1', 'db2'], { auditEvery: 0 });
   let lab: GuestPgLab | null = null;
-  type Row = { marked: number; changed: number; auditBytes: number; auditSeconds: number; trackerBytes: number; trackerSeconds: number; freeze: number[] };
+  type Row = { marked: number; changed: number; auditBytes: number; auditSeconds: number; trackerBytes: number; trackerSent: number; trackerChunksRead: number; trackerChunksSent: number; trackerSeconds: number; freeze: number[] };
   const rows: Record<string, Row[]> = { 'thin-delta': [], 'dm-era': [] };
   const job = async (who: { agent: string; volume: string }, mode: 'full' | 'incremental', audit = false) => {
     const t0 = performance.now();
@@ -96,6 +96,8 @@ async function incrementals(): Promise<void> {
         const row = {
           marked: Number(a.s.trackedChunks), changed: Number(a.s.auditChanged), auditBytes: Number(a.s.bytesRead), auditSeconds: a.seconds,
           trackerBytes: Number(t.s.bytesRead), trackerSeconds: t.seconds, freeze: [Number(a.s.freezeSeconds), Number(t.s.freezeSeconds)],
+          // Marked chunks are read; those whose digest equals the basis's (e.g. WAL zero-fill over zeros) are not sent.
+          trackerSent: Number(t.s.bytesSent), trackerChunksRead: Number(t.s.chunksRead), trackerChunksSent: Number(t.s.chunksSent),
         };
         rows[who === PRIMARY ? 'thin-delta' : 'dm-era']!.push(row);
         console.log(`round ${round + 1} ${who === PRIMARY ? 'thin-delta' : 'dm-era'}: ${JSON.stringify(row)}`);
@@ -107,14 +109,15 @@ async function incrementals(): Promise<void> {
   }
   const MiB = (b: number) => (b / 1048576).toFixed(1);
   console.log(`\nincrementals after 2 000 pgbench transactions, medians of ${rounds}${pgConf.length ? ` (PostgreSQL: ${pgConf.join(', ')})` : ''}:`);
-  console.log('| tracker | marked / really changed chunks | tracker incremental: read, wall | digest compare (audit): read, wall | wall digest / tracker | freeze p99 (max of all jobs) |');
-  console.log('|---|---|---|---|---|---|');
+  console.log('| tracker | marked / really changed chunks | tracker incremental: read, wall | tracker incremental: chunks read / sent, MiB sent | digest compare (audit): read, wall | wall digest / tracker | freeze p99 (max of all jobs) |');
+  console.log('|---|---|---|---|---|---|---|');
   for (const [k, r] of Object.entries(rows)) {
     const ratio = median(r.map((x) => x.marked / x.changed));
     const tw = median(r.map((x) => x.trackerSeconds));
     const aw = median(r.map((x) => x.auditSeconds));
     const fr = r.flatMap((x) => x.freeze);
     console.log(`| ${k} | ${median(r.map((x) => x.marked))} / ${median(r.map((x) => x.changed))} = ${ratio.toFixed(2)} | ${MiB(median(r.map((x) => x.trackerBytes)))} MiB, ${tw.toFixed(1)} s | ` +
+      `${median(r.map((x) => x.trackerChunksRead))} / ${median(r.map((x) => x.trackerChunksSent))}, ${MiB(median(r.map((x) => x.trackerSent)))} MiB | ` +
       `${MiB(median(r.map((x) => x.auditBytes)))} MiB, ${aw.toFixed(1)} s | ${(aw / tw).toFixed(2)} | ${pct(fr, 0.99).toFixed(2)} s (${k === 'thin-delta' ? 'thin: lvcreate' : 'classic: fsfreeze + lvcreate'}) |`);
   }
 }
