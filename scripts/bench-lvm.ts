@@ -14,13 +14,17 @@
  * The guest is one slow CPU behind ptrace: compare the numbers with each
  * other (ratios), not with a real machine. Not part of `npm run bench`.
  *
- *   npx tsx scripts/bench-lvm.ts [--runs 5] [--rounds 3] [--pg-conf wal_init_zero=off] [--only incrementals|micro]
+ * - (--only stall, helper lvm-trust) the freeze window as an application sees it: the longest
+ *   O_DSYNC write of a writer (one 4 KiB write every ~10 ms) overlapping each snapshot of the real
+ *   provider, classic and thin, `--jobs` each (scripts/lab/write-stall.ts).
+ *   npx tsx scripts/bench-lvm.ts [--runs 5] [--rounds 3] [--pg-conf wal_init_zero=off] [--only incrementals|micro|stall] [--jobs 12]
  */
 import { mkdtemp, rm, truncate, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { startAppliance } from './lab/appliance-harness.js';
 import { GuestPgLab, PRIMARY, STANDBY } from './lab/guest-pg-lab.js';
+import { repoRoot } from './lab/processes.js';
 import { runInGuest } from './lab/uml-guest.js';
 import { umlUnavailable } from './lab/uml-kit.js';
 
@@ -154,5 +158,42 @@ if (why) {
   console.log(`bench-lvm skipped: ${why}`);
   process.exit(0);
 }
-if (only !== 'micro') await incrementals();
-if (only !== 'incrementals') await micro();
+
+/** --only stall: the write stall an application sees while the provider snapshots (scripts/lab/write-stall.ts). */
+async function stall(): Promise<void> {
+  const jobs = Number(arg('--jobs') || 12);
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'bsn-bench-stall-'));
+  try {
+    const disk = path.join(dir, 'disk.img');
+    await writeFile(disk, '');
+    await truncate(disk, 1024 * 1024 * 1024);
+    const vol = (mode: string, name: string) => `'${JSON.stringify({ mode, name, device: `/dev/b/${name}`, mountpoint: `/mnt/${name}` })}'`;
+    const r = await runInGuest({
+      disks: [{ file: disk }], timeoutMs: 1_200_000, script: `set -e
+pvcreate -q -ff -y /dev/ubda >/dev/null; vgcreate -q b /dev/ubda >/dev/null
+lvcreate -q -L 400M --chunksize 64k -Zn -T b/pool >/dev/null 2>&1
+lvcreate -q -V 256M -T b/pool -n thin >/dev/null 2>&1
+lvcreate -q -L 256M -n plain b >/dev/null 2>&1
+for v in thin plain; do mkfs.ext4 -q -E nodiscard /dev/b/$v; mkdir -p /mnt/$v; mount /dev/b/$v /mnt/$v; done
+node ${path.join(repoRoot(), 'dist', 'scripts', 'lab', 'write-stall.js')} bench --jobs ${jobs} ${vol('classic', 'plain')} ${vol('thin', 'thin')}
+` });
+    if (r.code !== 0) throw new Error(`guest failed (${r.code}): ${r.output}\n${r.console.slice(-1500)}`);
+    const q = (xs: number[], p: number) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.ceil(p * xs.length) - 1)] ?? NaN;
+    const f = (xs: number[]) => `${q(xs, 0.5)} / ${q(xs, 0.99)} / ${Math.max(...xs)}`;
+    console.log(`write stall seen by an O_DSYNC writer (4 KiB every ~10 ms) during each snapshot, ${jobs} jobs per provider, ms p50 / p99 / max:`);
+    console.log('| provider | longest write during create | same, equal windows without a snapshot | provider freezeSeconds | create() wall |');
+    console.log('|---|---|---|---|---|');
+    for (const line of r.output.split('\n').filter((l) => l.startsWith('{'))) {
+      const x = JSON.parse(line) as { mode: string; stallMs: number[]; idleStallMs: number[]; freezeMs: number[]; createMs: number[]; writes: number };
+      console.log(`| lvm-${x.mode} | ${f(x.stallMs)} | ${f(x.idleStallMs)} | ${f(x.freezeMs)} | ${f(x.createMs)} |`);
+      console.log(`  raw ${x.mode}: ${JSON.stringify(x)}`);
+    }
+    console.log(`guest wall time ${r.seconds.toFixed(1)} s`);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+if (only !== 'micro' && only !== 'stall') await incrementals();
+if (only !== 'incrementals' && only !== 'stall') await micro();
+if (!only || only === 'stall') await stall();
