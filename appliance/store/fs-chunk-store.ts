@@ -26,6 +26,7 @@ import { ZERO_DIGEST, type BlobLocation, type BlobType, type BlobWriter, type Ch
 import { CODEC_NONE, CODEC_ZSTD, packRelPath, type Codec } from './pack-format.js';
 import { listPackFiles, PackReader, PackReaderCache } from './pack-reader.js';
 import { BlobReadPool } from './blob-read-pool.js';
+import { readBlobRuns } from './blob-runs.js';
 import { quarantineFile, type QuarantineRecord } from './quarantine.js';
 import { DEFAULT_WRITE_BUFFER, PackWriter } from './pack-writer.js';
 import { DEFAULT_ZSTD_LEVEL, zstdCompress, zstdDeclaredSize } from '../../proto/shared/zstd.js';
@@ -285,7 +286,8 @@ export class FsChunkStore implements ChunkStore {
     this.checkOpen();
     if (this.readWorkers > 0) this.readPool ??= new BlobReadPool(this.readWorkers);
     const pool = this.readPool;
-    if (!pool?.ready || pool.busy()) return Promise.all(digests.map((d) => this.get(d)));
+    // Without workers: one pread per run of adjacent frames on this thread (blob-runs.ts).
+    if (!pool?.ready || pool.busy()) return readBlobRuns(this, digests);
     const out = new Array<Promise<Buffer>>(digests.length);
     const byPack = new Map<string, Array<{ k: number; loc: BlobLocation }>>();
     for (let k = 0; k < digests.length; k++) {

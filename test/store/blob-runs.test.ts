@@ -1,0 +1,109 @@
+/**
+ * FsChunkStore.getMany without read workers (the NBD read path by default):
+ * blobs that lie back to back in a pack are read with one pread per run
+ * (blob-runs.ts), still decoded and re-hashed one by one; what callers see is
+ * what get() gives — bytes, and for a damaged or missing blob the same error.
+ */
+import { open } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it, vi } from 'vitest';
+import { isBlocksnapError } from '../../proto/errors.js';
+import { BLOB_CHUNK } from '../../appliance/store/chunk-store.js';
+import { FsChunkStore } from '../../appliance/store/fs-chunk-store.js';
+import { ImageIndexBuilder } from '../../appliance/store/image-index.js';
+import { ImageSource } from '../../appliance/nbd/image-source.js';
+import { CODEC_NONE, CODEC_ZSTD, packRelPath } from '../../appliance/store/pack-format.js';
+import { compressibleChunk, makeBlob, randomChunk, TempDirs, type TestBlob } from '../../appliance/testing/store-fixtures.js';
+
+const dirs = new TempDirs();
+const stores: FsChunkStore[] = [];
+afterEach(async () => {
+  await Promise.all(stores.splice(0).map((s) => s.close()));
+  await dirs.cleanup();
+});
+
+async function storeWith(blobs: TestBlob[]): Promise<{ store: FsChunkStore; dir: string }> {
+  const dir = await dirs.make();
+  const store = await FsChunkStore.open(dir, { targetPackSize: 600_000 });
+  stores.push(store);
+  const w = store.openWriter();
+  for (const b of blobs) await w.put(BLOB_CHUNK, b.digest, b.plain);
+  await w.flush();
+  return { store, dir };
+}
+
+describe('FsChunkStore.getMany on the main thread', () => {
+  it('reads each run of adjacent blobs with one pread and returns what get returns, plain and zstd, across packs', async () => {
+    const blobs: TestBlob[] = [];
+    for (let i = 0; i < 24; i++) blobs.push(makeBlob(i % 3 === 1 ? compressibleChunk(65536) : randomChunk(i === 5 ? 1000 : 65536)));
+    const { store } = await storeWith(blobs);
+    expect(new Set(blobs.map((b) => store.locate(b.digest)!.codec))).toEqual(new Set([CODEC_NONE, CODEC_ZSTD]));
+    const packs = new Set(blobs.map((b) => store.locate(b.digest)!.pack));
+    expect(packs.size).toBeGreaterThan(1);
+    const reads = vi.spyOn(store, 'readStoredv');
+    const get = vi.spyOn(store, 'get');
+    // Shuffled: the store sorts each pack's blobs by offset into runs.
+    const order = [...blobs.keys()].sort((a, b) => ((a * 7) % 24) - ((b * 7) % 24));
+    const got = await store.getMany(order.map((i) => blobs[i]!.digest));
+    order.forEach((i, k) => expect(got[k]!.equals(blobs[i]!.plain)).toBe(true));
+    expect(get).not.toHaveBeenCalled();
+    // Every blob of a pack was asked for, so each pack is one run: one read per pack, not one per blob.
+    expect(reads).toHaveBeenCalledTimes(packs.size);
+  });
+
+  it('a blob damaged inside a run fails as get fails (E_STORE_CORRUPT naming pack and digest); its neighbours still read', async () => {
+    const blobs = [makeBlob(randomChunk(65536)), makeBlob(randomChunk(65536)), makeBlob(randomChunk(65536))];
+    const { store, dir } = await storeWith(blobs);
+    const loc = store.locate(blobs[1]!.digest)!;
+    const fh = await open(join(dir, 'packs', packRelPath(loc.pack)), 'r+');
+    await fh.write(Buffer.from([0x5a]), 0, 1, loc.offset + 100);
+    await fh.close();
+    const err = await store.getMany(blobs.map((b) => b.digest)).catch((e: unknown) => e);
+    expect(isBlocksnapError(err, 'E_STORE_CORRUPT')).toBe(true);
+    expect((err as Error).message).toContain(loc.pack);
+    expect((err as Error).message).toContain(blobs[1]!.digest.toString('hex'));
+    const [a, c] = await store.getMany([blobs[0]!.digest, blobs[2]!.digest]);
+    expect(a!.equals(blobs[0]!.plain) && c!.equals(blobs[2]!.plain)).toBe(true);
+    const missing = await store.getMany([blobs[0]!.digest, Buffer.alloc(32, 7)]).catch((e: unknown) => e);
+    expect(isBlocksnapError(missing, 'E_NOT_FOUND')).toBe(true);
+  });
+
+  it('ImageSource: reads starting and ending at every chunk boundary (±1 byte) give the volume\'s bytes', async () => {
+    const CS = 65536;
+    const n = 12;
+    const vol = Buffer.alloc(n * CS);
+    const blobs: TestBlob[] = [];
+    for (let i = 0; i < n; i++) {
+      if (i % 5 === 3) continue; // ZERO chunks
+      const plain = i % 2 ? compressibleChunk(CS) : randomChunk(CS);
+      plain.copy(vol, i * CS);
+      blobs.push(makeBlob(plain));
+    }
+    const { store } = await storeWith(blobs);
+    const w = store.openWriter();
+    const b = await ImageIndexBuilder.create({ store, writer: w, volumeSize: vol.length, chunkSize: CS });
+    for (let i = 0, k = 0; i < n; i++) await b.set(i, i % 5 === 3 ? Buffer.alloc(32) : blobs[k++]!.digest);
+    const { rootDigest } = await b.finish();
+    await w.flush();
+    // No cache: every read goes to the store, so each one exercises the runs.
+    const source = await ImageSource.open(store, rootDigest, { cacheChunks: 0 });
+    const check = async (off: number, len: number): Promise<void> => {
+      const out = Buffer.alloc(len, 0xaa);
+      for (const seg of await source.read(off, len)) {
+        if ('data' in seg) seg.data.copy(out, seg.offset - off);
+        else out.fill(0, seg.offset - off, seg.offset - off + seg.hole);
+      }
+      expect(out.equals(vol.subarray(off, off + len)), `read of ${len} at ${off}`).toBe(true);
+    };
+    for (let i = 0; i <= n; i++) {
+      for (const d of [-1, 0, 1]) {
+        const off = i * CS + d;
+        if (off < 0 || off >= vol.length) continue;
+        for (const len of [1, CS - 1, CS, CS + 1, 4 * CS + 1]) if (off + len <= vol.length) await check(off, len);
+      }
+    }
+    await check(0, vol.length);
+    // Concurrent reads of overlapping ranges (nbdcopy's 4 connections × 64 requests) stay byte-equal.
+    await Promise.all(Array.from({ length: 32 }, (_, k) => check((k * 37_000) % (vol.length - 4 * CS), 4 * CS)));
+  });
+});
