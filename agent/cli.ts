@@ -2,16 +2,20 @@
 import { Command } from 'commander';
 import { packageVersion, runCli, untilStopSignal } from '../proto/shared/cli-exit.js';
 import { BlocksnapError } from '../proto/errors.js';
-import { createLogger } from '../proto/shared/log.js';
-import { agentPorts, composeAgent, registry, staleOfEveryTracker } from './compose.js';
-import { loadAgentConfig } from './config.js';
-import { prepareFromExport } from './pg/prepare-from-export.js';
 import { addMountCommands } from './mount-cli.js';
 import type { AuditResult } from './audit/audit-run.js';
 import { agentSocketPath, callAgent, type AgentStatus } from './control-server.js';
-import type { RestoreResult } from './restore/restore-run.js';
 import { controlRequest } from '../proto/shared/control-socket.js';
-import { progressBar } from '../proto/shared/progress.js';
+import type { RestoreResult } from './restore/restore-run.js';
+
+/*
+ * Start-up cost: only commander and the command definitions load up front;
+ * each action imports what it needs (the configuration with the composition
+ * registry, the agent, prepare, pino, the progress bar), so --help,
+ * usage errors and `prepare` do not load the agent (tests spawn this CLI
+ * often; loading everything cost ~0.6 s CPU per run).
+ */
+const createLogger = async (name: string) => (await import('../proto/shared/log.js')).createLogger(name);
 
 const AFTER_HELP = `
 Exit status: 0 success; 1 failure; 2 usage or configuration error (the message names the bad argument
@@ -39,23 +43,24 @@ function program(setStatus: (s: number) => void): Command {
     .addHelpText('after', AFTER_HELP);
   const run = <A extends unknown[]>(fn: (...a: A) => Promise<number> | number) => async (...a: A) => setStatus(await fn(...a));
   const globals = (cmd: Command) => cmd.optsWithGlobals<Globals>();
-  const configOf = (cmd: Command) => {
+  const configOf = async (cmd: Command) => {
     const file = globals(cmd).config;
     if (!file) throw new BlocksnapError('E_USAGE', `${cmd.name()}: missing --config FILE (see --help)`);
-    return loadAgentConfig(file);
+    return (await import('./config.js')).loadAgentConfig(file);
   };
 
   p.command('run').description('connect to the appliance and run the jobs it sends (until SIGTERM/SIGINT)')
     .option('--insecure', 'allow plain ws:// to a non-loopback appliance (cleartext; same as "insecure": true in the config)')
     .action(run(async (o: { insecure?: boolean }, cmd: Command) => {
-      const config = configOf(cmd);
+      const config = await configOf(cmd);
       if (o.insecure) config.insecure = true;
-      const log = createLogger('blocksnap-agent').child({ agent: config.agent });
+      const log = (await createLogger('blocksnap-agent')).child({ agent: config.agent });
       const stop = untilStopSignal(log); // before the start: a signal mid-start must not kill it half-way
       let fatal: BlocksnapError | null = null;
       let onFatal: () => void = () => undefined;
       const fatalSeen = new Promise<void>((res) => (onFatal = res));
       // The composition point: the config names the provider, tracker and quiescer (compose.ts).
+      const { composeAgent, registry } = await import('./compose.js');
       const agent = composeAgent(config, log, { registry, hooks: { onFatal: (e) => ((fatal = e), onFatal()) } });
       await agent.start();
       await Promise.race([stop, fatalSeen]);
@@ -67,8 +72,9 @@ function program(setStatus: (s: number) => void): Command {
   p.command('cleanup').description('release snapshots, frozen filesystems and tracing instances an earlier (killed) run left')
     .option('--json', 'machine-readable output')
     .action(run(async (_o: unknown, cmd: Command) => {
-      const config = configOf(cmd);
-      const log = createLogger('blocksnap-agent').child({ agent: config.agent });
+      const config = await configOf(cmd);
+      const log = (await createLogger('blocksnap-agent')).child({ agent: config.agent });
+      const { agentPorts, registry, staleOfEveryTracker } = await import('./compose.js');
       const released = await agentPorts(config, log, registry).provider.cleanupStale();
       // Every kind of tracker sweeps, not only the configured one: tracking may have been switched off since the crash.
       released.push(...await staleOfEveryTracker(config, log));
@@ -78,7 +84,7 @@ function program(setStatus: (s: number) => void): Command {
   p.command('volumes').description('list the configured volumes and their last committed image')
     .option('--json', 'machine-readable output')
     .action(run(async (_o: unknown, cmd: Command) => {
-      const config = configOf(cmd);
+      const config = await configOf(cmd);
       const { DigestMap, digestMapPath } = await import('./state/digest-map.js');
       const rows = [];
       for (const v of config.volumes) {
@@ -91,7 +97,7 @@ function program(setStatus: (s: number) => void): Command {
   p.command('status').description('ask the running agent: connection, busy volumes, tracker validity')
     .option('--json', 'machine-readable output')
     .action(run(async (_o: unknown, cmd: Command) => {
-      const config = configOf(cmd);
+      const config = await configOf(cmd);
       return printStatus(await callAgent<AgentStatus>(config.stateDir, 'GET', '/v1/status'), !!globals(cmd).json);
     }));
   p.command('audit <volume>')
@@ -100,7 +106,7 @@ function program(setStatus: (s: number) => void): Command {
       'then invalidated) or an error; 3: not audited (tracker invalid or not tracked, says why)')
     .option('--json', 'machine-readable output')
     .action(run(async (volume: string, _o: unknown, cmd: Command) => {
-      const config = configOf(cmd);
+      const config = await configOf(cmd);
       return printAudit(await callAgent<AuditResult>(config.stateDir, 'POST', '/v1/audit', { volume }), !!globals(cmd).json);
     }));
   p.command('restore <image>')
@@ -114,9 +120,9 @@ function program(setStatus: (s: number) => void): Command {
     .option('--force', 'replace an existing non-empty FILE')
     .option('--json', 'machine-readable result: bytes written, chunks fetched, chunks skipped as unchanged, holes, seconds, MB/s')
     .action(run(async (image: string, o: { to: string; changedOnly?: boolean; force?: boolean }, cmd: Command) => {
-      const config = configOf(cmd);
+      const config = await configOf(cmd);
       const { resolve } = await import('node:path');
-      const bar = progressBar(`restore ${image}`);
+      const bar = (await import('../proto/shared/progress.js')).progressBar(`restore ${image}`);
       let r: RestoreResult;
       try {
         r = await controlRequest<RestoreResult>(agentSocketPath(config.stateDir), 'POST', '/v1/restore',
@@ -148,6 +154,7 @@ function program(setStatus: (s: number) => void): Command {
     })
     .option('--json', 'machine-readable output')
     .action(run(async (dir: string, o: { image: string; asStandby?: boolean; primaryConninfo?: string; restoreCommand?: string; port?: number }, cmd: Command) => {
+      const { prepareFromExport } = await import('./pg/prepare-from-export.js');
       const r = await prepareFromExport(dir, o.image, { asStandby: o.asStandby, primaryConninfo: o.primaryConninfo, restoreCommand: o.restoreCommand, port: o.port });
       process.stdout.write((globals(cmd).json ? JSON.stringify(r, null, 2) : `prepared ${dir} from image ${r.imageId}: wrote ${r.written.join(', ')}; WAL ${r.walCopied.length} segment(s)`) + '\n');
       return 0;

@@ -11,7 +11,7 @@ import type { LocalMount } from './mount/mount-port.js';
 
 export interface MountCliDeps {
   run: <A extends unknown[]>(fn: (...a: A) => Promise<number> | number) => (...a: A) => Promise<void>;
-  configOf: (cmd: Command) => AgentConfig;
+  configOf: (cmd: Command) => Promise<AgentConfig>;
   json: (cmd: Command) => boolean;
 }
 
@@ -28,7 +28,7 @@ export function addMountCommands(p: Command, d: MountCliDeps): void {
     .option('--ttl <seconds>', 'the appliance ends the mount after this long (default: never)', intOption(1))
     .option('--json', 'machine-readable output')
     .action(d.run(async (image: string, o: { port?: number; target?: string; asStandby?: boolean; ttl?: number }, cmd: Command) => {
-      const config = d.configOf(cmd);
+      const config = await d.configOf(cmd);
       const started = performance.now();
       const m = await callAgent<LocalMount>(config.stateDir, 'POST', '/v1/mount', {
         imageId: image, pgPort: o.port, target: o.target, asStandby: !!o.asStandby, ttlSeconds: o.ttl,
@@ -43,7 +43,7 @@ export function addMountCommands(p: Command, d: MountCliDeps): void {
     .description('stop the copy\'s PostgreSQL, unmount, detach, and end the mount on the appliance (its overlay is deleted)')
     .option('--json', 'machine-readable output')
     .action(d.run(async (mountId: string, _o: unknown, cmd: Command) => {
-      const config = d.configOf(cmd);
+      const config = await d.configOf(cmd);
       const r = await callAgent<{ ok: boolean; mountId: string }>(config.stateDir, 'POST', '/v1/unmount', { mountId });
       print(d.json(cmd), `unmounted ${mountId}`, r);
       return 0;
@@ -52,7 +52,7 @@ export function addMountCommands(p: Command, d: MountCliDeps): void {
     .description('images mounted on this host by the running agent')
     .option('--json', 'machine-readable output')
     .action(d.run(async (_o: unknown, cmd: Command) => {
-      const config = d.configOf(cmd);
+      const config = await d.configOf(cmd);
       const rows = await callAgent<LocalMount[]>(config.stateDir, 'GET', '/v1/mounts');
       print(d.json(cmd), rows.map((m) => [m.mountId, m.imageId, m.target, m.connection].join('\t')).join('\n') || '(no mounts)', rows);
       return 0;

@@ -5,16 +5,11 @@ import { join, resolve } from 'node:path';
 import { Command, InvalidArgumentError } from 'commander';
 import { intOption, packageVersion, runCli, untilStopSignal } from '../proto/shared/cli-exit.js';
 import { BlocksnapError, isBlocksnapError, toBlocksnapError } from '../proto/errors.js';
-import { createLogger } from '../proto/shared/log.js';
+import type { Logger } from '../proto/shared/log.js';
 import { ControlAnswerError, controlRequest } from '../proto/shared/control-socket.js';
 import { Catalog, type ImageRow } from './catalog/catalog.js';
-import { exportImageTo } from './ops/export-image.js';
-import { verifyImage } from './ops/verify-image.js';
 import { lastRestoreVerification, restoreVerificationLine } from './ops/verify-restore.js';
-import { Appliance, lockHolder } from './server/appliance.js';
-import { rebuildCatalog, recordVerifyReport, reindexStore } from './server/recovery.js';
-import { applianceBackends } from './compose.js';
-import { progressBar } from '../proto/shared/progress.js';
+import { lockHolder } from './server/data-lock.js';
 import { backupLine } from './backup-line.js';
 import { addRetentionCommands } from './retention/retention-cli.js';
 import { RetentionCatalog } from './retention/retention-catalog.js';
@@ -26,7 +21,17 @@ Exit status: 0 success; 1 failure; 2 usage or configuration error (the message n
 Logs are JSON on stderr. Signals (serve): SIGTERM/SIGINT stop gracefully (running jobs are failed and
 cleaned, exit 0); SIGHUP is logged and ignored (nothing to reload: every setting is a flag).`;
 
-const log = createLogger('blocksnap-appliance');
+/*
+ * Start-up cost: a CLI run loads only commander, the catalog and the control
+ * socket client up front; what one command alone needs (the server, the
+ * stores, export, verify, recovery, pino, the progress bar) is imported in
+ * its action. Tests spawn this CLI a few hundred times: loading every
+ * command's code cost ~0.3 s CPU per run.
+ */
+let logger: Promise<Logger> | undefined;
+const appLog = (): Promise<Logger> => (logger ??= import('../proto/shared/log.js').then((m) => m.createLogger('blocksnap-appliance')));
+const backends = async () => (await import('./compose.js')).applianceBackends();
+const progressBar = async (label: string) => (await import('../proto/shared/progress.js')).progressBar(label);
 
 /** The command line; each action returns the exit status. */
 function program(setStatus: (s: number) => void): Command {
@@ -67,6 +72,7 @@ function program(setStatus: (s: number) => void): Command {
     .option('--nbd-listen <host:port>', 'NBD listener of mounts (default: the --listen host, its port + 1; a free port when that is 0); TLS with the same certificate', parseListen)
     .action(run(async (o: { listen?: [string, number]; auditEvery?: number; tlsCert?: string; tlsKey?: string; nbdListen?: [string, number] }, cmd: Command) => {
       const { dataDir } = ctx(cmd);
+      const log = await appLog();
       const stop = untilStopSignal(log); // first: a signal during the start must not kill the process mid-way
       if (!!o.tlsCert !== !!o.tlsKey) throw usage('--tls-cert and --tls-key go together');
       const tls = o.tlsCert ? { cert: readOption('--tls-cert', o.tlsCert), key: readOption('--tls-key', o.tlsKey!) } : undefined;
@@ -74,7 +80,8 @@ function program(setStatus: (s: number) => void): Command {
       const [host, port] = o.listen ?? ['127.0.0.1', 7700];
       // The composition point of the appliance's ports (appliance/compose.ts).
       const nbd = o.nbdListen ? { host: o.nbdListen[0], port: o.nbdListen[1] } : undefined;
-      const app = await Appliance.open({ dataDir, logger: log, auditEvery: o.auditEvery, tls, nbd, backends: applianceBackends() });
+      const { Appliance } = await import('./server/appliance.js');
+      const app = await Appliance.open({ dataDir, logger: log, auditEvery: o.auditEvery, tls, nbd, backends: await backends() });
       const addr = await app.listen(host, port).catch(async (e) => {
         await app.close(); // releases the data directory: nothing claims it after a failed start
         throw listenError(e, `${host}:${port}`);
@@ -205,7 +212,8 @@ function program(setStatus: (s: number) => void): Command {
     .action(run(async (_o: unknown, cmd: Command) => {
       const c = ctx(cmd);
       needDataDir(c.dataDir);
-      const r = await rebuildCatalog(c.dataDir, applianceBackends(), log);
+      const { rebuildCatalog } = await import('./server/recovery.js');
+      const r = await rebuildCatalog(c.dataDir, await backends(), await appLog());
       c.out([`catalog rebuilt: ${r.added} image(s) added from manifests`,
         ...r.quarantined.map((q) => `quarantined ${q.object} to ${q.to}: ${q.reason}`),
         ...r.damaged.map((d) => `DAMAGED ${d.imageId}: ${d.objects.map((o) => o.object).join(', ')}`)].join('\n'), r);
@@ -216,7 +224,8 @@ function program(setStatus: (s: number) => void): Command {
     .action(run(async (_o: unknown, cmd: Command) => {
       const c = ctx(cmd);
       needDataDir(c.dataDir);
-      const r = await reindexStore(c.dataDir, log);
+      const { reindexStore } = await import('./server/recovery.js');
+      const r = await reindexStore(c.dataDir, await appLog());
       c.out([`reindexed ${r.packs} packs, ${r.blobs} blobs`,
         ...r.skipped.map((k) => `skipped pack ${k.pack}${k.quarantinedTo ? ` (quarantined to ${k.quarantinedTo})` : ''}: ${k.reason}`),
         ...r.damaged.map((d) => `DAMAGED ${d.imageId}: ${d.objects.map((o) => o.object).join(', ')}`)].join('\n'), r);
@@ -224,7 +233,7 @@ function program(setStatus: (s: number) => void): Command {
     }));
   // Retention (DESIGN.md §12): images delete/pin/unpin, prune, policies, gc, store usage.
   addRetentionCommands(p, images, storeCmd, {
-    run, ctx, appliancePid, backends: () => applianceBackends(), log, fmtBytes,
+    run, ctx, appliancePid, backends, log: appLog, fmtBytes,
     request: (dataDir, method, path, body) => (method === 'GET' ? controlGet(dataDir, path) : controlPost(dataDir, path, body ?? {})),
   });
   return p;
@@ -245,18 +254,21 @@ async function verifyOrExport(c: Ctx, cmd: 'verify' | 'export', imageId: string 
     result = await control(dataDir, `/v1/${cmd}`, { imageId, to, force }, !c.json ? cmd : null);
   } else {
     needDataDir(dataDir);
-    const backends = applianceBackends();
-    const where = { dataDir, storeDir: join(dataDir, 'store'), logger: log };
-    const store = await backends.openChunkStore(where);
-    const manifests = backends.openManifestStore(where);
+    const b = await backends();
+    const where = { dataDir, storeDir: join(dataDir, 'store'), logger: await appLog() };
+    const store = await b.openChunkStore(where);
+    const manifests = b.openManifestStore(where);
     try {
       const images = c.withCatalog((cat) => (imageId ? [cat.image(imageId)] : cat.listImages()));
       if (images.some((i) => !i) || images.length === 0) throw new BlocksnapError('E_NOT_FOUND', `no image ${imageId ?? '(none)'}`);
-      const bar = c.json ? null : progressBar(cmd);
+      const bar = c.json ? null : await progressBar(cmd);
       const onProgress = (d: number, t: number) => bar?.update(d, t);
       if (cmd === 'export') {
+        const { exportImageTo } = await import('./ops/export-image.js');
         result = { ok: true, ...(await exportImageTo(store, images[0]!, to!, { force, dataDir, onProgress })) };
       } else {
+        const { verifyImage } = await import('./ops/verify-image.js');
+        const { recordVerifyReport } = await import('./server/recovery.js');
         const reports = [];
         for (const img of images) {
           const r = await verifyImage(store, manifests, img!.id, img!.rootDigest, onProgress);
@@ -355,7 +367,7 @@ async function control(dataDir: string, path: string, body: object, progressLabe
   if (!appliancePid(dataDir) || !existsSync(controlSocket(dataDir))) {
     throw new BlocksnapError('E_NOT_FOUND', `no appliance is running on ${dataDir}`);
   }
-  const bar = progressLabel ? progressBar(progressLabel) : null;
+  const bar = progressLabel ? await progressBar(progressLabel) : null;
   try {
     return await controlRequest(controlSocket(dataDir), 'POST', path, body, {
       onEvent: (ev) => {

@@ -13,10 +13,9 @@ import { BlocksnapError } from '../../proto/errors.js';
 import type { Catalog } from '../catalog/catalog.js';
 import type { ApplianceBackends } from '../server/appliance.js';
 import type { GcResult } from './gc.js';
-import { withOfflineRetention } from './offline-retention.js';
 import { KEEP_KINDS, type KeepOptions } from './prune-policy.js';
 import { RetentionCatalog, type PolicyRow } from './retention-catalog.js';
-import { pinImage, setPolicy, type PruneResult, type Retention, type StoreUsage } from './retention-service.js';
+import type { PruneResult, Retention, StoreUsage } from './retention-service.js';
 
 export interface RetentionCliDeps {
   run: <A extends unknown[]>(fn: (...a: A) => Promise<number> | number) => (...a: A) => Promise<void>;
@@ -25,8 +24,9 @@ export interface RetentionCliDeps {
   appliancePid: (dataDir: string) => number | null;
   /** A request to the running appliance's control socket. */
   request: (dataDir: string, method: 'GET' | 'POST', path: string, body?: object) => Promise<any>;
-  backends: () => ApplianceBackends;
-  log: Logger;
+  /** Loaded when a command needs them (the CLI's start-up stays small). */
+  backends: () => Promise<ApplianceBackends>;
+  log: () => Promise<Logger>;
   fmtBytes: (n: number) => string;
 }
 
@@ -50,7 +50,8 @@ export function addRetentionCommands(p: Command, images: Command, store: Command
   /** Online through the appliance, offline under the data directory's lock. */
   const viaAppliance = async <T>(dataDir: string, method: 'GET' | 'POST', path: string, body: object, offline: (r: Retention) => Promise<T>): Promise<T> => {
     if (d.appliancePid(dataDir)) return d.request(dataDir, method, path, body);
-    return withOfflineRetention(dataDir, d.backends(), d.log, offline);
+    const { withOfflineRetention } = await import('./offline-retention.js');
+    return withOfflineRetention(dataDir, await d.backends(), await d.log(), offline);
   };
 
   images.command('delete <image>').description('delete an image (with its whole image set); its space comes back at the GC that follows. Refused while pinned, mounted, in use or the basis of a running job')
@@ -67,8 +68,9 @@ export function addRetentionCommands(p: Command, images: Command, store: Command
   for (const [name, pin] of [['pin', true], ['unpin', false]] as const) {
     images.command(`${name} <image>`).description(pin ? 'protect an image (and its image set) from delete and prune' : 'remove the protection of `images pin`')
       .option('--json', 'machine-readable output')
-      .action(run((id: string, _o: unknown, cmd: Command) => {
+      .action(run(async (id: string, _o: unknown, cmd: Command) => {
         const c = ctx(cmd);
+        const { pinImage } = await import('./retention-service.js');
         const rows = c.withCatalog((cat) => pinImage(cat, id, pin));
         c.out(`${pin ? 'pinned' : 'unpinned'}: ${rows.map((i) => i.id).join(' ')}`, { pinned: pin, images: rows.map((i) => i.id) });
         return 0;
@@ -103,8 +105,9 @@ export function addRetentionCommands(p: Command, images: Command, store: Command
   };
   keepOptions(policies.command('set <volume>').description('set the volume\'s policy (replaces the previous one)').option('--agent <a>', 'the volume\'s agent (needed when several have that volume name)')
     .option('--json', 'machine-readable output'))
-    .action(run((volume: string, o: KeepFlags & { agent?: string }, cmd: Command) => {
+    .action(run(async (volume: string, o: KeepFlags & { agent?: string }, cmd: Command) => {
       const c = ctx(cmd);
+      const { setPolicy } = await import('./retention-service.js');
       const row = c.withCatalog((cat) => setPolicy(cat, agentOf(cat, volume, o.agent), volume, keepOf(o)));
       c.out(policyLine(row), row);
       return 0;
