@@ -12,7 +12,7 @@ import { ReflinkSnapshotProvider } from '../../agent/snapshot/reflink-snapshot-p
 import type { VolumeSpec } from '../../agent/snapshot/snapshot-provider.js';
 import { FakeSnapshotProvider, FakeVolume } from '../../agent/snapshot/testing/fake-snapshot-provider.js';
 import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
-import { DATA, snapshotProviderContract } from './snapshot-provider.contract.js';
+import { DATA, debugfsCat, snapshotProviderContract } from './snapshot-provider.contract.js';
 
 const MiB = 1024 * 1024;
 const FILE = 'contract.dat';
@@ -48,10 +48,7 @@ snapshotProviderContract('reflink (loop devices, ext4 on an XFS reflink pool)', 
       }
     },
     // The snapshot is an unmounted ext4 image: debugfs reads the file out of it.
-    readBack: async (s) => {
-      const r = await execa('debugfs', ['-R', `cat /${FILE}`, s.path], { encoding: 'buffer', stdin: 'ignore' });
-      return Buffer.from(r.stdout);
-    },
+    readBack: (s) => debugfsCat(s.path, FILE),
     teardown,
   };
 });

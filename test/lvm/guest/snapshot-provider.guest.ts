@@ -12,7 +12,7 @@ import { listLvs } from '../../../agent/snapshot/lvm/lvm-cli.js';
 import { LvmSnapshotProvider, snapshotLvName, type LvmSnapshotMode } from '../../../agent/snapshot/lvm/lvm-snapshot-provider.js';
 import type { Snapshot, VolumeSpec } from '../../../agent/snapshot/snapshot-provider.js';
 import { isBlocksnapError } from '../../../proto/errors.js';
-import { snapshotProviderContract } from '../../agent/snapshot-provider.contract.js';
+import { debugfsCat, snapshotProviderContract } from '../../agent/snapshot-provider.contract.js';
 import { makeLvmRig, VG } from './lvm-rig.js';
 
 const FILE = 'contract.dat';
@@ -35,7 +35,7 @@ function lvmContract(mode: LvmSnapshotMode): void {
           await fh.close();
         }
       },
-      readBack: async (s) => Buffer.from((await execa('debugfs', ['-R', `cat /${FILE}`, s.path], { encoding: 'buffer', stdin: 'ignore' })).stdout),
+      readBack: (s) => debugfsCat(s.path, FILE),
       teardown: rig.teardown,
     };
   });
