@@ -6,7 +6,8 @@
  *
  *  - sequential read with nbdcopy to null: from `nbdkit file` serving the
  *    raw file and from the appliance's NBD server, its chunks read and
- *    re-hashed on the main thread or in the store's read workers
+ *    re-hashed on the main thread (one pread per run of adjacent chunks, the
+ *    default) or in the store's read workers
  *    (BENCH_NBD_READ_WORKERS, default 2), the three taking turns in every
  *    round (BENCH_NBD_READ_AHEAD: read-ahead chunks, default 0);
  *  - `dd` of the raw file to /dev/null (bs=1M);
@@ -16,6 +17,8 @@
  *
  * Everything is warm in the page cache (the raw file and the packs were
  * just written): this compares the servers' own cost, not the disk.
+ * Each row also prints the bench process's CPU seconds per pass (the
+ * server's own cost for blocksnap rows; the load barely changes it).
  * Results go to stdout and .bench/nbd-results.json.
  */
 import { execa } from 'execa';
@@ -26,6 +29,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { BLOB_CHUNK } from '../appliance/store/chunk-store.js';
 import { FsChunkStore } from '../appliance/store/fs-chunk-store.js';
+import { readBlobRuns } from '../appliance/store/blob-runs.js';
 import { ImageIndexBuilder } from '../appliance/store/image-index.js';
 import { ImageSource } from '../appliance/nbd/image-source.js';
 import { NbdServer, fixedExport } from '../appliance/nbd/nbd-server.js';
@@ -87,15 +91,25 @@ async function main(): Promise<void> {
 
     const results: Record<string, number> = {};
     const secsOf = new Map<string, number[]>();
+    // CPU seconds of this process (all its threads) per round: for blocksnap rows the
+    // server's cost, which the machine's load barely changes (nbdkit's rows: ≈ 0).
+    const cpuOf = new Map<string, number[]>();
     const timedRound = async (label: string, fn: () => Promise<unknown>): Promise<void> => {
+      const c0 = process.cpuUsage();
       const t = await timed(fn);
+      const c = process.cpuUsage(c0);
       if (!secsOf.has(label)) secsOf.set(label, []);
       secsOf.get(label)!.push(t);
+      if (!cpuOf.has(label)) cpuOf.set(label, []);
+      cpuOf.get(label)!.push((c.user + c.system) / 1e6);
     };
+    const cpuResults: Record<string, number> = {};
     const report = (label: string): void => {
       const secs = secsOf.get(label)!;
       results[label] = size / median(secs) / MB;
-      say(`  ${label.padEnd(44)} ${results[label]!.toFixed(0).padStart(6)} MB/s  (runs: ${secs.map((x) => x.toFixed(2)).join(', ')} s)`);
+      cpuResults[label] = median(cpuOf.get(label)!);
+      say(`  ${label.padEnd(44)} ${results[label]!.toFixed(0).padStart(6)} MB/s  (runs: ${secs.map((x) => x.toFixed(2)).join(', ')} s; ` +
+        `bench process CPU median ${cpuResults[label]!.toFixed(2)} s)`);
     };
     const measure = async (label: string, fn: () => Promise<unknown>): Promise<void> => {
       for (let r = 0; r < RUNS; r++) await timedRound(label, fn);
@@ -117,9 +131,10 @@ async function main(): Promise<void> {
 
     // The load of this shared machine swings: nbdkit and the two read paths
     // take turns in every round (A/B alternating), medians over the rounds.
-    // "main thread" hides the store's getMany, so chunks are read and
-    // re-hashed one by one on the JS thread (the path before the workers).
-    const mainOnly = Object.create(store, { getMany: { value: undefined } }) as FsChunkStore;
+    // "main thread" is the store without read workers (the appliance's
+    // default): getMany reads each run of adjacent chunks with one pread and
+    // re-hashes them on the JS thread (blob-runs.ts).
+    const mainOnly = Object.create(store, { getMany: { value: (ds: Buffer[]) => readBlobRuns(store, ds) } }) as FsChunkStore;
     for (const until = Date.now() + 60_000; Number(process.env.BENCH_NBD_READ_WORKERS ?? 2) > 0 && !store.readWorkersReady;) {
       if (Date.now() > until) throw new Error('the read workers did not start');
       await store.getMany([]);
@@ -159,7 +174,7 @@ async function main(): Promise<void> {
     const ratio = results['nbdcopy from blocksnap NBD (read workers)']! / results[KIT]!;
     say(`  blocksnap / nbdkit: ${ratio.toFixed(2)}× (goal ≥ 0.8×); main thread: ${(results['nbdcopy from blocksnap NBD (main thread)']! / results[KIT]!).toFixed(2)}×`);
     await mkdir('.bench', { recursive: true });
-    await writeFile('.bench/nbd-results.json', JSON.stringify({ mib: MIB, chunkSize: CS, runs: RUNS, mbPerSec: results, ratioToNbdkit: ratio }, null, 2) + '\n');
+    await writeFile('.bench/nbd-results.json', JSON.stringify({ mib: MIB, chunkSize: CS, runs: RUNS, mbPerSec: results, cpuSeconds: cpuResults, ratioToNbdkit: ratio }, null, 2) + '\n');
   } finally {
     for (const s of stops.reverse()) await s().catch(() => undefined);
     await rm(work, { recursive: true, force: true });
