@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import type { Logger } from 'pino';
 import { BlocksnapError, toBlocksnapError } from '../../proto/errors.js';
 import { DIGEST_BYTES, imageRootDigest } from '../../proto/shared/image-root.js';
-import { RESTORE_MAX_RANGES } from '../../proto/shared/restore-protocol.js';
+import { RESTORE_BATCH_BYTES, RESTORE_MAX_RANGES, RESTORE_WINDOW_BYTES } from '../../proto/shared/restore-protocol.js';
 import type { VolumeTracking } from '../cbt/volume-tracking.js';
 import { readChunks } from '../reader/chunk-reader.js';
 import { DigestMap, digestMapPath } from '../state/digest-map.js';
@@ -86,8 +86,15 @@ export interface RestoreContext {
 
 const MAP_TIMEOUT_MS = 120_000;
 const BATCH_TIMEOUT_MS = 120_000;
-/** Batches being written at once (each ≤ ~2 MiB): overlaps hashing with the kernel's writes. */
-const WRITES_IN_FLIGHT = 4;
+/**
+ * Batches handed to the workers at once (each ≤ ~2 MiB): as many as the
+ * appliance's window lets arrive, so a batch goes to a worker as soon as it
+ * is received. With 4, the others waited here long enough to outlive
+ * young-generation GCs: their 2 MiB messages, retained in the old
+ * generation, made V8 run a full mark-compact every ~64 MiB restored
+ * (more CPU than the hashing). The window still bounds what is in flight.
+ */
+const WRITES_IN_FLIGHT = Math.ceil(RESTORE_WINDOW_BYTES / RESTORE_BATCH_BYTES) + 1;
 /** Write progress events at most this often. */
 const PROGRESS_MS = 100;
 

@@ -110,9 +110,9 @@ export class PackReader {
   }
 
   /**
-   * `buffers.length`-many stored bytes from `offset` on, back to back into
-   * `buffers` (vectored reads; a short read continues). For a restore, which
-   * reads adjacent blobs with one call straight into its outgoing layout.
+   * The stored bytes from `offset` on, as many as `buffers` hold, back to
+   * back into them (vectored reads; a short read continues). For a restore,
+   * which reads adjacent blobs with one call straight into its outgoing layout.
    */
   async readStoredv(offset: number, buffers: Uint8Array[]): Promise<void> {
     let rest = buffers.filter((b) => b.length > 0);

@@ -5,6 +5,8 @@ import { describe, expect, it } from 'vitest';
 import { digestDiffSet, indexesOf, setOfWords, unionOf } from '../../agent/restore/changed-set.js';
 import { ChunkWriter } from '../../agent/restore/chunk-writer.js';
 import { RestoreSession } from '../../agent/restore/restore-session.js';
+import { zstdRawFrame } from '../../appliance/restore/zstd-raw-frame.js';
+import { decodeSingleFrame, encodeFrame } from '../../proto/codec.js';
 import { envelope, type Envelope } from '../../proto/messages.js';
 import { imageRootDigest } from '../../proto/shared/image-root.js';
 import { zstdCompress } from '../../proto/shared/zstd.js';
@@ -119,6 +121,74 @@ describe.each([{ workers: 0 }, { workers: 2 }, { workers: 1, keepBytes: 4096 }])
     expect(await codeOf(w.write({ requestId: RID, seq: 4, chunks: [chunk(v, 0)] }))).toBe('E_PROTOCOL');
     await w.close();
     await fh.close();
+  });
+});
+
+// The batch as the agent receives it: decoded from a WebSocket message (a buffer of its own).
+describe.each([{ workers: 0 }, { workers: 2 }])('ChunkWriter on received messages %o', ({ workers }) => {
+  const dir = tempDirEach('blocksnap-restore-msg-');
+  const CHUNKS = 6;
+
+  async function setUp() {
+    const v = volume(CHUNKS);
+    const file = join(dir.path, 'target');
+    const fh = await open(file, 'w+');
+    await fh.truncate(CHUNKS * CS);
+    return { v, file, fh, w: new ChunkWriter(fh, CHUNKS * CS, CS, v.digests, () => true, CHUNKS, workers) };
+  }
+  // Chunks 0-3 as raw-block frames (stored plain on the appliance), 4-5 compressed; one message.
+  function frameOf(v: ReturnType<typeof volume>, indexes: number[], flip?: number): Buffer {
+    const chunks = indexes.map((i) => {
+      const plain = Buffer.from(v.data.subarray(i * CS, (i + 1) * CS));
+      if (i === flip) plain[9] ^= 0x20;
+      return { index: i, digest: v.digests.subarray(i * 32, (i + 1) * 32), zero: false, plainLength: CS, data: i < 4 ? zstdRawFrame(plain) : zstdCompress(Buffer.concat([plain.subarray(0, 64), Buffer.alloc(CS - 64)])) };
+    });
+    return encodeFrame(envelope('restoreChunks', { requestId: RID, seq: 1, chunks }));
+  }
+  const expected = (v: ReturnType<typeof volume>, i: number) => (i < 4 ? v.data.subarray(i * CS, (i + 1) * CS) : Buffer.concat([v.data.subarray(i * CS, i * CS + 64), Buffer.alloc(CS - 64)]));
+  // Compressed chunks carry other bytes than the volume: their digests are those of what they hold.
+  function fixDigests(v: ReturnType<typeof volume>) {
+    for (const i of [4, 5]) createHash('sha256').update(expected(v, i)).digest().copy(v.digests, i * 32);
+  }
+
+  it('a batch that owns its message goes to a worker uncopied (the message is transferred) and is written byte-identical', async () => {
+    const { v, file, fh, w } = await setUp();
+    fixDigests(v);
+    const message = Buffer.from(frameOf(v, [0, 1, 2, 4, 5])); // a buffer of its own, as ws hands over
+    const env = decodeSingleFrame(message);
+    if (env.kind !== 'restoreChunks') throw new Error(env.kind);
+    await w.write(env.restoreChunks);
+    await w.close();
+    await fh.close();
+    const out = await readFile(file);
+    for (const i of [0, 1, 2, 4, 5]) expect(out.subarray(i * CS, (i + 1) * CS).equals(expected(v, i)), `chunk ${i}`).toBe(true);
+    expect(out.subarray(3 * CS, 4 * CS).equals(Buffer.alloc(CS))).toBe(true);
+    if (workers > 0) {
+      expect(w.transferred).toBe(1);
+      expect(message.buffer.byteLength).toBe(0); // detached: it went to the worker as it was
+    } else {
+      expect(message.buffer.byteLength).toBeGreaterThan(0);
+    }
+  });
+
+  it('a batch decoded from a shared buffer is copied (the buffer stays intact), and a damaged raw frame is E_DIGEST_MISMATCH with nothing written', async () => {
+    const { v, file, fh, w } = await setUp();
+    fixDigests(v);
+    const frame = frameOf(v, [0, 1]);
+    const shared = Buffer.concat([frame, Buffer.from('the next frame')]);
+    const env = decodeSingleFrame(shared.subarray(0, frame.length));
+    if (env.kind !== 'restoreChunks') throw new Error(env.kind);
+    await w.write(env.restoreChunks);
+    expect(w.transferred).toBe(0);
+    expect(shared.subarray(frame.length).toString()).toBe('the next frame');
+    const bad = decodeSingleFrame(Buffer.from(frameOf(v, [2, 3], 3)));
+    if (bad.kind !== 'restoreChunks') throw new Error(bad.kind);
+    expect(await codeOf(w.write(bad.restoreChunks))).toBe('E_DIGEST_MISMATCH');
+    await w.close();
+    await fh.close();
+    const out = await readFile(file);
+    expect(out.subarray(0, 2 * CS).equals(v.data.subarray(0, 2 * CS))).toBe(true);
+    expect(out.subarray(2 * CS, 4 * CS).equals(Buffer.alloc(2 * CS))).toBe(true);
   });
 });
 

@@ -1,5 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { chunkCountOf, makeVolume, plainOf, ScriptedAgent, sha256, type TestVolume } from '../../appliance/testing/scripted-agent.js';
+import type { ChunkStore } from '../../appliance/store/chunk-store.js';
 import { envelope } from '../../proto/messages.js';
 import { imageRootDigest } from '../../proto/shared/image-root.js';
 import { zstdDecompress } from '../../proto/shared/zstd.js';
@@ -76,6 +77,53 @@ describe('restore protocol: the appliance side', () => {
     await db1.send(envelope('restoreEnd', { requestId, ok: true, code: '', message: '' }));
     await db1.ping();
     expect(h.app.router.restores.active()).toEqual([]);
+  });
+
+  it('reads adjacent blobs with one vectored pack read, and a failing pack read falls back to getStored: the same frames either way', async () => {
+    const restores = h.app.router.restores as unknown as { store: ChunkStore };
+    const real = restores.store;
+    const ranges = [{ first: 0, count: 3 }, { first: 5, count: 20 }, { first: 1024, count: 1 }];
+    const wanted = ranges.flatMap((r) => Array.from({ length: r.count }, (_, k) => r.first + k));
+    const run = async () => {
+      const requestId = rid();
+      await db1.send(envelope('restoreRequest', { requestId, imageId, changedOnly: false }));
+      await mapOf(db1, requestId);
+      await db1.send(envelope('restoreWant', { requestId, ranges, last: true }));
+      const got: number[] = [];
+      while (got.length < wanted.length) {
+        const b = await db1.next('restoreChunks');
+        for (const c of b.chunks) {
+          expect(zstdDecompress(c.data, c.plainLength).equals(plainOf(v, c.index))).toBe(true);
+          got.push(c.index);
+        }
+        await db1.send(envelope('restoreAck', { requestId, seq: b.seq }));
+      }
+      expect(got).toEqual(wanted);
+      await db1.send(envelope('restoreEnd', { requestId, ok: true, code: '', message: '' }));
+      await db1.ping();
+    };
+    let reads = 0;
+    let fallbacks = 0;
+    try {
+      restores.store = Object.create(real, {
+        readStoredv: { value: (pack: string, offset: number, bufs: Uint8Array[]) => (reads++, real.readStoredv!(pack, offset, bufs)) },
+        getStored: { value: (d: Buffer) => (fallbacks++, real.getStored!(d)) },
+      });
+      await run();
+      // 24 chunks in 3 runs of consecutive indexes, stored back to back by the full backup.
+      expect(reads).toBeGreaterThan(0);
+      expect(reads).toBeLessThanOrEqual(3);
+      expect(fallbacks).toBe(0);
+      // GC moved the blobs (the pack read fails): each chunk is read again by getStored, which retries.
+      restores.store = Object.create(real, {
+        readStoredv: { value: async () => { throw new Error('ENOENT: pack removed'); } },
+        getStored: { value: (d: Buffer) => (fallbacks++, real.getStored!(d)) },
+      });
+      await run();
+      expect(fallbacks).toBe(wanted.length);
+    } finally {
+      restores.store = real;
+    }
   });
 
   it.each([
