@@ -21,8 +21,14 @@ export interface RunReadableStore {
   get(digest: Buffer): Promise<Buffer>;
 }
 
-/** A run is cut at this many stored bytes (one buffer per run). */
-export const MAX_RUN_BYTES = 8 * 1024 * 1024;
+/**
+ * A run is cut at this many stored bytes (one buffer per run; a run always
+ * takes its first blob). The plain blobs returned are views of the run's
+ * buffer, and ImageSource's LRU keeps such views: a cached 64 KiB chunk pins
+ * at most this much, so the cache's memory stays within 4× its budget. An
+ * NBD read of nbdcopy (256 KiB, 4 chunks) is one run.
+ */
+export const MAX_RUN_BYTES = 256 * 1024;
 
 interface Item { k: number; loc: BlobLocation }
 
