@@ -153,6 +153,15 @@ async function benchSize(volumeGiB: number, scale: number): Promise<{ size: Size
       reads.seen.add(d.toString('hex'));
       try { return await inner(d); } finally { reads.n++; reads.ms += performance.now() - t0; }
     };
+    // Chunks come through getMany (one pread per run of adjacent chunks): count its digests too.
+    const innerMany = img.store.getMany?.bind(img.store);
+    if (innerMany) {
+      img.store.getMany = async (ds: Buffer[]) => {
+        const t0 = performance.now();
+        for (const d of ds) reads.seen.add(d.toString('hex'));
+        try { return await innerMany(ds); } finally { reads.n += ds.length; reads.ms += performance.now() - t0; }
+      };
+    }
     const nbd = await serveImage(fx, img);
     const size: SizeResult = { volumeGiB, scale, primary: [], standby: [], phases: [], logPhases: [] };
     const ab: Record<string, number[]> = { on: [], off: [] };
