@@ -253,11 +253,15 @@ async function main(): Promise<void> {
   for (const s of summary) {
     say(`${s.volumeGiB} GiB: primary ${s.primaryMedian} s, standby ${s.standbyMedian} s (medians); phases ${JSON.stringify(s.phasesMedian)}; server log ${JSON.stringify(s.serverLogMedian)}`);
   }
-  const ratio = summary.length >= 2 ? r3(summary[summary.length - 1]!.primaryMedian / summary[0]!.primaryMedian) : undefined;
-  if (ratio !== undefined) say(`ratio ${summary[summary.length - 1]!.volumeGiB} GiB / ${summary[0]!.volumeGiB} GiB (primary): ${ratio} (goal ≤ 1.2)`);
+  // Largest over smallest size, whatever order BENCH_SIZES_GIB ran them in (8,1 printed the inverse before).
+  const bySize = [...summary].sort((a, b) => a.volumeGiB - b.volumeGiB);
+  const [small, big] = [bySize[0], bySize[bySize.length - 1]];
+  const ratio = summary.length >= 2 ? r3(big!.primaryMedian / small!.primaryMedian) : undefined;
+  const standbyRatio = summary.length >= 2 ? r3(big!.standbyMedian / small!.standbyMedian) : undefined;
+  if (ratio !== undefined) say(`ratio ${big!.volumeGiB} GiB / ${small!.volumeGiB} GiB: primary ${ratio}, standby ${standbyRatio} (goal ≤ 1.2)`);
   if (clones?.length) say(`clones: 1st ${clones[0]!.toFixed(3)} s, ${clones.length}th ${clones[clones.length - 1]!.toFixed(3)} s`);
   await mkdir('.bench', { recursive: true });
-  await writeFile('.bench/mount.json', JSON.stringify({ at: new Date().toISOString(), directIo: DIRECT_IO, cow: COW, pgSettings: PG_SETTINGS, results, summary, ratio, clones }, null, 2) + '\n');
+  await writeFile('.bench/mount.json', JSON.stringify({ at: new Date().toISOString(), directIo: DIRECT_IO, cow: COW, pgSettings: PG_SETTINGS, results, summary, ratio, standbyRatio, clones }, null, 2) + '\n');
 }
 
 main().then(() => process.exit(0), (e: unknown) => {
