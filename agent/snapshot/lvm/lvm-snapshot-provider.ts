@@ -12,8 +12,7 @@
  *   of ours stays frozen if the agent is killed. Measured in the lab
  *   (kernel 6.1): an fsfreeze of our own before lvcreate makes that suspend
  *   fail with EBUSY (freeze_super of an already frozen superblock).
- * - Consistency groups (createGroup), lvm-classic only and only with
- *   `experimentalGroups` (see that option for why): `dmsetup suspend`
+ * - Consistency groups (createGroup), lvm-classic only: `dmsetup suspend`
  *   (lockfs: flush + freeze) of every member's origin, then one lvcreate per
  *   member — LVM finds its origin already suspended, skips its own suspend,
  *   loads the snapshot tables and resumes that origin — then a resume of any
@@ -66,16 +65,13 @@ export interface LvmSnapshotProviderOptions {
   /** Fill poll interval while a snapshot exists (default 2 s). */
   pollMs?: number;
   /**
-   * lvm-classic consistency groups (createGroup), off unless set: in a
-   * fresh-clone CI run (2026-11-30 17:46) the SnapshotProvider contract's
-   * group test read, out of a member's group snapshot, a file content other
-   * than the one written and fsync'ed before the group was taken (green in
-   * the other runs; the same assertion failed once for the reflink provider
-   * under load, cause not found). Until that is understood no agent takes
-   * lvm-classic groups (compose.ts does not set this; agents refuse groups
-   * as with lvm-thin, E_CONFIG); the lab's group tests set it.
+   * lvm-classic consistency groups (createGroup): on unless `false`. They
+   * were off for a while (a contract run had read, out of a member's group
+   * snapshot, a file one byte short of what was written: the test's
+   * read-back dropped a trailing newline, see debugfsCat in
+   * test/agent/snapshot-provider.contract.ts; the snapshots were right).
    */
-  experimentalGroups?: boolean;
+  groups?: boolean;
 }
 
 export const agentTag = (agent: string) => `bsn.agent.${agent}`;
@@ -127,7 +123,7 @@ export class LvmSnapshotProvider implements SnapshotProvider {
     this.log = opts.logger ?? createLogger(this.kind);
     this.cow = opts.cow ?? { percent: 20, minBytes: 32 << 20 };
     this.fillLimit = opts.fillLimitPercent ?? 90;
-    if (opts.mode === 'classic' && opts.experimentalGroups) this.createGroup = (volumes, tag) => this.createClassicGroup(volumes, tag);
+    if (opts.mode === 'classic' && opts.groups !== false) this.createGroup = (volumes, tag) => this.createClassicGroup(volumes, tag);
   }
 
   /** createGroup of lvm-classic: suspend every origin, snapshot each, resume (see the file comment). */
