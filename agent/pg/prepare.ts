@@ -30,6 +30,7 @@
  *   (seen on 15). A restore that lacks the WAL up to the stop point still
  *   fails, with "WAL ends before end of online backup". ≤ 9.3 have no target:
  *   they replay all the WAL they find.
+ *   A backup taken on a standby (14+) gets no target: see endsAtItsWalEnd.
  *   recovery_target_timeline = the stop timeline (the default 'latest' could
  *   follow a timeline forked after the image).
  *   restore_command = the given one, else '/bin/false': archive recovery
@@ -158,6 +159,25 @@ function checkLabel(label: string, stopLsn: string): void {
   }
 }
 
+/**
+ * A backup taken on a standby, 14+: recovery gets no target and replays the
+ * image's pg_wal to its end. 'immediate' stops only *before* a record read
+ * after the consistency point (or after a commit/abort record): a standby
+ * paused at the end of what it had received — an idle primary's last record
+ * a checkpoint or running-xacts — yields an image whose WAL ends exactly at
+ * its consistency point (the label's end, the standby's minRecoveryPoint),
+ * and 14+ then refuses with "recovery ended before configured recovery
+ * target was reached" (seen in the LVM e2e: "record with incorrect prev-link
+ * … at 0/B000060", redo done at 0/B000028, the stop point 0/B000060). Without a
+ * target the copy is consistent at the same point and may replay, past it,
+ * what the standby had received up to the snapshot (real WAL of the same
+ * history, bounded by removeWalPast). ≤ 13 ends recovery at the WAL's end
+ * whatever the target.
+ */
+function endsAtItsWalEnd(o: PrepareOptions): boolean {
+  return o.version >= 140000 && /^BACKUP FROM: standby$/m.test(o.labelFile);
+}
+
 /** Every refusal prepareDataDir makes, without writing anything: callers that write first (WAL) run it before. */
 export async function checkDataDir(dir: string, o: PrepareOptions): Promise<void> {
   pgSqlFor(o.version);
@@ -205,7 +225,7 @@ export async function prepareDataDir(dir: string, o: PrepareOptions): Promise<Pr
     settings.recovery_target_timeline = 'latest';
   } else {
     settings.restore_command = o.restoreCommand ?? '/bin/false';
-    if (sql.recovery.targetImmediate) settings.recovery_target = 'immediate';
+    if (sql.recovery.targetImmediate && !endsAtItsWalEnd(o)) settings.recovery_target = 'immediate';
     if (sql.recovery.promoteAtTarget) {
       const [name, promote] = sql.recovery.promoteAtTarget;
       settings[name] = !o.pauseAtTarget ? promote : name === 'pause_at_recovery_target' ? 'true' : 'pause';
