@@ -183,7 +183,7 @@ node ${path.join(repoRoot(), 'dist', 'scripts', 'lab', 'write-stall.js')} bench 
     console.log(`write stall seen by an O_DSYNC writer (4 KiB every ~10 ms) during each snapshot, ${jobs} jobs per provider, ms p50 / p99 / max:`);
     console.log('| provider | longest write during create | same, equal windows without a snapshot | provider freezeSeconds | create() wall |');
     console.log('|---|---|---|---|---|');
-    for (const line of r.output.split('\n').filter((l) => l.startsWith('{'))) {
+    for (const line of r.output.split('\n').filter((l) => l.startsWith('{"volume"'))) {
       const x = JSON.parse(line) as { mode: string; stallMs: number[]; idleStallMs: number[]; freezeMs: number[]; createMs: number[]; writes: number };
       console.log(`| lvm-${x.mode} | ${f(x.stallMs)} | ${f(x.idleStallMs)} | ${f(x.freezeMs)} | ${f(x.createMs)} |`);
       console.log(`  raw ${x.mode}: ${JSON.stringify(x)}`);

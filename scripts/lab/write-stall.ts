@@ -18,6 +18,7 @@ import { spawn } from 'node:child_process';
 import { constants } from 'node:fs';
 import { open, readFile, rm } from 'node:fs/promises';
 import { pathToFileURL } from 'node:url';
+import { pino } from 'pino';
 import { LvmSnapshotProvider, type LvmSnapshotMode } from '../../agent/snapshot/lvm/lvm-snapshot-provider.js';
 
 const now = () => performance.timeOrigin + performance.now(); // epoch ms, comparable across processes
@@ -59,7 +60,7 @@ interface BenchVolume { mode: LvmSnapshotMode; name: string; device: string; mou
 async function bench(jobs: number, vols: BenchVolume[]): Promise<void> {
   const self = new URL(import.meta.url).pathname;
   for (const v of vols) {
-    const provider = new LvmSnapshotProvider({ mode: v.mode, agent: 'stall', stateDir: `/tmp/stall-state-${v.name}`, pollMs: 600_000 });
+    const provider = new LvmSnapshotProvider({ mode: v.mode, agent: 'stall', stateDir: `/tmp/stall-state-${v.name}`, pollMs: 600_000, logger: pino({ level: 'silent' }) });
     const out = `/tmp/stall-${v.name}.log`;
     const child = spawn(process.execPath, [self, 'writer', `${v.mountpoint}/stall.dat`, out], { stdio: 'inherit' });
     const exited = new Promise<void>((r) => child.on('exit', () => r()));
