@@ -8,9 +8,9 @@
  * - 2 000 pgbench transactions, audited incrementals of both (the audit
  *   checks the tracker's bitmap against a full digest comparison: 0 missed);
  * - 2 000 more, tracker incrementals reading only the marked chunks;
- * - instant mount of the primary's newest image on this host (another
- *   agent, the test-copy flow): PostgreSQL starts, the pgbench data is the
- *   backup's (the standby's: see the test);
+ * - instant mount of the primary's and of the standby's newest image on this
+ *   host (another agent, the test-copy flow): PostgreSQL starts, the pgbench
+ *   data is the backup's;
  * - kill -9 of db1 while its job holds a snapshot: the restarted agent
  *   removes its orphans and only its own;
  * - after the agents stop no job snapshot is left (the basis stays).
@@ -86,17 +86,19 @@ describe.skipIf(labSkipReason)('LVM end to end: agents in the guest, appliance o
     }
   }, 900_000);
 
-  // The standby's image is not mounted here: PostgreSQL's recovery_target = 'immediate' (what the mount
-  // sets) only stops *before* a record after the consistency point, and an idle standby's image can end
-  // exactly there ("recovery ended before configured recovery target was reached", seen once in two runs
-  // on the dm-era standby's tracker image). That is the mount's recovery setting, not LVM: left to it.
-  it('instant mount on the host of the primary\'s image: PostgreSQL starts with the backup\'s pgbench data', async () => {
+  it('instant mount on the host of the primary\'s and of the standby\'s image: PostgreSQL starts with the backup\'s pgbench data', async () => {
     expect(history).toMatch(/^\d+ -?\d+$/);
     const stateDir = await mkdtemp(path.join(os.tmpdir(), 'bsn-lvm-host-agent-'));
     fx.defer('host agent state', () => rm(stateDir, { recursive: true, force: true }));
     const host = await fx.agent({ url: appl.url, name: 'host', token: appl.tokens.host!, volumes: [], stateDir, tracking: 'off' });
-    for (const who of [PRIMARY]) {
+    for (const who of [PRIMARY, STANDBY]) {
       const r = await applianceCmd(appl.dataDir, ['mount', newest[who.agent]!, '--on', 'host', '--json']);
+      if (r.exitCode !== 0) {
+        // Was the tracker image short of a write? An audited incremental now sees any chunk the last
+        // tracker interval missed as changed-but-unmarked (auditMissed > 0).
+        const audit = await job(who, 'incremental', true).then((x) => x.stats, (e: unknown) => String(e));
+        console.log(`mount of ${who.agent}'s image failed; audited incremental after it: ${JSON.stringify(audit)}`);
+      }
       expect(r.exitCode, r.stderr + r.stdout).toBe(0);
       const m = r.json as { mountId: string; connection: string; secondsToFirstQuery: number };
       fx.defer(`mount ${m.mountId}`, () => host.agent.mounts.unmount(m.mountId).catch(() => undefined));
