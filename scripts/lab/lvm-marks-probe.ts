@@ -108,15 +108,18 @@ async function metadataRanges(dev: string): Promise<Array<[number, number, strin
   return r;
 }
 
-/** Per chunk, what lives there in `dev` (an ext4 of 4 KiB blocks): one label per chunk. */
+/** Per chunk, what lives there in `dev` (an ext4): one label per chunk, the most telling of its blocks'. */
 async function whatLives(dev: string, chunks: number[]): Promise<Map<number, string>> {
   const meta = await metadataRanges(dev);
+  // mke2fs' "small" type (< 512 MiB) makes 1 KiB blocks: read the block size, do not assume 4 KiB.
+  const bs = Number(/Block size:\s+(\d+)/.exec((await execa('dumpe2fs', ['-h', dev], { reject: false })).stdout)?.[1] ?? 4096);
+  const per = CHUNK / bs;
   const blocks: number[] = [];
-  for (const c of chunks) for (let b = c * 16; b < c * 16 + 16; b++) blocks.push(b);
+  for (const c of chunks) for (let b = c * per; b < c * per + per; b++) blocks.push(b);
   const inodeOf = new Map<number, number>();
   // debugfs reads a command line of at most a few KiB: 100 blocks per icheck line, one run for all lines.
   const lines: string[] = [];
-  for (let i = 0; i < blocks.length; i += 100) lines.push(`icheck ${blocks.slice(i, i + 100).join(' ')}`);
+  for (let i = 0; i < blocks.length; i += 200) lines.push(`icheck ${blocks.slice(i, i + 200).join(' ')}`);
   await writeFile('/tmp/icheck.cmd', lines.join('\n') + '\n');
   const icheck = (await execa('debugfs', ['-f', '/tmp/icheck.cmd', dev], { reject: false })).stdout;
   for (const m of icheck.matchAll(/^(\d+)\s+(\d+)$/gm)) inodeOf.set(Number(m[1]), Number(m[2]));
@@ -145,7 +148,7 @@ async function whatLives(dev: string, chunks: number[]): Promise<Map<number, str
   const res = new Map<number, string>();
   for (const c of chunks) {
     const labels = new Set<string>();
-    for (let b = c * 16; b < c * 16 + 16; b++) labels.add(label(b));
+    for (let b = c * per; b < c * per + per; b++) labels.add(label(b));
     res.set(c, order.find((o) => labels.has(o)) ?? [...labels].find((l) => l.startsWith('other file')) ?? [...labels][0]!);
   }
   return res;

@@ -93,31 +93,48 @@ export class ThinDeltaTracker extends GenerationTracker {
     this.basis = bases.pop() ?? null;
     for (const old of bases) await lvm('lvremove', ['-q', '-f', `${old.vg}/${old.name}`], { code: 'E_TRACKER' });
     if (!this.basis) {
-      this.basis = await this.snapshotOrigin();
+      this.basis = (await this.snapshotOrigin()).lv;
       if (opts.initial) gens.invalidate(`no basis snapshot of ${origin.vg}/${origin.name} was left by the earlier run: changes since its stop are unknown`);
     }
     this.info = { identity: dev.identity, counters: await readIoCounters(major, minor) };
     this.opts.log?.info({ device: opts.device, basis: this.basis.name, generation: opts.generation }, 'thin-delta tracking started');
   }
 
-  /** A thin snapshot of the origin, tagged as a basis (never activated: thin_delta reads the pool's metadata). */
-  private async snapshotOrigin(): Promise<LvInfo> {
+  /**
+   * A thin snapshot of the origin, tagged as a basis (never activated:
+   * thin_delta reads the pool's metadata). Also returns the origin's bases
+   * as they are now (one `lvs` by tag for both: each LVM command costs
+   * about a second in the lab's guest).
+   */
+  private async snapshotOrigin(): Promise<{ lv: LvInfo; bases: LvInfo[] }> {
     const o = this.origin!;
     const name = `bsn.basis.${o.name}.${Date.now().toString(36)}${(++seq).toString(36)}`.slice(0, 120);
     await lvm('lvcreate', ['-q', '-s', '-n', name, '--addtag', 'blocksnap', '--addtag', BASIS_TAG, '--addtag', originTag(o), `${o.vg}/${o.name}`], { code: 'E_TRACKER' });
-    const lv = (await listLvs([`${o.vg}/${name}`], { code: 'E_TRACKER' }))[0];
+    const bases = await listLvs([`@${originTag(o)}`], { code: 'E_TRACKER' });
+    const lv = bases.find((l) => l.vg === o.vg && l.name === name);
     if (!lv || !(lv.thinId >= 0)) throw new BlocksnapError('E_TRACKER', `basis snapshot ${o.vg}/${name} has no thin id`);
-    return lv;
+    return { lv, bases };
   }
 
-  /** Ranges changed between thin devices `from` and `to` (the origin when omitted), recorded into the open generation(s). */
-  private async recordDelta(from: LvInfo, to?: LvInfo): Promise<void> {
+  /**
+   * Ranges changed between thin devices `from` and `to` (the origin when
+   * omitted), recorded into the open generation(s). `from` is first checked
+   * to be still the snapshot it was (not removed or replaced outside
+   * blocksnap) — against `listed` when the caller has just listed it, or
+   * not at all when `from` was made by this very switch (`'fresh'`: if it
+   * is gone, thin_delta fails and the generation is invalid anyway).
+   */
+  private async recordDelta(from: LvInfo, to?: LvInfo, listed?: LvInfo[] | 'fresh'): Promise<void> {
     const o = this.origin!;
     const gens = this.gens!;
-    const current = (await listLvs([`${o.vg}/${from.name}`], { code: 'E_TRACKER' }).catch(() => []))[0];
-    if (!current || current.thinId !== from.thinId || current.origin !== o.name) {
-      gens.invalidate(`basis snapshot ${o.vg}/${from.name} is gone or was replaced outside blocksnap: changes since it are unknown`);
-      return;
+    if (listed !== 'fresh') {
+      const current = listed
+        ? listed.find((l) => l.vg === o.vg && l.name === from.name)
+        : (await listLvs([`${o.vg}/${from.name}`], { code: 'E_TRACKER' }).catch(() => []))[0];
+      if (!current || current.thinId !== from.thinId || current.origin !== o.name) {
+        gens.invalidate(`basis snapshot ${o.vg}/${from.name} is gone or was replaced outside blocksnap: changes since it are unknown`);
+        return;
+      }
     }
     const tpool = `${dmName(o.vg, o.pool)}-tpool`;
     const tmeta = `/dev/mapper/${dmName(o.vg, `${o.pool}_tmeta`)}`;
@@ -168,16 +185,17 @@ export class ThinDeltaTracker extends GenerationTracker {
   }
 
   protected override async settle(): Promise<void> {
-    this.pending = await this.snapshotOrigin().catch((e: unknown) => {
+    const made = await this.snapshotOrigin().catch((e: unknown) => {
       throw toBlocksnapError(e, 'E_TRACKER');
     });
-    await this.recordDelta(this.basis!, this.pending);
+    this.pending = made.lv;
+    await this.recordDelta(this.basis!, made.lv, made.bases);
   }
 
   protected override async drain(): Promise<void> {
     const p = this.pending;
     if (!p) return;
-    await this.recordDelta(p);
+    await this.recordDelta(p, undefined, 'fresh');
     const old = this.basis!;
     this.basis = p;
     this.pending = null;
