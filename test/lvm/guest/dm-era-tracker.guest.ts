@@ -1,7 +1,11 @@
 /**
  * The Tracker contract (test/agent/tracker.contract.ts) against the dm-era
- * tracker in the guest: per test a fresh era target (64 KiB blocks) over a
- * plain LV, with its metadata on a second LV.
+ * tracker in the guest: per test a fresh era target (64 KiB blocks) with its
+ * own metadata device. The contract's targets sit on dm-linear slices of
+ * one LV made once per file: a `dmsetup create` is a fraction of an
+ * `lvcreate` + `lvremove` in the ptrace'd guest, and the tracker only sees
+ * an era target either way. The identity test needs the era over an LV and
+ * makes its own.
  */
 import { constants } from 'node:fs';
 import { mkdir, open } from 'node:fs/promises';
@@ -16,20 +20,14 @@ import { CONTRACT_CHUNK, trackerContract, type ContractRig } from '../../agent/t
 import { VG, makeVg, sh } from './lvm-rig.js';
 
 const SIZE = 4 * 1024 * 1024;
+const META = 4 * 1024 * 1024;
+/** Slices of the file's LV: one per rig (the contract and the specifics make about 15). */
+const SLOTS = 32;
 let vgReady: Promise<void> | null = null;
 let n = 0;
 const log = pino({ level: 'silent' });
 
-async function makeRig(): Promise<ContractRig> {
-  vgReady ??= makeVg();
-  await vgReady;
-  const name = `e${++n}`;
-  await sh('lvcreate', ['-q', '-L', `${SIZE / 1024 / 1024}M`, '-n', name, VG]);
-  await sh('lvcreate', ['-q', '-L', '4M', '-n', `${name}meta`, VG]);
-  await sh('dd', ['if=/dev/zero', `of=/dev/${VG}/${name}meta`, 'bs=4k', 'count=1', 'oflag=direct', 'status=none']);
-  const era = `${name}era`;
-  await sh('dmsetup', ['create', era, '--table', `0 ${SIZE / 512} era /dev/${VG}/${name}meta /dev/${VG}/${name} ${CONTRACT_CHUNK / 512}`]);
-  await sh('dmsetup', ['mknodes']);
+function eraRig(era: string, metadata: string, data: string, teardown: () => Promise<void>): ContractRig {
   const device = `/dev/mapper/${era}`;
   return {
     tracker: new DmEraTracker({ log }),
@@ -45,14 +43,51 @@ async function makeRig(): Promise<ContractRig> {
     },
     discard: async (offset, length) => void (await sh('blkdiscard', ['-o', String(offset), '-l', String(length), device])),
     another: () => new DmEraTracker({ log }),
-    teardown: async () => {
-      await execa('dmsetup', ['remove', era], { reject: false });
-      await sh('lvremove', ['-q', '-f', `${VG}/${name}`, `${VG}/${name}meta`]);
-    },
+    teardown,
   };
 }
 
-trackerContract('dm-era (era target over an LV in a user-mode-linux guest)', makeRig);
+async function makeEra(era: string, metadata: string, data: string): Promise<void> {
+  await sh('dd', ['if=/dev/zero', `of=${metadata}`, 'bs=4k', 'count=1', 'oflag=direct', 'status=none']);
+  await sh('dmsetup', ['create', era, '--table', `0 ${SIZE / 512} era ${metadata} ${data} ${CONTRACT_CHUNK / 512}`]);
+  await sh('dmsetup', ['mknodes']);
+}
+
+/** An era target over a slice of the file's LV, its metadata on the next slice. */
+async function makeRig(): Promise<ContractRig> {
+  vgReady ??= (async () => {
+    await makeVg();
+    await sh('lvcreate', ['-q', '-L', `${(SLOTS * (SIZE + META)) / 1024 / 1024}M`, '-n', 'slices', VG]);
+  })();
+  await vgReady;
+  const i = n++;
+  if (i >= SLOTS) throw new Error(`more than ${SLOTS} rigs: raise SLOTS`);
+  const name = `e${i}`;
+  const at = (i * (SIZE + META)) / 512;
+  await sh('dmsetup', ['create', `${name}data`, '--table', `0 ${SIZE / 512} linear /dev/${VG}/slices ${at}`]);
+  await sh('dmsetup', ['create', `${name}meta`, '--table', `0 ${META / 512} linear /dev/${VG}/slices ${at + SIZE / 512}`]);
+  await sh('dmsetup', ['mknodes']);
+  await makeEra(`${name}era`, `/dev/mapper/${name}meta`, `/dev/mapper/${name}data`);
+  return eraRig(`${name}era`, `/dev/mapper/${name}meta`, `/dev/mapper/${name}data`, async () => {
+    await execa('dmsetup', ['remove', `${name}era`, `${name}meta`, `${name}data`], { reject: false });
+  });
+}
+
+/** An era target over its own LV (the identity proof wants an LV under the era). */
+async function makeLvRig(): Promise<ContractRig> {
+  vgReady ??= makeVg();
+  await vgReady;
+  const name = `l${n++}`;
+  await sh('lvcreate', ['-q', '-L', `${SIZE / 1024 / 1024}M`, '-n', name, VG]);
+  await sh('lvcreate', ['-q', '-L', `${META / 1024 / 1024}M`, '-n', `${name}meta`, VG]);
+  await makeEra(`${name}era`, `/dev/${VG}/${name}meta`, `/dev/${VG}/${name}`);
+  return eraRig(`${name}era`, `/dev/${VG}/${name}meta`, `/dev/${VG}/${name}`, async () => {
+    await execa('dmsetup', ['remove', `${name}era`], { reject: false });
+    await sh('lvremove', ['-q', '-f', `${VG}/${name}`, `${VG}/${name}meta`]);
+  });
+}
+
+trackerContract('dm-era (era target over a slice of an LV in a user-mode-linux guest)', makeRig);
 
 describe('dm-era specifics', () => {
   afterAll(async () => {
@@ -79,8 +114,8 @@ describe('dm-era specifics', () => {
   });
 
   it('volume identity: an era target over the whole LV is the volume\'s device; an era over another LV is refused', async () => {
-    const rig = await makeRig(); // era e<n>era over LV e<n>
-    const other = await makeRig();
+    const rig = await makeLvRig(); // era l<n>era over LV l<n>
+    const other = await makeLvRig();
     const lv = (r: ContractRig) => `${VG}/${r.device.split('/').pop()!.replace(/era$/, '')}`;
     const mnt = '/mnt/era-identity';
     try {
