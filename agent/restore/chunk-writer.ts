@@ -5,6 +5,7 @@ import { DIGEST_BYTES } from '../../proto/shared/image-root.js';
 import { zstdDecompress } from '../../proto/shared/zstd.js';
 import type { RestoreChunks } from './restore-session.js';
 import { RestoreWorkers } from './restore-workers.js';
+import { sliceFrom } from './slice-from.js';
 
 /**
  * Checks and writes the chunks of one restore (DESIGN.md §4.6). Every chunk
@@ -162,21 +163,6 @@ export class ChunkWriter {
     }
     this.bytesWritten += total;
   }
-}
-
-/** The buffers from byte `skip` on (a short writev continues where it stopped). */
-function sliceFrom(bufs: Buffer[], skip: number): Buffer[] {
-  if (skip === 0) return bufs;
-  const out: Buffer[] = [];
-  for (const b of bufs) {
-    if (skip >= b.length) {
-      skip -= b.length;
-      continue;
-    }
-    out.push(skip > 0 ? b.subarray(skip) : b);
-    skip = 0;
-  }
-  return out;
 }
 
 /**

@@ -22,6 +22,7 @@ import { writevSync } from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
 import { zstdDecompress } from '../../proto/shared/zstd.js';
 import { rawFrameView } from './raw-frame-view.js';
+import { sliceFrom } from './slice-from.js';
 
 export interface RestoreWorkerConfig {
   fd: number;
@@ -186,16 +187,3 @@ function run(cfg: RestoreWorkerConfig): void {
 
 if (parentPort && workerData) run(workerData as RestoreWorkerConfig);
 
-/** The buffers from byte `skip` on. */
-function sliceFrom(bufs: Buffer[], skip: number): Buffer[] {
-  const out: Buffer[] = [];
-  for (const b of bufs) {
-    if (skip >= b.length) {
-      skip -= b.length;
-      continue;
-    }
-    out.push(skip > 0 ? b.subarray(skip) : b);
-    skip = 0;
-  }
-  return out;
-}
