@@ -8,6 +8,11 @@
  *     onto a new file and onto a loop device, BENCH_RUNS (3) runs each,
  *     medians; vs `dd bs=4M conv=fsync` of the raw snapshot file to a new
  *     file (the same bytes, no network, no checks).
+ *  1b. `pgbench`: the same restores of the data the full backup's ≥ 500 MB/s
+ *     was measured on (bench.ts part A, scripts/lab/pgbench-volume.ts):
+ *     pgbench scale BENCH_PGBENCH_SCALE (50) on a 4 GiB volume, PostgreSQL
+ *     running during the full backup; MB/s of allocated data, CPU per GiB,
+ *     vs `dd` of the raw snapshot (a smaller scale for quick runs).
  *  2. Changed-only vs full after BENCH_TX (2 000) pgbench transactions
  *     (scale BENCH_SCALE, 10) on a PostgreSQL 15 volume: bytes and chunks
  *     written by `--changed-only` onto the volume (tracker) and by a full
@@ -28,6 +33,7 @@ import { exitAfterFlush } from '../proto/shared/cli-exit.js';
 import { startAppliance, type ApplianceHarness } from './lab/appliance-harness.js';
 import { attachLoop, detachLoop } from './lab/loop.js';
 import { PgCluster } from './lab/pg-cluster.js';
+import { createPgbenchVolume, PGBENCH_VOLUME_SIZE } from './lab/pgbench-volume.js';
 import { agentCli, spawnAgent, type Daemon } from './lab/processes.js';
 import { createVolumeLab, type VolumeLab } from './lab/volume-lab.js';
 
@@ -38,7 +44,8 @@ const SCALE = Number(process.env.BENCH_SCALE ?? 10);
 /** Where the file targets go (default: the lab's XFS pool); e.g. /dev/shm to take the disk out of the measurement. */
 const TARGET_DIR = process.env.BENCH_TARGET_DIR;
 /** BENCH_RESTORE_PARTS=full runs only part 1 (e.g. to compare variants or profile with NODE_OPTIONS=--cpu-prof). */
-const PARTS = (process.env.BENCH_RESTORE_PARTS ?? 'bitset,full,changed').split(',');
+const PARTS = (process.env.BENCH_RESTORE_PARTS ?? 'bitset,full,pgbench,changed').split(',');
+const PGBENCH_SCALE = Number(process.env.BENCH_PGBENCH_SCALE ?? 50);
 const GiB = 1024 ** 3;
 const MB = 1e6;
 
@@ -53,6 +60,7 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 interface Setup { lab: VolumeLab; appl: ApplianceHarness; agent: Daemon; configFile: string; kept: string }
 
 async function setUp(name: string, appl: ApplianceHarness, lab: VolumeLab): Promise<Setup> {
+  // The lab's volume name is the one backups and restores name (vol, or pgdata for the pgbench volume).
   const stateDir = join(lab.root, `state-${name}`);
   const kept = join(lab.poolMount, `kept-${name}`);
   await mkdir(stateDir, { recursive: true });
@@ -72,10 +80,10 @@ async function setUp(name: string, appl: ApplianceHarness, lab: VolumeLab): Prom
 }
 
 async function backup(s: Setup, mode: 'full' | 'incremental'): Promise<{ imageId: string; snap: string }> {
-  const job = s.appl.app.router.startJob('db1', 'vol', mode);
+  const job = s.appl.app.router.startJob('db1', s.lab.volume.name, mode);
   const outcome = await job.done;
   if (!outcome.ok) throw new Error(`backup failed: ${JSON.stringify(outcome)}`);
-  return { imageId: outcome.imageId!, snap: join(s.kept, `vol_${job.id}.img`) };
+  return { imageId: outcome.imageId!, snap: join(s.kept, `${s.lab.volume.name}_${job.id}.img`) };
 }
 
 async function restoreCli(s: Setup, imageId: string, target: string, ...flags: string[]): Promise<RestoreResult> {
@@ -93,65 +101,98 @@ async function fullRestoreBench(appl: ApplianceHarness): Promise<Record<string, 
       await execa('dd', ['if=/dev/urandom', `of=${join(s.lab.volumeMount, `r${i}`)}`, 'bs=1M', `count=${Math.min(128, DATA_MIB - i * 128)}`, 'status=none']);
     }
     await execa('sync');
-    const img = await backup(s, 'full');
-    const snapBytes = (await stat(img.snap)).blocks * 512;
-    say(`restore: image ${img.imageId}, ${(snapBytes / 2 ** 20).toFixed(0)} MiB allocated of ${GiB / 2 ** 20} MiB`);
-    const devFile = join(s.lab.poolMount, 'target-dev.img');
-    await writeFile(devFile, '');
-    await execa('truncate', ['-s', String(GiB), devFile]);
-    const dev = await attachLoop(devFile);
-    const file: number[] = [];
-    const device: number[] = [];
-    const dd: number[] = [];
-    const agentCpu: number[] = [];
-    const applianceCpu: number[] = [];
-    const split: { agent: ReturnType<typeof cpuSplit>; appliance: ReturnType<typeof cpuSplit> }[] = [];
-    try {
-      for (let run = 0; run < RUNS; run++) {
-        const out = join(TARGET_DIR ?? s.lab.poolMount, `restored-${run}.raw`);
-        const cpuAgent0 = await cpuSeconds(s.agent.pid);
-        const cpuAppl0 = process.cpuUsage();
-        const thAgent0 = await threadCpu(s.agent.pid);
-        const thAppl0 = await threadCpu(process.pid);
-        const r = await restoreCli(s, img.imageId, out);
-        const gib = r.bytesWritten / GiB;
-        agentCpu.push((await cpuSeconds(s.agent.pid) - cpuAgent0) / gib);
-        const cu = process.cpuUsage(cpuAppl0);
-        applianceCpu.push((cu.user + cu.system) / 1e6 / gib);
-        const sa = cpuSplit(s.agent.pid, thAgent0, await threadCpu(s.agent.pid), gib);
-        const sp = cpuSplit(process.pid, thAppl0, await threadCpu(process.pid), gib);
-        say(`  CPU s/GiB by thread: agent main ${sa.main.toFixed(2)}, restore workers (ended) ${sa.rest.toFixed(2)}, other threads ${sa.others.toFixed(2)}; ` +
-          `appliance main ${sp.main.toFixed(2)}, other threads ${sp.others.toFixed(2)} (+${sp.rest.toFixed(2)} new/ended)`);
-        split.push({ agent: sa, appliance: sp });
-        file.push(r.mbPerSecond);
-        await rm(out, { force: true });
-        const rd = await restoreCli(s, img.imageId, dev);
-        device.push(rd.bytesWritten / MB / rd.seconds);
-        const ddOut = join(TARGET_DIR ?? s.lab.poolMount, `dd-${run}.raw`);
-        const t0 = performance.now();
-        await execa('dd', [`if=${img.snap}`, `of=${ddOut}`, 'bs=4M', 'conv=fsync,sparse', 'status=none']);
-        dd.push(snapBytes / MB / ((performance.now() - t0) / 1000));
-        await rm(ddOut, { force: true });
-        say(`  run ${run + 1}: restore to file ${r.mbPerSecond.toFixed(0)} MB/s (${r.chunksFetched} chunks, ${r.holes} holes, ${r.seconds.toFixed(2)} s; ` +
-          `CPU per GiB: agent ${agentCpu[run]!.toFixed(2)} s, appliance ${applianceCpu[run]!.toFixed(2)} s), ` +
-          `to loop device ${device[run]!.toFixed(0)} MB/s (${rd.seconds.toFixed(2)} s incl. zeroing ${(rd.bytesZeroed / 2 ** 20).toFixed(0)} MiB), dd ${dd[run]!.toFixed(0)} MB/s`);
-      }
-    } finally {
-      await detachLoop(dev, { backingFile: devFile }).catch(() => undefined);
-      await rm(devFile, { force: true });
-    }
-    const res = {
-      allocatedMiB: snapBytes / 2 ** 20, fileMBps: median(file), deviceMBps: median(device), ddMBps: median(dd),
-      agentCpuPerGiB: median(agentCpu), applianceCpuPerGiB: median(applianceCpu), loadavg: loadavg()[0], runs: { file, device, dd, agentCpu, applianceCpu, split },
-    };
-    say(`restore MB/s of allocated data (median of ${RUNS}): file ${res.fileMBps.toFixed(0)}, loop device ${res.deviceMBps.toFixed(0)}, dd of the raw file ` +
-      `${res.ddMBps.toFixed(0)}; CPU per GiB restored: agent ${res.agentCpuPerGiB.toFixed(2)} s, appliance ${res.applianceCpuPerGiB.toFixed(2)} s ` +
-      `(each side on its own idle core could do ${(GiB / MB / Math.max(res.agentCpuPerGiB, res.applianceCpuPerGiB)).toFixed(0)} MB/s); load average ${res.loadavg.toFixed(1)}`);
-    return res;
+    return await restoreRounds(s, 'restore', GiB);
   } finally {
     await s?.agent.stop();
     await lab.destroy();
   }
+}
+
+/**
+ * The same restores of the data the full backup's goal was measured on
+ * (bench.ts part A): pgbench on a 4 GiB volume, backed up while PostgreSQL
+ * runs. Compressible (~17×): few bytes cross the socket; the agent's zstd
+ * decompression, SHA-256 and writes are the work.
+ */
+async function pgbenchRestoreBench(appl: ApplianceHarness): Promise<Record<string, unknown>> {
+  const v = await createPgbenchVolume(PGBENCH_SCALE, (m) => say(`pgbench restore: ${m}`));
+  let s: Setup | null = null;
+  try {
+    s = await setUp('pgbench', appl, v.lab);
+    return { scale: PGBENCH_SCALE, ...(await restoreRounds(s, `pgbench restore (scale ${PGBENCH_SCALE})`, PGBENCH_VOLUME_SIZE)) };
+  } finally {
+    await s?.agent.stop();
+    await v.destroy();
+  }
+}
+
+/**
+ * One full image of the set-up's volume, then BENCH_RUNS rounds of: restore
+ * onto a new file (BENCH_TARGET_DIR or the pool), onto a loop device of the
+ * volume's size, and `dd` of the raw snapshot; medians, MB/s of allocated data.
+ */
+async function restoreRounds(s: Setup, label: string, volumeSize: number): Promise<Record<string, unknown>> {
+  const img = await backup(s, 'full');
+  const snapBytes = (await stat(img.snap)).blocks * 512;
+  say(`${label}: image ${img.imageId}, ${(snapBytes / 2 ** 20).toFixed(0)} MiB allocated of ${volumeSize / 2 ** 20} MiB`);
+  const devFile = join(s.lab.poolMount, 'target-dev.img');
+  await writeFile(devFile, '');
+  await execa('truncate', ['-s', String(volumeSize), devFile]);
+  const dev = await attachLoop(devFile);
+  // The snapshot read once before the rounds: the restore reads the appliance's store from the page cache
+  // (it was just written), so dd gets its source warm too (cold, a pgbench snapshot read at ~33 MB/s here).
+  await execa('dd', [`if=${img.snap}`, 'of=/dev/null', 'bs=4M', 'status=none']);
+  const file: number[] = [];
+  const device: number[] = [];
+  const dd: number[] = [];
+  const agentCpu: number[] = [];
+  const applianceCpu: number[] = [];
+  const split: { agent: ReturnType<typeof cpuSplit>; appliance: ReturnType<typeof cpuSplit> }[] = [];
+  const loads: number[] = [loadavg()[0]!];
+  try {
+    for (let run = 0; run < RUNS; run++) {
+      const out = join(TARGET_DIR ?? s.lab.poolMount, `restored-${run}.raw`);
+      const cpuAgent0 = await cpuSeconds(s.agent.pid);
+      const cpuAppl0 = process.cpuUsage();
+      const thAgent0 = await threadCpu(s.agent.pid);
+      const thAppl0 = await threadCpu(process.pid);
+      const r = await restoreCli(s, img.imageId, out);
+      const gib = r.bytesWritten / GiB;
+      agentCpu.push((await cpuSeconds(s.agent.pid) - cpuAgent0) / gib);
+      const cu = process.cpuUsage(cpuAppl0);
+      applianceCpu.push((cu.user + cu.system) / 1e6 / gib);
+      const sa = cpuSplit(s.agent.pid, thAgent0, await threadCpu(s.agent.pid), gib);
+      const sp = cpuSplit(process.pid, thAppl0, await threadCpu(process.pid), gib);
+      say(`  CPU s/GiB by thread: agent main ${sa.main.toFixed(2)}, restore workers (ended) ${sa.rest.toFixed(2)}, other threads ${sa.others.toFixed(2)}; ` +
+        `appliance main ${sp.main.toFixed(2)}, other threads ${sp.others.toFixed(2)} (+${sp.rest.toFixed(2)} new/ended)`);
+      split.push({ agent: sa, appliance: sp });
+      file.push(r.mbPerSecond);
+      await rm(out, { force: true });
+      const rd = await restoreCli(s, img.imageId, dev);
+      device.push(rd.bytesWritten / MB / rd.seconds);
+      const ddOut = join(TARGET_DIR ?? s.lab.poolMount, `dd-${run}.raw`);
+      const t0 = performance.now();
+      await execa('dd', [`if=${img.snap}`, `of=${ddOut}`, 'bs=4M', 'conv=fsync,sparse', 'status=none']);
+      dd.push(snapBytes / MB / ((performance.now() - t0) / 1000));
+      await rm(ddOut, { force: true });
+      loads.push(loadavg()[0]!);
+      say(`  run ${run + 1}: restore to file ${r.mbPerSecond.toFixed(0)} MB/s (${r.chunksFetched} chunks, ${r.holes} holes, ${r.seconds.toFixed(2)} s; ` +
+        `CPU per GiB: agent ${agentCpu[run]!.toFixed(2)} s, appliance ${applianceCpu[run]!.toFixed(2)} s), ` +
+        `to loop device ${device[run]!.toFixed(0)} MB/s (${rd.seconds.toFixed(2)} s incl. zeroing ${(rd.bytesZeroed / 2 ** 20).toFixed(0)} MiB), dd ${dd[run]!.toFixed(0)} MB/s; load ${loads[run + 1]!.toFixed(1)}`);
+    }
+  } finally {
+    await detachLoop(dev, { backingFile: devFile }).catch(() => undefined);
+    await rm(devFile, { force: true });
+  }
+  const res = {
+    allocatedMiB: snapBytes / 2 ** 20, fileMBps: median(file), deviceMBps: median(device), ddMBps: median(dd),
+    agentCpuPerGiB: median(agentCpu), applianceCpuPerGiB: median(applianceCpu), loadavg: loadavg()[0], runs: { file, device, dd, agentCpu, applianceCpu, split, loads },
+  };
+  say(`${label} MB/s of allocated data (median of ${RUNS}): file ${res.fileMBps.toFixed(0)}, loop device ${res.deviceMBps.toFixed(0)}, dd of the raw file ` +
+    `${res.ddMBps.toFixed(0)}; CPU per GiB restored: agent ${res.agentCpuPerGiB.toFixed(2)} s, appliance ${res.applianceCpuPerGiB.toFixed(2)} s ` +
+    `(each side on its own idle core could do ${(GiB / MB / Math.max(res.agentCpuPerGiB, res.applianceCpuPerGiB)).toFixed(0)} MB/s); ` +
+    `load average ${Math.min(...loads).toFixed(1)}–${Math.max(...loads).toFixed(1)}`);
+  return res;
 }
 
 async function changedOnlyBench(appl: ApplianceHarness): Promise<Record<string, unknown>> {
@@ -296,6 +337,7 @@ async function main(): Promise<void> {
   const appl = await startAppliance(['db1'], { auditEvery: 0 });
   try {
     if (PARTS.includes('full')) out.full = await fullRestoreBench(appl);
+    if (PARTS.includes('pgbench')) out.pgbench = await pgbenchRestoreBench(appl);
     if (PARTS.includes('changed')) out.changedOnly = await changedOnlyBench(appl);
   } finally {
     await appl.close();

@@ -17,8 +17,9 @@ import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { PgCluster } from './lab/pg-cluster.js';
-import { createVolumeLab, type VolumeLab } from './lab/volume-lab.js';
+import type { PgCluster } from './lab/pg-cluster.js';
+import { createPgbenchVolume } from './lab/pgbench-volume.js';
+import type { VolumeLab } from './lab/volume-lab.js';
 import { applianceCmd, spawnAgent, spawnAppliance, type ApplianceProcess, type Daemon } from './lab/processes.js';
 import { Ingest } from '../appliance/server/ingest.js';
 import { FsChunkStore } from '../appliance/store/fs-chunk-store.js';
@@ -49,13 +50,7 @@ async function partA(): Promise<Record<string, unknown>> {
   let appliance: ApplianceProcess | undefined;
   let agent: Daemon | undefined;
   try {
-    lab = await createVolumeLab({ volumeSize: 4 * GiB, poolSize: 16 * GiB, name: 'pgdata' });
-    pg = new PgCluster({ dataDir: join(lab.volumeMount, 'pg'), settings: { max_wal_size: '2GB' } });
-    await pg.initdb();
-    await pg.start();
-    say(`A: pgbench -i -s ${SCALE} on a 4 GiB volume`);
-    await pg.pgbenchInit(SCALE);
-    await pg.query('checkpoint');
+    ({ lab, pg } = await createPgbenchVolume(SCALE, (m) => say(`A: ${m}`)));
 
     const dd: number[] = [];
     for (let i = 0; i < RUNS; i++) {
