@@ -3,7 +3,7 @@ import { BlocksnapError, toBlocksnapError } from '../../proto/errors.js';
 import { envelope, messageOf, type Chunk, type Envelope } from '../../proto/messages.js';
 import { DIGEST_BYTES, SLOTS_PER_PAGE } from '../../proto/shared/image-root.js';
 import {
-  RESTORE_BATCH_BYTES, RESTORE_CHUNK_OVERHEAD, RESTORE_MAP_PAGES, RESTORE_MAX_PER_AGENT, RESTORE_WINDOW_BYTES,
+  RESTORE_BATCH_BYTES, RESTORE_BATCH_PLAIN_BYTES, RESTORE_CHUNK_OVERHEAD, RESTORE_MAP_PAGES, RESTORE_MAX_PER_AGENT, RESTORE_WINDOW_BYTES,
 } from '../../proto/shared/restore-protocol.js';
 import { zstdCompress } from '../../proto/shared/zstd.js';
 import type { Catalog } from '../catalog/catalog.js';
@@ -225,10 +225,13 @@ class RestoreStream {
         await this.waitEvent();
         continue;
       }
-      // The next batch: wanted chunks in order, about RESTORE_BATCH_BYTES of frames.
+      // The next batch: wanted chunks in order, about RESTORE_BATCH_BYTES of frames and at most about
+      // RESTORE_BATCH_PLAIN_BYTES of plain data (compressible chunks: the agent's worker then checks and
+      // writes it with one decompression).
       const items: BatchItem[] = [];
       let estimate = 0;
-      while (estimate < RESTORE_BATCH_BYTES && this.wants.length > 0) {
+      let plain = 0;
+      while (estimate < RESTORE_BATCH_BYTES && plain < RESTORE_BATCH_PLAIN_BYTES && this.wants.length > 0) {
         const want = this.wants[0]!;
         const index = want.first++;
         if (want.first >= want.end) this.wants.shift();
@@ -237,6 +240,7 @@ class RestoreStream {
         const wire = loc ? wireLength(loc) : null;
         items.push({ index, digest, loc, wire });
         estimate += (wire ?? loc?.plainLength ?? reader.chunkSize) + RESTORE_CHUNK_OVERHEAD;
+        plain += loc?.plainLength ?? reader.chunkSize;
       }
       const chunks = await this.fetch(items);
       if (this.ended) break;

@@ -24,6 +24,12 @@ export const RESTORE_MAX_RANGES = 4096;
 export const RESTORE_WINDOW_BYTES = 32 << 20;
 /** A RestoreChunks batch closes at about this many bytes (one chunk over at most). */
 export const RESTORE_BATCH_BYTES = 2 << 20;
+/**
+ * …and at about this many plain bytes (one chunk over at most): a worker of the agent keeps a batch's
+ * decompressed bytes between its digest check and its write only up to 64 MiB (else it decompresses
+ * the batch a second time); 2 MiB of pgbench frames held ~35 MiB plain on average, up to 70 MiB.
+ */
+export const RESTORE_BATCH_PLAIN_BYTES = 16 << 20;
 export const RESTORE_CHUNK_OVERHEAD = 64;
 /** Restores one agent may run at once (each holds a map and a window). */
 export const RESTORE_MAX_PER_AGENT = 4;

@@ -3,6 +3,7 @@ import { chunkCountOf, makeVolume, plainOf, ScriptedAgent, sha256, type TestVolu
 import type { ChunkStore } from '../../appliance/store/chunk-store.js';
 import { envelope } from '../../proto/messages.js';
 import { imageRootDigest } from '../../proto/shared/image-root.js';
+import { RESTORE_BATCH_PLAIN_BYTES } from '../../proto/shared/restore-protocol.js';
 import { zstdDecompress } from '../../proto/shared/zstd.js';
 import { startAppliance, type ApplianceHarness } from '../../scripts/lab/appliance-harness.js';
 
@@ -149,6 +150,46 @@ describe('restore protocol: the appliance side', () => {
       expect(await db2.next('restoreEnd')).toMatchObject({ requestId, ok: false, code: 'E_NOT_FOUND' });
       await db2.send(envelope('restoreWant', { requestId: rid(), ranges: [{ first: 0, count: 1 }], last: true }));
       expect(await db2.next('restoreEnd')).toMatchObject({ ok: false, code: 'E_UNKNOWN_JOB' });
+    } finally {
+      await db2.close();
+    }
+  });
+
+  it('closes a batch of compressible chunks at RESTORE_BATCH_PLAIN_BYTES of plain data, so the agent\'s worker decompresses it once', async () => {
+    // 600 distinct 64 KiB chunks that compress to a few dozen bytes each (37.5 MiB plain): before the plain
+    // cap the first batch took all of them (≈ 20 KB of frames, under RESTORE_BATCH_BYTES), above the
+    // worker's 64 MiB keep limit at scale — pgbench batches held up to 70 MiB and were decompressed twice.
+    const cs = 65536;
+    const n = 600;
+    const zv: TestVolume = { name: 'zvol', size: n * cs, chunkSize: cs, data: Buffer.alloc(n * cs) };
+    for (let i = 0; i < n; i++) plainOf(zv, i).writeUInt32LE(i + 1, 0);
+    const db2 = await ScriptedAgent.connect(h.url);
+    try {
+      await db2.login('db2', h.tokens.db2!, [zv]);
+      const job = h.app.router.startJob('db2', 'zvol', 'full');
+      const { committed } = await db2.transfer(job.id, zv, { batchChunks: 64 });
+      const requestId = rid();
+      await db2.send(envelope('restoreRequest', { requestId, imageId: committed.imageId, changedOnly: false }));
+      await mapOf(db2, requestId);
+      await db2.send(envelope('restoreWant', { requestId, ranges: [{ first: 0, count: n }], last: true }));
+      const plainPerBatch: number[] = [];
+      let got = 0;
+      while (got < n) {
+        const b = await db2.next('restoreChunks');
+        let plain = 0;
+        for (const c of b.chunks) {
+          expect(zstdDecompress(c.data, c.plainLength).equals(plainOf(zv, c.index))).toBe(true);
+          plain += c.plainLength;
+        }
+        got += b.chunks.length;
+        plainPerBatch.push(plain);
+        await db2.send(envelope('restoreAck', { requestId, seq: b.seq }));
+      }
+      expect(got).toBe(n);
+      expect(plainPerBatch.length).toBeGreaterThan(1);
+      for (const p of plainPerBatch) expect(p).toBeLessThanOrEqual(RESTORE_BATCH_PLAIN_BYTES + cs);
+      await db2.send(envelope('restoreEnd', { requestId, ok: true, code: '', message: '' }));
+      await db2.ping();
     } finally {
       await db2.close();
     }
