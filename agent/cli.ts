@@ -61,7 +61,7 @@ function program(setStatus: (s: number) => void): Command {
       const fatalSeen = new Promise<void>((res) => (onFatal = res));
       // The composition point: the config names the provider, tracker and quiescer (compose.ts).
       const { composeAgent, registry } = await import('./compose.js');
-      const agent = composeAgent(config, log, { registry, hooks: { onFatal: (e) => ((fatal = e), onFatal()) } });
+      const agent = await composeAgent(config, log, { registry, hooks: { onFatal: (e) => ((fatal = e), onFatal()) } });
       await agent.start();
       await Promise.race([stop, fatalSeen]);
       await agent.stop();
@@ -75,7 +75,7 @@ function program(setStatus: (s: number) => void): Command {
       const config = await configOf(cmd);
       const log = (await createLogger('blocksnap-agent')).child({ agent: config.agent });
       const { agentPorts, registry, staleOfEveryTracker } = await import('./compose.js');
-      const released = await agentPorts(config, log, registry).provider.cleanupStale();
+      const released = await (await agentPorts(config, log, registry)).provider.cleanupStale();
       // Every kind of tracker sweeps, not only the configured one: tracking may have been switched off since the crash.
       released.push(...await staleOfEveryTracker(config, log));
       process.stdout.write((globals(cmd).json ? JSON.stringify({ released }) : released.map((r) => `released ${r}`).join('\n') || 'nothing to release') + '\n');

@@ -4,68 +4,67 @@
  * a quiescer is one new folder and one line in a map below; the config keys
  * `provider`, `tracking` and `quiescer` name an entry (config.ts checks the
  * names against the registry it is given).
+ *
+ * Start-up cost: this module imports no implementation. Each entry imports
+ * its implementation with `import()` when it is composed, so config.ts (which
+ * needs only the names) and the commands that only read the config (`status`,
+ * `volumes`, `audit`, `restore`, `mount`) do not load LVM, dm-era, thin-delta,
+ * pg, execa or ws (test/agent/compose-lazy.test.ts pins it).
  */
 import type { Logger } from 'pino';
-import { connectWs } from '../proto/ws-transport.js';
-import { BlocksnapError } from '../proto/errors.js';
-import { Agent, type AgentHooks } from './agent.js';
-import { connectionOf } from './capture.js';
-import { cleanupStaleInstances } from './cbt/tracefs/tracefs-instance.js';
-import { TracefsTracker } from './cbt/tracefs/tracefs-tracker.js';
-import { ThinDeltaTracker, cleanupStaleThinDelta } from './cbt/thin-delta/thin-delta-tracker.js';
-import { DmEraTracker, cleanupStaleDmEra } from './cbt/dm-era/dm-era-tracker.js';
-import type { AgentConfig } from './config.js';
-import { NbdLocalMounter } from './mount/nbd-local-mounter.js';
-import type { LocalMounter } from './mount/mount-port.js';
-import { PgQuiescer } from './pg/pg-quiescer.js';
-import type { AgentPorts, Dialer, QuiescerPort, TrackerPort } from './ports.js';
-import { ReflinkSnapshotProvider } from './snapshot/reflink-snapshot-provider.js';
-import { LvmSnapshotProvider } from './snapshot/lvm/lvm-snapshot-provider.js';
-import { RetainingSnapshotProvider } from './snapshot/retaining-provider.js';
-import type { SnapshotProvider } from './snapshot/snapshot-provider.js';
 import { join } from 'node:path';
+import { BlocksnapError } from '../proto/errors.js';
+import type { Agent, AgentHooks } from './agent.js';
+import type { AgentConfig } from './config.js';
+import type { LocalMounter } from './mount/mount-port.js';
+import type { AgentPorts, Dialer, QuiescerPort, TrackerPort } from './ports.js';
+import type { SnapshotProvider } from './snapshot/snapshot-provider.js';
 
 export interface ComposeContext {
   config: AgentConfig;
   log: Logger;
 }
 
+type Factory<T> = (ctx: ComposeContext) => T | Promise<T>;
+
 export interface AgentRegistry {
-  providers: Record<string, (ctx: ComposeContext) => SnapshotProvider>;
+  providers: Record<string, Factory<SnapshotProvider>>;
   /** null: no tracker ("off"). */
-  trackers: Record<string, ((ctx: ComposeContext) => TrackerPort) | null>;
-  quiescers: Record<string, (ctx: ComposeContext) => QuiescerPort>;
+  trackers: Record<string, Factory<TrackerPort> | null>;
+  quiescers: Record<string, Factory<QuiescerPort>>;
   dial: Dialer;
 }
 
 export const registry: AgentRegistry = {
   providers: {
-    reflink: ({ config, log }) => new ReflinkSnapshotProvider({ stateDir: config.stateDir, logger: log, volumes: config.volumes }),
-    'lvm-classic': ({ config, log }) => new LvmSnapshotProvider({ mode: 'classic', agent: config.agent, stateDir: config.stateDir, logger: log }),
-    'lvm-thin': ({ config, log }) => new LvmSnapshotProvider({ mode: 'thin', agent: config.agent, stateDir: config.stateDir, logger: log }),
+    reflink: async ({ config, log }) => new (await import('./snapshot/reflink-snapshot-provider.js')).ReflinkSnapshotProvider({ stateDir: config.stateDir, logger: log, volumes: config.volumes }),
+    'lvm-classic': async ({ config, log }) => new (await import('./snapshot/lvm/lvm-snapshot-provider.js')).LvmSnapshotProvider({ mode: 'classic', agent: config.agent, stateDir: config.stateDir, logger: log }),
+    'lvm-thin': async ({ config, log }) => new (await import('./snapshot/lvm/lvm-snapshot-provider.js')).LvmSnapshotProvider({ mode: 'thin', agent: config.agent, stateDir: config.stateDir, logger: log }),
   },
   trackers: {
-    tracefs: ({ config, log }) => ({
-      kind: 'tracefs',
-      cleanupStale: async () => (await cleanupStaleInstances()).map((i) => `tracing instance ${i}`),
-      create: () => new TracefsTracker({ log, bufferSizeKb: config.trackerBufferKb }),
-    }),
-    'thin-delta': ({ log }) => ({
-      kind: 'thin-delta',
-      cleanupStale: () => cleanupStaleThinDelta(),
-      create: () => new ThinDeltaTracker({ log }),
-    }),
-    'dm-era': ({ log }) => ({
-      kind: 'dm-era',
-      cleanupStale: () => cleanupStaleDmEra(),
-      create: () => new DmEraTracker({ log }),
-    }),
+    tracefs: async ({ config, log }) => {
+      const [{ cleanupStaleInstances }, { TracefsTracker }] = await Promise.all([import('./cbt/tracefs/tracefs-instance.js'), import('./cbt/tracefs/tracefs-tracker.js')]);
+      return {
+        kind: 'tracefs',
+        cleanupStale: async () => (await cleanupStaleInstances()).map((i) => `tracing instance ${i}`),
+        create: () => new TracefsTracker({ log, bufferSizeKb: config.trackerBufferKb }),
+      };
+    },
+    'thin-delta': async ({ log }) => {
+      const { ThinDeltaTracker, cleanupStaleThinDelta } = await import('./cbt/thin-delta/thin-delta-tracker.js');
+      return { kind: 'thin-delta', cleanupStale: () => cleanupStaleThinDelta(), create: () => new ThinDeltaTracker({ log }) };
+    },
+    'dm-era': async ({ log }) => {
+      const { DmEraTracker, cleanupStaleDmEra } = await import('./cbt/dm-era/dm-era-tracker.js');
+      return { kind: 'dm-era', cleanupStale: () => cleanupStaleDmEra(), create: () => new DmEraTracker({ log }) };
+    },
     off: null,
   },
   quiescers: {
-    postgres: ({ config, log }) => {
+    postgres: async ({ config, log }) => {
       const p = config.postgres;
       if (!p) throw new BlocksnapError('E_CONFIG', 'quiescer "postgres" needs the "postgres" section');
+      const [{ PgQuiescer }, { connectionOf }] = await Promise.all([import('./pg/pg-quiescer.js'), import('./capture.js')]);
       const stateDir = join(config.stateDir, 'pg');
       return {
         factory: (log) => new PgQuiescer({
@@ -75,7 +74,7 @@ export const registry: AgentRegistry = {
       };
     },
   },
-  dial: (url, opts) => connectWs(url, opts),
+  dial: async (url, opts) => (await import('../proto/ws-transport.js')).connectWs(url, opts),
 };
 
 /** `base` with `extra`'s entries added (tests register their fakes this way). */
@@ -108,7 +107,7 @@ export function quiescerName(config: AgentConfig): string | null {
  * The ports `config` names. `overrides` replace single ports (a test that
  * keeps a handle on its provider).
  */
-export function agentPorts(config: AgentConfig, log: Logger, r: AgentRegistry = registry, overrides: Partial<AgentPorts> = {}): AgentPorts {
+export async function agentPorts(config: AgentConfig, log: Logger, r: AgentRegistry = registry, overrides: Partial<AgentPorts> = {}): Promise<AgentPorts> {
   const ctx = { config, log };
   const entry = <T>(map: Record<string, T>, key: string, name: string): T => {
     if (!(name in map)) throw new BlocksnapError('E_CONFIG', `${key}: no ${JSON.stringify(name)} here (known: ${Object.keys(map).join(', ')})`);
@@ -116,27 +115,29 @@ export function agentPorts(config: AgentConfig, log: Logger, r: AgentRegistry = 
   };
   let provider = overrides.provider;
   if (!provider) {
-    provider = entry(r.providers, 'provider', config.provider)(ctx);
-    if (config.retainSnapshotsDir) provider = new RetainingSnapshotProvider(provider, config.retainSnapshotsDir);
+    provider = await entry(r.providers, 'provider', config.provider)(ctx);
+    if (config.retainSnapshotsDir) provider = new (await import('./snapshot/retaining-provider.js')).RetainingSnapshotProvider(provider, config.retainSnapshotsDir);
   }
-  const tracker = overrides.tracker !== undefined ? overrides.tracker : entry(r.trackers, 'tracking', config.tracking)?.(ctx) ?? null;
+  const makeTracker = overrides.tracker !== undefined ? null : entry(r.trackers, 'tracking', config.tracking);
+  const tracker = overrides.tracker !== undefined ? overrides.tracker : makeTracker ? await makeTracker(ctx) : null;
   const q = quiescerName(config);
-  const quiescer = overrides.quiescer !== undefined ? overrides.quiescer : q === null ? null : entry(r.quiescers, 'quiescer', q)(ctx);
-  const mounter = overrides.mounter !== undefined ? overrides.mounter : composeMounter(config, log);
+  const quiescer = overrides.quiescer !== undefined ? overrides.quiescer : q === null ? null : await entry(r.quiescers, 'quiescer', q)(ctx);
+  const mounter = overrides.mounter !== undefined ? overrides.mounter : await composeMounter(config, log);
   return { provider, tracker, quiescer, dial: overrides.dial ?? r.dial, mounter };
 }
 
 /** An Agent composed from its config (the CLI's `run`, and test fixtures). */
-export function composeAgent(
+export async function composeAgent(
   config: AgentConfig, log: Logger, opts: { registry?: AgentRegistry; ports?: Partial<AgentPorts>; hooks?: AgentHooks } = {},
-): Agent {
-  return new Agent(config, agentPorts(config, log, opts.registry, opts.ports), log, opts.hooks);
+): Promise<Agent> {
+  const [ports, { Agent }] = await Promise.all([agentPorts(config, log, opts.registry, opts.ports), import('./agent.js')]);
+  return new Agent(config, ports, log, opts.hooks);
 }
 
 /** `blocksnap-agent cleanup`: what every registered tracker kind releases of an earlier run. */
 export async function staleOfEveryTracker(config: AgentConfig, log: Logger, r: AgentRegistry = registry): Promise<string[]> {
   const released: string[] = [];
-  for (const make of Object.values(r.trackers)) if (make) released.push(...(await make({ config, log }).cleanupStale()));
+  for (const make of Object.values(r.trackers)) if (make) released.push(...(await (await make({ config, log })).cleanupStale()));
   return released;
 }
 
@@ -145,6 +146,7 @@ export async function staleOfEveryTracker(config: AgentConfig, log: Logger, r: A
  * kernel nbd-client where /dev/nbd0 exists (agent/mount/nbd-attacher.ts);
  * state files under STATE/mounts/. Call its cleanupOrphans() on every start.
  */
-export function composeMounter(config: AgentConfig, log: Logger): LocalMounter {
+export async function composeMounter(config: AgentConfig, log: Logger): Promise<LocalMounter> {
+  const { NbdLocalMounter } = await import('./mount/nbd-local-mounter.js');
   return new NbdLocalMounter({ stateDir: config.stateDir, log, ...(config.ca ? { ca: config.ca } : {}) });
 }

@@ -42,7 +42,7 @@ export async function startTestAgent(o: TestAgentOptions): Promise<TestAgent> {
   });
   const reflink = new ReflinkSnapshotProvider({ stateDir: o.stateDir, logger: o.log, volumes: o.volumes });
   const provider = o.retainDir ? new RetainingSnapshotProvider(reflink, o.retainDir) : reflink;
-  const agent = composeAgent(config, o.log, { ports: { provider } });
+  const agent = await composeAgent(config, o.log, { ports: { provider } });
   try {
     await agent.start();
     await agent.waitConnected(15_000);

@@ -57,7 +57,7 @@ describe('consistency group: data directory and pg_wal on two volumes (PostgreSQ
       groups: [{ name: 'pg', volumes: ['pgdata', 'pgwal'] }],
       postgres: { host: '127.0.0.1', port: pgc.port, user: 'postgres', role: 'primary' },
     });
-    agent = fx.add('agent', composeAgent(config, log), (a) => a.stop()); // the config's provider (reflink) and tracker, as the CLI composes them
+    agent = fx.add('agent', await composeAgent(config, log), (a) => a.stop()); // the config's provider (reflink) and tracker, as the CLI composes them
     await agent.start();
     await agent.waitConnected(10_000);
   });

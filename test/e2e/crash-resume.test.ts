@@ -47,7 +47,7 @@ describe('crashes and dropped connections during a transfer', () => {
   async function inProcessAgent(url: string, token: string, tag: string) {
     const config = await agentConfig(url, token, tag);
     const provider = new RetainingSnapshotProvider(new ReflinkSnapshotProvider({ stateDir: config.stateDir, logger: log, volumes: [lab.volume] }), retained);
-    const agent = fx.add('agent', composeAgent(config, log, { ports: { provider } }), (a) => a.stop());
+    const agent = fx.add('agent', await composeAgent(config, log, { ports: { provider } }), (a) => a.stop());
     await agent.start();
     await agent.waitConnected(10_000);
     return agent;

@@ -64,7 +64,7 @@ for (const [stores, backends] of [['filesystem stores', undefined], ['memory sto
       appl = await fx.appliance(['db1'], backends ? { backends } : {});
       for (let i = 0; i < 64; i += 3) volume.write(i * CHUNK + 100, randomBytes(CHUNK / 2));
       const config = parseAgentConfig(rawConfig(appl.url, appl.tokens.db1!, path.join(dir, 'state')), 'test', namesOf(testRegistry));
-      agent = fx.add('agent', composeAgent(config, log, { registry: testRegistry }), (a) => a.stop());
+      agent = fx.add('agent', await composeAgent(config, log, { registry: testRegistry }), (a) => a.stop());
       await agent.start();
       await agent.waitConnected(10_000);
     });

@@ -55,7 +55,7 @@ beforeAll(async () => {
     if (!b) throw new Error(`no build for server_version_num ${v}`);
     return b.binDir;
   };
-  mounter = composeAgent(config, log, { ports: {
+  mounter = await composeAgent(config, log, { ports: {
     provider: new ReflinkSnapshotProvider({ stateDir, logger: log, volumes: [] }),
     mounter: new NbdLocalMounter({ stateDir, log, binDirFor }),
   } });

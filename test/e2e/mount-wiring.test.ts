@@ -64,7 +64,7 @@ describe('instant mount wiring (fake LocalMounter)', () => {
       config[name] = join(root, `${name}.json`);
       await (await import('node:fs/promises')).writeFile(config[name]!, JSON.stringify(raw));
       fakes[name] = new FakeMounter();
-      const agent = composeAgent(parseAgentConfig(raw), testLogger(), { ports: { mounter: fakes[name] } });
+      const agent = await composeAgent(parseAgentConfig(raw), testLogger(), { ports: { mounter: fakes[name] } });
       agents.push(agent);
       await agent.start();
       await agent.waitConnected(15_000);

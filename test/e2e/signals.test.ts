@@ -236,7 +236,7 @@ describe('daemon signals and agent failures', () => {
     await mkdir(handshakeState, { recursive: true });
     const config = parseAgentConfig({ appliance: srv.url, agent: 'db1', token: 't', stateDir: handshakeState, volumes: [lab.volume], tracking: 'off' });
     let fatal = '';
-    const agent = composeAgent(config, log, { hooks: { onFatal: (e) => (fatal = e.code) } });
+    const agent = await composeAgent(config, log, { hooks: { onFatal: (e) => (fatal = e.code) } });
     try {
       await agent.start();
       await waitFor('agent refused', async () => fatal !== '', { timeoutMs: 10_000 });

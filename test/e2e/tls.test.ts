@@ -49,7 +49,7 @@ describe('TLS between agent and appliance', () => {
       appliance: url, agent: 'db1', token: appl.tokens.db1, stateDir, volumes: [lab.volume], tracking: 'off',
       reconnectMaxMs: 200, ...(caFile ? { caFile } : {}),
     });
-    const a = fx.add('agent', composeAgent(config, logger), (x) => x.stop());
+    const a = fx.add('agent', await composeAgent(config, logger), (x) => x.stop());
     await a.start();
     return a;
   }

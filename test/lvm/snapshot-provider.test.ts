@@ -14,8 +14,8 @@ describe.skipIf(labSkipReason)('LVM snapshot providers in the guest', () => {
 
 // lvm-classic groups were off for agents until the contract's rare group failure was found to be the
 // test's read-back (debugfsCat); 22 group rounds in a row then passed in the guest. lvm-thin cannot (DESIGN §7.4).
-it('agents compose lvm-classic with consistency groups (createGroup) and lvm-thin without', () => {
+it('agents compose lvm-classic with consistency groups (createGroup) and lvm-thin without', async () => {
   const ctx = { config: { agent: 'a1', stateDir: '/nonexistent-state' } as AgentConfig, log: pino({ level: 'silent' }) };
-  expect(typeof registry.providers['lvm-classic']!(ctx).createGroup).toBe('function');
-  expect(registry.providers['lvm-thin']!(ctx).createGroup).toBeUndefined();
+  expect(typeof (await registry.providers['lvm-classic']!(ctx)).createGroup).toBe('function');
+  expect((await registry.providers['lvm-thin']!(ctx)).createGroup).toBeUndefined();
 });
