@@ -4,11 +4,13 @@
  * or listener). A new backend — an S3-compatible object store for manifests
  * and packs, another listener — is one new module and one line in a map
  * below.
+ *
+ * What an offline command (verify, export, catalog rebuild, prune without a
+ * running appliance) does not use is imported when `serve` listens: the
+ * WebSocket listener (ws) and the NBD server.
  */
-import { WsTransportServer } from '../proto/ws-transport.js';
 import type { ApplianceBackends, StoreContext } from './server/appliance.js';
 import { nbdMountBackend } from './mounts/nbd-mount-backend.js';
-import { NbdServer } from './nbd/nbd-server.js';
 import type { RecoveringChunkStore } from './store/chunk-store.js';
 import { FsChunkStore } from './store/fs-chunk-store.js';
 import { FsManifestStore } from './store/fs-manifest-store.js';
@@ -23,7 +25,7 @@ export const manifestStores: Record<string, (ctx: StoreContext) => ManifestStore
 };
 
 export const listeners: Record<string, ApplianceBackends['listen']> = {
-  ws: (opts, onTransport) => WsTransportServer.listen(opts, onTransport),
+  ws: async (opts, onTransport) => (await import('../proto/ws-transport.js')).WsTransportServer.listen(opts, onTransport),
 };
 
 export interface BackendChoice {
@@ -44,7 +46,7 @@ export function applianceBackends(choice: Partial<BackendChoice> = {}): Applianc
     openManifestStore: pick(manifestStores, 'manifest store', choice.manifests ?? 'fs'),
     listen: pick(listeners, 'listener', choice.listener ?? 'ws'),
     // Instant mounts (DESIGN.md §10): the NBD server beside the agent listener, exports from the chunk store.
-    listenNbd: (o) => NbdServer.start({ resolve: o.resolve, host: o.host, port: o.port, tls: o.tls, logger: o.logger }),
+    listenNbd: async (o) => (await import('./nbd/nbd-server.js')).NbdServer.start({ resolve: o.resolve, host: o.host, port: o.port, tls: o.tls, logger: o.logger }),
     mountBackend: (store) => nbdMountBackend(store),
   };
 }
