@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 import { Command } from 'commander';
-import { packageVersion, runCli, untilStopSignal } from '../proto/shared/cli-exit.js';
+import { cliProgram, runCli, untilStopSignal } from '../proto/shared/cli-exit.js';
 import { BlocksnapError } from '../proto/errors.js';
 import { addMountCommands } from './mount-cli.js';
 import type { AuditResult } from './audit/audit-run.js';
@@ -31,16 +31,8 @@ interface Globals {
 }
 
 function program(setStatus: (s: number) => void): Command {
-  const p = new Command('blocksnap-agent')
-    .description('tracks, snapshots and streams PostgreSQL volumes to a blocksnap appliance')
-    .version(packageVersion(), '--version', 'print the version and exit')
-    .helpOption('-h, --help', 'show help (every command has its own)')
-    .option('--config <file>', 'agent configuration (JSON; see README "Agent configuration")')
-    .exitOverride()
-    .configureOutput({ outputError: () => undefined })
-    .configureHelp({ showGlobalOptions: true })
-    .showSuggestionAfterError(true)
-    .addHelpText('after', AFTER_HELP);
+  const p = cliProgram('blocksnap-agent', 'tracks, snapshots and streams PostgreSQL volumes to a blocksnap appliance',
+    ['--config <file>', 'agent configuration (JSON; see README "Agent configuration")'], AFTER_HELP);
   const run = <A extends unknown[]>(fn: (...a: A) => Promise<number> | number) => async (...a: A) => setStatus(await fn(...a));
   const globals = (cmd: Command) => cmd.optsWithGlobals<Globals>();
   const configOf = async (cmd: Command) => {

@@ -3,7 +3,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { createSecureContext } from 'node:tls';
 import { join, resolve } from 'node:path';
 import { Command, InvalidArgumentError } from 'commander';
-import { intOption, packageVersion, runCli, untilStopSignal } from '../proto/shared/cli-exit.js';
+import { cliProgram, intOption, runCli, untilStopSignal } from '../proto/shared/cli-exit.js';
 import { BlocksnapError, isBlocksnapError, toBlocksnapError } from '../proto/errors.js';
 import type { Logger } from '../proto/shared/log.js';
 import { ControlAnswerError, controlRequest } from '../proto/shared/control-socket.js';
@@ -35,16 +35,8 @@ const progressBar = async (label: string) => (await import('../proto/shared/prog
 
 /** The command line; each action returns the exit status. */
 function program(setStatus: (s: number) => void): Command {
-  const p = new Command('blocksnap-appliance')
-    .description('stores block-level PostgreSQL backups as virtual full images')
-    .version(packageVersion(), '--version', 'print the version and exit')
-    .helpOption('-h, --help', 'show help (every command has its own)')
-    .option('--data <dir>', 'appliance data directory (default: $BLOCKSNAP_DATA or /var/lib/blocksnap)')
-    .exitOverride()
-    .configureOutput({ outputError: () => undefined })
-    .configureHelp({ showGlobalOptions: true })
-    .showSuggestionAfterError(true)
-    .addHelpText('after', EXIT_HELP);
+  const p = cliProgram('blocksnap-appliance', 'stores block-level PostgreSQL backups as virtual full images',
+    ['--data <dir>', 'appliance data directory (default: $BLOCKSNAP_DATA or /var/lib/blocksnap)'], EXIT_HELP);
   const run = <A extends unknown[]>(fn: (...a: A) => Promise<number> | number) => async (...a: A) => setStatus(await fn(...a));
   const ctx = (cmd: Command): Ctx => {
     const o = cmd.optsWithGlobals<{ data?: string; json?: boolean }>();

@@ -1,4 +1,4 @@
-import { CommanderError, InvalidArgumentError as InvalidArg } from 'commander';
+import { Command, CommanderError, InvalidArgumentError as InvalidArg } from 'commander';
 import { existsSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -93,6 +93,25 @@ export function intOption(min: number, max = 2 ** 31 - 1): (v: string) => number
     }
     return n;
   };
+}
+
+/**
+ * Both CLIs' commander program: --version, a --help on every command, the
+ * one global option, `afterHelp` (exit statuses, signals). Errors are not
+ * printed by commander but thrown (exitOverride) and ended by runCli as usage
+ * errors (exit 2) naming the argument, with a suggestion for a misspelling.
+ */
+export function cliProgram(name: string, description: string, global: [flags: string, help: string], afterHelp: string): Command {
+  return new Command(name)
+    .description(description)
+    .version(packageVersion(), '--version', 'print the version and exit')
+    .helpOption('-h, --help', 'show help (every command has its own)')
+    .option(...global)
+    .exitOverride()
+    .configureOutput({ outputError: () => undefined })
+    .configureHelp({ showGlobalOptions: true })
+    .showSuggestionAfterError(true)
+    .addHelpText('after', afterHelp);
 }
 
 /** The version in the package.json above this file (source or dist/). */
