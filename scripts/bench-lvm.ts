@@ -17,7 +17,7 @@
  * - (--only stall, helper lvm-trust) the freeze window as an application sees it: the longest
  *   O_DSYNC write of a writer (one 4 KiB write every ~10 ms) overlapping each snapshot of the real
  *   provider, classic and thin, `--jobs` each (scripts/lab/write-stall.ts).
- *   npx tsx scripts/bench-lvm.ts [--runs 5] [--rounds 3] [--pg-conf wal_init_zero=off] [--only incrementals|micro|stall] [--jobs 12]
+ *   npx tsx scripts/bench-lvm.ts [--runs 5] [--rounds 3] [--pg-conf 'wal_init_zero = off'] [--initdb-args --wal-segsize=1] [--only incrementals|micro|stall] [--jobs 12]
  */
 import { mkdtemp, rm, truncate, writeFile } from 'node:fs/promises';
 import os from 'node:os';
@@ -31,7 +31,9 @@ import { umlUnavailable } from './lab/uml-kit.js';
 const arg = (name: string) => (process.argv.includes(name) ? process.argv[process.argv.indexOf(name) + 1] : undefined);
 const runs = Number(arg('--runs') || 5);
 const rounds = Number(arg('--rounds') || 3);
-const pgConf = arg('--pg-conf') ? [arg('--pg-conf')!] : [];
+// postgresql.conf lines separated by ';' (e.g. 'wal_init_zero = off; wal_recycle = off'); initdb arguments (e.g. --wal-segsize=1).
+const pgConf = (arg('--pg-conf') ?? '').split(';').map((l) => l.trim()).filter(Boolean);
+const initdbArgs = (arg('--initdb-args') ?? '').split(/\s+/).filter(Boolean);
 const only = arg('--only');
 
 const script = `set -e
@@ -84,7 +86,7 @@ async function incrementals(): Promise<void> {
     return { s: appl.app.catalog.job(j.id)!.stats as Record<string, number | string>, seconds: (performance.now() - t0) / 1000 };
   };
   try {
-    lab = await GuestPgLab.start({ appliance: appl, pgConf });
+    lab = await GuestPgLab.start({ appliance: appl, pgConf, initdbArgs });
     const up = (a: string) => appl.app.router.connectedAgents().some((x) => x.agent === a);
     await lab.connected(() => up('db1') && up('db2'));
     for (const who of [PRIMARY, STANDBY]) await job(who, 'full');
@@ -112,7 +114,7 @@ async function incrementals(): Promise<void> {
     await appl.close();
   }
   const MiB = (b: number) => (b / 1048576).toFixed(1);
-  console.log(`\nincrementals after 2 000 pgbench transactions, medians of ${rounds}${pgConf.length ? ` (PostgreSQL: ${pgConf.join(', ')})` : ''}:`);
+  console.log(`\nincrementals after 2 000 pgbench transactions, medians of ${rounds}${pgConf.length ? ` (PostgreSQL: ${pgConf.join(', ')})` : ''}${initdbArgs.length ? ` (initdb ${initdbArgs.join(' ')})` : ''}:`);
   console.log('| tracker | marked / really changed chunks | tracker incremental: read, wall | tracker incremental: chunks read / sent, MiB sent | digest compare (audit): read, wall | wall digest / tracker | freeze p99 (max of all jobs) |');
   console.log('|---|---|---|---|---|---|---|');
   for (const [k, r] of Object.entries(rows)) {

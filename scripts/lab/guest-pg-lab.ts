@@ -20,6 +20,7 @@ import { existsSync } from 'node:fs';
 import { mkdtemp, readFile, rm, truncate, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
+import { guestPgSetup } from './guest-pg-setup.js';
 import { agentCli } from './processes.js';
 import { runInGuest, type GuestResult } from './uml-guest.js';
 import { waitFor } from './wait-for.js';
@@ -33,6 +34,8 @@ export interface GuestPgLabOptions {
   timeoutMs?: number;
   /** Extra postgresql.conf lines for the primary (the standby copies them). */
   pgConf?: string[];
+  /** Extra initdb arguments (e.g. `--wal-segsize=1`). */
+  initdbArgs?: string[];
 }
 
 function agentConfig(o: GuestPgLabOptions, who: 'db1' | 'db2'): string {
@@ -52,38 +55,15 @@ function agentConfig(o: GuestPgLabOptions, who: 'db1' | 'db2'): string {
 }
 
 function script(shared: string, o: GuestPgLabOptions): string {
-  const conf = ['shared_buffers = 32MB', ...(o.pgConf ?? [])].join('\n');
   return `S=${shared}
-PGBIN=/usr/lib/postgresql/15/bin
-cd /  # the run folder is root-only: postgres cannot start in it
-set -e
-pvcreate -q -ff -y /dev/ubda; vgcreate -q bsnvg /dev/ubda
-lvcreate -q -L 512M --chunksize 64k -Zn -T bsnvg/pool
-lvcreate -q -V 256M -T bsnvg/pool -n pgdata
-lvcreate -q -L 256M -n stdata bsnvg; lvcreate -q -L 4M -n stmeta bsnvg
-dd if=/dev/zero of=/dev/bsnvg/stmeta bs=4k count=1 oflag=direct status=none
-dmsetup create stera --table "0 $(blockdev --getsz /dev/bsnvg/stdata) era /dev/bsnvg/stmeta /dev/bsnvg/stdata 128"
-dmsetup mknodes
-# No lazy init: ext4lazyinit's background zeroing would show up as changed blocks.
-for d in /dev/bsnvg/pgdata /dev/mapper/stera; do mkfs.ext4 -q -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 $d; done
-mkdir -p /srv/pgdata /srv/standby /var/lib/bsn-db1 /var/lib/bsn-db2
-mount -o noatime /dev/bsnvg/pgdata /srv/pgdata; mount -o noatime /dev/mapper/stera /srv/standby
-mkdir -p /srv/pgdata/pg /srv/standby/pg; chown postgres:postgres /srv/pgdata/pg /srv/standby/pg; chmod 700 /srv/standby/pg
-runuser -u postgres -- $PGBIN/initdb -D /srv/pgdata/pg -A trust >/dev/null
-cat >> /srv/pgdata/pg/postgresql.conf <<'CONF'
-${conf}
-CONF
-runuser -u postgres -- $PGBIN/pg_ctl -D /srv/pgdata/pg -l /tmp/pg1.log -o "-p 5432 -k /tmp -c listen_addresses=127.0.0.1" -w start >/dev/null
-$PGBIN/pgbench -h 127.0.0.1 -U postgres -i -s 2 -q postgres 2>/dev/null
-runuser -u postgres -- $PGBIN/pg_basebackup -h 127.0.0.1 -p 5432 -U postgres -D /srv/standby/pg -R -X stream -c fast
-runuser -u postgres -- $PGBIN/pg_ctl -D /srv/standby/pg -l /tmp/pg2.log -o "-p 5433 -k /tmp -c listen_addresses=127.0.0.1" -w start >/dev/null
+${guestPgSetup({ pgConf: o.pgConf, initdbArgs: o.initdbArgs })}
+mkdir -p /var/lib/bsn-db1 /var/lib/bsn-db2
 cat > /tmp/db1.json <<'JSON'
 ${agentConfig(o, 'db1')}
 JSON
 cat > /tmp/db2.json <<'JSON'
 ${agentConfig(o, 'db2')}
 JSON
-set +e
 start_agent() { node ${agentCli()} run --config /tmp/$1.json >> $S/agent-$1.log 2>&1 & eval "AG_$1=$!"; }
 start_agent db1; start_agent db2
 q() { $PGBIN/psql -h 127.0.0.1 -p $1 -U postgres -d postgres -Atc "$2"; }

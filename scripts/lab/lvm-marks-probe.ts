@@ -12,7 +12,9 @@
  * (debugfs icheck/ncheck, dumpe2fs: WAL, relation files, the journal,
  * inode tables, bitmaps, free space).
  *
- *   npx tsx scripts/lab/lvm-marks-probe.ts [--intervals 3] [--pg-conf wal_init_zero=off] [--out FILE.json]
+ *   npx tsx scripts/lab/lvm-marks-probe.ts [--intervals 3] [--pg-conf 'wal_init_zero = off; wal_recycle = off'] [--initdb-args --wal-segsize=1] [--out FILE.json]
+ *
+ * `--pg-conf`: postgresql.conf lines for the primary (the standby copies them), separated by `;`.
  */
 import { createHash } from 'node:crypto';
 import { open, mkdtemp, rm, truncate, writeFile, readFile } from 'node:fs/promises';
@@ -23,29 +25,6 @@ import { execa } from 'execa';
 const arg = (name: string) => (process.argv.includes(name) ? process.argv[process.argv.indexOf(name) + 1] : undefined);
 const CHUNK = 65536;
 
-const setup = (conf: string) => `set -e
-PGBIN=/usr/lib/postgresql/15/bin
-cd /
-pvcreate -q -ff -y /dev/ubda; vgcreate -q bsnvg /dev/ubda
-lvcreate -q -L 512M --chunksize 64k -Zn -T bsnvg/pool
-lvcreate -q -V 256M -T bsnvg/pool -n pgdata
-lvcreate -q -L 256M -n stdata bsnvg; lvcreate -q -L 4M -n stmeta bsnvg
-dd if=/dev/zero of=/dev/bsnvg/stmeta bs=4k count=1 oflag=direct status=none
-dmsetup create stera --table "0 $(blockdev --getsz /dev/bsnvg/stdata) era /dev/bsnvg/stmeta /dev/bsnvg/stdata 128"
-dmsetup mknodes
-for d in /dev/bsnvg/pgdata /dev/mapper/stera; do mkfs.ext4 -q -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 $d; done
-mkdir -p /srv/pgdata /srv/standby
-mount -o noatime /dev/bsnvg/pgdata /srv/pgdata; mount -o noatime /dev/mapper/stera /srv/standby
-mkdir -p /srv/pgdata/pg /srv/standby/pg; chown postgres:postgres /srv/pgdata/pg /srv/standby/pg; chmod 700 /srv/standby/pg
-runuser -u postgres -- $PGBIN/initdb -D /srv/pgdata/pg -A trust >/dev/null
-printf '%s\\n' ${conf} >> /srv/pgdata/pg/postgresql.conf
-runuser -u postgres -- $PGBIN/pg_ctl -D /srv/pgdata/pg -l /tmp/pg1.log -o "-p 5432 -k /tmp -c listen_addresses=127.0.0.1" -w start >/dev/null
-$PGBIN/pgbench -h 127.0.0.1 -U postgres -i -s 2 -q postgres 2>/dev/null
-runuser -u postgres -- $PGBIN/pg_basebackup -h 127.0.0.1 -p 5432 -U postgres -D /srv/standby/pg -R -X stream -c fast
-runuser -u postgres -- $PGBIN/pg_ctl -D /srv/standby/pg -l /tmp/pg2.log -o "-p 5433 -k /tmp -c listen_addresses=127.0.0.1" -w start >/dev/null
-set +e
-`;
-
 async function host(): Promise<void> {
   const { runInGuest } = await import('./uml-guest.js');
   const { repoRoot } = await import('./processes.js');
@@ -54,8 +33,10 @@ async function host(): Promise<void> {
     const disk = path.join(dir, 'disk.img');
     await writeFile(disk, '');
     await truncate(disk, 1536 << 20);
-    const conf = ['shared_buffers = 32MB', ...(arg('--pg-conf') ? [arg('--pg-conf')!] : [])].map((l) => `'${l}'`).join(' ');
-    const script = `${setup(conf)}
+    const { guestPgSetup } = await import('./guest-pg-setup.js');
+    const pgConf = (arg('--pg-conf') ?? '').split(';').map((l) => l.trim()).filter(Boolean);
+    const initdbArgs = (arg('--initdb-args') ?? '').split(/\s+/).filter(Boolean);
+    const script = `${guestPgSetup({ pgConf, initdbArgs })}
 cd ${repoRoot()} && node node_modules/tsx/dist/cli.mjs scripts/lab/lvm-marks-probe.ts guest ${arg('--intervals') ?? 3} ${dir}/report.json
 `;
     const r = await runInGuest({ script, disks: [{ file: disk }], shared: [dir], timeoutMs: 1_800_000 });
@@ -72,6 +53,11 @@ cd ${repoRoot()} && node node_modules/tsx/dist/cli.mjs scripts/lab/lvm-marks-pro
 // ---------------------------------------------------------------- in the guest
 
 const PGBIN = '/usr/lib/postgresql/15/bin';
+const count = (xs: string[]): Record<string, number> => {
+  const r: Record<string, number> = {};
+  for (const x of xs) r[x] = (r[x] ?? 0) + 1;
+  return r;
+};
 
 async function chunkDigests(dev: string, size: number): Promise<{ digest: string[]; zero: boolean[] }> {
   const fh = await open(dev, 'r');
@@ -108,8 +94,11 @@ async function metadataRanges(dev: string): Promise<Array<[number, number, strin
   return r;
 }
 
-/** Per chunk, what lives there in `dev` (an ext4): one label per chunk, the most telling of its blocks'. */
-async function whatLives(dev: string, chunks: number[]): Promise<Map<number, string>> {
+/**
+ * Per chunk, what lives there in `dev` (an ext4): one label per chunk, the most telling of its blocks'.
+ * `detail` (if given) gets each chunk's files and metadata by name (e.g. `base/5/16398_fsm`, `inode table`).
+ */
+async function whatLives(dev: string, chunks: number[], detail?: Map<number, string>): Promise<Map<number, string>> {
   const meta = await metadataRanges(dev);
   // mke2fs' "small" type (< 512 MiB) makes 1 KiB blocks: read the block size, do not assume 4 KiB.
   const bs = Number(/Block size:\s+(\d+)/.exec((await execa('dumpe2fs', ['-h', dev], { reject: false })).stdout)?.[1] ?? 4096);
@@ -145,10 +134,22 @@ async function whatLives(dev: string, chunks: number[]): Promise<Map<number, str
     return 'free / unreferenced';
   };
   const order = ['WAL segment', 'relation file', 'pg_xact & co', 'global', 'ext4 journal', 'inode table', 'block bitmap', 'inode bitmap', 'group descriptors', 'superblock', 'reserved GDT', 'free / unreferenced'];
+  const named = (b: number): string => {
+    const ino = inodeOf.get(b);
+    if (ino === 8) return 'ext4 journal';
+    if (ino !== undefined) return (pathOf.get(ino) ?? `inode ${ino}`).replace(/^\/?pg\//, '').replace(/^pg_wal\/.*/, 'pg_wal/SEG');
+    for (const [a, z, k] of meta) if (b >= a && b <= z) return k;
+    return 'free';
+  };
   const res = new Map<number, string>();
   for (const c of chunks) {
     const labels = new Set<string>();
     for (let b = c * per; b < c * per + per; b++) labels.add(label(b));
+    if (detail) {
+      const names = new Set<string>();
+      for (let b = c * per; b < c * per + per; b++) names.add(named(b));
+      detail.set(c, [...names].sort().join(' + '));
+    }
     res.set(c, order.find((o) => labels.has(o)) ?? [...labels].find((l) => l.startsWith('other file')) ?? [...labels][0]!);
   }
   return res;
@@ -223,7 +224,8 @@ async function guest(intervals: number, out: string): Promise<void> {
         const extra = marked.filter((c) => !changedSet.has(c));
         const markedSet = new Set(marked);
         const missed = changed.filter((c) => !markedSet.has(c));
-        const where = await whatLives(snap.path, marked);
+        const detail = new Map<number, string>();
+        const where = await whatLives(snap.path, marked, detail);
         const whereChangedUnmarked = await whatLives(snap.path, missed);
         // What the extra chunks held at the previous snapshot → now.
         const wherePrev = await whatLives(s.prev.path, extra);
@@ -249,6 +251,10 @@ async function guest(intervals: number, out: string): Promise<void> {
           ratio: +(marked.length / Math.max(1, changed.length)).toFixed(2),
           extraZeroBoth: extra.filter((c) => cur.zero[c] && s.prev!.zero[c]).length,
           extraInPrevWindow: extra.filter((c) => s.prevWindow?.has(c)).length,
+          extraInThisWindow: extra.filter((c) => window.has(c)).length,
+          // The extra chunks that are not zero in both snapshots, by what holds them now (file names, metadata).
+          extraNonZeroDetail: count(extra.filter((c) => !(cur.zero[c] && s.prev!.zero[c])).map((c) => detail.get(c)!)),
+          extraZeroDetail: count(extra.filter((c) => cur.zero[c] && s.prev!.zero[c]).map((c) => detail.get(c)!)),
           prevWindowChunks: s.prevWindow?.size ?? 0,
           byKind, extraPrevToNow, missedKinds: [...whereChangedUnmarked.values()],
           extraSample: extra.slice(0, 40).map((c) => `${c}:${where.get(c)}`),
