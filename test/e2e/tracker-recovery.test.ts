@@ -153,8 +153,18 @@ describe('tracker recovery: unclean shutdown, restart, lost events', () => {
     // Files allocated first, then overwritten in place by two O_DIRECT writers at once.
     const files = [join(lab.volumeMount, 'burst-a.bin'), join(lab.volumeMount, 'burst-b.bin')];
     const lost = async () => /"msg":"change tracking invalid"[^\n]*lost|lost[^\n]*"msg":"change tracking invalid"/.test((await agentLog()).slice(logBefore));
+    // The agent is held stopped (SIGSTOP) during each burst: its trace_pipe
+    // reader cannot drain the buffer, so the overrun does not depend on how
+    // fast this machine lets the reader keep up (on a quiet machine it did,
+    // and no event was lost). A stalled agent is what the loss check is for.
+    const pid = agent!.pid;
     for (let round = 0; round < 5 && !(await lost()); round++) {
-      await Promise.all(files.map((f) => ddWrite(f, { bs: 4096, count: 8000, direct: true, noTruncate: true })));
+      process.kill(pid, 'SIGSTOP');
+      try {
+        await Promise.all(files.map((f) => ddWrite(f, { bs: 4096, count: 8000, direct: true, noTruncate: true })));
+      } finally {
+        process.kill(pid, 'SIGCONT');
+      }
       // The tracker polls its loss counters every second: give it a poll or two to report this round.
       await waitFor('the tracker to report lost events', lost, { timeoutMs: 2_500, everyMs: 100 }).catch(() => undefined);
     }
