@@ -20,6 +20,7 @@
 import { createHash } from 'node:crypto';
 import { writevSync } from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
+import { RESTORE_WORKER_KEEP_BYTES } from '../../proto/shared/restore-protocol.js';
 import { zstdDecompress } from '../../proto/shared/zstd.js';
 import { rawFrameView } from './raw-frame-view.js';
 import { sliceFrom } from './slice-from.js';
@@ -48,7 +49,7 @@ export type RestoreTaskReply =
   | { seq: number; ok: true; bytesWritten: number }
   | { seq: number; ok: false; code: 'E_DIGEST_MISMATCH' | 'E_DEVICE' | 'E_INTERNAL'; message: string; errno?: string };
 
-const KEEP_BYTES = 64 << 20;
+const KEEP_BYTES = RESTORE_WORKER_KEEP_BYTES;
 /** Buffers per writev (Linux IOV_MAX). */
 const IOV_MAX = 1024;
 

@@ -30,6 +30,12 @@ export const RESTORE_BATCH_BYTES = 2 << 20;
  * the batch a second time); 2 MiB of pgbench frames held ~35 MiB plain on average, up to 70 MiB.
  */
 export const RESTORE_BATCH_PLAIN_BYTES = 16 << 20;
+/**
+ * Plain bytes of one batch an agent's restore worker keeps between its digest check and its write
+ * (agent/restore/restore-worker.ts). Must hold a whole batch of RESTORE_BATCH_PLAIN_BYTES plus the one
+ * chunk that may go over (test/proto/restore-batch-limits.test.ts pins it).
+ */
+export const RESTORE_WORKER_KEEP_BYTES = 64 << 20;
 export const RESTORE_CHUNK_OVERHEAD = 64;
 /** Restores one agent may run at once (each holds a map and a window). */
 export const RESTORE_MAX_PER_AGENT = 4;
