@@ -13,6 +13,9 @@
  * log: redo, end-of-recovery checkpoint); clone creation time for the 1st
  * and the 10th of 10 clones of the 1 GiB image running at once.
  *
+ * All images are built first; round i then mounts every size once (the
+ * order reversed on odd rounds), so a load that drifts weighs on all sizes.
+ *
  * Env: BENCH_SIZES_GIB ("1,8"), BENCH_SCALES ("10,80": pgbench -i scale per
  * size), BENCH_RUNS (3), BENCH_CLONES (10), BENCH_DIRECT_IO (0/1),
  * BENCH_PG_SETTINGS (JSON of extra per-start settings, e.g.
@@ -129,20 +132,35 @@ async function mountOnce(fx: E2eFixture, mounter: NbdLocalMounter, img: PgImage,
   return mounter.mount(grantOf(img, uri), walSourceOf(img), { asStandby });
 }
 
-async function benchSize(volumeGiB: number, scale: number): Promise<{ size: SizeResult; clones?: number[] }> {
+/** One size's image, its export and its mounter, built once; the mount rounds of all sizes then interleave. */
+interface SizeBench {
+  fx: E2eFixture;
+  mounter: NbdLocalMounter;
+  img: PgImage;
+  nbd: Awaited<ReturnType<typeof serveImage>>;
+  reads: { n: number; ms: number; seen: Set<string> };
+  size: SizeResult;
+  ab: Record<string, number[]>;
+  on: NbdLocalMounter;
+  off: NbdLocalMounter;
+  stateDir: string;
+  runBase: string;
+}
+
+async function prepareSize(volumeGiB: number, scale: number): Promise<SizeBench> {
   const fx = e2eFixture();
-  const stateDir = await mkdtemp(join(tmpdir(), 'bsn-bench-mount-'));
-  const runBase = await mkdtemp(join(tmpdir(), 'bsn-bench-mounts-'));
-  await chmod(runBase, 0o711);
-  fx.defer('dirs', async () => {
-    await rm(stateDir, { recursive: true, force: true });
-    await rm(runBase, { recursive: true, force: true });
-  });
-  const mounter = new NbdLocalMounter({
-    stateDir, runBase, attacher: new NbdfuseAttacher({ directIo: DIRECT_IO }), pgSettings: { log_line_prefix: '%m ', ...PG_SETTINGS },
-  });
   try {
-    let t = Date.now();
+    const stateDir = await mkdtemp(join(tmpdir(), 'bsn-bench-mount-'));
+    const runBase = await mkdtemp(join(tmpdir(), 'bsn-bench-mounts-'));
+    await chmod(runBase, 0o711);
+    fx.defer('dirs', async () => {
+      await rm(stateDir, { recursive: true, force: true });
+      await rm(runBase, { recursive: true, force: true });
+    });
+    const mounter = new NbdLocalMounter({
+      stateDir, runBase, attacher: new NbdfuseAttacher({ directIo: DIRECT_IO }), pgSettings: { log_line_prefix: '%m ', ...PG_SETTINGS },
+    });
+    const t = Date.now();
     const img = await buildPgImage(fx, { volumeSize: volumeGiB * GiB, poolSize: 2 * volumeGiB * GiB + GiB, pgbenchScale: scale });
     say(`  image of ${volumeGiB} GiB (pgbench scale ${scale}) built in ${((Date.now() - t) / 1000).toFixed(0)} s`);
     // Store reads per mount (cache misses of the export's chunk LRU and page cache): what grows with the image?
@@ -163,8 +181,6 @@ async function benchSize(volumeGiB: number, scale: number): Promise<{ size: Size
       };
     }
     const nbd = await serveImage(fx, img);
-    const size: SizeResult = { volumeGiB, scale, primary: [], standby: [], phases: [], logPhases: [] };
-    const ab: Record<string, number[]> = { on: [], off: [] };
     // The A/B pair: the same mounter with one choice flipped (deferFlush off, or loop direct I/O on).
     const AB = process.env.BENCH_AB;
     const on = AB === 'directIo'
@@ -173,78 +189,97 @@ async function benchSize(volumeGiB: number, scale: number): Promise<{ size: Size
     const off = AB === 'directIo'
       ? new NbdLocalMounter({ stateDir, runBase, attacher: new NbdfuseAttacher({ directIo: false }), pgSettings: PG_SETTINGS })
       : new NbdLocalMounter({ stateDir, runBase, attacher: new NbdfuseAttacher({ directIo: DIRECT_IO }), pgSettings: PG_SETTINGS, deferFlush: false });
-    for (let i = 0; i < RUNS; i++) {
-      if (AB === 'pageCache') {
-        // One map page cached (as before 2026-11-30) vs the default, alternating.
-        for (const k of i % 2 ? ['off', 'on'] : ['on', 'off']) {
-          ImageIndexReader.pageCacheSize = k === 'on' ? PAGE_CACHE_DEFAULT : 1;
-          const src = await serveImage(fx, img); // a fresh source: cold caches, as each appliance mount has
-          reads.n = 0;
-          reads.ms = 0;
-          const m = await mountOnce(fx, mounter, img, src, false);
-          ab[k]!.push(m.secondsToFirstQuery);
-          say(`  ${AB} ${k}: ${m.secondsToFirstQuery.toFixed(3)} s, store reads ${reads.n} (${reads.ms.toFixed(0)} ms) ${JSON.stringify(Object.fromEntries(Object.entries(m.phases).map(([x, v]) => [x, r3(v)])))}`);
-          await mounter.unmount(m.mountId);
-        }
-        ImageIndexReader.pageCacheSize = PAGE_CACHE_DEFAULT;
-      }
-      if (AB === 'deferFlush' || AB === 'directIo') {
-        for (const [k, mm] of (i % 2 ? [['off', off], ['on', on]] : [['on', on], ['off', off]]) as Array<[string, NbdLocalMounter]>) {
-          const m = await mountOnce(fx, mm, img, nbd, false);
-          ab[k]!.push(m.secondsToFirstQuery);
-          say(`  ${AB} ${k}: ${m.secondsToFirstQuery.toFixed(3)} s ${JSON.stringify(Object.fromEntries(Object.entries(m.phases).map(([x, v]) => [x, r3(v)])))}`);
-          await mm.unmount(m.mountId);
-        }
-      }
-      for (const standby of [false, true]) {
-        reads.n = 0;
-        reads.ms = 0;
-        reads.seen.clear();
-        Object.assign(io, { reads: 0, readBytes: 0, writes: 0, writeBytes: 0, flushes: 0 });
-        ioTimes.length = 0;
-        const m = await mountOnce(fx, mounter, img, nbd, standby);
-        say(`  store reads during the mount: ${reads.n} of ${reads.seen.size} blobs (${reads.ms.toFixed(0)} ms summed); ${ioLine()}`);
-        (standby ? size.standby : size.primary).push(m.secondsToFirstQuery);
-        if (!standby) {
-          size.phases.push(m.phases);
-          size.logPhases.push(await logPhases(join(runBase, `${m.mountId}.run`, 'postgres.log')));
-        }
-        say(`  ${standby ? 'standby' : 'primary'} #${i + 1}: ${m.secondsToFirstQuery.toFixed(3)} s ${JSON.stringify(Object.fromEntries(Object.entries(m.phases).map(([k, v]) => [k, r3(v)])))}`);
-        await mounter.unmount(m.mountId);
-      }
-    }
-    if (AB) say(`  ${AB} medians: on ${r3(median(ab.on!))} s, off ${r3(median(ab.off!))} s`);
-    let clones: number[] | undefined;
-    if (CLONES > 0 && volumeGiB === SIZES[0]) {
-      clones = [];
-      const up: string[] = [];
-      try {
-        for (let i = 0; i < CLONES; i++) {
-          t = Date.now();
-          const m = await mountOnce(fx, mounter, img, nbd, false);
-          up.push(m.mountId);
-          clones.push(m.secondsToFirstQuery);
-          say(`  clone ${i + 1}: ${m.secondsToFirstQuery.toFixed(3)} s (with creating its overlay: ${((Date.now() - t) / 1000).toFixed(3)} s)`);
-        }
-      } finally {
-        for (const id of up.reverse()) await mounter.unmount(id).catch((e: unknown) => say(`  unmount ${id}: ${String(e)}`));
-      }
-    }
-    return { size, clones };
-  } finally {
+    return {
+      fx, mounter, img, nbd, reads, on, off, stateDir, runBase,
+      size: { volumeGiB, scale, primary: [], standby: [], phases: [], logPhases: [] },
+      ab: { on: [], off: [] },
+    };
+  } catch (e) {
     await fx.dispose();
+    throw e;
   }
+}
+
+/** Round i of one size: the A/B pair if asked for, then a primary and a standby mount. */
+async function mountRound(b: SizeBench, i: number): Promise<void> {
+  const { fx, mounter, img, nbd, reads, size, ab, on, off, runBase } = b;
+  const AB = process.env.BENCH_AB;
+  say(`  ${size.volumeGiB} GiB, round ${i + 1} (load ${loadavg()[0]!.toFixed(2)})`);
+  if (AB === 'pageCache') {
+    // One map page cached (as before 2026-11-30) vs the default, alternating.
+    for (const k of i % 2 ? ['off', 'on'] : ['on', 'off']) {
+      ImageIndexReader.pageCacheSize = k === 'on' ? PAGE_CACHE_DEFAULT : 1;
+      const src = await serveImage(fx, img); // a fresh source: cold caches, as each appliance mount has
+      reads.n = 0;
+      reads.ms = 0;
+      const m = await mountOnce(fx, mounter, img, src, false);
+      ab[k]!.push(m.secondsToFirstQuery);
+      say(`  ${AB} ${k}: ${m.secondsToFirstQuery.toFixed(3)} s, store reads ${reads.n} (${reads.ms.toFixed(0)} ms) ${JSON.stringify(Object.fromEntries(Object.entries(m.phases).map(([x, v]) => [x, r3(v)])))}`);
+      await mounter.unmount(m.mountId);
+    }
+    ImageIndexReader.pageCacheSize = PAGE_CACHE_DEFAULT;
+  }
+  if (AB === 'deferFlush' || AB === 'directIo') {
+    for (const [k, mm] of (i % 2 ? [['off', off], ['on', on]] : [['on', on], ['off', off]]) as Array<[string, NbdLocalMounter]>) {
+      const m = await mountOnce(fx, mm, img, nbd, false);
+      ab[k]!.push(m.secondsToFirstQuery);
+      say(`  ${AB} ${k}: ${m.secondsToFirstQuery.toFixed(3)} s ${JSON.stringify(Object.fromEntries(Object.entries(m.phases).map(([x, v]) => [x, r3(v)])))}`);
+      await mm.unmount(m.mountId);
+    }
+  }
+  for (const standby of [false, true]) {
+    reads.n = 0;
+    reads.ms = 0;
+    reads.seen.clear();
+    Object.assign(io, { reads: 0, readBytes: 0, writes: 0, writeBytes: 0, flushes: 0 });
+    ioTimes.length = 0;
+    const m = await mountOnce(fx, mounter, img, nbd, standby);
+    say(`  store reads during the mount: ${reads.n} of ${reads.seen.size} blobs (${reads.ms.toFixed(0)} ms summed); ${ioLine()}`);
+    (standby ? size.standby : size.primary).push(m.secondsToFirstQuery);
+    if (!standby) {
+      size.phases.push(m.phases);
+      size.logPhases.push(await logPhases(join(runBase, `${m.mountId}.run`, 'postgres.log')));
+    }
+    say(`  ${standby ? 'standby' : 'primary'} #${i + 1}: ${m.secondsToFirstQuery.toFixed(3)} s ${JSON.stringify(Object.fromEntries(Object.entries(m.phases).map(([k, v]) => [k, r3(v)])))}`);
+    await mounter.unmount(m.mountId);
+  }
+}
+
+/** CLONES mounts of one image up at once: seconds to first query of each, with the time to create its overlay. */
+async function cloneRun(b: SizeBench): Promise<number[]> {
+  const clones: number[] = [];
+  const up: string[] = [];
+  try {
+    for (let i = 0; i < CLONES; i++) {
+      const t = Date.now();
+      const m = await mountOnce(b.fx, b.mounter, b.img, b.nbd, false);
+      up.push(m.mountId);
+      clones.push(m.secondsToFirstQuery);
+      say(`  clone ${i + 1}: ${m.secondsToFirstQuery.toFixed(3)} s (with creating its overlay: ${((Date.now() - t) / 1000).toFixed(3)} s)`);
+    }
+  } finally {
+    for (const id of up.reverse()) await b.mounter.unmount(id).catch((e: unknown) => say(`  unmount ${id}: ${String(e)}`));
+  }
+  return clones;
 }
 
 async function main(): Promise<void> {
   say(`mount benchmark: sizes ${SIZES.join(', ')} GiB, ${RUNS} runs each, ${CLONES} clones, loop direct-io ${DIRECT_IO ? 'on' : 'off'}, cow ${COW}, settings ${JSON.stringify(PG_SETTINGS)}, load ${loadavg()[0]!.toFixed(2)}`);
-  const results: SizeResult[] = [];
+  // Every size's image first, then the rounds interleaved (round i mounts each size once, the order reversed on odd
+  // rounds): a load that drifts during the run then weighs on every size alike instead of on whichever ran last.
+  const benches: SizeBench[] = [];
   let clones: number[] | undefined;
-  for (const [i, gib] of SIZES.entries()) {
-    const r = await benchSize(gib, SCALES[i] ?? 10);
-    results.push(r.size);
-    clones ??= r.clones;
+  try {
+    for (const [i, gib] of SIZES.entries()) benches.push(await prepareSize(gib, SCALES[i] ?? 10));
+    for (let i = 0; i < RUNS; i++) {
+      for (const b of i % 2 ? [...benches].reverse() : benches) await mountRound(b, i);
+    }
+    if (CLONES > 0 && benches[0]) clones = await cloneRun(benches[0]);
+    if (process.env.BENCH_AB) for (const b of benches) say(`  ${b.size.volumeGiB} GiB ${process.env.BENCH_AB} medians: on ${r3(median(b.ab.on!))} s, off ${r3(median(b.ab.off!))} s`);
+  } finally {
+    for (const b of benches.reverse()) await b.fx.dispose();
   }
+  const results: SizeResult[] = [...benches].sort((a, b) => SIZES.indexOf(a.size.volumeGiB) - SIZES.indexOf(b.size.volumeGiB)).map((b) => b.size);
   const summary = results.map((r) => ({
     volumeGiB: r.volumeGiB, scale: r.scale, primaryMedian: r3(median(r.primary)), standbyMedian: r3(median(r.standby)),
     phasesMedian: Object.fromEntries(Object.keys(r.phases[0] ?? {}).map((k) => [k, r3(median(r.phases.map((p) => p[k]!)))])),
