@@ -6,7 +6,8 @@
  * The postmaster is recorded (data dir, then PID and start time) in a ledger
  * so a killed run's cluster is stopped by `cleanupLeftovers`, by PID only.
  */
-import { chown, mkdir, mkdtemp, readFile, realpath } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
+import { access, chmod, chown, mkdir, mkdtemp, readFile, realpath, rename, rm, stat } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { execa, type Options as ExecaOptions } from 'execa';
@@ -32,6 +33,12 @@ export interface PgClusterOptions {
   /** Extra server settings passed as `-c name=value`. */
   settings?: Record<string, string>;
   ledgerDir?: string;
+  /**
+   * `initdb` copies a per-build template made by one real initdb (default):
+   * every cluster of a build then shares one system identifier. `false` runs
+   * initdb itself, for a test that needs an identifier of its own.
+   */
+  template?: boolean;
 }
 
 export interface PgbenchResult {
@@ -49,6 +56,14 @@ async function osUserIds(user: string): Promise<{ uid: number; gid: number }> {
   return { uid: Number(uid), gid: Number(gid) };
 }
 
+
+/** What every test cluster is made with (after `-N -D DIR`). */
+const INITDB_ARGS = ['-U', 'postgres', '-A', 'trust', '--data-checksums', '-E', 'UTF8', '--locale=C'];
+
+async function syncFs(dir: string): Promise<void> {
+  const s = await execa('sync', ['-f', dir], { reject: false, stdin: 'ignore', timeout: 180_000 });
+  if (s.exitCode !== 0) throw new BlocksnapError('E_PG', `sync -f ${dir} failed: ${String(s.stderr || s.shortMessage).trim()}`, { cause: s });
+}
 
 export class PgCluster {
   readonly dataDir: string;
@@ -125,20 +140,69 @@ export class PgCluster {
     return this.runDirOpt;
   }
 
+  /**
+   * A new cluster in `dataDir` (initdb with data checksums, C locale, trust),
+   * durable on return. By default a copy of this build's template (see
+   * `template`): initdb's bootstrap costs 1.5-3 s of CPU on the lab machine,
+   * a copy of its ~40 MB result a fraction of that, and the PostgreSQL tests
+   * make ~50 clusters per run.
+   */
   async initdb(): Promise<void> {
     await mkdir(this.dataDir, { recursive: true, mode: 0o700 });
     const { uid, gid } = await osUserIds(this.osUser);
     await chown(this.dataDir, uid, gid);
-    // -N + one syncfs of the data directory's filesystem: as durable on return as
+    if (this.opts.template === false) await this.runInitdb(this.dataDir);
+    else {
+      const template = await this.templateDir();
+      const c = await execa('cp', ['-a', `${template}/.`, this.dataDir], { reject: false, stdin: 'ignore', timeout: 180_000 });
+      if (c.exitCode !== 0) throw new BlocksnapError('E_PG', `copying ${template} to ${this.dataDir} failed: ${String(c.stderr || c.shortMessage).trim()}`, { cause: c });
+    }
+    await syncFs(this.dataDir);
+  }
+
+  private async runInitdb(dataDir: string): Promise<void> {
+    // -N + one syncfs of the data directory's filesystem (by the caller): as durable on return as
     // initdb's own sync (PG 17's --sync-method=syncfs), which fsyncs ~1000 files
     // one by one, each a flush through the lab's loop devices (~0.5 s per initdb here).
-    const args = ['-N', '-D', this.dataDir, '-U', 'postgres', '-A', 'trust', '--data-checksums', '-E', 'UTF8', '--locale=C'];
+    const args = ['-N', '-D', dataDir, ...INITDB_ARGS];
     const r = await this.asOsUser(path.join(this.binDir, 'initdb'), args);
     if (r.exitCode !== 0) {
-      throw new BlocksnapError('E_PG', `initdb ${this.dataDir} failed: ${String(r.stderr || r.shortMessage).trim()}`, { cause: r });
+      throw new BlocksnapError('E_PG', `initdb ${dataDir} failed: ${String(r.stderr || r.shortMessage).trim()}`, { cause: r });
     }
-    const s = await execa('sync', ['-f', this.dataDir], { reject: false, stdin: 'ignore', timeout: 180_000 });
-    if (s.exitCode !== 0) throw new BlocksnapError('E_PG', `sync -f ${this.dataDir} failed: ${String(s.stderr || s.shortMessage).trim()}`, { cause: s });
+  }
+
+  /**
+   * This build's template data directory: `<tmp>/blocksnap-pg-templates/<key>/data`,
+   * keyed by the initdb binary (path, size, mtime), its arguments and the OS user,
+   * made once (initdb into a staging directory, then an atomic rename: a
+   * concurrent maker's rename loses and its copy is removed) and reused by
+   * later clusters and runs. Never started, so it stays a clean initdb result.
+   */
+  private async templateDir(): Promise<string> {
+    const initdb = path.join(this.binDir, 'initdb');
+    const st = await stat(initdb);
+    const key = createHash('sha256').update(JSON.stringify([initdb, st.size, st.mtimeMs, INITDB_ARGS, this.osUser])).digest('hex').slice(0, 16);
+    const root = path.join(os.tmpdir(), 'blocksnap-pg-templates');
+    const done = path.join(root, key);
+    const data = path.join(done, 'data');
+    if (await access(data).then(() => true, () => false)) return data;
+    await mkdir(root, { recursive: true, mode: 0o755 });
+    await chmod(root, 0o755);
+    const staging = await mkdtemp(path.join(root, `.${key}-`));
+    try {
+      await chmod(staging, 0o755);
+      const { uid, gid } = await osUserIds(this.osUser);
+      await mkdir(path.join(staging, 'data'), { mode: 0o700 });
+      await chown(path.join(staging, 'data'), uid, gid);
+      await this.runInitdb(path.join(staging, 'data'));
+      await syncFs(staging);
+      await rename(staging, done).catch(async (e: NodeJS.ErrnoException) => {
+        if (e.code !== 'ENOTEMPTY' && e.code !== 'EEXIST') throw e;
+      });
+    } finally {
+      await rm(staging, { recursive: true, force: true });
+    }
+    return data;
   }
 
   async start(): Promise<void> {
