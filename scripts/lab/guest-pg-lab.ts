@@ -36,6 +36,10 @@ export interface GuestPgLabOptions {
   pgConf?: string[];
   /** Extra initdb arguments (e.g. `--wal-segsize=1`). */
   initdbArgs?: string[];
+  /** Size of each cluster's LV (default 256 MiB). */
+  volumeMiB?: number;
+  /** pgbench scale (default 2). */
+  pgbenchScale?: number;
 }
 
 function agentConfig(o: GuestPgLabOptions, who: 'db1' | 'db2'): string {
@@ -56,7 +60,7 @@ function agentConfig(o: GuestPgLabOptions, who: 'db1' | 'db2'): string {
 
 function script(shared: string, o: GuestPgLabOptions): string {
   return `S=${shared}
-${guestPgSetup({ pgConf: o.pgConf, initdbArgs: o.initdbArgs })}
+${guestPgSetup({ pgConf: o.pgConf, initdbArgs: o.initdbArgs, volumeMiB: o.volumeMiB, pgbenchScale: o.pgbenchScale })}
 mkdir -p /var/lib/bsn-db1 /var/lib/bsn-db2
 cat > /tmp/db1.json <<'JSON'
 ${agentConfig(o, 'db1')}
