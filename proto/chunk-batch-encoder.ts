@@ -41,9 +41,10 @@ function chunkBodySize(c: ChunkBatch['chunks'][number]): number {
 
 /**
  * `envelopeField`: the Envelope field holding the batch — 7 (chunk_batch), or
- * 53 (restore_chunks, the same shape with job_id = request_id).
+ * 53 (restore_chunks, the same shape with job_id = request_id). `alloc`
+ * gives the frame's buffer (a transport passes its pool's; default a new one).
  */
-export function encodeChunkBatchFrame(b: ChunkBatch, maxFrameBytes: number, envelopeField = 7): Buffer {
+export function encodeChunkBatchFrame(b: ChunkBatch, maxFrameBytes: number, envelopeField = 7, alloc: (n: number) => Buffer = Buffer.allocUnsafe): Buffer {
   for (const c of b.chunks) {
     if (!Number.isSafeInteger(c.index) || c.index < 0 || !Number.isInteger(c.plainLength) || c.plainLength < 0 || c.plainLength > 0xffffffff) {
       throw new BlocksnapError('E_INTERNAL', `cannot encode chunk ${c.index} with plain length ${c.plainLength}`);
@@ -59,7 +60,7 @@ export function encodeChunkBatchFrame(b: ChunkBatch, maxFrameBytes: number, enve
   if (bodyLen > maxFrameBytes) {
     throw new BlocksnapError('E_FRAME_TOO_LARGE', `${envelopeField === 7 ? 'chunkBatch' : 'restoreChunks'} envelope of ${bodyLen} bytes exceeds the ${maxFrameBytes} byte frame limit`);
   }
-  const buf = Buffer.allocUnsafe(4 + bodyLen);
+  const buf = alloc(4 + bodyLen);
   buf.writeUInt32LE(bodyLen, 0);
   let p = 4;
   p = writeVarint(buf, p, tag);

@@ -26,10 +26,10 @@ export const DEFAULT_MAX_FRAME_BYTES = 8 * 1024 * 1024;
  * once (chunk data → frame buffer). Throws E_FRAME_TOO_LARGE before
  * allocating the frame when the envelope exceeds `maxFrameBytes`.
  */
-export function encodeFrame(env: Envelope, maxFrameBytes = DEFAULT_MAX_FRAME_BYTES): Buffer {
-  // The hot path (every chunk of every backup) has its own encoder; same bytes.
-  if (env.kind === 'chunkBatch') return encodeChunkBatchFrame(env.chunkBatch, maxFrameBytes);
-  if (env.kind === 'restoreChunks') return encodeChunkBatchFrame({ jobId: env.restoreChunks.requestId, seq: env.restoreChunks.seq, chunks: env.restoreChunks.chunks }, maxFrameBytes, 53);
+export function encodeFrame(env: Envelope, maxFrameBytes = DEFAULT_MAX_FRAME_BYTES, alloc?: (n: number) => Buffer): Buffer {
+  // The hot path (every chunk of every backup and restore) has its own encoder (same bytes), into `alloc`'s buffer when given.
+  if (env.kind === 'chunkBatch') return encodeChunkBatchFrame(env.chunkBatch, maxFrameBytes, 7, alloc);
+  if (env.kind === 'restoreChunks') return encodeChunkBatchFrame({ jobId: env.restoreChunks.requestId, seq: env.restoreChunks.seq, chunks: env.restoreChunks.chunks }, maxFrameBytes, 53, alloc);
   const writer = protobuf.Writer.create();
   writer.fixed32(0);
   writeEnvelopeBody(env, writer);

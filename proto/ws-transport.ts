@@ -4,6 +4,7 @@ import { WebSocket, WebSocketServer, type RawData } from 'ws';
 import { BlocksnapError, toBlocksnapError } from './errors.js';
 import { decodeSingleFrame, DEFAULT_MAX_FRAME_BYTES, encodeFrame, FRAME_HEADER_BYTES } from './codec.js';
 import type { Envelope } from './messages.js';
+import { largeFrames } from './shared/buffer-pool.js';
 import { CloseCode, closeCodeFor, closeReason, disconnected, fitCloseReason, isSendableCloseCode, TransportBase, type Transport } from './transport.js';
 import { createServer as createHttpsServer } from 'node:https';
 
@@ -101,12 +102,18 @@ class WsTransport extends TransportBase {
     if (this.closing || this.ws.readyState !== WebSocket.OPEN) return Promise.reject(disconnected(this.remote));
     let frame: Buffer;
     try {
-      frame = encodeFrame(env, this.maxFrameBytes);
+      // A chunk batch goes into a reused buffer (shared/buffer-pool.ts), given back once it is written.
+      frame = encodeFrame(env, this.maxFrameBytes, takeLargeFrame);
     } catch (e) {
       return Promise.reject(toBlocksnapError(e));
     }
     return new Promise((resolve, reject) => {
-      this.ws.send(frame, { binary: true, compress: false }, (err) => (err ? reject(disconnected(this.remote, err)) : resolve()));
+      this.ws.send(frame, { binary: true, compress: false }, (err) => {
+        if (err) return reject(disconnected(this.remote, err));
+        // ws calls back once the socket wrote the frame: nothing refers to it any more.
+        largeFrames.give(frame.buffer);
+        resolve();
+      });
     });
   }
 
@@ -166,6 +173,49 @@ class WsTransport extends TransportBase {
     if (byUs || code === CloseCode.NORMAL) return this.finish();
     this.finish(new BlocksnapError('E_DISCONNECTED', `connection closed by ${this.remote}: ${code}${reason ? ` ${reason}` : ''}`));
   }
+}
+
+const takeLargeFrame = (n: number) => largeFrames.take(n);
+
+/** The parts of ws's (8.x) Receiver that receiveIntoPool relies on. */
+interface PoolableReceiver {
+  consume(n: number): Buffer;
+  _buffers: Buffer[];
+  _bufferedBytes: number;
+}
+
+/**
+ * Makes a client WebSocket receive each large message (a restore's ~2 MiB
+ * RestoreChunks) into a buffer of `largeFrames` instead of a new
+ * Buffer.allocUnsafe(n): ws copies a payload spread over several socket
+ * reads into one buffer (Receiver#consume), and a fresh 2 MiB per message
+ * cost the agent page faults and V8 full GCs (shared/buffer-pool.ts). The
+ * message's buffer is then its envelope's alone; the restore's writer
+ * hands it to a worker and gives it back when the worker returns it.
+ * Returns false (and changes nothing) if this ws has not the expected
+ * internals; test/proto/ws-transport-pool.test.ts pins that it applies.
+ */
+export function receiveIntoPool(ws: WebSocket): boolean {
+  const r = (ws as unknown as { _receiver?: PoolableReceiver })._receiver;
+  if (!r || typeof r.consume !== 'function' || !Array.isArray(r._buffers) || typeof r._bufferedBytes !== 'number') return false;
+  const consume = r.consume;
+  r.consume = function (this: PoolableReceiver, n: number): Buffer {
+    const first = this._buffers[0];
+    if (!largeFrames.fits(n) || !first || n <= first.length) return consume.call(this, n);
+    // What ws's consume does for a payload over several socket reads, into a pooled buffer.
+    this._bufferedBytes -= n;
+    const dst = largeFrames.take(n);
+    for (let off = 0; off < n;) {
+      const buf = this._buffers[0]!;
+      const k = Math.min(buf.length, n - off);
+      dst.set(k === buf.length ? buf : buf.subarray(0, k), off);
+      if (k === buf.length) this._buffers.shift();
+      else this._buffers[0] = buf.subarray(k);
+      off += k;
+    }
+    return dst;
+  };
+  return true;
 }
 
 function rawToBuffer(data: RawData): Buffer {
@@ -232,7 +282,10 @@ export function connectWs(
     });
     // Listeners are attached before 'open' so no early message is lost.
     const transport = new WsTransport(ws, new URL(url).host, maxFrameBytes);
-    ws.once('open', () => resolve(transport));
+    ws.once('open', () => {
+      receiveIntoPool(ws);
+      resolve(transport);
+    });
     ws.once('error', (err) => reject(new BlocksnapError('E_DISCONNECTED', `cannot connect to ${url}: ${err.message}`, { cause: err })));
   });
 }
