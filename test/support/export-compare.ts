@@ -1,12 +1,12 @@
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { execa } from 'execa';
 import { exportImage } from '../../appliance/ops/export-image.js';
 import type { ChunkStore } from '../../appliance/store/chunk-store.js';
+import { compareFiles } from './same-bytes.js';
 
 export interface ExportComparison {
   identical: boolean;
-  /** cmp's report when the files differ (first differing byte), else ''. */
+  /** Where the files first differ (as cmp would name it), else ''. */
   detail: string;
 }
 
@@ -22,9 +22,7 @@ export async function compareExportWithSnapshot(
   const out = join(scratchDir, `export-${rootDigestHex.slice(0, 16)}-${process.pid}.raw`);
   try {
     await exportImage(store, rootDigestHex, out);
-    const r = await execa('cmp', [out, snapshotFile], { reject: false, stdin: 'ignore' });
-    const identical = r.exitCode === 0;
-    return { identical, detail: identical ? '' : `${String(r.stdout)}${String(r.stderr)}`.trim() || `cmp exit ${r.exitCode}` };
+    return await compareFiles(out, snapshotFile);
   } finally {
     await rm(out, { force: true });
   }
