@@ -5,6 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Agent } from '../../agent/agent.js';
 import type { RetainingSnapshotProvider } from '../../agent/snapshot/retaining-provider.js';
 import { e2eFixture } from '../support/e2e-fixture.js';
+import { compareFiles } from '../support/same-bytes.js';
 import { attachLoop, detachLoop } from '../../scripts/lab/loop.js';
 import { PgCluster } from '../../scripts/lab/pg-cluster.js';
 import type { VolumeLab } from '../../scripts/lab/volume-lab.js';
@@ -56,8 +57,8 @@ describe('backup flow: full + incremental of a live PostgreSQL volume', () => {
     await exportImage(appl.app.store, img.rootDigest, out);
     const snap = keeper.kept.get(`pgdata@${jobId}`);
     expect(snap, 'kept snapshot').toBeTruthy();
-    const cmp = await execa('cmp', [out, snap!], { reject: false });
-    expect(cmp.exitCode, `export of ${imageId} differs from its snapshot: ${cmp.stdout}`).toBe(0);
+    const cmp = await compareFiles(out, snap!);
+    expect(cmp.identical, `export of ${imageId} differs from its snapshot: ${cmp.detail}`).toBe(true);
     return out;
   }
 
