@@ -177,47 +177,6 @@ class WsTransport extends TransportBase {
 
 const takeLargeFrame = (n: number) => largeFrames.take(n);
 
-/** The parts of ws's (8.x) Receiver that receiveIntoPool relies on. */
-interface PoolableReceiver {
-  consume(n: number): Buffer;
-  _buffers: Buffer[];
-  _bufferedBytes: number;
-}
-
-/**
- * Makes a client WebSocket receive each large message (a restore's ~2 MiB
- * RestoreChunks) into a buffer of `largeFrames` instead of a new
- * Buffer.allocUnsafe(n): ws copies a payload spread over several socket
- * reads into one buffer (Receiver#consume), and a fresh 2 MiB per message
- * cost the agent page faults and V8 full GCs (shared/buffer-pool.ts). The
- * message's buffer is then its envelope's alone; the restore's writer
- * hands it to a worker and gives it back when the worker returns it.
- * Returns false (and changes nothing) if this ws has not the expected
- * internals; test/proto/ws-transport-pool.test.ts pins that it applies.
- */
-export function receiveIntoPool(ws: WebSocket): boolean {
-  const r = (ws as unknown as { _receiver?: PoolableReceiver })._receiver;
-  if (!r || typeof r.consume !== 'function' || !Array.isArray(r._buffers) || typeof r._bufferedBytes !== 'number') return false;
-  const consume = r.consume;
-  r.consume = function (this: PoolableReceiver, n: number): Buffer {
-    const first = this._buffers[0];
-    if (!largeFrames.fits(n) || !first || n <= first.length) return consume.call(this, n);
-    // What ws's consume does for a payload over several socket reads, into a pooled buffer.
-    this._bufferedBytes -= n;
-    const dst = largeFrames.take(n);
-    for (let off = 0; off < n;) {
-      const buf = this._buffers[0]!;
-      const k = Math.min(buf.length, n - off);
-      dst.set(k === buf.length ? buf : buf.subarray(0, k), off);
-      if (k === buf.length) this._buffers.shift();
-      else this._buffers[0] = buf.subarray(k);
-      off += k;
-    }
-    return dst;
-  };
-  return true;
-}
-
 function rawToBuffer(data: RawData): Buffer {
   if (Buffer.isBuffer(data)) return data;
   return Array.isArray(data) ? Buffer.concat(data) : Buffer.from(data); // ArrayBuffer: a view, no copy
@@ -282,10 +241,7 @@ export function connectWs(
     });
     // Listeners are attached before 'open' so no early message is lost.
     const transport = new WsTransport(ws, new URL(url).host, maxFrameBytes);
-    ws.once('open', () => {
-      receiveIntoPool(ws);
-      resolve(transport);
-    });
+    ws.once('open', () => resolve(transport));
     ws.once('error', (err) => reject(new BlocksnapError('E_DISCONNECTED', `cannot connect to ${url}: ${err.message}`, { cause: err })));
   });
 }

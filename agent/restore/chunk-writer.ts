@@ -1,21 +1,11 @@
 import { createHash } from 'node:crypto';
 import type { FileHandle } from 'node:fs/promises';
 import { BlocksnapError } from '../../proto/errors.js';
-import { largeFrames } from '../../proto/shared/buffer-pool.js';
 import { DIGEST_BYTES } from '../../proto/shared/image-root.js';
-import { RESTORE_BATCH_BYTES, RESTORE_WINDOW_BYTES } from '../../proto/shared/restore-protocol.js';
 import { zstdDecompress } from '../../proto/shared/zstd.js';
 import type { RestoreChunks } from './restore-session.js';
-import type { RestoreTask } from './restore-worker.js';
 import { RestoreWorkers } from './restore-workers.js';
 import { sliceFrom } from './slice-from.js';
-
-/**
- * Shared slots a writer's workers read batches from: one per batch runRestore keeps in flight
- * (its window of ~2 MiB batches + 1) and one spare; a slot holds a batch's frames (~2 MiB + one chunk).
- */
-export const WRITER_SLOTS = Math.ceil(RESTORE_WINDOW_BYTES / RESTORE_BATCH_BYTES) + 2;
-export const WRITER_SLOT_BYTES = 2 * RESTORE_BATCH_BYTES;
 
 /**
  * Checks and writes the chunks of one restore (DESIGN.md §4.6). Every chunk
@@ -34,14 +24,10 @@ export class ChunkWriter {
   /** Chunks written so far (of the wanted ones). */
   written = 0;
   bytesWritten = 0;
-  /** Batches handed to a worker in their received message, uncopied (the fallback without a free slot; tests). */
+  /** Batches handed to a worker in their received message, uncopied (for tests and the bench). */
   transferred = 0;
-  /** Batches handed to a worker through a shared slot (tests). */
-  slotBatches = 0;
   private readonly done: Uint8Array;
   private readonly pool: RestoreWorkers | null;
-  private readonly slotViews: Buffer[] = [];
-  private readonly freeSlots: number[] = [];
 
   constructor(
     private readonly handle: FileHandle,
@@ -56,14 +42,7 @@ export class ChunkWriter {
     keepBytes?: number,
   ) {
     this.done = new Uint8Array(chunkCount);
-    let slots: SharedArrayBuffer[] | undefined;
-    if (workers > 0) {
-      // Zero-filled by the allocator and touched only as far as batches reach (≈ 2 MiB of each).
-      slots = Array.from({ length: WRITER_SLOTS }, () => new SharedArrayBuffer(WRITER_SLOT_BYTES));
-      for (const sab of slots) this.slotViews.push(Buffer.from(sab));
-      for (let k = WRITER_SLOTS - 1; k >= 0; k--) this.freeSlots.push(k);
-    }
-    this.pool = workers > 0 ? new RestoreWorkers(workers, { fd: handle.fd, keepBytes, slots }) : null;
+    this.pool = workers > 0 ? new RestoreWorkers(workers, { fd: handle.fd, keepBytes }) : null;
   }
 
   /** Stops the worker threads (after the last write resolved). */
@@ -126,70 +105,45 @@ export class ChunkWriter {
   }
 
   /**
-   * The batch checked + written by a worker. Its frames are copied into one
-   * of this writer's shared slots (SharedArrayBuffers the workers got once,
-   * at their start) and the worker is told which; the received message's
-   * buffer is given back to `largeFrames` when it came from there. This
-   * replaced handing the worker the message itself (transferred, uncopied):
-   * every transfer is a new ArrayBuffer in the receiving thread, which V8
-   * counts as new external memory until a full GC, so the agent ran a
-   * mark-compact every ~64 MiB restored — far more CPU than this copy into
-   * memory already touched. Without a free slot that fits (never with
-   * runRestore's bound on batches in flight), the old way: the owned message
-   * transferred, or a copy of the frames transferred. Its chunks count as
-   * taken from now on, so a later batch repeating one is refused while this
-   * one is in flight. After the call the batch's buffers may be reused or
-   * detached: nothing reads them.
+   * The batch checked + written by a worker. The frames go to it in the
+   * received WebSocket message itself when this batch owns that message's
+   * whole ArrayBuffer (transferred: no copy; see ownedMessage), else copied
+   * into one transferable buffer. Its chunks count as taken from now on, so
+   * a later batch repeating one is refused while this one is in flight.
+   * After the call the batch's buffers may be detached: nothing reads them.
    */
   private async writeInWorker(batch: RestoreChunks): Promise<void> {
     const n = batch.chunks.length;
     const digests = Buffer.allocUnsafeSlow(n * DIGEST_BYTES);
     const index = new Float64Array(n);
+    const frameAt = new Uint32Array(n);
     const frameLen = new Uint32Array(n);
     const plainLen = new Uint32Array(n);
-    let total = 0;
+    const owned = ownedMessage(batch);
+    let data = owned;
+    let pos = 0;
     batch.chunks.forEach((c, k) => {
       digests.set(c.digest, k * DIGEST_BYTES);
       index[k] = c.index;
+      frameAt[k] = data ? c.data.byteOffset : pos;
       frameLen[k] = c.data.length;
       plainLen[k] = c.plainLength;
-      total += c.data.length;
+      pos += c.data.length;
       this.done[c.index] = 1;
     });
-    const owned = ownedMessage(batch);
-    const slot = total <= WRITER_SLOT_BYTES ? this.freeSlots.pop() : undefined;
-    const task: RestoreTask = { seq: batch.seq, index, frameLen, plainLen, digests: digests.buffer as ArrayBuffer, chunkSize: this.chunkSize };
-    if (slot !== undefined) {
-      const view = this.slotViews[slot]!;
-      let pos = 0;
-      for (const c of batch.chunks) {
-        // fill(buffer) is a native memcpy; set/copy into shared memory copy byte by byte (≈ 10× the CPU).
-        if (c.data.length > 0) view.fill(c.data, pos, pos + c.data.length);
-        pos += c.data.length;
-      }
-      task.slot = slot;
-      this.slotBatches++;
-      // Copied: the message's buffer is free again (it was this message's alone).
-      if (owned) largeFrames.give(owned);
-    } else if (owned) {
-      task.data = owned;
-      task.frameAt = Uint32Array.from(batch.chunks, (c) => c.data.byteOffset);
-      this.transferred++;
-    } else {
-      const copy = Buffer.allocUnsafeSlow(total);
-      let pos = 0;
+    if (!data) {
+      const copy = Buffer.allocUnsafeSlow(pos);
+      pos = 0;
       for (const c of batch.chunks) {
         copy.set(c.data, pos);
         pos += c.data.length;
       }
-      task.data = copy.buffer as ArrayBuffer;
+      data = copy.buffer as ArrayBuffer;
     }
-    let reply: Awaited<ReturnType<RestoreWorkers['run']>>;
-    try {
-      reply = await this.pool!.run(task);
-    } finally {
-      if (slot !== undefined) this.freeSlots.push(slot);
-    }
+    if (owned) this.transferred++;
+    const reply = await this.pool!.run({
+      seq: batch.seq, data, frameAt, index, frameLen, plainLen, digests: digests.buffer as ArrayBuffer, chunkSize: this.chunkSize,
+    });
     if (!reply.ok) {
       for (let k = 0; k < n; k++) this.done[index[k]!] = 0;
       throw new BlocksnapError(reply.code, reply.message);
@@ -213,13 +167,11 @@ export class ChunkWriter {
 
 /**
  * The ArrayBuffer of the message a batch was decoded from, when the batch may
- * give it away: every chunk's data lies in it, and it is this message's
- * alone — a buffer of `largeFrames` (the agent's WebSocket receives a large
- * message into one, ws-transport.ts receiveIntoPool; the writer gives it
- * back once it copied the frames), or one holding exactly one frame (its
- * first 4 bytes are the frame length, + 4 = its size: ws without the pool
- * assembles a message of more than one socket read in a buffer of its own,
- * above Node's pool). Nobody else reads it after the decode. A batch
+ * give it away: every chunk's data lies in it, and it holds exactly one
+ * frame (its first 4 bytes are the frame length, + 4 = its size) — the ws
+ * receiver assembles a message of more than one socket read in a buffer of
+ * its own (Buffer.allocUnsafe of the payload size, above Node's pool), so
+ * nothing else is in it and nobody else reads it after the decode. A batch
  * decoded from a shared buffer (a socket read holding more than this frame,
  * Node's pool, a test's buffer) gets null and is copied.
  */
@@ -228,7 +180,7 @@ function ownedMessage(batch: RestoreChunks): ArrayBuffer | null {
   if (!first) return null;
   const ab = first.buffer;
   if (!(ab instanceof ArrayBuffer) || ab.byteLength <= Buffer.poolSize || ab.byteLength < 4) return null;
-  if (!largeFrames.owns(ab) && new DataView(ab).getUint32(0, true) + 4 !== ab.byteLength) return null;
+  if (new DataView(ab).getUint32(0, true) + 4 !== ab.byteLength) return null;
   for (const c of batch.chunks) if (c.data.buffer !== ab) return null;
   return ab;
 }

@@ -29,16 +29,12 @@ export interface RestoreWorkerConfig {
   fd: number;
   /** Plain bytes of a batch kept between check and write (default 64 MiB; tests make it small). */
   keepBytes?: number;
-  /** The writer's shared slots (chunk-writer.ts): a task names one instead of carrying its frames. */
-  slots?: SharedArrayBuffer[];
 }
 
 export interface RestoreTask {
   seq: number;
-  /** The shared slot holding the batch's zstd frames back to back (while the task runs, only this worker reads it)… */
-  slot?: number;
-  /** …or the frames themselves (transferred): back to back, or where `frameAt` says (the received message itself). */
-  data?: ArrayBuffer;
+  /** The batch's zstd frames: back to back, or where `frameAt` says (the received message itself). */
+  data: ArrayBuffer;
   /** Per chunk: where its frame starts in `data` (absent: back to back). */
   frameAt?: Uint32Array;
   /** Per chunk: index, frame length, plain length; digests 32 bytes each. */
@@ -64,8 +60,6 @@ class Refused extends Error {
 }
 
 function run(cfg: RestoreWorkerConfig): void {
-  // Views made once: a view per task would be cheap, but a SharedArrayBuffer per message would not be.
-  const slotViews = (cfg.slots ?? []).map((sab) => Buffer.from(sab));
   let scratch = Buffer.allocUnsafeSlow(4 << 20);
   let single = Buffer.allocUnsafeSlow(64 << 10);
   const one = (bytes: number) => {
@@ -110,7 +104,7 @@ function run(cfg: RestoreWorkerConfig): void {
 
   function processTask(t: RestoreTask): number {
     const n = t.index.length;
-    const data = t.slot !== undefined ? slotViews[t.slot]! : Buffer.from(t.data!);
+    const data = Buffer.from(t.data);
     const digests = Buffer.from(t.digests);
     const frameAt = new Array<number>(n);
     for (let k = 0, pos = 0; k < n; pos += t.frameLen[k]!, k++) frameAt[k] = t.frameAt ? t.frameAt[k]! : pos;

@@ -19,14 +19,12 @@ export class RestoreWorkers {
     });
   }
 
-  /** Checks and writes one batch in a worker; its buffers (not a shared slot) are transferred. */
+  /** Checks and writes one batch in a worker; its buffers are transferred. */
   run(task: RestoreTask): Promise<RestoreTaskReply> {
     if (this.calls.closing) return Promise.reject(new BlocksnapError('E_CANCELLED', 'the restore workers are closed'));
     const slot = this.calls.least() ?? this.calls.slots[0]!;
     // The reply names the call's own seq; the caller's seq is put back (two tasks may share one).
-    const transfer = [task.digests, task.index.buffer as ArrayBuffer, task.frameLen.buffer as ArrayBuffer, task.plainLen.buffer as ArrayBuffer];
-    if (task.data) transfer.push(task.data);
-    return this.calls.call(slot, task, transfer)
+    return this.calls.call(slot, task, [task.data, task.digests, task.index.buffer as ArrayBuffer, task.frameLen.buffer as ArrayBuffer, task.plainLen.buffer as ArrayBuffer])
       .then((r) => ({ ...r, seq: task.seq }));
   }
 

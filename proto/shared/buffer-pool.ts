@@ -1,16 +1,19 @@
 /**
- * Reused ArrayBuffers for the large frames of the hot paths: a restore's
- * ~2 MiB RestoreChunks (encoded on the appliance, received on the agent)
- * and a backup's chunk batches. Measured on the random-data restore, each
- * batch in a fresh 2 MiB buffer cost both processes the kernel's page
- * faults on new memory (≈ 0.3 s of CPU per GiB per allocation site) and
- * V8 a full mark-compact every ~25-50 MiB (the buffers' external memory),
- * most of the restore's CPU besides the copies and SHA-256.
+ * Reused ArrayBuffers for the large frames a transport encodes: a restore's
+ * ~2 MiB RestoreChunks on the appliance, a backup's chunk batches on the
+ * agent (proto/ws-transport.ts takes one per frame and gives it back once
+ * the socket wrote it). Measured on the random-data restore, a fresh ~2 MiB
+ * buffer per batch made the appliance's V8 run a full mark-compact every
+ * ~18 MiB sent (43 in 769 MiB) plus the page faults of new memory; with
+ * the pool, one.
  *
  * Ownership is handed over, never shared: `take` gives a buffer to exactly
  * one user, and only a user that owns it exclusively again (its send
- * completed, a worker transferred it back) may `give` it. A buffer that is
- * never given back is collected as any other; the pool then makes a new one.
+ * completed) may `give` it. A buffer that is never given back is collected
+ * as any other; the pool then makes a new one. Not for buffers transferred
+ * to another thread: a transferred-back ArrayBuffer is a new object (the
+ * pool does not know it), and every transfer makes V8 count its bytes as new
+ * external memory again.
  */
 export class BufferPool {
   private readonly free: ArrayBuffer[] = [];
@@ -61,10 +64,9 @@ export class BufferPool {
 }
 
 /**
- * The process's pool for large frames (one per thread: a worker that gets
- * a buffer transferred hands it back to the main thread, which gives it
- * here). A buffer holds any frame up to the default 8 MiB limit (pages a
- * frame never reaches stay untouched: a restore batch uses ≈ 2 MiB of it);
- * 24 free buffers cover a restore's 32 MiB window of ~2 MiB batches.
+ * The process's pool for large frames. A buffer holds any frame up to the
+ * default 8 MiB limit (pages a frame never reaches stay untouched: a restore
+ * batch uses ≈ 2 MiB of it); sends are awaited one at a time on the hot
+ * paths, so one or two buffers are in use.
  */
-export const largeFrames = new BufferPool((8 << 20) + (64 << 10), 512 << 10, 24);
+export const largeFrames = new BufferPool((8 << 20) + (64 << 10), 512 << 10, 8);
