@@ -1,10 +1,11 @@
 /**
  * Host side of the LVM lab tests: boots a user-mode-linux guest
- * (scripts/lab/uml-guest.ts) with fresh sparse disks and runs one guest
- * suite (test/lvm/guest/*.guest.ts) under vitest inside it. The guest's
- * verdict is vitest's exit code; its output is attached to a failure.
+ * (scripts/lab/uml-guest.ts) with fresh sparse disks and runs the guest
+ * suites (test/lvm/guest/*.guest.ts) under vitest inside it, or a script.
+ * The guest vitest's JSON report names each guest test's outcome; the
+ * guest's output is attached to a failure.
  */
-import { mkdtemp, rm, truncate, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, truncate, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { runInGuest, type GuestResult } from '../../scripts/lab/uml-guest.js';
@@ -25,9 +26,56 @@ export interface GuestSuiteOptions {
   shared?: string[];
 }
 
-/** Runs `test/lvm/guest/<file>` under vitest in a new guest; the disks are removed afterwards. */
-export function runGuestSuite(file: string, opts: GuestSuiteOptions = {}): Promise<GuestResult> {
-  return runGuestScript(`cd ${repoRoot()} && exec node node_modules/vitest/vitest.mjs run --config test/lvm/vitest.guest.config.ts ${process.env.BSN_LVM_VERBOSE ? '--reporter=verbose ' : ''}test/lvm/guest/${file}\n`, opts);
+/** One guest test's outcome, from the guest vitest's JSON report. */
+export interface GuestTest {
+  name: string;
+  status: string;
+  durationMs: number;
+  failureMessages: string[];
+}
+
+/** One guest file's outcome: `status` is vitest's ("passed" / "failed"), `message` a file-level error (a failed hook, an import). */
+export interface GuestFileReport {
+  status: string;
+  message: string;
+  tests: GuestTest[];
+}
+
+export interface GuestSuitesRun {
+  result: GuestResult;
+  /** Per guest file (its name under test/lvm/guest/); a file the report lacks is missing here. */
+  files: Map<string, GuestFileReport>;
+}
+
+/**
+ * Runs several guest suites (`test/lvm/guest/<file>`) in ONE guest boot and
+ * ONE vitest invocation there (booting a guest and starting node and vitest
+ * under ptrace costs tens of seconds each time). The guest vitest writes its
+ * JSON report into a shared host folder, so the host can report each guest
+ * test by name.
+ */
+export async function runGuestSuites(files: string[], opts: GuestSuiteOptions = {}): Promise<GuestSuitesRun> {
+  const shared = await mkdtemp(path.join(os.tmpdir(), 'bsn-lvm-report-'));
+  try {
+    const report = path.join(shared, 'report.json');
+    const reporters = `--reporter=${process.env.BSN_LVM_VERBOSE ? 'verbose' : 'default'} --reporter=json --outputFile.json=${report}`;
+    const result = await runGuestScript(`cd ${repoRoot()} && exec node node_modules/vitest/vitest.mjs run --config test/lvm/vitest.guest.config.ts ${reporters} ` +
+      `${files.map((f) => `test/lvm/guest/${f}`).join(' ')}\n`, { ...opts, shared: [...(opts.shared ?? []), shared] });
+    const parsed = JSON.parse(await readFile(report, 'utf8').catch(() => '{}')) as {
+      testResults?: Array<{ name: string; status: string; message: string; assertionResults: Array<{ fullName: string; status: string; duration?: number; failureMessages: string[] }> }>;
+    };
+    const out = new Map<string, GuestFileReport>();
+    for (const f of parsed.testResults ?? []) {
+      out.set(path.basename(f.name), {
+        status: f.status,
+        message: f.message,
+        tests: f.assertionResults.map((t) => ({ name: t.fullName, status: t.status, durationMs: t.duration ?? 0, failureMessages: t.failureMessages })),
+      });
+    }
+    return { result, files: out };
+  } finally {
+    await rm(shared, { recursive: true, force: true });
+  }
 }
 
 /** Runs a shell script in a new guest with fresh sparse disks; the disks are removed afterwards. */

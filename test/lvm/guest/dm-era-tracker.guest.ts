@@ -57,7 +57,7 @@ async function makeEra(era: string, metadata: string, data: string): Promise<voi
 async function makeRig(): Promise<ContractRig> {
   vgReady ??= (async () => {
     await makeVg();
-    await sh('lvcreate', ['-q', '-L', `${(SLOTS * (SIZE + META)) / 1024 / 1024}M`, '-n', 'slices', VG]);
+    await sh('lvcreate', ['-q', '-y', '-L', `${(SLOTS * (SIZE + META)) / 1024 / 1024}M`, '-n', 'slices', VG]); // -y: wipe a signature an earlier suite left there
   })();
   await vgReady;
   const i = n++;
