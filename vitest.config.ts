@@ -12,14 +12,11 @@ import { BaseSequencer, type TestSpecification } from 'vitest/node';
  * not a selection.
  */
 const LONGEST_FIRST = [
-  'test/lvm/e2e-lvm.test.ts', // 218
-  'test/lvm/snapshot-provider.test.ts', // 212
-  'test/lvm/thin-delta-tracker.test.ts', // 135
+  'test/lvm/guest-suites.test.ts', // ≈ 300 est. (the four guest-suite files, 474 here, in one guest; 586 at load 8)
+  'test/lvm/e2e-lvm.test.ts', // ≈ 140 est. (218 before its cut; 270 at load 7 with a guest beside it)
   'test/e2e/pg-matrix.test.ts', // 83
-  'test/lvm/dm-era-tracker.test.ts', // 80
   'test/e2e/pg-standby-matrix.test.ts', // 66
   'test/e2e/crash-resume.test.ts', // 54
-  'test/lvm/bad-input.test.ts', // 47
   'test/agent/pg-quiescer.test.ts', // 46
   'test/agent/pg-prepare.test.ts', // 45
   'test/e2e/tracker-workloads.test.ts', // 45
