@@ -221,7 +221,8 @@ describe.each(builds)('recovery from a copy taken during a backup, PostgreSQL $v
       await ticker.stop();
     }
     const bare = `${copy}-nolabel`;
-    await execa('cp', ['-a', copy, bare]);
+    // Only 15 also starts the copy without its label (below): the other versions skip the copy.
+    if (b.major === '15') await execa('cp', ['-a', copy, bare]);
 
     await prepareDataDir(copy, { labelFile: img.labelFile!, spcmapFile: img.spcmapFile, stopLsn: img.stopLsn!, timeline: img.timeline, version: img.version, restoreCommand: `cp ${arch}/%f %p` });
     const restored = new PgCluster({ dataDir: copy, binDir: b.binDir });
