@@ -15,6 +15,7 @@ import { attachLoop, detachLoop } from '../../scripts/lab/loop.js';
 import { agentCli } from '../../scripts/lab/processes.js';
 import type { VolumeLab } from '../../scripts/lab/volume-lab.js';
 import { e2eFixture } from '../support/e2e-fixture.js';
+import { compareFiles } from '../support/same-bytes.js';
 import { ddWrite } from '../support/volume-writes.js';
 
 /**
@@ -50,9 +51,8 @@ describe('restore an image onto a device or file', () => {
   }
 
   async function cmp(a: string, b: string, bytes?: number): Promise<void> {
-    const args = bytes ? ['-n', String(bytes), a, b] : [a, b];
-    const r = await execa('cmp', args, { reject: false });
-    expect(r.exitCode, `${a} differs from ${b}: ${String(r.stdout)}${String(r.stderr)}`).toBe(0);
+    const r = await compareFiles(a, b, bytes);
+    expect(r.identical, `${a} differs from ${b}: ${r.detail}`).toBe(true);
   }
 
   async function sha(file: string): Promise<string> {
