@@ -154,7 +154,8 @@ export class PgCluster {
     if (this.opts.template === false) await this.runInitdb(this.dataDir);
     else {
       const template = await this.templateDir();
-      const c = await execa('cp', ['-a', `${template}/.`, this.dataDir], { reject: false, stdin: 'ignore', timeout: 180_000 });
+      // Mode and owner only: timestamps and xattrs mean nothing to PostgreSQL, and skipping them halves cp's time (~1000 files).
+      const c = await execa('cp', ['-r', '--preserve=mode,ownership', `${template}/.`, this.dataDir], { reject: false, stdin: 'ignore', timeout: 180_000 });
       if (c.exitCode !== 0) throw new BlocksnapError('E_PG', `copying ${template} to ${this.dataDir} failed: ${String(c.stderr || c.shortMessage).trim()}`, { cause: c });
     }
     await syncFs(this.dataDir);
