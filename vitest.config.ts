@@ -43,6 +43,8 @@ export default defineConfig({
     // heavy on a 2-core machine; two files at a time keeps them honest.
     maxWorkers: 2,
     pool: 'forks',
+    // One run's PostgreSQL template data directories (initdb once per build), removed at its end.
+    globalSetup: ['test/support/pg-templates-setup.ts'],
     sequence: { sequencer: LongestFirst },
   },
 });

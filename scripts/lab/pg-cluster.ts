@@ -34,9 +34,11 @@ export interface PgClusterOptions {
   settings?: Record<string, string>;
   ledgerDir?: string;
   /**
-   * `initdb` copies a per-build template made by one real initdb (default):
-   * every cluster of a build then shares one system identifier. `false` runs
-   * initdb itself, for a test that needs an identifier of its own.
+   * `initdb` copies a per-build template made by one real initdb (default,
+   * when a test run set `PG_TEMPLATES_ENV`; elsewhere, e.g. the demo and the
+   * benchmarks, initdb runs per cluster): every cluster of a build then
+   * shares one system identifier. `false` runs initdb itself, for a test
+   * that needs an identifier of its own.
    */
   template?: boolean;
 }
@@ -48,6 +50,13 @@ export interface PgbenchResult {
 }
 
 const PG15 = '/usr/lib/postgresql/15/bin';
+
+/**
+ * The directory the template data directories live in, set for one test run
+ * by test/support/pg-templates-setup.ts (which removes it at the end): a
+ * template outlives a cluster, so it must belong to something that ends.
+ */
+export const PG_TEMPLATES_ENV = 'BLOCKSNAP_PG_TEMPLATES';
 
 async function osUserIds(user: string): Promise<{ uid: number; gid: number }> {
   const line = (await readFile('/etc/passwd', 'utf8')).split('\n').find((l) => l.startsWith(`${user}:`));
@@ -151,9 +160,10 @@ export class PgCluster {
     await mkdir(this.dataDir, { recursive: true, mode: 0o700 });
     const { uid, gid } = await osUserIds(this.osUser);
     await chown(this.dataDir, uid, gid);
-    if (this.opts.template === false) await this.runInitdb(this.dataDir);
+    const templates = process.env[PG_TEMPLATES_ENV];
+    if (this.opts.template === false || !templates) await this.runInitdb(this.dataDir);
     else {
-      const template = await this.templateDir();
+      const template = await this.templateDir(templates);
       // Mode and owner only: timestamps and xattrs mean nothing to PostgreSQL, and skipping them halves cp's time (~1000 files).
       const c = await execa('cp', ['-r', '--preserve=mode,ownership', `${template}/.`, this.dataDir], { reject: false, stdin: 'ignore', timeout: 180_000 });
       if (c.exitCode !== 0) throw new BlocksnapError('E_PG', `copying ${template} to ${this.dataDir} failed: ${String(c.stderr || c.shortMessage).trim()}`, { cause: c });
@@ -173,17 +183,16 @@ export class PgCluster {
   }
 
   /**
-   * This build's template data directory: `<tmp>/blocksnap-pg-templates/<key>/data`,
+   * This build's template data directory: `<root>/<key>/data`,
    * keyed by the initdb binary (path, size, mtime), its arguments and the OS user,
    * made once (initdb into a staging directory, then an atomic rename: a
    * concurrent maker's rename loses and its copy is removed) and reused by
-   * later clusters and runs. Never started, so it stays a clean initdb result.
+   * later clusters of the run. Never started, so it stays a clean initdb result.
    */
-  private async templateDir(): Promise<string> {
+  private async templateDir(root: string): Promise<string> {
     const initdb = path.join(this.binDir, 'initdb');
     const st = await stat(initdb);
     const key = createHash('sha256').update(JSON.stringify([initdb, st.size, st.mtimeMs, INITDB_ARGS, this.osUser])).digest('hex').slice(0, 16);
-    const root = path.join(os.tmpdir(), 'blocksnap-pg-templates');
     const done = path.join(root, key);
     const data = path.join(done, 'data');
     if (await access(data).then(() => true, () => false)) return data;
