@@ -490,6 +490,19 @@ describe.each(builds.filter((b) => STANDBY_MAJORS.includes(b.major)))('standby, 
     await waitFor('the killed session to end', 10_000, async () => (await sessionsOf(s, conn.application_name)) === 0);
     // The pause is server-wide: it outlives the agent.
     expect(await pauseState(s, major)).toBe('paused');
+    // A record that names another system (a stale file, another cluster now on this address) is not acted on.
+    const file = quiesceStatePath(stateDir, conn);
+    const original = await readFile(file, 'utf8');
+    const rec = (await readQuiesceState(file))!;
+    expect(rec.server.systemIdentifier).toMatch(/^\d+$/);
+    const other = (BigInt(rec.server.systemIdentifier!) + 1n).toString();
+    await writeFile(file, encodeQuiesceState({ ...rec, server: { ...rec.server, systemIdentifier: other } }));
+    const refused = await rejection(PgQuiescer.releaseStale({ stateDir, connection: conn }));
+    expect(isBlocksnapError(refused, 'E_PG'), refused.message).toBe(true);
+    expect(refused.message).toMatch(new RegExp(`written for system ${other}, but .* is system ${rec.server.systemIdentifier}: not touching it`));
+    expect(await pauseState(s, major)).toBe('paused');
+    expect(await readQuiesceState(file)).toMatchObject({ server: { systemIdentifier: other } });
+    await writeFile(file, original);
     const released = await PgQuiescer.releaseStale({ stateDir, connection: conn });
     expect(released).toMatchObject({ found: true, actions: ['resumed replay (was paused)'] });
     expect(await pauseState(s, major)).toBe('not paused');
