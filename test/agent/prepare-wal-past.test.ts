@@ -1,10 +1,12 @@
 /**
- * prepareDataDir removes the source's recycled WAL files past the stop
- * point for a copy that ends recovery there: PostgreSQL would remove or
+ * prepareDataDir removes the WAL files a copy that ends recovery at the stop
+ * point never reads — the source's recycled files past the stop point and
+ * the WAL before the label's start segment: PostgreSQL would remove or
  * recycle each at the promotion with fsyncs (measured: an 8 GiB pgbench
  * mount's promotion did ≈ 140 flushes for them, a 1 GiB one ≈ 35). What
- * recovery replays (up to the stop LSN's segment) stays; a standby copy, a
- * symlinked pg_wal and unknown names are left alone.
+ * recovery replays (the start LSN's segment to the stop LSN's) stays, and so
+ * does an old segment the source has not archived yet (.ready); a standby
+ * copy, a symlinked pg_wal and unknown names are left alone.
  */
 import { mkdir, mkdtemp, readdir, rm, symlink, truncate, writeFile } from 'node:fs/promises';
 import os from 'node:os';
@@ -15,7 +17,8 @@ import { prepareDataDir, type PrepareOptions } from '../../agent/pg/prepare.js';
 const LABEL = 'START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\nCHECKPOINT LOCATION: 0/2000060\nBACKUP METHOD: streamed\nBACKUP FROM: primary\nSTART TIME: 2026-01-01 00:00:00 UTC\nLABEL: img-1\nSTART TIMELINE: 1\n';
 const base: PrepareOptions = { labelFile: LABEL, stopLsn: '0/2000138', timeline: 1, version: 150010 };
 const SEG = 16 * 2 ** 20;
-const NEEDED = ['000000010000000000000001', '000000010000000000000002'];
+const LABEL_2 = LABEL.replace('0/2000028 (file 000000010000000000000002)', '0/3000028 (file 000000010000000000000003)');
+const NEEDED = ['000000010000000000000002'];
 const PAST = ['000000010000000000000003', '00000001000000000000003F', '000000010000000100000000'];
 const OTHER = ['000000010000000000000002.partial', '00000001.history', 'archive_status', 'xlogtemp.123'];
 
@@ -46,6 +49,23 @@ describe('prepareDataDir: WAL past the stop point', () => {
     const r = await prepareDataDir(dir, { ...base, pauseAtTarget: true });
     expect(r.removed.sort()).toEqual(PAST.map((n) => `pg_wal/${n}`).sort());
     expect((await readdir(wal)).sort()).toEqual([...NEEDED, ...OTHER].sort());
+  });
+
+  it('the segments before the start segment of the label are removed with their .done; one still .ready (not archived) stays', async () => {
+    const { dir, wal } = await dataDir();
+    // Start in segment 3, stop in 4: 1 and 2 are older than the backup's checkpoint.
+    await writeFile(path.join(wal, '000000010000000000000004'), '');
+    await truncate(path.join(wal, '000000010000000000000004'), SEG);
+    await writeFile(path.join(wal, '000000010000000000000001'), '');
+    await truncate(path.join(wal, '000000010000000000000001'), SEG);
+    await writeFile(path.join(wal, 'archive_status', '000000010000000000000001.ready'), '');
+    await writeFile(path.join(wal, 'archive_status', '000000010000000000000002.done'), '');
+    const r = await prepareDataDir(dir, { ...base, labelFile: LABEL_2, stopLsn: '0/4000138', pauseAtTarget: true });
+    expect(r.removed.filter((n) => n.startsWith('pg_wal/')).sort()).toEqual([
+      'pg_wal/000000010000000000000002', 'pg_wal/00000001000000000000003F', 'pg_wal/000000010000000100000000', 'pg_wal/archive_status/000000010000000000000002.done',
+    ].sort());
+    expect((await readdir(wal)).sort()).toEqual(['000000010000000000000001', '000000010000000000000003', '000000010000000000000004', ...OTHER].sort());
+    expect(await readdir(path.join(wal, 'archive_status'))).toEqual(['000000010000000000000001.ready']);
   });
 
   it('a standby copy keeps them (it does not promote); a symlinked pg_wal is not followed', async () => {
