@@ -144,7 +144,8 @@ async function removeUnreadWal(dir: string, startLsn: string, stopLsn: string, r
   const startSeg = parseLsn(startLsn) / BigInt(size);
   const stopSeg = parseLsn(stopLsn) / BigInt(size);
   const status = path.join(walDir, 'archive_status');
-  await Promise.all(segs.map(async (x) => {
+  // allSettled: a failed removal is reported only once no other one is still running on the directory.
+  const done = await Promise.allSettled(segs.map(async (x) => {
     const seg = BigInt(x.hi * perId + x.lo);
     if (seg > stopSeg) return removeIfPresent(path.join(walDir, x.name), removed, `pg_wal/${x.name}`);
     if (seg >= startSeg) return;
@@ -153,6 +154,8 @@ async function removeUnreadWal(dir: string, startLsn: string, stopLsn: string, r
     await removeIfPresent(path.join(walDir, x.name), removed, `pg_wal/${x.name}`);
     await removeIfPresent(path.join(status, `${x.name}.done`), removed, `pg_wal/archive_status/${x.name}.done`);
   }));
+  const failed = done.find((r) => r.status === 'rejected');
+  if (failed) throw failed.reason;
 }
 
 /** Refuses a directory a live postmaster runs on: its pid file is the only thing keeping a second one out. */

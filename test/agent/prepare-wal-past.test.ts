@@ -11,6 +11,7 @@
 import { mkdir, mkdtemp, readdir, rm, symlink, truncate, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
+import { execa } from 'execa';
 import { afterEach, describe, expect, it } from 'vitest';
 import { prepareDataDir, type PrepareOptions } from '../../agent/pg/prepare.js';
 
@@ -66,6 +67,20 @@ describe('prepareDataDir: WAL past the stop point', () => {
     ].sort());
     expect((await readdir(wal)).sort()).toEqual(['000000010000000000000001', '000000010000000000000003', '000000010000000000000004', ...OTHER].sort());
     expect(await readdir(path.join(wal, 'archive_status'))).toEqual(['000000010000000000000001.ready']);
+  });
+
+  it('a segment that cannot be removed: E_STORE_IO naming it, after every other removal has finished', async () => {
+    const { dir, wal } = await dataDir();
+    const stuck = path.join(wal, PAST[0]!);
+    await execa('chattr', ['+i', stuck]); // immutable: unlink fails with EPERM, even for root
+    try {
+      const e = await prepareDataDir(dir, { ...base, pauseAtTarget: true }).then(() => null, (x: unknown) => x as Error & { code?: string });
+      expect(e?.code).toBe('E_STORE_IO');
+      expect(e?.message).toContain(stuck);
+      expect((await readdir(wal)).sort()).toEqual([...NEEDED, PAST[0]!, ...OTHER].sort());
+    } finally {
+      await execa('chattr', ['-i', stuck]);
+    }
   });
 
   it('a standby copy keeps them (it does not promote); a symlinked pg_wal is not followed', async () => {
