@@ -14,8 +14,6 @@
  * - kill -9 of db1 while its job holds a snapshot: the restarted agent
  *   removes its orphans and only its own;
  * - after the agents stop no job snapshot is left (the basis stays).
- * The two agents' jobs of a step run at once (as they would on two
- * machines): the guest works on one while the appliance stores the other's.
  */
 import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
@@ -59,12 +57,13 @@ async function job(who: { agent: string; volume: string }, mode: 'full' | 'incre
   return { id: j.id, stats: appl.app.catalog.job(j.id)!.stats as Stats, seconds: (performance.now() - started) / 1000 };
 }
 
-/** Both agents' jobs at once; waits for both before failing (no job left running into the next step). */
+/**
+ * Both agents' jobs, one after the other. They ran at once for a few runs (2aab17e); in one fresh-clone CI run of
+ * 2026-12-01 the pgbench step after such a pair then hung in the guest for > 400 s (cause not found), so the order
+ * is back to the one every earlier run passed with.
+ */
 async function both(mode: 'full' | 'incremental', audit = false) {
-  const r = await Promise.allSettled([job(PRIMARY, mode, audit), job(STANDBY, mode, audit)]);
-  const failed = r.find((x) => x.status === 'rejected');
-  if (failed) throw failed.reason;
-  return r.map((x) => (x as PromiseFulfilledResult<Awaited<ReturnType<typeof job>>>).value);
+  return [await job(PRIMARY, mode, audit), await job(STANDBY, mode, audit)];
 }
 
 beforeAll(async () => {
