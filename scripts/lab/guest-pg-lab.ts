@@ -70,15 +70,26 @@ ${agentConfig(o, 'db2')}
 JSON
 start_agent() { node ${agentCli()} run --config /tmp/$1.json >> $S/agent-$1.log 2>&1 & eval "AG_$1=$!"; }
 start_agent db1; start_agent db2
-q() { $PGBIN/psql -h 127.0.0.1 -p $1 -U postgres -d postgres -Atc "$2"; }
-# The standby has replayed everything the primary wrote (deadline 300 s).
+q() { timeout 30 $PGBIN/psql -h 127.0.0.1 -p $1 -U postgres -d postgres -Atc "$2"; }
+# What both servers and the devices say (a failed step's story).
+diag() {
+  q 5432 "select 'primary now', pg_current_wal_lsn(), pg_walfile_name(pg_current_wal_lsn())"
+  q 5432 "select 'sender', state, sent_lsn, flush_lsn, replay_lsn from pg_stat_replication"
+  q 5433 "select 'standby', pg_get_wal_replay_pause_state(), pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()"
+  q 5433 "select 'receiver', status, flushed_lsn, latest_end_lsn from pg_stat_wal_receiver"
+  echo "--- primary log"; tail -n 25 /tmp/pg1.log; echo "--- standby log"; tail -n 40 /tmp/pg2.log
+  echo "--- mounts, devices"; grep /srv /proc/mounts; dmsetup info -c
+}
+# The standby has replayed everything the primary wrote (deadline 200 s: inside the host's 400 s for a step).
 caught_up() {
   lsn=$(q 5432 "select pg_current_wal_lsn()")
-  for i in $(seq 1000); do [ "$(q 5433 "select pg_last_wal_replay_lsn() >= '$lsn'")" = t ] && return 0; sleep 0.3; done; return 1
+  end=$(( $(date +%s) + 200 ))
+  while [ $(date +%s) -lt $end ]; do [ "$(q 5433 "select pg_last_wal_replay_lsn() >= '$lsn'")" = t ] && return 0; sleep 0.5; done
+  echo "the standby did not replay up to $lsn in 200 s"; diag; return 1
 }
 # ARG transactions by 2 clients, then the standby caught up; prints the table counts both must have.
 step_pgbench() {
-  $PGBIN/pgbench -h 127.0.0.1 -U postgres -n -c 2 -t $(( $1 / 2 )) postgres >/dev/null || return 1
+  timeout 200 $PGBIN/pgbench -h 127.0.0.1 -U postgres -n -c 2 -t $(( $1 / 2 )) postgres >/dev/null || { echo "pgbench failed or ran > 200 s"; diag; return 1; }
   caught_up || return 1
   q 5432 "select count(*) || ' ' || sum(delta) from pgbench_history"
 }
