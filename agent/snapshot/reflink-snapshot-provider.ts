@@ -4,24 +4,24 @@
  * thaw. The clone lands as `<dir of image>/.blocksnap/.<id>.snap.tmp` and is
  * renamed to `<volume>@<tag>.snap` only once complete and thawed, so a `.snap`
  * file is always a whole snapshot; a kill leaves at worst a `.tmp` and a
- * freeze marker (see reflink-state.ts) that `cleanupStale` consumes.
+ * freeze marker (see freeze-marker.ts) that `cleanupStale` consumes.
  */
 import { constants } from 'node:fs';
 import { copyFile, mkdir, open, readdir, rename, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { BlocksnapError, isBlocksnapError, toBlocksnapError } from '../../proto/errors.js';
 import { createLogger, type Logger } from '../../proto/shared/log.js';
-import { assertMountpoint, findMount, freezeFilesystem, thawFilesystem } from './fsfreeze.js';
+import { assertMountpoint, freezeFilesystem } from './fsfreeze.js';
+import { fsyncDir, readVolumeRegistry, writeVolumeRegistry } from './reflink-state.js';
 import {
   freezeMarkerPath,
-  fsyncDir,
   readFreezeMarkers,
-  readVolumeRegistry,
   removeStateFile,
+  thawStaleFreezes,
+  thawWithRetry,
   writeFreezeMarker,
-  writeVolumeRegistry,
   type FreezeMarker,
-} from './reflink-state.js';
+} from './freeze-marker.js';
 import type { Snapshot, SnapshotProvider, VolumeSpec } from './snapshot-provider.js';
 import { proveLoopVolume } from './loop-volume-identity.js';
 import type { VolumeIdentity } from './volume-identity.js';
@@ -176,7 +176,7 @@ export class ReflinkSnapshotProvider implements SnapshotProvider {
       const thawErrors: unknown[] = [];
       const stillFrozen: string[] = [];
       for (const it of mayBeFrozen.reverse()) {
-        const thawError = await this.thawWithRetry(it.volume.mountpoint);
+        const thawError = await thawWithRetry(it.volume.mountpoint);
         if (thawError) {
           thawErrors.push(thawError);
           stillFrozen.push(it.volume.mountpoint);
@@ -226,20 +226,6 @@ export class ReflinkSnapshotProvider implements SnapshotProvider {
     return items.map((it) => ({ id: it.id, volume: it.volume.name, path: it.dest, createdAt, freezeSeconds, snapshotSeconds }));
   }
 
-  private async thawWithRetry(mountpoint: string): Promise<unknown> {
-    let last: unknown;
-    for (let attempt = 0; attempt < 3; attempt++) {
-      try {
-        await thawFilesystem(mountpoint, { ignoreNotFrozen: true });
-        return undefined;
-      } catch (e) {
-        last = e;
-        await new Promise((r) => setTimeout(r, 100 * (attempt + 1)));
-      }
-    }
-    return last;
-  }
-
   async remove(snapshot: Snapshot): Promise<void> {
     // Only ever delete a file this provider named: <...>/.blocksnap/<id>.snap.
     if (path.basename(snapshot.path) !== `${snapshot.id}.snap` || path.basename(path.dirname(snapshot.path)) !== SNAP_DIR) {
@@ -268,22 +254,15 @@ export class ReflinkSnapshotProvider implements SnapshotProvider {
     const report = await this.inspectStale(keep);
     const released: string[] = [];
     const errors: unknown[] = [];
-    for (const { file, marker } of report.frozen) {
-      try {
-        if (await findMount(marker.mountpoint)) {
-          const outcome = await thawFilesystem(marker.mountpoint, { ignoreNotFrozen: true });
-          if (outcome === 'thawed') released.push(`thawed:${marker.mountpoint}`);
-          this.log.warn({ volume: marker.volume, mountpoint: marker.mountpoint, outcome }, 'stale freeze marker: thaw');
-        }
-        if (marker.snapshotTemp && path.basename(path.dirname(marker.snapshotTemp)) === SNAP_DIR) {
-          await rm(marker.snapshotTemp, { force: true });
-        }
-        await removeStateFile(file);
-        released.push(`marker:${marker.volume}`);
-      } catch (e) {
-        errors.push(toBlocksnapError(e, 'E_SNAPSHOT'));
+    // Markers of volumes in flight in this process are skipped (as inspectStale reports them).
+    const stale = await thawStaleFreezes(this.stateDir, this.inFlight, async (marker, outcome) => {
+      this.log.warn({ volume: marker.volume, mountpoint: marker.mountpoint, outcome }, 'stale freeze marker: thaw');
+      if (marker.snapshotTemp && path.basename(path.dirname(marker.snapshotTemp)) === SNAP_DIR) {
+        await rm(marker.snapshotTemp, { force: true });
       }
-    }
+    });
+    released.push(...stale.released);
+    errors.push(...stale.errors.map((e) => toBlocksnapError(e, 'E_SNAPSHOT')));
     for (const t of report.temps) {
       await rm(t, { force: true }).then(
         () => released.push(`temp:${t}`),

@@ -26,63 +26,7 @@ import path from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
 import { fsyncDir, writeFileDurably } from '../../proto/shared/durable-file.js';
 
-export const FREEZE_MARKER_FORMAT = 'blocksnap-freeze-marker';
 export const VOLUME_REGISTRY_FORMAT = 'blocksnap-reflink-volumes';
-
-export interface FreezeMarker {
-  format: typeof FREEZE_MARKER_FORMAT;
-  version: 1;
-  volume: string;
-  mountpoint: string;
-  device?: string;
-  snapshotTemp?: string | null;
-  pid?: number;
-  createdAt?: string;
-}
-
-export function freezeMarkerPath(stateDir: string, volume: string): string {
-  return path.join(stateDir, `freeze-${volume}.json`);
-}
-
-export async function writeFreezeMarker(stateDir: string, marker: Omit<FreezeMarker, 'format' | 'version'>): Promise<string> {
-  await mkdir(stateDir, { recursive: true, mode: 0o700 });
-  const file = freezeMarkerPath(stateDir, marker.volume);
-  const full: FreezeMarker = { format: FREEZE_MARKER_FORMAT, version: 1, ...marker };
-  await writeFileDurably(file, JSON.stringify(full, null, 2) + '\n');
-  return file;
-}
-
-export async function removeStateFile(file: string): Promise<void> {
-  await rm(file, { force: true });
-  await fsyncDir(path.dirname(file)).catch(() => undefined);
-}
-
-/** Every freeze marker in `stateDir` with the file it came from; unreadable ones are E_FORMAT errors. */
-export async function readFreezeMarkers(stateDir: string): Promise<Array<{ file: string; marker: FreezeMarker }>> {
-  let names: string[];
-  try {
-    names = await readdir(stateDir);
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return [];
-    throw new BlocksnapError('E_SNAPSHOT', `cannot read state directory ${stateDir}`, { cause: e });
-  }
-  const out: Array<{ file: string; marker: FreezeMarker }> = [];
-  for (const name of names.filter((n) => /^freeze-.+\.json$/.test(n)).sort()) {
-    const file = path.join(stateDir, name);
-    let m: Partial<FreezeMarker>;
-    try {
-      m = JSON.parse(await readFile(file, 'utf8')) as Partial<FreezeMarker>;
-    } catch (e) {
-      throw new BlocksnapError('E_FORMAT', `unreadable freeze marker ${file}`, { cause: e });
-    }
-    if (m.format !== FREEZE_MARKER_FORMAT || m.version !== 1 || typeof m.mountpoint !== 'string' || typeof m.volume !== 'string') {
-      throw new BlocksnapError('E_FORMAT', `${file} is not a version 1 freeze marker`);
-    }
-    out.push({ file, marker: m as FreezeMarker });
-  }
-  return out;
-}
-
 
 function registryPath(stateDir: string): string {
   return path.join(stateDir, 'reflink-volumes.json');

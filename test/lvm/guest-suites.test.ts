@@ -10,7 +10,8 @@
  *   no free extents, a CoW area that fills (failed before overflow) or
  *   overflows (never read), a thin pool filling during the job, lvcreate
  *   failing midway, and the orphans of a kill -9 removed by the next agent,
- *   only its own (runs the compiled provider: `npm run build`).
+ *   only its own; a filesystem stacked over its LV that a killed agent left
+ *   frozen is thawed by the next (runs the compiled provider: `npm run build`).
  * Each booted its own guest before: the boot and node + vitest start-up
  * under ptrace cost tens of seconds each. The suites run one after the other
  * on one disk; each tears its volume group down, and a setup file

@@ -42,11 +42,25 @@ export interface LvmRunOptions {
   timeoutMs?: number;
 }
 
+/**
+ * How a command past its deadline is stopped: SIGINT, the one signal LVM
+ * honours only where stopping is safe (waiting for a lock, between steps),
+ * and never SIGKILL. An LVM command killed between suspending a device and
+ * resuming it leaves that device suspended, and every write to the
+ * filesystem on it (the database) hangs until someone resumes it by hand:
+ * a command that does not stop on SIGINT is waited for instead. dmsetup and
+ * the thin-provisioning tools stop on SIGINT; the kernel finishes an ioctl
+ * already started either way.
+ */
+const STOP = { killSignal: 'SIGINT', forceKillAfterDelay: false } as const;
+
 /** Runs an LVM (or dmsetup / thin-provisioning-tools) command; stdout, or LvmCommandError. */
 export async function lvm(cmd: string, args: string[], opts: LvmRunOptions = {}): Promise<string> {
-  const r = await execa(cmd, args, { reject: false, stdin: 'ignore', timeout: opts.timeoutMs ?? 120_000, env: { LVM_SUPPRESS_FD_WARNINGS: '1' } });
+  const r = await execa(cmd, args, { reject: false, stdin: 'ignore', timeout: opts.timeoutMs ?? 120_000, ...STOP, env: { LVM_SUPPRESS_FD_WARNINGS: '1' } });
   if (r.exitCode !== 0 || r.failed) {
-    throw new LvmCommandError(opts.code ?? 'E_SNAPSHOT', [cmd, ...args].join(' '), String(r.stderr || r.stdout || r.shortMessage), { cause: r });
+    const said = String(r.stderr || r.stdout || r.shortMessage);
+    const detail = r.timedOut ? `${said}\n(ran past its ${opts.timeoutMs ?? 120_000} ms deadline: interrupted with SIGINT)` : said;
+    throw new LvmCommandError(opts.code ?? 'E_SNAPSHOT', [cmd, ...args].join(' '), detail, { cause: r });
   }
   return String(r.stdout);
 }
@@ -72,7 +86,7 @@ export async function listLvs(selectors: string[] = [], opts: LvmRunOptions = {}
 /** One LV; E_SNAPSHOT naming what is missing (the VG or the LV). */
 export async function lvInfo(vgLv: string, code: ErrorCode = 'E_SNAPSHOT'): Promise<LvInfo> {
   await vgInfo(vgLv.split('/')[0]!, code); // "VG missing" is its own error, not "LV not found"
-  const r = await execa('lvs', ['--reportformat', 'json', '--units', 'b', '--nosuffix', '-o', LV_FIELDS, vgLv], { reject: false, stdin: 'ignore', timeout: 60_000 });
+  const r = await execa('lvs', ['--reportformat', 'json', '--units', 'b', '--nosuffix', '-o', LV_FIELDS, vgLv], { reject: false, stdin: 'ignore', timeout: 60_000, ...STOP });
   if (r.exitCode !== 0) throw new LvmCommandError(code, `lvs ${vgLv}`, `logical volume ${vgLv} not found (${String(r.stderr).trim()})`);
   const lv = parseLvs(String(r.stdout))[0];
   if (!lv) throw new BlocksnapError(code, `logical volume ${vgLv} not found`);
@@ -88,7 +102,7 @@ export interface VgInfo {
 
 export async function vgInfo(vg: string, code: ErrorCode = 'E_SNAPSHOT'): Promise<VgInfo> {
   const r = await execa('vgs', ['--reportformat', 'json', '--units', 'b', '--nosuffix', '-o', 'vg_name,vg_size,vg_free,vg_extent_size', vg], {
-    reject: false, stdin: 'ignore', timeout: 60_000,
+    reject: false, stdin: 'ignore', timeout: 60_000, ...STOP,
   });
   if (r.exitCode !== 0) throw new LvmCommandError(code, `vgs ${vg}`, `volume group ${vg} not found (${String(r.stderr).trim()})`);
   const row = (JSON.parse(String(r.stdout)) as { report: Array<{ vg?: Array<Record<string, string>> }> }).report[0]?.vg?.[0];

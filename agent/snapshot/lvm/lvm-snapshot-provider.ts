@@ -12,6 +12,10 @@
  *   of ours stays frozen if the agent is killed. Measured in the lab
  *   (kernel 6.1): an fsfreeze of our own before lvcreate makes that suspend
  *   fail with EBUSY (freeze_super of an already frozen superblock).
+ *   A filesystem on a device stacked over the LV (dm-era) is not on the
+ *   suspended device: we freeze it around lvcreate ourselves, under a
+ *   freeze marker (freeze-marker.ts) that cleanupStale consumes after a
+ *   kill, as the reflink provider does.
  * - Consistency groups (createGroup), lvm-classic only: `dmsetup suspend`
  *   (lockfs: flush + freeze) of every member's origin, then one lvcreate per
  *   member — LVM finds its origin already suspended, skips its own suspend,
@@ -40,7 +44,8 @@ import { BlocksnapError, toBlocksnapError } from '../../../proto/errors.js';
 import { makePrivateDir, writeFileDurably } from '../../../proto/shared/durable-file.js';
 import { createLogger, type Logger } from '../../../proto/shared/log.js';
 import { readBlockDeviceInfo } from '../../cbt/device-identity.js';
-import { findMount, freezeFilesystem, thawFilesystem } from '../fsfreeze.js';
+import { frozenDuring, thawStaleFreezes } from '../freeze-marker.js';
+import { findMount } from '../fsfreeze.js';
 import type { Snapshot, SnapshotProvider, VolumeSpec } from '../snapshot-provider.js';
 import type { VolumeIdentity } from '../volume-identity.js';
 import { isInvalidSnapshot, listLvs, lvInfo, lvm, vgInfo, type LvInfo } from './lvm-cli.js';
@@ -291,14 +296,13 @@ export class LvmSnapshotProvider implements SnapshotProvider {
       // snapshot; an fsfreeze of our own before it makes that suspend fail with EBUSY (see the file comment).
       // A filesystem on a device stacked over the LV (dm-era's era target) is not frozen by the LV's
       // suspend: freeze it ourselves around lvcreate (no conflict: its superblock is not on the LV).
+      // The freeze is under a durable marker: an agent killed inside it (lvcreate can wait long for the VG's
+      // lock) leaves a record the next start's cleanupStale thaws; a freeze that failed late is thawed too.
       const stacked = await isStackedOver(volume.device, it.origin);
       const t0 = performance.now();
-      if (stacked) await freezeFilesystem(volume.mountpoint);
-      try {
-        await lvm('lvcreate', ['-q', '-s', ...size, '-n', it.name, ...tags, `${it.origin.vg}/${it.origin.name}`]);
-      } finally {
-        if (stacked) await thawFilesystem(volume.mountpoint);
-      }
+      const snap = () => lvm('lvcreate', ['-q', '-s', ...size, '-n', it.name, ...tags, `${it.origin.vg}/${it.origin.name}`]);
+      if (stacked) await frozenDuring(this.opts.stateDir, volume, snap);
+      else await snap();
       freezeSeconds = (performance.now() - t0) / 1000;
       if (this.opts.mode === 'thin') await lvm('lvchange', ['-q', '-ay', '-K', vgLv]);
       const lv = await lvInfo(vgLv);
@@ -398,8 +402,11 @@ export class LvmSnapshotProvider implements SnapshotProvider {
   async cleanupStale(keep: Set<string> = new Set()): Promise<string[]> {
     const released: string[] = [];
     const errors: unknown[] = [];
-    // First: nothing may stay suspended (every write to those filesystems hangs until then).
+    // First: nothing may stay suspended or frozen (every write to those filesystems hangs until then).
     if (this.inFlight.size === 0) await this.resumeStale().then((r) => released.push(...r), (e: unknown) => errors.push(e));
+    await thawStaleFreezes(this.opts.stateDir, this.inFlight, async (marker, outcome) => {
+      this.log.warn({ volume: marker.volume, mountpoint: marker.mountpoint, outcome }, 'a killed snapshot left a freeze marker: thawed');
+    }).then((r) => { released.push(...r.released); errors.push(...r.errors); }, (e: unknown) => errors.push(e));
     for (const s of await this.list()) {
       if (keep.has(s.id) || this.inFlight.has(s.volume)) continue;
       await this.remove(s).then(() => released.push(`snapshot:${s.id}`), (e: unknown) => errors.push(e));

@@ -3,9 +3,11 @@
  * each case is a clear error and leaves nothing behind (no snapshot LV of
  * the agent); a CoW area that fills is caught before the job can read an
  * invalid snapshot; a killed agent's orphans are removed by the next one,
- * and only its own.
+ * and only its own; a filesystem on a device stacked over its LV that a
+ * killed agent left frozen is thawed by the next one.
  */
-import { mkdir, open, writeFile as writeFileRaw } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { mkdir, open, readFile, readdir, writeFile as writeFileRaw } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
 import { execa } from 'execa';
 import { pino } from 'pino';
@@ -207,4 +209,64 @@ setInterval(() => {}, 1000);`;
     expect(await agentLvs('other1')).toEqual(['bsn.badb.keep']);
     await other.remove(theirs);
   });
+
+  it('kill -9 of an agent while it holds a filesystem stacked over its LV frozen: the restarted agent thaws it and removes the orphan', async () => {
+    // The filesystem is on a dm device over the LV (as the standby's over dm-era): LVM's suspend does not
+    // freeze it, the provider does, around lvcreate. lvcreate waits for the VG's write lock, which a shared
+    // holder keeps (the provider's own lvs/vgs reads pass): the agent is killed inside the freeze.
+    const lockFile = `${(await sh('lvmconfig', ['--typeconfig', 'full', 'global/locking_dir'])).split('=')[1]!.replace(/"/g, '').trim()}/V_${VG}`;
+    await sh('lvcreate', ['-q', '-y', '-L', '32M', '-n', 'badc', VG]);
+    const c: VolumeSpec = { name: 'badc', device: '/dev/mapper/badclin', lv: `${VG}/badc`, mountpoint: '/mnt/badc', chunkSize: 65536 };
+    let holder: ReturnType<typeof execa> | undefined;
+    let child: ReturnType<typeof execa> | undefined;
+    try {
+      await sh('dmsetup', ['create', 'badclin', '--table', `0 ${(await sh('blockdev', ['--getsz', `/dev/${VG}/badc`])).trim()} linear /dev/${VG}/badc 0`]);
+      await sh('dmsetup', ['mknodes', 'badclin']); // no udev in the guest
+      await sh('mkfs.ext4', ['-q', '-F', '-E', 'nodiscard', c.device]);
+      await mkdir(c.mountpoint, { recursive: true });
+      await sh('mount', [c.device, c.mountpoint]);
+      holder = execa('sh', ['-c', 'exec 9>"$0"; flock -s 9; echo held; exec sleep 600', lockFile], { reject: false, buffer: false });
+      await new Promise<void>((resolve, reject) => {
+        holder!.stdout!.on('data', (d: Buffer) => d.toString().includes('held') && resolve());
+        void holder!.then((r) => reject(new Error(`lock holder exited ${r.exitCode}`)));
+      });
+      const script = `import { LvmSnapshotProvider } from '${COMPILED_PROVIDER}';
+const p = new LvmSnapshotProvider({ mode: 'classic', agent: 'bad1', stateDir: '/tmp/bsn-bad', pollMs: 60000 });
+await p.create(${JSON.stringify(c)}, 'frozen');`;
+      child = execa('node', ['--input-type=module', '-e', script], { reject: false });
+      // lvcreate runs once the filesystem is frozen; it is the process naming the snapshot LV.
+      await until('lvcreate of bsn.badc.frozen waiting for the lock', async () => (await lvcreatePids('bsn.badc.frozen')).length > 0);
+      child.kill('SIGKILL');
+      await child;
+      expect(existsSync('/tmp/bsn-bad/freeze-badc.json'), 'the freeze marker the killed agent left').toBe(true);
+      // The killed agent's lvcreate goes on once the lock is free, and makes its (orphan) snapshot.
+      holder.kill('SIGKILL');
+      await holder;
+      await until('the orphaned lvcreate to finish', async () => (await lvcreatePids('bsn.badc.frozen')).length === 0, 120_000);
+      const released = await provider().cleanupStale();
+      expect(released).toEqual(expect.arrayContaining(['thawed:/mnt/badc', 'marker:badc', 'snapshot:badc@frozen']));
+      expect(existsSync('/tmp/bsn-bad/freeze-badc.json')).toBe(false);
+      await writeFileRaw(`${c.mountpoint}/after-kill`, 'writable');
+      await sh('sync', ['-f', `${c.mountpoint}/after-kill`]);
+      expect(await agentLvs()).toEqual([]);
+    } finally {
+      child?.kill('SIGKILL');
+      holder?.kill('SIGKILL');
+      await execa('fsfreeze', ['-u', c.mountpoint], { reject: false });
+      await execa('umount', [c.mountpoint], { reject: false });
+      await execa('dmsetup', ['remove', 'badclin'], { reject: false });
+      for (const lv of await agentLvs()) await execa('lvremove', ['-q', '-f', `${VG}/${lv}`], { reject: false });
+      await execa('lvremove', ['-q', '-f', `${VG}/badc`], { reject: false });
+    }
+  });
 });
+
+/** PIDs of lvcreate processes whose command line names `lvName`. */
+async function lvcreatePids(lvName: string): Promise<number[]> {
+  const out: number[] = [];
+  for (const pid of (await readdir('/proc')).filter((n) => /^\d+$/.test(n))) {
+    const argv = (await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0');
+    if (argv.some((a) => a.endsWith('lvcreate')) && argv.includes(lvName)) out.push(Number(pid));
+  }
+  return out;
+}
