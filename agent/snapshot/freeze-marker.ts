@@ -15,10 +15,11 @@
  *
  * Written temp + fsync + rename + directory fsync.
  */
-import { mkdir, readFile, readdir, rm } from 'node:fs/promises';
+import { mkdir, readFile, readdir, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { BlocksnapError, isBlocksnapError } from '../../proto/errors.js';
 import { fsyncDir, writeFileDurably } from '../../proto/shared/durable-file.js';
+import { splitDev } from '../cbt/device-identity.js';
 import { findMount, freezeFilesystem, thawFilesystem } from './fsfreeze.js';
 
 export const FREEZE_MARKER_FORMAT = 'blocksnap-freeze-marker';
@@ -141,25 +142,46 @@ export async function frozenDuring<T>(
   return result as T;
 }
 
+export type StaleFreezeOutcome = 'thawed' | 'not-frozen' | 'unmounted' | 'another-device';
+
+/**
+ * Whether the filesystem now mounted at the marker's mountpoint is proven to
+ * be on another block device than the one the marker names: a freeze there
+ * is then not ours to undo. Anything that cannot be compared (no device in
+ * the marker, a device gone or not a block device) counts as ours: a
+ * database left frozen is the worse mistake.
+ */
+async function onAnotherDevice(marker: FreezeMarker, mountDevice: string): Promise<boolean> {
+  if (!marker.device) return false;
+  const st = await stat(marker.device, { bigint: true }).catch(() => null);
+  if (!st?.isBlockDevice()) return false;
+  const { major, minor } = splitDev(st.rdev);
+  return `${major}:${minor}` !== mountDevice;
+}
+
 /**
  * What a killed process's freeze markers name, released: each filesystem
- * still mounted there is thawed (if it is frozen) and the marker removed.
- * Markers of `skip` volumes (a snapshot in flight in this process) are left.
- * Returns `thawed:<mountpoint>` for each filesystem that really was frozen
- * and `marker:<volume>` for each marker removed; `onMarker` may release
- * more of a marker (reflink: its temporary clone) before it is removed.
+ * still mounted there (on the device the marker names) is thawed if it is
+ * frozen, and the marker removed. Markers of `skip` volumes (a snapshot in
+ * flight in this process) are left. Returns `thawed:<mountpoint>` for each
+ * filesystem that really was frozen and `marker:<volume>` for each marker
+ * removed; `onMarker` may release more of a marker (reflink: its temporary
+ * clone) before it is removed.
  */
 export async function thawStaleFreezes(
   stateDir: string,
   skip: ReadonlySet<string>,
-  onMarker?: (marker: FreezeMarker, outcome: 'thawed' | 'not-frozen' | 'unmounted') => Promise<void>,
+  onMarker?: (marker: FreezeMarker, outcome: StaleFreezeOutcome) => Promise<void>,
 ): Promise<{ released: string[]; errors: unknown[] }> {
   const released: string[] = [];
   const errors: unknown[] = [];
   for (const { file, marker } of await readFreezeMarkers(stateDir)) {
     if (skip.has(marker.volume)) continue;
     try {
-      const outcome = (await findMount(marker.mountpoint)) ? await thawFilesystem(marker.mountpoint, { ignoreNotFrozen: true }) : 'unmounted';
+      const mount = await findMount(marker.mountpoint);
+      const outcome: StaleFreezeOutcome = !mount
+        ? 'unmounted'
+        : (await onAnotherDevice(marker, mount.device)) ? 'another-device' : await thawFilesystem(marker.mountpoint, { ignoreNotFrozen: true });
       if (outcome === 'thawed') released.push(`thawed:${marker.mountpoint}`);
       await onMarker?.(marker, outcome);
       await removeStateFile(file);

@@ -84,3 +84,15 @@ it('the next start consumes a killed process\'s marker: thaws its filesystem (if
   expect((await thawStaleFreezes(stateDir, new Set())).released.sort()).toEqual(['marker:gone', `marker:${lab.volume.name}`].sort());
   expect(await thawStaleFreezes(stateDir, new Set())).toEqual({ released: [], errors: [] });
 });
+
+it('a marker naming another device than the one mounted there now: that filesystem\'s freeze is not undone, the marker goes', async () => {
+  // The lab's pool is another block device: a later mount at the marker's mountpoint that is not the volume it froze.
+  await writeFreezeMarker(stateDir, { volume: lab.volume.name, mountpoint: lab.volume.mountpoint, device: lab.poolDevice, snapshotTemp: null });
+  await freezeFilesystem(lab.volumeMount); // someone else's freeze
+  const outcomes: string[] = [];
+  expect(await thawStaleFreezes(stateDir, new Set(), async (_m, o) => { outcomes.push(o); })).toEqual({ released: [`marker:${lab.volume.name}`], errors: [] });
+  expect(outcomes).toEqual(['another-device']);
+  expect(await writeOutcome(probe())).toBe('blocked');
+  expect(existsSync(freezeMarkerPath(stateDir, lab.volume.name))).toBe(false);
+  expect(await thawFilesystem(lab.volumeMount)).toBe('thawed');
+});

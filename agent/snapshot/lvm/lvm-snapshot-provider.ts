@@ -405,7 +405,7 @@ export class LvmSnapshotProvider implements SnapshotProvider {
     // First: nothing may stay suspended or frozen (every write to those filesystems hangs until then).
     if (this.inFlight.size === 0) await this.resumeStale().then((r) => released.push(...r), (e: unknown) => errors.push(e));
     await thawStaleFreezes(this.opts.stateDir, this.inFlight, async (marker, outcome) => {
-      this.log.warn({ volume: marker.volume, mountpoint: marker.mountpoint, outcome }, 'a killed snapshot left a freeze marker: thawed');
+      this.log.warn({ volume: marker.volume, mountpoint: marker.mountpoint, outcome }, 'a killed snapshot left a freeze marker: released (outcome says whether a freeze was undone)');
     }).then((r) => { released.push(...r.released); errors.push(...r.errors); }, (e: unknown) => errors.push(e));
     for (const s of await this.list()) {
       if (keep.has(s.id) || this.inFlight.has(s.volume)) continue;
