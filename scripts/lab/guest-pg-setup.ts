@@ -51,7 +51,7 @@ ${conf}
 CONF
 runuser -u postgres -- $PGBIN/pg_ctl -D /srv/pgdata/pg -l /tmp/pg1.log -o "-p 5432 -k /tmp -c listen_addresses=127.0.0.1" -w start >/dev/null
 $PGBIN/pgbench -h 127.0.0.1 -U postgres -i -s ${o.pgbenchScale ?? 2} -q postgres 2>/dev/null
-runuser -u postgres -- $PGBIN/pg_basebackup -h 127.0.0.1 -p 5432 -U postgres -D /srv/standby/pg -R -X stream -c fast
+runuser -u postgres -- $PGBIN/pg_basebackup -h 127.0.0.1 -p 5432 -U postgres -D /srv/standby/pg -R -X stream -c fast -C -S bsn_standby
 runuser -u postgres -- $PGBIN/pg_ctl -D /srv/standby/pg -l /tmp/pg2.log -o "-p 5433 -k /tmp -c listen_addresses=127.0.0.1" -w start >/dev/null
 set +e
 `;
