@@ -41,6 +41,11 @@
  *   restored copy promoted to a new timeline must not push its history file
  *   into the source's archive, where the source's own PITR would follow it.
  * postmaster.pid is removed, after checking no postmaster runs on the directory.
+ * pg_replslot/ is emptied: the source's replication slots are not the copy's
+ *   (PostgreSQL's backup docs advise leaving them out; pg_basebackup never
+ *   copies them). Kept, a slot whose client follows the source would hold
+ *   the copy's WAL for good — every segment since the image, in a mount's
+ *   overlay or on the restored volume.
  * A copy that ends recovery at the stop point loses pg_wal's segment files
  *   recovery never reads: recycled ones past the stop LSN's segment and
  *   those before the label's start segment unless still `.ready` (removeUnreadWal).
@@ -159,6 +164,28 @@ async function removeUnreadWal(dir: string, startLsn: string, stopLsn: string, r
 }
 
 /** Refuses a directory a live postmaster runs on: its pid file is the only thing keeping a second one out. */
+/** Removes every replication slot of the source (pg_replslot/NAME directories, 9.4+); the directory stays. */
+async function removeReplicationSlots(dir: string, removed: string[]): Promise<void> {
+  const slots = path.join(dir, 'pg_replslot');
+  let names: string[];
+  try {
+    names = await readdir(slots);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return; // before 9.4, or none ever made
+    throw new BlocksnapError('E_STORE_IO', `cannot read ${slots}`, { cause: e });
+  }
+  if (names.length === 0) return;
+  for (const name of names) {
+    try {
+      await rm(path.join(slots, name), { recursive: true });
+    } catch (e) {
+      throw new BlocksnapError('E_STORE_IO', `cannot remove replication slot ${path.join(slots, name)}`, { cause: e });
+    }
+    removed.push(`pg_replslot/${name}`);
+  }
+  await fsyncDir(slots);
+}
+
 async function assertNoPostmaster(dir: string): Promise<void> {
   const first = await readFile(path.join(dir, 'postmaster.pid'), 'utf8').then((t) => t.split('\n')[0]!.trim(), () => '');
   if (!/^\d+$/.test(first)) return;
@@ -232,6 +259,7 @@ export async function prepareDataDir(dir: string, o: PrepareOptions): Promise<Pr
   if (o.spcmapFile) await put('tablespace_map', o.spcmapFile);
   else await removeIfPresent(path.join(dir, 'tablespace_map'), removed);
   for (const f of ['recovery.conf', 'recovery.signal', 'standby.signal']) await removeIfPresent(path.join(dir, f), removed);
+  await removeReplicationSlots(dir, removed);
 
   // A copy that ends recovery at the stop point (and promotes) has no use
   // for the source's recycled WAL files past it, nor for the WAL before the

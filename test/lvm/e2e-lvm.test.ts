@@ -141,6 +141,9 @@ describe.skipIf(labSkipReason)('LVM end to end: agents in the guest, appliance o
         const row = (await c.query<{ h: string; n: string }>("SELECT count(*) || ' ' || sum(delta) AS h, (SELECT count(*) FROM pgbench_accounts)::text AS n FROM pgbench_history")).rows[0]!;
         expect(row.h, `${who.agent}'s image`).toBe(history);
         expect(row.n).toBe(String(LAB.pgbenchScale * 100_000));
+        // The primary streams to its standby through a slot: the copy must not keep it (prepare empties pg_replslot).
+        const slots = (await c.query<{ n: string }>('SELECT count(*)::text AS n FROM pg_replication_slots')).rows[0]!.n;
+        expect(slots, `${who.agent}'s copy keeps the source's replication slots`).toBe('0');
       } finally {
         await c.end();
       }
