@@ -46,12 +46,19 @@ export function mixedBlobs(): TestBlob[] {
   return Array.from({ length: 24 }, (_, i) => makeBlob(i % 3 === 1 ? compressibleChunk(65536) : randomChunk(i === 5 ? 1000 : 65536)));
 }
 
-/** Flips one byte inside `digest`'s stored bytes in its pack file; returns where the blob is. */
+/**
+ * Flips one byte inside `digest`'s stored bytes in its pack file; returns where the blob is. The byte is
+ * inverted, not overwritten with a constant: in random data a constant is already there once in 256 runs,
+ * and the "damage" then changed nothing (a CI run failed so).
+ */
 export async function damageBlob(store: FsChunkStore, dir: string, digest: Buffer): Promise<BlobLocation> {
   const loc = store.locate(digest)!;
   const fh = await open(join(dir, 'packs', packRelPath(loc.pack)), 'r+');
   try {
-    await fh.write(Buffer.from([0x5a]), 0, 1, loc.offset + 100);
+    const b = Buffer.alloc(1);
+    await fh.read(b, 0, 1, loc.offset + 100);
+    b[0] = b[0]! ^ 0xff;
+    await fh.write(b, 0, 1, loc.offset + 100);
   } finally {
     await fh.close();
   }
