@@ -163,7 +163,6 @@ async function removeUnreadWal(dir: string, startLsn: string, stopLsn: string, r
   if (failed) throw failed.reason;
 }
 
-/** Refuses a directory a live postmaster runs on: its pid file is the only thing keeping a second one out. */
 /** Removes every replication slot of the source (pg_replslot/NAME directories, 9.4+); the directory stays. */
 async function removeReplicationSlots(dir: string, removed: string[]): Promise<void> {
   const slots = path.join(dir, 'pg_replslot');
@@ -186,6 +185,7 @@ async function removeReplicationSlots(dir: string, removed: string[]): Promise<v
   await fsyncDir(slots);
 }
 
+/** Refuses a directory a live postmaster runs on: its pid file is the only thing keeping a second one out. */
 async function assertNoPostmaster(dir: string): Promise<void> {
   const first = await readFile(path.join(dir, 'postmaster.pid'), 'utf8').then((t) => t.split('\n')[0]!.trim(), () => '');
   if (!/^\d+$/.test(first)) return;

@@ -9,7 +9,7 @@
  *   { "format": "blocksnap-freeze-marker", "version": 1,
  *     "volume": "pgdata",                 // volume name
  *     "mountpoint": "/srv/pgdata",        // what was frozen (required)
- *     "device": "/dev/loop3",             // informational
+ *     "device": "/dev/loop3",             // what it was on: a stale marker thaws only that
  *     "snapshotTemp": "/pool/.blocksnap/.pgdata@t1.snap.tmp" | null,   // reflink only
  *     "pid": 1234, "createdAt": "ISO-8601" }
  *
@@ -147,12 +147,14 @@ export type StaleFreezeOutcome = 'thawed' | 'not-frozen' | 'unmounted' | 'anothe
 /**
  * Whether the filesystem now mounted at the marker's mountpoint is proven to
  * be on another block device than the one the marker names: a freeze there
- * is then not ours to undo. Anything that cannot be compared (no device in
- * the marker, a device gone or not a block device) counts as ours: a
- * database left frozen is the worse mistake.
+ * is then not ours to undo. `mountDevice` is mountinfo's major:minor.
+ * Anything that cannot be compared (no device in the marker, a device gone or
+ * not a block device, an anonymous device number — major 0, as btrfs reports
+ * for every mount — in mountinfo) counts as ours: a database left frozen is
+ * the worse mistake.
  */
-async function onAnotherDevice(marker: FreezeMarker, mountDevice: string): Promise<boolean> {
-  if (!marker.device) return false;
+export async function onAnotherDevice(marker: Pick<FreezeMarker, 'device'>, mountDevice: string): Promise<boolean> {
+  if (!marker.device || mountDevice.startsWith('0:')) return false;
   const st = await stat(marker.device, { bigint: true }).catch(() => null);
   if (!st?.isBlockDevice()) return false;
   const { major, minor } = splitDev(st.rdev);

@@ -11,7 +11,8 @@ import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, expect, it } from 'vitest';
-import { freezeMarkerPath, frozenDuring, thawStaleFreezes, writeFreezeMarker } from '../../agent/snapshot/freeze-marker.js';
+import { freezeMarkerPath, frozenDuring, onAnotherDevice, thawStaleFreezes, writeFreezeMarker } from '../../agent/snapshot/freeze-marker.js';
+import { findMount } from '../../agent/snapshot/fsfreeze.js';
 import { freezeFilesystem, thawFilesystem } from '../../agent/snapshot/fsfreeze.js';
 import { isBlocksnapError } from '../../proto/errors.js';
 import { createVolumeLab, type VolumeLab } from '../../scripts/lab/volume-lab.js';
@@ -95,4 +96,15 @@ it('a marker naming another device than the one mounted there now: that filesyst
   expect(await writeOutcome(probe())).toBe('blocked');
   expect(existsSync(freezeMarkerPath(stateDir, lab.volume.name))).toBe(false);
   expect(await thawFilesystem(lab.volumeMount)).toBe('thawed');
+});
+
+it('the device comparison: the same device, another one, and what cannot be compared (counted as ours)', async () => {
+  const mounted = (await findMount(lab.volumeMount))!.device; // mountinfo's major:minor of the lab volume
+  expect(await onAnotherDevice({ device: lab.volume.device }, mounted)).toBe(false);
+  expect(await onAnotherDevice({ device: lab.poolDevice }, mounted)).toBe(true);
+  // btrfs (not installed here) reports an anonymous device number, major 0, for every mount: not comparable.
+  expect(await onAnotherDevice({ device: lab.poolDevice }, '0:45')).toBe(false);
+  expect(await onAnotherDevice({}, mounted)).toBe(false);
+  expect(await onAnotherDevice({ device: path.join(tmp, 'no-such-device') }, mounted)).toBe(false);
+  expect(await onAnotherDevice({ device: '/dev/null' }, mounted)).toBe(false); // a character device
 });
