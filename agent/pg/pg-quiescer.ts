@@ -6,8 +6,9 @@
  * tablespace map) must travel with the image — without it a restore may start
  * from the wrong checkpoint. ≤ 9.5 backups are exclusive: the server writes
  * backup_label into the data directory, so it is inside the snapshot.
- * Standby: a non-exclusive backup where the version allows it (9.6+), then
- * replay is paused and we wait until it really is paused; unquiesce stops the
+ * Standby: replay is paused and we wait until it really is paused, two
+ * CHECKPOINTs pin the restartpoint (pinMinRecoveryPoint), then a non-exclusive
+ * backup starts where the version allows it (9.6+); unquiesce stops the
  * backup *before* resuming replay, so the stop point (the standby's
  * minRecoveryPoint) is not past the WAL the snapshot holds.
  *
@@ -174,11 +175,15 @@ export class PgQuiescer implements Quiescer {
       try {
         if (role === 'standby') await this.refuseForeignPause();
         await this.record({ exclusiveBackup: backup && sql.exclusive, replayPaused: role === 'standby' });
-        if (backup) await this.startBackup(opts.fast ?? true);
+        // A standby pauses replay and pins its restartpoint BEFORE the backup
+        // starts: the label names the newest restartpoint, and with replay
+        // paused no later restartpoint can remove its segments before the
+        // snapshot (see pinMinRecoveryPoint).
         if (role === 'standby') {
           await this.pauseReplay();
           await this.pinMinRecoveryPoint();
         }
+        if (backup) await this.startBackup(opts.fast ?? true);
         this.state = 'quiesced';
         this.armWatchdog();
         return { role, version: this.info.version, exclusive: backup && sql.exclusive, backup, startLsn: this.run.startLsn, replayLsn: this.run.replayLsn, seconds: (performance.now() - t0) / 1000 };
@@ -324,6 +329,13 @@ export class PgQuiescer implements Quiescer {
    * the last restartpoint), the second is then always skipped. Without the
    * privilege (superuser or pg_checkpoint) the image is still consistent,
    * only possibly older than `replayLsn`: that is logged, not fatal.
+   * Runs before the backup starts, replay already paused: a restartpoint
+   * removes (or recycles) the segments before its redo point, and one made
+   * after the backup start — at a checkpoint the standby replayed in
+   * between, e.g. the primary's own backup start during concurrent jobs —
+   * removed the segment holding the checkpoint the label names; the image
+   * then failed with "could not locate required checkpoint record" (the
+   * LVM e2e, stop 18). Paused, no later restartpoint finds anything new.
    */
   private async pinMinRecoveryPoint(): Promise<void> {
     try {
