@@ -103,7 +103,7 @@ async function openSession(config: pg.ClientConfig, onError: (e: Error) => void)
   return client;
 }
 
-type Held = { backup: 'exclusive' | 'session' | null; paused: boolean };
+type Held = { backup: 'exclusive' | 'session' | null; paused: boolean; walSlot: string | null };
 
 export class PgQuiescer implements Quiescer {
   private client: pg.Client | null = null;
@@ -111,7 +111,7 @@ export class PgQuiescer implements Quiescer {
   private info: PgServerInfo | null = null;
   private sql: PgSqlRow | null = null;
   private state: 'new' | 'connected' | 'quiescing' | 'quiesced' | 'expired' | 'closed' = 'new';
-  private held: Held = { backup: null, paused: false };
+  private held: Held = { backup: null, paused: false, walSlot: null };
   private chain: Promise<unknown> = Promise.resolve();
   private watchdog: NodeJS.Timeout | null = null;
   private aborting = false;
@@ -183,6 +183,7 @@ export class PgQuiescer implements Quiescer {
           await this.pauseReplay();
           await this.pinMinRecoveryPoint();
         }
+        if (role === 'primary') await this.holdWal();
         if (backup) await this.startBackup(opts.fast ?? true);
         this.state = 'quiesced';
         this.armWatchdog();
@@ -285,6 +286,37 @@ export class PgQuiescer implements Quiescer {
     }
   }
 
+  /**
+   * A primary's WAL from the backup start is read after the stop, from the
+   * live WAL directory (captureWal): a temporary replication slot of this
+   * session, taken before the backup starts, keeps a checkpoint in between
+   * from removing or recycling it, until the session ends (close) or the next
+   * window replaces it. Without one (9.6 and older, no REPLICATION privilege,
+   * no free slot) the job goes on as before: the capture then fails, loudly,
+   * only if such a checkpoint came. Temporary slots never outlive the
+   * session, so a killed agent leaves none.
+   */
+  private async holdWal(): Promise<void> {
+    const sql = this.sql!;
+    if (!sql.walHoldSlot) return;
+    await this.dropWalSlot();
+    const name = `blocksnap_wal_${this.info!.backendPid}`;
+    try {
+      await this.query(sql.walHoldSlot, [name]);
+      this.held.walSlot = name;
+    } catch (e) {
+      this.opts.logger?.warn({ err: (e as Error).message }, 'no temporary replication slot holds the WAL during the backup: a checkpoint before the capture may recycle it');
+    }
+  }
+
+  private async dropWalSlot(): Promise<void> {
+    const name = this.held.walSlot;
+    if (!name) return;
+    this.held.walSlot = null;
+    // Dropped by the server with the session anyway: a failure here only means it goes later.
+    await this.query('SELECT pg_drop_replication_slot($1)', [name]).catch(() => undefined);
+  }
+
   private async refuseForeignPause(): Promise<void> {
     const state = (await this.query(this.sql!.replayPauseState!)).rows[0].state as string;
     if (state !== 'not paused') {
@@ -380,6 +412,8 @@ export class PgQuiescer implements Quiescer {
       await this.onAnySession(sql.replayResume!, 'resume replay', report);
       if (report.failed.length === before) this.held.paused = false;
     }
+    // Not reported: after a good window it is the normal end of the WAL hold, not a rescue.
+    await this.dropWalSlot();
     if (!this.held.backup && !this.held.paused) await this.forget().catch((e) => report.failed.push(`remove state record: ${(e as Error).message}`));
     if (this.state === 'quiescing' || this.state === 'quiesced' || this.state === 'expired') this.state = this.client && !this.broken ? 'connected' : 'closed';
     if (report.released.length || report.failed.length) this.opts.logger?.warn({ reason, ...report }, 'released PostgreSQL quiesce');

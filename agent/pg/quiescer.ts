@@ -23,7 +23,10 @@ import type { Logger } from '../../proto/shared/log.js';
  *   returns what the image needs (label file, LSNs, timeline). Held past its
  *   watchdog, the hold was released already: E_TIMEOUT, and the image has no
  *   valid label. Afterwards the quiescer is connected, and a next
- *   quiesce/unquiesce window may follow on the same session.
+ *   quiesce/unquiesce window may follow on the same session. A primary's WAL
+ *   from the backup start may still be held on the server (PgQuiescer: a
+ *   temporary replication slot) until close or the next window, so the
+ *   image's WAL can be read after unquiesce; holding it is best effort.
  * - `close()` releases whatever is still held and ends the session, in any
  *   state. It does not reject: what it could not release is listed in
  *   `failed` (each holder also has its own last resort, e.g. a watchdog).

@@ -70,6 +70,16 @@ export interface PgSqlRow {
   walDir: 'pg_xlog' | 'pg_wal';
   recovery: RecoveryStyle;
   /**
+   * Creates a temporary physical replication slot ($1 name) that reserves WAL
+   * from the last checkpoint's redo point at once (10+; 9.6 has no temporary
+   * slots, and a permanent one would outlive a killed agent). A primary's
+   * quiescer takes one before its backup starts: the image's WAL from the
+   * backup start is read from the live WAL directory after the stop, and a
+   * checkpoint in between (another backup's start, a manual one, max_wal_size)
+   * would otherwise remove or recycle those segments. Dropped with the session.
+   */
+  walHoldSlot: string | null;
+  /**
    * Run once when the quiescer's session opens. The session is idle while the
    * volume is snapshotted: a server-wide idle_session_timeout (14+) would end
    * it and with it a non-exclusive backup.
@@ -122,6 +132,7 @@ const NON_EXCLUSIVE = {
   systemIdentifier: 'SELECT system_identifier::text AS sysid FROM pg_control_system()',
 } as const;
 const SETUP = ['SET statement_timeout = 0'] as const;
+const HOLD_SLOT = 'SELECT pg_create_physical_replication_slot($1, true, true)';
 const SETUP_14 = ['SET statement_timeout = 0', 'SET idle_session_timeout = 0'] as const;
 const RECOVERY_CONF_NO_TARGET = { configFile: 'recovery.conf', signalFiles: false, targetImmediate: false, promoteAtTarget: null } as const;
 const RECOVERY_CONF = { configFile: 'recovery.conf', signalFiles: false, targetImmediate: true, promoteAtTarget: ['recovery_target_action', 'promote'] } as const;
@@ -137,7 +148,7 @@ export const PG_SQL_TABLE: readonly PgSqlRow[] = [
     readSpcmapFile: null, backupOnStandby: false, ...XLOG_NAMES, standbyTimeline: null,
     // Replay pause arrived in 9.1: a 9.0 standby cannot be quiesced.
     replayPause: null, replayResume: null, replayPauseState: null, pauseConfirmation: null,
-    systemIdentifier: null, walDir: 'pg_xlog', recovery: RECOVERY_CONF_NO_TARGET, sessionSetup: SETUP,
+    systemIdentifier: null, walDir: 'pg_xlog', recovery: RECOVERY_CONF_NO_TARGET, walHoldSlot: null, sessionSetup: SETUP,
   },
   {
     since: 90100, range: '9.1–9.3', exclusive: true,
@@ -146,7 +157,7 @@ export const PG_SQL_TABLE: readonly PgSqlRow[] = [
     labelFrom: 'data-directory', readLabelFile: "SELECT pg_read_file('backup_label') AS labelfile",
     // No tablespace_map before 9.5: the pg_tblspc symlinks travel inside the snapshot.
     readSpcmapFile: null, backupOnStandby: false, ...XLOG_NAMES, standbyTimeline: null, ...XLOG_PAUSE,
-    systemIdentifier: null, walDir: 'pg_xlog', recovery: RECOVERY_CONF_NO_TARGET, sessionSetup: SETUP,
+    systemIdentifier: null, walDir: 'pg_xlog', recovery: RECOVERY_CONF_NO_TARGET, walHoldSlot: null, sessionSetup: SETUP,
   },
   {
     since: 90400, range: '9.4', exclusive: true,
@@ -156,7 +167,7 @@ export const PG_SQL_TABLE: readonly PgSqlRow[] = [
     readSpcmapFile: null, backupOnStandby: false, ...XLOG_NAMES, standbyTimeline: null, ...XLOG_PAUSE,
     systemIdentifier: null, walDir: 'pg_xlog',
     recovery: { configFile: 'recovery.conf', signalFiles: false, targetImmediate: true, promoteAtTarget: ['pause_at_recovery_target', 'false'] },
-    sessionSetup: SETUP,
+    walHoldSlot: null, sessionSetup: SETUP,
   },
   {
     since: 90500, range: '9.5', exclusive: true,
@@ -167,7 +178,7 @@ export const PG_SQL_TABLE: readonly PgSqlRow[] = [
     readSpcmapFile: "SELECT pg_read_file('tablespace_map', 0, 1048576, true) AS spcmapfile",
     backupOnStandby: false, ...XLOG_NAMES, standbyTimeline: null, ...XLOG_PAUSE,
     systemIdentifier: null, walDir: 'pg_xlog',
-    recovery: RECOVERY_CONF, sessionSetup: SETUP,
+    recovery: RECOVERY_CONF, walHoldSlot: null, sessionSetup: SETUP,
   },
   {
     since: 90600, range: '9.6', ...NON_EXCLUSIVE,
@@ -175,7 +186,7 @@ export const PG_SQL_TABLE: readonly PgSqlRow[] = [
     // 9.6's non-exclusive stop has no wait_for_archive argument (it always waits on a primary with archiving).
     stopBackup: 'SELECT lsn::text AS lsn, labelfile, spcmapfile FROM pg_stop_backup(false)', stopTakesWaitForArchive: false,
     ...XLOG_NAMES, ...XLOG_PAUSE, walDir: 'pg_xlog',
-    recovery: RECOVERY_CONF, sessionSetup: SETUP,
+    recovery: RECOVERY_CONF, walHoldSlot: null, sessionSetup: SETUP,
   },
   {
     since: 100000, range: '10–11', ...NON_EXCLUSIVE,
@@ -183,28 +194,28 @@ export const PG_SQL_TABLE: readonly PgSqlRow[] = [
     stopBackup: 'SELECT lsn::text AS lsn, labelfile, spcmapfile FROM pg_stop_backup(false, $1)', stopTakesWaitForArchive: true,
     ...WAL_NAMES, ...WAL_PAUSE_FLAG, walDir: 'pg_wal',
     // recovery.conf until 11, signal files + ordinary GUCs from 12.
-    recovery: RECOVERY_CONF, sessionSetup: SETUP,
+    recovery: RECOVERY_CONF, walHoldSlot: HOLD_SLOT, sessionSetup: SETUP,
   },
   {
     since: 120000, range: '12–13', ...NON_EXCLUSIVE,
     startBackup: 'SELECT pg_start_backup($1, $2, false)::text AS lsn',
     stopBackup: 'SELECT lsn::text AS lsn, labelfile, spcmapfile FROM pg_stop_backup(false, $1)', stopTakesWaitForArchive: true,
     ...WAL_NAMES, ...WAL_PAUSE_FLAG, walDir: 'pg_wal',
-    recovery: RECOVERY_SIGNALS, sessionSetup: SETUP,
+    recovery: RECOVERY_SIGNALS, walHoldSlot: HOLD_SLOT, sessionSetup: SETUP,
   },
   {
     since: 140000, range: '14', ...NON_EXCLUSIVE,
     startBackup: 'SELECT pg_start_backup($1, $2, false)::text AS lsn',
     stopBackup: 'SELECT lsn::text AS lsn, labelfile, spcmapfile FROM pg_stop_backup(false, $1)', stopTakesWaitForArchive: true,
     ...WAL_NAMES, ...WAL_PAUSE_STATE, walDir: 'pg_wal',
-    recovery: RECOVERY_SIGNALS, sessionSetup: SETUP_14,
+    recovery: RECOVERY_SIGNALS, walHoldSlot: HOLD_SLOT, sessionSetup: SETUP_14,
   },
   {
     since: 150000, range: '15+', ...NON_EXCLUSIVE,
     startBackup: 'SELECT pg_backup_start($1, $2)::text AS lsn',
     stopBackup: 'SELECT lsn::text AS lsn, labelfile, spcmapfile FROM pg_backup_stop($1)', stopTakesWaitForArchive: true,
     ...WAL_NAMES, ...WAL_PAUSE_STATE, walDir: 'pg_wal',
-    recovery: RECOVERY_SIGNALS, sessionSetup: SETUP_14,
+    recovery: RECOVERY_SIGNALS, walHoldSlot: HOLD_SLOT, sessionSetup: SETUP_14,
   },
 ];
 

@@ -52,6 +52,8 @@ const exclusive = {
 };
 const nonExclusive96to14 = { start: 'SELECT pg_start_backup($1, $2, false)::text AS lsn', exclusive: false, label: null, spcmap: null, onStandby: true, tli: 'SELECT timeline_id AS timeline FROM pg_control_checkpoint()' };
 const setup = ['SET statement_timeout = 0'];
+// Temporary replication slots arrived in 10 (the third argument); 9.6 has only permanent ones.
+const holdSlot = (major: string) => (Number(major.split('.')[0]) >= 10 ? 'SELECT pg_create_physical_replication_slot($1, true, true)' : null);
 const setup14 = ['SET statement_timeout = 0', 'SET idle_session_timeout = 0'];
 
 const EXPECTED: Record<string, Expect> = {
@@ -142,6 +144,7 @@ describe('pgSqlFor: one row per server version', () => {
         expect(r.recovery.targetImmediate).toBe(e.immediate);
         expect(r.recovery.promoteAtTarget).toEqual(e.promote);
         expect([...r.sessionSetup]).toEqual(e.setup);
+        expect(r.walHoldSlot).toBe(holdSlot(major));
       });
     }
   }
