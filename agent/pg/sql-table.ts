@@ -2,8 +2,11 @@
  * The one table of PostgreSQL SQL per server version, 9.0 through 18.
  *
  * Every statement blocksnap sends to a server to quiesce it, release it, read
- * LSNs and prepare a restored data directory is looked up here by
- * `server_version_num`; nothing else in the agent branches on the version.
+ * LSNs and prepare a restored data directory whose spelling or existence
+ * depends on the version is looked up here by `server_version_num` (the
+ * same on every supported version, e.g. CHECKPOINT, pg_drop_replication_slot
+ * of a slot made through this table, stays inline); nothing else in the
+ * agent branches on the version.
  * Each row is complete (no inheritance between rows) so a reviewer can read
  * one row and know exactly what runs against that version.
  *
