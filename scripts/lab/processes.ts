@@ -72,7 +72,10 @@ export async function spawnAppliance(
   dataDir: string,
   opts: { port?: number; logFile?: string; env?: NodeJS.ProcessEnv; args?: string[] } = {},
 ): Promise<ApplianceProcess> {
-  const d = daemon(applianceCli(), ['serve', '--data', dataDir, '--listen', `127.0.0.1:${opts.port ?? 0}`, ...(opts.args ?? [])],
+  // A fixed port (a restart on the port the agents dial) would put NBD on that port + 1, which may be
+  // another process's: any free one instead, unless the caller chose.
+  const nbd = opts.port && !opts.args?.includes('--nbd-listen') ? ['--nbd-listen', '127.0.0.1:0'] : [];
+  const d = daemon(applianceCli(), ['serve', '--data', dataDir, '--listen', `127.0.0.1:${opts.port ?? 0}`, ...nbd, ...(opts.args ?? [])],
     opts.logFile ?? join(dataDir, '..', 'appliance.log'), opts.env);
   const rl = createInterface({ input: d.child.stdout! });
   const first = await new Promise<string>((resolve, reject) => {

@@ -178,6 +178,9 @@ describe('instant mount wiring (fake LocalMounter)', () => {
     reopened = await Appliance.open({
       dataDir: h.dataDir, logger: createLogger('test-appliance', process.env.BLOCKSNAP_LOG ?? 'warn'), authGuard: { failBurst: 10_000 },
       backends: applianceBackends(),
+      // The agent redials the same WebSocket port; the NBD port is any free one (the default, that port + 1, may be
+      // another process's: CI saw EADDRINUSE there).
+      nbd: { host: '127.0.0.1', port: 0 },
     });
     // Ended at start, before any agent is back: its overlay is gone and its exports are never served again.
     expect(reopened.mounts.mounts.get(r.json.mountId)).toMatchObject({ state: 'ended', endReason: expect.stringMatching(/appliance restarted/) });
