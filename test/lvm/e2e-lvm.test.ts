@@ -131,7 +131,10 @@ describe.skipIf(labSkipReason)('LVM end to end: agents in the guest, appliance o
         const audit = await job(who, 'incremental', true).then((x) => x.stats, (e: unknown) => String(e));
         console.log(`mount of ${who.agent}'s image failed; audited incremental after it: ${JSON.stringify(audit)}`);
       }
-      expect(r.exitCode, r.stderr + r.stdout).toBe(0);
+      // Whose image it was goes in the failure itself, with its PostgreSQL facts (label, LSNs, WAL files):
+      // stop 18's CI output showed only PostgreSQL's refusal, not which of the two it was.
+      const facts = r.exitCode === 0 ? '' : `\n${who.agent}'s image ${newest[who.agent]!}:\n${(await applianceCmd(appl.dataDir, ['images', 'show', newest[who.agent]!])).stdout}`;
+      expect(r.exitCode, r.stderr + r.stdout + facts).toBe(0);
       const m = r.json as { mountId: string; connection: string; secondsToFirstQuery: number };
       fx.defer(`mount ${m.mountId}`, () => host.agent.mounts.unmount(m.mountId).catch(() => undefined));
       const kv = Object.fromEntries(m.connection.split(' ').map((p) => p.split('=') as [string, string]));
