@@ -12,7 +12,8 @@ import path from 'node:path';
 import { BlocksnapError, isBlocksnapError, toBlocksnapError } from '../../proto/errors.js';
 import { createLogger, type Logger } from '../../proto/shared/log.js';
 import { assertMountpoint, freezeFilesystem } from './fsfreeze.js';
-import { fsyncDir, readVolumeRegistry, writeVolumeRegistry } from './reflink-state.js';
+import { fsyncDir } from '../../proto/shared/durable-file.js';
+import { readVolumeRegistry, writeVolumeRegistry } from './reflink-state.js';
 import {
   freezeMarkerPath,
   readFreezeMarkers,

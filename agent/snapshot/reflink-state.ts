@@ -24,7 +24,7 @@
 import { mkdir, readFile, readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { BlocksnapError } from '../../proto/errors.js';
-import { fsyncDir, writeFileDurably } from '../../proto/shared/durable-file.js';
+import { writeFileDurably } from '../../proto/shared/durable-file.js';
 
 export const VOLUME_REGISTRY_FORMAT = 'blocksnap-reflink-volumes';
 
@@ -58,4 +58,3 @@ export async function writeVolumeRegistry(stateDir: string, volumes: Map<string,
   await writeFileDurably(registryPath(stateDir), JSON.stringify(body, null, 2) + '\n');
 }
 
-export { fsyncDir };
