@@ -2,8 +2,8 @@
  * A copy of a STANDBY's image, prepared to end recovery and promote, on
  * PostgreSQL 15 for real. The standby replayed everything an idle primary
  * wrote — its last records a checkpoint and running-xacts, no commit after
- * them — and the image was taken inside the agent's own quiesce (backup
- * start, replay paused, minRecoveryPoint pinned), so its WAL ends exactly at
+ * them — and the image was taken inside the agent's own quiesce (replay
+ * paused, minRecoveryPoint pinned, backup started), so its WAL ends exactly at
  * its consistency point. With recovery_target = 'immediate' PostgreSQL 14+
  * refused such a copy ("recovery ended before configured recovery target was
  * reached": 'immediate' stops only before a record read after consistency, or
