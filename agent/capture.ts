@@ -97,6 +97,7 @@ export async function captureGroup(o: GroupCaptureOptions): Promise<GroupCapture
       // A database that would go unquiesced is a composition bug, not a crash-consistent image.
       if (!o.quiescer) throw new BlocksnapError('E_INTERNAL', 'a PostgreSQL server is configured but no quiescer was given to the capture');
       facts = await walFacts(connectionOf(o.postgres), o.postgres.dataDirectory);
+      if (!facts.proven) log.warn({ dataDirectory: facts.dataDirectory }, 'the server (before 9.6) cannot report its pg_control: its data directory is not proven to be this one');
       await assertOnVolumes(facts.dataDirectory, facts.walDir, members.map((m) => m.volume), o.group);
     }
     if (o.quiescer) {

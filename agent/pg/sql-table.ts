@@ -21,6 +21,7 @@
  *   currentLsn / replayLsn / receiveLsn                    → { lsn text }
  *   replayPauseState                                       → { state: 'not paused' | 'pause requested' | 'paused' }
  *   systemIdentifier                                       → { sysid text }
+ *   controlCheckpoint (pg_control as the server reads it)  → { lsn text }
  *
  * Before 14, the only observable is "a pause was requested" (the flag that
  * pg_is_*_replay_paused() returns): the startup process checks it before each
@@ -70,6 +71,12 @@ export interface PgSqlRow {
   replayPauseState: string | null;
   pauseConfirmation: PauseConfirmation | null;
   systemIdentifier: string | null;
+  /**
+   * The last checkpoint's LSN as the server reads it from its pg_control
+   * (9.6+): with the system identifier, what proves that a directory the
+   * agent sees is the server's data directory (data-dir-proof.ts).
+   */
+  controlCheckpoint: string | null;
   walDir: 'pg_xlog' | 'pg_wal';
   recovery: RecoveryStyle;
   /**
@@ -133,6 +140,7 @@ const NON_EXCLUSIVE = {
   backupOnStandby: true,
   standbyTimeline: 'SELECT timeline_id AS timeline FROM pg_control_checkpoint()',
   systemIdentifier: 'SELECT system_identifier::text AS sysid FROM pg_control_system()',
+  controlCheckpoint: 'SELECT checkpoint_lsn::text AS lsn FROM pg_control_checkpoint()',
 } as const;
 const SETUP = ['SET statement_timeout = 0'] as const;
 const HOLD_SLOT = 'SELECT pg_create_physical_replication_slot($1, true, true)';
@@ -151,7 +159,7 @@ export const PG_SQL_TABLE: readonly PgSqlRow[] = [
     readSpcmapFile: null, backupOnStandby: false, ...XLOG_NAMES, standbyTimeline: null,
     // Replay pause arrived in 9.1: a 9.0 standby cannot be quiesced.
     replayPause: null, replayResume: null, replayPauseState: null, pauseConfirmation: null,
-    systemIdentifier: null, walDir: 'pg_xlog', recovery: RECOVERY_CONF_NO_TARGET, walHoldSlot: null, sessionSetup: SETUP,
+    systemIdentifier: null, controlCheckpoint: null, walDir: 'pg_xlog', recovery: RECOVERY_CONF_NO_TARGET, walHoldSlot: null, sessionSetup: SETUP,
   },
   {
     since: 90100, range: '9.1–9.3', exclusive: true,
@@ -160,7 +168,7 @@ export const PG_SQL_TABLE: readonly PgSqlRow[] = [
     labelFrom: 'data-directory', readLabelFile: "SELECT pg_read_file('backup_label') AS labelfile",
     // No tablespace_map before 9.5: the pg_tblspc symlinks travel inside the snapshot.
     readSpcmapFile: null, backupOnStandby: false, ...XLOG_NAMES, standbyTimeline: null, ...XLOG_PAUSE,
-    systemIdentifier: null, walDir: 'pg_xlog', recovery: RECOVERY_CONF_NO_TARGET, walHoldSlot: null, sessionSetup: SETUP,
+    systemIdentifier: null, controlCheckpoint: null, walDir: 'pg_xlog', recovery: RECOVERY_CONF_NO_TARGET, walHoldSlot: null, sessionSetup: SETUP,
   },
   {
     since: 90400, range: '9.4', exclusive: true,
@@ -168,7 +176,7 @@ export const PG_SQL_TABLE: readonly PgSqlRow[] = [
     stopBackup: EXCLUSIVE_STOP, stopTakesWaitForArchive: false,
     labelFrom: 'data-directory', readLabelFile: "SELECT pg_read_file('backup_label') AS labelfile",
     readSpcmapFile: null, backupOnStandby: false, ...XLOG_NAMES, standbyTimeline: null, ...XLOG_PAUSE,
-    systemIdentifier: null, walDir: 'pg_xlog',
+    systemIdentifier: null, controlCheckpoint: null, walDir: 'pg_xlog',
     recovery: { configFile: 'recovery.conf', signalFiles: false, targetImmediate: true, promoteAtTarget: ['pause_at_recovery_target', 'false'] },
     walHoldSlot: null, sessionSetup: SETUP,
   },
@@ -180,7 +188,7 @@ export const PG_SQL_TABLE: readonly PgSqlRow[] = [
     // Written only when the cluster has tablespaces: missing_ok.
     readSpcmapFile: "SELECT pg_read_file('tablespace_map', 0, 1048576, true) AS spcmapfile",
     backupOnStandby: false, ...XLOG_NAMES, standbyTimeline: null, ...XLOG_PAUSE,
-    systemIdentifier: null, walDir: 'pg_xlog',
+    systemIdentifier: null, controlCheckpoint: null, walDir: 'pg_xlog',
     recovery: RECOVERY_CONF, walHoldSlot: null, sessionSetup: SETUP,
   },
   {

@@ -1,7 +1,8 @@
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import pg from 'pg';
-import { BlocksnapError } from '../../proto/errors.js';
+import { BlocksnapError, isBlocksnapError } from '../../proto/errors.js';
+import { proveDataDirectory } from './data-dir-proof.js';
 import { parseLsn, pgSqlFor, walFileName } from './sql-table.js';
 
 /**
@@ -17,6 +18,8 @@ export interface WalFacts {
   dataDirectory: string;
   walDir: string;
   segmentSize: number;
+  /** The directory was proven to be the server's (data-dir-proof.ts); false before 9.6, which cannot say. */
+  proven: boolean;
 }
 
 export interface WalSegment {
@@ -24,7 +27,11 @@ export interface WalSegment {
   data: Buffer;
 }
 
-/** Where the WAL is and how big a segment is, asked once before the freeze (a failure fails the job early). */
+/**
+ * Where the WAL is and how big a segment is, asked once before the freeze (a
+ * failure fails the job early); the data directory, configured or the
+ * server's answer, is proven to be the server's (E_CONFIG if it is another's).
+ */
 export async function walFacts(conn: pg.ClientConfig, dataDirectory?: string): Promise<WalFacts> {
   const client = new pg.Client({ ...conn, application_name: 'blocksnap-wal' });
   try {
@@ -35,8 +42,11 @@ export async function walFacts(conn: pg.ClientConfig, dataDirectory?: string): P
     const row = r.rows[0] as { v: number; seg: string };
     let dir = dataDirectory;
     if (!dir) dir = (await client.query(`select current_setting('data_directory') as d`)).rows[0].d as string;
-    return { dataDirectory: dir, walDir: join(dir, pgSqlFor(row.v).walDir), segmentSize: Number(row.seg) };
+    const sql = pgSqlFor(row.v);
+    const proven = await proveDataDirectory(client, sql, dir, `PostgreSQL at ${conn.host ?? 'localhost'}:${conn.port ?? 5432}`);
+    return { dataDirectory: dir, walDir: join(dir, sql.walDir), segmentSize: Number(row.seg), proven };
   } catch (e) {
+    if (isBlocksnapError(e) && e.code === 'E_CONFIG') throw e;
     throw new BlocksnapError('E_PG', `cannot learn where the server keeps its WAL: ${(e as Error).message}`, { cause: e });
   } finally {
     await client.end().catch(() => undefined);

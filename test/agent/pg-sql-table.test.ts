@@ -138,6 +138,7 @@ describe('pgSqlFor: one row per server version', () => {
         expect(r.pauseConfirmation).toBe(e.confirm);
         expect(r.standbyTimeline).toBe(e.tli);
         expect(r.systemIdentifier).toBe(e.tli ? 'SELECT system_identifier::text AS sysid FROM pg_control_system()' : null);
+        expect(r.controlCheckpoint).toBe(e.tli ? 'SELECT checkpoint_lsn::text AS lsn FROM pg_control_checkpoint()' : null);
         expect(r.walDir).toBe(e.walDir);
         expect(r.recovery.configFile).toBe(e.conf);
         expect(r.recovery.signalFiles).toBe(e.conf === 'postgresql.auto.conf');
