@@ -135,7 +135,7 @@ describe('LVM providers: bad input', () => {
     await sh('lvcreate', ['-q', '-L', '64M', '--chunksize', '64k', '-Zn', '-T', `${VG}/tpool`]);
     await sh('lvcreate', ['-q', '-V', '128M', '-T', `${VG}/tpool`, '-n', 'badt']); // over-provisioned on purpose
     const t: VolumeSpec = { name: 'badt', device: `/dev/${VG}/badt`, mountpoint: '/mnt/badt', chunkSize: 65536 };
-    await sh('mkfs.ext4', ['-q', '-E', 'nodiscard', t.device]);
+    await sh('mkfs.ext4', ['-q', '-E', 'nodiscard,lazy_itable_init=0,lazy_journal_init=0', t.device]);
     await sh('mkdir', ['-p', t.mountpoint]);
     await sh('mount', [t.device, t.mountpoint]);
     const lines: string[] = [];
@@ -162,7 +162,7 @@ describe('LVM providers: bad input', () => {
     await sh('lvcreate', ['-q', '-y', '-L', '64M', '--chunksize', '64k', '-Zn', '-T', `${VG}/mpool`]);
     await sh('lvcreate', ['-q', '-y', '-V', '32M', '-T', `${VG}/mpool`, '-n', 'badm']);
     const m: VolumeSpec = { name: 'badm', device: `/dev/${VG}/badm`, mountpoint: '/mnt/badm', chunkSize: 65536 };
-    await sh('mkfs.ext4', ['-q', '-E', 'nodiscard', m.device]);
+    await sh('mkfs.ext4', ['-q', '-E', 'nodiscard,lazy_itable_init=0,lazy_journal_init=0', m.device]);
     await sh('mkdir', ['-p', m.mountpoint]);
     await sh('mount', [m.device, m.mountpoint]);
     // The second LVM step fails for real reasons too (activation refused, out of memory); here an
@@ -222,7 +222,7 @@ setInterval(() => {}, 1000);`;
     try {
       await sh('dmsetup', ['create', 'badclin', '--table', `0 ${(await sh('blockdev', ['--getsz', `/dev/${VG}/badc`])).trim()} linear /dev/${VG}/badc 0`]);
       await sh('dmsetup', ['mknodes', 'badclin']); // no udev in the guest
-      await sh('mkfs.ext4', ['-q', '-F', '-E', 'nodiscard', c.device]);
+      await sh('mkfs.ext4', ['-q', '-F', '-E', 'nodiscard,lazy_itable_init=0,lazy_journal_init=0', c.device]);
       await mkdir(c.mountpoint, { recursive: true });
       await sh('mount', [c.device, c.mountpoint]);
       holder = execa('sh', ['-c', 'exec 9>"$0"; flock -s 9; echo held; exec sleep 600', lockFile], { reject: false, buffer: false });

@@ -119,7 +119,7 @@ describe('dm-era specifics', () => {
     const lv = (r: ContractRig) => `${VG}/${r.device.split('/').pop()!.replace(/era$/, '')}`;
     const mnt = '/mnt/era-identity';
     try {
-      await sh('mkfs.ext4', ['-q', '-F', '-E', 'nodiscard', rig.device]);
+      await sh('mkfs.ext4', ['-q', '-F', '-E', 'nodiscard,lazy_itable_init=0,lazy_journal_init=0', rig.device]);
       await mkdir(mnt, { recursive: true });
       await sh('mount', [rig.device, mnt]);
       const ok = await proveLvmVolume({ name: 'v', device: rig.device, lv: lv(rig), mountpoint: mnt, chunkSize: CONTRACT_CHUNK });

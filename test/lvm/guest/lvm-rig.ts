@@ -48,7 +48,7 @@ export async function makeLvmRig(opts: LvmRigOptions): Promise<LvmRig> {
     const device = `/dev/${VG}/${name}`;
     const mountpoint = `/mnt/${name}`;
     if (opts.mkfs !== false) {
-      await sh('mkfs.ext4', ['-q', '-F', '-E', 'nodiscard', device]);
+      await sh('mkfs.ext4', ['-q', '-F', '-E', 'nodiscard,lazy_itable_init=0,lazy_journal_init=0', device]);
       await mkdir(mountpoint, { recursive: true });
       await sh('mount', [device, mountpoint]);
     }
