@@ -48,6 +48,7 @@ import { BlocksnapError, isBlocksnapError, type ErrorCode } from '../../proto/er
 import type { Logger } from '../../proto/shared/log.js';
 import type { PgRole, PgServerInfo, Quiescer, QuiesceInfo, QuiesceOptions, ReleaseReport, UnquiesceResult } from './quiescer.js';
 import { DETECT_SQL, majorOf, pgSqlFor, timelineOfWalFile, type PgSqlRow } from './sql-table.js';
+import { missingStandbyWal } from './standby-wal-check.js';
 
 export type PgRoleExpectation = PgRole | 'auto';
 
@@ -102,6 +103,10 @@ async function openSession(config: pg.ClientConfig, onError: (e: Error) => void)
   }
   return client;
 }
+
+/** The segment size in bytes, the same query on every version (10 reports it in 8 kB units, 11+ in bytes). */
+const WAL_SEGMENT_SIZE = `SELECT setting::bigint * CASE unit WHEN 'B' THEN 1 WHEN 'kB' THEN 1024 WHEN '8kB' THEN 8192 WHEN 'MB' THEN 1048576 ELSE 1 END AS seg
+  FROM pg_settings WHERE name = 'wal_segment_size'`;
 
 type Held = { backup: 'exclusive' | 'session' | null; paused: boolean; walSlot: string | null };
 
@@ -219,6 +224,8 @@ export class PgQuiescer implements Quiescer {
           this.held.backup = null;
           backupSeconds = (performance.now() - this.run.backupT0) / 1000;
         }
+        // Still paused: what the WAL directory holds now, the snapshot held (standby-wal-check.ts).
+        if (role === 'standby' && this.held.paused && stop?.labelfile) await this.proveStandbyWal(stop.labelfile, stop.lsn);
         if (this.held.paused) {
           await this.query(sql.replayResume!);
           this.held.paused = false;
@@ -315,6 +322,31 @@ export class PgQuiescer implements Quiescer {
     this.held.walSlot = null;
     // Dropped by the server with the session anyway: a failure here only means it goes later.
     await this.query('SELECT pg_drop_replication_slot($1)', [name]).catch(() => undefined);
+  }
+
+  /**
+   * A standby's image recovers from the pg_wal inside its snapshot: every
+   * segment from the label's start to the stop point must be there. Without
+   * the right to list the WAL directory (superuser or pg_monitor; 10+) it is
+   * not checked, and a warning says so.
+   */
+  private async proveStandbyWal(label: string, stopLsn: string): Promise<void> {
+    const sql = this.sql!;
+    if (!sql.listWalDir) return;
+    let names: string[];
+    let segmentSize: number;
+    try {
+      names = (await this.query(sql.listWalDir)).rows.map((r) => String(r.name));
+      segmentSize = Number((await this.query(WAL_SEGMENT_SIZE)).rows[0].seg);
+    } catch (e) {
+      this.opts.logger?.warn({ err: (e as Error).message }, "cannot list the standby's WAL directory (needs superuser or pg_monitor): the image's WAL is not checked");
+      return;
+    }
+    const missing = missingStandbyWal(label, stopLsn, segmentSize, names);
+    if (missing.length) {
+      throw new BlocksnapError('E_PG', `the standby's WAL directory lacks ${missing.join(', ')} of this backup (from the label's start to the stop point ${stopLsn}): ` +
+        'the image would not start; removed before the snapshot, by something other than PostgreSQL while replay was paused');
+    }
   }
 
   private async refuseForeignPause(): Promise<void> {

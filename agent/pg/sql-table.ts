@@ -22,6 +22,7 @@
  *   replayPauseState                                       → { state: 'not paused' | 'pause requested' | 'paused' }
  *   systemIdentifier                                       → { sysid text }
  *   controlCheckpoint (pg_control as the server reads it)  → { lsn text }
+ *   listWalDir                                             → { name } per file
  *
  * Before 14, the only observable is "a pause was requested" (the flag that
  * pg_is_*_replay_paused() returns): the startup process checks it before each
@@ -77,6 +78,8 @@ export interface PgSqlRow {
    * agent sees is the server's data directory (data-dir-proof.ts).
    */
   controlCheckpoint: string | null;
+  /** The WAL directory's file names (10+; superuser or pg_monitor): a standby's image WAL is checked before replay resumes. */
+  listWalDir: string | null;
   walDir: 'pg_xlog' | 'pg_wal';
   recovery: RecoveryStyle;
   /**
@@ -144,6 +147,7 @@ const NON_EXCLUSIVE = {
 } as const;
 const SETUP = ['SET statement_timeout = 0'] as const;
 const HOLD_SLOT = 'SELECT pg_create_physical_replication_slot($1, true, true)';
+const LIST_WAL_DIR = 'SELECT name FROM pg_ls_waldir()';
 const SETUP_14 = ['SET statement_timeout = 0', 'SET idle_session_timeout = 0'] as const;
 const RECOVERY_CONF_NO_TARGET = { configFile: 'recovery.conf', signalFiles: false, targetImmediate: false, promoteAtTarget: null } as const;
 const RECOVERY_CONF = { configFile: 'recovery.conf', signalFiles: false, targetImmediate: true, promoteAtTarget: ['recovery_target_action', 'promote'] } as const;
@@ -159,7 +163,7 @@ export const PG_SQL_TABLE: readonly PgSqlRow[] = [
     readSpcmapFile: null, backupOnStandby: false, ...XLOG_NAMES, standbyTimeline: null,
     // Replay pause arrived in 9.1: a 9.0 standby cannot be quiesced.
     replayPause: null, replayResume: null, replayPauseState: null, pauseConfirmation: null,
-    systemIdentifier: null, controlCheckpoint: null, walDir: 'pg_xlog', recovery: RECOVERY_CONF_NO_TARGET, walHoldSlot: null, sessionSetup: SETUP,
+    systemIdentifier: null, controlCheckpoint: null, walDir: 'pg_xlog', recovery: RECOVERY_CONF_NO_TARGET, listWalDir: null, walHoldSlot: null, sessionSetup: SETUP,
   },
   {
     since: 90100, range: '9.1–9.3', exclusive: true,
@@ -168,7 +172,7 @@ export const PG_SQL_TABLE: readonly PgSqlRow[] = [
     labelFrom: 'data-directory', readLabelFile: "SELECT pg_read_file('backup_label') AS labelfile",
     // No tablespace_map before 9.5: the pg_tblspc symlinks travel inside the snapshot.
     readSpcmapFile: null, backupOnStandby: false, ...XLOG_NAMES, standbyTimeline: null, ...XLOG_PAUSE,
-    systemIdentifier: null, controlCheckpoint: null, walDir: 'pg_xlog', recovery: RECOVERY_CONF_NO_TARGET, walHoldSlot: null, sessionSetup: SETUP,
+    systemIdentifier: null, controlCheckpoint: null, walDir: 'pg_xlog', recovery: RECOVERY_CONF_NO_TARGET, listWalDir: null, walHoldSlot: null, sessionSetup: SETUP,
   },
   {
     since: 90400, range: '9.4', exclusive: true,
@@ -178,7 +182,7 @@ export const PG_SQL_TABLE: readonly PgSqlRow[] = [
     readSpcmapFile: null, backupOnStandby: false, ...XLOG_NAMES, standbyTimeline: null, ...XLOG_PAUSE,
     systemIdentifier: null, controlCheckpoint: null, walDir: 'pg_xlog',
     recovery: { configFile: 'recovery.conf', signalFiles: false, targetImmediate: true, promoteAtTarget: ['pause_at_recovery_target', 'false'] },
-    walHoldSlot: null, sessionSetup: SETUP,
+    listWalDir: null, walHoldSlot: null, sessionSetup: SETUP,
   },
   {
     since: 90500, range: '9.5', exclusive: true,
@@ -189,7 +193,7 @@ export const PG_SQL_TABLE: readonly PgSqlRow[] = [
     readSpcmapFile: "SELECT pg_read_file('tablespace_map', 0, 1048576, true) AS spcmapfile",
     backupOnStandby: false, ...XLOG_NAMES, standbyTimeline: null, ...XLOG_PAUSE,
     systemIdentifier: null, controlCheckpoint: null, walDir: 'pg_xlog',
-    recovery: RECOVERY_CONF, walHoldSlot: null, sessionSetup: SETUP,
+    recovery: RECOVERY_CONF, listWalDir: null, walHoldSlot: null, sessionSetup: SETUP,
   },
   {
     since: 90600, range: '9.6', ...NON_EXCLUSIVE,
@@ -197,7 +201,7 @@ export const PG_SQL_TABLE: readonly PgSqlRow[] = [
     // 9.6's non-exclusive stop has no wait_for_archive argument (it always waits on a primary with archiving).
     stopBackup: 'SELECT lsn::text AS lsn, labelfile, spcmapfile FROM pg_stop_backup(false)', stopTakesWaitForArchive: false,
     ...XLOG_NAMES, ...XLOG_PAUSE, walDir: 'pg_xlog',
-    recovery: RECOVERY_CONF, walHoldSlot: null, sessionSetup: SETUP,
+    recovery: RECOVERY_CONF, listWalDir: null, walHoldSlot: null, sessionSetup: SETUP,
   },
   {
     since: 100000, range: '10–11', ...NON_EXCLUSIVE,
@@ -205,28 +209,28 @@ export const PG_SQL_TABLE: readonly PgSqlRow[] = [
     stopBackup: 'SELECT lsn::text AS lsn, labelfile, spcmapfile FROM pg_stop_backup(false, $1)', stopTakesWaitForArchive: true,
     ...WAL_NAMES, ...WAL_PAUSE_FLAG, walDir: 'pg_wal',
     // recovery.conf until 11, signal files + ordinary GUCs from 12.
-    recovery: RECOVERY_CONF, walHoldSlot: HOLD_SLOT, sessionSetup: SETUP,
+    recovery: RECOVERY_CONF, listWalDir: LIST_WAL_DIR, walHoldSlot: HOLD_SLOT, sessionSetup: SETUP,
   },
   {
     since: 120000, range: '12–13', ...NON_EXCLUSIVE,
     startBackup: 'SELECT pg_start_backup($1, $2, false)::text AS lsn',
     stopBackup: 'SELECT lsn::text AS lsn, labelfile, spcmapfile FROM pg_stop_backup(false, $1)', stopTakesWaitForArchive: true,
     ...WAL_NAMES, ...WAL_PAUSE_FLAG, walDir: 'pg_wal',
-    recovery: RECOVERY_SIGNALS, walHoldSlot: HOLD_SLOT, sessionSetup: SETUP,
+    recovery: RECOVERY_SIGNALS, listWalDir: LIST_WAL_DIR, walHoldSlot: HOLD_SLOT, sessionSetup: SETUP,
   },
   {
     since: 140000, range: '14', ...NON_EXCLUSIVE,
     startBackup: 'SELECT pg_start_backup($1, $2, false)::text AS lsn',
     stopBackup: 'SELECT lsn::text AS lsn, labelfile, spcmapfile FROM pg_stop_backup(false, $1)', stopTakesWaitForArchive: true,
     ...WAL_NAMES, ...WAL_PAUSE_STATE, walDir: 'pg_wal',
-    recovery: RECOVERY_SIGNALS, walHoldSlot: HOLD_SLOT, sessionSetup: SETUP_14,
+    recovery: RECOVERY_SIGNALS, listWalDir: LIST_WAL_DIR, walHoldSlot: HOLD_SLOT, sessionSetup: SETUP_14,
   },
   {
     since: 150000, range: '15+', ...NON_EXCLUSIVE,
     startBackup: 'SELECT pg_backup_start($1, $2)::text AS lsn',
     stopBackup: 'SELECT lsn::text AS lsn, labelfile, spcmapfile FROM pg_backup_stop($1)', stopTakesWaitForArchive: true,
     ...WAL_NAMES, ...WAL_PAUSE_STATE, walDir: 'pg_wal',
-    recovery: RECOVERY_SIGNALS, walHoldSlot: HOLD_SLOT, sessionSetup: SETUP_14,
+    recovery: RECOVERY_SIGNALS, listWalDir: LIST_WAL_DIR, walHoldSlot: HOLD_SLOT, sessionSetup: SETUP_14,
   },
 ];
 

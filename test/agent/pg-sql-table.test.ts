@@ -146,6 +146,8 @@ describe('pgSqlFor: one row per server version', () => {
         expect(r.recovery.promoteAtTarget).toEqual(e.promote);
         expect([...r.sessionSetup]).toEqual(e.setup);
         expect(r.walHoldSlot).toBe(holdSlot(major));
+        // pg_ls_waldir() arrived in 10.
+        expect(r.listWalDir).toBe(Number(major.split('.')[0]) >= 10 ? 'SELECT name FROM pg_ls_waldir()' : null);
       });
     }
   }

@@ -182,4 +182,21 @@ describe('quiesce of a standby while the primary checkpoints (PostgreSQL 15)', (
     expect(rounds).toBeGreaterThan(CYCLES * 3);
     console.log(`${CYCLES} standby copies, ${rounds} primary checkpoints with segment switches meanwhile`);
   }, 300_000);
+  it('a segment of the label\'s range removed while quiesced (not by PostgreSQL): unquiesce fails naming it, replay resumes', async () => {
+    const q = new PgQuiescer({ connection: { ...standby.connectionConfig(), application_name: 'stlabel-rm' }, role: 'standby' });
+    await q.connect();
+    try {
+      await q.quiesce({ label: 'stlabel-rm', fast: true });
+      // The label will name this restartpoint: nothing newer can be made while paused.
+      const redo = (await standby.query<{ lsn: string }>('SELECT redo_lsn::text AS lsn FROM pg_control_checkpoint()'))[0]!.lsn;
+      const seg = walFileName(1, parseLsn(redo), SEGMENT);
+      await rm(path.join(standby.dataDir, 'pg_wal', seg)); // a careless archive cleanup pointed at pg_wal
+      const e = await q.unquiesce().then(() => null, (err: unknown) => err as Error & { code?: string });
+      expect(e?.code, String(e)).toBe('E_PG');
+      expect(e?.message).toContain(`the standby's WAL directory lacks ${seg}`);
+      expect((await standby.query<{ s: string }>('SELECT pg_get_wal_replay_pause_state() AS s'))[0]!.s).toBe('not paused');
+    } finally {
+      expect(await q.close()).toEqual({ released: [], failed: [] });
+    }
+  }, 120_000);
 });
