@@ -26,6 +26,7 @@ import { parseLsn, walFileName } from '../../agent/pg/sql-table.js';
 import { PgCluster } from '../../scripts/lab/pg-cluster.js';
 import { createStreamingStandby, currentLsn, waitReplayed } from '../../scripts/lab/pg-standby.js';
 import { findPgServers } from '../../scripts/lab/version-lab.js';
+import type { Logger } from '../../proto/shared/log.js';
 
 const pg15 = (await findPgServers()).find((b) => b.major === '15');
 if (!pg15) throw new Error('PostgreSQL 15 is part of the lab (/usr/lib/postgresql/15/bin)');
@@ -198,5 +199,24 @@ describe('quiesce of a standby while the primary checkpoints (PostgreSQL 15)', (
     } finally {
       expect(await q.close()).toEqual({ released: [], failed: [] });
     }
+  }, 120_000);
+  it('a role that may not list the WAL directory: the window completes, a warning says the WAL was not checked', async () => {
+    // What a standby's backup role needs besides: the pause, the backup, the pause state. Not pg_monitor.
+    await primary.query('CREATE ROLE bs_nomon LOGIN');
+    await primary.query(`GRANT EXECUTE ON FUNCTION pg_wal_replay_pause(), pg_wal_replay_resume(), pg_get_wal_replay_pause_state(),
+      pg_backup_start(text, boolean), pg_backup_stop(boolean) TO bs_nomon`);
+    await waitReplayed(standby, await currentLsn(primary), 60_000);
+    const warnings: string[] = [];
+    const logger = { warn: (_o: unknown, msg: string) => warnings.push(msg), info: () => undefined, error: () => undefined, debug: () => undefined } as unknown as Logger;
+    const q = new PgQuiescer({ connection: { ...standby.connectionConfig(), user: 'bs_nomon', application_name: 'stlabel-nomon' }, role: 'standby', logger });
+    await q.connect();
+    try {
+      await q.quiesce({ label: 'stlabel-nomon', fast: true });
+      const done = await q.unquiesce();
+      expect(done.labelFile).toMatch(/^LABEL: stlabel-nomon$/m);
+    } finally {
+      await q.close();
+    }
+    expect(warnings.some((w) => /cannot list the standby's WAL directory/.test(w)), warnings.join('\n')).toBe(true);
   }, 120_000);
 });
