@@ -47,7 +47,7 @@ import { isAlive, processStartTime } from '../../proto/shared/proc.js';
 import { BlocksnapError, isBlocksnapError, type ErrorCode } from '../../proto/errors.js';
 import type { Logger } from '../../proto/shared/log.js';
 import type { PgRole, PgServerInfo, Quiescer, QuiesceInfo, QuiesceOptions, ReleaseReport, UnquiesceResult } from './quiescer.js';
-import { DETECT_SQL, majorOf, pgSqlFor, timelineOfWalFile, type PgSqlRow } from './sql-table.js';
+import { DETECT_SQL, majorOf, pgSqlFor, timelineOfWalFile, WAL_SEGMENT_SIZE_SQL, type PgSqlRow } from './sql-table.js';
 import { missingStandbyWal } from './standby-wal-check.js';
 
 export type PgRoleExpectation = PgRole | 'auto';
@@ -103,10 +103,6 @@ async function openSession(config: pg.ClientConfig, onError: (e: Error) => void)
   }
   return client;
 }
-
-/** The segment size in bytes, the same query on every version (10 reports it in 8 kB units, 11+ in bytes). */
-const WAL_SEGMENT_SIZE = `SELECT setting::bigint * CASE unit WHEN 'B' THEN 1 WHEN 'kB' THEN 1024 WHEN '8kB' THEN 8192 WHEN 'MB' THEN 1048576 ELSE 1 END AS seg
-  FROM pg_settings WHERE name = 'wal_segment_size'`;
 
 type Held = { backup: 'exclusive' | 'session' | null; paused: boolean; walSlot: string | null };
 
@@ -337,7 +333,7 @@ export class PgQuiescer implements Quiescer {
     let segmentSize: number;
     try {
       names = (await this.query(sql.listWalDir)).rows.map((r) => String(r.name));
-      segmentSize = Number((await this.query(WAL_SEGMENT_SIZE)).rows[0].seg);
+      segmentSize = Number((await this.query(WAL_SEGMENT_SIZE_SQL)).rows[0].seg);
     } catch (e) {
       this.opts.logger?.warn({ err: (e as Error).message }, "cannot list the standby's WAL directory (needs superuser or pg_monitor): the image's WAL is not checked");
       return;

@@ -104,6 +104,10 @@ export interface PgSqlRow {
 export const DETECT_SQL =
   "SELECT current_setting('server_version_num')::int AS version, pg_is_in_recovery() AS in_recovery, pg_backend_pid() AS pid";
 
+/** The WAL segment size in bytes → { seg }, the same on every version ≥ 9.0 (≤ 10 report it in 8 kB units, 11+ in bytes). */
+export const WAL_SEGMENT_SIZE_SQL = `SELECT setting::bigint * CASE unit WHEN 'B' THEN 1 WHEN 'kB' THEN 1024 WHEN '8kB' THEN 8192 WHEN 'MB' THEN 1048576 ELSE 1 END AS seg
+  FROM pg_settings WHERE name = 'wal_segment_size'`;
+
 const EXCLUSIVE_STOP = 'SELECT pg_stop_backup()::text AS lsn, NULL::text AS labelfile, NULL::text AS spcmapfile';
 const XLOG_NAMES = {
   walFileName: 'SELECT pg_xlogfile_name($1) AS walfile',

@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import pg from 'pg';
 import { BlocksnapError, isBlocksnapError } from '../../proto/errors.js';
 import { proveDataDirectory } from './data-dir-proof.js';
-import { parseLsn, pgSqlFor, walFileName } from './sql-table.js';
+import { parseLsn, pgSqlFor, WAL_SEGMENT_SIZE_SQL, walFileName } from './sql-table.js';
 
 /**
  * The WAL an image of a PRIMARY needs beyond its snapshot. The backup-end
@@ -36,9 +36,7 @@ export async function walFacts(conn: pg.ClientConfig, dataDirectory?: string): P
   const client = new pg.Client({ ...conn, application_name: 'blocksnap-wal' });
   try {
     await client.connect();
-    const r = await client.query(`select current_setting('server_version_num')::int as v,
-      (select setting::bigint * case unit when 'B' then 1 when 'kB' then 1024 when '8kB' then 8192 when 'MB' then 1048576 else 1 end
-         from pg_settings where name = 'wal_segment_size') as seg`);
+    const r = await client.query(`select current_setting('server_version_num')::int as v, (${WAL_SEGMENT_SIZE_SQL}) as seg`);
     const row = r.rows[0] as { v: number; seg: string };
     let dir = dataDirectory;
     if (!dir) dir = (await client.query(`select current_setting('data_directory') as d`)).rows[0].d as string;
@@ -46,7 +44,7 @@ export async function walFacts(conn: pg.ClientConfig, dataDirectory?: string): P
     const proven = await proveDataDirectory(client, sql, dir, `PostgreSQL at ${conn.host ?? 'localhost'}:${conn.port ?? 5432}`);
     return { dataDirectory: dir, walDir: join(dir, sql.walDir), segmentSize: Number(row.seg), proven };
   } catch (e) {
-    if (isBlocksnapError(e) && e.code === 'E_CONFIG') throw e;
+    if (isBlocksnapError(e, 'E_CONFIG')) throw e;
     throw new BlocksnapError('E_PG', `cannot learn where the server keeps its WAL: ${(e as Error).message}`, { cause: e });
   } finally {
     await client.end().catch(() => undefined);
